@@ -1,0 +1,349 @@
+"""Low-Power Blockwise Quantization (LPBQ) of one weight tensor, in pure numpy.
+
+LPBQ gives each block of ``block_size`` input channels of one output channel a scale that is a
+small integer multiple of one float scale per output channel::
+
+    scale[c, b] = k[c, b] * s[c],     k in 1 .. 2**(decompressed_bw - bitwidth)
+    w[c, i]    ~= scale[c, i // block_size] * q[c, i],   q in -2**(bitwidth-1) .. 2**(bitwidth-1)-1
+
+so ``q * k`` is an integer on a per-channel grid of ``decompressed_bw`` bits: the layer runs on a
+per-channel int8 kernel while storage stays near 4 bits per weight.
+
+The arithmetic is bit-exact with aimet_onnx 2.42.0 (see DESIGN.md §2): block deltas, the
+per-channel scale and the integer block scales in float64 (``k`` rounds half to even), the
+quantisation itself in float32 (``q`` rounds half away from zero after the ``+2**(bitwidth-1)``
+shift). Worked example, Gemm transB=1 weight ``W[64, 256]``, block_size 64::
+
+    enc = encode_lpbq(W, channel_axis=0, block_axis=1, block_size=64)
+    enc.per_channel_scale.shape    # (64,)     float64
+    enc.per_block_int_scale.shape  # (64, 4)   int32, 1..16
+    enc.int_weight.shape           # (64, 256) int8, -8..7
+    enc.qdq_weight.shape           # (64, 256) float32
+
+This module must not import TVM: it is the reference the compiler passes are checked against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = [
+    "LPBQConfig",
+    "LPBQEncoding",
+    "encode_lpbq",
+    "weight_axes",
+    "sqnr_db",
+]
+
+# Smallest block delta, as aimet_onnx: keeps all-zero blocks from producing a zero scale.
+_MIN_DELTA = 1.1920928955078125e-07
+
+
+@dataclass(frozen=True)
+class LPBQConfig:
+    """Settings of one LPBQ quantizer, validated on construction.
+
+    ``block_grouping`` -1 lets all blocks of a channel share the float scale (AIMET's LPBQ);
+    ``g > 0`` lets each run of ``g`` consecutive blocks share one float scale.
+    """
+
+    bitwidth: int = 4
+    decompressed_bw: int = 8
+    block_size: int = 64
+    block_grouping: int = -1
+
+    def __post_init__(self) -> None:
+        for name in ("bitwidth", "decompressed_bw", "block_size", "block_grouping"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                msg = f"{name} must be an integer, got {value!r}"
+                raise ValueError(msg)
+        if not 2 <= self.bitwidth <= 8:
+            msg = f"unsupported bitwidth {self.bitwidth}: LPBQ supports 2..8 bit block codes"
+            raise ValueError(msg)
+        if not self.bitwidth <= self.decompressed_bw <= 16:
+            msg = (
+                f"decompressed_bw {self.decompressed_bw} must lie in bitwidth ({self.bitwidth}) .. 16"
+            )
+            raise ValueError(msg)
+        if self.block_size <= 0:
+            msg = f"block_size must be positive, got {self.block_size}"
+            raise ValueError(msg)
+        if self.block_grouping == 0 or self.block_grouping < -1:
+            msg = f"block_grouping must be -1 (whole channel) or a positive count, got {self.block_grouping}"
+            raise ValueError(msg)
+
+    @property
+    def max_int_scale(self) -> int:
+        """Largest integer block scale ``k``: ``2**(decompressed_bw - bitwidth)``."""
+        return 1 << (self.decompressed_bw - self.bitwidth)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "bitwidth": self.bitwidth,
+            "decompressed_bw": self.decompressed_bw,
+            "block_size": self.block_size,
+            "block_grouping": self.block_grouping,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class LPBQEncoding:
+    """The LPBQ encoding of one weight, with the arrays a consumer needs.
+
+    ``float_scale`` is ``[C, n_groups]`` (one column for ``block_grouping=-1``);
+    ``per_channel_scale`` is its ``[C]`` view when there is one group per channel.
+    ``per_block_int_scale`` and ``lpbq_scale`` are ``[C, nb]``; ``int_weight`` and
+    ``qdq_weight`` have the weight's own layout.
+    """
+
+    config: LPBQConfig
+    shape: tuple[int, ...]
+    channel_axis: int
+    block_axis: int
+    float_scale: np.ndarray
+    per_block_int_scale: np.ndarray
+    lpbq_scale: np.ndarray
+    int_weight: np.ndarray
+    qdq_weight: np.ndarray
+
+    @property
+    def bitwidth(self) -> int:
+        return self.config.bitwidth
+
+    @property
+    def decompressed_bw(self) -> int:
+        return self.config.decompressed_bw
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def block_grouping(self) -> int:
+        return self.config.block_grouping
+
+    @property
+    def num_channels(self) -> int:
+        return self.shape[self.channel_axis]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.per_block_int_scale.shape[1]
+
+    @property
+    def per_channel_scale(self) -> np.ndarray:
+        """``s[c]`` as float64 ``[C]``; only defined with one float scale per channel."""
+        if self.float_scale.shape[1] != 1:
+            msg = (
+                f"block_grouping {self.block_grouping} gives {self.float_scale.shape[1]} float scales "
+                "per channel; read float_scale [C, n_groups] instead"
+            )
+            raise ValueError(msg)
+        return self.float_scale[:, 0]
+
+    def canonical_int_weight(self) -> np.ndarray:
+        """``q`` as ``[C, I * R]``: channel axis first, then the block axis, then the rest."""
+        return _to_canonical(self.int_weight, self.channel_axis, self.block_axis).reshape(
+            self.num_channels, -1
+        )
+
+    def aimet_entry(self, name: str, version: str = "1.0.0") -> dict[str, Any]:
+        """The AIMET param-encoding entry of this weight, as aimet_onnx writes it.
+
+        1.0.0: per-channel ``scale`` and ``per_block_int_scale`` flattened out-channel-major.
+        2.0.0: arrays shaped like the weight (C at the channel axis, nb at the block axis, 1
+        elsewhere); refused, as AIMET does, when ``decompressed_bw != 2 * bitwidth``.
+        """
+        k = self.per_block_int_scale
+        if version == "1.0.0":
+            return {
+                "name": name,
+                "dtype": "INT",
+                "enc_type": "LPBQ",
+                "compressed_bw": self.bitwidth,
+                "bw": self.decompressed_bw,
+                "is_sym": True,
+                "scale": self.float_scale.reshape(-1).tolist(),
+                "per_block_int_scale": k.reshape(-1).tolist(),
+                "offset": [-(1 << (self.decompressed_bw - 1))] * self.float_scale.size,
+                "block_size": self.block_size,
+            }
+        if version == "2.0.0":
+            if self.decompressed_bw != 2 * self.bitwidth:
+                msg = (
+                    f"{name}: LPBQ encoding with decompressed_bw {self.decompressed_bw} != "
+                    f"2 * bitwidth {self.bitwidth} cannot be exported to the 2.0.0 encoding format "
+                    "(aimet_onnx refuses it too); export version 1.0.0 instead"
+                )
+                raise ValueError(msg)
+            return {
+                "name": name,
+                "output_dtype": f"int{self.bitwidth}",
+                "per_channel_float_scale": self._weight_shaped(self.float_scale).tolist(),
+                "per_block_int_scale": self._weight_shaped(k).tolist(),
+                "axis": self.block_axis,
+                "block_size": self.block_size,
+            }
+        msg = f"unknown AIMET encoding version {version!r}; known: '1.0.0', '2.0.0'"
+        raise ValueError(msg)
+
+    def _weight_shaped(self, per_channel_block: np.ndarray) -> np.ndarray:
+        """Place a ``[C, n]`` array at (channel_axis, block_axis) with 1 on every other axis."""
+        ndim = len(self.shape)
+        expanded = per_channel_block.reshape(per_channel_block.shape + (1,) * (ndim - 2))
+        return np.moveaxis(expanded, (0, 1), (self.channel_axis, self.block_axis))
+
+
+def _normalize_axis(axis: int, ndim: int, what: str, shape: tuple[int, ...]) -> int:
+    if not -ndim <= axis < ndim:
+        msg = f"{what} {axis} is out of range for a weight of shape {shape}"
+        raise ValueError(msg)
+    return axis % ndim
+
+
+def _to_canonical(array: np.ndarray, channel_axis: int, block_axis: int) -> np.ndarray:
+    return np.moveaxis(array, (channel_axis, block_axis), (0, 1))
+
+
+def _from_canonical(array: np.ndarray, channel_axis: int, block_axis: int) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(array, (0, 1), (channel_axis, block_axis)))
+
+
+def encode_lpbq(
+    weight: np.ndarray,
+    channel_axis: int,
+    block_axis: int,
+    *,
+    bitwidth: int = 4,
+    decompressed_bw: int = 8,
+    block_size: int = 64,
+    block_grouping: int = -1,
+    name: str | None = None,
+) -> LPBQEncoding:
+    """Encode ``weight`` with LPBQ; see the module docstring for the arithmetic.
+
+    ``name`` (the ONNX node or tensor) only serves error messages. Raises ``ValueError`` naming
+    the weight shape, the axes and the block size when the weight cannot take LPBQ.
+    """
+    config = LPBQConfig(bitwidth, decompressed_bw, block_size, block_grouping)
+    where = f"{name}: " if name else ""
+    weight = np.asarray(weight)
+    shape = tuple(int(d) for d in weight.shape)
+    if weight.ndim < 2:
+        msg = f"{where}LPBQ needs a weight with at least 2 dimensions, got shape {shape}"
+        raise ValueError(msg)
+    channel_axis = _normalize_axis(channel_axis, weight.ndim, f"{where}channel axis", shape)
+    block_axis = _normalize_axis(block_axis, weight.ndim, f"{where}block axis", shape)
+    if channel_axis == block_axis:
+        msg = f"{where}channel axis and block axis are both {channel_axis} for weight shape {shape}"
+        raise ValueError(msg)
+    if not np.issubdtype(weight.dtype, np.floating):
+        msg = f"{where}LPBQ quantizes float weights, got dtype {weight.dtype} for shape {shape}"
+        raise ValueError(msg)
+    length = shape[block_axis]
+    if length % block_size:
+        msg = (
+            f"{where}weight shape {shape}: input-channel length {length} along block axis "
+            f"{block_axis} is not divisible by block_size {block_size}"
+        )
+        raise ValueError(msg)
+    num_blocks = length // block_size
+    group = num_blocks if block_grouping == -1 else block_grouping
+    if num_blocks % group:
+        msg = (
+            f"{where}weight shape {shape}: block_grouping {block_grouping} does not divide the "
+            f"{num_blocks} blocks of block_size {block_size} along block axis {block_axis}"
+        )
+        raise ValueError(msg)
+    weight = weight.astype(np.float32, copy=False)
+    if not np.isfinite(weight).all():
+        msg = f"{where}weight shape {shape} contains non-finite values (NaN or Inf)"
+        raise ValueError(msg)
+
+    canonical = _to_canonical(weight, channel_axis, block_axis)
+    num_channels = shape[channel_axis]
+    blocks = canonical.reshape(num_channels, num_blocks, -1)  # [C, nb, B * R]
+
+    # Steps 1-4 (float64): block deltas, shared float scale, integer block scales.
+    positive_levels = (1 << (bitwidth - 1)) - 1
+    negative_levels = 1 << (bitwidth - 1)
+    block_min = np.minimum(blocks.min(axis=2), 0).astype(np.float64)
+    block_max = np.maximum(blocks.max(axis=2), 0).astype(np.float64)
+    delta = np.maximum(np.maximum(block_max / positive_levels, -block_min / negative_levels), _MIN_DELTA)
+    grouped = delta.reshape(num_channels, num_blocks // group, group)
+    float_scale = grouped.max(axis=2) / config.max_int_scale  # [C, n_groups]
+    int_scale = np.clip(np.round(grouped / float_scale[:, :, None]), 1, config.max_int_scale)
+    lpbq_scale = (int_scale * float_scale[:, :, None]).reshape(num_channels, num_blocks)
+    int_scale = int_scale.reshape(num_channels, num_blocks).astype(np.int32)
+
+    # Step 5 (float32): q = clip(round_half_away(w / scale + 2**(bw-1)), 0, 2**bw - 1) - 2**(bw-1).
+    # For t >= 0, round-half-away is floor(t) + (frac(t) >= 0.5), exact in float32; negative t
+    # clips to 0 either way.
+    scale32 = lpbq_scale.astype(np.float32)[:, :, None]
+    shifted = blocks / scale32
+    shifted += np.float32(negative_levels)
+    rounded = np.floor(shifted)
+    rounded += (shifted - rounded) >= np.float32(0.5)
+    np.clip(rounded, 0, (1 << bitwidth) - 1, out=rounded)
+    rounded -= np.float32(negative_levels)
+    qdq = rounded * scale32
+    int_weight = rounded.astype(np.int8)
+
+    canonical_shape = canonical.shape
+    return LPBQEncoding(
+        config=config,
+        shape=shape,
+        channel_axis=channel_axis,
+        block_axis=block_axis,
+        float_scale=float_scale,
+        per_block_int_scale=int_scale,
+        lpbq_scale=lpbq_scale,
+        int_weight=_from_canonical(int_weight.reshape(canonical_shape), channel_axis, block_axis),
+        qdq_weight=_from_canonical(qdq.reshape(canonical_shape), channel_axis, block_axis),
+    )
+
+
+def weight_axes(op_type: str, weight_ndim: int, attributes: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """``(channel_axis, block_axis)`` of the weight of an ONNX ``op_type`` (DESIGN.md §2).
+
+    Gemm: ``transB=1`` -> (0, 1), ``transB=0`` -> (1, 0). MatMul with a constant second input
+    ``[.., in, out]`` -> (ndim-1, ndim-2). Conv ``[out, in/groups, *kernel]`` -> (0, 1) for any
+    ``group`` (a depthwise conv has in/groups == 1 and so cannot be blocked).
+    """
+    attributes = attributes or {}
+    if op_type == "Gemm":
+        if weight_ndim != 2:
+            msg = f"Gemm weight must be 2-D, got {weight_ndim}-D"
+            raise ValueError(msg)
+        return (0, 1) if int(attributes.get("transB", 0)) else (1, 0)
+    if op_type == "MatMul":
+        if weight_ndim < 2:
+            msg = f"MatMul weight must be at least 2-D for LPBQ, got {weight_ndim}-D"
+            raise ValueError(msg)
+        return weight_ndim - 1, weight_ndim - 2
+    if op_type == "Conv":
+        if weight_ndim < 3:
+            msg = f"Conv weight must be at least 3-D, got {weight_ndim}-D"
+            raise ValueError(msg)
+        return 0, 1
+    msg = f"no LPBQ weight layout for op type {op_type!r}; known: Gemm, MatMul, Conv"
+    raise ValueError(msg)
+
+
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum(ref^2) / sum((ref - approx)^2))`` in dB.
+
+    Infinite when the approximation is exact.
+    """
+    reference = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum(np.square(reference - np.asarray(approximation, dtype=np.float64))))
+    signal = float(np.sum(np.square(reference)))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * np.log10(signal / noise)

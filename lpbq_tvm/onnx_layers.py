@@ -1,0 +1,81 @@
+"""The LPBQ candidate layers of an ONNX graph: Gemm, MatMul and Conv nodes with a constant weight.
+
+A weight is constant when it is an initializer or the output of a ``Constant`` node. For each
+candidate this gives the node name, op type, attributes, weight tensor name and value, and the
+(channel_axis, block_axis) of DESIGN.md §2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lpbq_tvm.encoder import weight_axes
+
+__all__ = ["LPBQ_OP_TYPES", "WeightLayer", "find_weight_layers", "constant_tensors"]
+
+LPBQ_OP_TYPES = ("Gemm", "MatMul", "Conv")
+
+
+@dataclass(frozen=True, eq=False)
+class WeightLayer:
+    """One Gemm / MatMul / Conv node whose weight is a constant tensor."""
+
+    node_name: str
+    op_type: str
+    attributes: dict[str, Any]
+    weight_name: str
+    weight: np.ndarray
+    channel_axis: int
+    block_axis: int
+
+    @property
+    def input_channels(self) -> int:
+        return self.weight.shape[self.block_axis]
+
+
+def constant_tensors(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers and ``Constant`` node outputs of ``graph`` by tensor name."""
+    tensors = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensors[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return tensors
+
+
+def _node_name(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"
+
+
+def find_weight_layers(model: onnx.ModelProto) -> list[WeightLayer]:
+    """Every Gemm / MatMul / Conv of the main graph whose weight is a float constant, in graph order.
+
+    The weight is input 1 (Gemm B, MatMul B, Conv W). Nodes without a name are named
+    ``<OpType>_<index>``. A MatMul whose constant operand is the first input is not a candidate.
+    """
+    constants = constant_tensors(model.graph)
+    layers = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in LPBQ_OP_TYPES or len(node.input) < 2:
+            continue
+        weight = constants.get(node.input[1])
+        if weight is None or not np.issubdtype(weight.dtype, np.floating) or weight.ndim < 2:
+            continue
+        attributes = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+        channel_axis, block_axis = weight_axes(node.op_type, weight.ndim, attributes)
+        layers.append(
+            WeightLayer(
+                node_name=_node_name(node, index),
+                op_type=node.op_type,
+                attributes=attributes,
+                weight_name=node.input[1],
+                weight=weight,
+                channel_axis=channel_axis,
+                block_axis=block_axis,
+            )
+        )
+    return layers

@@ -1,0 +1,1 @@
+"""Compilation targets of lpbq_tvm, installed as ``lpbq_tvm.targets``."""

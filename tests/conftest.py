@@ -1,0 +1,37 @@
+"""Shared fixtures: the golden reference vectors of ../shared/golden (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+GOLDEN_DIR = Path(os.environ.get("LPBQ_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+
+
+def golden_cases() -> list[str]:
+    """Case names; an empty or missing folder is an error, never zero silent tests."""
+    cases = sorted(path.stem for path in GOLDEN_DIR.glob("*.json"))
+    if not cases:
+        msg = f"no golden vectors in {GOLDEN_DIR} (set LPBQ_GOLDEN_DIR to the shared/golden folder)"
+        raise FileNotFoundError(msg)
+    return cases
+
+
+@pytest.fixture(scope="session")
+def load_golden():
+    def load(name: str) -> tuple[dict, dict[str, np.ndarray]]:
+        meta = json.loads((GOLDEN_DIR / f"{name}.json").read_text())
+        with np.load(GOLDEN_DIR / f"{name}.npz") as arrays:
+            return meta, dict(arrays)
+
+    return load
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test asking for ``golden_case`` runs once per golden vector."""
+    if "golden_case" in metafunc.fixturenames:
+        metafunc.parametrize("golden_case", golden_cases())
