@@ -26,6 +26,7 @@ This module must not import TVM: it is the reference the compiler passes are che
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Mapping
 
 import numpy as np
@@ -33,6 +34,7 @@ import numpy as np
 __all__ = [
     "LPBQConfig",
     "LPBQEncoding",
+    "check_lpbq_weight",
     "encode_lpbq",
     "weight_axes",
     "sqnr_db",
@@ -92,23 +94,23 @@ class LPBQConfig:
 
 @dataclass(frozen=True, eq=False)
 class LPBQEncoding:
-    """The LPBQ encoding of one weight, with the arrays a consumer needs.
+    """The LPBQ encoding of one weight: its integer codes and float scales.
 
-    ``float_scale`` is ``[C, n_groups]`` (one column for ``block_grouping=-1``);
-    ``per_channel_scale`` is its ``[C]`` view when there is one group per channel.
-    ``per_block_int_scale`` and ``lpbq_scale`` are ``[C, nb]``; ``int_weight`` and
-    ``qdq_weight`` have the weight's own layout.
+    ``float_scale`` is ``[C, n_groups]`` (one column for ``block_grouping=-1``, then
+    ``per_channel_scale`` is its ``[C]`` view); ``per_block_int_scale`` is ``[C, nb]``;
+    ``int_weight`` has the weight's own layout. ``lpbq_scale`` and ``qdq_weight`` are derived.
     """
 
     config: LPBQConfig
-    shape: tuple[int, ...]
     channel_axis: int
     block_axis: int
     float_scale: np.ndarray
     per_block_int_scale: np.ndarray
-    lpbq_scale: np.ndarray
     int_weight: np.ndarray
-    qdq_weight: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.int_weight.shape)
 
     @property
     def bitwidth(self) -> int:
@@ -145,11 +147,23 @@ class LPBQEncoding:
             raise ValueError(msg)
         return self.float_scale[:, 0]
 
+    @cached_property
+    def lpbq_scale(self) -> np.ndarray:
+        """``k[c, b] * s[c, group(b)]`` in float64, ``[C, nb]``."""
+        group = self.num_blocks // self.float_scale.shape[1]
+        return self.per_block_int_scale * np.repeat(self.float_scale, group, axis=1)
+
+    @cached_property
+    def qdq_weight(self) -> np.ndarray:
+        """The dequantized weight ``float32(float32(scale) * q)`` in the weight's layout."""
+        scale = self.lpbq_scale.astype(np.float32)[:, :, None]
+        q = self.canonical_int_weight().reshape(self.num_channels, self.num_blocks, -1)
+        canonical_shape = _to_canonical(self.int_weight, self.channel_axis, self.block_axis).shape
+        return _from_canonical((q * scale).reshape(canonical_shape), self.channel_axis, self.block_axis)
+
     def canonical_int_weight(self) -> np.ndarray:
         """``q`` as ``[C, I * R]``: channel axis first, then the block axis, then the rest."""
-        return _to_canonical(self.int_weight, self.channel_axis, self.block_axis).reshape(
-            self.num_channels, -1
-        )
+        return _to_canonical(self.int_weight, self.channel_axis, self.block_axis).reshape(self.num_channels, -1)
 
     def aimet_entry(self, name: str, version: str = "1.0.0") -> dict[str, Any]:
         """The AIMET param-encoding entry of this weight, as aimet_onnx writes it.
@@ -213,6 +227,40 @@ def _from_canonical(array: np.ndarray, channel_axis: int, block_axis: int) -> np
     return np.ascontiguousarray(np.moveaxis(array, (0, 1), (channel_axis, block_axis)))
 
 
+def check_lpbq_weight(
+    shape: tuple[int, ...], channel_axis: int, block_axis: int, config: LPBQConfig, name: str | None = None
+) -> tuple[int, int]:
+    """Raise ``ValueError`` if a weight of ``shape`` cannot take ``config``; else the normalised axes.
+
+    The message names ``name`` (node or tensor), the shape, the axis and the block size.
+    """
+    where = f"{name}: " if name else ""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2:
+        msg = f"{where}LPBQ needs a weight with at least 2 dimensions, got shape {shape}"
+        raise ValueError(msg)
+    channel_axis = _normalize_axis(channel_axis, len(shape), f"{where}channel axis", shape)
+    block_axis = _normalize_axis(block_axis, len(shape), f"{where}block axis", shape)
+    if channel_axis == block_axis:
+        msg = f"{where}channel axis and block axis are both {channel_axis} for weight shape {shape}"
+        raise ValueError(msg)
+    length = shape[block_axis]
+    if length % config.block_size:
+        msg = (
+            f"{where}weight shape {shape}: input-channel length {length} along block axis "
+            f"{block_axis} is not divisible by block_size {config.block_size}"
+        )
+        raise ValueError(msg)
+    num_blocks = length // config.block_size
+    if config.block_grouping != -1 and num_blocks % config.block_grouping:
+        msg = (
+            f"{where}weight shape {shape}: block_grouping {config.block_grouping} does not divide the "
+            f"{num_blocks} blocks of block_size {config.block_size} along block axis {block_axis}"
+        )
+        raise ValueError(msg)
+    return channel_axis, block_axis
+
+
 def encode_lpbq(
     weight: np.ndarray,
     channel_axis: int,
@@ -230,42 +278,21 @@ def encode_lpbq(
     the weight shape, the axes and the block size when the weight cannot take LPBQ.
     """
     config = LPBQConfig(bitwidth, decompressed_bw, block_size, block_grouping)
-    where = f"{name}: " if name else ""
     weight = np.asarray(weight)
-    shape = tuple(int(d) for d in weight.shape)
-    if weight.ndim < 2:
-        msg = f"{where}LPBQ needs a weight with at least 2 dimensions, got shape {shape}"
-        raise ValueError(msg)
-    channel_axis = _normalize_axis(channel_axis, weight.ndim, f"{where}channel axis", shape)
-    block_axis = _normalize_axis(block_axis, weight.ndim, f"{where}block axis", shape)
-    if channel_axis == block_axis:
-        msg = f"{where}channel axis and block axis are both {channel_axis} for weight shape {shape}"
-        raise ValueError(msg)
+    channel_axis, block_axis = check_lpbq_weight(weight.shape, channel_axis, block_axis, config, name)
+    where = f"{name}: " if name else ""
     if not np.issubdtype(weight.dtype, np.floating):
-        msg = f"{where}LPBQ quantizes float weights, got dtype {weight.dtype} for shape {shape}"
-        raise ValueError(msg)
-    length = shape[block_axis]
-    if length % block_size:
-        msg = (
-            f"{where}weight shape {shape}: input-channel length {length} along block axis "
-            f"{block_axis} is not divisible by block_size {block_size}"
-        )
-        raise ValueError(msg)
-    num_blocks = length // block_size
-    group = num_blocks if block_grouping == -1 else block_grouping
-    if num_blocks % group:
-        msg = (
-            f"{where}weight shape {shape}: block_grouping {block_grouping} does not divide the "
-            f"{num_blocks} blocks of block_size {block_size} along block axis {block_axis}"
-        )
+        msg = f"{where}LPBQ quantizes float weights, got dtype {weight.dtype} for shape {weight.shape}"
         raise ValueError(msg)
     weight = weight.astype(np.float32, copy=False)
     if not np.isfinite(weight).all():
-        msg = f"{where}weight shape {shape} contains non-finite values (NaN or Inf)"
+        msg = f"{where}weight shape {weight.shape} contains non-finite values (NaN or Inf)"
         raise ValueError(msg)
 
     canonical = _to_canonical(weight, channel_axis, block_axis)
-    num_channels = shape[channel_axis]
+    num_channels = weight.shape[channel_axis]
+    num_blocks = weight.shape[block_axis] // block_size
+    group = num_blocks if block_grouping == -1 else block_grouping
     blocks = canonical.reshape(num_channels, num_blocks, -1)  # [C, nb, B * R]
 
     # Steps 1-4 (float64): block deltas, shared float scale, integer block scales.
@@ -277,33 +304,26 @@ def encode_lpbq(
     grouped = delta.reshape(num_channels, num_blocks // group, group)
     float_scale = grouped.max(axis=2) / config.max_int_scale  # [C, n_groups]
     int_scale = np.clip(np.round(grouped / float_scale[:, :, None]), 1, config.max_int_scale)
-    lpbq_scale = (int_scale * float_scale[:, :, None]).reshape(num_channels, num_blocks)
-    int_scale = int_scale.reshape(num_channels, num_blocks).astype(np.int32)
+    scale32 = (int_scale * float_scale[:, :, None]).astype(np.float32).reshape(num_channels, num_blocks, 1)
 
     # Step 5 (float32): q = clip(round_half_away(w / scale + 2**(bw-1)), 0, 2**bw - 1) - 2**(bw-1).
     # For t >= 0, round-half-away is floor(t) + (frac(t) >= 0.5), exact in float32; negative t
     # clips to 0 either way.
-    scale32 = lpbq_scale.astype(np.float32)[:, :, None]
     shifted = blocks / scale32
     shifted += np.float32(negative_levels)
     rounded = np.floor(shifted)
     rounded += (shifted - rounded) >= np.float32(0.5)
     np.clip(rounded, 0, (1 << bitwidth) - 1, out=rounded)
     rounded -= np.float32(negative_levels)
-    qdq = rounded * scale32
-    int_weight = rounded.astype(np.int8)
+    int_weight = rounded.astype(np.int8).reshape(canonical.shape)
 
-    canonical_shape = canonical.shape
     return LPBQEncoding(
         config=config,
-        shape=shape,
         channel_axis=channel_axis,
         block_axis=block_axis,
         float_scale=float_scale,
-        per_block_int_scale=int_scale,
-        lpbq_scale=lpbq_scale,
-        int_weight=_from_canonical(int_weight.reshape(canonical_shape), channel_axis, block_axis),
-        qdq_weight=_from_canonical(qdq.reshape(canonical_shape), channel_axis, block_axis),
+        per_block_int_scale=int_scale.reshape(num_channels, num_blocks).astype(np.int32),
+        int_weight=_from_canonical(int_weight, channel_axis, block_axis),
     )
 
 
