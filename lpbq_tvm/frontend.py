@@ -1,0 +1,250 @@
+"""Import an ONNX model into a Relax IRModule whose only parameters are the LPBQ candidate weights.
+
+Graph preparation, in order (each step names the node or input it rejects):
+
+1. read and check the model (``onnx.checker``);
+2. pin dynamic input dimensions: ``input_shapes[name]`` when given, else a dynamic *leading*
+   dimension becomes 1 (batch 1); any other dynamic dimension needs an override;
+3. ONNX shape inference and constant folding (``onnxscript.optimizer.fold_constants``, which keeps
+   node and weight names), so that shape sub-graphs such as ``Shape -> Slice -> Concat`` feeding a
+   ``Reshape`` become constants the importer can read;
+4. every ``Constant`` node and every initializer that is not the float weight of a Gemm / MatMul /
+   Conv becomes a ``Constant`` with a tensor value; the weights stay initializers, so
+   ``from_onnx(keep_params_in_input=True)`` lifts exactly them to parameters (lifting int64 shape
+   tensors as parameters breaks compilation);
+5. ``tvm.relax.frontend.onnx.from_onnx``. ONNX node names do not survive the import; the
+   ``"lpbq.onnx_nodes"`` attribute of ``main`` maps each weight parameter to its node and op type.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from lpbq_tvm.onnx_layers import WeightLayer, find_weight_layers
+
+__all__ = ["ModelImportError", "TensorInfo", "ImportedModel", "load_onnx", "prepare_onnx", "import_onnx"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 1
+
+
+class ModelImportError(ValueError):
+    """The ONNX model cannot be read, checked, pinned or imported; the message says which part."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, eq=False)
+class ImportedModel:
+    """A prepared ONNX model and its Relax import.
+
+    ``mod["main"]`` takes the graph inputs, then the weights (values in its ``"params"``
+    attribute); ``layers`` maps each weight parameter name to its Gemm / MatMul / Conv node.
+    """
+
+    onnx_model: onnx.ModelProto
+    mod: object  # tvm.IRModule
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    layers: dict[str, WeightLayer]
+
+
+def load_onnx(model: str | PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read and check a model; ``ModelImportError`` names the file and what is wrong with it."""
+    if isinstance(model, onnx.ModelProto):
+        proto, where = model, "the given model"
+    else:
+        path = Path(model)
+        where = f"'{path}'"
+        if not path.is_file():
+            raise ModelImportError(f"cannot read ONNX model {where}: no such file")
+        try:
+            proto = onnx.load(path)
+        except Exception as error:  # protobuf raises its own DecodeError types
+            raise ModelImportError(f"cannot read ONNX model {where}: not a valid ONNX file ({error})") from error
+    if not proto.graph.node:
+        raise ModelImportError(f"ONNX model {where} has an empty graph")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise ModelImportError(f"ONNX model {where} fails the ONNX checker: {first_line}") from error
+    return proto
+
+
+def _value_info_shape(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {init.name for init in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in initializers]
+
+
+def _pin_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> None:
+    """Give every graph input a static shape, in place."""
+    inputs = _graph_inputs(model)
+    unknown = sorted(set(input_shapes) - {vi.name for vi in inputs})
+    if unknown:
+        known = ", ".join(vi.name for vi in inputs)
+        raise ModelImportError(f"input_shapes names unknown input(s) {', '.join(unknown)}; the model's inputs: {known}")
+    for value_info in inputs:
+        dims = _value_info_shape(value_info)
+        override = input_shapes.get(value_info.name)
+        if override is not None:
+            override = [int(d) for d in override]
+            fixed_mismatch = [
+                axis for axis, (dim, new) in enumerate(zip(dims, override)) if isinstance(dim, int) and dim and dim != new
+            ]
+            if len(override) != len(dims) or fixed_mismatch:
+                raise ModelImportError(
+                    f"input '{value_info.name}' has shape {dims}; the override {override} does not match it"
+                )
+            pinned = override
+        else:
+            pinned = []
+            for axis, dim in enumerate(dims):
+                if isinstance(dim, int) and dim > 0:
+                    pinned.append(dim)
+                elif axis == 0:
+                    logger.info("input '%s': dynamic batch dimension %r pinned to %d", value_info.name, dim, DEFAULT_BATCH)
+                    pinned.append(DEFAULT_BATCH)
+                else:
+                    raise ModelImportError(
+                        f"input '{value_info.name}' of shape {dims} has dynamic dimension {axis} ({dim!r}); "
+                        f"give its size, e.g. input_shapes={{'{value_info.name}': [...]}} (CLI: --input-shape)"
+                    )
+        shape = value_info.type.tensor_type.shape
+        del shape.dim[:]
+        for size in pinned:
+            shape.dim.add().dim_value = size
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
+    """The tensor of a ``Constant`` node, whichever of its value attributes it uses."""
+    (attribute,) = node.attribute
+    value = helper.get_attribute_value(attribute)
+    if attribute.name == "value":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+    else:
+        dtype = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32,
+                 "value_floats": np.float32}.get(attribute.name)
+        if dtype is None:
+            raise ModelImportError(f"Constant node '{node.name}' uses unsupported attribute {attribute.name}")
+        tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype))
+    tensor.name = node.output[0]
+    return tensor
+
+
+def _weights_as_only_initializers(model: onnx.ModelProto) -> None:
+    """Float Gemm/MatMul/Conv weights become initializers; every other constant a Constant node."""
+    graph = model.graph
+    tensors = {init.name: init for init in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Constant":
+            tensors[node.output[0]] = _constant_value(node)
+        else:
+            nodes.append(node)
+    consumers = {node.input[1] for node in nodes if node.op_type in ("Gemm", "MatMul", "Conv") and len(node.input) > 1}
+    weights = [
+        name for name in tensors
+        if name in consumers and tensors[name].data_type == onnx.TensorProto.FLOAT and len(tensors[name].dims) >= 2
+    ]
+    constants = [
+        helper.make_node("Constant", [], [name], name=f"{name}/constant", value=tensor)
+        for name, tensor in tensors.items() if name not in weights
+    ]
+    del graph.initializer[:]
+    graph.initializer.extend(tensors[name] for name in weights)
+    del graph.node[:]
+    graph.node.extend(constants + nodes)
+    inputs = [vi for vi in graph.input if vi.name not in tensors or vi.name in weights]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def _check_supported_ops(model: onnx.ModelProto) -> None:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    supported = set(_get_convert_map()) | {"Constant", "If"}
+    unsupported: dict[str, list[str]] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in supported or node.domain not in ("", "ai.onnx"):
+            unsupported.setdefault(f"{node.domain + '.' if node.domain else ''}{node.op_type}", []).append(
+                node.name or f"#{index}"
+            )
+    if unsupported:
+        listed = "; ".join(f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                           for op, names in sorted(unsupported.items()))
+        raise ModelImportError(f"TVM's ONNX importer does not support: {listed}")
+
+
+def prepare_onnx(
+    model: str | PathLike | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> onnx.ModelProto:
+    """Steps 1-4 of the module docstring; returns a new model (the input is not modified)."""
+    import onnxscript.optimizer
+
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(load_onnx(model))
+    _pin_input_shapes(prepared, input_shapes or {})
+    del prepared.graph.value_info[:]
+    for output in prepared.graph.output:  # recomputed from the pinned inputs
+        output.type.tensor_type.ClearField("shape")
+    try:
+        prepared = shape_inference.infer_shapes(prepared, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
+        raise ModelImportError(f"ONNX shape inference failed: {str(error).strip().splitlines()[-1]}") from error
+    onnxscript.optimizer.fold_constants(prepared)
+    _weights_as_only_initializers(prepared)
+    _check_supported_ops(prepared)
+    onnx.checker.check_model(prepared)
+    return prepared
+
+
+def _tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo:
+    dtype = helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type)
+    return TensorInfo(value_info.name, tuple(int(d) for d in _value_info_shape(value_info)), str(np.dtype(dtype)))
+
+
+def import_onnx(
+    model: str | PathLike | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> ImportedModel:
+    """Prepare ``model`` and import it into Relax; see the module docstring."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    prepared = prepare_onnx(model, input_shapes)
+    inputs = tuple(_tensor_info(vi) for vi in _graph_inputs(prepared))
+    outputs = tuple(_tensor_info(vi) for vi in prepared.graph.output)
+    try:
+        mod = from_onnx(
+            prepared,
+            shape_dict={info.name: list(info.shape) for info in inputs},
+            dtype_dict={info.name: info.dtype for info in inputs},
+            keep_params_in_input=True,
+            sanitize_input_names=False,
+        )
+    except Exception as error:  # the importer raises many types; report the first line
+        raise ModelImportError(f"TVM's ONNX importer failed: {str(error).strip().splitlines()[-1]}") from error
+    layers = {layer.weight_name: layer for layer in find_weight_layers(prepared)}
+    onnx_nodes = {name: {"node": layer.node_name, "op_type": layer.op_type} for name, layer in layers.items()}
+    main = mod["main"].with_attr("lpbq.onnx_nodes", onnx_nodes)
+    mod.update_func(mod.get_global_var("main"), main)
+    return ImportedModel(prepared, mod, inputs, outputs, layers)

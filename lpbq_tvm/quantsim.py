@@ -1,0 +1,233 @@
+"""The AIMET-style workflow: a quantization simulation of an ONNX model with LPBQ weights.
+
+Names and arguments follow aimet_onnx so its users feel at home::
+
+    sim = QuantizationSimModel("model.onnx")
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("Gemm", "MatMul", "Conv"),
+        bitwidth=4, decompressed_bw=8, block_size=64)
+    sim.compute_encodings(callback, args)    # encodes the weights, then runs callback(sim, args)
+    outputs = sim.run({"x": x})              # fp32 model with LPBQ-dequantized weights
+    sim.export("out/", "model")              # model.onnx + model.encodings (AIMET 1.0.0)
+    compiled = lpbq_tvm.compile(sim)         # TVM executable with 4-bit packed weight kernels
+
+Under the hood ``sim`` holds the Relax import of the prepared model (:mod:`lpbq_tvm.frontend`);
+each ``set_grouped_blockwise_quantization_for_weights`` call applies ``AnnotateLPBQ`` and
+``compute_encodings`` applies ``EncodeLPBQ``. ``run`` executes the prepared ONNX model with the
+dequantized weights in onnxruntime, an implementation independent of the TVM kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding
+from lpbq_tvm.frontend import ImportedModel, import_onnx
+from lpbq_tvm.packing import bits_per_weight
+
+__all__ = ["QuantizationSimModel", "LayerReport", "set_grouped_blockwise_quantization_for_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One Gemm / MatMul / Conv weight: what happened to it and how good its encoding is."""
+
+    node: str
+    op_type: str
+    weight: str
+    shape: tuple[int, ...]
+    status: str  # "lpbq" or "skipped"
+    reason: str = ""
+    block_size: int | None = None
+    sqnr_db: float | None = None
+    bits_per_weight: float | None = None
+    k_histogram: tuple[int, ...] = ()  # counts of k = 1 .. 2**(dbw - bw)
+
+
+class QuantizationSimModel:
+    """An ONNX model prepared for LPBQ; see the module docstring."""
+
+    def __init__(
+        self, model: str | PathLike | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+    ) -> None:
+        self._imported: ImportedModel = import_onnx(model, input_shapes)
+        self._annotated = self._imported.mod
+        self._encoded = None
+        self._session = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The prepared fp32 ONNX model (pinned shapes, folded constants) that is quantized."""
+        return self._imported.onnx_model
+
+    @property
+    def inputs(self):
+        return self._imported.inputs
+
+    @property
+    def outputs(self):
+        return self._imported.outputs
+
+    @property
+    def float_module(self):
+        """The Relax import of the prepared fp32 model, before any LPBQ pass."""
+        return self._imported.mod
+
+    @property
+    def has_encodings(self) -> bool:
+        return self._encoded is not None
+
+    @property
+    def encoded_module(self):
+        """The Relax module after AnnotateLPBQ and EncodeLPBQ (fp32 graph, encodings attached)."""
+        self._require_encodings()
+        return self._encoded
+
+    def apply_lpbq(
+        self,
+        config: LPBQConfig,
+        op_types: Iterable[str],
+        excluded_nodes: Iterable[str] = (),
+        strict: bool = False,
+    ) -> None:
+        """Annotate the selected layers (a later call wins for the op types it selects)."""
+        from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
+
+        excluded_nodes = list(excluded_nodes)
+        layer_nodes = {layer.node_name for layer in self._imported.layers.values()}
+        unknown = sorted(set(excluded_nodes) - layer_nodes)
+        if unknown:
+            msg = (
+                f"excluded_nodes names {', '.join(repr(n) for n in unknown)}, which are not Gemm/MatMul/Conv "
+                f"nodes with a constant weight; those are: {', '.join(sorted(layer_nodes))}"
+            )
+            raise ValueError(msg)
+        self._annotated = AnnotateLPBQ(config, op_types, excluded_nodes, strict)(self._annotated)
+        self._encoded = None
+        self._session = None
+
+    def compute_encodings(self, forward_pass_callback: Callable | None = None, forward_pass_callback_args: Any = None) -> None:
+        """Encode every selected weight, then run ``forward_pass_callback(sim, args)`` if given."""
+        from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ
+
+        self._encoded = EncodeLPBQ()(self._annotated)
+        self._session = None
+        for row in self.report():
+            if row.status == "skipped":
+                logger.warning("%s (%s) not quantized with LPBQ: %s", row.node, row.op_type, row.reason)
+        if forward_pass_callback is not None:
+            forward_pass_callback(self, forward_pass_callback_args)
+
+    def _require_encodings(self) -> None:
+        if self._encoded is None:
+            raise RuntimeError("no encodings yet: call sim.compute_encodings() first")
+
+    @property
+    def encodings(self) -> dict[str, LPBQEncoding]:
+        """LPBQ encodings by ONNX weight (initializer) name."""
+        from lpbq_tvm.passes.encode_lpbq import read_encodings
+
+        return read_encodings(self.encoded_module["main"])
+
+    def report(self) -> list[LayerReport]:
+        """One row per Gemm / MatMul / Conv weight, in graph order."""
+        from lpbq_tvm.passes._layers import ENCODINGS_ATTR, SKIPPED_ATTR, function_attr
+
+        main = (self._encoded or self._annotated)["main"]
+        skipped = function_attr(main, SKIPPED_ATTR)
+        stored = function_attr(main, ENCODINGS_ATTR)
+        encodings = self.encodings if self._encoded is not None else {}
+        rows = []
+        for name, layer in self._imported.layers.items():
+            base = dict(node=layer.node_name, op_type=layer.op_type, weight=name, shape=tuple(layer.weight.shape))
+            if name in encodings:
+                encoding = encodings[name]
+                histogram = np.bincount(encoding.per_block_int_scale.ravel(), minlength=encoding.config.max_int_scale + 1)
+                rows.append(LayerReport(
+                    **base, status="lpbq", block_size=encoding.block_size, sqnr_db=float(stored[name]["sqnr_db"]),
+                    bits_per_weight=bits_per_weight(encoding), k_histogram=tuple(int(c) for c in histogram[1:]),
+                ))
+            elif name in skipped:
+                rows.append(LayerReport(**base, status="skipped", reason=str(skipped[name]["reason"])))
+            else:
+                rows.append(LayerReport(**base, status="pending" if self._encoded is None else "skipped",
+                                        reason="" if self._encoded is None else "not selected"))
+        return rows
+
+    def _simulation_session(self):
+        import onnxruntime as ort
+
+        if self._session is None:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+            encodings = self.encodings
+            for init in model.graph.initializer:
+                if init.name in encodings:
+                    init.CopyFrom(numpy_helper.from_array(encodings[init.name].qdq_weight, init.name))
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return self._session
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Quantization-simulated outputs: the fp32 model with LPBQ-dequantized weights."""
+        session = self._simulation_session()
+        names = [output.name for output in session.get_outputs()]
+        return dict(zip(names, session.run(names, dict(inputs))))
+
+    def aimet_encodings(self) -> dict[str, Any]:
+        """The AIMET encodings file (version 1.0.0) of the LPBQ weights."""
+        entries = [encoding.aimet_entry(name) for name, encoding in self.encodings.items()]
+        excluded = [row.node for row in self.report() if row.status == "skipped"]
+        return {
+            "version": "1.0.0",
+            "activation_encodings": [],
+            "param_encodings": entries,
+            "excluded_layers": excluded,
+            "quantizer_args": {"dtype": "int", "is_symmetric": True, "per_channel_quantization": True},
+        }
+
+    def export(self, path: str | PathLike, filename_prefix: str, *, overwrite: bool = False) -> tuple[Path, Path]:
+        """Write ``<prefix>.onnx`` (the prepared fp32 model) and ``<prefix>.encodings`` (AIMET JSON)."""
+        from lpbq_tvm.compiler import atomic_write
+
+        directory = Path(path)
+        encodings_text = json.dumps(self.aimet_encodings(), indent=2)
+        onnx_path = atomic_write(directory / f"{filename_prefix}.onnx", lambda tmp: onnx.save(self.model, tmp),
+                                 overwrite=overwrite)
+        json_path = atomic_write(directory / f"{filename_prefix}.encodings",
+                                 lambda tmp: Path(tmp).write_text(encodings_text), overwrite=overwrite)
+        return onnx_path, json_path
+
+
+def set_grouped_blockwise_quantization_for_weights(
+    sim: QuantizationSimModel,
+    op_types: str | Iterable[str] = ("Gemm", "MatMul", "Conv"),
+    bitwidth: int = 4,
+    decompressed_bw: int = 8,
+    block_size: int = 64,
+    block_grouping: int = -1,
+    strict: bool = False,
+    excluded_nodes: Iterable[str] | None = None,
+) -> None:
+    """Quantize the weights of ``op_types`` with LPBQ (AIMET's name and arguments).
+
+    May be called several times: a later call wins for the op types it selects. ``strict=True``
+    raises ``ValueError`` for a layer that cannot take the configuration; otherwise that layer
+    stays unquantized and is reported with the reason.
+    """
+    if isinstance(op_types, str):
+        op_types = (op_types,)
+    sim.apply_lpbq(LPBQConfig(bitwidth, decompressed_bw, block_size, block_grouping), tuple(op_types),
+                   excluded_nodes or (), strict)

@@ -1,0 +1,129 @@
+"""Private to the LPBQ passes: how a Gemm / MatMul / Conv layer with a constant weight looks in Relax.
+
+``from_onnx`` imports Gemm transB=1 as ``matmul(x, permute_dims(w))``, Gemm transB=0 and MatMul
+as ``matmul(x, w)``, Conv as ``nn.conv1d`` / ``nn.conv2d``; a bias follows as ``add(layer, b)``.
+The weight of a candidate is a function parameter or a constant. The function attributes that
+carry LPBQ state between passes are named here, so every pass spells them the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_op, wildcard
+
+# Function attributes, all maps keyed by weight key (a parameter name or "constant<i>").
+ONNX_NODES_ATTR = "lpbq.onnx_nodes"  # {key: {"node", "op_type"}}, written by lpbq_tvm.frontend
+WEIGHTS_ATTR = "lpbq.weights"  # {key: annotation}, written by AnnotateLPBQ
+SKIPPED_ATTR = "lpbq.skipped"  # {key: {"node", "op_type", "reason"}}, written by AnnotateLPBQ
+ENCODINGS_ATTR = "lpbq.encodings"  # {key: {"s", "k", "q"}}, written by EncodeLPBQ
+PARAMS_ATTR = "params"  # values of the parameters after "num_input", as from_onnx writes them
+
+
+class LayerPatterns:
+    """Sub-patterns are attributes so that a rewriter can read ``matchings[self.weight]``."""
+
+    def __init__(self) -> None:
+        self.x = wildcard()
+        self.weight = wildcard()
+        self.bias = wildcard()
+        self.transpose = is_op("relax.permute_dims")(self.weight)
+        self.dense_transposed = is_op("relax.matmul")(self.x, self.transpose)
+        self.dense = is_op("relax.matmul")(self.x, self.weight)
+        self.conv = is_op("relax.nn.conv2d")(self.x, self.weight) | is_op("relax.nn.conv1d")(self.x, self.weight)
+        self.layer = self.dense_transposed | self.dense | self.conv
+        self.with_bias = is_op("relax.add")(self.layer, self.bias)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A matched layer: ``call`` is the matmul / conv call, ``weight`` its parameter or constant."""
+
+    kind: str  # "dense" or "conv"
+    op_type: str  # the ONNX op type it most likely came from (Gemm for a transposed weight)
+    call: relax.Call
+    x: relax.Expr
+    weight: relax.Expr
+    channel_axis: int
+    block_axis: int
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.weight.ty.shape)
+
+
+def is_weight(expr: relax.Expr, func: relax.Function) -> bool:
+    """A function parameter or a constant."""
+    if isinstance(expr, tvm.ir.GenericConst):
+        return True
+    return isinstance(expr, relax.Var) and any(expr.same_as(param) for param in func.params)
+
+
+def match_candidate(patterns: LayerPatterns, matchings: dict, func: relax.Function) -> Candidate | None:
+    """The candidate layer of a match of ``patterns.layer``, or None when the weight is computed."""
+    weight = matchings[patterns.weight]
+    if not is_weight(weight, func):
+        return None
+    call = matchings[patterns.layer]
+    ndim = len(weight.ty.shape)
+    if call.op.name == "relax.matmul":
+        if patterns.dense_transposed in matchings:
+            axes = matchings[patterns.transpose].attrs.axes
+            if ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
+                return None
+            return Candidate("dense", "Gemm", call, matchings[patterns.x], weight, 0, 1)
+        return Candidate("dense", "MatMul", call, matchings[patterns.x], weight, ndim - 1, ndim - 2)
+    return Candidate("conv", "Conv", call, matchings[patterns.x], weight, 0, 1)
+
+
+def weight_key(weight: relax.Expr, annotations: dict[str, Any]) -> str | None:
+    """The key of ``weight`` in an annotation map: its parameter name, or the constant's entry."""
+    if isinstance(weight, relax.Var):
+        return weight.name
+    for key, entry in annotations.items():
+        if "constant" in entry and entry["constant"].same_as(weight):
+            return key
+    return None
+
+
+def weight_value(key: str, annotation: dict[str, Any], func: relax.Function) -> np.ndarray:
+    """The value of an annotated weight: its constant, or its entry in the ``params`` attribute."""
+    if "constant" in annotation:
+        return annotation["constant"].value.numpy()
+    num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else 0
+    names = [param.name for param in func.params]
+    values = func.attrs[PARAMS_ATTR] if func.attrs and PARAMS_ATTR in func.attrs else None
+    if values is None or key not in names[num_input:]:
+        msg = (
+            f"weight {key!r} is a function parameter without a value: keep the {PARAMS_ATTR!r} attribute "
+            "(from_onnx(..., keep_params_in_input=True)) or bind it as a constant"
+        )
+        raise ValueError(msg)
+    return values[names.index(key) - num_input].numpy()
+
+
+def map_relax_functions(mod: tvm.IRModule, transform) -> tvm.IRModule:
+    """Apply ``transform(func) -> func`` to every Relax function; ``mod`` itself when none changes."""
+    updates = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            new_func = transform(func)
+            if not new_func.same_as(func):
+                updates[gvar] = new_func
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gvar, func in updates.items():
+        mod.update_func(gvar, func)
+    return mod
+
+
+def function_attr(func: relax.Function, name: str) -> dict[str, Any]:
+    """A map-valued function attribute as a plain dict (empty when absent)."""
+    if func.attrs is None or name not in func.attrs:
+        return {}
+    return {str(key): value for key, value in func.attrs[name].items()}

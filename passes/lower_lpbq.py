@@ -1,0 +1,196 @@
+"""LowerLPBQ: replace every encoded layer with a kernel call that reads 4-bit packed weights.
+
+Match: the layers of AnnotateLPBQ (``matmul`` with a plain or permuted weight, ``nn.conv1d`` /
+``nn.conv2d``), optionally followed by ``add(layer, bias)`` with a bias that varies only along the
+output channels, whose weight has an entry in ``"lpbq.encodings"`` (written by EncodeLPBQ).
+
+Rewrite: ``R.call_tir`` to a TIR kernel of :mod:`lpbq_kernels` (``lpbq_dense`` / ``lpbq_conv``,
+marked opaque so fusion leaves it alone) taking ``x``, the packed ``q`` and ``k - 1`` nibbles,
+the fp32 per-channel scale ``s`` and, when the graph adds one, the bias (DESIGN.md §3). For a
+parameter weight the fp32 parameter is removed once unused and three parameters
+``<weight>.lpbq_q`` (uint8), ``<weight>.lpbq_k`` (uint8), ``<weight>.lpbq_s`` (float32) are
+appended, their values added to the ``"params"`` attribute; a constant weight becomes packed
+constants. The function records ``"lpbq.lowered"`` (weight key -> node, mode, packed parameter
+names) and drops ``"lpbq.encodings"``: the packed arrays are now the only copy of the weight.
+Layers without an encoding stay fp32.
+
+Modes: ``"weight-only"`` (fp32 activations; ``y = s[c] · Σ x · float(q · k) (+ bias)``).
+
+Run it after EncodeLPBQ, before ``tvm.compile``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import rewrite_call
+
+from lpbq_tvm.encoder import LPBQEncoding
+from lpbq_tvm.packing import PackedLPBQ, pack
+from lpbq_tvm.passes._layers import (
+    ENCODINGS_ATTR,
+    PARAMS_ATTR,
+    WEIGHTS_ATTR,
+    Candidate,
+    LayerPatterns,
+    function_attr,
+    match_candidate,
+    weight_key,
+)
+from lpbq_tvm.passes.encode_lpbq import read_encodings
+from lpbq_tvm.passes.lpbq_kernels import conv_weight_only, dense_weight_only
+
+__all__ = ["LowerLPBQ", "LOWERED_ATTR", "MODES"]
+
+LOWERED_ATTR = "lpbq.lowered"
+MODES = ("weight-only",)
+_PACKED_SUFFIXES = ("lpbq_q", "lpbq_k", "lpbq_s")
+
+
+def _is_channel_bias(bias: relax.Expr, output: relax.Expr, channel_axis: int) -> bool:
+    """Whether ``add(output, bias)`` adds a float32 value that varies along the channel axis only."""
+    bias_shape, out_shape = bias.ty.shape, output.ty.shape
+    if bias_shape is None or out_shape is None or len(bias_shape) > len(out_shape) or bias.ty.dtype != "float32":
+        return False
+    try:
+        dims = [int(d) for d in bias_shape]
+        out_dims = [int(d) for d in out_shape]
+    except TypeError:  # symbolic shapes
+        return False
+    channel_axis %= len(out_dims)
+    aligned = [1] * (len(out_dims) - len(dims)) + dims
+    others = [d for axis, d in enumerate(aligned) if axis != channel_axis]
+    return aligned[channel_axis] in (1, out_dims[channel_axis]) and all(d == 1 for d in others)
+
+
+class _Lowering:
+    """The state of lowering one function: its encodings and the packed parameters it gains."""
+
+    def __init__(self, func: relax.Function, mode: str) -> None:
+        self.func = func
+        self.mode = mode
+        self.annotations = function_attr(func, WEIGHTS_ATTR)
+        self.encodings: dict[str, LPBQEncoding] = read_encodings(func)
+        self.packed: dict[str, tuple[PackedLPBQ, list[relax.Expr]]] = {}
+        self.kernels: list[relax.GlobalVar] = []
+
+    def packed_args(self, key: str, weight: relax.Expr) -> list[relax.Expr]:
+        """The (q, k, s) operands for ``key``: new parameters, or constants for a constant weight."""
+        if key not in self.packed:
+            packed = pack(self.encodings[key])
+            arrays = (packed.q, packed.k, packed.scale)
+            if isinstance(weight, relax.Var):
+                args = [
+                    relax.Var(f"{key}.{suffix}", relax.TensorType(array.shape, str(array.dtype)))
+                    for suffix, array in zip(_PACKED_SUFFIXES, arrays)
+                ]
+            else:
+                args = [relax.const(array) for array in arrays]
+            self.packed[key] = (packed, args)
+        return self.packed[key][1]
+
+    def lower(
+        self, bb: relax.BlockBuilder, candidate: Candidate, bias: relax.Expr | None, fallback: relax.Expr
+    ) -> relax.Expr:
+        """The kernel call replacing ``candidate`` (+ ``bias``); ``fallback`` when it has no encoding."""
+        key = weight_key(candidate.weight, self.annotations)
+        if key not in self.encodings:
+            return fallback
+        encoding = self.encodings[key]
+        q, k, s = self.packed_args(key, candidate.weight)
+        operands = [candidate.x, q, k, s] + ([bias] if bias is not None else [])
+        if candidate.kind == "dense":
+            call = bb.call_te(dense_weight_only, *operands, block_size=encoding.block_size,
+                              primfunc_name_hint="lpbq_dense")
+        else:
+            attrs = candidate.call.attrs
+            call = bb.call_te(
+                conv_weight_only, *operands, block_size=encoding.block_size, weight_shape=encoding.shape,
+                strides=[int(v) for v in attrs.strides], padding=[int(v) for v in attrs.padding],
+                dilation=[int(v) for v in attrs.dilation], groups=int(attrs.groups),
+                data_layout=str(attrs.data_layout), primfunc_name_hint="lpbq_conv",
+            )
+        self.kernels.append(call.args[0])
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerLPBQ")
+class LowerLPBQ:
+    """Lower encoded LPBQ layers to packed-weight kernels; see the module docstring."""
+
+    def __init__(self, mode: str = "weight-only") -> None:
+        if mode not in MODES:
+            msg = f"unknown LPBQ lowering mode {mode!r}; known: {', '.join(MODES)}"
+            raise ValueError(msg)
+        self.mode = mode
+        self.patterns = LayerPatterns()
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        targets = [(gvar, func) for gvar, func in mod.functions_items()
+                   if isinstance(func, relax.Function) and function_attr(func, ENCODINGS_ATTR)]
+        if not targets:
+            return mod
+        bb = relax.BlockBuilder(mod.clone())
+        kernels = []
+        for gvar, func in targets:
+            lowering = _Lowering(func, self.mode)
+            bb.update_func(gvar, self._rewrite(bb, func, lowering))
+            kernels += lowering.kernels
+        lowered = bb.get()
+        for kernel in kernels:
+            lowered.update_func(kernel, lowered[kernel].with_attr("op_pattern", 8))
+        return relax.transform.DeadCodeElimination()(lowered)
+
+    def _rewrite(self, bb: relax.BlockBuilder, func: relax.Function, lowering: _Lowering) -> relax.Function:
+        patterns = self.patterns
+
+        def with_bias(call: relax.Call, matchings: dict) -> relax.Expr:
+            candidate = match_candidate(patterns, matchings, func)
+            if candidate is None:
+                return call
+            channel_axis = -1 if candidate.kind == "dense" else 1
+            bias = matchings[patterns.bias]
+            if not _is_channel_bias(bias, call, channel_axis):
+                return call
+            return lowering.lower(bb, candidate, bias, fallback=call)
+
+        def without_bias(call: relax.Call, matchings: dict) -> relax.Expr:
+            candidate = match_candidate(patterns, matchings, func)
+            if candidate is None:
+                return call
+            return lowering.lower(bb, candidate, None, fallback=call)
+
+        body_func = rewrite_call(patterns.with_bias, with_bias, func)
+        body_func = rewrite_call(patterns.layer, without_bias, body_func)
+        return self._replace_params(body_func, lowering)
+
+    @staticmethod
+    def _replace_params(func: relax.Function, lowering: _Lowering) -> relax.Function:
+        """Drop fp32 weight parameters no longer used, append the packed ones and their values."""
+        used = {var.name for var in relax.analysis.free_vars(func.body)}
+        num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(func.params)
+        values = list(func.attrs[PARAMS_ATTR]) if PARAMS_ATTR in func.attrs else None
+        params, kept_values = list(func.params[:num_input]), []
+        for index, param in enumerate(func.params[num_input:]):
+            if param.name in lowering.packed and param.name not in used:
+                continue
+            params.append(param)
+            if values is not None:
+                kept_values.append(values[index])
+        lowered = {}
+        for key, (packed, args) in lowering.packed.items():
+            annotation = lowering.annotations[key]
+            lowered[key] = {"node": annotation["node"], "op_type": annotation["op_type"], "mode": lowering.mode}
+            if isinstance(args[0], relax.Var):
+                params += args
+                kept_values += [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (packed.q, packed.k, packed.scale)]
+                lowered[key]["params"] = [arg.name for arg in args]
+        attrs = {k: v for k, v in func.attrs.items() if k not in (ENCODINGS_ATTR, PARAMS_ATTR)}
+        attrs[LOWERED_ATTR] = lowered
+        if values is not None:
+            attrs[PARAMS_ATTR] = kept_values
+        new_func = relax.Function(params, func.body, func.ret_ty, func.is_pure, None, func.span)
+        for name, value in attrs.items():
+            new_func = new_func.with_attr(name, value)
+        return new_func
