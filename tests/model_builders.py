@@ -1,0 +1,119 @@
+"""Tiny ONNX models with one LPBQ candidate layer each, and the float error bound to check them with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+UNIT_ROUNDOFF = 2.0**-24  # float32
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One layer: ``y = op(x, w) (+ b)``; ``terms`` is the length of each output's dot product."""
+
+    name: str
+    op_type: str
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    bias: bool = False
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def terms(self) -> int:
+        if self.op_type == "Conv":
+            return int(np.prod(self.w_shape[1:]))
+        return self.w_shape[1] if self.attrs.get("transB") else self.w_shape[0]
+
+    @property
+    def channels(self) -> int:
+        if self.op_type == "Gemm" and not self.attrs.get("transB"):
+            return self.w_shape[1]
+        return self.w_shape[0] if self.op_type in ("Gemm", "Conv") else self.w_shape[-1]
+
+
+LAYER_CASES = [
+    LayerCase("gemm_transb1_bias", "Gemm", (3, 128), (32, 128), bias=True, attrs={"transB": 1}),
+    LayerCase("gemm_transb1", "Gemm", (3, 128), (32, 128), attrs={"transB": 1}),
+    LayerCase("gemm_transb0_bias", "Gemm", (3, 128), (128, 32), bias=True, attrs={"transB": 0}),
+    LayerCase("gemm_transb0", "Gemm", (3, 128), (128, 32)),
+    LayerCase("matmul_2d", "MatMul", (3, 128), (128, 48)),
+    LayerCase("matmul_3d", "MatMul", (2, 5, 192), (192, 16)),
+    LayerCase("conv1d_stride_pad_bias", "Conv", (1, 64, 20), (16, 64, 3), bias=True,
+              attrs={"kernel_shape": [3], "strides": [2], "pads": [1, 1]}),
+    LayerCase("conv2d_stride_pad_dilation_bias", "Conv", (2, 64, 9, 9), (16, 64, 3, 3), bias=True,
+              attrs={"kernel_shape": [3, 3], "strides": [2, 1], "pads": [1, 2, 1, 0], "dilations": [2, 1]}),
+    LayerCase("conv2d_grouped", "Conv", (1, 128, 6, 6), (32, 64, 3, 3), bias=True,
+              attrs={"kernel_shape": [3, 3], "group": 2, "pads": [1, 1, 1, 1]}),
+]
+
+DEPTHWISE_CASE = LayerCase("conv2d_depthwise", "Conv", (1, 16, 8, 8), (16, 1, 3, 3), bias=True,
+                           attrs={"kernel_shape": [3, 3], "group": 16, "pads": [1, 1, 1, 1]})
+
+
+def layer_model(case: LayerCase, seed: int = 0, weight: np.ndarray | None = None, bias_value: float | None = None,
+                ) -> onnx.ModelProto:
+    """``x -> op(x, w[, b]) -> y`` with seeded Gaussian weights (or the given ``weight``)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(case.w_shape).astype(np.float32) if weight is None else weight
+    initializers = [numpy_helper.from_array(w, "w")]
+    inputs = ["x", "w"]
+    if case.bias:
+        b = rng.standard_normal(case.channels).astype(np.float32) if bias_value is None else np.full(
+            case.channels, bias_value, np.float32)
+        initializers.append(numpy_helper.from_array(b, "b"))
+        inputs.append("b")
+    node = helper.make_node(case.op_type, inputs, ["y"], name=case.name, **case.attrs)
+    graph = helper.make_graph(
+        [node], case.name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model)
+    return model
+
+
+def ort_run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, inputs)))
+
+
+def with_weight(model: onnx.ModelProto, name: str, value: np.ndarray) -> onnx.ModelProto:
+    """A copy of ``model`` with initializer ``name`` replaced by ``value``."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    for init in result.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+            return result
+    raise KeyError(name)
+
+
+def dot_product_bound(case: LayerCase, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Per-output bound on the float32 error of a kernel against a reference of the same math.
+
+    Both sides compute ``y = Σ x_i w_i`` over ``terms`` products in float32 in different orders,
+    the kernel with ``w = float(q·k)`` scaled by ``s`` after the sum, the reference with
+    ``w = float32(float32(k·s)·q)``: each differs from the exact sum by at most
+    ``(terms + 3) · u · Σ|x_i||w_i|`` (Higham's γ_n for the sum, plus the scale roundings),
+    so their difference is at most twice that, plus one rounding of the bias add.
+    """
+    magnitude = ort_run(with_weight(layer_model(case, bias_value=0.0), "w", np.abs(weight)), {"x": np.abs(x)})["y"]
+    return 2 * (case.terms + 4) * UNIT_ROUNDOFF * magnitude
+
+
+def assert_float_close(actual: np.ndarray, reference: np.ndarray, bound: np.ndarray) -> None:
+    """``|actual - reference| <= bound + u·|reference|`` everywhere (u for a final rounding)."""
+    error = np.abs(actual.astype(np.float64) - reference)
+    allowed = bound + UNIT_ROUNDOFF * np.abs(reference)
+    worst = np.unravel_index(np.argmax(error - allowed), error.shape)
+    assert (error <= allowed).all(), f"error {error[worst]:.3g} > bound {allowed[worst]:.3g} at {worst}"
