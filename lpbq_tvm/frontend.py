@@ -66,23 +66,23 @@ class ImportedModel:
 def load_onnx(model: str | PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Read and check a model; ``ModelImportError`` names the file and what is wrong with it."""
     if isinstance(model, onnx.ModelProto):
-        proto, where = model, "the given model"
+        proto, where = model, "the given ONNX model"
     else:
         path = Path(model)
-        where = f"'{path}'"
+        where = f"ONNX model '{path}'"
         if not path.is_file():
-            raise ModelImportError(f"cannot read ONNX model {where}: no such file")
+            raise ModelImportError(f"cannot read {where}: no such file")
         try:
             proto = onnx.load(path)
         except Exception as error:  # protobuf raises its own DecodeError types
-            raise ModelImportError(f"cannot read ONNX model {where}: not a valid ONNX file ({error})") from error
+            raise ModelImportError(f"cannot read {where}: not a valid ONNX file ({error})") from error
     if not proto.graph.node:
-        raise ModelImportError(f"ONNX model {where} has an empty graph")
+        raise ModelImportError(f"{where} has an empty graph")
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as error:
         first_line = str(error).strip().splitlines()[0]
-        raise ModelImportError(f"ONNX model {where} fails the ONNX checker: {first_line}") from error
+        raise ModelImportError(f"{where} fails the ONNX checker: {first_line}") from error
     return proto
 
 

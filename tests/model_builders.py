@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,3 +118,22 @@ def assert_float_close(actual: np.ndarray, reference: np.ndarray, bound: np.ndar
     allowed = bound + UNIT_ROUNDOFF * np.abs(reference)
     worst = np.unravel_index(np.argmax(error - allowed), error.shape)
     assert (error <= allowed).all(), f"error {error[worst]:.3g} > bound {allowed[worst]:.3g} at {worst}"
+
+
+def abs_network_bound(model: onnx.ModelProto, inputs: dict[str, np.ndarray], terms: Sequence[int]) -> np.ndarray:
+    """Float32 error bound for two evaluations of a network of linear layers with ReLU / pooling.
+
+    Each layer of ``terms[l]``-long dot products adds at most ``2 (terms[l] + 4) u`` times the
+    magnitude the same layer reaches in the *absolute network* (every float initializer and input
+    replaced by its absolute value); monotone 1-Lipschitz activations and averaging carry errors
+    and magnitudes forward alike, so the output error is bounded by that sum times the absolute
+    network's output.
+    """
+    absolute = onnx.ModelProto()
+    absolute.CopyFrom(model)
+    for init in absolute.graph.initializer:
+        value = numpy_helper.to_array(init)
+        if np.issubdtype(value.dtype, np.floating):
+            init.CopyFrom(numpy_helper.from_array(np.abs(value), init.name))
+    (magnitude,) = ort_run(absolute, {name: np.abs(value) for name, value in inputs.items()}).values()
+    return 2 * sum(t + 4 for t in terms) * UNIT_ROUNDOFF * magnitude

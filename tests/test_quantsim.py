@@ -1,0 +1,147 @@
+"""The AIMET-style workflow end to end on the built-in example model, compiled with TVM."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from model_builders import abs_network_bound, assert_float_close, ort_run, with_weight
+from onnx import numpy_helper
+
+import lpbq_tvm
+from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+from lpbq_tvm.encoder import encode_lpbq
+from lpbq_tvm.examples import build_example_model
+from lpbq_tvm.packing import packed_nbytes
+
+EXAMPLE_TERMS = (64 * 9, 128, 256)  # dot-product lengths of conv, fc1, fc2
+
+
+@pytest.fixture(scope="module")
+def example_input():
+    return {"x": np.random.default_rng(7).standard_normal((1, 64, 8, 8)).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def encoded_sim():
+    sim = QuantizationSimModel(build_example_model())
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("Gemm", "MatMul", "Conv"), bitwidth=4,
+                                                   decompressed_bw=8, block_size=64)
+    sim.compute_encodings()
+    return sim
+
+
+def test_sim_run_is_the_model_with_dequantized_weights(encoded_sim, example_input):
+    """sim.run equals onnxruntime on the prepared model with each weight replaced by the encoder's qdq."""
+    model = encoded_sim.model
+    for layer in ("conv.weight", "fc1.weight", "fc2.weight"):
+        initializer = next(i for i in model.graph.initializer if i.name == layer)
+        weight = numpy_helper.to_array(initializer)
+        axes = (1, 0) if layer == "fc2.weight" else (0, 1)
+        model = with_weight(model, layer, encode_lpbq(weight, *axes).qdq_weight)
+    np.testing.assert_array_equal(encoded_sim.run(example_input)["y"], ort_run(model, example_input)["y"])
+
+
+def test_compiled_lpbq_model_matches_simulation(encoded_sim, example_input):
+    compiled = lpbq_tvm.compile(encoded_sim, target="cpu", mode="weight-only")
+    actual = compiled.run(example_input)["y"]
+    reference = encoded_sim.run(example_input)["y"]
+    qdq_model = encoded_sim.model
+    for name, encoding in encoded_sim.encodings.items():
+        qdq_model = with_weight(qdq_model, name, encoding.qdq_weight)
+    assert_float_close(actual, reference, abs_network_bound(qdq_model, example_input, EXAMPLE_TERMS))
+    expected = sum(packed_nbytes(e.shape, e.channel_axis, e.block_axis, e.block_size)
+                   for e in encoded_sim.encodings.values())
+    assert compiled.weight_bytes.lpbq_packed == expected and compiled.weight_bytes.float == 0
+    float_output = lpbq_tvm.compile(encoded_sim, mode="fp32").run(example_input)["y"]
+    assert not np.allclose(float_output, actual, atol=1e-3)  # the compiled model is really quantized
+
+
+def test_export_library_round_trip(encoded_sim, example_input, tmp_path):
+    import tvm
+    from tvm import relax
+
+    compiled = lpbq_tvm.compile(encoded_sim)
+    path = compiled.export_library(tmp_path / "model.so")
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        compiled.export_library(path)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    loaded = vm["main"](tvm.runtime.tensor(example_input["x"]), *compiled.params).numpy()
+    np.testing.assert_array_equal(loaded, compiled.run(example_input)["y"])
+
+
+def test_bits_per_weight_of_a_4096_wide_layer():
+    """The lowered parameters of a K=4096, B=64 layer take 4.07 bits per weight; no fp32 copy remains."""
+    from onnx import TensorProto, helper
+
+    weight = np.random.default_rng(0).standard_normal((4096, 256)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "wide",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sim = QuantizationSimModel(model)
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
+    compiled = lpbq_tvm.compile(sim)
+    assert compiled.weight_bytes.float == 0
+    assert compiled.weight_bytes.lpbq_packed == 256 * (2048 + 32 + 4)
+    assert round(8 * compiled.weight_bytes.lpbq_packed / weight.size, 2) == 4.07
+
+
+def test_later_call_wins_for_its_op_types_and_exclusions_are_reported():
+    sim = QuantizationSimModel(build_example_model())
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
+    set_grouped_blockwise_quantization_for_weights(sim, op_types="Conv", block_size=32)
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=["MatMul"], block_size=64, excluded_nodes=["fc2"])
+    sim.compute_encodings()
+    rows = {row.node: row for row in sim.report()}
+    assert (rows["conv"].status, rows["conv"].block_size) == ("lpbq", 32)
+    assert (rows["fc1"].status, rows["fc1"].block_size) == ("lpbq", 64)
+    assert (rows["fc2"].status, rows["fc2"].reason) == ("skipped", "excluded by the user")
+    compiled = lpbq_tvm.compile(sim)
+    assert compiled.weight_bytes.float == 256 * 64 * 4  # fc2 stays fp32
+
+
+def test_strict_and_non_strict_for_a_layer_that_cannot_take_the_block_size():
+    sim = QuantizationSimModel(build_example_model())
+    with pytest.raises(ValueError, match=r"strict LPBQ: fc1: weight shape \(256, 128\): input-channel length 128 "
+                                         r"along block axis 1 is not divisible by block_size 96"):
+        set_grouped_blockwise_quantization_for_weights(sim, op_types=["Gemm"], block_size=96, strict=True)
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=96)
+    sim.compute_encodings()
+    assert all(row.status == "skipped" and "not divisible by block_size 96" in row.reason for row in sim.report())
+
+
+def test_argument_errors():
+    sim = QuantizationSimModel(build_example_model())
+    with pytest.raises(ValueError, match=r"unknown op type\(s\) Softmax"):
+        set_grouped_blockwise_quantization_for_weights(sim, op_types=["Softmax"])
+    with pytest.raises(ValueError, match=r"excluded_nodes names 'fc3', which are not Gemm/MatMul/Conv nodes"):
+        set_grouped_blockwise_quantization_for_weights(sim, excluded_nodes=["fc3"])
+    with pytest.raises(RuntimeError, match=r"call sim.compute_encodings\(\) first"):
+        sim.run({"x": np.zeros((1, 64, 8, 8), np.float32)})
+
+
+def test_compute_encodings_calls_back_with_the_sim(example_input):
+    sim = QuantizationSimModel(build_example_model())
+    set_grouped_blockwise_quantization_for_weights(sim)
+    seen = []
+    sim.compute_encodings(lambda s, args: seen.append((s, s.run(args)["y"])), example_input)
+    assert seen[0][0] is sim and seen[0][1].shape == (1, 64)
+
+
+def test_export_writes_model_and_aimet_encodings(encoded_sim, tmp_path):
+    onnx_path, json_path = encoded_sim.export(tmp_path, "example")
+    encodings = json.loads(json_path.read_text())
+    assert encodings["version"] == "1.0.0"
+    by_name = {entry["name"]: entry for entry in encodings["param_encodings"]}
+    assert sorted(by_name) == ["conv.weight", "fc1.weight", "fc2.weight"]
+    for name, encoding in encoded_sim.encodings.items():
+        assert by_name[name] == encoding.aimet_entry(name)
+    import onnx
+
+    assert {i.name for i in onnx.load(onnx_path).graph.initializer} >= set(by_name)
+    with pytest.raises(FileExistsError):
+        encoded_sim.export(tmp_path, "example")
+    encoded_sim.export(tmp_path, "example", overwrite=True)
