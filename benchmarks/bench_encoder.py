@@ -7,6 +7,7 @@ operations; the figure to beat is 0.5 s for the 16.8 M weights on one core.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 from rich.console import Console
@@ -33,13 +34,15 @@ def main() -> None:
         ("4096x4096 out x in (Gemm transB=1)", big, 0, 1),
         ("4096x4096 in x out (MatMul)", big, 1, 0),
     ]
-    cases += [(f"example {layer.node_name} {layer.weight.shape}", layer.weight, layer.channel_axis, layer.block_axis)
-              for layer in find_weight_layers(build_example_model())]
+    cases += [
+        (f"example {layer.node_name} {layer.weight.shape}", layer.weight, layer.channel_axis, layer.block_axis)
+        for layer in find_weight_layers(build_example_model())
+    ]
     table = Table(title="LPBQ encoder, block size 64, best of 5")
     for column in ("weight", "weights", "seconds", "M weights/s"):
         table.add_column(column, justify="left" if column == "weight" else "right")
     for label, weight, channel_axis, block_axis in cases:
-        seconds = best_of(5, lambda: encode_lpbq(weight, channel_axis, block_axis, block_size=64))
+        seconds = best_of(5, partial(encode_lpbq, weight, channel_axis, block_axis, block_size=64))
         table.add_row(label, f"{weight.size:,}", f"{seconds:.4f}", f"{weight.size / seconds / 1e6:.0f}")
     Console().print(table)
 

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 
@@ -62,8 +63,19 @@ def main() -> None:
     from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 
     table = Table(title=f"LPBQ pipeline, {args.threads} thread(s), median of {args.repeat} runs")
-    for column in ("model", "LPBQ layers", "compile fp32 s", "compile LPBQ s", "ORT fp32 ms", "TVM fp32 ms",
-                   "TVM LPBQ ms", "LPBQ / TVM fp32", "weights fp32 KiB", "weights LPBQ KiB", "size ratio"):
+    for column in (
+        "model",
+        "LPBQ layers",
+        "compile fp32 s",
+        "compile LPBQ s",
+        "ORT fp32 ms",
+        "TVM fp32 ms",
+        "TVM LPBQ ms",
+        "LPBQ / TVM fp32",
+        "weights fp32 KiB",
+        "weights LPBQ KiB",
+        "size ratio",
+    ):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, model, shapes, block_size in _models():
         sim = QuantizationSimModel(model, shapes)
@@ -77,22 +89,30 @@ def main() -> None:
         compile_lpbq = time.perf_counter() - start
         rng = np.random.default_rng(0)
         inputs = {
-            info.name: (rng.integers(0, 257, info.shape) if info.dtype.startswith("int") else rng.standard_normal(
-                info.shape)).astype(info.dtype)
+            info.name: (
+                rng.integers(0, 257, info.shape) if info.dtype.startswith("int") else rng.standard_normal(info.shape)
+            ).astype(info.dtype)
             for info in sim.inputs
         }
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         options.log_severity_level = 3
         session = ort.InferenceSession(sim.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        ort_ms = _median_ms(lambda: session.run(None, inputs), args.repeat)
-        fp32_ms = _median_ms(lambda: fp32.run(inputs), args.repeat)
-        lpbq_ms = _median_ms(lambda: lpbq.run(inputs), args.repeat)
+        ort_ms = _median_ms(partial(session.run, None, inputs), args.repeat)
+        fp32_ms = _median_ms(partial(fp32.run, inputs), args.repeat)
+        lpbq_ms = _median_ms(partial(lpbq.run, inputs), args.repeat)
         layers = sum(row.status == "lpbq" for row in sim.report())
         table.add_row(
-            name, f"{layers}/{len(sim.report())}", f"{compile_fp32:.2f}", f"{compile_lpbq:.2f}", f"{ort_ms:.3f}",
-            f"{fp32_ms:.3f}", f"{lpbq_ms:.3f}", f"{lpbq_ms / fp32_ms:.2f}x",
-            f"{fp32.weight_bytes.total / 1024:.1f}", f"{lpbq.weight_bytes.total / 1024:.1f}",
+            name,
+            f"{layers}/{len(sim.report())}",
+            f"{compile_fp32:.2f}",
+            f"{compile_lpbq:.2f}",
+            f"{ort_ms:.3f}",
+            f"{fp32_ms:.3f}",
+            f"{lpbq_ms:.3f}",
+            f"{lpbq_ms / fp32_ms:.2f}x",
+            f"{fp32.weight_bytes.total / 1024:.1f}",
+            f"{lpbq.weight_bytes.total / 1024:.1f}",
             f"{fp32.weight_bytes.total / lpbq.weight_bytes.total:.2f}x",
         )
     Console(width=200).print(table)

@@ -9,9 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
-
 from rich.markup import escape
+from rich.table import Table
 
 import lpbq_tvm
 from lpbq_tvm.encoder import LPBQConfig
@@ -36,8 +35,7 @@ def _k_summary(histogram: tuple[int, ...]) -> str:
 def _layer_table(rows: list[LayerReport], title: str) -> Table:
     table = Table(title=title)
     for column in ("layer", "op", "weight shape", "status", "SQNR dB", "bits/weight", "k"):
-        table.add_column(column, justify="right" if column in ("SQNR dB", "bits/weight") else "left",
-                         overflow="fold")
+        table.add_column(column, justify="right" if column in ("SQNR dB", "bits/weight") else "left", overflow="fold")
     for row in rows:
         quantized = row.status == "lpbq"
         table.add_row(
@@ -66,8 +64,11 @@ def _run_demo(args: argparse.Namespace, console: Console) -> int:
             sim, bitwidth=config.bitwidth, decompressed_bw=config.decompressed_bw, block_size=config.block_size
         )
         sim.compute_encodings()
-    console.print(_layer_table(sim.report(), f"LPBQ W{config.bitwidth} (k 1..{config.max_int_scale}), "
-                                             f"block size {config.block_size}"))
+    console.print(
+        _layer_table(
+            sim.report(), f"LPBQ W{config.bitwidth} (k 1..{config.max_int_scale}), block size {config.block_size}"
+        )
+    )
     with console.status("compiling with TVM for the host CPU (LowerLPBQ, tvm.compile)"):
         compiled = lpbq_tvm.compile(sim, target="cpu", mode="weight-only")
         reference = lpbq_tvm.compile(sim, target="cpu", mode="fp32")
@@ -76,23 +77,38 @@ def _run_demo(args: argparse.Namespace, console: Console) -> int:
     simulated = sim.run(inputs)["y"]
     packed, fp32 = compiled.weight_bytes, reference.weight_bytes
     summary = Table.grid(padding=(0, 2))
-    summary.add_row("output vs fp32", f"cosine {_cosine(lpbq_out, fp32_out):.5f}, "
-                                      f"max |diff| {np.abs(lpbq_out - fp32_out).max():.3g} (|y| max {np.abs(fp32_out).max():.3g})")
-    summary.add_row("kernels vs simulation", f"max |diff| {np.abs(lpbq_out - simulated).max():.2g} "
-                                             "(TVM packed kernels vs onnxruntime with dequantized weights)")
-    summary.add_row("weights in the artifact", f"{packed.total / 1024:.1f} KiB (LPBQ packed {packed.lpbq_packed / 1024:.1f} "
-                                               f"KiB, fp32 {packed.float / 1024:.1f} KiB) vs {fp32.total / 1024:.1f} KiB "
-                                               f"fp32: {fp32.total / packed.total:.1f}x smaller")
+    summary.add_row(
+        "output vs fp32",
+        f"cosine {_cosine(lpbq_out, fp32_out):.5f}, "
+        f"max |diff| {np.abs(lpbq_out - fp32_out).max():.3g} (|y| max {np.abs(fp32_out).max():.3g})",
+    )
+    summary.add_row(
+        "kernels vs simulation",
+        f"max |diff| {np.abs(lpbq_out - simulated).max():.2g} "
+        "(TVM packed kernels vs onnxruntime with dequantized weights)",
+    )
+    summary.add_row(
+        "weights in the artifact",
+        f"{packed.total / 1024:.1f} KiB (LPBQ packed {packed.lpbq_packed / 1024:.1f} "
+        f"KiB, fp32 {packed.float / 1024:.1f} KiB) vs {fp32.total / 1024:.1f} KiB "
+        f"fp32: {fp32.total / packed.total:.1f}x smaller",
+    )
     console.print(summary)
     return 0
 
 
 def _add_lpbq_options(parser: argparse.ArgumentParser) -> None:
     defaults = LPBQConfig()
-    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="input channels per block (default %(default)s)")
-    parser.add_argument("--bitwidth", type=int, default=defaults.bitwidth, help="bits of the block codes q (default %(default)s)")
     parser.add_argument(
-        "--decompressed-bw", type=int, default=defaults.decompressed_bw,
+        "--block-size", type=int, default=defaults.block_size, help="input channels per block (default %(default)s)"
+    )
+    parser.add_argument(
+        "--bitwidth", type=int, default=defaults.bitwidth, help="bits of the block codes q (default %(default)s)"
+    )
+    parser.add_argument(
+        "--decompressed-bw",
+        type=int,
+        default=defaults.decompressed_bw,
         help="bits of the expanded per-channel integer weight q*k (default %(default)s)",
     )
 
@@ -105,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
-        "demo", help="quantize, compile and run the built-in example model; print per-layer and output quality",
-        epilog=_DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo",
+        help="quantize, compile and run the built-in example model; print per-layer and output quality",
+        epilog=_DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_lpbq_options(demo)
     demo.set_defaults(handler=_run_demo)
@@ -115,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     console = Console()
     try:
         return args.handler(args, console)

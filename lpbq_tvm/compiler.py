@@ -83,7 +83,7 @@ class CompiledModel:
         packed_names = {name for entry in self.lowered.values() for name in entry.get("params", ())}
         sizes = {
             name: int(np.prod(param.shape)) * np.dtype(str(param.dtype)).itemsize
-            for name, param in zip(self.param_names, self.params)
+            for name, param in zip(self.param_names, self.params, strict=True)
         }
         packed = sum(size for name, size in sizes.items() if name in packed_names)
         return WeightBytes(lpbq_packed=packed, float=sum(sizes.values()) - packed)
@@ -115,7 +115,7 @@ class CompiledModel:
         """Outputs by name for inputs by name (dtypes and shapes must match ``inputs``)."""
         result = self._vm["main"](*self._input_tensors(inputs), *self.params)
         values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        return {info.name: value.numpy() for info, value in zip(self.outputs, values)}
+        return {info.name: value.numpy() for info, value in zip(self.outputs, values, strict=True)}
 
     def export_library(self, path: str | PathLike, *, overwrite: bool = False) -> Path:
         """Write the executable as a shared library (weights are not inside; see ``params``)."""
@@ -138,7 +138,9 @@ def build(
         ]
     if outputs is None:
         returned = main.ret_ty.fields if isinstance(main.ret_ty, relax.TupleType) else [main.ret_ty]
-        outputs = [TensorInfo(f"output{i}", tuple(int(d) for d in t.shape), str(t.dtype)) for i, t in enumerate(returned)]
+        outputs = [
+            TensorInfo(f"output{i}", tuple(int(d) for d in t.shape), str(t.dtype)) for i, t in enumerate(returned)
+        ]
     detached, params = detach_params(mod)
     param_names = [p.name for p in main.params[num_input:]]
     executable = tvm.compile(detached, target=get_target(target).tvm_target())

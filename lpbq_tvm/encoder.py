@@ -25,9 +25,10 @@ This module must not import TVM: it is the reference the compiler passes are che
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -67,9 +68,7 @@ class LPBQConfig:
             msg = f"unsupported bitwidth {self.bitwidth}: LPBQ supports 2..8 bit block codes"
             raise ValueError(msg)
         if not self.bitwidth <= self.decompressed_bw <= 16:
-            msg = (
-                f"decompressed_bw {self.decompressed_bw} must lie in bitwidth ({self.bitwidth}) .. 16"
-            )
+            msg = f"decompressed_bw {self.decompressed_bw} must lie in bitwidth ({self.bitwidth}) .. 16"
             raise ValueError(msg)
         if self.block_size <= 0:
             msg = f"block_size must be positive, got {self.block_size}"

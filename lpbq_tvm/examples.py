@@ -34,8 +34,9 @@ def build_example_model(seed: int = 0) -> onnx.ModelProto:
         "fc2.weight": gaussian((256, 64), 256),
     }
     nodes = [
-        helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["conv_out"], name="conv",
-                         kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["x", "conv.weight", "conv.bias"], ["conv_out"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+        ),
         helper.make_node("Relu", ["conv_out"], ["relu1"], name="relu1"),
         helper.make_node("GlobalAveragePool", ["relu1"], ["pool"], name="pool"),
         helper.make_node("Flatten", ["pool"], ["flat"], name="flatten", axis=1),

@@ -108,10 +108,9 @@ def _pin_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequenc
         override = input_shapes.get(value_info.name)
         if override is not None:
             override = [int(d) for d in override]
-            fixed_mismatch = [
-                axis for axis, (dim, new) in enumerate(zip(dims, override)) if isinstance(dim, int) and dim and dim != new
-            ]
-            if len(override) != len(dims) or fixed_mismatch:
+            if len(override) != len(dims) or any(
+                isinstance(dim, int) and dim and dim != new for dim, new in zip(dims, override, strict=True)
+            ):
                 raise ModelImportError(
                     f"input '{value_info.name}' has shape {dims}; the override {override} does not match it"
                 )
@@ -122,7 +121,9 @@ def _pin_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequenc
                 if isinstance(dim, int) and dim > 0:
                     pinned.append(dim)
                 elif axis == 0:
-                    logger.info("input '%s': dynamic batch dimension %r pinned to %d", value_info.name, dim, DEFAULT_BATCH)
+                    logger.info(
+                        "input '%s': dynamic batch dimension %r pinned to %d", value_info.name, dim, DEFAULT_BATCH
+                    )
                     pinned.append(DEFAULT_BATCH)
                 else:
                     raise ModelImportError(
@@ -143,8 +144,12 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
         tensor = onnx.TensorProto()
         tensor.CopyFrom(value)
     else:
-        dtype = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32,
-                 "value_floats": np.float32}.get(attribute.name)
+        dtype = {
+            "value_int": np.int64,
+            "value_ints": np.int64,
+            "value_float": np.float32,
+            "value_floats": np.float32,
+        }.get(attribute.name)
         if dtype is None:
             raise ModelImportError(f"Constant node '{node.name}' uses unsupported attribute {attribute.name}")
         tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype))
@@ -164,12 +169,14 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> None:
             nodes.append(node)
     consumers = {node.input[1] for node in nodes if node.op_type in ("Gemm", "MatMul", "Conv") and len(node.input) > 1}
     weights = [
-        name for name in tensors
+        name
+        for name in tensors
         if name in consumers and tensors[name].data_type == onnx.TensorProto.FLOAT and len(tensors[name].dims) >= 2
     ]
     constants = [
         helper.make_node("Constant", [], [name], name=f"{name}/constant", value=tensor)
-        for name, tensor in tensors.items() if name not in weights
+        for name, tensor in tensors.items()
+        if name not in weights
     ]
     del graph.initializer[:]
     graph.initializer.extend(tensors[name] for name in weights)
@@ -191,8 +198,10 @@ def _check_supported_ops(model: onnx.ModelProto) -> None:
                 node.name or f"#{index}"
             )
     if unsupported:
-        listed = "; ".join(f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
-                           for op, names in sorted(unsupported.items()))
+        listed = "; ".join(
+            f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+            for op, names in sorted(unsupported.items())
+        )
         raise ModelImportError(f"TVM's ONNX importer does not support: {listed}")
 
 

@@ -117,7 +117,9 @@ class QuantizationSimModel:
         self._encoded = None
         self._session = None
 
-    def compute_encodings(self, forward_pass_callback: Callable | None = None, forward_pass_callback_args: Any = None) -> None:
+    def compute_encodings(
+        self, forward_pass_callback: Callable | None = None, forward_pass_callback_args: Any = None
+    ) -> None:
         """Encode every selected weight, then run ``forward_pass_callback(sim, args)`` if given."""
         from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ
 
@@ -126,8 +128,10 @@ class QuantizationSimModel:
         skipped = [row for row in self.report() if row.status == "skipped"]
         if skipped:
             logger.warning(
-                "%d of %d layers not quantized with LPBQ (see sim.report()): %s", len(skipped),
-                len(self._imported.layers), "; ".join(f"{row.node}: {row.reason}" for row in skipped),
+                "%d of %d layers not quantized with LPBQ (see sim.report()): %s",
+                len(skipped),
+                len(self._imported.layers),
+                "; ".join(f"{row.node}: {row.reason}" for row in skipped),
             )
         if forward_pass_callback is not None:
             forward_pass_callback(self, forward_pass_callback_args)
@@ -156,16 +160,29 @@ class QuantizationSimModel:
             base = dict(node=layer.node_name, op_type=layer.op_type, weight=name, shape=tuple(layer.weight.shape))
             if name in encodings:
                 encoding = encodings[name]
-                histogram = np.bincount(encoding.per_block_int_scale.ravel(), minlength=encoding.config.max_int_scale + 1)
-                rows.append(LayerReport(
-                    **base, status="lpbq", block_size=encoding.block_size, sqnr_db=float(stored[name]["sqnr_db"]),
-                    bits_per_weight=bits_per_weight(encoding), k_histogram=tuple(int(c) for c in histogram[1:]),
-                ))
+                histogram = np.bincount(
+                    encoding.per_block_int_scale.ravel(), minlength=encoding.config.max_int_scale + 1
+                )
+                rows.append(
+                    LayerReport(
+                        **base,
+                        status="lpbq",
+                        block_size=encoding.block_size,
+                        sqnr_db=float(stored[name]["sqnr_db"]),
+                        bits_per_weight=bits_per_weight(encoding),
+                        k_histogram=tuple(int(c) for c in histogram[1:]),
+                    )
+                )
             elif name in skipped:
                 rows.append(LayerReport(**base, status="skipped", reason=str(skipped[name]["reason"])))
             else:
-                rows.append(LayerReport(**base, status="pending" if self._encoded is None else "skipped",
-                                        reason="" if self._encoded is None else "not selected"))
+                rows.append(
+                    LayerReport(
+                        **base,
+                        status="pending" if self._encoded is None else "skipped",
+                        reason="" if self._encoded is None else "not selected",
+                    )
+                )
         return rows
 
     def _simulation_session(self):
@@ -188,7 +205,7 @@ class QuantizationSimModel:
         """Quantization-simulated outputs: the fp32 model with LPBQ-dequantized weights."""
         session = self._simulation_session()
         names = [output.name for output in session.get_outputs()]
-        return dict(zip(names, session.run(names, dict(inputs))))
+        return dict(zip(names, session.run(names, dict(inputs)), strict=True))
 
     def aimet_encodings(self) -> dict[str, Any]:
         """The AIMET encodings file (version 1.0.0) of the LPBQ weights."""
@@ -208,10 +225,14 @@ class QuantizationSimModel:
 
         directory = Path(path)
         encodings_text = json.dumps(self.aimet_encodings(), indent=2)
-        onnx_path = atomic_write(directory / f"{filename_prefix}.onnx", lambda tmp: onnx.save(self.model, tmp),
-                                 overwrite=overwrite)
-        json_path = atomic_write(directory / f"{filename_prefix}.encodings",
-                                 lambda tmp: Path(tmp).write_text(encodings_text), overwrite=overwrite)
+        onnx_path = atomic_write(
+            directory / f"{filename_prefix}.onnx", lambda tmp: onnx.save(self.model, tmp), overwrite=overwrite
+        )
+        json_path = atomic_write(
+            directory / f"{filename_prefix}.encodings",
+            lambda tmp: Path(tmp).write_text(encodings_text),
+            overwrite=overwrite,
+        )
         return onnx_path, json_path
 
 
@@ -233,5 +254,6 @@ def set_grouped_blockwise_quantization_for_weights(
     """
     if isinstance(op_types, str):
         op_types = (op_types,)
-    sim.apply_lpbq(LPBQConfig(bitwidth, decompressed_bw, block_size, block_grouping), tuple(op_types),
-                   excluded_nodes or (), strict)
+    sim.apply_lpbq(
+        LPBQConfig(bitwidth, decompressed_bw, block_size, block_grouping), tuple(op_types), excluded_nodes or (), strict
+    )

@@ -25,10 +25,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import tvm
-from tvm import relax
-from tvm.relax.dpl import rewrite_call
-
-from lpbq_tvm.encoder import LPBQConfig, check_lpbq_weight
 from lpbq_tvm.passes._layers import (
     ONNX_NODES_ATTR,
     SKIPPED_ATTR,
@@ -40,6 +36,10 @@ from lpbq_tvm.passes._layers import (
     match_candidate,
     weight_key,
 )
+from tvm import relax
+from tvm.relax.dpl import rewrite_call
+
+from lpbq_tvm.encoder import LPBQConfig, check_lpbq_weight
 
 __all__ = ["AnnotateLPBQ", "SUPPORTED_OP_TYPES"]
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+from lpbq_tvm.passes._layers import ENCODINGS_ATTR, WEIGHTS_ATTR, function_attr, map_relax_functions, weight_value
 from tvm import relax
 
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding, encode_lpbq, sqnr_db
-from lpbq_tvm.passes._layers import ENCODINGS_ATTR, WEIGHTS_ATTR, function_attr, map_relax_functions, weight_value
 
 __all__ = ["EncodeLPBQ", "read_encodings"]
 
@@ -67,8 +67,11 @@ class EncodeLPBQ:
             weight = weight_value(key, annotation, func)
             config = _config(annotation)
             encoding = encode_lpbq(
-                weight, int(annotation["channel_axis"]), int(annotation["block_axis"]),
-                **config.as_dict(), name=str(annotation["node"]),
+                weight,
+                int(annotation["channel_axis"]),
+                int(annotation["block_axis"]),
+                **config.as_dict(),
+                name=str(annotation["node"]),
             )
             encodings[key] = {
                 "s": tvm.runtime.tensor(encoding.float_scale),

@@ -23,11 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
-from tvm.relax.dpl import rewrite_call
-
-from lpbq_tvm.encoder import LPBQEncoding
-from lpbq_tvm.packing import PackedLPBQ, pack
 from lpbq_tvm.passes._layers import (
     ENCODINGS_ATTR,
     PARAMS_ATTR,
@@ -40,6 +35,11 @@ from lpbq_tvm.passes._layers import (
 )
 from lpbq_tvm.passes.encode_lpbq import read_encodings
 from lpbq_tvm.passes.lpbq_kernels import conv_weight_only, dense_weight_only
+from tvm import relax
+from tvm.relax.dpl import rewrite_call
+
+from lpbq_tvm.encoder import LPBQEncoding
+from lpbq_tvm.packing import PackedLPBQ, pack
 
 __all__ = ["LowerLPBQ", "LOWERED_ATTR", "MODES"]
 
@@ -83,7 +83,7 @@ class _Lowering:
             if isinstance(weight, relax.Var):
                 args = [
                     relax.Var(f"{key}.{suffix}", relax.TensorType(array.shape, str(array.dtype)))
-                    for suffix, array in zip(_PACKED_SUFFIXES, arrays)
+                    for suffix, array in zip(_PACKED_SUFFIXES, arrays, strict=True)
                 ]
             else:
                 args = [relax.const(array) for array in arrays]
@@ -101,15 +101,22 @@ class _Lowering:
         q, k, s = self.packed_args(key, candidate.weight)
         operands = [candidate.x, q, k, s] + ([bias] if bias is not None else [])
         if candidate.kind == "dense":
-            call = bb.call_te(dense_weight_only, *operands, block_size=encoding.block_size,
-                              primfunc_name_hint="lpbq_dense")
+            call = bb.call_te(
+                dense_weight_only, *operands, block_size=encoding.block_size, primfunc_name_hint="lpbq_dense"
+            )
         else:
             attrs = candidate.call.attrs
             call = bb.call_te(
-                conv_weight_only, *operands, block_size=encoding.block_size, weight_shape=encoding.shape,
-                strides=[int(v) for v in attrs.strides], padding=[int(v) for v in attrs.padding],
-                dilation=[int(v) for v in attrs.dilation], groups=int(attrs.groups),
-                data_layout=str(attrs.data_layout), primfunc_name_hint="lpbq_conv",
+                conv_weight_only,
+                *operands,
+                block_size=encoding.block_size,
+                weight_shape=encoding.shape,
+                strides=[int(v) for v in attrs.strides],
+                padding=[int(v) for v in attrs.padding],
+                dilation=[int(v) for v in attrs.dilation],
+                groups=int(attrs.groups),
+                data_layout=str(attrs.data_layout),
+                primfunc_name_hint="lpbq_conv",
             )
         self.kernels.append(call.args[0])
         return call
@@ -127,8 +134,11 @@ class LowerLPBQ:
         self.patterns = LayerPatterns()
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        targets = [(gvar, func) for gvar, func in mod.functions_items()
-                   if isinstance(func, relax.Function) and function_attr(func, ENCODINGS_ATTR)]
+        targets = [
+            (gvar, func)
+            for gvar, func in mod.functions_items()
+            if isinstance(func, relax.Function) and function_attr(func, ENCODINGS_ATTR)
+        ]
         if not targets:
             return mod
         bb = relax.BlockBuilder(mod.clone())

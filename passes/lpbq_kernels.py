@@ -40,8 +40,8 @@ def _epilogue(acc: te.Tensor, s: te.Tensor, bias: te.Tensor | None, channel_axis
         value = acc(*index) * s[index[channel_axis]]
         if bias is None:
             return value
-        aligned = index[len(index) - len(bias.shape):]
-        return value + bias(*[0 if int(extent) == 1 else i for i, extent in zip(aligned, bias.shape)])
+        aligned = index[len(index) - len(bias.shape) :]
+        return value + bias(*[0 if int(extent) == 1 else i for i, extent in zip(aligned, bias.shape, strict=True)])
 
     return te.compute(acc.shape, output, name="lpbq_out")
 
@@ -82,9 +82,10 @@ def conv_weight_only(
 
     The weight ``[O, I/groups, *kernel]`` is expanded from the packed codes inside the kernel.
     """
+
     def weight(o, c, *kernel_index):
         flat = c
-        for position, extent in zip(kernel_index, weight_shape[2:]):
+        for position, extent in zip(kernel_index, weight_shape[2:], strict=True):
             flat = flat * int(extent) + position
         return _int_weight(q, k, o, flat, c // block_size).astype("float32")
 

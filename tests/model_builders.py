@@ -44,34 +44,68 @@ LAYER_CASES = [
     LayerCase("gemm_transb0", "Gemm", (3, 128), (128, 32)),
     LayerCase("matmul_2d", "MatMul", (3, 128), (128, 48)),
     LayerCase("matmul_3d", "MatMul", (2, 5, 192), (192, 16)),
-    LayerCase("conv1d_stride_pad_bias", "Conv", (1, 64, 20), (16, 64, 3), bias=True,
-              attrs={"kernel_shape": [3], "strides": [2], "pads": [1, 1]}),
-    LayerCase("conv2d_stride_pad_dilation_bias", "Conv", (2, 64, 9, 9), (16, 64, 3, 3), bias=True,
-              attrs={"kernel_shape": [3, 3], "strides": [2, 1], "pads": [1, 2, 1, 0], "dilations": [2, 1]}),
-    LayerCase("conv2d_grouped", "Conv", (1, 128, 6, 6), (32, 64, 3, 3), bias=True,
-              attrs={"kernel_shape": [3, 3], "group": 2, "pads": [1, 1, 1, 1]}),
+    LayerCase(
+        "conv1d_stride_pad_bias",
+        "Conv",
+        (1, 64, 20),
+        (16, 64, 3),
+        bias=True,
+        attrs={"kernel_shape": [3], "strides": [2], "pads": [1, 1]},
+    ),
+    LayerCase(
+        "conv2d_stride_pad_dilation_bias",
+        "Conv",
+        (2, 64, 9, 9),
+        (16, 64, 3, 3),
+        bias=True,
+        attrs={"kernel_shape": [3, 3], "strides": [2, 1], "pads": [1, 2, 1, 0], "dilations": [2, 1]},
+    ),
+    LayerCase(
+        "conv2d_grouped",
+        "Conv",
+        (1, 128, 6, 6),
+        (32, 64, 3, 3),
+        bias=True,
+        attrs={"kernel_shape": [3, 3], "group": 2, "pads": [1, 1, 1, 1]},
+    ),
 ]
 
-DEPTHWISE_CASE = LayerCase("conv2d_depthwise", "Conv", (1, 16, 8, 8), (16, 1, 3, 3), bias=True,
-                           attrs={"kernel_shape": [3, 3], "group": 16, "pads": [1, 1, 1, 1]})
+DEPTHWISE_CASE = LayerCase(
+    "conv2d_depthwise",
+    "Conv",
+    (1, 16, 8, 8),
+    (16, 1, 3, 3),
+    bias=True,
+    attrs={"kernel_shape": [3, 3], "group": 16, "pads": [1, 1, 1, 1]},
+)
 
 
-def layer_model(case: LayerCase, seed: int = 0, weight: np.ndarray | None = None, bias_value: float | None = None,
-                ) -> onnx.ModelProto:
+def layer_model(
+    case: LayerCase,
+    seed: int = 0,
+    weight: np.ndarray | None = None,
+    bias_value: float | None = None,
+) -> onnx.ModelProto:
     """``x -> op(x, w[, b]) -> y`` with seeded Gaussian weights (or the given ``weight``)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal(case.w_shape).astype(np.float32) if weight is None else weight
     initializers = [numpy_helper.from_array(w, "w")]
     inputs = ["x", "w"]
     if case.bias:
-        b = rng.standard_normal(case.channels).astype(np.float32) if bias_value is None else np.full(
-            case.channels, bias_value, np.float32)
+        b = (
+            rng.standard_normal(case.channels).astype(np.float32)
+            if bias_value is None
+            else np.full(case.channels, bias_value, np.float32)
+        )
         initializers.append(numpy_helper.from_array(b, "b"))
         inputs.append("b")
     node = helper.make_node(case.op_type, inputs, ["y"], name=case.name, **case.attrs)
     graph = helper.make_graph(
-        [node], case.name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x_shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers,
+        [node],
+        case.name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -85,7 +119,7 @@ def ort_run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, 
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(names, inputs)))
+    return dict(zip(names, session.run(names, inputs), strict=True))
 
 
 def with_weight(model: onnx.ModelProto, name: str, value: np.ndarray) -> onnx.ModelProto:
@@ -137,3 +171,20 @@ def abs_network_bound(model: onnx.ModelProto, inputs: dict[str, np.ndarray], ter
             init.CopyFrom(numpy_helper.from_array(np.abs(value), init.name))
     (magnitude,) = ort_run(absolute, {name: np.abs(value) for name, value in inputs.items()}).values()
     return 2 * sum(t + 4 for t in terms) * UNIT_ROUNDOFF * magnitude
+
+
+def constant_weight_module(value: np.ndarray):
+    """A Relax module ``main(x) = matmul(x, const(value))``: a MatMul whose weight is a constant."""
+    import tvm
+    from tvm import relax
+    from tvm.script import relax as R
+
+    rows, cols = value.shape
+
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(x: R.Tensor((2, rows), "float32")) -> R.Tensor((2, cols), "float32"):
+            return R.matmul(x, relax.const(value))
+
+    return Module

@@ -26,7 +26,8 @@ def test_demo_reports_layers_that_cannot_take_the_block_size(capsys, monkeypatch
 
 
 def test_bad_option_is_one_line_and_nonzero():
-    result = subprocess.run([sys.executable, "-m", "lpbq_tvm", "demo", "--block-size", "0"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "lpbq_tvm", "demo", "--block-size", "0"], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "lpbq-tvm demo: error: block_size must be positive, got 0"

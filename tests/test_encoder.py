@@ -19,8 +19,13 @@ def test_golden_vectors_bit_exact(golden_case, load_golden):
     """Every array of a golden case is reproduced exactly: integers equal, floats bitwise."""
     meta, expected = load_golden(golden_case)
     encoding = encode_lpbq(
-        expected["weight"], meta["channel_axis"], meta["block_axis"], bitwidth=meta["bitwidth"],
-        decompressed_bw=meta["decompressed_bw"], block_size=meta["block_size"], block_grouping=meta["block_grouping"],
+        expected["weight"],
+        meta["channel_axis"],
+        meta["block_axis"],
+        bitwidth=meta["bitwidth"],
+        decompressed_bw=meta["decompressed_bw"],
+        block_size=meta["block_size"],
+        block_grouping=meta["block_grouping"],
     )
     assert encoding.per_channel_scale.dtype == np.float64
     assert encoding.lpbq_scale.dtype == np.float64
@@ -37,8 +42,13 @@ def test_golden_aimet_entries(golden_case, load_golden):
     """AIMET param entries 1.0.0 and 2.0.0 equal aimet_onnx's, field for field (or its refusal)."""
     meta, expected = load_golden(golden_case)
     encoding = encode_lpbq(
-        expected["weight"], meta["channel_axis"], meta["block_axis"], bitwidth=meta["bitwidth"],
-        decompressed_bw=meta["decompressed_bw"], block_size=meta["block_size"], block_grouping=meta["block_grouping"],
+        expected["weight"],
+        meta["channel_axis"],
+        meta["block_axis"],
+        bitwidth=meta["bitwidth"],
+        decompressed_bw=meta["decompressed_bw"],
+        block_size=meta["block_size"],
+        block_grouping=meta["block_grouping"],
     )
     name = f"{golden_case}.weight"
     assert encoding.aimet_entry(name) == meta["encoding_1.0.0"]
@@ -127,8 +137,9 @@ def test_encoding_properties(problem):
 
     # Broadcast the float32 block scale to the weight layout.
     block_scale = np.repeat(enc.lpbq_scale.astype(np.float32), config.block_size, axis=1)
-    block_scale = np.moveaxis(block_scale.reshape(block_scale.shape + (1,) * (weight.ndim - 2)), (0, 1),
-                              (channel_axis, block_axis))
+    block_scale = np.moveaxis(
+        block_scale.reshape(block_scale.shape + (1,) * (weight.ndim - 2)), (0, 1), (channel_axis, block_axis)
+    )
     block_scale = np.broadcast_to(block_scale, weight.shape)
     np.testing.assert_array_equal(enc.qdq_weight, (q * block_scale).astype(np.float32))
     low = -(1 << (config.bitwidth - 1)) * block_scale.astype(np.float64)
@@ -144,15 +155,21 @@ def test_encoding_properties(problem):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"block_size": 48}, r"conv: weight shape \(8, 64, 3, 3\): input-channel length 64 along block axis 1 "
-                             r"is not divisible by block_size 48"),
+        (
+            {"block_size": 48},
+            r"conv: weight shape \(8, 64, 3, 3\): input-channel length 64 along block axis 1 "
+            r"is not divisible by block_size 48",
+        ),
         ({"block_size": 0}, r"block_size must be positive, got 0"),
         ({"block_size": -4}, r"block_size must be positive, got -4"),
         ({"decompressed_bw": 3}, r"decompressed_bw 3 must lie in bitwidth \(4\) \.\. 16"),
         ({"bitwidth": 1}, r"unsupported bitwidth 1: LPBQ supports 2\.\.8"),
         ({"bitwidth": 9, "decompressed_bw": 16}, r"unsupported bitwidth 9"),
-        ({"block_size": 16, "block_grouping": 3}, r"conv: weight shape \(8, 64, 3, 3\): block_grouping 3 does not "
-                                                  r"divide the 4 blocks of block_size 16 along block axis 1"),
+        (
+            {"block_size": 16, "block_grouping": 3},
+            r"conv: weight shape \(8, 64, 3, 3\): block_grouping 3 does not "
+            r"divide the 4 blocks of block_size 16 along block axis 1",
+        ),
         ({"block_grouping": 0}, r"block_grouping must be -1 .* got 0"),
     ],
 )
@@ -172,9 +189,11 @@ def test_non_finite_weight_rejected(bad):
 
 @pytest.mark.parametrize(
     ("axes", "message"),
-    [((0, 0), r"channel axis and block axis are both 0 for weight shape \(4, 64\)"),
-     ((2, 1), r"channel axis 2 is out of range for a weight of shape \(4, 64\)"),
-     ((0, -3), r"block axis -3 is out of range for a weight of shape \(4, 64\)")],
+    [
+        ((0, 0), r"channel axis and block axis are both 0 for weight shape \(4, 64\)"),
+        ((2, 1), r"channel axis 2 is out of range for a weight of shape \(4, 64\)"),
+        ((0, -3), r"block axis -3 is out of range for a weight of shape \(4, 64\)"),
+    ],
 )
 def test_axis_errors(axes, message):
     with pytest.raises(ValueError, match=message):
@@ -183,8 +202,15 @@ def test_axis_errors(axes, message):
 
 @pytest.mark.parametrize(
     ("op_type", "ndim", "attributes", "axes"),
-    [("Gemm", 2, {"transB": 1}, (0, 1)), ("Gemm", 2, {"transB": 0}, (1, 0)), ("Gemm", 2, {}, (1, 0)),
-     ("MatMul", 2, {}, (1, 0)), ("MatMul", 3, {}, (2, 1)), ("Conv", 4, {"group": 4}, (0, 1)), ("Conv", 3, {}, (0, 1))],
+    [
+        ("Gemm", 2, {"transB": 1}, (0, 1)),
+        ("Gemm", 2, {"transB": 0}, (1, 0)),
+        ("Gemm", 2, {}, (1, 0)),
+        ("MatMul", 2, {}, (1, 0)),
+        ("MatMul", 3, {}, (2, 1)),
+        ("Conv", 4, {"group": 4}, (0, 1)),
+        ("Conv", 3, {}, (0, 1)),
+    ],
 )
 def test_weight_axes(op_type, ndim, attributes, axes):
     assert weight_axes(op_type, ndim, attributes) == axes
@@ -213,4 +239,4 @@ def test_per_channel_scale_refused_with_groups():
     encoding = encode_lpbq(np.ones((2, 128), dtype=np.float32), 0, 1, block_grouping=1)
     assert encoding.float_scale.shape == (2, 2)
     with pytest.raises(ValueError, match="block_grouping 1 gives 2 float scales per channel"):
-        encoding.per_channel_scale
+        _ = encoding.per_channel_scale

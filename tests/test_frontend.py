@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from model_builders import LAYER_CASES, layer_model, ort_run
 from onnx import TensorProto, helper, numpy_helper
@@ -42,10 +41,14 @@ def test_shape_subgraph_and_dynamic_batch_are_prepared():
         helper.make_node("MatMul", ["flat", "w"], ["y"], name="fc"),
     ]
     model = _model(
-        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 16])],
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
-        [numpy_helper.from_array(np.array([0], np.int64), "zero"),
-         numpy_helper.from_array(np.array([-1], np.int64), "minus_one"), numpy_helper.from_array(weight, "w")],
+        [
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+            numpy_helper.from_array(weight, "w"),
+        ],
     )
     for shapes, batch in ((None, 1), ({"x": [3, 4, 16]}, 3)):
         imported = import_onnx(model, shapes)
@@ -58,10 +61,15 @@ def test_shape_subgraph_and_dynamic_batch_are_prepared():
 
 def test_constant_node_weight_becomes_a_parameter():
     weight = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
-    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight)),
-             helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight)),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="fc"),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
     imported = import_onnx(model)
     assert [p.name for p in imported.mod["main"].params] == ["x", "w"]
     assert imported.layers["w"].node_name == "fc"
@@ -85,36 +93,54 @@ def test_unreadable_and_missing_files(tmp_path):
 
 
 def test_checker_failure_is_reported():
-    model = _model([helper.make_node("Relu", ["undefined"], ["y"])],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = _model(
+        [helper.make_node("Relu", ["undefined"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
     with pytest.raises(ModelImportError, match=r"fails the ONNX checker: .*undefined"):
         import_onnx(model)
 
 
 def test_unsupported_ops_are_all_named():
-    nodes = [helper.make_node("Det", ["x"], ["d"], name="det_node"),
-             helper.make_node("Col2Im", ["x3", "shape", "block"], ["c"], name="col2im_node"),
-             helper.make_node("Add", ["d", "d"], ["y"])]
+    nodes = [
+        helper.make_node("Det", ["x"], ["d"], name="det_node"),
+        helper.make_node("Col2Im", ["x3", "shape", "block"], ["c"], name="col2im_node"),
+        helper.make_node("Add", ["d", "d"], ["y"]),
+    ]
     model = _model(
         nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3]),
-         helper.make_tensor_value_info("x3", TensorProto.FLOAT, [1, 4, 9])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, []), helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 1, 4, 4])],
-        [numpy_helper.from_array(np.array([4, 4], np.int64), "shape"),
-         numpy_helper.from_array(np.array([2, 2], np.int64), "block")],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3]),
+            helper.make_tensor_value_info("x3", TensorProto.FLOAT, [1, 4, 9]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 1, 4, 4]),
+        ],
+        [
+            numpy_helper.from_array(np.array([4, 4], np.int64), "shape"),
+            numpy_helper.from_array(np.array([2, 2], np.int64), "block"),
+        ],
         opset=18,
     )
-    with pytest.raises(ModelImportError, match=r"does not support: Col2Im \(nodes: col2im_node\); Det \(nodes: det_node\)"):
+    with pytest.raises(
+        ModelImportError, match=r"does not support: Col2Im \(nodes: col2im_node\); Det \(nodes: det_node\)"
+    ):
         import_onnx(model)
 
 
 def test_dynamic_inner_dimension_needs_an_override():
-    model = _model([helper.make_node("Relu", ["x"], ["y"])],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])])
-    with pytest.raises(ModelImportError, match=r"input 'x' of shape \[None, None\] has dynamic dimension 1"
-                                               r"|input 'x' of shape \['batch', 'seq'\] has dynamic dimension 1 \('seq'\)"):
+    model = _model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])],
+    )
+    with pytest.raises(
+        ModelImportError,
+        match=r"input 'x' of shape \[None, None\] has dynamic dimension 1"
+        r"|input 'x' of shape \['batch', 'seq'\] has dynamic dimension 1 \('seq'\)",
+    ):
         import_onnx(model)
     assert import_onnx(model, {"x": [2, 7]}).inputs[0].shape == (2, 7)
 
@@ -123,5 +149,7 @@ def test_bad_overrides_are_errors():
     model = layer_model(LAYER_CASES[0])
     with pytest.raises(ModelImportError, match=r"input_shapes names unknown input\(s\) z; the model's inputs: x"):
         import_onnx(model, {"z": [1]})
-    with pytest.raises(ModelImportError, match=r"input 'x' has shape \[3, 128\]; the override \[3, 64\] does not match"):
+    with pytest.raises(
+        ModelImportError, match=r"input 'x' has shape \[3, 128\]; the override \[3, 64\] does not match"
+    ):
         import_onnx(model, {"x": [3, 64]})

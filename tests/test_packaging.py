@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_wheel_maps_passes_and_targets_into_the_package(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(ROOT)],
-        check=True, cwd=tmp_path,
+        check=True,
+        cwd=tmp_path,
     )
     (wheel,) = tmp_path.glob("lpbq_tvm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

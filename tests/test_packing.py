@@ -33,8 +33,9 @@ def test_nibble_range_checked():
 
 @settings(max_examples=100, deadline=None)
 @given(
-    layout=st.sampled_from([((32, 128), 0, 1), ((128, 48), 1, 0), ((2, 64, 24), 2, 1), ((16, 32, 3, 3), 0, 1),
-                            ((6, 33, 5), 0, 1)]),
+    layout=st.sampled_from(
+        [((32, 128), 0, 1), ((128, 48), 1, 0), ((2, 64, 24), 2, 1), ((16, 32, 3, 3), 0, 1), ((6, 33, 5), 0, 1)]
+    ),
     block_size=st.sampled_from([1, 3, 16, 32]),
     decompressed_bw=st.integers(4, 8),
     seed=st.integers(0, 2**16),
@@ -74,9 +75,11 @@ def test_bits_per_weight_at_4096():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"bitwidth": 5, "decompressed_bw": 8}, r"packed storage holds bitwidth <= 4 and k <= 16, got bitwidth 5"),
-     ({"decompressed_bw": 9}, r"got bitwidth 4, decompressed_bw 9"),
-     ({"block_grouping": 1}, r"one float scale per channel; block_grouping 1 gives 2")],
+    [
+        ({"bitwidth": 5, "decompressed_bw": 8}, r"packed storage holds bitwidth <= 4 and k <= 16, got bitwidth 5"),
+        ({"decompressed_bw": 9}, r"got bitwidth 4, decompressed_bw 9"),
+        ({"block_grouping": 1}, r"one float scale per channel; block_grouping 1 gives 2"),
+    ],
 )
 def test_unpackable_encodings_refused(kwargs, message):
     enc = encode_lpbq(np.ones((2, 128), dtype=np.float32), 0, 1, **kwargs)

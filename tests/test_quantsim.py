@@ -26,8 +26,9 @@ def example_input():
 @pytest.fixture(scope="module")
 def encoded_sim():
     sim = QuantizationSimModel(build_example_model())
-    set_grouped_blockwise_quantization_for_weights(sim, op_types=("Gemm", "MatMul", "Conv"), bitwidth=4,
-                                                   decompressed_bw=8, block_size=64)
+    set_grouped_blockwise_quantization_for_weights(
+        sim, op_types=("Gemm", "MatMul", "Conv"), bitwidth=4, decompressed_bw=8, block_size=64
+    )
     sim.compute_encodings()
     return sim
 
@@ -51,8 +52,9 @@ def test_compiled_lpbq_model_matches_simulation(encoded_sim, example_input):
     for name, encoding in encoded_sim.encodings.items():
         qdq_model = with_weight(qdq_model, name, encoding.qdq_weight)
     assert_float_close(actual, reference, abs_network_bound(qdq_model, example_input, EXAMPLE_TERMS))
-    expected = sum(packed_nbytes(e.shape, e.channel_axis, e.block_axis, e.block_size)
-                   for e in encoded_sim.encodings.values())
+    expected = sum(
+        packed_nbytes(e.shape, e.channel_axis, e.block_axis, e.block_size) for e in encoded_sim.encodings.values()
+    )
     assert compiled.weight_bytes.lpbq_packed == expected and compiled.weight_bytes.float == 0
     float_output = lpbq_tvm.compile(encoded_sim, mode="fp32").run(example_input)["y"]
     assert not np.allclose(float_output, actual, atol=1e-3)  # the compiled model is really quantized
@@ -76,10 +78,13 @@ def test_bits_per_weight_of_a_4096_wide_layer():
     from onnx import TensorProto, helper
 
     weight = np.random.default_rng(0).standard_normal((4096, 256)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "wide",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
-                              [numpy_helper.from_array(weight, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+        [numpy_helper.from_array(weight, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     sim = QuantizationSimModel(model)
     set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
@@ -105,8 +110,11 @@ def test_later_call_wins_for_its_op_types_and_exclusions_are_reported():
 
 def test_strict_and_non_strict_for_a_layer_that_cannot_take_the_block_size():
     sim = QuantizationSimModel(build_example_model())
-    with pytest.raises(ValueError, match=r"strict LPBQ: fc1: weight shape \(256, 128\): input-channel length 128 "
-                                         r"along block axis 1 is not divisible by block_size 96"):
+    with pytest.raises(
+        ValueError,
+        match=r"strict LPBQ: fc1: weight shape \(256, 128\): input-channel length 128 "
+        r"along block axis 1 is not divisible by block_size 96",
+    ):
         set_grouped_blockwise_quantization_for_weights(sim, op_types=["Gemm"], block_size=96, strict=True)
     set_grouped_blockwise_quantization_for_weights(sim, block_size=96)
     sim.compute_encodings()

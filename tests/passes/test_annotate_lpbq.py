@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from model_builders import DEPTHWISE_CASE, LAYER_CASES, layer_model
+from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
+from model_builders import DEPTHWISE_CASE, LAYER_CASES, constant_weight_module, layer_model
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.script import relax as R
 
 from lpbq_tvm.encoder import LPBQConfig
-from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
 
 EXPECTED_AXES = {"Gemm transB=1": (0, 1), "Gemm transB=0": (1, 0), "MatMul": (1, 0), "Conv": (0, 1)}
 
@@ -46,8 +46,11 @@ def test_depthwise_conv_is_skipped_with_reason():
 
 
 def test_strict_raises_naming_node_shape_axis_and_block_size():
-    with pytest.raises(ValueError, match=r"strict LPBQ: w: weight shape \(32, 128\): input-channel length 128 "
-                                         r"along block axis 1 is not divisible by block_size 48"):
+    with pytest.raises(
+        ValueError,
+        match=r"strict LPBQ: w: weight shape \(32, 128\): input-channel length 128 "
+        r"along block axis 1 is not divisible by block_size 48",
+    ):
         AnnotateLPBQ(LPBQConfig(block_size=48), strict=True)(_import(LAYER_CASES[0]))
 
 
@@ -78,18 +81,15 @@ def test_unknown_op_type_is_an_error():
 
 
 def test_constant_weight_is_annotated_and_keeps_the_constant():
-    weight = relax.const(np.ones((128, 16), np.float32))
-
-    @tvm.script.ir_module
-    class Before:
-        @R.function
-        def main(x: R.Tensor((2, 128), "float32")) -> R.Tensor((2, 16), "float32"):
-            return R.matmul(x, weight)
-
-    annotated = AnnotateLPBQ()(Before)
+    module = constant_weight_module(np.ones((128, 16), np.float32))
+    annotated = AnnotateLPBQ()(module)
     (key,) = _attr(annotated, "lpbq.weights")
     assert key == "constant0"
-    assert annotated["main"].attrs["lpbq.weights"][key]["constant"].same_as(weight)
+    constants = []
+    relax.analysis.post_order_visit(
+        module["main"].body, lambda e: constants.append(e) if isinstance(e, tvm.ir.GenericConst) else None
+    )
+    assert annotated["main"].attrs["lpbq.weights"][key]["constant"].same_as(constants[0])
     assert _attr(annotated, "lpbq.weights")[key]["op_type"] == "MatMul"
 
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from model_builders import LAYER_CASES, layer_model
+from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
+from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
+from model_builders import LAYER_CASES, constant_weight_module, layer_model
 from onnx import numpy_helper
-from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.script import relax as R
 
 from lpbq_tvm.encoder import LPBQConfig, encode_lpbq
-from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
-from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
 
 
 @pytest.mark.parametrize("case", [LAYER_CASES[0], LAYER_CASES[2], LAYER_CASES[7]], ids=lambda c: c.name)
@@ -31,8 +30,12 @@ def test_encodings_equal_the_encoder(case):
     np.testing.assert_array_equal(encoding.int_weight, expected.int_weight)
     np.testing.assert_array_equal(encoding.qdq_weight.view(np.int32), expected.qdq_weight.view(np.int32))
     stored = encoded["main"].attrs["lpbq.encodings"]["w"]
-    assert float(stored["sqnr_db"]) == pytest.approx(10 * np.log10(np.sum(weight.astype(np.float64) ** 2) / np.sum(
-        (weight.astype(np.float64) - expected.qdq_weight) ** 2)))
+    assert float(stored["sqnr_db"]) == pytest.approx(
+        10
+        * np.log10(
+            np.sum(weight.astype(np.float64) ** 2) / np.sum((weight.astype(np.float64) - expected.qdq_weight) ** 2)
+        )
+    )
 
 
 def test_non_finite_weight_names_the_node():
@@ -63,12 +66,6 @@ def test_does_not_apply_without_annotations():
 
 def test_constant_weight_is_encoded():
     value = np.random.default_rng(0).standard_normal((128, 16)).astype(np.float32)
-
-    @tvm.script.ir_module
-    class Before:
-        @R.function
-        def main(x: R.Tensor((2, 128), "float32")) -> R.Tensor((2, 16), "float32"):
-            return R.matmul(x, relax.const(value))
-
+    Before = constant_weight_module(value)
     (encoding,) = read_encodings(EncodeLPBQ()(AnnotateLPBQ()(Before))["main"]).values()
     np.testing.assert_array_equal(encoding.int_weight, encode_lpbq(value, 1, 0).int_weight)

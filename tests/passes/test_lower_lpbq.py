@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
+from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
+from lpbq_tvm.passes.lower_lpbq import LowerLPBQ
 from model_builders import (
     DEPTHWISE_CASE,
     LAYER_CASES,
     assert_float_close,
+    constant_weight_module,
     dot_product_bound,
     layer_model,
     ort_run,
@@ -16,14 +20,10 @@ from model_builders import (
 )
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
-from tvm.script import relax as R
 
 from lpbq_tvm.compiler import build
 from lpbq_tvm.encoder import LPBQConfig
 from lpbq_tvm.packing import packed_nbytes
-from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
-from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
-from lpbq_tvm.passes.lower_lpbq import LowerLPBQ
 
 BLOCK_SIZE = 32
 
@@ -67,8 +67,10 @@ def test_layer_becomes_one_packed_kernel(case):
     assert (q.ty.dtype, k.ty.dtype, s.ty.dtype) == ("uint8", "uint8", "float32")
     length = int(np.prod(case.w_shape)) // case.channels
     assert [int(d) for d in q.ty.shape] == [case.channels, (length + 1) // 2]
-    assert [int(d) for d in k.ty.shape] == [case.channels, (length // int(np.prod(case.w_shape[2:] or [1]))
-                                                             // BLOCK_SIZE + 1) // 2]
+    assert [int(d) for d in k.ty.shape] == [
+        case.channels,
+        (length // int(np.prod(case.w_shape[2:] or [1])) // BLOCK_SIZE + 1) // 2,
+    ]
     assert len(main.attrs["params"]) == len(main.params) - int(main.attrs["num_input"])
     assert int(lowered[kernel].attrs["op_pattern"]) == 8
     assert "lpbq.encodings" not in main.attrs and "w" in main.attrs["lpbq.lowered"]
@@ -87,8 +89,12 @@ def test_kernel_matches_dequantized_reference(case):
     (actual,) = compiled.run({"x": x}).values()
     assert actual.shape == reference.shape
     assert_float_close(actual, reference, dot_product_bound(case, x, qdq))
-    expected_bytes = packed_nbytes(case.w_shape, 0 if case.op_type == "Conv" or case.attrs.get("transB") else 1,
-                                   1 if case.op_type == "Conv" or case.attrs.get("transB") else 0, BLOCK_SIZE)
+    expected_bytes = packed_nbytes(
+        case.w_shape,
+        0 if case.op_type == "Conv" or case.attrs.get("transB") else 1,
+        1 if case.op_type == "Conv" or case.attrs.get("transB") else 0,
+        BLOCK_SIZE,
+    )
     assert compiled.weight_bytes.lpbq_packed == expected_bytes
     assert compiled.weight_bytes.float == (4 * case.channels if case.bias else 0)  # only the fp32 bias
 
@@ -113,18 +119,13 @@ def test_unknown_mode_is_an_error():
 
 def test_constant_weight_becomes_packed_constants():
     value = np.random.default_rng(0).standard_normal((128, 16)).astype(np.float32)
-
-    @tvm.script.ir_module
-    class Before:
-        @R.function
-        def main(x: R.Tensor((2, 128), "float32")) -> R.Tensor((2, 16), "float32"):
-            return R.matmul(x, relax.const(value))
-
+    Before = constant_weight_module(value)
     lowered = _pipeline(Before)
     assert _calls(lowered["main"]) == ["lpbq_dense"]
     constants = []
-    relax.analysis.post_order_visit(lowered["main"].body,
-                                    lambda e: constants.append(e) if isinstance(e, tvm.ir.GenericConst) else None)
+    relax.analysis.post_order_visit(
+        lowered["main"].body, lambda e: constants.append(e) if isinstance(e, tvm.ir.GenericConst) else None
+    )
     assert sorted(str(c.value.dtype) for c in constants) == ["float32", "uint8", "uint8"]
     x = np.random.default_rng(1).standard_normal((2, 128)).astype(np.float32)
     (actual,) = build(lowered).run({"x": x}).values()
