@@ -254,7 +254,10 @@ def import_onnx(
     except Exception as error:  # the importer raises many types; report the first line
         raise ModelImportError(f"TVM's ONNX importer failed: {str(error).strip().splitlines()[-1]}") from error
     layers = {layer.weight_name: layer for layer in find_weight_layers(prepared)}
-    onnx_nodes = {name: {"node": layer.node_name, "op_type": layer.op_type} for name, layer in layers.items()}
+    onnx_nodes = {
+        name: {"node": layer.node_name, "op_type": layer.op_type, "has_bias": layer.has_bias}
+        for name, layer in layers.items()
+    }
     main = mod["main"].with_attr("lpbq.onnx_nodes", onnx_nodes)
     mod.update_func(mod.get_global_var("main"), main)
     return ImportedModel(prepared, mod, inputs, outputs, layers)

@@ -32,6 +32,7 @@ class WeightLayer:
     weight: np.ndarray
     channel_axis: int
     block_axis: int
+    has_bias: bool  # the node adds a bias itself (Gemm C, Conv B)
 
     @property
     def input_channels(self) -> int:
@@ -76,6 +77,7 @@ def find_weight_layers(model: onnx.ModelProto) -> list[WeightLayer]:
                 weight=weight,
                 channel_axis=channel_axis,
                 block_axis=block_axis,
+                has_bias=len(node.input) > 2 and bool(node.input[2]),
             )
         )
     return layers

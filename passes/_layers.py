@@ -17,10 +17,11 @@ from tvm import relax
 from tvm.relax.dpl import is_op, wildcard
 
 # Function attributes, all maps keyed by weight key (a parameter name or "constant<i>").
-ONNX_NODES_ATTR = "lpbq.onnx_nodes"  # {key: {"node", "op_type"}}, written by lpbq_tvm.frontend
+ONNX_NODES_ATTR = "lpbq.onnx_nodes"  # {key: {"node", "op_type", "has_bias"}}, by lpbq_tvm.frontend
 WEIGHTS_ATTR = "lpbq.weights"  # {key: annotation}, written by AnnotateLPBQ
 SKIPPED_ATTR = "lpbq.skipped"  # {key: {"node", "op_type", "reason"}}, written by AnnotateLPBQ
 ENCODINGS_ATTR = "lpbq.encodings"  # {key: {"s", "k", "q"}}, written by EncodeLPBQ
+ACTIVATION_RANGES_ATTR = "lpbq.activation_ranges"  # {key: {"input": [min, max], "output": [...]}}
 PARAMS_ATTR = "params"  # values of the parameters after "num_input", as from_onnx writes them
 
 

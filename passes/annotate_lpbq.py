@@ -25,6 +25,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import tvm
+from tvm import relax
+from tvm.relax.dpl import rewrite_call
+
+from lpbq_tvm.encoder import LPBQConfig, check_lpbq_weight
 from lpbq_tvm.passes._layers import (
     ONNX_NODES_ATTR,
     SKIPPED_ATTR,
@@ -36,10 +40,6 @@ from lpbq_tvm.passes._layers import (
     match_candidate,
     weight_key,
 )
-from tvm import relax
-from tvm.relax.dpl import rewrite_call
-
-from lpbq_tvm.encoder import LPBQConfig, check_lpbq_weight
 
 __all__ = ["AnnotateLPBQ", "SUPPORTED_OP_TYPES"]
 
@@ -119,7 +119,7 @@ class AnnotateLPBQ:
             origin = onnx_nodes.get(key, {})
             node = str(origin.get("node", key))
             op_type = str(origin.get("op_type", candidate.op_type))
-            entry: dict[str, Any] = {"node": node, "op_type": op_type}
+            entry: dict[str, Any] = {**origin, "node": node, "op_type": op_type}
             if isinstance(candidate.weight, tvm.ir.GenericConst):
                 entry["constant"] = candidate.weight
             reason = self._skip_reason(candidate, node, op_type, key in weights or key in skipped)

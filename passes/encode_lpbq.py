@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from lpbq_tvm.passes._layers import ENCODINGS_ATTR, WEIGHTS_ATTR, function_attr, map_relax_functions, weight_value
 from tvm import relax
 
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding, encode_lpbq, sqnr_db
+from lpbq_tvm.passes._layers import ENCODINGS_ATTR, WEIGHTS_ATTR, function_attr, map_relax_functions, weight_value
 
 __all__ = ["EncodeLPBQ", "read_encodings"]
 

@@ -14,7 +14,13 @@ constants. The function records ``"lpbq.lowered"`` (weight key -> node, mode, pa
 names) and drops ``"lpbq.encodings"``: the packed arrays are now the only copy of the weight.
 Layers without an encoding stay fp32.
 
-Modes: ``"weight-only"`` (fp32 activations; ``y = s[c] · Σ x · float(q · k) (+ bias)``).
+Modes (DESIGN.md §3): ``"weight-only"`` (fp32 activations; ``y = s[c] · Σ x · float(q · k)``),
+``"w4a8"`` / ``"w4a16"`` (activation quantized per tensor to uint8 / uint16 from its calibrated
+range in ``"lpbq.activation_ranges"``, integer accumulation in int32 / int64, fp32 epilogue).
+With ``requantize_outputs=True`` (HTP semantics) each integer layer's output is also quantized
+to its own calibrated encoding and dequantized (QDQ); a bias is then fused only where the ONNX
+node itself adds it (``has_bias`` of ``"lpbq.onnx_nodes"``), so requantization sees what the
+ONNX tensor holds.
 
 Run it after EncodeLPBQ, before ``tvm.compile``.
 """
@@ -23,7 +29,14 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+from tvm import relax
+from tvm.relax.dpl import rewrite_call
+
+from lpbq_tvm.calibration import activation_encoding
+from lpbq_tvm.encoder import LPBQEncoding
+from lpbq_tvm.packing import PackedLPBQ, pack
 from lpbq_tvm.passes._layers import (
+    ACTIVATION_RANGES_ATTR,
     ENCODINGS_ATTR,
     PARAMS_ATTR,
     WEIGHTS_ATTR,
@@ -34,17 +47,13 @@ from lpbq_tvm.passes._layers import (
     weight_key,
 )
 from lpbq_tvm.passes.encode_lpbq import read_encodings
-from lpbq_tvm.passes.lpbq_kernels import conv_weight_only, dense_weight_only
-from tvm import relax
-from tvm.relax.dpl import rewrite_call
+from lpbq_tvm.passes.lpbq_kernels import IntegerArithmetic, conv_kernel, dense_kernel
 
-from lpbq_tvm.encoder import LPBQEncoding
-from lpbq_tvm.packing import PackedLPBQ, pack
-
-__all__ = ["LowerLPBQ", "LOWERED_ATTR", "MODES"]
+__all__ = ["LowerLPBQ", "LOWERED_ATTR", "MODES", "attach_activation_ranges"]
 
 LOWERED_ATTR = "lpbq.lowered"
-MODES = ("weight-only",)
+# Lowering mode -> activation bitwidth (None: fp32 activations).
+MODES = {"weight-only": None, "w4a8": 8, "w4a16": 16}
 _PACKED_SUFFIXES = ("lpbq_q", "lpbq_k", "lpbq_s")
 
 
@@ -64,12 +73,27 @@ def _is_channel_bias(bias: relax.Expr, output: relax.Expr, channel_axis: int) ->
     return aligned[channel_axis] in (1, out_dims[channel_axis]) and all(d == 1 for d in others)
 
 
+def attach_activation_ranges(
+    mod: tvm.IRModule, ranges: dict[str, dict[str, tuple[float, float]]], function: str = "main"
+) -> tvm.IRModule:
+    """Record calibrated activation ranges, weight key -> {"input": (min, max), "output": (min, max)}."""
+    values = {
+        key: {where: [float(v) for v in bounds] for where, bounds in entry.items()} for key, entry in ranges.items()
+    }
+    mod = mod.clone()
+    gvar = mod.get_global_var(function)
+    mod.update_func(gvar, mod[gvar].with_attr(ACTIVATION_RANGES_ATTR, values))
+    return mod
+
+
 class _Lowering:
     """The state of lowering one function: its encodings and the packed parameters it gains."""
 
-    def __init__(self, func: relax.Function, mode: str) -> None:
+    def __init__(self, func: relax.Function, mode: str, requantize_outputs: bool) -> None:
         self.func = func
         self.mode = mode
+        self.requantize_outputs = requantize_outputs
+        self.ranges = function_attr(func, ACTIVATION_RANGES_ATTR)
         self.annotations = function_attr(func, WEIGHTS_ATTR)
         self.encodings: dict[str, LPBQEncoding] = read_encodings(func)
         self.packed: dict[str, tuple[PackedLPBQ, list[relax.Expr]]] = {}
@@ -90,6 +114,22 @@ class _Lowering:
             self.packed[key] = (packed, args)
         return self.packed[key][1]
 
+    def integer_arithmetic(self, key: str, node: str) -> IntegerArithmetic | None:
+        """The integer settings of layer ``key`` in this mode (None in weight-only mode)."""
+        bitwidth = MODES[self.mode]
+        if bitwidth is None:
+            return None
+        ranges = self.ranges.get(key)
+        if ranges is None or "input" not in ranges or (self.requantize_outputs and "output" not in ranges):
+            msg = (
+                f"{node}: mode {self.mode} needs the calibrated activation range of this layer's input"
+                f"{' and output' if self.requantize_outputs else ''}; run calibration "
+                "(sim.compute_encodings with a callback) or attach_activation_ranges first"
+            )
+            raise ValueError(msg)
+        output = activation_encoding(*ranges["output"], bitwidth) if self.requantize_outputs else None
+        return IntegerArithmetic(activation_encoding(*ranges["input"], bitwidth), output)
+
     def lower(
         self, bb: relax.BlockBuilder, candidate: Candidate, bias: relax.Expr | None, fallback: relax.Expr
     ) -> relax.Expr:
@@ -97,17 +137,25 @@ class _Lowering:
         key = weight_key(candidate.weight, self.annotations)
         if key not in self.encodings:
             return fallback
+        annotation = self.annotations[key]
+        if bias is not None and self.requantize_outputs and not bool(annotation.get("has_bias", True)):
+            return fallback  # the ONNX node ends before the bias add: requantize before it
         encoding = self.encodings[key]
+        integer = self.integer_arithmetic(key, str(annotation["node"]))
         q, k, s = self.packed_args(key, candidate.weight)
         operands = [candidate.x, q, k, s] + ([bias] if bias is not None else [])
         if candidate.kind == "dense":
             call = bb.call_te(
-                dense_weight_only, *operands, block_size=encoding.block_size, primfunc_name_hint="lpbq_dense"
+                dense_kernel,
+                *operands,
+                block_size=encoding.block_size,
+                integer=integer,
+                primfunc_name_hint="lpbq_dense",
             )
         else:
             attrs = candidate.call.attrs
             call = bb.call_te(
-                conv_weight_only,
+                conv_kernel,
                 *operands,
                 block_size=encoding.block_size,
                 weight_shape=encoding.shape,
@@ -116,6 +164,7 @@ class _Lowering:
                 dilation=[int(v) for v in attrs.dilation],
                 groups=int(attrs.groups),
                 data_layout=str(attrs.data_layout),
+                integer=integer,
                 primfunc_name_hint="lpbq_conv",
             )
         self.kernels.append(call.args[0])
@@ -126,11 +175,15 @@ class _Lowering:
 class LowerLPBQ:
     """Lower encoded LPBQ layers to packed-weight kernels; see the module docstring."""
 
-    def __init__(self, mode: str = "weight-only") -> None:
+    def __init__(self, mode: str = "weight-only", requantize_outputs: bool = False) -> None:
         if mode not in MODES:
             msg = f"unknown LPBQ lowering mode {mode!r}; known: {', '.join(MODES)}"
             raise ValueError(msg)
+        if requantize_outputs and MODES[mode] is None:
+            msg = f"requantize_outputs needs an integer mode (w4a8, w4a16), not {mode!r}"
+            raise ValueError(msg)
         self.mode = mode
+        self.requantize_outputs = requantize_outputs
         self.patterns = LayerPatterns()
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -144,7 +197,7 @@ class LowerLPBQ:
         bb = relax.BlockBuilder(mod.clone())
         kernels = []
         for gvar, func in targets:
-            lowering = _Lowering(func, self.mode)
+            lowering = _Lowering(func, self.mode, self.requantize_outputs)
             bb.update_func(gvar, self._rewrite(bb, func, lowering))
             kernels += lowering.kernels
         lowered = bb.get()
@@ -191,7 +244,12 @@ class LowerLPBQ:
         lowered = {}
         for key, (packed, args) in lowering.packed.items():
             annotation = lowering.annotations[key]
-            lowered[key] = {"node": annotation["node"], "op_type": annotation["op_type"], "mode": lowering.mode}
+            lowered[key] = {
+                "node": annotation["node"],
+                "op_type": annotation["op_type"],
+                "mode": lowering.mode,
+                "requantized": lowering.requantize_outputs,
+            }
             if isinstance(args[0], relax.Var):
                 params += args
                 kept_values += [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (packed.q, packed.k, packed.scale)]

@@ -5,20 +5,40 @@ Every kernel reads the packed storage of :mod:`lpbq_tvm.packing` directly:
 * ``q``  uint8 ``[C, ceil(L/2)]`` — 4-bit two's-complement codes, low nibble first, along the
   canonical row (block axis outermost, then any kernel positions);
 * ``k``  uint8 ``[C, ceil(nb/2)]`` — ``k - 1`` nibbles;
-* ``s``  float32 ``[C]`` — the per-channel float scale.
+* ``s``  float32 ``[C]`` — the per-channel float scale;
 
-and computes (weight-only mode, DESIGN.md §3) ``acc = Σ x · float(q · k)`` followed by the
-epilogue ``y = acc · s[c] (+ bias[c])``. ``q · k`` is the int8 per-channel weight that makes LPBQ
-hardware friendly; it never exists in memory as fp32 outside one kernel invocation.
+and forms the int8 per-channel weight ``q · k`` in-kernel (it never exists in memory outside one
+kernel invocation). Arithmetic (DESIGN.md §3):
+
+* weight-only: ``acc = Σ x · float(q · k)`` in float32, ``y = acc · s[c] (+ bias[c])``;
+* integer (:class:`IntegerArithmetic`, W4A8 / W4A16): ``xq = clamp(round_half_even(x / sx) + zx)``,
+  ``acc = Σ (xq − zx) · (q · k)`` in int32 / int64, ``y = float32(acc) · sx · s[c] (+ bias[c])``,
+  optionally requantized to the output encoding — exactly :mod:`lpbq_tvm.reference`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from tvm import te, topi
+from tvm import te, tirx, topi
 
-__all__ = ["dense_weight_only", "conv_weight_only"]
+from lpbq_tvm.calibration import ActivationEncoding
+
+__all__ = ["IntegerArithmetic", "dense_kernel", "conv_kernel"]
+
+
+@dataclass(frozen=True)
+class IntegerArithmetic:
+    """Integer kernel settings: the input encoding and, for requantized outputs, the output encoding."""
+
+    input_encoding: ActivationEncoding
+    output_encoding: ActivationEncoding | None = None
+
+    @property
+    def accumulator(self) -> str:
+        """int32 for 8-bit activations; int64 for 16-bit (65535 · 128 · K overflows int32 from K = 256)."""
+        return "int32" if self.input_encoding.bitwidth <= 8 else "int64"
 
 
 def _nibble(packed: te.Tensor, row, index):
@@ -33,37 +53,72 @@ def _int_weight(q: te.Tensor, k: te.Tensor, row, index, block):
     return code * (_nibble(k, row, block) + 1)
 
 
-def _epilogue(acc: te.Tensor, s: te.Tensor, bias: te.Tensor | None, channel_axis: int) -> te.Tensor:
-    """``acc · s[c] (+ bias)``; the bias broadcasts numpy-style (it varies along channels only)."""
+def _quantize(value, encoding: ActivationEncoding):
+    """``clamp(round_half_even(value / scale) + zero_point, 0, qmax)`` as float32 (an exact integer)."""
+    code = tirx.nearbyint(value / tirx.const(encoding.scale, "float32")) + tirx.const(encoding.zero_point, "float32")
+    return tirx.max(tirx.min(code, tirx.const(encoding.qmax, "float32")), tirx.const(0, "float32"))
+
+
+def _operand(x: te.Tensor, integer: IntegerArithmetic | None) -> tuple[te.Tensor, str]:
+    """The activation as the kernel multiplies it: x itself, or its centred integer codes ``xq − zx``."""
+    if integer is None:
+        return x, "float32"
+    encoding, dtype = integer.input_encoding, integer.accumulator
+    zero_point = tirx.const(encoding.zero_point, dtype)
+    codes = te.compute(
+        x.shape, lambda *i: _quantize(x(*i), encoding).astype(dtype) - zero_point, name="lpbq_input_codes"
+    )
+    return codes, dtype
+
+
+def _epilogue(
+    acc: te.Tensor, s: te.Tensor, bias: te.Tensor | None, channel_axis: int, integer: IntegerArithmetic | None
+) -> te.Tensor:
+    """``acc · [sx ·] s[c] (+ bias)`` then the optional requantization; the bias broadcasts numpy-style."""
 
     def output(*index):
-        value = acc(*index) * s[index[channel_axis]]
-        if bias is None:
-            return value
-        aligned = index[len(index) - len(bias.shape) :]
-        return value + bias(*[0 if int(extent) == 1 else i for i, extent in zip(aligned, bias.shape, strict=True)])
+        if integer is None:
+            value = acc(*index) * s[index[channel_axis]]
+        else:
+            value = acc(*index).astype("float32") * tirx.const(integer.input_encoding.scale, "float32")
+            value = value * s[index[channel_axis]]
+        if bias is not None:
+            aligned = index[len(index) - len(bias.shape) :]
+            bias_index = [0 if int(extent) == 1 else i for i, extent in zip(aligned, bias.shape, strict=True)]
+            value = value + bias(*bias_index)
+        if integer is not None and integer.output_encoding is not None:
+            encoding = integer.output_encoding
+            code = _quantize(value, encoding) - tirx.const(encoding.zero_point, "float32")
+            value = code * tirx.const(encoding.scale, "float32")
+        return value
 
     return te.compute(acc.shape, output, name="lpbq_out")
 
 
-def dense_weight_only(
-    x: te.Tensor, q: te.Tensor, k: te.Tensor, s: te.Tensor, bias: te.Tensor | None = None, *, block_size: int
+def dense_kernel(
+    x: te.Tensor,
+    q: te.Tensor,
+    k: te.Tensor,
+    s: te.Tensor,
+    bias: te.Tensor | None = None,
+    *,
+    block_size: int,
+    integer: IntegerArithmetic | None = None,
 ) -> te.Tensor:
     """``y[..., n] = s[n] · Σ_i x[..., i] · q[n, i] · k[n, i // B] (+ bias[n])``; x is ``[..., K]``."""
+    operand, dtype = _operand(x, integer)
     reduce_len = x.shape[-1]
-    channels = q.shape[0]
     i = te.reduce_axis((0, reduce_len), name="i")
 
     def accumulate(*index):
         n = index[-1]
-        value = _int_weight(q, k, n, i, i // block_size).astype("float32")
-        return te.sum(x(*index[:-1], i) * value, axis=i)
+        return te.sum(operand(*index[:-1], i) * _int_weight(q, k, n, i, i // block_size).astype(dtype), axis=i)
 
-    acc = te.compute((*x.shape[:-1], channels), accumulate, name="lpbq_acc")
-    return _epilogue(acc, s, bias, len(x.shape) - 1)
+    acc = te.compute((*x.shape[:-1], q.shape[0]), accumulate, name="lpbq_acc")
+    return _epilogue(acc, s, bias, len(x.shape) - 1, integer)
 
 
-def conv_weight_only(
+def conv_kernel(
     x: te.Tensor,
     q: te.Tensor,
     k: te.Tensor,
@@ -77,18 +132,21 @@ def conv_weight_only(
     dilation: Sequence[int],
     groups: int,
     data_layout: str,
+    integer: IntegerArithmetic | None = None,
 ) -> te.Tensor:
-    """Conv (1-D / 2-D, NCW / NCHW, grouped) over ``q · k``, then ``· s[o] (+ bias[o])``.
+    """Conv (1-D / 2-D, NCW / NCHW, grouped) over ``q · k``, then the epilogue.
 
-    The weight ``[O, I/groups, *kernel]`` is expanded from the packed codes inside the kernel.
+    The weight ``[O, I/groups, *kernel]`` is expanded from the packed codes inside the kernel. In
+    integer mode, zero padding of the centred codes is the padding of the real value 0.
     """
+    operand, dtype = _operand(x, integer)
 
     def weight(o, c, *kernel_index):
         flat = c
         for position, extent in zip(kernel_index, weight_shape[2:], strict=True):
             flat = flat * int(extent) + position
-        return _int_weight(q, k, o, flat, c // block_size).astype("float32")
+        return _int_weight(q, k, o, flat, c // block_size).astype(dtype)
 
     expanded = te.compute(tuple(int(d) for d in weight_shape), weight, name="lpbq_weight")
-    acc = topi.nn.conv(x, expanded, strides, padding, dilation, groups, data_layout, "")
-    return _epilogue(acc, s, bias, channel_axis=1)
+    acc = topi.nn.conv(operand, expanded, strides, padding, dilation, groups, data_layout, "", out_dtype=dtype)
+    return _epilogue(acc, s, bias, 1, integer)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
 from model_builders import DEPTHWISE_CASE, LAYER_CASES, constant_weight_module, layer_model
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.script import relax as R
 
 from lpbq_tvm.encoder import LPBQConfig
+from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
 
 EXPECTED_AXES = {"Gemm transB=1": (0, 1), "Gemm transB=0": (1, 0), "MatMul": (1, 0), "Conv": (0, 1)}
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
-from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
 from model_builders import LAYER_CASES, constant_weight_module, layer_model
 from onnx import numpy_helper
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.script import relax as R
 
 from lpbq_tvm.encoder import LPBQConfig, encode_lpbq
+from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
+from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
 
 
 @pytest.mark.parametrize("case", [LAYER_CASES[0], LAYER_CASES[2], LAYER_CASES[7]], ids=lambda c: c.name)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
-from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
-from lpbq_tvm.passes.lower_lpbq import LowerLPBQ
 from model_builders import (
     DEPTHWISE_CASE,
     LAYER_CASES,
@@ -24,6 +21,9 @@ from tvm.relax.frontend.onnx import from_onnx
 from lpbq_tvm.compiler import build
 from lpbq_tvm.encoder import LPBQConfig
 from lpbq_tvm.packing import packed_nbytes
+from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
+from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
+from lpbq_tvm.passes.lower_lpbq import LowerLPBQ
 
 BLOCK_SIZE = 32
 

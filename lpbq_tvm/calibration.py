@@ -1,0 +1,142 @@
+"""Per-tensor activation encodings (uint8 / uint16, asymmetric) from calibration data, as AIMET computes them.
+
+An encoding maps a float ``x`` to an unsigned code and back::
+
+    xq = clamp(round_half_even(x / scale) - offset, 0, 2**bw - 1)      # offset <= 0
+    x ~= (xq + offset) * scale
+
+From an observed range: ``min`` / ``max`` are extended to include 0, ``scale = (max - min) /
+(2**bw - 1)`` (float64, then float32, the precision kernels use), ``offset = round(min / scale)``
+(half to even), so 0 is exactly representable. Observers collect the range over every
+calibration batch: ``"minmax"`` keeps the extremes, ``"percentile"`` takes the
+``100 - p`` / ``p`` percentiles of all values seen (outliers clipped).
+
+Worked example, uint8, observed range [-1, 3]: scale = 4 / 255 = 0.015686275, offset =
+round(-63.75) = -64, so 0.0 -> 64, 3.0 -> 255, -1.0 -> 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ActivationEncoding", "RangeObserver", "activation_encoding", "CALIBRATION_METHODS"]
+
+CALIBRATION_METHODS = ("minmax", "percentile")
+# Smallest range an encoding may span, so that a constant-zero tensor still gets a valid scale.
+_MIN_RANGE = 1e-5
+
+
+@dataclass(frozen=True)
+class ActivationEncoding:
+    """An asymmetric per-tensor encoding: ``bitwidth``, float32 ``scale`` and QNN-style ``offset <= 0``."""
+
+    bitwidth: int
+    scale: float
+    offset: int
+
+    @property
+    def zero_point(self) -> int:
+        return -self.offset
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bitwidth) - 1
+
+    @property
+    def dtype(self) -> str:
+        return "uint8" if self.bitwidth <= 8 else "uint16"
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """``clamp(round_half_even(x / scale) + zero_point, 0, qmax)`` in float32 arithmetic."""
+        codes = np.rint(np.asarray(x, np.float32) / np.float32(self.scale)) + np.float32(self.zero_point)
+        return np.clip(codes, 0, self.qmax).astype(self.dtype)
+
+    def dequantize(self, codes: np.ndarray) -> np.ndarray:
+        return ((codes.astype(np.int32) - self.zero_point).astype(np.float32) * np.float32(self.scale)).astype(
+            np.float32
+        )
+
+    def aimet_entry(self, name: str, version: str = "1.0.0") -> dict[str, Any]:
+        """The AIMET activation-encoding entry (1.0.0: lists of one; 2.0.0: y_scale / y_zero_point)."""
+        if version == "1.0.0":
+            return {
+                "name": name,
+                "dtype": "INT",
+                "enc_type": "PER_TENSOR",
+                "bw": self.bitwidth,
+                "is_sym": False,
+                "scale": [self.scale],
+                "offset": [self.offset],
+            }
+        if version == "2.0.0":
+            entry = {"name": name, "output_dtype": self.dtype, "y_scale": self.scale}
+            if self.zero_point:
+                entry["y_zero_point"] = self.zero_point
+            return entry
+        msg = f"unknown AIMET encoding version {version!r}; known: '1.0.0', '2.0.0'"
+        raise ValueError(msg)
+
+
+def activation_encoding(minimum: float, maximum: float, bitwidth: int) -> ActivationEncoding:
+    """The encoding of an observed range; see the module docstring."""
+    if bitwidth not in (8, 16):
+        msg = f"activation bitwidth must be 8 or 16, got {bitwidth}"
+        raise ValueError(msg)
+    if not (np.isfinite(minimum) and np.isfinite(maximum)):
+        msg = f"activation range [{minimum}, {maximum}] is not finite"
+        raise ValueError(msg)
+    minimum, maximum = min(float(minimum), 0.0), max(float(maximum), 0.0)
+    maximum = max(maximum, minimum + _MIN_RANGE)
+    steps = (1 << bitwidth) - 1
+    scale = float(np.float32((maximum - minimum) / steps))
+    offset = int(np.clip(np.round(minimum / scale), -steps, 0))
+    return ActivationEncoding(bitwidth, scale, offset)
+
+
+class RangeObserver:
+    """Collects the range of one tensor over calibration batches."""
+
+    def __init__(self, method: str = "minmax", percentile: float = 99.99) -> None:
+        if method not in CALIBRATION_METHODS:
+            msg = f"unknown calibration method {method!r}; known: {', '.join(CALIBRATION_METHODS)}"
+            raise ValueError(msg)
+        if not 50.0 < percentile <= 100.0:
+            msg = f"percentile must lie in (50, 100], got {percentile}"
+            raise ValueError(msg)
+        self.method = method
+        self.percentile = percentile
+        self._minimum = np.inf
+        self._maximum = -np.inf
+        self._values: list[np.ndarray] = []
+
+    def update(self, value: np.ndarray) -> None:
+        value = np.asarray(value, dtype=np.float32)
+        if value.size == 0:
+            return
+        if not np.isfinite(value).all():
+            msg = "calibration data produced non-finite activations"
+            raise ValueError(msg)
+        self._minimum = min(self._minimum, float(value.min()))
+        self._maximum = max(self._maximum, float(value.max()))
+        if self.method == "percentile":
+            self._values.append(value.ravel())
+
+    @property
+    def seen(self) -> bool:
+        return self._minimum <= self._maximum
+
+    def range(self) -> tuple[float, float]:
+        if not self.seen:
+            msg = "no calibration data reached this tensor"
+            raise ValueError(msg)
+        if self.method == "minmax":
+            return self._minimum, self._maximum
+        values = np.concatenate(self._values)
+        low, high = np.percentile(values, [100.0 - self.percentile, self.percentile])
+        return float(low), float(high)
+
+    def encoding(self, bitwidth: int) -> ActivationEncoding:
+        return activation_encoding(*self.range(), bitwidth)
