@@ -27,6 +27,8 @@ Run it after EncodeLPBQ, before ``tvm.compile``.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -145,18 +147,14 @@ class _Lowering:
         q, k, s = self.packed_args(key, candidate.weight)
         operands = [candidate.x, q, k, s] + ([bias] if bias is not None else [])
         if candidate.kind == "dense":
-            call = bb.call_te(
-                dense_kernel,
-                *operands,
-                block_size=encoding.block_size,
-                integer=integer,
-                primfunc_name_hint="lpbq_dense",
+            kernel, name = (
+                functools.partial(dense_kernel, block_size=encoding.block_size, integer=integer),
+                "lpbq_dense",
             )
         else:
             attrs = candidate.call.attrs
-            call = bb.call_te(
+            kernel = functools.partial(
                 conv_kernel,
-                *operands,
                 block_size=encoding.block_size,
                 weight_shape=encoding.shape,
                 strides=[int(v) for v in attrs.strides],
@@ -165,8 +163,10 @@ class _Lowering:
                 groups=int(attrs.groups),
                 data_layout=str(attrs.data_layout),
                 integer=integer,
-                primfunc_name_hint="lpbq_conv",
             )
+            name = "lpbq_conv"
+        # Non-tensor settings are bound with partial: call_te would try to convert them to TE.
+        call = bb.call_te(kernel, *operands, primfunc_name_hint=name)
         self.kernels.append(call.args[0])
         return call
 

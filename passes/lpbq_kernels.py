@@ -74,19 +74,30 @@ def _operand(x: te.Tensor, integer: IntegerArithmetic | None) -> tuple[te.Tensor
 def _epilogue(
     acc: te.Tensor, s: te.Tensor, bias: te.Tensor | None, channel_axis: int, integer: IntegerArithmetic | None
 ) -> te.Tensor:
-    """``acc · [sx ·] s[c] (+ bias)`` then the optional requantization; the bias broadcasts numpy-style."""
+    """``acc · [sx ·] s[c]``, then ``+ bias`` and the optional requantization; the bias broadcasts numpy-style.
+
+    The bias add is a stage of its own: with the product in the same expression LLVM would fuse
+    them into one FMA, whose single rounding differs from the reference's two.
+    """
+
+    def scaled(*index):
+        if integer is None:
+            return acc(*index) * s[index[channel_axis]]
+        value = acc(*index).astype("float32") * tirx.const(integer.input_encoding.scale, "float32")
+        return value * s[index[channel_axis]]
+
+    result = te.compute(acc.shape, scaled, name="lpbq_scaled")
+    requantize = integer is not None and integer.output_encoding is not None
+    if bias is None and not requantize:
+        return result
 
     def output(*index):
-        if integer is None:
-            value = acc(*index) * s[index[channel_axis]]
-        else:
-            value = acc(*index).astype("float32") * tirx.const(integer.input_encoding.scale, "float32")
-            value = value * s[index[channel_axis]]
+        value = result(*index)
         if bias is not None:
             aligned = index[len(index) - len(bias.shape) :]
             bias_index = [0 if int(extent) == 1 else i for i, extent in zip(aligned, bias.shape, strict=True)]
             value = value + bias(*bias_index)
-        if integer is not None and integer.output_encoding is not None:
+        if requantize:
             encoding = integer.output_encoding
             code = _quantize(value, encoding) - tirx.const(encoding.zero_point, "float32")
             value = code * tirx.const(encoding.scale, "float32")

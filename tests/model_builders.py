@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 UNIT_ROUNDOFF = 2.0**-24  # float32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: cases are module-level constants
 class LayerCase:
     """One layer: ``y = op(x, w) (+ b)``; ``terms`` is the length of each output's dot product."""
 
