@@ -1,18 +1,30 @@
-"""Compile a Relax module for a target and run it: the object ``lpbq_tvm.compile`` returns.
+"""Compile a Relax module for a target, run it, and package it: the object ``lpbq_tvm.compile`` returns.
 
 ``build(mod, target)`` detaches the weight values from ``main`` (its ``"params"`` attribute),
-compiles with ``tvm.compile`` and wraps the executable in a :class:`CompiledModel` that runs
-on named numpy inputs, reports its weight bytes and exports a shared library.
+compiles with ``tvm.compile`` and wraps the executable in a :class:`CompiledModel` that runs on
+named numpy inputs (when the target runs on this machine), reports its weight bytes and writes a
+deployment bundle::
+
+    bundle/
+      model.so | model.tar   the library (a .tar of objects for cross targets)
+      params.bin             the weight parameters (tvm.runtime.save_param_dict), in call order
+      manifest.json          target, mode, inputs/outputs, parameters, quantization, versions,
+                             and the sha256 of every other file
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tvm
@@ -23,10 +35,13 @@ from lpbq_tvm.frontend import TensorInfo
 from lpbq_tvm.passes.lower_lpbq import LOWERED_ATTR
 from lpbq_tvm.targets import get_target
 
-__all__ = ["CompiledModel", "atomic_write", "build", "compile"]
+__all__ = ["CompiledModel", "atomic_write", "build", "compile", "PARAMS_FILE", "MANIFEST_FILE"]
+
+PARAMS_FILE = "params.bin"
+MANIFEST_FILE = "manifest.json"
 
 
-def atomic_write(path: str | PathLike, write, *, overwrite: bool = False) -> Path:
+def atomic_write(path: str | PathLike, write: Callable[[str], Any], *, overwrite: bool = False) -> Path:
     """Call ``write(tmp_path)`` then rename the file into ``path``; never clobbers unless asked."""
     path = Path(path)
     if path.exists() and not overwrite:
@@ -41,6 +56,32 @@ def atomic_write(path: str | PathLike, write, *, overwrite: bool = False) -> Pat
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_directory(path: str | PathLike, fill: Callable[[Path], Any], *, overwrite: bool = False) -> Path:
+    """Fill a temporary sibling directory, then rename it to ``path``: a failure leaves nothing behind."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        fill(staging)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -66,6 +107,7 @@ class CompiledModel:
         inputs: Sequence[TensorInfo],
         outputs: Sequence[TensorInfo],
         target: str,
+        mode: str,
         lowered: Mapping[str, Mapping],
     ) -> None:
         self.executable = executable
@@ -74,9 +116,9 @@ class CompiledModel:
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.target = target
+        self.mode = mode
         self.lowered = dict(lowered)
-        self._device = get_target(target).device()
-        self._vm = relax.VirtualMachine(executable, self._device)
+        self._vm: relax.VirtualMachine | None = None
 
     @property
     def weight_bytes(self) -> WeightBytes:
@@ -87,6 +129,18 @@ class CompiledModel:
         }
         packed = sum(size for name, size in sizes.items() if name in packed_names)
         return WeightBytes(lpbq_packed=packed, float=sum(sizes.values()) - packed)
+
+    def _machine(self) -> relax.VirtualMachine:
+        if self._vm is None:
+            device = get_target(self.target).device()
+            if device is None:
+                msg = (
+                    f"this model was built for target {self.target!r}, which does not run on this machine; "
+                    "write it with export_bundle() and run it on the device"
+                )
+                raise RuntimeError(msg)
+            self._vm = relax.VirtualMachine(self.executable, device)
+        return self._vm
 
     def _input_tensors(self, inputs: Mapping[str, np.ndarray]) -> list[tvm.runtime.Tensor]:
         expected = {info.name: info for info in self.inputs}
@@ -108,18 +162,63 @@ class CompiledModel:
                 )
                 raise ValueError(msg)
             # tvm.runtime.tensor copies into an aligned buffer; raw numpy buffers may be misaligned.
-            tensors.append(tvm.runtime.tensor(np.ascontiguousarray(value), device=self._device))
+            tensors.append(tvm.runtime.tensor(np.ascontiguousarray(value)))
         return tensors
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name (dtypes and shapes must match ``inputs``)."""
-        result = self._vm["main"](*self._input_tensors(inputs), *self.params)
+        vm = self._machine()
+        result = vm["main"](*self._input_tensors(inputs), *self.params)
         values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return {info.name: value.numpy() for info, value in zip(self.outputs, values, strict=True)}
 
     def export_library(self, path: str | PathLike, *, overwrite: bool = False) -> Path:
-        """Write the executable as a shared library (weights are not inside; see ``params``)."""
+        """Write the executable as a library (``.so``, or ``.tar`` of objects); weights are not inside."""
         return atomic_write(path, self.executable.export_library, overwrite=overwrite)
+
+    def manifest(self) -> dict[str, Any]:
+        """What a bundle's manifest.json holds, without the file hashes."""
+        versions = {name: metadata.version(name) for name in ("lpbq-tvm", "apache-tvm", "onnx", "numpy")}
+        return {
+            "target": self.target,
+            "tvm_target": json.loads(str(get_target(self.target).tvm_target())),
+            "mode": self.mode,
+            "inputs": [asdict(info) for info in self.inputs],
+            "outputs": [asdict(info) for info in self.outputs],
+            "params": [
+                {"name": name, "shape": [int(d) for d in param.shape], "dtype": str(param.dtype)}
+                for name, param in zip(self.param_names, self.params, strict=True)
+            ],
+            "quantization": {key: _plain(entry) for key, entry in self.lowered.items()},
+            "weight_bytes": asdict(self.weight_bytes),
+            "versions": versions,
+        }
+
+    def export_bundle(self, directory: str | PathLike, *, overwrite: bool = False) -> Path:
+        """Write library, parameters and manifest into ``directory`` (see the module docstring)."""
+        library_name = get_target(self.target).LIBRARY_NAME
+
+        def fill(staging: Path) -> None:
+            self.executable.export_library(str(staging / library_name))
+            params = {name: param for name, param in zip(self.param_names, self.params, strict=True)}
+            (staging / PARAMS_FILE).write_bytes(tvm.runtime.save_param_dict(params))
+            manifest = self.manifest()
+            manifest["library"] = library_name
+            manifest["files"] = {name: _sha256(staging / name) for name in (library_name, PARAMS_FILE)}
+            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+        return atomic_directory(directory, fill, overwrite=overwrite)
+
+
+def _plain(value: Any) -> Any:
+    """TVM containers (Map, Array, String) as plain JSON-able Python values."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) or hasattr(value, "__iter__"):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 def build(
@@ -127,11 +226,12 @@ def build(
     target: str = "cpu",
     inputs: Sequence[TensorInfo] | None = None,
     outputs: Sequence[TensorInfo] | None = None,
+    mode: str = "fp32",
 ) -> CompiledModel:
     """Compile ``mod["main"]`` for ``target``; input/output infos default to the function's own."""
     main = mod["main"]
     num_input = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
-    lowered = {str(k): v for k, v in main.attrs[LOWERED_ATTR].items()} if LOWERED_ATTR in (main.attrs or {}) else {}
+    lowered = _plain(main.attrs[LOWERED_ATTR]) if LOWERED_ATTR in (main.attrs or {}) else {}
     if inputs is None:
         inputs = [
             TensorInfo(p.name, tuple(int(d) for d in p.ty.shape), str(p.ty.dtype)) for p in main.params[:num_input]
@@ -144,23 +244,33 @@ def build(
     detached, params = detach_params(mod)
     param_names = [p.name for p in main.params[num_input:]]
     executable = tvm.compile(detached, target=get_target(target).tvm_target())
-    return CompiledModel(executable, list(params.get("main", [])), param_names, inputs, outputs, target, lowered)
+    return CompiledModel(executable, list(params.get("main", [])), param_names, inputs, outputs, target, mode, lowered)
 
 
 def compile(sim, target: str = "cpu", mode: str = "weight-only") -> CompiledModel:  # noqa: A001 - public API name
     """Compile a :class:`~lpbq_tvm.quantsim.QuantizationSimModel` for ``target``.
 
-    ``mode="weight-only"`` lowers every LPBQ layer to a 4-bit packed-weight kernel (fp32
-    activations); ``mode="fp32"`` compiles the unquantized model, for comparisons. Weights are
-    encoded first if ``sim.compute_encodings`` has not run.
+    Modes: ``"weight-only"`` (fp32 activations, 4-bit packed-weight kernels), ``"w4a8"`` /
+    ``"w4a16"`` (integer kernels; need calibrated activation ranges from
+    ``sim.compute_encodings(callback, args)``) and ``"fp32"`` (the unquantized model, for
+    comparisons). Targets: see :mod:`lpbq_tvm.targets` (``"cpu"``, ``"aarch64"``, ``"htp-sim"``).
+    Weights are encoded first if ``sim.compute_encodings`` has not run.
     """
-    from lpbq_tvm.passes.lower_lpbq import MODES, LowerLPBQ
+    from lpbq_tvm.passes.lower_lpbq import LowerLPBQ
 
+    target_module = get_target(target)
     if mode == "fp32":
-        return build(sim.float_module, target, sim.inputs, sim.outputs)
-    if mode not in MODES:
-        msg = f"unknown compile mode {mode!r}; known: {', '.join(MODES + ('fp32',))}"
+        return build(sim.float_module, target, sim.inputs, sim.outputs, mode)
+    if mode not in target_module.MODES:
+        msg = f"target {target!r} builds modes {', '.join(target_module.MODES)} (and fp32), not {mode!r}"
         raise ValueError(msg)
     if not sim.has_encodings:
         sim.compute_encodings()
-    return build(LowerLPBQ(mode)(sim.encoded_module), target, sim.inputs, sim.outputs)
+    if mode != "weight-only" and not sim.is_calibrated:
+        msg = (
+            f"mode {mode} quantizes activations and needs their ranges: run "
+            "sim.compute_encodings(callback, args) with a callback that feeds calibration data through sim.run"
+        )
+        raise ValueError(msg)
+    lowered = LowerLPBQ(mode, requantize_outputs=target_module.REQUANTIZE_OUTPUTS)(sim.encoded_module)
+    return build(lowered, target, sim.inputs, sim.outputs, mode)

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from lpbq_tvm.calibration import ActivationEncoding, RangeObserver, activation_encoding
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding
 from lpbq_tvm.frontend import ImportedModel, import_onnx
 from lpbq_tvm.packing import bits_per_weight
@@ -59,12 +60,27 @@ class QuantizationSimModel:
     """An ONNX model prepared for LPBQ; see the module docstring."""
 
     def __init__(
-        self, model: str | PathLike | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+        self,
+        model: str | PathLike | onnx.ModelProto,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        *,
+        quant_scheme: str = "minmax",
+        percentile: float = 99.99,
+        default_activation_bw: int = 8,
     ) -> None:
+        """``quant_scheme`` ("minmax" or "percentile") chooses how activation ranges are calibrated;
+        ``default_activation_bw`` (8 or 16) is the activation width of the exported encodings."""
+        RangeObserver(quant_scheme, percentile)  # validates both
+        activation_encoding(0.0, 1.0, default_activation_bw)  # validates the width
         self._imported: ImportedModel = import_onnx(model, input_shapes)
         self._annotated = self._imported.mod
         self._encoded = None
         self._session = None
+        self._observers: dict[str, RangeObserver] | None = None
+        self._activation_ranges: dict[str, tuple[float, float]] = {}
+        self.quant_scheme = quant_scheme
+        self.percentile = percentile
+        self.default_activation_bw = default_activation_bw
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -116,6 +132,7 @@ class QuantizationSimModel:
         self._annotated = AnnotateLPBQ(config, op_types, excluded_nodes, strict)(self._annotated)
         self._encoded = None
         self._session = None
+        self._activation_ranges = {}
 
     def compute_encodings(
         self, forward_pass_callback: Callable | None = None, forward_pass_callback_args: Any = None
@@ -125,6 +142,7 @@ class QuantizationSimModel:
 
         self._encoded = EncodeLPBQ()(self._annotated)
         self._session = None
+        self._activation_ranges = {}
         skipped = [row for row in self.report() if row.status == "skipped"]
         if skipped:
             logger.warning(
@@ -133,8 +151,45 @@ class QuantizationSimModel:
                 len(self._imported.layers),
                 "; ".join(f"{row.node}: {row.reason}" for row in skipped),
             )
-        if forward_pass_callback is not None:
+        if forward_pass_callback is None:
+            return
+        tensors = {tensor for pair in self._layer_tensors().values() for tensor in pair}
+        self._observers = {name: RangeObserver(self.quant_scheme, self.percentile) for name in sorted(tensors)}
+        self._session = None
+        try:
             forward_pass_callback(self, forward_pass_callback_args)
+            self._activation_ranges = {name: observer.range() for name, observer in self._observers.items()}
+        except ValueError as error:
+            msg = f"calibration failed: {error}"
+            raise ValueError(msg) from error
+        finally:
+            self._observers = None
+            self._session = None
+        from lpbq_tvm.passes.lower_lpbq import attach_activation_ranges
+
+        ranges = {
+            key: {where: self._activation_ranges[tensor] for where, tensor in (("input", inp), ("output", out))}
+            for key, (inp, out) in self._layer_tensors().items()
+        }
+        self._encoded = attach_activation_ranges(self._encoded, ranges)
+
+    def _layer_tensors(self) -> dict[str, tuple[str, str]]:
+        """Input and output tensor names of every LPBQ layer, by weight name."""
+        nodes = {node.input[1]: node for node in self.model.graph.node if len(node.input) > 1}
+        return {name: (nodes[name].input[0], nodes[name].output[0]) for name in self.encodings}
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(self._activation_ranges)
+
+    @property
+    def activation_encodings(self) -> dict[str, ActivationEncoding]:
+        """Calibrated encodings (``default_activation_bw``) of the LPBQ layers' inputs and outputs."""
+        self._require_encodings()
+        return {
+            name: activation_encoding(*bounds, self.default_activation_bw)
+            for name, bounds in self._activation_ranges.items()
+        }
 
     def _require_encodings(self) -> None:
         if self._encoded is None:
@@ -195,6 +250,11 @@ class QuantizationSimModel:
             for init in model.graph.initializer:
                 if init.name in encodings:
                     init.CopyFrom(numpy_helper.from_array(encodings[init.name].qdq_weight, init.name))
+            if self._observers is not None:  # calibrating: also return the observed activations
+                existing = {output.name for output in model.graph.output}
+                model.graph.output.extend(
+                    onnx.ValueInfoProto(name=name) for name in self._observers if name not in existing
+                )
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.log_severity_level = 3  # errors only
@@ -202,18 +262,26 @@ class QuantizationSimModel:
         return self._session
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Quantization-simulated outputs: the fp32 model with LPBQ-dequantized weights."""
+        """Quantization-simulated outputs: the fp32 model with LPBQ-dequantized weights.
+
+        During ``compute_encodings``' callback it also records the activation ranges.
+        """
         session = self._simulation_session()
         names = [output.name for output in session.get_outputs()]
-        return dict(zip(names, session.run(names, dict(inputs)), strict=True))
+        results = dict(zip(names, session.run(names, dict(inputs)), strict=True))
+        if self._observers is not None:
+            for name, observer in self._observers.items():
+                observer.update(results[name])
+        return {info.name: results[info.name] for info in self.outputs}
 
     def aimet_encodings(self) -> dict[str, Any]:
         """The AIMET encodings file (version 1.0.0) of the LPBQ weights."""
         entries = [encoding.aimet_entry(name) for name, encoding in self.encodings.items()]
         excluded = [row.node for row in self.report() if row.status == "skipped"]
+        activations = [encoding.aimet_entry(name) for name, encoding in self.activation_encodings.items()]
         return {
             "version": "1.0.0",
-            "activation_encodings": [],
+            "activation_encodings": activations,
             "param_encodings": entries,
             "excluded_layers": excluded,
             "quantizer_args": {"dtype": "int", "is_symmetric": True, "per_channel_quantization": True},

@@ -1,18 +1,20 @@
 """Compilation targets of lpbq_tvm, installed as ``lpbq_tvm.targets``: one module per target.
 
-Each target module has ``NAME``, ``tvm_target()`` (the ``tvm.target.Target`` to compile for) and
-``device()`` (where its artifacts run in this process).
+Each target module has ``NAME``, ``MODES`` (the lowering modes it builds), ``REQUANTIZE_OUTPUTS``
+(whether LPBQ layer outputs are requantized, HTP style), ``LIBRARY_NAME`` (the library file of a
+bundle), ``tvm_target()`` (the ``tvm.target.Target`` to compile for) and ``device()`` (where its
+artifacts run in this process, or None).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from lpbq_tvm.targets import cpu
+from lpbq_tvm.targets import aarch64, cpu, htp_sim
 
 __all__ = ["TARGETS", "get_target"]
 
-TARGETS: dict[str, ModuleType] = {module.NAME: module for module in (cpu,)}
+TARGETS: dict[str, ModuleType] = {module.NAME: module for module in (cpu, aarch64, htp_sim)}
 
 
 def get_target(name: str) -> ModuleType:

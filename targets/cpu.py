@@ -2,8 +2,8 @@
 
 The target carries the detected ``mcpu`` (e.g. ``znver4``) so LLVM may use every vector extension
 of the host, and ``num-cores`` for TVM's thread pool. TVM runs one thread unless the
-``TVM_NUM_THREADS`` environment variable says otherwise. Kernels use the default lowering of
-their tensor expressions (scheduled kernels are a later step).
+``TVM_NUM_THREADS`` environment variable says otherwise. Every lowering mode runs here; the
+artifact is a shared library (``export_library`` links it with the host compiler).
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import os
 import tvm
 
 NAME = "cpu"
+MODES = ("weight-only", "w4a8", "w4a16")
+REQUANTIZE_OUTPUTS = False
+LIBRARY_NAME = "model.so"
 
 
 def tvm_target() -> tvm.target.Target:
@@ -22,5 +25,6 @@ def tvm_target() -> tvm.target.Target:
     )
 
 
-def device() -> tvm.runtime.Device:
+def device() -> tvm.runtime.Device | None:
+    """Where artifacts of this target run in this process (None: they do not run here)."""
     return tvm.cpu()
