@@ -6,16 +6,20 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress
 from rich.table import Table
 
 import lpbq_tvm
 from lpbq_tvm.encoder import LPBQConfig
 from lpbq_tvm.examples import build_example_model
+from lpbq_tvm.passes.lower_lpbq import MODES
 from lpbq_tvm.quantsim import LayerReport, QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+from lpbq_tvm.targets import TARGETS
 
 _DEMO_EPILOG = """\
 example:
@@ -97,6 +101,98 @@ def _run_demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+_COMPILE_EPILOG = """\
+examples:
+  lpbq-tvm compile model.onnx -o build/                          # host CPU, weight-only, block size 64
+  lpbq-tvm compile model.onnx --target aarch64 --mode w4a8 --calib calib.npz -o bundle/
+  lpbq-tvm compile model.onnx --target htp-sim --mode w4a16 --calib calib.npz \\
+      --input-shape x=1,3,224,224 --exclude Conv.2 -o htp/ --force
+
+--calib takes an .npz with one array per model input, named like the input; its first axis
+indexes calibration batches (an array of exactly the input's shape is one batch).
+The output directory holds the library, params.bin and manifest.json.
+"""
+
+
+def _input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for spec in specs:
+        name, _, dims = spec.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            msg = f"--input-shape {spec!r} is not NAME=D1,D2,... (e.g. x=1,3,224,224)"
+            raise ValueError(msg) from None
+        if not name or any(d <= 0 for d in shapes[name]):
+            msg = f"--input-shape {spec!r} is not NAME=D1,D2,... with positive sizes"
+            raise ValueError(msg)
+    return shapes
+
+
+def _calibration_batches(path: str, sim: QuantizationSimModel) -> list[dict[str, np.ndarray]]:
+    """Calibration batches from an .npz holding one array per model input (see --help)."""
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    names = [info.name for info in sim.inputs]
+    if sorted(arrays) != sorted(names):
+        msg = f"{path}: holds arrays {', '.join(sorted(arrays)) or '(none)'}; the model's inputs are {', '.join(names)}"
+        raise ValueError(msg)
+    batches = []
+    for info in sim.inputs:
+        array = arrays[info.name]
+        if array.shape == info.shape:
+            array = array[None]
+        if array.shape[1:] != info.shape:
+            msg = (
+                f"{path}: '{info.name}' has shape {list(array.shape)}; expected [N, {', '.join(map(str, info.shape))}]"
+            )
+            raise ValueError(msg)
+        batches.append(array.astype(info.dtype, copy=False))
+    return [dict(zip(names, values, strict=True)) for values in zip(*batches, strict=True)]
+
+
+def _run_compile(args: argparse.Namespace, console: Console) -> int:
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise FileExistsError(f"{output} exists; pass --force to replace it")
+    config = LPBQConfig(args.bitwidth, args.decompressed_bw, args.block_size)
+    with console.status(f"importing {args.model}"):
+        sim = QuantizationSimModel(args.model, _input_shapes(args.input_shape))
+    set_grouped_blockwise_quantization_for_weights(
+        sim,
+        op_types=args.op_types,
+        bitwidth=config.bitwidth,
+        decompressed_bw=config.decompressed_bw,
+        block_size=config.block_size,
+        strict=args.strict,
+        excluded_nodes=args.exclude,
+    )
+    if args.mode in ("w4a8", "w4a16") and not args.calib:
+        raise ValueError(f"mode {args.mode} quantizes activations: give calibration data with --calib FILE.npz")
+    batches = _calibration_batches(args.calib, sim) if args.calib else None
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("encoding and calibrating", total=len(batches) if batches else None)
+
+        def calibrate(sim_: QuantizationSimModel, data: list[dict[str, np.ndarray]]) -> None:
+            for batch in data:
+                sim_.run(batch)
+                progress.advance(task)
+
+        sim.compute_encodings(calibrate if batches else None, batches)
+    console.print(
+        _layer_table(sim.report(), f"{Path(args.model).name}: LPBQ W{config.bitwidth} block {config.block_size}")
+    )
+    with console.status(f"compiling for {args.target} ({args.mode})"):
+        compiled = lpbq_tvm.compile(sim, target=args.target, mode=args.mode)
+        bundle = compiled.export_bundle(output, overwrite=args.force)
+    weights = compiled.weight_bytes
+    console.print(
+        f"wrote {bundle}/ ({', '.join(sorted(p.name for p in bundle.iterdir()))}): target {args.target}, "
+        f"mode {args.mode}, weights {weights.total / 1024:.1f} KiB ({weights.lpbq_packed / 1024:.1f} KiB LPBQ packed)"
+    )
+    return 0
+
+
 def _add_lpbq_options(parser: argparse.ArgumentParser) -> None:
     defaults = LPBQConfig()
     parser.add_argument(
@@ -128,6 +224,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_lpbq_options(demo)
     demo.set_defaults(handler=_run_demo)
+
+    compile_ = commands.add_parser(
+        "compile",
+        help="quantize an ONNX model with LPBQ and build a deployment bundle for a target",
+        epilog=_COMPILE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compile_.add_argument("model", help="the ONNX model file")
+    compile_.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    compile_.add_argument(
+        "--target", default="cpu", choices=sorted(TARGETS), help="where it runs (default %(default)s)"
+    )
+    compile_.add_argument(
+        "--mode", default="weight-only", choices=list(MODES), help="kernel arithmetic (default %(default)s)"
+    )
+    compile_.add_argument("--calib", help="calibration data (.npz), needed by w4a8 / w4a16")
+    compile_.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="pin an input's shape (repeatable); a dynamic batch dimension defaults to 1",
+    )
+    compile_.add_argument(
+        "--op-types",
+        nargs="+",
+        default=["Gemm", "MatMul", "Conv"],
+        metavar="OP",
+        help="op types to quantize (default: Gemm MatMul Conv)",
+    )
+    compile_.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in fp32")
+    compile_.add_argument("--strict", action="store_true", help="fail on a layer that cannot take the block size")
+    compile_.add_argument("--force", action="store_true", help="replace an existing output directory")
+    _add_lpbq_options(compile_)
+    compile_.set_defaults(handler=_run_compile)
     return parser
 
 

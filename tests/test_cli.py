@@ -31,3 +31,41 @@ def test_bad_option_is_one_line_and_nonzero():
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "lpbq-tvm demo: error: block_size must be positive, got 0"
+
+
+def _example_files(tmp_path):
+    import numpy as np
+    import onnx
+
+    from lpbq_tvm.examples import build_example_model
+
+    model = tmp_path / "example.onnx"
+    onnx.save(build_example_model(), model)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((3, 1, 64, 8, 8)).astype(np.float32))
+    return model, calib
+
+
+def test_compile_writes_an_aarch64_bundle(tmp_path, capsys):
+    model, calib = _example_files(tmp_path)
+    out = tmp_path / "bundle"
+    args = ["compile", str(model), "--target", "aarch64", "--mode", "w4a8", "--calib", str(calib), "-o", str(out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.tar", "params.bin"]
+    assert "target aarch64, mode w4a8" in capsys.readouterr().out
+    assert main(args) == 2  # exists
+    assert "exists; pass --force to replace it" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+
+
+def test_failed_compile_leaves_no_output(tmp_path, capsys):
+    model, calib = _example_files(tmp_path)
+    out = tmp_path / "bundle"
+    assert main(["compile", str(model), "--mode", "w4a16", "-o", str(out)]) == 2
+    assert "give calibration data with --calib" in capsys.readouterr().err
+    assert main(["compile", str(model), "--block-size", "96", "--strict", "-o", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "strict LPBQ: " in error and "is not divisible by block_size 96" in error
+    assert main(["compile", str(tmp_path / "missing.onnx"), "-o", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "example.onnx"]  # no bundle, no staging

@@ -1,0 +1,92 @@
+"""Deployment bundles: aarch64 objects, manifests, no overwrite, nothing half-written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+import lpbq_tvm
+from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+from lpbq_tvm.compiler import MANIFEST_FILE, PARAMS_FILE
+from lpbq_tvm.examples import build_example_model
+
+EM_AARCH64, EM_X86_64 = 183, 62
+
+
+@pytest.fixture(scope="module")
+def sim():
+    sim = QuantizationSimModel(build_example_model())
+    set_grouped_blockwise_quantization_for_weights(sim)
+    data = [np.random.default_rng(seed).standard_normal((1, 64, 8, 8)).astype(np.float32) for seed in range(2)]
+    sim.compute_encodings(lambda s, batches: [s.run({"x": x}) for x in batches], data)
+    return sim
+
+
+def _elf_machine(blob: bytes) -> int:
+    assert blob[:4] == b"\x7fELF"
+    return int.from_bytes(blob[18:20], "little")
+
+
+def test_aarch64_bundle_holds_aarch64_objects_and_a_complete_manifest(sim, tmp_path):
+    compiled = lpbq_tvm.compile(sim, target="aarch64", mode="w4a8")
+    bundle = compiled.export_bundle(tmp_path / "bundle")
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([MANIFEST_FILE, PARAMS_FILE, "model.tar"])
+    with tarfile.open(bundle / "model.tar") as archive:
+        objects = [m for m in archive.getmembers() if m.name.endswith(".o")]
+        assert objects
+        assert {_elf_machine(archive.extractfile(m).read()) for m in objects} == {EM_AARCH64}
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    assert manifest["target"] == "aarch64" and manifest["mode"] == "w4a8"
+    assert manifest["tvm_target"]["mtriple"] == "aarch64-linux-gnu"
+    assert manifest["inputs"] == [{"name": "x", "shape": [1, 64, 8, 8], "dtype": "float32"}]
+    assert manifest["outputs"] == [{"name": "y", "shape": [1, 64], "dtype": "float32"}]
+    assert {p["name"] for p in manifest["params"]} == set(compiled.param_names)
+    assert set(manifest["quantization"]) == {"conv.weight", "fc1.weight", "fc2.weight"}
+    assert set(manifest["versions"]) == {"lpbq-tvm", "apache-tvm", "onnx", "numpy"}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == digest
+    with pytest.raises(RuntimeError, match="built for target 'aarch64', which does not run on this machine"):
+        compiled.run({"x": np.zeros((1, 64, 8, 8), np.float32)})
+
+
+def test_host_bundle_loads_and_runs_like_the_compiled_model(sim, tmp_path):
+    compiled = lpbq_tvm.compile(sim, target="cpu", mode="w4a8")
+    bundle = compiled.export_bundle(tmp_path / "host")
+    library = bundle / "model.so"
+    assert _elf_machine(library.read_bytes()) == EM_X86_64
+    params = tvm.runtime.load_param_dict((bundle / PARAMS_FILE).read_bytes())
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    x = np.random.default_rng(5).standard_normal((1, 64, 8, 8)).astype(np.float32)
+    output = vm["main"](tvm.runtime.tensor(x), *[params[p["name"]] for p in manifest["params"]]).numpy()
+    np.testing.assert_array_equal(output, compiled.run({"x": x})["y"])
+
+
+def test_existing_bundle_is_not_overwritten(sim, tmp_path):
+    compiled = lpbq_tvm.compile(sim, target="aarch64", mode="weight-only")
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        compiled.export_bundle(target)
+    assert (target / "keep.txt").read_text() == "user data"
+    compiled.export_bundle(target, overwrite=True)
+    assert not (target / "keep.txt").exists()
+
+
+def test_failed_bundle_leaves_nothing(sim, tmp_path, monkeypatch):
+    compiled = lpbq_tvm.compile(sim, target="aarch64", mode="weight-only")
+
+    def broken_export(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(compiled.executable, "export_library", broken_export, raising=False)
+    with pytest.raises(OSError, match="disk full"):
+        compiled.export_bundle(tmp_path / "bundle")
+    assert list(tmp_path.iterdir()) == []
