@@ -54,6 +54,7 @@ class LayerReport:
     sqnr_db: float | None = None
     bits_per_weight: float | None = None
     k_histogram: tuple[int, ...] = ()  # counts of k = 1 .. 2**(dbw - bw)
+    dead_channels: int = 0  # all-zero output channels (they get the minimum scale, as in AIMET)
 
 
 class QuantizationSimModel:
@@ -77,6 +78,7 @@ class QuantizationSimModel:
         self._encoded = None
         self._session = None
         self._observers: dict[str, RangeObserver] | None = None
+        self._pre_bias_observers: dict[str, RangeObserver] = {}
         self._activation_ranges: dict[str, tuple[float, float]] = {}
         self.quant_scheme = quant_scheme
         self.percentile = percentile
@@ -155,23 +157,52 @@ class QuantizationSimModel:
             return
         tensors = {tensor for pair in self._layer_tensors().values() for tensor in pair}
         self._observers = {name: RangeObserver(self.quant_scheme, self.percentile) for name in sorted(tensors)}
+        pre_bias = self._pre_bias_tensors()
+        self._pre_bias_observers = {key: RangeObserver(self.quant_scheme, self.percentile) for key in pre_bias}
         self._session = None
         try:
             forward_pass_callback(self, forward_pass_callback_args)
             self._activation_ranges = {name: observer.range() for name, observer in self._observers.items()}
+            pre_bias_ranges = {key: observer.range() for key, observer in self._pre_bias_observers.items()}
         except ValueError as error:
             msg = f"calibration failed: {error}"
             raise ValueError(msg) from error
         finally:
             self._observers = None
+            self._pre_bias_observers = {}
             self._session = None
         from lpbq_tvm.passes.lower_lpbq import attach_activation_ranges
 
         ranges = {
-            key: {where: self._activation_ranges[tensor] for where, tensor in (("input", inp), ("output", out))}
+            key: {"input": self._activation_ranges[inp], "output": self._activation_ranges[out]}
             for key, (inp, out) in self._layer_tensors().items()
         }
+        for key, bounds in pre_bias_ranges.items():
+            ranges[key]["pre_bias"] = bounds
         self._encoded = attach_activation_ranges(self._encoded, ranges)
+
+    def _pre_bias_tensors(self) -> dict[str, tuple[str, np.ndarray]]:
+        """Gemm layers with a bias: weight name -> (output tensor, bias). Exports write them as
+        MatMul -> Q/DQ -> Add(bias), so the product before the bias needs its own range."""
+        from lpbq_tvm.exports._onnx_graph import bias_array
+
+        result = {}
+        for node in self.model.graph.node:
+            if node.op_type == "Gemm" and node.input[1] in self.encodings:
+                bias = bias_array(self.model, node)
+                if bias is not None:
+                    result[node.input[1]] = (node.output[0], bias)
+        return result
+
+    def layer_activation_encodings(self, bitwidth: int) -> dict[str, dict[str, ActivationEncoding]]:
+        """Per LPBQ layer (weight name): its ``input``, ``output`` and (Gemm with bias) ``pre_bias`` encodings."""
+        from lpbq_tvm.passes._layers import ACTIVATION_RANGES_ATTR, function_attr
+
+        ranges = function_attr(self.encoded_module["main"], ACTIVATION_RANGES_ATTR)
+        return {
+            str(key): {str(where): activation_encoding(*bounds, bitwidth) for where, bounds in entry.items()}
+            for key, entry in ranges.items()
+        }
 
     def _layer_tensors(self) -> dict[str, tuple[str, str]]:
         """Input and output tensor names of every LPBQ layer, by weight name."""
@@ -218,10 +249,14 @@ class QuantizationSimModel:
                 histogram = np.bincount(
                     encoding.per_block_int_scale.ravel(), minlength=encoding.config.max_int_scale + 1
                 )
+                dead = np.moveaxis(layer.weight, layer.channel_axis, 0).reshape(
+                    layer.weight.shape[layer.channel_axis], -1
+                )
                 rows.append(
                     LayerReport(
                         **base,
                         status="lpbq",
+                        dead_channels=int((~dead.any(axis=1)).sum()),
                         block_size=encoding.block_size,
                         sqnr_db=float(stored[name]["sqnr_db"]),
                         bits_per_weight=bits_per_weight(encoding),
@@ -272,27 +307,30 @@ class QuantizationSimModel:
         if self._observers is not None:
             for name, observer in self._observers.items():
                 observer.update(results[name])
+            for key, (output, bias) in self._pre_bias_tensors().items():
+                self._pre_bias_observers[key].update(results[output] - bias)
         return {info.name: results[info.name] for info in self.outputs}
 
-    def aimet_encodings(self) -> dict[str, Any]:
-        """The AIMET encodings file (version 1.0.0) of the LPBQ weights."""
-        entries = [encoding.aimet_entry(name) for name, encoding in self.encodings.items()]
-        excluded = [row.node for row in self.report() if row.status == "skipped"]
-        activations = [encoding.aimet_entry(name) for name, encoding in self.activation_encodings.items()]
-        return {
-            "version": "1.0.0",
-            "activation_encodings": activations,
-            "param_encodings": entries,
-            "excluded_layers": excluded,
-            "quantizer_args": {"dtype": "int", "is_symmetric": True, "per_channel_quantization": True},
-        }
+    def aimet_encodings(self, version: str = "1.0.0") -> dict[str, Any]:
+        """The AIMET encodings file: LPBQ weights, int8 per-channel weights for the layers that
+        did not take LPBQ, and the calibrated activations (see :mod:`lpbq_tvm.exports.aimet_json`)."""
+        from lpbq_tvm.exports.aimet_json import encodings_file
 
-    def export(self, path: str | PathLike, filename_prefix: str, *, overwrite: bool = False) -> tuple[Path, Path]:
-        """Write ``<prefix>.onnx`` (the prepared fp32 model) and ``<prefix>.encodings`` (AIMET JSON)."""
+        fallback = {
+            row.weight: (self._imported.layers[row.weight].weight, self._imported.layers[row.weight].channel_axis)
+            for row in self.report()
+            if row.status == "skipped"
+        }
+        return encodings_file(self.encodings, fallback, self.activation_encodings, [], version)
+
+    def export(
+        self, path: str | PathLike, filename_prefix: str, *, version: str = "1.0.0", overwrite: bool = False
+    ) -> tuple[Path, Path]:
+        """Write ``<prefix>.onnx`` (the prepared fp32 model) and ``<prefix>.encodings`` (AIMET JSON ``version``)."""
         from lpbq_tvm.compiler import atomic_write
 
         directory = Path(path)
-        encodings_text = json.dumps(self.aimet_encodings(), indent=2)
+        encodings_text = json.dumps(self.aimet_encodings(version), indent=2)
         onnx_path = atomic_write(
             directory / f"{filename_prefix}.onnx", lambda tmp: onnx.save(self.model, tmp), overwrite=overwrite
         )

@@ -53,12 +53,16 @@ def epilogue(
     bias: np.ndarray | None,
     channel_axis: int,
     output_encoding: ActivationEncoding | None = None,
+    pre_bias_encoding: ActivationEncoding | None = None,
 ) -> np.ndarray:
-    """``float32(acc) · sx · s[c] (+ bias[c])``, then the optional output requantization."""
+    """``float32(acc) · sx · s[c] (+ bias[c])``, then the optional output requantization
+    (with ``pre_bias_encoding``, the product is requantized before the bias add too)."""
     shape = [1] * acc.ndim
     shape[channel_axis] = -1
     y = acc.astype(np.float32) * np.float32(input_encoding.scale)
     y = y * s.astype(np.float32).reshape(shape)
+    if output_encoding is not None and pre_bias_encoding is not None:
+        y = pre_bias_encoding.dequantize(pre_bias_encoding.quantize(y))
     if bias is not None:
         y = y + bias.astype(np.float32).reshape(shape)
     if output_encoding is not None:
@@ -73,11 +77,12 @@ def dense_int(
     input_encoding: ActivationEncoding,
     bias: np.ndarray | None = None,
     output_encoding: ActivationEncoding | None = None,
+    pre_bias_encoding: ActivationEncoding | None = None,
 ) -> np.ndarray:
     """``x [..., K]`` times the int weight ``[N, K]`` (rows = output channels) in integer arithmetic."""
     codes = _centered_codes(x, input_encoding)
     acc = _check_fits(codes @ weight.astype(np.int64).T, accumulator_dtype(input_encoding))
-    return epilogue(acc, input_encoding, s, bias, -1, output_encoding)
+    return epilogue(acc, input_encoding, s, bias, -1, output_encoding, pre_bias_encoding)
 
 
 def conv_int(

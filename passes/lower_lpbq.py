@@ -20,7 +20,8 @@ range in ``"lpbq.activation_ranges"``, integer accumulation in int32 / int64, fp
 With ``requantize_outputs=True`` (HTP semantics) each integer layer's output is also quantized
 to its own calibrated encoding and dequantized (QDQ); a bias is then fused only where the ONNX
 node itself adds it (``has_bias`` of ``"lpbq.onnx_nodes"``), so requantization sees what the
-ONNX tensor holds.
+ONNX tensor holds, and a Gemm's product is first requantized to its ``"pre_bias"`` range, as in
+the QNN export's ``MatMul -> Q -> DQ -> Add(bias) -> Q -> DQ``.
 
 Run it after EncodeLPBQ, before ``tvm.compile``.
 """
@@ -129,8 +130,18 @@ class _Lowering:
                 "(sim.compute_encodings with a callback) or attach_activation_ranges first"
             )
             raise ValueError(msg)
-        output = activation_encoding(*ranges["output"], bitwidth) if self.requantize_outputs else None
-        return IntegerArithmetic(activation_encoding(*ranges["input"], bitwidth), output)
+        if not self.requantize_outputs:
+            return IntegerArithmetic(activation_encoding(*ranges["input"], bitwidth))
+        annotation = self.annotations[key]
+        pre_bias = None
+        if str(annotation.get("op_type")) == "Gemm" and bool(annotation.get("has_bias", True)):
+            if "pre_bias" not in ranges:
+                msg = f"{node}: requantizing a Gemm with bias needs the calibrated range before the bias add"
+                raise ValueError(msg)
+            pre_bias = activation_encoding(*ranges["pre_bias"], bitwidth)
+        return IntegerArithmetic(
+            activation_encoding(*ranges["input"], bitwidth), activation_encoding(*ranges["output"], bitwidth), pre_bias
+        )
 
     def lower(
         self, bb: relax.BlockBuilder, candidate: Candidate, bias: relax.Expr | None, fallback: relax.Expr

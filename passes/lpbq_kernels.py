@@ -13,7 +13,8 @@ kernel invocation). Arithmetic (DESIGN.md §3):
 * weight-only: ``acc = Σ x · float(q · k)`` in float32, ``y = acc · s[c] (+ bias[c])``;
 * integer (:class:`IntegerArithmetic`, W4A8 / W4A16): ``xq = clamp(round_half_even(x / sx) + zx)``,
   ``acc = Σ (xq − zx) · (q · k)`` in int32 / int64, ``y = float32(acc) · sx · s[c] (+ bias[c])``,
-  optionally requantized to the output encoding — exactly :mod:`lpbq_tvm.reference`.
+  optionally requantized to the output encoding (and, for a MatMul + Add bias, first to the
+  pre-bias encoding) — exactly :mod:`lpbq_tvm.reference`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class IntegerArithmetic:
 
     input_encoding: ActivationEncoding
     output_encoding: ActivationEncoding | None = None
+    pre_bias_encoding: ActivationEncoding | None = None  # requantize before the bias add too (QNN MatMul + Add)
 
     @property
     def accumulator(self) -> str:
@@ -57,6 +59,12 @@ def _quantize(value, encoding: ActivationEncoding):
     """``clamp(round_half_even(value / scale) + zero_point, 0, qmax)`` as float32 (an exact integer)."""
     code = tirx.nearbyint(value / tirx.const(encoding.scale, "float32")) + tirx.const(encoding.zero_point, "float32")
     return tirx.max(tirx.min(code, tirx.const(encoding.qmax, "float32")), tirx.const(0, "float32"))
+
+
+def _fake_quantize(value, encoding: ActivationEncoding):
+    """Quantize, then dequantize: ``(code - zero_point) · scale`` (QDQ)."""
+    code = _quantize(value, encoding) - tirx.const(encoding.zero_point, "float32")
+    return code * tirx.const(encoding.scale, "float32")
 
 
 def _operand(x: te.Tensor, integer: IntegerArithmetic | None) -> tuple[te.Tensor, str]:
@@ -93,14 +101,14 @@ def _epilogue(
 
     def output(*index):
         value = result(*index)
+        if requantize and integer.pre_bias_encoding is not None:
+            value = _fake_quantize(value, integer.pre_bias_encoding)
         if bias is not None:
             aligned = index[len(index) - len(bias.shape) :]
             bias_index = [0 if int(extent) == 1 else i for i, extent in zip(aligned, bias.shape, strict=True)]
             value = value + bias(*bias_index)
         if requantize:
-            encoding = integer.output_encoding
-            code = _quantize(value, encoding) - tirx.const(encoding.zero_point, "float32")
-            value = code * tirx.const(encoding.scale, "float32")
+            value = _fake_quantize(value, integer.output_encoding)
         return value
 
     return te.compute(acc.shape, output, name="lpbq_out")

@@ -16,6 +16,7 @@ from lpbq_tvm import reference
 from lpbq_tvm.calibration import activation_encoding
 from lpbq_tvm.compiler import build
 from lpbq_tvm.encoder import LPBQConfig
+from lpbq_tvm.frontend import import_onnx
 from lpbq_tvm.packing import pack, unpack
 from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
 from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
@@ -24,6 +25,7 @@ from lpbq_tvm.passes.lower_lpbq import LowerLPBQ, attach_activation_ranges
 BLOCK_SIZE = 32
 INPUT_RANGE = (-1.5, 2.0)  # narrower than the N(0, 1) inputs: codes saturate at 0 and 2**bw - 1
 OUTPUT_RANGE = (-20.0, 25.0)
+PRE_BIAS_RANGE = (-18.0, 21.0)
 
 
 def _extreme_weight(case: LayerCase, seed: int) -> np.ndarray:
@@ -46,9 +48,11 @@ def _extreme_weight(case: LayerCase, seed: int) -> np.ndarray:
 @functools.cache
 def _compiled(case: LayerCase, mode: str, requantize: bool):
     model = layer_model(case, seed=5, weight=_extreme_weight(case, 5))
-    mod = EncodeLPBQ()(AnnotateLPBQ(LPBQConfig(block_size=BLOCK_SIZE))(from_onnx(model, keep_params_in_input=True)))
+    imported = import_onnx(model).mod  # with the ONNX node table: op type and whether the node adds the bias
+    mod = EncodeLPBQ()(AnnotateLPBQ(LPBQConfig(block_size=BLOCK_SIZE))(imported))
     encoding = read_encodings(mod["main"])["w"]
-    mod = attach_activation_ranges(mod, {"w": {"input": INPUT_RANGE, "output": OUTPUT_RANGE}})
+    ranges = {"input": INPUT_RANGE, "output": OUTPUT_RANGE, "pre_bias": PRE_BIAS_RANGE}
+    mod = attach_activation_ranges(mod, {"w": ranges})
     compiled = build(LowerLPBQ(mode, requantize_outputs=requantize)(mod))
     bias = next((numpy_helper.to_array(i) for i in model.graph.initializer if i.name == "b"), None)
     return compiled, encoding, bias
@@ -58,6 +62,10 @@ def _reference(case, encoding, bias, x, mode, requantize):
     bits = 8 if mode == "w4a8" else 16
     input_encoding = activation_encoding(*INPUT_RANGE, bits)
     output_encoding = activation_encoding(*OUTPUT_RANGE, bits) if requantize else None
+    # A Gemm's bias add is its own ONNX-level step: requantized before it too (QNN MatMul -> Q/DQ -> Add).
+    pre_bias = (
+        activation_encoding(*PRE_BIAS_RANGE, bits) if requantize and case.op_type == "Gemm" and case.bias else None
+    )
     q, k, s = unpack(pack(encoding))
     weight = reference.int_weight(q, k, q.shape[1] // k.shape[1])
     if case.op_type == "Conv":
@@ -76,7 +84,7 @@ def _reference(case, encoding, bias, x, mode, requantize):
             dilation=attrs.get("dilations", [1] * spatial),
             groups=attrs.get("group", 1),
         )
-    return reference.dense_int(x, weight, s, input_encoding, bias, output_encoding)
+    return reference.dense_int(x, weight, s, input_encoding, bias, output_encoding, pre_bias)
 
 
 @st.composite

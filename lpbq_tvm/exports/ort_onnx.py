@@ -1,0 +1,83 @@
+"""ONNX for onnxruntime CPU: LPBQ weights as blocked INT4 ``DequantizeLinear`` feeding the layer (opset 21).
+
+Per LPBQ MatMul / Gemm (Gemm is written as MatMul + Add)::
+
+    q: INT4 [K, N]   scale: FLOAT [nb, N] = float32(k · s)
+    DequantizeLinear(q, scale, axis=0, block_size=B) -> MatMul(x, ·) [-> Add(·, bias)]
+
+which onnxruntime fuses into its MatMulNBits kernel (block sizes that are powers of two >= 16;
+``session.qdq_matmulnbits_accuracy_level=0`` keeps fp32 arithmetic). Per LPBQ Conv, the exact
+int8 per-channel form: ``DequantizeLinear(q·k: INT8, s: FLOAT [O], axis=0) -> Conv``.
+Activations stay float: the model computes the weight-only simulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lpbq_tvm.encoder import LPBQEncoding
+from lpbq_tvm.exports._onnx_graph import gemm_attributes, int4_tensor, kn_codes, rewrite_layers, upgrade
+
+__all__ = ["export_ort_onnx"]
+
+
+def _rewrite(node: onnx.NodeProto, encoding: LPBQEncoding, inits: list) -> list[onnx.NodeProto]:
+    weight = node.input[1]
+    if node.op_type == "Conv":
+        q_times_k = encoding.int_weight.astype(np.int32) * np.repeat(
+            encoding.per_block_int_scale, encoding.block_size, axis=1
+        ).reshape(
+            encoding.num_channels, encoding.block_size * encoding.num_blocks, *([1] * (encoding.int_weight.ndim - 2))
+        )
+        inits += [
+            numpy_helper.from_array(q_times_k.astype(np.int8), f"{weight}.int8"),
+            numpy_helper.from_array(encoding.per_channel_scale.astype(np.float32), f"{weight}.scale"),
+        ]
+        dequantize = helper.make_node(
+            "DequantizeLinear",
+            [f"{weight}.int8", f"{weight}.scale"],
+            [f"{weight}.dq"],
+            name=f"{node.name}/weight_dq",
+            axis=0,
+        )
+        conv = onnx.NodeProto()
+        conv.CopyFrom(node)
+        conv.input[1] = f"{weight}.dq"
+        return [dequantize, conv]
+    bias = None
+    if node.op_type == "Gemm":
+        gemm_attributes(node)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    q, _ = kn_codes(encoding)
+    scale = encoding.lpbq_scale.T.astype(np.float32)
+    inits += [int4_tensor(f"{weight}.int4", q), numpy_helper.from_array(scale, f"{weight}.block_scale")]
+    nodes = [
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{weight}.int4", f"{weight}.block_scale"],
+            [f"{weight}.dq"],
+            name=f"{node.name}/weight_dq",
+            axis=0,
+            block_size=encoding.block_size,
+        ),
+    ]
+    matmul_out = f"{node.output[0]}/matmul" if bias else node.output[0]
+    nodes.append(helper.make_node("MatMul", [node.input[0], f"{weight}.dq"], [matmul_out], name=f"{node.name}/matmul"))
+    if bias:
+        nodes.append(helper.make_node("Add", [matmul_out, bias], [node.output[0]], name=f"{node.name}/bias"))
+    return nodes
+
+
+def export_ort_onnx(model: onnx.ModelProto, encodings: Mapping[str, LPBQEncoding]) -> onnx.ModelProto:
+    """The model with every LPBQ weight as blocked INT4 (MatMul / Gemm) or int8 per channel (Conv)."""
+    for name, encoding in encodings.items():
+        if encoding.float_scale.shape[1] != 1 or encoding.bitwidth != 4:
+            msg = f"{name}: the onnxruntime export needs 4-bit codes and one float scale per channel"
+            raise ValueError(msg)
+    exported = rewrite_layers(upgrade(model), encodings, _rewrite)
+    onnx.checker.check_model(exported, full_check=True)
+    return exported

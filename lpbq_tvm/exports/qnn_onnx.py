@@ -1,0 +1,165 @@
+"""ONNX for Qualcomm's QNN execution provider: the LPBQ QDQ pattern with quantized activations (opset 21).
+
+Per LPBQ MatMul / Gemm (DESIGN.md §5; Gemm is written as MatMul + Add, since the QNN Gemm fusion
+drops biases and misreads transB=0)::
+
+    k: UINT8 [nb, N] (1..16)   s: FLOAT [N]   zk: UINT8 [N] = 0
+    scale = DequantizeLinear(k, s, zk, axis=1)                                   # FLOAT [nb, N]
+    w     = DequantizeLinear(q: INT4 [K, N], scale, zq: INT4 [nb, N] = 0, axis=0, block_size=B)
+    x -> Q -> DQ -> MatMul(·, w) -> Q -> DQ [-> Add(·, DQ(bias: INT32, sx·s, axis=0)) -> Q -> DQ]
+
+Per LPBQ Conv, its exact int8 per-channel equivalent (the runtime has no LPBQ conv fusion):
+``w = DequantizeLinear(q·k: INT8, s, 0, axis=0)``, bias as INT32 with scale ``sx·s``,
+``x -> Q -> DQ -> Conv -> Q -> DQ``. Activations use uint8 or uint16 per-tensor encodings from
+calibration (``input``, ``output`` and, for a Gemm with bias, ``pre_bias`` of each layer).
+This is what the ``htp-sim`` target computes in integers; onnxruntime CPU runs it in float on
+the dequantized values, within one output LSB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.encoder import LPBQEncoding
+from lpbq_tvm.exports._onnx_graph import bias_array, gemm_attributes, int4_tensor, kn_codes, rewrite_layers, upgrade
+
+__all__ = ["export_qnn_onnx"]
+
+
+class _QDQBuilder:
+    """Emits Q -> DQ pairs, one per (tensor, encoding), and the constants they need."""
+
+    def __init__(self, inits: list) -> None:
+        self.inits = inits
+
+    def qdq(
+        self, tensor: str, encoding: ActivationEncoding, prefix: str, output: str | None = None
+    ) -> tuple[list, str]:
+        """``tensor -> Q -> DQ``; names start with ``prefix`` (unique per layer and role)."""
+        dtype = np.uint8 if encoding.bitwidth <= 8 else np.uint16
+        scale, zero = f"{prefix}/scale", f"{prefix}/zero_point"
+        self.inits += [
+            numpy_helper.from_array(np.array(encoding.scale, np.float32), scale),
+            numpy_helper.from_array(np.array(encoding.zero_point, dtype), zero),
+        ]
+        output = output or f"{prefix}/dq"
+        nodes = [
+            helper.make_node("QuantizeLinear", [tensor, scale, zero], [f"{prefix}/q"], name=f"{prefix}/quantize"),
+            helper.make_node("DequantizeLinear", [f"{prefix}/q", scale, zero], [output], name=f"{prefix}/dequantize"),
+        ]
+        return nodes, output
+
+
+def _bias_dq(name: str, bias: np.ndarray, scale: np.ndarray, inits: list, node_name: str) -> tuple[list, str]:
+    """The bias as INT32 with per-channel scale ``sx · s`` (the accumulator's grid), dequantized."""
+    scale = scale.astype(np.float32)
+    codes = np.clip(np.rint(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    inits += [numpy_helper.from_array(codes, f"{name}.int32"), numpy_helper.from_array(scale, f"{name}.int32_scale")]
+    node = helper.make_node(
+        "DequantizeLinear",
+        [f"{name}.int32", f"{name}.int32_scale"],
+        [f"{name}.dq"],
+        name=f"{node_name}/bias_dq",
+        axis=0,
+    )
+    return [node], f"{name}.dq"
+
+
+def export_qnn_onnx(
+    model: onnx.ModelProto,
+    encodings: Mapping[str, LPBQEncoding],
+    activations: Mapping[str, Mapping[str, ActivationEncoding]],
+) -> onnx.ModelProto:
+    """``activations``: weight name -> {"input", "output"[, "pre_bias"]} encodings of that layer."""
+    for name, encoding in encodings.items():
+        if encoding.bitwidth != 4 or encoding.decompressed_bw != 8 or encoding.float_scale.shape[1] != 1:
+            msg = f"{name}: the QNN LPBQ pattern needs bitwidth 4, decompressed_bw 8 and one float scale per channel"
+            raise ValueError(msg)
+        if name not in activations:
+            msg = f"{name}: no calibrated activation encodings; run sim.compute_encodings(callback, args) first"
+            raise ValueError(msg)
+    source = upgrade(model)
+
+    def rewrite(node: onnx.NodeProto, encoding: LPBQEncoding, inits: list) -> list[onnx.NodeProto]:
+        weight = node.input[1]
+        encs = activations[weight]
+        builder = _QDQBuilder(inits)
+        nodes, x = builder.qdq(node.input[0], encs["input"], f"{node.name}/input")
+        bias = bias_array(source, node)
+        sx_s = np.float32(encs["input"].scale) * encoding.per_channel_scale.astype(np.float32)
+        s = encoding.per_channel_scale.astype(np.float32)
+        if node.op_type == "Conv":
+            expanded = np.repeat(encoding.per_block_int_scale, encoding.block_size, axis=1)
+            q_times_k = encoding.int_weight * expanded.reshape(expanded.shape + (1,) * (encoding.int_weight.ndim - 2))
+            inits += [
+                numpy_helper.from_array(q_times_k.astype(np.int8), f"{weight}.int8"),
+                numpy_helper.from_array(s, f"{weight}.scale"),
+                numpy_helper.from_array(np.zeros(s.size, np.int8), f"{weight}.zero_point"),
+            ]
+            nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{weight}.int8", f"{weight}.scale", f"{weight}.zero_point"],
+                    [f"{weight}.dq"],
+                    name=f"{node.name}/weight_dq",
+                    axis=0,
+                )
+            )
+            conv = onnx.NodeProto()
+            conv.CopyFrom(node)
+            conv.input[0], conv.input[1] = x, f"{weight}.dq"
+            if bias is not None:
+                bias_nodes, bias_name = _bias_dq(node.input[2], bias, sx_s, inits, node.name)
+                nodes += bias_nodes
+                conv.input[2] = bias_name
+            conv.output[0] = f"{node.output[0]}/float"
+            out_nodes, _ = builder.qdq(conv.output[0], encs["output"], f"{node.name}/output", node.output[0])
+            return [*nodes, conv, *out_nodes]
+        if node.op_type == "Gemm":
+            gemm_attributes(node)
+        q, k = kn_codes(encoding)
+        channels, blocks = encoding.num_channels, encoding.num_blocks
+        inits += [
+            numpy_helper.from_array(k.astype(np.uint8), f"{weight}.k"),
+            numpy_helper.from_array(s, f"{weight}.scale"),
+            numpy_helper.from_array(np.zeros(channels, np.uint8), f"{weight}.k_zero_point"),
+            int4_tensor(f"{weight}.int4", q),
+            int4_tensor(f"{weight}.int4_zero_point", np.zeros((blocks, channels), np.int8)),
+        ]
+        nodes += [
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{weight}.k", f"{weight}.scale", f"{weight}.k_zero_point"],
+                [f"{weight}.block_scale"],
+                name=f"{node.name}/scale_dq",
+                axis=1,
+            ),
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{weight}.int4", f"{weight}.block_scale", f"{weight}.int4_zero_point"],
+                [f"{weight}.dq"],
+                name=f"{node.name}/weight_dq",
+                axis=0,
+                block_size=encoding.block_size,
+            ),
+            helper.make_node("MatMul", [x, f"{weight}.dq"], [f"{node.output[0]}/matmul"], name=f"{node.name}/matmul"),
+        ]
+        if bias is None:
+            out_nodes, _ = builder.qdq(
+                f"{node.output[0]}/matmul", encs["output"], f"{node.name}/output", node.output[0]
+            )
+            return nodes + out_nodes
+        pre_nodes, pre = builder.qdq(f"{node.output[0]}/matmul", encs["pre_bias"], f"{node.name}/pre_bias")
+        bias_nodes, bias_name = _bias_dq(node.input[2], bias, sx_s, inits, node.name)
+        add = helper.make_node("Add", [pre, bias_name], [f"{node.output[0]}/add"], name=f"{node.name}/bias")
+        out_nodes, _ = builder.qdq(f"{node.output[0]}/add", encs["output"], f"{node.name}/output", node.output[0])
+        return nodes + pre_nodes + bias_nodes + [add] + out_nodes
+
+    exported = rewrite_layers(source, encodings, rewrite)
+    onnx.checker.check_model(exported, full_check=True)
+    return exported
