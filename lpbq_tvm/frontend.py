@@ -8,8 +8,9 @@ Graph preparation, in order (each step names the node or input it rejects):
 3. ONNX shape inference and constant folding (``onnxscript.optimizer.fold_constants``, which keeps
    node and weight names), so that shape sub-graphs such as ``Shape -> Slice -> Concat`` feeding a
    ``Reshape`` become constants the importer can read;
-4. every ``Constant`` node and every initializer that is not the float weight of a Gemm / MatMul /
-   Conv becomes a ``Constant`` with a tensor value; the weights stay initializers, so
+4. ``DequantizeLinear`` of constants (a quantized export, e.g. INT4 weights) is folded into float
+   constants; every ``Constant`` node and every initializer that is not the float weight of a
+   Gemm / MatMul / Conv becomes a ``Constant`` with a tensor value; the weights stay initializers, so
    ``from_onnx(keep_params_in_input=True)`` lifts exactly them to parameters (lifting int64 shape
    tensors as parameters breaks compilation);
 5. ``tvm.relax.frontend.onnx.from_onnx``. ONNX node names do not survive the import; the
@@ -157,26 +158,62 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
     return tensor
 
 
+def _dequantize(value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int, block_size: int):
+    """ONNX DequantizeLinear (per tensor, per axis or blocked along ``axis``) in numpy."""
+    zero_point = np.zeros_like(scale, dtype=np.int32) if zero_point is None else zero_point.astype(np.int32)
+    if scale.ndim and block_size:
+        scale = np.repeat(scale, block_size, axis=axis)
+        zero_point = np.repeat(zero_point, block_size, axis=axis)
+    elif scale.ndim:
+        shape = [1] * value.ndim
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return ((value.astype(np.int32) - zero_point) * scale).astype(np.float32)
+
+
+def _fold_constant_dequantize(graph: onnx.GraphProto, tensors: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """Replace DequantizeLinear of constants (e.g. INT4 weights of an exported model) by float constants.
+
+    TVM's importer rejects blocked DequantizeLinear; folded, a quantized model imports like a float one.
+    Returns the remaining nodes; folded values are added to ``tensors``.
+    """
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and all(name in tensors for name in node.input if name):
+            values = [numpy_helper.to_array(tensors[name]) if name else None for name in node.input]
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            value = _dequantize(
+                values[0],
+                values[1].astype(np.float32),
+                values[2] if len(values) > 2 else None,
+                attributes.get("axis", 1) % max(values[0].ndim, 1),
+                attributes.get("block_size", 0),
+            )
+            tensors[node.output[0]] = numpy_helper.from_array(value, node.output[0])
+        else:
+            nodes.append(node)
+    return nodes
+
+
 def _weights_as_only_initializers(model: onnx.ModelProto) -> None:
     """Float Gemm/MatMul/Conv weights become initializers; every other constant a Constant node."""
     graph = model.graph
     tensors = {init.name: init for init in graph.initializer}
-    nodes = []
     for node in graph.node:
         if node.op_type == "Constant":
             tensors[node.output[0]] = _constant_value(node)
-        else:
-            nodes.append(node)
+    nodes = [node for node in _fold_constant_dequantize(graph, tensors) if node.op_type != "Constant"]
     consumers = {node.input[1] for node in nodes if node.op_type in ("Gemm", "MatMul", "Conv") and len(node.input) > 1}
     weights = [
         name
         for name in tensors
         if name in consumers and tensors[name].data_type == onnx.TensorProto.FLOAT and len(tensors[name].dims) >= 2
     ]
+    used = {name for node in nodes for name in node.input} | {output.name for output in graph.output}
     constants = [
         helper.make_node("Constant", [], [name], name=f"{name}/constant", value=tensor)
         for name, tensor in tensors.items()
-        if name not in weights
+        if name not in weights and name in used
     ]
     del graph.initializer[:]
     graph.initializer.extend(tensors[name] for name in weights)

@@ -1,0 +1,116 @@
+"""AIMET encodings files: golden entries through a whole model, both versions, fallbacks, read-back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+from lpbq_tvm.examples import build_example_model
+from lpbq_tvm.export import export_encodings
+from lpbq_tvm.exports.aimet_json import per_channel_int8_entry, read_encodings_file
+
+
+def _golden_model(case: str, meta: dict, weight: np.ndarray):
+    """A one-layer model whose weight (named like the golden entry) has the golden layout."""
+    name = f"{case}.weight"
+    if meta["op"] == "conv":
+        node = helper.make_node("Conv", ["x", name], ["y"], name="layer", kernel_shape=list(weight.shape[2:]))
+        x_shape = [1, weight.shape[1], 5, 5]
+    elif meta["op"] == "gemm":
+        trans_b = int(meta["channel_axis"] == 0)
+        node = helper.make_node("Gemm", ["x", name], ["y"], name="layer", transB=trans_b)
+        x_shape = [2, weight.shape[1] if trans_b else weight.shape[0]]
+    else:
+        node = helper.make_node("MatMul", ["x", name], ["y"], name="layer")
+        x_shape = [2, weight.shape[0]]
+    graph = helper.make_graph(
+        [node],
+        case,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, name)],
+    )
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_golden_entries_through_a_model(golden_case, load_golden, tmp_path):
+    """The exported file's entry for a golden weight equals aimet_onnx's, in both versions (or its refusal)."""
+    meta, arrays = load_golden(golden_case)
+    sim = QuantizationSimModel(_golden_model(golden_case, meta, arrays["weight"]))
+    set_grouped_blockwise_quantization_for_weights(
+        sim,
+        bitwidth=meta["bitwidth"],
+        decompressed_bw=meta["decompressed_bw"],
+        block_size=meta["block_size"],
+        block_grouping=meta["block_grouping"],
+    )
+    sim.compute_encodings()
+    name = f"{golden_case}.weight"
+    export_encodings(sim, tmp_path / "v1.encodings")
+    assert read_encodings_file(tmp_path / "v1.encodings")[name] == meta["encoding_1.0.0"]
+    if "error" in meta["encoding_2.0.0"]:
+        with pytest.raises(ValueError, match=r"cannot be exported to the 2\.0\.0 encoding format"):
+            export_encodings(sim, tmp_path / "v2.encodings", "2.0.0")
+        assert not (tmp_path / "v2.encodings").exists()
+    else:
+        export_encodings(sim, tmp_path / "v2.encodings", "2.0.0")
+        assert read_encodings_file(tmp_path / "v2.encodings")[name] == meta["encoding_2.0.0"]
+
+
+@pytest.fixture(scope="module")
+def calibrated_sim():
+    sim = QuantizationSimModel(build_example_model())
+    set_grouped_blockwise_quantization_for_weights(sim)
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=["MatMul"], excluded_nodes=["fc2"])
+    data = [np.random.default_rng(seed).standard_normal((1, 64, 8, 8)).astype(np.float32) for seed in range(2)]
+    sim.compute_encodings(lambda s, batches: [s.run({"x": x}) for x in batches], data)
+    return sim
+
+
+def test_version_1_file_layout(calibrated_sim, tmp_path):
+    export_encodings(calibrated_sim, tmp_path / "model.encodings")
+    data = json.loads((tmp_path / "model.encodings").read_text())
+    assert list(data) == ["version", "activation_encodings", "param_encodings", "excluded_layers", "quantizer_args"]
+    params = {entry["name"]: entry for entry in data["param_encodings"]}
+    assert params["conv.weight"]["enc_type"] == "LPBQ" and params["fc1.weight"]["enc_type"] == "LPBQ"
+    fallback = params["fc2.weight"]  # excluded from LPBQ: 8-bit per channel, as AIMET keeps it
+    weight = numpy_helper.to_array(next(i for i in calibrated_sim.model.graph.initializer if i.name == "fc2.weight"))
+    assert fallback == per_channel_int8_entry("fc2.weight", weight, 1)
+    np.testing.assert_allclose(fallback["scale"], np.abs(weight).max(axis=0) / 127)
+    activation = {entry["name"]: entry for entry in data["activation_encodings"]}["x"]
+    assert set(activation) == {"name", "dtype", "enc_type", "bw", "is_sym", "scale", "offset"}
+    assert len(activation["scale"]) == len(activation["offset"]) == 1 and activation["offset"][0] <= 0
+
+
+def test_version_2_file_layout(calibrated_sim, tmp_path):
+    export_encodings(calibrated_sim, tmp_path / "model.encodings", "2.0.0")
+    data = json.loads((tmp_path / "model.encodings").read_text())
+    assert list(data) == ["version", "encodings"] and data["version"] == "2.0.0"
+    entries = {entry["name"]: entry for entry in data["encodings"]}
+    assert np.asarray(entries["conv.weight"]["per_block_int_scale"]).shape == (128, 1, 1, 1)
+    assert entries["conv.weight"]["axis"] == 1 and entries["conv.weight"]["output_dtype"] == "int4"
+    assert entries["fc2.weight"]["output_dtype"] == "int8" and entries["fc2.weight"]["axis"] == 1
+    relu = entries["flat"]  # pooled ReLU output: range [0, max] -> zero point 0, omitted
+    assert relu["output_dtype"] == "uint8" and "y_zero_point" not in relu
+    assert entries["x"]["y_zero_point"] > 0
+
+
+def test_no_overwrite_and_dead_channels_are_reported(tmp_path):
+    model = build_example_model()
+    weight = numpy_helper.to_array(model.graph.initializer[2]).copy()  # fc1.weight [256, 128]
+    weight[[3, 7]] = 0.0
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(weight, "fc1.weight"))
+    sim = QuantizationSimModel(model)
+    set_grouped_blockwise_quantization_for_weights(sim)
+    sim.compute_encodings()
+    assert {row.node: row.dead_channels for row in sim.report()} == {"conv": 0, "fc1": 2, "fc2": 0}
+    scale = sim.encodings["fc1.weight"].per_channel_scale
+    assert scale[3] == scale[7] == scale.min() == 1.1920928955078125e-07 / 16  # AIMET's minimum scale
+    export_encodings(sim, tmp_path / "a.encodings")
+    with pytest.raises(FileExistsError):
+        export_encodings(sim, tmp_path / "a.encodings")
