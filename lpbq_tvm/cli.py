@@ -17,6 +17,7 @@ from rich.table import Table
 import lpbq_tvm
 from lpbq_tvm.encoder import LPBQConfig
 from lpbq_tvm.examples import build_example_model
+from lpbq_tvm.export import export_encodings, export_onnx
 from lpbq_tvm.passes.lower_lpbq import MODES
 from lpbq_tvm.quantsim import LayerReport, QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.targets import TARGETS
@@ -114,6 +115,19 @@ The output directory holds the library, params.bin and manifest.json.
 """
 
 
+_EXPORT_EPILOG = """\
+examples:
+  lpbq-tvm export model.onnx --format aimet-json -o model.encodings            # AIMET 1.0.0
+  lpbq-tvm export model.onnx --format ort-onnx -o model.int4.onnx              # onnxruntime CPU (MatMulNBits)
+  lpbq-tvm export model.onnx --format qnn-onnx --calib calib.npz --activation-bits 16 -o model.qnn.onnx
+  lpbq-tvm export model.onnx --format tvm --target aarch64 -o bundle/
+
+Every file is checked after it is built and before it is written: ONNX by the onnx checker and
+an onnxruntime run compared with the simulation (qnn-onnx: output codes vs the htp-sim target),
+AIMET JSON by reading it back.
+"""
+
+
 def _input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
     shapes = {}
     for spec in specs:
@@ -151,10 +165,12 @@ def _calibration_batches(path: str, sim: QuantizationSimModel) -> list[dict[str,
     return [dict(zip(names, values, strict=True)) for values in zip(*batches, strict=True)]
 
 
-def _run_compile(args: argparse.Namespace, console: Console) -> int:
-    output = Path(args.output)
-    if output.exists() and not args.force:
-        raise FileExistsError(f"{output} exists; pass --force to replace it")
+def _quantized_sim(
+    args: argparse.Namespace, console: Console, needs_calibration: str
+) -> tuple[QuantizationSimModel, list[dict[str, np.ndarray]] | None]:
+    """Import, select layers, encode and (with --calib) calibrate, as compile and export both do.
+
+    ``needs_calibration`` says why calibration data is required (empty: it is not)."""
     config = LPBQConfig(args.bitwidth, args.decompressed_bw, args.block_size)
     with console.status(f"importing {args.model}"):
         sim = QuantizationSimModel(args.model, _input_shapes(args.input_shape))
@@ -167,8 +183,8 @@ def _run_compile(args: argparse.Namespace, console: Console) -> int:
         strict=args.strict,
         excluded_nodes=args.exclude,
     )
-    if args.mode in ("w4a8", "w4a16") and not args.calib:
-        raise ValueError(f"mode {args.mode} quantizes activations: give calibration data with --calib FILE.npz")
+    if needs_calibration and not args.calib:
+        raise ValueError(f"{args.command} {needs_calibration}: give calibration data with --calib FILE.npz")
     batches = _calibration_batches(args.calib, sim) if args.calib else None
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("encoding and calibrating", total=len(batches) if batches else None)
@@ -182,14 +198,58 @@ def _run_compile(args: argparse.Namespace, console: Console) -> int:
     console.print(
         _layer_table(sim.report(), f"{Path(args.model).name}: LPBQ W{config.bitwidth} block {config.block_size}")
     )
-    with console.status(f"compiling for {args.target} ({args.mode})"):
-        compiled = lpbq_tvm.compile(sim, target=args.target, mode=args.mode)
-        bundle = compiled.export_bundle(output, overwrite=args.force)
+    return sim, batches
+
+
+def _refuse_existing(path: str, force: bool) -> Path:
+    output = Path(path)
+    if output.exists() and not force:
+        raise FileExistsError(f"{output} exists; pass --force to replace it")
+    return output
+
+
+def _write_bundle(
+    sim: QuantizationSimModel, output: Path, target: str, mode: str, force: bool, console: Console
+) -> None:
+    with console.status(f"compiling for {target} ({mode})"):
+        compiled = lpbq_tvm.compile(sim, target=target, mode=mode)
+        bundle = compiled.export_bundle(output, overwrite=force)
     weights = compiled.weight_bytes
     console.print(
-        f"wrote {bundle}/ ({', '.join(sorted(p.name for p in bundle.iterdir()))}): target {args.target}, "
-        f"mode {args.mode}, weights {weights.total / 1024:.1f} KiB ({weights.lpbq_packed / 1024:.1f} KiB LPBQ packed)"
+        f"wrote {bundle}/ ({', '.join(sorted(p.name for p in bundle.iterdir()))}): target {target}, "
+        f"mode {mode}, weights {weights.total / 1024:.1f} KiB ({weights.lpbq_packed / 1024:.1f} KiB LPBQ packed)"
     )
+
+
+def _run_compile(args: argparse.Namespace, console: Console) -> int:
+    output = _refuse_existing(args.output, args.force)
+    needs = f"--mode {args.mode} quantizes activations" if args.mode in ("w4a8", "w4a16") else ""
+    sim, _ = _quantized_sim(args, console, needs)
+    _write_bundle(sim, output, args.target, args.mode, args.force, console)
+    return 0
+
+
+def _run_export(args: argparse.Namespace, console: Console) -> int:
+    output = _refuse_existing(args.output, args.force)
+    needs = {"qnn-onnx": "--format qnn-onnx quantizes activations"}.get(args.format, "")
+    sim, batches = _quantized_sim(args, console, needs)
+    if args.format == "tvm":
+        _write_bundle(sim, output, args.target, args.mode, args.force, console)
+        return 0
+    with console.status(f"exporting {args.format} and validating it"):
+        if args.format == "aimet-json":
+            report = export_encodings(sim, output, args.encoding_version, overwrite=args.force)
+        else:
+            report = export_onnx(
+                sim,
+                output,
+                args.format.removesuffix("-onnx"),
+                overwrite=args.force,
+                activation_bitwidth=args.activation_bits,
+                sample_inputs=batches[0] if batches else None,
+            )
+    checks = "; ".join(f"{name}: {result}" for name, result in report.checks.items())
+    console.print(f"wrote {report.path} ({report.bytes / 1024:.1f} KiB, {report.format}); checks: {checks}")
     return 0
 
 
@@ -231,35 +291,62 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_COMPILE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    compile_.add_argument("model", help="the ONNX model file")
     compile_.add_argument("-o", "--output", required=True, help="bundle directory to write")
-    compile_.add_argument(
-        "--target", default="cpu", choices=sorted(TARGETS), help="where it runs (default %(default)s)"
+    _add_model_options(compile_)
+    _add_target_options(compile_)
+    compile_.set_defaults(handler=_run_compile)
+
+    export = commands.add_parser(
+        "export",
+        help="write AIMET encodings, QNN / onnxruntime ONNX or a TVM bundle, each validated",
+        epilog=_EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    compile_.add_argument(
+    export.add_argument("--format", required=True, choices=["aimet-json", "qnn-onnx", "ort-onnx", "tvm"])
+    export.add_argument("-o", "--output", required=True, help="file (directory for --format tvm) to write")
+    export.add_argument(
+        "--encoding-version",
+        default="1.0.0",
+        choices=["1.0.0", "2.0.0"],
+        help="AIMET encodings version (default %(default)s; 2.0.0 switches QNN's converter to its newer quantizer)",
+    )
+    export.add_argument(
+        "--activation-bits", type=int, default=8, choices=[8, 16], help="QNN export activation width (default 8)"
+    )
+    _add_model_options(export)
+    _add_target_options(export)
+    export.set_defaults(handler=_run_export)
+    return parser
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="cpu", choices=sorted(TARGETS), help="where it runs (default %(default)s)")
+    parser.add_argument(
         "--mode", default="weight-only", choices=list(MODES), help="kernel arithmetic (default %(default)s)"
     )
-    compile_.add_argument("--calib", help="calibration data (.npz), needed by w4a8 / w4a16")
-    compile_.add_argument(
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the ONNX model file")
+    parser.add_argument("--calib", help="calibration data (.npz), needed by w4a8 / w4a16 / qnn-onnx")
+    parser.add_argument(
         "--input-shape",
         action="append",
         default=[],
         metavar="NAME=D1,D2,...",
         help="pin an input's shape (repeatable); a dynamic batch dimension defaults to 1",
     )
-    compile_.add_argument(
+    parser.add_argument(
         "--op-types",
         nargs="+",
         default=["Gemm", "MatMul", "Conv"],
         metavar="OP",
         help="op types to quantize (default: Gemm MatMul Conv)",
     )
-    compile_.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in fp32")
-    compile_.add_argument("--strict", action="store_true", help="fail on a layer that cannot take the block size")
-    compile_.add_argument("--force", action="store_true", help="replace an existing output directory")
-    _add_lpbq_options(compile_)
-    compile_.set_defaults(handler=_run_compile)
-    return parser
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in fp32")
+    parser.add_argument("--strict", action="store_true", help="fail on a layer that cannot take the block size")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    _add_lpbq_options(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,3 +69,25 @@ def test_failed_compile_leaves_no_output(tmp_path, capsys):
     assert main(["compile", str(tmp_path / "missing.onnx"), "-o", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "example.onnx"]  # no bundle, no staging
+
+
+def test_export_every_format(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # one line per message
+    model, calib = _example_files(tmp_path)
+    cases = [
+        (["--format", "aimet-json"], "model.encodings", "aimet-json 1.0.0"),
+        (["--format", "aimet-json", "--encoding-version", "2.0.0"], "model2.encodings", "aimet-json 2.0.0"),
+        (["--format", "ort-onnx"], "model.int4.onnx", "2 MatMulNBits"),
+        (
+            ["--format", "qnn-onnx", "--calib", str(calib), "--activation-bits", "16"],
+            "model.qnn.onnx",
+            "LSB vs htp-sim",
+        ),
+        (["--format", "tvm", "--target", "aarch64"], "bundle", "target aarch64"),
+    ]
+    for options, name, expected in cases:
+        assert main(["export", str(model), *options, "-o", str(tmp_path / name)]) == 0, name
+        assert expected in capsys.readouterr().out
+        assert (tmp_path / name).exists()
+    assert main(["export", str(model), "--format", "qnn-onnx", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "give calibration data with --calib" in capsys.readouterr().err

