@@ -316,7 +316,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(export)
     _add_target_options(export)
     export.set_defaults(handler=_run_export)
+
+    check = commands.add_parser(
+        "check",
+        help="pre-flight check of a QDQ ONNX model for Qualcomm's QNN toolchain (exit 1 when problems are found)",
+        epilog="example:\n  lpbq-tvm check model.qnn.onnx --for qnn\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("model", help="the ONNX model file")
+    check.add_argument("--for", dest="target_toolchain", default="qnn", choices=["qnn"], help="toolchain to check for")
+    check.set_defaults(handler=_run_check)
     return parser
+
+
+def _run_check(args: argparse.Namespace, console: Console) -> int:
+    from lpbq_tvm.exports.qnn_check import check_qnn
+    from lpbq_tvm.frontend import load_onnx
+
+    findings = check_qnn(load_onnx(args.model))
+    if not findings:
+        console.print(f"{args.model}: no problems found for {args.target_toolchain}")
+        return 0
+    table = Table(title=f"{args.model}: {len(findings)} problem(s) for {args.target_toolchain}")
+    for column in ("node", "problem", "fix"):
+        table.add_column(column, overflow="fold")
+    for finding in findings:
+        table.add_row(escape(finding.node), escape(finding.problem), escape(finding.fix))
+    console.print(table)
+    return 1
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:

@@ -91,3 +91,17 @@ def test_export_every_format(tmp_path, capsys, monkeypatch):
         assert (tmp_path / name).exists()
     assert main(["export", str(model), "--format", "qnn-onnx", "-o", str(tmp_path / "x.onnx")]) == 2
     assert "give calibration data with --calib" in capsys.readouterr().err
+
+
+def test_check_reports_qnn_problems_with_exit_code(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    model, calib = _example_files(tmp_path)
+    qnn, ort = tmp_path / "qnn.onnx", tmp_path / "ort.onnx"
+    assert main(["export", str(model), "--format", "qnn-onnx", "--calib", str(calib), "-o", str(qnn)]) == 0
+    assert main(["export", str(model), "--format", "ort-onnx", "-o", str(ort)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(qnn), "--for", "qnn"]) == 0
+    assert "no problems found for qnn" in capsys.readouterr().out
+    assert main(["check", str(ort), "--for", "qnn"]) == 1
+    out = capsys.readouterr().out
+    assert "8 problem(s) for qnn" in out and "the block scale is a float tensor, not k · s" in out

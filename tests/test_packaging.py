@@ -21,6 +21,7 @@ def test_wheel_maps_passes_and_targets_into_the_package(tmp_path):
     assert "lpbq_tvm/passes/__init__.py" in names
     assert "lpbq_tvm/targets/__init__.py" in names
     assert "lpbq_tvm/encoder.py" in names
+    assert "lpbq_tvm/exports/qnn_onnx.py" in names
     top_level = {name.split("/")[0] for name in names}
     assert "passes" not in top_level and "targets" not in top_level
     assert not any(name.startswith("tests/") for name in names)

@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 from lpbq_tvm.calibration import ActivationEncoding
 from lpbq_tvm.encoder import LPBQEncoding
 from lpbq_tvm.exports._onnx_graph import bias_array, gemm_attributes, int4_tensor, kn_codes, rewrite_layers, upgrade
+from lpbq_tvm.exports.qnn_check import check_qnn
 
 __all__ = ["export_qnn_onnx"]
 
@@ -162,4 +163,7 @@ def export_qnn_onnx(
 
     exported = rewrite_layers(source, encodings, rewrite)
     onnx.checker.check_model(exported, full_check=True)
+    findings = check_qnn(exported)
+    if findings:
+        raise ValueError("the QNN export fails the pre-flight check: " + "; ".join(map(str, findings)))
     return exported
