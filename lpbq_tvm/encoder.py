@@ -160,6 +160,12 @@ class LPBQEncoding:
         canonical_shape = _to_canonical(self.int_weight, self.channel_axis, self.block_axis).shape
         return _from_canonical((q * scale).reshape(canonical_shape), self.channel_axis, self.block_axis)
 
+    def expanded_int_weight(self) -> np.ndarray:
+        """``q · k`` (int32, -128..112 for 4 -> 8 bits) in the weight's layout: the per-channel integer weight."""
+        k = np.repeat(self.per_block_int_scale, self.block_size, axis=1)  # [C, I]
+        k = k.reshape(k.shape + (1,) * (self.int_weight.ndim - 2))
+        return self.int_weight.astype(np.int32) * _from_canonical(k, self.channel_axis, self.block_axis)
+
     def canonical_int_weight(self) -> np.ndarray:
         """``q`` as ``[C, I * R]``: channel axis first, then the block axis, then the rest."""
         return _to_canonical(self.int_weight, self.channel_axis, self.block_axis).reshape(self.num_channels, -1)

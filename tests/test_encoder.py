@@ -15,18 +15,15 @@ def _bits(array: np.ndarray) -> np.ndarray:
     return array.view(np.int64 if array.dtype == np.float64 else np.int32)
 
 
+def _encode_golden(meta: dict, weight: np.ndarray):
+    settings = ("bitwidth", "decompressed_bw", "block_size", "block_grouping")
+    return encode_lpbq(weight, meta["channel_axis"], meta["block_axis"], **{key: meta[key] for key in settings})
+
+
 def test_golden_vectors_bit_exact(golden_case, load_golden):
     """Every array of a golden case is reproduced exactly: integers equal, floats bitwise."""
     meta, expected = load_golden(golden_case)
-    encoding = encode_lpbq(
-        expected["weight"],
-        meta["channel_axis"],
-        meta["block_axis"],
-        bitwidth=meta["bitwidth"],
-        decompressed_bw=meta["decompressed_bw"],
-        block_size=meta["block_size"],
-        block_grouping=meta["block_grouping"],
-    )
+    encoding = _encode_golden(meta, expected["weight"])
     assert encoding.per_channel_scale.dtype == np.float64
     assert encoding.lpbq_scale.dtype == np.float64
     assert encoding.per_block_int_scale.dtype == np.int32
@@ -41,15 +38,7 @@ def test_golden_vectors_bit_exact(golden_case, load_golden):
 def test_golden_aimet_entries(golden_case, load_golden):
     """AIMET param entries 1.0.0 and 2.0.0 equal aimet_onnx's, field for field (or its refusal)."""
     meta, expected = load_golden(golden_case)
-    encoding = encode_lpbq(
-        expected["weight"],
-        meta["channel_axis"],
-        meta["block_axis"],
-        bitwidth=meta["bitwidth"],
-        decompressed_bw=meta["decompressed_bw"],
-        block_size=meta["block_size"],
-        block_grouping=meta["block_grouping"],
-    )
+    encoding = _encode_golden(meta, expected["weight"])
     name = f"{golden_case}.weight"
     assert encoding.aimet_entry(name) == meta["encoding_1.0.0"]
     reference_v2 = meta["encoding_2.0.0"]
@@ -240,3 +229,11 @@ def test_per_channel_scale_refused_with_groups():
     assert encoding.float_scale.shape == (2, 2)
     with pytest.raises(ValueError, match="block_grouping 1 gives 2 float scales per channel"):
         _ = encoding.per_channel_scale
+
+
+def test_expanded_int_weight_is_q_times_k_in_the_weight_layout():
+    weight = np.random.default_rng(4).standard_normal((64, 12)).astype(np.float32)  # MatMul [in, out]
+    enc = encode_lpbq(weight, 1, 0, block_size=16)
+    expected = enc.int_weight.astype(np.int32) * np.repeat(enc.per_block_int_scale.T, 16, axis=0)
+    np.testing.assert_array_equal(enc.expanded_int_weight(), expected)
+    assert enc.expanded_int_weight().min() >= -128 and enc.expanded_int_weight().max() <= 112

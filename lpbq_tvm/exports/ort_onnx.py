@@ -28,13 +28,8 @@ __all__ = ["export_ort_onnx"]
 def _rewrite(node: onnx.NodeProto, encoding: LPBQEncoding, inits: list) -> list[onnx.NodeProto]:
     weight = node.input[1]
     if node.op_type == "Conv":
-        q_times_k = encoding.int_weight.astype(np.int32) * np.repeat(
-            encoding.per_block_int_scale, encoding.block_size, axis=1
-        ).reshape(
-            encoding.num_channels, encoding.block_size * encoding.num_blocks, *([1] * (encoding.int_weight.ndim - 2))
-        )
         inits += [
-            numpy_helper.from_array(q_times_k.astype(np.int8), f"{weight}.int8"),
+            numpy_helper.from_array(encoding.expanded_int_weight().astype(np.int8), f"{weight}.int8"),
             numpy_helper.from_array(encoding.per_channel_scale.astype(np.float32), f"{weight}.scale"),
         ]
         dequantize = helper.make_node(

@@ -95,10 +95,8 @@ def export_qnn_onnx(
         sx_s = np.float32(encs["input"].scale) * encoding.per_channel_scale.astype(np.float32)
         s = encoding.per_channel_scale.astype(np.float32)
         if node.op_type == "Conv":
-            expanded = np.repeat(encoding.per_block_int_scale, encoding.block_size, axis=1)
-            q_times_k = encoding.int_weight * expanded.reshape(expanded.shape + (1,) * (encoding.int_weight.ndim - 2))
             inits += [
-                numpy_helper.from_array(q_times_k.astype(np.int8), f"{weight}.int8"),
+                numpy_helper.from_array(encoding.expanded_int_weight().astype(np.int8), f"{weight}.int8"),
                 numpy_helper.from_array(s, f"{weight}.scale"),
                 numpy_helper.from_array(np.zeros(s.size, np.int8), f"{weight}.zero_point"),
             ]
