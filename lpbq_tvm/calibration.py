@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ActivationEncoding", "RangeObserver", "activation_encoding", "CALIBRATION_METHODS"]
+__all__ = ["ActivationEncoding", "ChannelEnergyObserver", "RangeObserver", "activation_encoding", "CALIBRATION_METHODS"]
 
 CALIBRATION_METHODS = ("minmax", "percentile")
 # Smallest range an encoding may span, so that a constant-zero tensor still gets a valid scale.
@@ -140,3 +140,24 @@ class RangeObserver:
 
     def encoding(self, bitwidth: int) -> ActivationEncoding:
         return activation_encoding(*self.range(), bitwidth)
+
+
+class ChannelEnergyObserver:
+    """Mean square of a tensor per channel along ``axis`` over calibration batches (for ``mse-act``)."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self._sum: np.ndarray | None = None
+        self._count = 0
+
+    def update(self, value: np.ndarray) -> None:
+        moved = np.moveaxis(np.asarray(value, dtype=np.float64), self.axis, -1)
+        flat = moved.reshape(-1, moved.shape[-1])
+        squares = np.square(flat).sum(axis=0)
+        self._sum = squares if self._sum is None else self._sum + squares
+        self._count += flat.shape[0]
+
+    def mean_square(self) -> np.ndarray:
+        if self._sum is None:
+            raise ValueError("no calibration data reached this tensor")
+        return (self._sum / self._count).astype(np.float32)

@@ -15,7 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 import lpbq_tvm
-from lpbq_tvm.encoder import LPBQConfig
+from lpbq_tvm.encoder import ENCODERS, LPBQConfig
 from lpbq_tvm.examples import build_example_model
 from lpbq_tvm.export import export_encodings, export_onnx
 from lpbq_tvm.passes.lower_lpbq import MODES
@@ -47,7 +47,7 @@ def _layer_table(rows: list[LayerReport], title: str) -> Table:
             row.node,
             row.op_type,
             "x".join(map(str, row.shape)),
-            f"LPBQ B{row.block_size}" if quantized else f"[yellow]fp32[/]: {escape(row.reason)}",
+            f"LPBQ B{row.block_size} {row.encoder}" if quantized else f"[yellow]fp32[/]: {escape(row.reason)}",
             f"{row.sqnr_db:.2f}" if quantized else "",
             f"{row.bits_per_weight:.3f}" if quantized else "32",
             _k_summary(row.k_histogram) if quantized else "",
@@ -61,14 +61,20 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _run_demo(args: argparse.Namespace, console: Console) -> int:
-    config = LPBQConfig(args.bitwidth, args.decompressed_bw, args.block_size)
+    config = LPBQConfig(args.bitwidth, args.decompressed_bw, args.block_size, encoder=args.encoder)
     with console.status("importing the example model into Relax"):
         sim = QuantizationSimModel(build_example_model())
-    with console.status("encoding weights (AnnotateLPBQ, EncodeLPBQ)"):
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.standard_normal(sim.inputs[0].shape).astype(np.float32)} for _ in range(4)]
+    with console.status("encoding weights and calibrating on 4 random batches (AnnotateLPBQ, EncodeLPBQ)"):
         set_grouped_blockwise_quantization_for_weights(
-            sim, bitwidth=config.bitwidth, decompressed_bw=config.decompressed_bw, block_size=config.block_size
+            sim,
+            bitwidth=config.bitwidth,
+            decompressed_bw=config.decompressed_bw,
+            block_size=config.block_size,
+            encoder=config.encoder,
         )
-        sim.compute_encodings()
+        sim.compute_encodings(lambda s, batches: [s.run(batch) for batch in batches], calibration)
     console.print(
         _layer_table(
             sim.report(), f"LPBQ W{config.bitwidth} (k 1..{config.max_int_scale}), block size {config.block_size}"
@@ -77,7 +83,7 @@ def _run_demo(args: argparse.Namespace, console: Console) -> int:
     with console.status("compiling with TVM for the host CPU (LowerLPBQ, tvm.compile)"):
         compiled = lpbq_tvm.compile(sim, target="cpu", mode="weight-only")
         reference = lpbq_tvm.compile(sim, target="cpu", mode="fp32")
-    inputs = {"x": np.random.default_rng(0).standard_normal(sim.inputs[0].shape).astype(np.float32)}
+    inputs = {"x": rng.standard_normal(sim.inputs[0].shape).astype(np.float32)}
     lpbq_out, fp32_out = compiled.run(inputs)["y"], reference.run(inputs)["y"]
     simulated = sim.run(inputs)["y"]
     packed, fp32 = compiled.weight_bytes, reference.weight_bytes
@@ -171,7 +177,7 @@ def _quantized_sim(
     """Import, select layers, encode and (with --calib) calibrate, as compile and export both do.
 
     ``needs_calibration`` says why calibration data is required (empty: it is not)."""
-    config = LPBQConfig(args.bitwidth, args.decompressed_bw, args.block_size)
+    config = LPBQConfig(args.bitwidth, args.decompressed_bw, args.block_size, encoder=args.encoder)
     with console.status(f"importing {args.model}"):
         sim = QuantizationSimModel(args.model, _input_shapes(args.input_shape))
     set_grouped_blockwise_quantization_for_weights(
@@ -182,7 +188,10 @@ def _quantized_sim(
         block_size=config.block_size,
         strict=args.strict,
         excluded_nodes=args.exclude,
+        encoder=config.encoder,
     )
+    if config.encoder == "mse-act" and not needs_calibration:
+        needs_calibration = "--encoder mse-act weighs errors by calibration data"
     if needs_calibration and not args.calib:
         raise ValueError(f"{args.command} {needs_calibration}: give calibration data with --calib FILE.npz")
     batches = _calibration_batches(args.calib, sim) if args.calib else None
@@ -266,6 +275,13 @@ def _add_lpbq_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=defaults.decompressed_bw,
         help="bits of the expanded per-channel integer weight q*k (default %(default)s)",
+    )
+    parser.add_argument(
+        "--encoder",
+        default=defaults.encoder,
+        choices=list(ENCODERS),
+        help="how scales are chosen: aimet (bit-exact with AIMET), mse (least weight error), "
+        "mse-act (error weighted by calibration data; needs --calib) (default %(default)s)",
     )
 
 

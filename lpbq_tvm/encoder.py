@@ -32,15 +32,19 @@ from typing import Any
 
 import numpy as np
 
+from lpbq_tvm.scale_search import search_scales
+
 __all__ = [
     "LPBQConfig",
     "LPBQEncoding",
+    "ENCODERS",
     "check_lpbq_weight",
     "encode_lpbq",
     "weight_axes",
     "sqnr_db",
 ]
 
+ENCODERS = ("aimet", "mse", "mse-act")
 # Smallest block delta, as aimet_onnx: keeps all-zero blocks from producing a zero scale.
 _MIN_DELTA = 1.1920928955078125e-07
 
@@ -50,15 +54,20 @@ class LPBQConfig:
     """Settings of one LPBQ quantizer, validated on construction.
 
     ``block_grouping`` -1 lets all blocks of a channel share the float scale (AIMET's LPBQ);
-    ``g > 0`` lets each run of ``g`` consecutive blocks share one float scale.
+    ``g > 0`` lets each run of ``g`` consecutive blocks share one float scale. ``encoder`` chooses
+    how the scales are found (see :func:`encode_lpbq`); the stored format is the same.
     """
 
     bitwidth: int = 4
     decompressed_bw: int = 8
     block_size: int = 64
     block_grouping: int = -1
+    encoder: str = "aimet"
 
     def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            msg = f"unknown encoder {self.encoder!r}; known: {', '.join(ENCODERS)}"
+            raise ValueError(msg)
         for name in ("bitwidth", "decompressed_bw", "block_size", "block_grouping"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
@@ -82,12 +91,13 @@ class LPBQConfig:
         """Largest integer block scale ``k``: ``2**(decompressed_bw - bitwidth)``."""
         return 1 << (self.decompressed_bw - self.bitwidth)
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | str]:
         return {
             "bitwidth": self.bitwidth,
             "decompressed_bw": self.decompressed_bw,
             "block_size": self.block_size,
             "block_grouping": self.block_grouping,
+            "encoder": self.encoder,
         }
 
 
@@ -266,6 +276,33 @@ def check_lpbq_weight(
     return channel_axis, block_axis
 
 
+def _quantize_codes(blocks: np.ndarray, scale32: np.ndarray, bitwidth: int) -> np.ndarray:
+    """Step 5 (float32): ``clip(round_half_away(w / scale + 2**(bw-1)), 0, 2**bw - 1) - 2**(bw-1)``.
+
+    For t >= 0, round-half-away is floor(t) + (frac(t) >= 0.5), exact in float32; negative t clips
+    to 0 either way. ``scale32`` broadcasts against ``blocks`` ``[C, nb, L]``.
+    """
+    negative_levels = 1 << (bitwidth - 1)
+    shifted = blocks / scale32
+    shifted += np.float32(negative_levels)
+    rounded = np.floor(shifted)
+    rounded += (shifted - rounded) >= np.float32(0.5)
+    np.clip(rounded, 0, (1 << bitwidth) - 1, out=rounded)
+    rounded -= np.float32(negative_levels)
+    return rounded
+
+
+def _group_error(blocks, float_scale, int_scale, bitwidth, group, importance) -> np.ndarray:
+    """Exact (encoder-quantised) squared error per group ``[C, ng]``, optionally importance-weighted."""
+    scale32 = (int_scale * np.repeat(float_scale, group, axis=1)).astype(np.float32)[..., None]
+    diff = blocks - _quantize_codes(blocks, scale32, bitwidth) * scale32
+    np.square(diff, out=diff)
+    if importance is not None:
+        diff *= importance
+    per_block = diff.sum(axis=-1, dtype=np.float64)
+    return per_block.reshape(per_block.shape[0], -1, group).sum(axis=2)
+
+
 def encode_lpbq(
     weight: np.ndarray,
     channel_axis: int,
@@ -275,17 +312,27 @@ def encode_lpbq(
     decompressed_bw: int = 8,
     block_size: int = 64,
     block_grouping: int = -1,
+    encoder: str = "aimet",
+    importance: np.ndarray | None = None,
     name: str | None = None,
 ) -> LPBQEncoding:
     """Encode ``weight`` with LPBQ; see the module docstring for the arithmetic.
 
-    ``name`` (the ONNX node or tensor) only serves error messages. Raises ``ValueError`` naming
-    the weight shape, the axes and the block size when the weight cannot take LPBQ.
+    ``encoder``: ``"aimet"`` (default; bit-exact with aimet_onnx), ``"mse"`` (scales searched to
+    minimise the squared weight error, :mod:`lpbq_tvm.scale_search`; never worse than ``"aimet"``
+    on any group) or ``"mse-act"`` (the same error weighted per input channel by ``importance``,
+    e.g. the mean square of the layer's input, length = the block axis). The output format is
+    the same for all three. ``name`` (the ONNX node or tensor) only serves error messages.
+    Raises ``ValueError`` naming the weight shape, the axes and the block size when the weight
+    cannot take LPBQ.
     """
-    config = LPBQConfig(bitwidth, decompressed_bw, block_size, block_grouping)
+    config = LPBQConfig(bitwidth, decompressed_bw, block_size, block_grouping, encoder)
     weight = np.asarray(weight)
     channel_axis, block_axis = check_lpbq_weight(weight.shape, channel_axis, block_axis, config, name)
     where = f"{name}: " if name else ""
+    if (encoder == "mse-act") != (importance is not None):
+        msg = f"{where}encoder 'mse-act' needs an importance per input channel, and only it takes one"
+        raise ValueError(msg)
     if not np.issubdtype(weight.dtype, np.floating):
         msg = f"{where}LPBQ quantizes float weights, got dtype {weight.dtype} for shape {weight.shape}"
         raise ValueError(msg)
@@ -309,25 +356,39 @@ def encode_lpbq(
     grouped = delta.reshape(num_channels, num_blocks // group, group)
     float_scale = grouped.max(axis=2) / config.max_int_scale  # [C, n_groups]
     int_scale = np.clip(np.round(grouped / float_scale[:, :, None]), 1, config.max_int_scale)
-    scale32 = (int_scale * float_scale[:, :, None]).astype(np.float32).reshape(num_channels, num_blocks, 1)
+    int_scale = int_scale.reshape(num_channels, num_blocks)
 
-    # Step 5 (float32): q = clip(round_half_away(w / scale + 2**(bw-1)), 0, 2**bw - 1) - 2**(bw-1).
-    # For t >= 0, round-half-away is floor(t) + (frac(t) >= 0.5), exact in float32; negative t
-    # clips to 0 either way.
-    shifted = blocks / scale32
-    shifted += np.float32(negative_levels)
-    rounded = np.floor(shifted)
-    rounded += (shifted - rounded) >= np.float32(0.5)
-    np.clip(rounded, 0, (1 << bitwidth) - 1, out=rounded)
-    rounded -= np.float32(negative_levels)
-    int_weight = rounded.astype(np.int8).reshape(canonical.shape)
+    if encoder != "aimet":
+        weights = None
+        if importance is not None:
+            importance = np.asarray(importance, dtype=np.float32)
+            if (
+                importance.shape != (weight.shape[block_axis],)
+                or not np.isfinite(importance).all()
+                or (importance < 0).any()
+            ):
+                msg = f"{where}importance must be {weight.shape[block_axis]} finite non-negative values"
+                raise ValueError(msg)
+            per_element = blocks.shape[2] // block_size  # kernel positions per input channel
+            weights = np.repeat(importance.reshape(num_blocks, block_size), per_element, axis=1)[None]
+        blocks = np.ascontiguousarray(blocks)  # the search streams over it many times
+        searched_s, searched_k = search_scales(
+            blocks, delta, float_scale, int_scale, bitwidth, config.max_int_scale, group, weights
+        )
+        better = _group_error(blocks, searched_s, searched_k, bitwidth, group, weights) < _group_error(
+            blocks, float_scale, int_scale, bitwidth, group, weights
+        )
+        float_scale = np.where(better, searched_s, float_scale)
+        int_scale = np.where(np.repeat(better, group, axis=1), searched_k, int_scale)
 
+    scale32 = (int_scale * np.repeat(float_scale, group, axis=1)).astype(np.float32)[..., None]
+    int_weight = _quantize_codes(blocks, scale32, bitwidth).astype(np.int8).reshape(canonical.shape)
     return LPBQEncoding(
         config=config,
         channel_axis=channel_axis,
         block_axis=block_axis,
         float_scale=float_scale,
-        per_block_int_scale=int_scale.reshape(num_channels, num_blocks).astype(np.int32),
+        per_block_int_scale=int_scale.astype(np.int32),
         int_weight=_from_canonical(int_weight, channel_axis, block_axis),
     )
 

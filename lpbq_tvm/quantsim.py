@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lpbq_tvm.calibration import ActivationEncoding, RangeObserver, activation_encoding
+from lpbq_tvm.calibration import ActivationEncoding, ChannelEnergyObserver, RangeObserver, activation_encoding
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding
 from lpbq_tvm.frontend import ImportedModel, import_onnx
 from lpbq_tvm.packing import bits_per_weight
@@ -38,6 +38,16 @@ from lpbq_tvm.packing import bits_per_weight
 __all__ = ["QuantizationSimModel", "LayerReport", "set_grouped_blockwise_quantization_for_weights"]
 
 logger = logging.getLogger(__name__)
+
+
+class _Shifted:
+    """An observer that sees ``value + offset`` (e.g. a Gemm output minus its bias)."""
+
+    def __init__(self, observer: RangeObserver, offset: np.ndarray) -> None:
+        self.observer, self.offset = observer, offset
+
+    def update(self, value: np.ndarray) -> None:
+        self.observer.update(value + self.offset)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class LayerReport:
     bits_per_weight: float | None = None
     k_histogram: tuple[int, ...] = ()  # counts of k = 1 .. 2**(dbw - bw)
     dead_channels: int = 0  # all-zero output channels (they get the minimum scale, as in AIMET)
+    encoder: str = ""
 
 
 class QuantizationSimModel:
@@ -77,8 +88,7 @@ class QuantizationSimModel:
         self._annotated = self._imported.mod
         self._encoded = None
         self._session = None
-        self._observers: dict[str, RangeObserver] | None = None
-        self._pre_bias_observers: dict[str, RangeObserver] = {}
+        self._observers: dict[str, list] | None = None
         self._activation_ranges: dict[str, tuple[float, float]] = {}
         self.quant_scheme = quant_scheme
         self.percentile = percentile
@@ -139,12 +149,26 @@ class QuantizationSimModel:
     def compute_encodings(
         self, forward_pass_callback: Callable | None = None, forward_pass_callback_args: Any = None
     ) -> None:
-        """Encode every selected weight, then run ``forward_pass_callback(sim, args)`` if given."""
-        from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ
+        """Encode every selected weight, then run ``forward_pass_callback(sim, args)`` if given,
+        recording the range of every LPBQ layer's input and output.
 
-        self._encoded = EncodeLPBQ()(self._annotated)
-        self._session = None
-        self._activation_ranges = {}
+        Layers with ``encoder="mse-act"`` need the callback: it first runs on the float model to
+        measure each layer's input energy per channel, which weighs the encoder's error.
+        """
+        from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, attach_input_importance
+        from lpbq_tvm.passes.lower_lpbq import attach_activation_ranges
+
+        self._encoded, self._activation_ranges, annotated = None, {}, self._annotated
+        activation_aware = self._activation_aware_layers()
+        if activation_aware:
+            if forward_pass_callback is None:
+                nodes = ", ".join(sorted(activation_aware.values()))
+                raise ValueError(f"encoder mse-act weighs errors by calibration data: pass a callback ({nodes})")
+            energies = {key: ChannelEnergyObserver(axis) for key, axis in self._input_channel_axes(activation_aware)}
+            observers = {self._layer_input(key): [observer] for key, observer in energies.items()}
+            self._observe(observers, forward_pass_callback, forward_pass_callback_args)
+            annotated = attach_input_importance(annotated, {k: o.mean_square() for k, o in energies.items()})
+        self._encoded = EncodeLPBQ()(annotated)
         skipped = [row for row in self.report() if row.status == "skipped"]
         if skipped:
             logger.warning(
@@ -156,30 +180,43 @@ class QuantizationSimModel:
         if forward_pass_callback is None:
             return
         tensors = {tensor for pair in self._layer_tensors().values() for tensor in pair}
-        self._observers = {name: RangeObserver(self.quant_scheme, self.percentile) for name in sorted(tensors)}
-        pre_bias = self._pre_bias_tensors()
-        self._pre_bias_observers = {key: RangeObserver(self.quant_scheme, self.percentile) for key in pre_bias}
-        self._session = None
-        try:
-            forward_pass_callback(self, forward_pass_callback_args)
-            self._activation_ranges = {name: observer.range() for name, observer in self._observers.items()}
-            pre_bias_ranges = {key: observer.range() for key, observer in self._pre_bias_observers.items()}
-        except ValueError as error:
-            msg = f"calibration failed: {error}"
-            raise ValueError(msg) from error
-        finally:
-            self._observers = None
-            self._pre_bias_observers = {}
-            self._session = None
-        from lpbq_tvm.passes.lower_lpbq import attach_activation_ranges
-
-        ranges = {
+        ranges = {name: RangeObserver(self.quant_scheme, self.percentile) for name in sorted(tensors)}
+        pre_bias = {key: RangeObserver(self.quant_scheme, self.percentile) for key in self._pre_bias_tensors()}
+        observers = {name: [observer] for name, observer in ranges.items()}
+        for key, (output, bias) in self._pre_bias_tensors().items():
+            observers[output].append(_Shifted(pre_bias[key], -bias))
+        self._observe(observers, forward_pass_callback, forward_pass_callback_args)
+        self._activation_ranges = {name: observer.range() for name, observer in ranges.items()}
+        layer_ranges = {
             key: {"input": self._activation_ranges[inp], "output": self._activation_ranges[out]}
             for key, (inp, out) in self._layer_tensors().items()
         }
-        for key, bounds in pre_bias_ranges.items():
-            ranges[key]["pre_bias"] = bounds
-        self._encoded = attach_activation_ranges(self._encoded, ranges)
+        for key, observer in pre_bias.items():
+            layer_ranges[key]["pre_bias"] = observer.range()
+        self._encoded = attach_activation_ranges(self._encoded, layer_ranges)
+
+    def _observe(self, observers: dict[str, list], callback: Callable, args: Any) -> None:
+        """Run the callback with ``observers`` (tensor name -> observers) fed by every ``sim.run``."""
+        self._observers, self._session = observers, None
+        try:
+            callback(self, args)
+        except ValueError as error:
+            raise ValueError(f"calibration failed: {error}") from error
+        finally:
+            self._observers, self._session = None, None
+
+    def _activation_aware_layers(self) -> dict[str, str]:
+        from lpbq_tvm.passes._layers import WEIGHTS_ATTR, function_attr
+
+        annotations = function_attr(self._annotated["main"], WEIGHTS_ATTR)
+        return {key: str(a["node"]) for key, a in annotations.items() if str(a.get("encoder")) == "mse-act"}
+
+    def _layer_input(self, weight: str) -> str:
+        return next(node.input[0] for node in self.model.graph.node if len(node.input) > 1 and node.input[1] == weight)
+
+    def _input_channel_axes(self, weights) -> list[tuple[str, int]]:
+        """The axis of each layer's input that its weight's block axis runs along (Conv: 1, else last)."""
+        return [(key, 1 if self._imported.layers[key].op_type == "Conv" else -1) for key in weights]
 
     def _pre_bias_tensors(self) -> dict[str, tuple[str, np.ndarray]]:
         """Gemm layers with a bias: weight name -> (output tensor, bias). Exports write them as
@@ -258,6 +295,7 @@ class QuantizationSimModel:
                         status="lpbq",
                         dead_channels=int((~dead.any(axis=1)).sum()),
                         block_size=encoding.block_size,
+                        encoder=encoding.config.encoder,
                         sqnr_db=float(stored[name]["sqnr_db"]),
                         bits_per_weight=bits_per_weight(encoding),
                         k_histogram=tuple(int(c) for c in histogram[1:]),
@@ -276,16 +314,18 @@ class QuantizationSimModel:
         return rows
 
     def _simulation_session(self):
+        """onnxruntime on the prepared model with LPBQ-dequantized weights (fp32 before encoding),
+        also returning the observed tensors while observers are set."""
         import onnxruntime as ort
 
         if self._session is None:
             model = onnx.ModelProto()
             model.CopyFrom(self.model)
-            encodings = self.encodings
+            encodings = self.encodings if self._encoded is not None else {}
             for init in model.graph.initializer:
                 if init.name in encodings:
                     init.CopyFrom(numpy_helper.from_array(encodings[init.name].qdq_weight, init.name))
-            if self._observers is not None:  # calibrating: also return the observed activations
+            if self._observers is not None:
                 existing = {output.name for output in model.graph.output}
                 model.graph.output.extend(
                     onnx.ValueInfoProto(name=name) for name in self._observers if name not in existing
@@ -299,16 +339,16 @@ class QuantizationSimModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Quantization-simulated outputs: the fp32 model with LPBQ-dequantized weights.
 
-        During ``compute_encodings``' callback it also records the activation ranges.
+        During ``compute_encodings``' callback it also feeds the calibration observers.
         """
+        if self._encoded is None and self._observers is None:
+            raise RuntimeError("no encodings yet: call sim.compute_encodings() first")
         session = self._simulation_session()
         names = [output.name for output in session.get_outputs()]
         results = dict(zip(names, session.run(names, dict(inputs)), strict=True))
-        if self._observers is not None:
-            for name, observer in self._observers.items():
+        for name, observers in (self._observers or {}).items():
+            for observer in observers:
                 observer.update(results[name])
-            for key, (output, bias) in self._pre_bias_tensors().items():
-                self._pre_bias_observers[key].update(results[output] - bias)
         return {info.name: results[info.name] for info in self.outputs}
 
     def aimet_encodings(self, version: str = "1.0.0") -> dict[str, Any]:
@@ -351,8 +391,13 @@ def set_grouped_blockwise_quantization_for_weights(
     block_grouping: int = -1,
     strict: bool = False,
     excluded_nodes: Iterable[str] | None = None,
+    encoder: str = "aimet",
 ) -> None:
     """Quantize the weights of ``op_types`` with LPBQ (AIMET's name and arguments).
+
+    ``encoder`` (an extension): ``"aimet"`` (AIMET's rule, bit-exact), ``"mse"`` (scales that
+    minimise the weight error) or ``"mse-act"`` (the error weighted by calibration data); every
+    choice writes the same format.
 
     May be called several times: a later call wins for the op types it selects. ``strict=True``
     raises ``ValueError`` for a layer that cannot take the configuration; otherwise that layer
@@ -361,5 +406,8 @@ def set_grouped_blockwise_quantization_for_weights(
     if isinstance(op_types, str):
         op_types = (op_types,)
     sim.apply_lpbq(
-        LPBQConfig(bitwidth, decompressed_bw, block_size, block_grouping), tuple(op_types), excluded_nodes or (), strict
+        LPBQConfig(bitwidth, decompressed_bw, block_size, block_grouping, encoder),
+        tuple(op_types),
+        excluded_nodes or (),
+        strict,
     )

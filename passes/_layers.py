@@ -21,6 +21,7 @@ ONNX_NODES_ATTR = "lpbq.onnx_nodes"  # {key: {"node", "op_type", "has_bias"}}, b
 WEIGHTS_ATTR = "lpbq.weights"  # {key: annotation}, written by AnnotateLPBQ
 SKIPPED_ATTR = "lpbq.skipped"  # {key: {"node", "op_type", "reason"}}, written by AnnotateLPBQ
 ENCODINGS_ATTR = "lpbq.encodings"  # {key: {"s", "k", "q"}}, written by EncodeLPBQ
+IMPORTANCE_ATTR = "lpbq.input_importance"  # {key: float32 [input channels]}, for encoder mse-act
 ACTIVATION_RANGES_ATTR = "lpbq.activation_ranges"  # {key: {"input": [min, max], "output": [...]}}
 PARAMS_ATTR = "params"  # values of the parameters after "num_input", as from_onnx writes them
 

@@ -2,6 +2,9 @@
 
 Match: functions with an ``"lpbq.weights"`` attribute (written by AnnotateLPBQ).
 
+Layers annotated with ``encoder="mse-act"`` read their input importance from
+``"lpbq.input_importance"`` (:func:`attach_input_importance`).
+
 Rewrite: nothing in the body. The function gets ``"lpbq.encodings"``: weight key -> ``s``
 (float64 ``[C, n_groups]``), ``k`` (int32 ``[C, nb]``), ``q`` (int8, the weight's layout) and
 ``sqnr_db``. Weight values come from the function's ``"params"`` attribute (``from_onnx(...,
@@ -19,9 +22,25 @@ import tvm
 from tvm import relax
 
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding, encode_lpbq, sqnr_db
-from lpbq_tvm.passes._layers import ENCODINGS_ATTR, WEIGHTS_ATTR, function_attr, map_relax_functions, weight_value
+from lpbq_tvm.passes._layers import (
+    ENCODINGS_ATTR,
+    IMPORTANCE_ATTR,
+    WEIGHTS_ATTR,
+    function_attr,
+    map_relax_functions,
+    weight_value,
+)
 
-__all__ = ["EncodeLPBQ", "read_encodings"]
+__all__ = ["EncodeLPBQ", "attach_input_importance", "read_encodings"]
+
+
+def attach_input_importance(mod, importance: dict, function: str = "main"):
+    """Record, per weight key, the mean square of the layer's input per input channel (for ``mse-act``)."""
+    mod = mod.clone()
+    gvar = mod.get_global_var(function)
+    values = {key: tvm.runtime.tensor(np.asarray(value, dtype=np.float32)) for key, value in importance.items()}
+    mod.update_func(gvar, mod[gvar].with_attr(IMPORTANCE_ATTR, values))
+    return mod
 
 
 def _config(annotation) -> LPBQConfig:
@@ -30,6 +49,7 @@ def _config(annotation) -> LPBQConfig:
         int(annotation["decompressed_bw"]),
         int(annotation["block_size"]),
         int(annotation["block_grouping"]),
+        str(annotation.get("encoder", "aimet")),
     )
 
 
@@ -62,15 +82,23 @@ class EncodeLPBQ:
         annotations = function_attr(func, WEIGHTS_ATTR)
         if not annotations:
             return func
+        importance = function_attr(func, IMPORTANCE_ATTR)
         encodings = {}
         for key, annotation in annotations.items():
             weight = weight_value(key, annotation, func)
             config = _config(annotation)
+            if config.encoder == "mse-act" and key not in importance:
+                msg = (
+                    f"{annotation['node']}: encoder mse-act needs the input importance of this layer "
+                    "(calibration data: sim.compute_encodings(callback, args), or attach_input_importance)"
+                )
+                raise ValueError(msg)
             encoding = encode_lpbq(
                 weight,
                 int(annotation["channel_axis"]),
                 int(annotation["block_axis"]),
                 **config.as_dict(),
+                importance=importance[key].numpy() if config.encoder == "mse-act" else None,
                 name=str(annotation["node"]),
             )
             encodings[key] = {
