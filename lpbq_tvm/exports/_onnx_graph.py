@@ -61,7 +61,9 @@ def rewrite_layers(
             replaced.add(node.input[1])
         else:
             nodes.append(node)
-    used = {name for node in nodes for name in node.input}
+    used = {name for node in nodes for name in node.input} | {output.name for output in graph.output}
+    # Constants only the replaced nodes read (e.g. a float bias now stored quantized) go too.
+    nodes = [node for node in nodes if node.op_type != "Constant" or node.output[0] in used]
     kept = [init for init in graph.initializer if init.name not in replaced or init.name in used]
     del graph.node[:]
     graph.node.extend(nodes)

@@ -10,7 +10,8 @@ Finds, before a user meets an opaque converter or runtime failure (DESIGN.md §5
   Conv that is not 1x1 with uint16 activations (the only LPBQ Conv the HTP runs);
 * an LPBQ MatMul whose activation is not quantized (uint8/uint16 DQ) or whose output does not go
   straight into a ``QuantizeLinear``;
-* a float bias added to an LPBQ layer's output (the converter wants INT32 bias encodings).
+* a bias added to an LPBQ layer's output that is float, or a per-channel ``DequantizeLinear``
+  (the QNN EP rejects standalone per-channel DQ and INT32 per-tensor DQ; per-tensor uint16 works).
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ drops biases and misreads transB=0)::
     k: UINT8 [nb, N] (1..16)   s: FLOAT [N]   zk: UINT8 [N] = 0
     scale = DequantizeLinear(k, s, zk, axis=1)                                   # FLOAT [nb, N]
     w     = DequantizeLinear(q: INT4 [K, N], scale, zq: INT4 [nb, N] = 0, axis=0, block_size=B)
-    x -> Q -> DQ -> MatMul(·, w) -> Q -> DQ [-> Add(·, DQ(bias: INT32, sx·s, axis=0)) -> Q -> DQ]
+    x -> Q -> DQ -> MatMul(·, w) -> Q -> DQ [-> Add(·, DQ(bias: UINT16 per tensor)) -> Q -> DQ]
 
 Per LPBQ Conv, its exact int8 per-channel equivalent (the runtime has no LPBQ conv fusion):
-``w = DequantizeLinear(q·k: INT8, s, 0, axis=0)``, bias as INT32 with scale ``sx·s``,
+``w = DequantizeLinear(q·k: INT8, s, 0, axis=0)``, bias (a Conv input) as INT32 with scale ``sx·s``,
 ``x -> Q -> DQ -> Conv -> Q -> DQ``. Activations use uint8 or uint16 per-tensor encodings from
 calibration (``input``, ``output`` and, for a Gemm with bias, ``pre_bias`` of each layer).
 This is what the ``htp-sim`` target computes in integers; onnxruntime CPU runs it in float on
@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.calibration import ActivationEncoding, activation_encoding
 from lpbq_tvm.encoder import LPBQEncoding
 from lpbq_tvm.exports._onnx_graph import bias_array, gemm_attributes, int4_tensor, kn_codes, rewrite_layers, upgrade
 from lpbq_tvm.exports.qnn_check import check_qnn
@@ -56,8 +56,8 @@ class _QDQBuilder:
         return nodes, output
 
 
-def _bias_dq(name: str, bias: np.ndarray, scale: np.ndarray, inits: list, node_name: str) -> tuple[list, str]:
-    """The bias as INT32 with per-channel scale ``sx · s`` (the accumulator's grid), dequantized."""
+def _conv_bias_dq(name: str, bias: np.ndarray, scale: np.ndarray, inits: list, node_name: str) -> tuple[list, str]:
+    """A Conv bias as INT32 with per-channel scale ``sx · s`` (the accumulator's grid), dequantized."""
     scale = scale.astype(np.float32)
     codes = np.clip(np.rint(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
     inits += [numpy_helper.from_array(codes, f"{name}.int32"), numpy_helper.from_array(scale, f"{name}.int32_scale")]
@@ -67,6 +67,24 @@ def _bias_dq(name: str, bias: np.ndarray, scale: np.ndarray, inits: list, node_n
         [f"{name}.dq"],
         name=f"{node_name}/bias_dq",
         axis=0,
+    )
+    return [node], f"{name}.dq"
+
+
+def _add_bias_dq(name: str, bias: np.ndarray, inits: list, node_name: str) -> tuple[list, str]:
+    """A bias for an ``Add`` as per-tensor UINT16 over its own range: the QNN EP rejects a standalone
+    per-channel DequantizeLinear and an INT32 per-tensor one; uint16 keeps the error far below one LSB."""
+    encoding = activation_encoding(float(bias.min()), float(bias.max()), 16)
+    inits += [
+        numpy_helper.from_array(encoding.quantize(bias), f"{name}.uint16"),
+        numpy_helper.from_array(np.array(encoding.scale, np.float32), f"{name}.uint16_scale"),
+        numpy_helper.from_array(np.array(encoding.zero_point, np.uint16), f"{name}.uint16_zero_point"),
+    ]
+    node = helper.make_node(
+        "DequantizeLinear",
+        [f"{name}.uint16", f"{name}.uint16_scale", f"{name}.uint16_zero_point"],
+        [f"{name}.dq"],
+        name=f"{node_name}/bias_dq",
     )
     return [node], f"{name}.dq"
 
@@ -113,7 +131,7 @@ def export_qnn_onnx(
             conv.CopyFrom(node)
             conv.input[0], conv.input[1] = x, f"{weight}.dq"
             if bias is not None:
-                bias_nodes, bias_name = _bias_dq(node.input[2], bias, sx_s, inits, node.name)
+                bias_nodes, bias_name = _conv_bias_dq(node.input[2], bias, sx_s, inits, node.name)
                 nodes += bias_nodes
                 conv.input[2] = bias_name
             conv.output[0] = f"{node.output[0]}/float"
@@ -154,7 +172,7 @@ def export_qnn_onnx(
             )
             return nodes + out_nodes
         pre_nodes, pre = builder.qdq(f"{node.output[0]}/matmul", encs["pre_bias"], f"{node.name}/pre_bias")
-        bias_nodes, bias_name = _bias_dq(node.input[2], bias, sx_s, inits, node.name)
+        bias_nodes, bias_name = _add_bias_dq(node.input[2], bias, inits, node.name)
         add = helper.make_node("Add", [pre, bias_name], [f"{node.output[0]}/add"], name=f"{node.name}/bias")
         out_nodes, _ = builder.qdq(f"{node.output[0]}/add", encs["output"], f"{node.name}/output", node.output[0])
         return nodes + pre_nodes + bias_nodes + [add] + out_nodes

@@ -48,7 +48,8 @@ def test_qnn_pattern_node_by_node_for_a_gemm_with_bias():
     exported = export_qnn_onnx(sim.model, sim.encodings, sim.layer_activation_encodings(16))
     graph = exported.graph
     assert next(o.version for o in exported.opset_import if o.domain == "") == 21
-    nodes = [n for n in graph.node if n.op_type != "Constant"]  # the prepared model's constants (the fp32 bias)
+    assert not [n for n in graph.node if n.op_type == "Constant"]  # the fp32 bias constant is gone
+    nodes = list(graph.node)
     assert [n.op_type for n in nodes] == [
         "QuantizeLinear",
         "DequantizeLinear",  # input
@@ -78,8 +79,9 @@ def test_qnn_pattern_node_by_node_for_a_gemm_with_bias():
     assert attrs[weight_dq.name] == {"axis": 0, "block_size": 32}
     assert nodes[4].input[1] == weight_dq.output[0]
     assert nodes[5].input[0] == nodes[4].output[0]  # MatMul output straight into Q
-    bias_dq = nodes[7]
-    assert inits[bias_dq.input[0]].data_type == TensorProto.INT32 and attrs[bias_dq.name] == {"axis": 0}
+    bias_dq = nodes[7]  # per-tensor UINT16: the QNN EP rejects a standalone per-channel (INT32) DQ
+    assert inits[bias_dq.input[0]].data_type == TensorProto.UINT16 and attrs[bias_dq.name] == {}
+    assert list(inits[bias_dq.input[1]].dims) == [] and inits[bias_dq.input[2]].data_type == TensorProto.UINT16
     for q_node in (nodes[0], nodes[5], nodes[9]):
         assert inits[q_node.input[2]].data_type == TensorProto.UINT16
     assert nodes[-1].output[0] == "y"

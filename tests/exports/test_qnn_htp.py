@@ -1,0 +1,64 @@
+"""The QNN export on Qualcomm's own HTP runtime (the onnxruntime-qnn simulator), CPU fallback disabled.
+
+Compares output codes with the htp-sim target: within 2 LSB for uint8 activations and within 1
+LSB per requantization for uint16 (DESIGN.md §5): 1 for a MatMul, 2 for a Gemm with bias, whose
+product is requantized before the bias add too. Over several uint16 layers the differences
+compound, and the HTP's 16-bit Conv rounds with a bias of about -0.15 code that a following
+average pool accumulates; those are not fair uint16 comparisons.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lpbq_tvm
+from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+from lpbq_tvm.examples import build_example_model
+from lpbq_tvm.export import export_onnx
+from lpbq_tvm.exports.qnn_htp import run_on_htp
+
+pytestmark = pytest.mark.slow
+
+
+def _one_layer(op_type: str):
+    """x -> one LPBQ layer -> y: MatMul [512, 256], or Gemm (transB=1) with bias."""
+    rng = np.random.default_rng(3)
+    weight = (rng.standard_normal((512, 256)) / 22).astype(np.float32)
+    if op_type == "Gemm":
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)
+        inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T), "w"),
+                 numpy_helper.from_array(rng.standard_normal(256).astype(np.float32) / 10, "b")]
+    else:
+        node = helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")
+        inits = [numpy_helper.from_array(weight, "w")]
+    graph = helper.make_graph([node], "fc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 256])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("name", "bits", "tolerance"),
+    [("example", 8, 2), ("Gemm", 8, 2), ("MatMul", 16, 1), ("Gemm", 16, 2)],
+)
+def test_htp_runs_the_lpbq_fusion_and_matches_htp_sim(name, bits, tolerance, tmp_path):
+    model = build_example_model() if name == "example" else _one_layer(name)
+    shape = (1, 64, 8, 8) if name == "example" else (4, 512)
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(4)]
+    sim = QuantizationSimModel(model)
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
+    sim.compute_encodings(lambda s, batches: [s.run(b) for b in batches], data)
+    path = tmp_path / "model.qnn.onnx"
+    export_onnx(sim, path, "qnn", activation_bitwidth=bits, sample_inputs=data[0])
+
+    run = run_on_htp(path, data[0])
+    assert run.outputs is not None, run.reasons
+    assert list(run.providers) == ["QNNExecutionProvider"]  # nothing fell back to the CPU
+    assert run.lpbq_fusions >= (2 if name == "example" else 1)  # every LPBQ MatMul fused by the QNN EP
+    encoding = sim.layer_activation_encodings(bits)["fc2.weight" if name == "example" else "w"]["output"]
+    simulated = lpbq_tvm.compile(sim, target="htp-sim", mode=f"w4a{bits}").run(data[0])["y"]
+    difference = np.abs(encoding.quantize(run.outputs["y"]).astype(int) - encoding.quantize(simulated))
+    print(f"{name} uint{bits}: HTP vs htp-sim max {difference.max()} LSB, {np.mean(difference > 0):.1%} codes differ")
+    assert difference.max() <= tolerance
