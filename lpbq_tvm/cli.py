@@ -211,7 +211,10 @@ def _quantized_sim(
 
 
 def _refuse_existing(path: str, force: bool) -> Path:
+    """Fail before any work when the output cannot be written (exists without --force, or a symlink)."""
     output = Path(path)
+    if output.is_symlink():
+        raise FileExistsError(f"{output} is a symbolic link; refusing to write through it")
     if output.exists() and not force:
         raise FileExistsError(f"{output} exists; pass --force to replace it")
     return output
@@ -290,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lpbq-tvm",
         description="Low-Power Blockwise Quantization of ONNX models, compiled with Apache TVM.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -359,7 +365,7 @@ def _run_check(args: argparse.Namespace, console: Console) -> int:
     for finding in findings:
         table.add_row(escape(finding.node), escape(finding.problem), escape(finding.fix))
     console.print(table)
-    return 1
+    return EXIT_PROBLEMS_FOUND
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -392,14 +398,42 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     _add_lpbq_options(parser)
 
 
+# Exit codes, distinct per kind of failure.
+EXIT_PROBLEMS_FOUND = 1  # `check` found problems
+EXIT_BAD_INPUT = 2  # invalid model, options or data
+EXIT_OUTPUT_EXISTS = 3  # the output exists (without --force) or is a symbolic link
+EXIT_IO = 4  # a file could not be read or written
+EXIT_TOOLCHAIN = 5  # TVM or onnxruntime failed on a valid model
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    level = (
+        logging.DEBUG
+        if args.debug
+        else logging.INFO
+        if args.verbose
+        else logging.ERROR
+        if args.quiet
+        else logging.WARNING
     )
-    console = Console()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    console = Console(quiet=args.quiet)
+    failures = (
+        (FileExistsError, EXIT_OUTPUT_EXISTS),
+        (ValueError, EXIT_BAD_INPUT),
+        (OSError, EXIT_IO),
+        (RuntimeError, EXIT_TOOLCHAIN),
+    )
     try:
         return args.handler(args, console)
-    except (ValueError, OSError) as error:
-        print(f"lpbq-tvm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"lpbq-tvm {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except tuple(kind for kind, _ in failures) as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())
+        print(f"lpbq-tvm {args.command}: error: {message}", file=sys.stderr)
+        return next(code for kind, code in failures if isinstance(error, kind))

@@ -41,12 +41,23 @@ PARAMS_FILE = "params.bin"
 MANIFEST_FILE = "manifest.json"
 
 
-def atomic_write(path: str | PathLike, write: Callable[[str], Any], *, overwrite: bool = False) -> Path:
-    """Call ``write(tmp_path)`` then rename the file into ``path``; never clobbers unless asked."""
+def _writable(path: str | PathLike, overwrite: bool) -> Path:
+    """``path`` if it may be written: not existing (or ``overwrite``), and never a symlink."""
     path = Path(path)
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a symbolic link; refusing to write through it")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:  # a file where a folder of the path should be
+        raise NotADirectoryError(f"cannot write {path}: {error.filename} is not a directory") from error
+    return path
+
+
+def atomic_write(path: str | PathLike, write: Callable[[str], Any], *, overwrite: bool = False) -> Path:
+    """Call ``write(tmp_path)`` then rename the file into ``path``; never clobbers unless asked."""
+    path = _writable(path, overwrite)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
@@ -60,10 +71,7 @@ def atomic_write(path: str | PathLike, write: Callable[[str], Any], *, overwrite
 
 def atomic_directory(path: str | PathLike, fill: Callable[[Path], Any], *, overwrite: bool = False) -> Path:
     """Fill a temporary sibling directory, then rename it to ``path``: a failure leaves nothing behind."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _writable(path, overwrite)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         fill(staging)

@@ -64,23 +64,52 @@ class ImportedModel:
     layers: dict[str, WeightLayer]
 
 
+def _external_data_files(proto: onnx.ModelProto, base: Path, where: str) -> None:
+    """Refuse external-data locations that leave the model's folder (``..``, absolute, symlinks)."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    root = base.resolve()
+    for tensor in _get_all_tensors(proto):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        candidate = Path(location)
+        resolved = (root / candidate).resolve()
+        if candidate.is_absolute() or ".." in candidate.parts or not resolved.is_relative_to(root):
+            msg = f"{where}: external data of tensor '{tensor.name}' points outside the model's folder ({location!r})"
+            raise ModelImportError(msg)
+        if not resolved.is_file():
+            raise ModelImportError(f"{where}: external data file {location!r} of tensor '{tensor.name}' is missing")
+
+
 def load_onnx(model: str | PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Read and check a model; ``ModelImportError`` names the file and what is wrong with it."""
+    """Read and check a model; ``ModelImportError`` names the file and what is wrong with it.
+
+    External data is read only from files inside the model's folder (no ``..``, absolute paths or
+    symlinks leading out); models over 2 GB are checked from their path, as protobuf requires.
+    """
     if isinstance(model, onnx.ModelProto):
-        proto, where = model, "the given ONNX model"
+        proto, where, path = model, "the given ONNX model", None
     else:
         path = Path(model)
         where = f"ONNX model '{path}'"
+        if path.is_dir():
+            raise ModelImportError(f"cannot read {where}: it is a directory")
         if not path.is_file():
             raise ModelImportError(f"cannot read {where}: no such file")
         try:
-            proto = onnx.load(path)
+            proto = onnx.load(path, load_external_data=False)
         except Exception as error:  # protobuf raises its own DecodeError types
             raise ModelImportError(f"cannot read {where}: not a valid ONNX file ({error})") from error
     if not proto.graph.node:
         raise ModelImportError(f"{where} has an empty graph")
     try:
-        onnx.checker.check_model(proto)
+        if path is not None:
+            _external_data_files(proto, path.parent, where)
+            onnx.checker.check_model(str(path))  # from the path: works past protobuf's 2 GB limit
+            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        else:
+            onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as error:
         first_line = str(error).strip().splitlines()[0]
         raise ModelImportError(f"{where} fails the ONNX checker: {first_line}") from error

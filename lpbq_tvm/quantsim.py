@@ -141,10 +141,28 @@ class QuantizationSimModel:
                 f"nodes with a constant weight; those are: {', '.join(sorted(layer_nodes))}"
             )
             raise ValueError(msg)
-        self._annotated = AnnotateLPBQ(config, op_types, excluded_nodes, strict)(self._annotated)
+        annotated = AnnotateLPBQ(config, op_types, excluded_nodes, strict)(self._annotated)
+        self._check_fits_some_layer(annotated, config, op_types, excluded_nodes)
+        self._annotated = annotated
         self._encoded = None
         self._session = None
         self._activation_ranges = {}
+
+    def _check_fits_some_layer(self, annotated, config: LPBQConfig, op_types, excluded_nodes) -> None:
+        """A configuration that no selected layer can take is a mistake, not a silent no-op."""
+        from lpbq_tvm.passes._layers import WEIGHTS_ATTR, function_attr
+
+        selected = [
+            layer
+            for layer in self._imported.layers.values()
+            if layer.op_type in op_types and layer.node_name not in excluded_nodes
+        ]
+        if selected and not function_attr(annotated["main"], WEIGHTS_ATTR):
+            msg = (
+                f"block_size {config.block_size} fits none of the {len(selected)} selected layers "
+                f"(input channels: {', '.join(sorted({str(layer.input_channels) for layer in selected}))})"
+            )
+            raise ValueError(msg)
 
     def compute_encodings(
         self, forward_pass_callback: Callable | None = None, forward_pass_callback_args: Any = None

@@ -53,7 +53,7 @@ def test_compile_writes_an_aarch64_bundle(tmp_path, capsys):
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.tar", "params.bin"]
     assert "target aarch64, mode w4a8" in capsys.readouterr().out
-    assert main(args) == 2  # exists
+    assert main(args) == 3  # exists
     assert "exists; pass --force to replace it" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
 

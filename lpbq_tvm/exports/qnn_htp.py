@@ -81,8 +81,12 @@ def run_on_htp(model: str | PathLike, inputs: Mapping[str, np.ndarray], timeout:
     with tempfile.TemporaryDirectory() as scratch:
         feeds, out = Path(scratch) / "feeds.npz", Path(scratch) / "out.npz"
         np.savez(feeds, **inputs)
-        result = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(feeds), str(out)],
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(model), str(feeds), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         log = result.stdout + result.stderr
         if result.returncode != 0:
             return HTPRun(None, log, {})

@@ -28,13 +28,20 @@ def _one_layer(op_type: str):
     weight = (rng.standard_normal((512, 256)) / 22).astype(np.float32)
     if op_type == "Gemm":
         node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)
-        inits = [numpy_helper.from_array(np.ascontiguousarray(weight.T), "w"),
-                 numpy_helper.from_array(rng.standard_normal(256).astype(np.float32) / 10, "b")]
+        inits = [
+            numpy_helper.from_array(np.ascontiguousarray(weight.T), "w"),
+            numpy_helper.from_array(rng.standard_normal(256).astype(np.float32) / 10, "b"),
+        ]
     else:
         node = helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")
         inits = [numpy_helper.from_array(weight, "w")]
-    graph = helper.make_graph([node], "fc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 512])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 256])], inits)
+    graph = helper.make_graph(
+        [node],
+        "fc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 256])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
