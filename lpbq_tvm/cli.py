@@ -15,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 import lpbq_tvm
+from lpbq_tvm.compiler import atomic_write
 from lpbq_tvm.encoder import ENCODERS, LPBQConfig
 from lpbq_tvm.examples import build_example_model
 from lpbq_tvm.export import export_encodings, export_onnx
@@ -339,6 +340,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_options(export)
     export.set_defaults(handler=_run_export)
 
+    report = commands.add_parser(
+        "report",
+        help="quantize a model and write an HTML + Markdown report: layers, sizes, output agreement, plots",
+        epilog="example:\n  lpbq-tvm report model.onnx --calib calib.npz -o report/\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("-o", "--output", required=True, help="report directory to write")
+    _add_model_options(report)
+    report.set_defaults(handler=_run_report)
+
+    run = commands.add_parser(
+        "run",
+        help="run a bundle written by compile / export --format tvm on inputs from an .npz",
+        epilog="example:\n  lpbq-tvm run bundle/ --inputs inputs.npz -o outputs.npz\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("bundle", help="the bundle directory")
+    run.add_argument("--inputs", required=True, help=".npz with one array per model input")
+    run.add_argument("-o", "--output", help=".npz to write the outputs to")
+    run.add_argument("--force", action="store_true", help="replace an existing output")
+    run.set_defaults(handler=_run_run)
+
     check = commands.add_parser(
         "check",
         help="pre-flight check of a QDQ ONNX model for Qualcomm's QNN toolchain (exit 1 when problems are found)",
@@ -349,6 +372,64 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--for", dest="target_toolchain", default="qnn", choices=["qnn"], help="toolchain to check for")
     check.set_defaults(handler=_run_check)
     return parser
+
+
+def _sample_batches(sim: QuantizationSimModel, batches, count: int = 2) -> list[dict[str, np.ndarray]]:
+    """Calibration batches if given, else ``count`` seeded random batches (integers 0..1 for int inputs)."""
+    if batches:
+        return list(batches)
+    rng = np.random.default_rng(0)
+    return [
+        {
+            info.name: (
+                rng.integers(0, 2, info.shape)
+                if np.issubdtype(np.dtype(info.dtype), np.integer)
+                else rng.standard_normal(info.shape)
+            ).astype(info.dtype)
+            for info in sim.inputs
+        }
+        for _ in range(count)
+    ]
+
+
+def _run_report(args: argparse.Namespace, console: Console) -> int:
+    from lpbq_tvm.report import build_report, write_report
+
+    output = _refuse_existing(args.output, args.force)
+    sim, batches = _quantized_sim(args, console, "")
+    modes = ["weight-only"] + (["w4a8", "w4a16"] if batches else [])
+    with console.status("compiling fp32 and LPBQ, running sample inputs"):
+        report = build_report(sim, _sample_batches(sim, batches), modes, name=Path(args.model).name)
+        directory = write_report(report, output, overwrite=args.force)
+    console.print(f"wrote {directory}/index.html and report.md ({', '.join(a.mode for a in report.agreements)})")
+    return 0
+
+
+def _run_run(args: argparse.Namespace, console: Console) -> int:
+    from lpbq_tvm.bundle import load_bundle
+
+    output = _refuse_existing(args.output, args.force) if args.output else None
+    bundle = load_bundle(args.bundle)
+    with np.load(args.inputs) as archive:
+        inputs = dict(archive)
+    outputs = bundle.run(inputs)
+    table = Table(title=f"{args.bundle}: target {bundle.manifest['target']}, mode {bundle.manifest['mode']}")
+    for column in ("output", "shape", "dtype", "min", "max", "mean"):
+        table.add_column(column)
+    for name, value in outputs.items():
+        table.add_row(
+            name,
+            str(list(value.shape)),
+            str(value.dtype),
+            f"{value.min():.4g}",
+            f"{value.max():.4g}",
+            f"{value.mean():.4g}",
+        )
+    console.print(table)
+    if output is not None:
+        atomic_write(output, lambda tmp: np.savez(tmp, **outputs))  # tmp keeps the .npz suffix
+        console.print(f"wrote {output}")
+    return 0
 
 
 def _run_check(args: argparse.Namespace, console: Console) -> int:

@@ -20,9 +20,11 @@ def test_demo_quantizes_compiles_and_reports(capsys, monkeypatch):
 
 def test_demo_reports_layers_that_cannot_take_the_block_size(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
-    assert main(["demo", "--block-size", "96"]) == 0
+    assert main(["demo", "--block-size", "128"]) == 0  # conv has 64 input channels
     out = capsys.readouterr().out
-    assert out.count("not divisible by") == 3 and "LPBQ B96" not in out
+    assert out.count("not divisible by block_size 128") == 1 and out.count("LPBQ B128") == 2
+    assert main(["demo", "--block-size", "96"]) == 2
+    assert "block_size 96 fits none of the 3 selected layers (input channels: 128, 256, 64)" in capsys.readouterr().err
 
 
 def test_bad_option_is_one_line_and_nonzero():
@@ -105,3 +107,34 @@ def test_check_reports_qnn_problems_with_exit_code(tmp_path, capsys, monkeypatch
     assert main(["check", str(ort), "--for", "qnn"]) == 1
     out = capsys.readouterr().out
     assert "8 problem(s) for qnn" in out and "the block scale is a float tensor, not k · s" in out
+
+
+def test_run_a_bundle_and_refuse_foreign_or_tampered_ones(tmp_path, capsys):
+    import numpy as np
+
+    model, calib = _example_files(tmp_path)
+    host, board = tmp_path / "host", tmp_path / "board"
+    assert main(["compile", str(model), "--mode", "w4a8", "--calib", str(calib), "-o", str(host)]) == 0
+    assert main(["compile", str(model), "--target", "aarch64", "-o", str(board)]) == 0
+    inputs = tmp_path / "inputs.npz"
+    x = np.random.default_rng(9).standard_normal((1, 64, 8, 8)).astype(np.float32)
+    np.savez(inputs, x=x)
+    capsys.readouterr()
+    assert main(["run", str(host), "--inputs", str(inputs), "-o", str(tmp_path / "out.npz")]) == 0
+    from lpbq_tvm.bundle import load_bundle
+
+    with np.load(tmp_path / "out.npz") as saved:
+        np.testing.assert_array_equal(saved["y"], load_bundle(host).run({"x": x})["y"])
+    assert main(["run", str(board), "--inputs", str(inputs)]) == 2
+    assert "built for 'aarch64', which does not run on this machine" in capsys.readouterr().err
+    params = host / "params.bin"
+    params.write_bytes(params.read_bytes()[:-1] + b"\0")
+    assert main(["run", str(host), "--inputs", str(inputs)]) == 2
+    assert "params.bin is missing or does not match the manifest's sha256" in capsys.readouterr().err
+
+
+def test_report_command(tmp_path, capsys):
+    model, calib = _example_files(tmp_path)
+    assert main(["report", str(model), "--calib", str(calib), "-o", str(tmp_path / "report")]) == 0
+    assert "(weight-only, w4a8, w4a16)" in capsys.readouterr().out
+    assert (tmp_path / "report" / "index.html").is_file()

@@ -1,0 +1,233 @@
+"""The quantization report: per-layer results, model totals, output agreement and plots, as HTML and Markdown.
+
+``build_report(sim, inputs)`` compiles the fp32 model and each requested LPBQ mode with TVM, runs
+them on ``inputs`` and collects, per Gemm / MatMul / Conv layer, the status (and reason when a
+layer stays fp32), block size, encoder, SQNR, bits per weight and the distribution of ``k``.
+``write_report(report, directory)`` writes ``index.html`` (self-contained: the plots are embedded)
+and ``report.md`` with the plot PNGs beside it, into a fresh directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+
+from lpbq_tvm.packing import packed_nbytes
+from lpbq_tvm.quantsim import LayerReport, QuantizationSimModel
+
+__all__ = ["Agreement", "ModelReport", "build_report", "write_report"]
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """One compiled mode's output against the fp32 model, over all sample inputs."""
+
+    mode: str
+    output: str
+    cosine: float
+    max_abs_diff: float
+    top1: float | None  # share of samples whose argmax over the last axis agrees (None for 1-wide outputs)
+
+
+@dataclass
+class ModelReport:
+    name: str
+    rows: list[LayerReport]
+    fp32_bytes: int  # the candidate layers' weights in fp32
+    lpbq_bytes: int  # the LPBQ layers in packed storage plus the skipped layers' fp32
+    quantized_share: float  # share of candidate weights stored at 4 bits
+    agreements: list[Agreement] = field(default_factory=list)
+
+
+def _agreement(mode: str, name: str, actual: np.ndarray, reference: np.ndarray) -> Agreement:
+    a, b = actual.ravel().astype(np.float64), reference.ravel().astype(np.float64)
+    cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
+    top1 = None
+    if actual.ndim >= 2 and actual.shape[-1] > 1:
+        top1 = float(np.mean(actual.argmax(-1) == reference.argmax(-1)))
+    return Agreement(mode, name, cosine, float(np.abs(a - b).max()), top1)
+
+
+def build_report(
+    sim: QuantizationSimModel,
+    inputs: Sequence[Mapping[str, np.ndarray]],
+    modes: Sequence[str] = ("weight-only",),
+    name: str = "model",
+) -> ModelReport:
+    """Compile fp32 and each mode for the host CPU, run ``inputs`` and summarise (see the module docstring)."""
+    import lpbq_tvm
+
+    if not sim.has_encodings:
+        sim.compute_encodings()
+    rows = sim.report()
+    layers = {row.weight: row for row in rows}
+    fp32_bytes = sum(int(np.prod(row.shape)) * 4 for row in rows)
+    lpbq_bytes, quantized = 0, 0
+    for weight, encoding in sim.encodings.items():
+        lpbq_bytes += packed_nbytes(encoding.shape, encoding.channel_axis, encoding.block_axis, encoding.block_size)
+        quantized += int(np.prod(layers[weight].shape))
+    lpbq_bytes += sum(int(np.prod(row.shape)) * 4 for row in rows if row.status != "lpbq")
+    total = sum(int(np.prod(row.shape)) for row in rows)
+    report = ModelReport(name, rows, fp32_bytes, lpbq_bytes, quantized / total if total else 0.0)
+    reference = lpbq_tvm.compile(sim, mode="fp32")
+    expected = [reference.run(batch) for batch in inputs]
+    for mode in modes:
+        compiled = lpbq_tvm.compile(sim, mode=mode)
+        actual = [compiled.run(batch) for batch in inputs]
+        for output in expected[0]:
+            report.agreements.append(
+                _agreement(
+                    mode,
+                    output,
+                    np.concatenate([a[output] for a in actual]),
+                    np.concatenate([e[output] for e in expected]),
+                )
+            )
+    return report
+
+
+def _plots(report: ModelReport) -> dict[str, bytes]:
+    """PNG plots: per-layer SQNR, the distribution of k over all LPBQ blocks, the size breakdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quantized = [row for row in report.rows if row.status == "lpbq"]
+    pngs = {}
+
+    def save(figure, name: str) -> None:
+        buffer = io.BytesIO()
+        figure.tight_layout()
+        figure.savefig(buffer, format="png", dpi=110)
+        plt.close(figure)
+        pngs[name] = buffer.getvalue()
+
+    figure, axes = plt.subplots(figsize=(8, max(2.5, 0.28 * len(report.rows) + 1)))
+    names = [row.node[-40:] for row in report.rows]
+    values = [row.sqnr_db if row.status == "lpbq" else 0.0 for row in report.rows]
+    colors = ["#2a7ab9" if row.status == "lpbq" else "#c9c9c9" for row in report.rows]
+    axes.barh(range(len(names)), values, color=colors)
+    axes.set_yticks(range(len(names)), names, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("weight SQNR (dB); grey: kept in fp32")
+    save(figure, "sqnr.png")
+
+    figure, axes = plt.subplots(figsize=(6, 3))
+    if quantized:
+        counts = np.sum([np.pad(row.k_histogram, (0, 16 - len(row.k_histogram))) for row in quantized], axis=0)
+        axes.bar(np.arange(1, 17), counts, color="#2a7ab9")
+    axes.set_xlabel("integer block scale k")
+    axes.set_ylabel("blocks")
+    save(figure, "k_histogram.png")
+
+    figure, axes = plt.subplots(figsize=(6, 2.6))
+    axes.barh(["fp32", "LPBQ"], [report.fp32_bytes / 1024, report.lpbq_bytes / 1024], color=["#c9c9c9", "#2a7ab9"])
+    axes.set_xlabel("weight KiB (Gemm / MatMul / Conv)")
+    save(figure, "sizes.png")
+    return pngs
+
+
+def _layer_cells(row: LayerReport) -> list[str]:
+    lpbq = row.status == "lpbq"
+    k = ""
+    if lpbq:
+        counts = np.asarray(row.k_histogram)
+        values = np.repeat(np.arange(1, len(counts) + 1), counts)
+        k = f"{values.min()}–{values.max()}, median {np.median(values):g}"
+    return [
+        row.node,
+        row.op_type,
+        "×".join(map(str, row.shape)),
+        f"LPBQ B{row.block_size} ({row.encoder})" if lpbq else f"fp32: {row.reason}",
+        f"{row.sqnr_db:.2f}" if lpbq else "",
+        f"{row.bits_per_weight:.3f}" if lpbq else "32",
+        k,
+        str(row.dead_channels) if lpbq else "",
+    ]
+
+
+_HEADERS = ["layer", "op", "weight shape", "status", "SQNR dB", "bits/weight", "k", "dead channels"]
+
+
+def _summary_lines(report: ModelReport) -> list[str]:
+    lines = [
+        f"Layers: {sum(r.status == 'lpbq' for r in report.rows)} of {len(report.rows)} in LPBQ; "
+        f"{report.quantized_share:.1%} of the weights at 4 bits.",
+        f"Weights: {report.fp32_bytes / 1024:.1f} KiB fp32 → {report.lpbq_bytes / 1024:.1f} KiB "
+        f"({report.fp32_bytes / max(report.lpbq_bytes, 1):.2f}× smaller).",
+    ]
+    for a in report.agreements:
+        top1 = f", top-1 agreement {a.top1:.0%}" if a.top1 is not None else ""
+        lines.append(
+            f"Output '{a.output}', {a.mode} vs fp32: cosine {a.cosine:.5f}, max |diff| {a.max_abs_diff:.3g}{top1}."
+        )
+    return lines
+
+
+def _html(report: ModelReport, pngs: Mapping[str, bytes]) -> str:
+    rows = "\n".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in _layer_cells(row)) + "</tr>" for row in report.rows
+    )
+    images = "\n".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}"></figure>'
+        for name, data in pngs.items()
+    )
+    summary = "".join(f"<li>{html.escape(line)}</li>" for line in _summary_lines(report))
+    head = "".join(f"<th>{h}</th>" for h in _HEADERS)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>LPBQ report: {html.escape(report.name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+th {{ background: #eef3f8; }}
+figure {{ display: inline-block; margin: 1em; }}
+</style></head>
+<body>
+<h1>LPBQ report: {html.escape(report.name)}</h1>
+<ul>{summary}</ul>
+<h2>Layers</h2>
+<table><thead><tr>{head}</tr></thead><tbody>
+{rows}
+</tbody></table>
+<h2>Plots</h2>
+{images}
+</body></html>
+"""
+
+
+def _markdown(report: ModelReport, pngs: Mapping[str, bytes]) -> str:
+    lines = [
+        f"# LPBQ report: {report.name}",
+        "",
+        *[f"- {line}" for line in _summary_lines(report)],
+        "",
+        "| " + " | ".join(_HEADERS) + " |",
+        "|" + " --- |" * len(_HEADERS),
+    ]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _layer_cells(row)) + " |" for row in report.rows]
+    lines += ["", *[f"![{name}]({name})" for name in pngs], ""]
+    return "\n".join(lines)
+
+
+def write_report(report: ModelReport, directory: str | PathLike, *, overwrite: bool = False) -> Path:
+    """``index.html``, ``report.md`` and the plot PNGs in ``directory`` (written whole or not at all)."""
+    from lpbq_tvm.compiler import atomic_directory
+
+    pngs = _plots(report)
+
+    def fill(staging: Path) -> None:
+        for name, data in pngs.items():
+            (staging / name).write_bytes(data)
+        (staging / "index.html").write_text(_html(report, pngs), encoding="utf-8")
+        (staging / "report.md").write_text(_markdown(report, pngs), encoding="utf-8")
+
+    return atomic_directory(directory, fill, overwrite=overwrite)
