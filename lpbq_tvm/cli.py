@@ -181,6 +181,8 @@ def _quantized_sim(
     config = LPBQConfig(args.bitwidth, args.decompressed_bw, args.block_size, encoder=args.encoder)
     with console.status(f"importing {args.model}"):
         sim = QuantizationSimModel(args.model, _input_shapes(args.input_shape))
+    for change in sim.preparation:
+        console.print(f"[dim]prepared: {escape(change)}[/]")
     set_grouped_blockwise_quantization_for_weights(
         sim,
         op_types=args.op_types,

@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from lpbq_tvm.onnx_layers import WeightLayer, find_weight_layers
 
-__all__ = ["ModelImportError", "TensorInfo", "ImportedModel", "load_onnx", "prepare_onnx", "import_onnx"]
+__all__ = ["ModelImportError", "TensorInfo", "ImportedModel", "Preparation", "load_onnx", "prepare_onnx", "import_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class ImportedModel:
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     layers: dict[str, WeightLayer]
+    preparation: tuple[str, ...] = ()  # what graph preparation changed, one line each
 
 
 def _external_data_files(proto: onnx.ModelProto, base: Path, where: str) -> None:
@@ -126,8 +127,9 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in model.graph.input if vi.name not in initializers]
 
 
-def _pin_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> None:
-    """Give every graph input a static shape, in place."""
+def _pin_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> list[str]:
+    """Give every graph input a static shape, in place; returns what changed, one line per input."""
+    changes = []
     inputs = _graph_inputs(model)
     unknown = sorted(set(input_shapes) - {vi.name for vi in inputs})
     if unknown:
@@ -160,10 +162,13 @@ def _pin_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequenc
                         f"input '{value_info.name}' of shape {dims} has dynamic dimension {axis} ({dim!r}); "
                         f"give its size, e.g. input_shapes={{'{value_info.name}': [...]}} (CLI: --input-shape)"
                     )
+        if pinned != dims:
+            changes.append(f"input '{value_info.name}': shape {dims} pinned to {pinned}")
         shape = value_info.type.tensor_type.shape
         del shape.dim[:]
         for size in pinned:
             shape.dim.add().dim_value = size
+    return changes
 
 
 def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
@@ -224,14 +229,19 @@ def _fold_constant_dequantize(graph: onnx.GraphProto, tensors: dict[str, onnx.Te
     return nodes
 
 
-def _weights_as_only_initializers(model: onnx.ModelProto) -> None:
-    """Float Gemm/MatMul/Conv weights become initializers; every other constant a Constant node."""
+def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
+    """Float Gemm/MatMul/Conv weights become initializers; every other constant a Constant node.
+
+    Returns what changed."""
     graph = model.graph
     tensors = {init.name: init for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
             tensors[node.output[0]] = _constant_value(node)
-    nodes = [node for node in _fold_constant_dequantize(graph, tensors) if node.op_type != "Constant"]
+    before = len(graph.node)
+    nodes = _fold_constant_dequantize(graph, tensors)
+    folded = before - len(nodes)
+    nodes = [node for node in nodes if node.op_type != "Constant"]
     consumers = {node.input[1] for node in nodes if node.op_type in ("Gemm", "MatMul", "Conv") and len(node.input) > 1}
     weights = [
         name
@@ -251,6 +261,10 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> None:
     inputs = [vi for vi in graph.input if vi.name not in tensors or vi.name in weights]
     del graph.input[:]
     graph.input.extend(inputs)
+    changes = [f"{len(weights)} Gemm/MatMul/Conv weights kept as parameters, {len(constants)} other constants inlined"]
+    if folded:
+        changes.insert(0, f"{folded} DequantizeLinear nodes of constants folded into float weights")
+    return changes
 
 
 def _check_supported_ops(model: onnx.ModelProto) -> None:
@@ -271,15 +285,24 @@ def _check_supported_ops(model: onnx.ModelProto) -> None:
         raise ModelImportError(f"TVM's ONNX importer does not support: {listed}")
 
 
+@dataclass(frozen=True, eq=False)
+class Preparation:
+    """A prepared model and, one line each, what preparation changed."""
+
+    model: onnx.ModelProto
+    changes: tuple[str, ...]
+
+
 def prepare_onnx(
     model: str | PathLike | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
-) -> onnx.ModelProto:
-    """Steps 1-4 of the module docstring; returns a new model (the input is not modified)."""
+) -> Preparation:
+    """Steps 1-4 of the module docstring on a copy (the input is not modified)."""
     import onnxscript.optimizer
 
     prepared = onnx.ModelProto()
     prepared.CopyFrom(load_onnx(model))
-    _pin_input_shapes(prepared, input_shapes or {})
+    changes = _pin_input_shapes(prepared, input_shapes or {})
+    nodes_before = len(prepared.graph.node)
     del prepared.graph.value_info[:]
     for output in prepared.graph.output:  # recomputed from the pinned inputs
         output.type.tensor_type.ClearField("shape")
@@ -289,10 +312,12 @@ def prepare_onnx(
         raise ModelImportError(f"ONNX shape inference failed: {str(error).strip().splitlines()[-1]}") from error
     onnxscript.optimizer.fold_constants(prepared)
     onnxscript.optimizer.remove_unused_nodes(prepared)
-    _weights_as_only_initializers(prepared)
+    if len(prepared.graph.node) != nodes_before:
+        changes.append(f"constant folding: {nodes_before} -> {len(prepared.graph.node)} nodes")
+    changes += _weights_as_only_initializers(prepared)
     _check_supported_ops(prepared)
     onnx.checker.check_model(prepared)
-    return prepared
+    return Preparation(prepared, tuple(changes))
 
 
 def _tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo:
@@ -306,7 +331,8 @@ def import_onnx(
     """Prepare ``model`` and import it into Relax; see the module docstring."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    prepared = prepare_onnx(model, input_shapes)
+    preparation = prepare_onnx(model, input_shapes)
+    prepared = preparation.model
     inputs = tuple(_tensor_info(vi) for vi in _graph_inputs(prepared))
     outputs = tuple(_tensor_info(vi) for vi in prepared.graph.output)
     try:
@@ -326,4 +352,4 @@ def import_onnx(
     }
     main = mod["main"].with_attr("lpbq.onnx_nodes", onnx_nodes)
     mod.update_func(mod.get_global_var("main"), main)
-    return ImportedModel(prepared, mod, inputs, outputs, layers)
+    return ImportedModel(prepared, mod, inputs, outputs, layers, preparation.changes)

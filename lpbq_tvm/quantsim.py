@@ -100,6 +100,11 @@ class QuantizationSimModel:
         return self._imported.onnx_model
 
     @property
+    def preparation(self) -> tuple[str, ...]:
+        """What graph preparation changed in the model before import, one line each."""
+        return self._imported.preparation
+
+    @property
     def inputs(self):
         return self._imported.inputs
 

@@ -153,3 +153,15 @@ def test_bad_overrides_are_errors():
         ModelImportError, match=r"input 'x' has shape \[3, 128\]; the override \[3, 64\] does not match"
     ):
         import_onnx(model, {"x": [3, 64]})
+
+
+def test_preparation_reports_what_it_changed():
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.ones((16, 4), np.float32), "w")],
+    )
+    changes = import_onnx(model).preparation
+    assert changes[0] == "input 'x': shape ['batch', 16] pinned to [1, 16]"
+    assert "1 Gemm/MatMul/Conv weights kept as parameters, 0 other constants inlined" in changes

@@ -116,9 +116,13 @@ def test_strict_and_non_strict_for_a_layer_that_cannot_take_the_block_size():
         r"along block axis 1 is not divisible by block_size 96",
     ):
         set_grouped_blockwise_quantization_for_weights(sim, op_types=["Gemm"], block_size=96, strict=True)
-    set_grouped_blockwise_quantization_for_weights(sim, block_size=96)
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=128)  # conv has 64 input channels
     sim.compute_encodings()
-    assert all(row.status == "skipped" and "not divisible by block_size 96" in row.reason for row in sim.report())
+    rows = {row.node: row for row in sim.report()}
+    assert rows["conv"].status == "skipped" and "not divisible by block_size 128" in rows["conv"].reason
+    assert rows["fc1"].status == rows["fc2"].status == "lpbq"
+    with pytest.raises(ValueError, match=r"block_size 96 fits none of the 3 selected layers"):
+        set_grouped_blockwise_quantization_for_weights(sim, block_size=96)
 
 
 def test_argument_errors():
