@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -225,22 +227,30 @@ def _refuse_existing(path: str, force: bool) -> Path:
 
 def _write_bundle(
     sim: QuantizationSimModel, output: Path, target: str, mode: str, force: bool, console: Console
-) -> None:
+) -> dict:
     with console.status(f"compiling for {target} ({mode})"):
         compiled = lpbq_tvm.compile(sim, target=target, mode=mode)
         bundle = compiled.export_bundle(output, overwrite=force)
     weights = compiled.weight_bytes
+    summary = dict(
+        output=str(bundle),
+        files=sorted(p.name for p in bundle.iterdir()),
+        target=target,
+        mode=mode,
+        weight_bytes={"lpbq_packed": weights.lpbq_packed, "float": weights.float},
+    )
     console.print(
         f"wrote {bundle}/ ({', '.join(sorted(p.name for p in bundle.iterdir()))}): target {target}, "
         f"mode {mode}, weights {weights.total / 1024:.1f} KiB ({weights.lpbq_packed / 1024:.1f} KiB LPBQ packed)"
     )
+    return summary
 
 
 def _run_compile(args: argparse.Namespace, console: Console) -> int:
     output = _refuse_existing(args.output, args.force)
     needs = f"--mode {args.mode} quantizes activations" if args.mode in ("w4a8", "w4a16") else ""
     sim, _ = _quantized_sim(args, console, needs)
-    _write_bundle(sim, output, args.target, args.mode, args.force, console)
+    args.result.update(_write_bundle(sim, output, args.target, args.mode, args.force, console))
     return 0
 
 
@@ -249,7 +259,7 @@ def _run_export(args: argparse.Namespace, console: Console) -> int:
     needs = {"qnn-onnx": "--format qnn-onnx quantizes activations"}.get(args.format, "")
     sim, batches = _quantized_sim(args, console, needs)
     if args.format == "tvm":
-        _write_bundle(sim, output, args.target, args.mode, args.force, console)
+        args.result.update(_write_bundle(sim, output, args.target, args.mode, args.force, console))
         return 0
     with console.status(f"exporting {args.format} and validating it"):
         if args.format == "aimet-json":
@@ -263,6 +273,7 @@ def _run_export(args: argparse.Namespace, console: Console) -> int:
                 activation_bitwidth=args.activation_bits,
                 sample_inputs=batches[0] if batches else None,
             )
+    args.result.update(output=str(report.path), format=report.format, bytes=report.bytes, checks=report.checks)
     checks = "; ".join(f"{name}: {result}" for name, result in report.checks.items())
     console.print(f"wrote {report.path} ({report.bytes / 1024:.1f} KiB, {report.format}); checks: {checks}")
     return 0
@@ -300,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--json", action="store_true", help="print a machine-readable JSON result instead of tables")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -364,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="replace an existing output")
     run.set_defaults(handler=_run_run)
 
+    bench = commands.add_parser(
+        "bench",
+        help="time onnxruntime fp32, TVM fp32 and TVM LPBQ (each mode) on one model, side by side",
+        epilog="example:\n  lpbq-tvm bench model.onnx --calib calib.npz --threads 2 --repeat 50\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("--threads", type=int, default=1, help="TVM and onnxruntime threads (default 1)")
+    bench.add_argument("--repeat", type=int, default=20, help="timed runs per runtime (default 20)")
+    _add_model_options(bench)
+    bench.set_defaults(handler=_run_bench)
+
     check = commands.add_parser(
         "check",
         help="pre-flight check of a QDQ ONNX model for Qualcomm's QNN toolchain (exit 1 when problems are found)",
@@ -403,6 +426,12 @@ def _run_report(args: argparse.Namespace, console: Console) -> int:
     with console.status("compiling fp32 and LPBQ, running sample inputs"):
         report = build_report(sim, _sample_batches(sim, batches), modes, name=Path(args.model).name)
         directory = write_report(report, output, overwrite=args.force)
+    args.result.update(
+        output=str(directory),
+        agreements=[vars(a) for a in report.agreements],
+        fp32_bytes=report.fp32_bytes,
+        lpbq_bytes=report.lpbq_bytes,
+    )
     console.print(f"wrote {directory}/index.html and report.md ({', '.join(a.mode for a in report.agreements)})")
     return 0
 
@@ -415,6 +444,7 @@ def _run_run(args: argparse.Namespace, console: Console) -> int:
     with np.load(args.inputs) as archive:
         inputs = dict(archive)
     outputs = bundle.run(inputs)
+    args.result["outputs"] = {name: {"shape": list(v.shape), "dtype": str(v.dtype)} for name, v in outputs.items()}
     table = Table(title=f"{args.bundle}: target {bundle.manifest['target']}, mode {bundle.manifest['mode']}")
     for column in ("output", "shape", "dtype", "min", "max", "mean"):
         table.add_column(column)
@@ -434,11 +464,51 @@ def _run_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace, console: Console) -> int:
+    from lpbq_tvm.bench import benchmark_model, set_threads
+
+    set_threads(args.threads)
+    sim, batches = _quantized_sim(args, console, "")
+    inputs = _sample_batches(sim, batches, count=1)[0]
+    modes = ["weight-only"] + (["w4a8", "w4a16"] if batches else [])
+    with console.status(f"compiling and timing fp32, {', '.join(modes)} ({args.repeat} runs each)"):
+        result = benchmark_model(sim, inputs, modes, args.repeat, args.threads)
+    table = Table(title=f"{Path(args.model).name}: median of {args.repeat} runs, {args.threads} thread(s)")
+    for column in ("runtime", "median ms", "min ms", "max ms", "vs TVM fp32", "compile s", "weight KiB"):
+        table.add_column(column, justify="left" if column == "runtime" else "right")
+    base = result.tvm["fp32"].median_ms
+    args.result.update(
+        threads=result.threads,
+        onnxruntime_fp32=vars(result.onnxruntime_fp32),
+        tvm={mode: vars(t) for mode, t in result.tvm.items()},
+        compile_seconds=result.compile_seconds,
+        weight_bytes=result.weight_bytes,
+    )
+    rows = [("onnxruntime fp32", result.onnxruntime_fp32, "", "")]
+    rows += [
+        (f"TVM {mode}", timing, f"{result.compile_seconds[mode]:.2f}", f"{result.weight_bytes[mode] / 1024:.1f}")
+        for mode, timing in result.tvm.items()
+    ]
+    for label, timing, seconds, kib in rows:
+        table.add_row(
+            label,
+            f"{timing.median_ms:.3f}",
+            f"{timing.min_ms:.3f}",
+            f"{timing.max_ms:.3f}",
+            f"{timing.median_ms / base:.2f}x",
+            seconds,
+            kib,
+        )
+    console.print(table)
+    return 0
+
+
 def _run_check(args: argparse.Namespace, console: Console) -> int:
     from lpbq_tvm.exports.qnn_check import check_qnn
     from lpbq_tvm.frontend import load_onnx
 
     findings = check_qnn(load_onnx(args.model))
+    args.result["findings"] = [vars(finding) for finding in findings]
     if not findings:
         console.print(f"{args.model}: no problems found for {args.target_toolchain}")
         return 0
@@ -502,7 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else logging.WARNING
     )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    console = Console(quiet=args.quiet)
+    console = Console(quiet=args.quiet or args.json)
+    args.result = {}
     failures = (
         (FileExistsError, EXIT_OUTPUT_EXISTS),
         (ValueError, EXIT_BAD_INPUT),
@@ -510,13 +581,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         (RuntimeError, EXIT_TOOLCHAIN),
     )
     try:
-        return args.handler(args, console)
+        code = args.handler(args, console)
+        if args.json:
+            print(json.dumps({"exit_code": code, **args.result}, default=str))
+        return code
     except KeyboardInterrupt:
         print(f"lpbq-tvm {args.command}: interrupted; no partial output was left", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except tuple(kind for kind, _ in failures) as error:
         if args.debug:
             raise
         message = " ".join(str(error).split())
         print(f"lpbq-tvm {args.command}: error: {message}", file=sys.stderr)
-        return next(code for kind, code in failures if isinstance(error, kind))
+        code = next(code for kind, code in failures if isinstance(error, kind))
+        if args.json:
+            print(json.dumps({"exit_code": code, "error": message}))
+        return code

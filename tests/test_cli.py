@@ -138,3 +138,22 @@ def test_report_command(tmp_path, capsys):
     assert main(["report", str(model), "--calib", str(calib), "-o", str(tmp_path / "report")]) == 0
     assert "(weight-only, w4a8, w4a16)" in capsys.readouterr().out
     assert (tmp_path / "report" / "index.html").is_file()
+
+
+def test_json_results_and_bench(tmp_path, capsys):
+    import json
+
+    model, calib = _example_files(tmp_path)
+    assert main(["--json", "compile", str(model), "--target", "aarch64", "-o", str(tmp_path / "b")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["exit_code"] == 0 and result["files"] == ["manifest.json", "model.tar", "params.bin"]
+    assert result["weight_bytes"] == {"lpbq_packed": 63744, "float": 0}
+    assert main(["--json", "compile", str(model), "-o", str(tmp_path / "b")]) == 3
+    assert json.loads(capsys.readouterr().out) == {
+        "exit_code": 3,
+        "error": f"{tmp_path / 'b'} exists; pass --force to replace it",
+    }
+    assert main(["--json", "bench", str(model), "--calib", str(calib), "--repeat", "2"]) == 0
+    timings = json.loads(capsys.readouterr().out)
+    assert set(timings["tvm"]) == {"fp32", "weight-only", "w4a8", "w4a16"}
+    assert all(t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in timings["tvm"].values())

@@ -1,0 +1,74 @@
+"""Model benchmark: onnxruntime fp32, TVM fp32 and TVM LPBQ per mode, side by side in one process.
+
+Latency is the median (and spread: min / max) of repeated runs after one warm-up; compile time
+and weight bytes come with it. Set the thread count before TVM runs anything: TVM's pool reads
+``TVM_NUM_THREADS`` when it starts (:func:`set_threads`).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Timing", "ModelBenchmark", "set_threads", "time_ms", "benchmark_model"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+
+
+@dataclass(frozen=True)
+class ModelBenchmark:
+    threads: int
+    onnxruntime_fp32: Timing
+    tvm: dict[str, Timing]  # mode ("fp32", "weight-only", "w4a8", ...) -> latency
+    compile_seconds: dict[str, float]
+    weight_bytes: dict[str, int]
+
+
+def set_threads(threads: int) -> None:
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+
+
+def time_ms(function: Callable[[], object], repeat: int) -> Timing:
+    function()  # warm up
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        samples.append(1e3 * (time.perf_counter() - start))
+    return Timing(statistics.median(samples), min(samples), max(samples))
+
+
+def benchmark_model(
+    sim, inputs: Mapping[str, np.ndarray], modes: Sequence[str], repeat: int = 20, threads: int = 1
+) -> ModelBenchmark:
+    """Compile ``sim`` as fp32 and in each mode for the host CPU, and time all of them on ``inputs``."""
+    import onnxruntime as ort
+
+    import lpbq_tvm
+
+    compiled, seconds = {}, {}
+    for mode in ("fp32", *modes):
+        start = time.perf_counter()
+        compiled[mode] = lpbq_tvm.compile(sim, mode=mode)
+        seconds[mode] = time.perf_counter() - start
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(sim.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ModelBenchmark(
+        threads=threads,
+        onnxruntime_fp32=time_ms(lambda: session.run(None, dict(inputs)), repeat),
+        tvm={mode: time_ms(lambda m=model: m.run(inputs), repeat) for mode, model in compiled.items()},
+        compile_seconds=seconds,
+        weight_bytes={mode: model.weight_bytes.total for mode, model in compiled.items()},
+    )
