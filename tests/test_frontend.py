@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from model_builders import LAYER_CASES, layer_model, ort_run
 from onnx import TensorProto, helper, numpy_helper
@@ -165,3 +166,29 @@ def test_preparation_reports_what_it_changed():
     changes = import_onnx(model).preparation
     assert changes[0] == "input 'x': shape ['batch', 16] pinned to [1, 16]"
     assert "1 Gemm/MatMul/Conv weights kept as parameters, 0 other constants inlined" in changes
+
+
+@pytest.mark.slow
+def test_model_over_2gb_with_external_data_loads(tmp_path):
+    """Protobuf cannot serialize 2 GB: the checker must read the path, the data must come from the side file."""
+    from lpbq_tvm.frontend import load_onnx
+
+    rows = (2**31 + 2**26) // (4 * 4096)  # a little over 2 GiB of float32
+    nbytes = rows * 4096 * 4
+    with (tmp_path / "model.data").open("wb") as data:  # sparse: zeros, then the last value 3.0
+        data.seek(nbytes - 4)
+        data.write(np.float32(3.0).tobytes())
+    weight = onnx.TensorProto(
+        name="w", data_type=TensorProto.FLOAT, dims=[rows, 4096], data_location=onnx.TensorProto.EXTERNAL
+    )
+    for key, value in (("location", "model.data"), ("offset", "0"), ("length", str(nbytes))):
+        weight.external_data.add(key=key, value=value)
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])],
+        [weight],
+    )
+    (tmp_path / "big.onnx").write_bytes(model.SerializeToString())
+    loaded = numpy_helper.to_array(load_onnx(tmp_path / "big.onnx").graph.initializer[0])
+    assert loaded.shape == (rows, 4096) and loaded[-1, -1] == 3.0 and not loaded[0].any()
