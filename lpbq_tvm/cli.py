@@ -32,29 +32,17 @@ example:
 """
 
 
-def _k_summary(histogram: tuple[int, ...]) -> str:
-    """The k distribution in one cell: range, median and the share of blocks at the top value."""
-    counts = np.asarray(histogram)
-    values = np.repeat(np.arange(1, len(counts) + 1), counts)
-    top_share = 100.0 * counts[-1] / counts.sum()
-    return f"{values.min()}-{values.max()} med {np.median(values):g} {top_share:.0f}%@{len(counts)}"
-
-
 def _layer_table(rows: list[LayerReport], title: str) -> Table:
+    from lpbq_tvm.report import LAYER_HEADERS, layer_cells
+
     table = Table(title=title)
-    for column in ("layer", "op", "weight shape", "status", "SQNR dB", "bits/weight", "k"):
+    for column in LAYER_HEADERS:
         table.add_column(column, justify="right" if column in ("SQNR dB", "bits/weight") else "left", overflow="fold")
     for row in rows:
-        quantized = row.status == "lpbq"
-        table.add_row(
-            row.node,
-            row.op_type,
-            "x".join(map(str, row.shape)),
-            f"LPBQ B{row.block_size} {row.encoder}" if quantized else f"[yellow]fp32[/]: {escape(row.reason)}",
-            f"{row.sqnr_db:.2f}" if quantized else "",
-            f"{row.bits_per_weight:.3f}" if quantized else "32",
-            _k_summary(row.k_histogram) if quantized else "",
-        )
+        cells = [escape(cell) for cell in layer_cells(row)]
+        if row.status != "lpbq":
+            cells[3] = f"[yellow]{cells[3]}[/]"
+        table.add_row(*cells)
     return table
 
 
@@ -400,21 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sample_batches(sim: QuantizationSimModel, batches, count: int = 2) -> list[dict[str, np.ndarray]]:
-    """Calibration batches if given, else ``count`` seeded random batches (integers 0..1 for int inputs)."""
-    if batches:
-        return list(batches)
-    rng = np.random.default_rng(0)
-    return [
-        {
-            info.name: (
-                rng.integers(0, 2, info.shape)
-                if np.issubdtype(np.dtype(info.dtype), np.integer)
-                else rng.standard_normal(info.shape)
-            ).astype(info.dtype)
-            for info in sim.inputs
-        }
-        for _ in range(count)
-    ]
+    """Calibration batches if given, else ``count`` seeded random batches."""
+    return list(batches) if batches else [sim.random_inputs(seed) for seed in range(count)]
 
 
 def _run_report(args: argparse.Namespace, console: Console) -> int:

@@ -47,20 +47,6 @@ class ExportReport:
     checks: dict[str, str] = field(default_factory=dict)
 
 
-def _sample_inputs(sim, inputs: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-    if inputs is not None:
-        return dict(inputs)
-    rng = np.random.default_rng(0)
-    return {
-        info.name: (
-            rng.integers(0, 2, info.shape)
-            if np.issubdtype(np.dtype(info.dtype), np.integer)
-            else rng.standard_normal(info.shape)
-        ).astype(info.dtype)
-        for info in sim.inputs
-    }
-
-
 def _validate_ort(exported: onnx.ModelProto, sim, inputs: dict[str, np.ndarray], report: ExportReport) -> None:
     import onnxruntime as ort
 
@@ -151,7 +137,7 @@ def export_onnx(
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
     if not sim.has_encodings:
         sim.compute_encodings()
-    inputs = _sample_inputs(sim, sample_inputs)
+    inputs = dict(sample_inputs) if sample_inputs is not None else sim.random_inputs()
     report = ExportReport(Path(path), format, 0)
     if format == "ort":
         exported = export_ort_onnx(sim.model, sim.encodings)

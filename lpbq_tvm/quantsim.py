@@ -99,6 +99,18 @@ class QuantizationSimModel:
         """The prepared fp32 ONNX model (pinned shapes, folded constants) that is quantized."""
         return self._imported.onnx_model
 
+    def random_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Seeded random inputs of the model's shapes: N(0, 1) floats, integers 0..1."""
+        rng = np.random.default_rng(seed)
+        return {
+            info.name: (
+                rng.integers(0, 2, info.shape)
+                if np.issubdtype(np.dtype(info.dtype), np.integer)
+                else rng.standard_normal(info.shape)
+            ).astype(info.dtype)
+            for info in self.inputs
+        }
+
     @property
     def preparation(self) -> tuple[str, ...]:
         """What graph preparation changed in the model before import, one line each."""

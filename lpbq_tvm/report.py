@@ -22,7 +22,7 @@ import numpy as np
 from lpbq_tvm.packing import packed_nbytes
 from lpbq_tvm.quantsim import LayerReport, QuantizationSimModel
 
-__all__ = ["Agreement", "ModelReport", "build_report", "write_report"]
+__all__ = ["LAYER_HEADERS", "Agreement", "ModelReport", "build_report", "layer_cells", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -135,13 +135,15 @@ def _plots(report: ModelReport) -> dict[str, bytes]:
     return pngs
 
 
-def _layer_cells(row: LayerReport) -> list[str]:
+def layer_cells(row: LayerReport) -> list[str]:
+    """One table row per layer (columns ``LAYER_HEADERS``), shared by the report and the CLI."""
     lpbq = row.status == "lpbq"
     k = ""
     if lpbq:
         counts = np.asarray(row.k_histogram)
         values = np.repeat(np.arange(1, len(counts) + 1), counts)
-        k = f"{values.min()}–{values.max()}, median {np.median(values):g}"
+        top = f"{counts[-1] / counts.sum():.0%} at {len(counts)}"
+        k = f"{values.min()}–{values.max()}, median {np.median(values):g}, {top}"
     return [
         row.node,
         row.op_type,
@@ -154,7 +156,7 @@ def _layer_cells(row: LayerReport) -> list[str]:
     ]
 
 
-_HEADERS = ["layer", "op", "weight shape", "status", "SQNR dB", "bits/weight", "k", "dead channels"]
+LAYER_HEADERS = ["layer", "op", "weight shape", "status", "SQNR dB", "bits/weight", "k", "dead channels"]
 
 
 def _summary_lines(report: ModelReport) -> list[str]:
@@ -174,14 +176,14 @@ def _summary_lines(report: ModelReport) -> list[str]:
 
 def _html(report: ModelReport, pngs: Mapping[str, bytes]) -> str:
     rows = "\n".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in _layer_cells(row)) + "</tr>" for row in report.rows
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in layer_cells(row)) + "</tr>" for row in report.rows
     )
     images = "\n".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}"></figure>'
         for name, data in pngs.items()
     )
     summary = "".join(f"<li>{html.escape(line)}</li>" for line in _summary_lines(report))
-    head = "".join(f"<th>{h}</th>" for h in _HEADERS)
+    head = "".join(f"<th>{h}</th>" for h in LAYER_HEADERS)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>LPBQ report: {html.escape(report.name)}</title>
 <style>
@@ -210,10 +212,10 @@ def _markdown(report: ModelReport, pngs: Mapping[str, bytes]) -> str:
         "",
         *[f"- {line}" for line in _summary_lines(report)],
         "",
-        "| " + " | ".join(_HEADERS) + " |",
-        "|" + " --- |" * len(_HEADERS),
+        "| " + " | ".join(LAYER_HEADERS) + " |",
+        "|" + " --- |" * len(LAYER_HEADERS),
     ]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _layer_cells(row)) + " |" for row in report.rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in layer_cells(row)) + " |" for row in report.rows]
     lines += ["", *[f"![{name}]({name})" for name in pngs], ""]
     return "\n".join(lines)
 

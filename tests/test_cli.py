@@ -14,7 +14,7 @@ def test_demo_quantizes_compiles_and_reports(capsys, monkeypatch):
     out = capsys.readouterr().out
     for layer, op in (("conv", "Conv"), ("fc1", "Gemm"), ("fc2", "MatMul")):
         assert layer in out and op in out
-    assert "128x64x3x3" in out and "4.069" in out and out.count("LPBQ B64") == 3
+    assert "128×64×3×3" in out and "4.069" in out and out.count("LPBQ B64") == 3
     assert "7.7x smaller" in out  # 491,520 fp32 weight bytes vs 63,744 packed
 
 
