@@ -280,5 +280,5 @@ def compile(sim, target: str = "cpu", mode: str = "weight-only") -> CompiledMode
             "sim.compute_encodings(callback, args) with a callback that feeds calibration data through sim.run"
         )
         raise ValueError(msg)
-    lowered = LowerLPBQ(mode, requantize_outputs=target_module.REQUANTIZE_OUTPUTS)(sim.encoded_module)
+    lowered = LowerLPBQ(mode, target_module.REQUANTIZE_OUTPUTS, target_module.tvm_target())(sim.encoded_module)
     return build(lowered, target, sim.inputs, sim.outputs, mode)

@@ -23,6 +23,10 @@ node itself adds it (``has_bias`` of ``"lpbq.onnx_nodes"``), so requantization s
 ONNX tensor holds, and a Gemm's product is first requantized to its ``"pre_bias"`` range, as in
 the QNN export's ``MatMul -> Q -> DQ -> Add(bias) -> Q -> DQ``.
 
+With an x86 ``target``, dense layers in weight-only and W4A8 mode use the hand-scheduled kernels
+of :mod:`lpbq_tvm.targets.x86_lpbq` instead (``lpbq_dense_x86``), whose parameters are the packed
+weights repacked for them (``<weight>.lpbq_qw`` / ``lpbq_kw`` [/ ``lpbq_wsum``] / ``lpbq_s``).
+
 Run it after EncodeLPBQ, before ``tvm.compile``.
 """
 
@@ -37,7 +41,7 @@ from tvm.relax.dpl import rewrite_call
 
 from lpbq_tvm.calibration import activation_encoding
 from lpbq_tvm.encoder import LPBQEncoding
-from lpbq_tvm.packing import PackedLPBQ, pack
+from lpbq_tvm.packing import pack
 from lpbq_tvm.passes._layers import (
     ACTIVATION_RANGES_ATTR,
     ENCODINGS_ATTR,
@@ -76,6 +80,12 @@ def _is_channel_bias(bias: relax.Expr, output: relax.Expr, channel_axis: int) ->
     return aligned[channel_axis] in (1, out_dims[channel_axis]) and all(d == 1 for d in others)
 
 
+def _is_x86(target: tvm.target.Target) -> bool:
+    """An LLVM target for x86-64 (the host's, unless another ``mtriple`` is named)."""
+    triple = str(target.attrs.get("mtriple", "")) or tvm.target.codegen.llvm_get_system_triple()
+    return target.kind.name == "llvm" and triple.startswith("x86_64")
+
+
 def attach_activation_ranges(
     mod: tvm.IRModule, ranges: dict[str, dict[str, tuple[float, float]]], function: str = "main"
 ) -> tvm.IRModule:
@@ -92,30 +102,71 @@ def attach_activation_ranges(
 class _Lowering:
     """The state of lowering one function: its encodings and the packed parameters it gains."""
 
-    def __init__(self, func: relax.Function, mode: str, requantize_outputs: bool) -> None:
+    def __init__(
+        self, func: relax.Function, mode: str, requantize_outputs: bool, target: tvm.target.Target | None
+    ) -> None:
         self.func = func
         self.mode = mode
         self.requantize_outputs = requantize_outputs
         self.ranges = function_attr(func, ACTIVATION_RANGES_ATTR)
         self.annotations = function_attr(func, WEIGHTS_ATTR)
         self.encodings: dict[str, LPBQEncoding] = read_encodings(func)
-        self.packed: dict[str, tuple[PackedLPBQ, list[relax.Expr]]] = {}
+        self.target = target
+        self.packed: dict[str, tuple[list[np.ndarray], list[relax.Expr]]] = {}
         self.kernels: list[relax.GlobalVar] = []
 
-    def packed_args(self, key: str, weight: relax.Expr) -> list[relax.Expr]:
-        """The (q, k, s) operands for ``key``: new parameters, or constants for a constant weight."""
+    def weight_args(self, key: str, weight: relax.Expr, arrays: dict[str, np.ndarray]) -> list[relax.Expr]:
+        """Operands for ``arrays`` (suffix -> value): new parameters ``<key>.<suffix>``, or constants."""
         if key not in self.packed:
-            packed = pack(self.encodings[key])
-            arrays = (packed.q, packed.k, packed.scale)
             if isinstance(weight, relax.Var):
                 args = [
                     relax.Var(f"{key}.{suffix}", relax.TensorType(array.shape, str(array.dtype)))
-                    for suffix, array in zip(_PACKED_SUFFIXES, arrays, strict=True)
+                    for suffix, array in arrays.items()
                 ]
             else:
-                args = [relax.const(array) for array in arrays]
-            self.packed[key] = (packed, args)
+                args = [relax.const(array) for array in arrays.values()]
+            self.packed[key] = (list(arrays.values()), args)
         return self.packed[key][1]
+
+    def fast_dense(
+        self, bb: relax.BlockBuilder, key: str, candidate: Candidate, bias, integer: IntegerArithmetic | None
+    ) -> relax.Expr | None:
+        """A scheduled x86 kernel call (:mod:`lpbq_tvm.targets.x86_lpbq`) where one applies, else None.
+
+        Applies to 2-D activations, weight-only or W4A8 without requantization, block sizes that are
+        multiples of 8 and a bias of shape [N]; the weights are repacked for it.
+        """
+        from lpbq_tvm.targets import x86_lpbq
+
+        encoding = self.encodings[key]
+        shape = candidate.x.ty.shape
+        if self.target is None or integer is not None and (integer.output_encoding or integer.accumulator != "int32"):
+            return None
+        if shape is None or len(shape) != 2 or candidate.x.ty.dtype != "float32" or encoding.block_size % 8:
+            return None
+        if bias is not None and [int(d) for d in bias.ty.shape] != [encoding.num_channels]:
+            return None
+        rows, depth, channels = int(shape[0]), encoding.num_blocks * encoding.block_size, encoding.num_channels
+        packed = pack(encoding)
+        if integer is None:
+            qw, kw = x86_lpbq.repack_weight_only(packed.q, packed.k, channels, depth, encoding.block_size)
+            arrays = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_s": packed.scale}
+            func = x86_lpbq.weight_only_dense(rows, channels, depth, encoding.block_size, bias is not None, self.target)
+        else:
+            qw, kw, wsum = x86_lpbq.repack_w4a8(packed.q, packed.k, channels, depth, encoding.block_size)
+            arrays = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
+            encoding_x = integer.input_encoding
+            # The bias is added by its own operator: inside the kernel, LLVM may promote the small
+            # scaled buffer to registers and fuse the add into an FMA, which rounds differently.
+            func = x86_lpbq.w4a8_dense(
+                rows, channels, depth, encoding.block_size, encoding_x.scale, encoding_x.zero_point, False, self.target
+            )
+        fused_bias = bias if integer is None else None
+        args = [candidate.x, *self.weight_args(key, candidate.weight, arrays)]
+        args += [fused_bias] if fused_bias is not None else []
+        gvar = bb.add_func(func.without_attr("global_symbol"), "lpbq_dense_x86")  # named by its GlobalVar
+        call = relax.call_tir(gvar, args, relax.TensorType((rows, channels), "float32"))
+        return call if bias is None or fused_bias is not None else relax.op.add(call, bias)
 
     def integer_arithmetic(self, key: str, node: str) -> IntegerArithmetic | None:
         """The integer settings of layer ``key`` in this mode (None in weight-only mode)."""
@@ -155,7 +206,12 @@ class _Lowering:
             return fallback  # the ONNX node ends before the bias add: requantize before it
         encoding = self.encodings[key]
         integer = self.integer_arithmetic(key, str(annotation["node"]))
-        q, k, s = self.packed_args(key, candidate.weight)
+        if candidate.kind == "dense" and (fast := self.fast_dense(bb, key, candidate, bias, integer)) is not None:
+            return fast
+        packed = pack(encoding)
+        q, k, s = self.weight_args(
+            key, candidate.weight, dict(zip(_PACKED_SUFFIXES, (packed.q, packed.k, packed.scale), strict=True))
+        )
         operands = [candidate.x, q, k, s] + ([bias] if bias is not None else [])
         if candidate.kind == "dense":
             kernel, name = (
@@ -186,7 +242,9 @@ class _Lowering:
 class LowerLPBQ:
     """Lower encoded LPBQ layers to packed-weight kernels; see the module docstring."""
 
-    def __init__(self, mode: str = "weight-only", requantize_outputs: bool = False) -> None:
+    def __init__(
+        self, mode: str = "weight-only", requantize_outputs: bool = False, target: tvm.target.Target | None = None
+    ) -> None:
         if mode not in MODES:
             msg = f"unknown LPBQ lowering mode {mode!r}; known: {', '.join(MODES)}"
             raise ValueError(msg)
@@ -195,6 +253,7 @@ class LowerLPBQ:
             raise ValueError(msg)
         self.mode = mode
         self.requantize_outputs = requantize_outputs
+        self.target = target if target is not None and _is_x86(target) else None
         self.patterns = LayerPatterns()
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -208,7 +267,7 @@ class LowerLPBQ:
         bb = relax.BlockBuilder(mod.clone())
         kernels = []
         for gvar, func in targets:
-            lowering = _Lowering(func, self.mode, self.requantize_outputs)
+            lowering = _Lowering(func, self.mode, self.requantize_outputs, self.target)
             bb.update_func(gvar, self._rewrite(bb, func, lowering))
             kernels += lowering.kernels
         lowered = bb.get()
@@ -253,7 +312,7 @@ class LowerLPBQ:
             if values is not None:
                 kept_values.append(values[index])
         lowered = {}
-        for key, (packed, args) in lowering.packed.items():
+        for key, (arrays, args) in lowering.packed.items():
             annotation = lowering.annotations[key]
             lowered[key] = {
                 "node": annotation["node"],
@@ -263,7 +322,7 @@ class LowerLPBQ:
             }
             if isinstance(args[0], relax.Var):
                 params += args
-                kept_values += [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (packed.q, packed.k, packed.scale)]
+                kept_values += [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
                 lowered[key]["params"] = [arg.name for arg in args]
         attrs = {k: v for k, v in func.attrs.items() if k not in (ENCODINGS_ATTR, PARAMS_ATTR)}
         attrs[LOWERED_ATTR] = lowered

@@ -1,0 +1,341 @@
+"""The x86 kernels of lpbq_tvm.targets.x86_lpbq: odd shapes, saturating inputs, fallbacks, Relax call_tir.
+
+weight-only: within float-reassociation tolerance of a float64 reference;
+W4A8: bit-exact (np.array_equal on the int32 views of the float32 outputs) against numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from lpbq_tvm import reference
+from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.packing import pack_nibbles
+from lpbq_tvm.targets import x86_lpbq as fk
+
+
+def reference_weight_only(x, q, k, s, B, bias=None):
+    """float64 reference ``s[n] · Σ_i x · q · k (+ bias)``; q [N, K], k [N, nb]."""
+    w = q.astype(np.float64) * np.repeat(k, B, axis=1)
+    y = (x.astype(np.float64) @ w.T) * s.astype(np.float64)
+    return y if bias is None else y + bias.astype(np.float64)
+
+
+def reference_w4a8(x, q, k, s, B, sx, zx, bias=None):
+    """The project's integer reference (lpbq_tvm.reference) for an 8-bit input encoding (sx, zx)."""
+    encoding = ActivationEncoding(8, float(np.float32(sx)), -int(zx))
+    return reference.dense_int(x, reference.int_weight(q, k, B), s, encoding, bias)
+
+
+TARGET = fk.default_target()
+DEV = tvm.cpu()
+_COMPILED: dict = {}
+
+
+def _compile(key, make):
+    if key not in _COMPILED:
+        _COMPILED[key] = tvm.compile(make(), TARGET)
+    return _COMPILED[key]
+
+
+def _weights(N, K, B, rng, edge=True):
+    """Random q in -8..7, k in 1..16; a few rows at the extremes (q = -8 & k = 16, q = 7, q = 0)."""
+    q = rng.integers(-8, 8, (N, K))
+    k = rng.integers(1, 17, (N, K // B))
+    if edge:
+        q[0], k[0] = -8, 16
+        q[1 % N], k[1 % N] = 7, 16
+        q[2 % N] = 0
+        q[-1, ::2], k[-1] = -8, 1
+    return q, k
+
+
+def _run(lib, arrays, M, N):
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), DEV) for a in arrays]
+    out = tvm.runtime.tensor(np.zeros((M, N), np.float32), DEV)
+    lib(*args, out)
+    return out.numpy()
+
+
+def _weight_only_tolerance(x, q, k, s, B, bias):
+    """(K + nb + 3) · 2^-24 · (Σ|x||w|·|s| + |bias|): float32 reassociation + the scale / bias roundings."""
+    K = x.shape[1]
+    w = np.abs(q).astype(np.float64) * np.repeat(k, B, axis=1)
+    mag = (np.abs(x).astype(np.float64) @ w.T) * np.abs(s)
+    if bias is not None:
+        mag = mag + np.abs(bias)
+    return (K + K // B + 3) * 2.0**-24 * mag
+
+
+# ------------------------------------------------------------------------------------------------
+# repack layouts
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N, K, B", [(48, 32, 32), (100, 192, 64), (130, 128, 128)])
+def test_repack_layouts(N, K, B):
+    """The repacked arrays hold exactly the documented bytes (decoded back here by hand)."""
+    rng = np.random.default_rng(0)
+    q, k = _weights(N, K, B, rng)
+    qp, kp = pack_nibbles(q), pack_nibbles(k - 1)
+    nt, nb = -(-N // 64), K // B
+
+    qw, kw = fk.repack_weight_only(qp, kp, N, K, B)
+    assert qw.dtype == np.uint32 and qw.shape == (nt, K // 8, 64)
+    assert kw.dtype == np.uint8 and kw.shape == (nt, -(-nb // 2), 64)
+    for n in (0, N // 2, N - 1):
+        t, lane = divmod(n, 64)
+        nib = (qw[t, :, lane][:, None] >> (4 * np.arange(8, dtype=np.uint32))) & 15  # [K/8, 8]
+        assert np.array_equal(np.where(nib >= 8, nib.astype(int) - 16, nib).reshape(-1), q[n])
+        knib = np.stack([kw[t, :, lane] & 15, kw[t, :, lane] >> 4], 1).reshape(-1)[:nb]
+        assert np.array_equal(knib.astype(int) + 1, k[n])
+    if N % 64:  # padded channels: code 0, k = 1
+        assert not qw[-1, :, N % 64 :].any() and not kw[-1, :, N % 64 :].any()
+
+    qw8, kw8, wsum = fk.repack_w4a8(qp, kp, N, K, B)
+    assert qw8.dtype == np.uint32 and qw8.shape == (nt, K // 8, 64)
+    assert np.array_equal(kw8, kw)
+    assert np.array_equal(wsum, (q * np.repeat(k, B, axis=1)).sum(1))
+    for n in (0, N - 1):
+        t, lane = divmod(n, 64)
+        b = np.ascontiguousarray(qw8[t, :, lane]).view("<u1").reshape(K // 8, 4)  # byte j of dword g
+        lo, hi = (b & 15).astype(int) - 8, (b >> 4).astype(int) - 8
+        assert np.array_equal(np.concatenate([lo, hi], 1).reshape(-1), q[n])  # k = 8g+j | 8g+4+j
+    if N % 64:
+        assert (qw8[-1, :, N % 64 :] == 0x88888888).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# weight-only
+# ------------------------------------------------------------------------------------------------
+
+SHAPES = [(N, nb * B, B) for N in (48, 100) for B in (32, 64, 128) for nb in (1, 3)]
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 32])
+@pytest.mark.parametrize("N, K, B", SHAPES)
+def test_weight_only(M, N, K, B):
+    with_bias = (M + N + K // B) % 2 == 0
+    rng = np.random.default_rng(M * 1000 + N + K + B)
+    q, k = _weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32) * 4
+    bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
+    qw, kw = fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    lib = _compile(("wo", M, N, K, B, with_bias), lambda: fk.weight_only_dense(M, N, K, B, with_bias))
+    got = _run(lib, [x, qw, kw, s] + ([bias] if with_bias else []), M, N)
+    ref = reference_weight_only(x, q, k, s, B, bias)
+    assert got.shape == (M, N)
+    assert np.all(np.abs(got - ref) <= _weight_only_tolerance(x, q, k, s, B, bias))
+
+
+@pytest.mark.parametrize("M", [7, 37])
+def test_weight_only_row_tails(M):
+    """Row counts without a handy divisor: GEMV row groups of 1 (M = 7), GEMM with a predicated tail (M = 37)."""
+    N, K, B = 100, 192, 64
+    rng = np.random.default_rng(M)
+    q, k = _weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    qw, kw = fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    got = _run(tvm.compile(fk.weight_only_dense(M, N, K, B), TARGET), [x, qw, kw, s], M, N)
+    assert np.all(np.abs(got - reference_weight_only(x, q, k, s, B)) <= _weight_only_tolerance(x, q, k, s, B, None))
+
+
+def test_weight_only_zero_codes_exact():
+    """All-zero codes give exactly 0 (signed decode, no offset cancellation)."""
+    M, N, K, B = 1, 100, 128, 64
+    q, k = np.zeros((N, K), int), np.full((N, K // B), 16)
+    x = np.random.default_rng(1).standard_normal((M, K)).astype(np.float32) * 1e3
+    qw, kw = fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    lib = _compile(("wo", M, N, K, B, False), lambda: fk.weight_only_dense(M, N, K, B))
+    assert not _run(lib, [x, qw, kw, np.ones(N, np.float32)], M, N).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# W4A8
+# ------------------------------------------------------------------------------------------------
+
+
+def _activations(M, K, sx, zx, rng):
+    """Normal values plus saturating ones (far outside [−zx·sx, (255 − zx)·sx]) and exact .5 ties."""
+    x = (rng.standard_normal((M, K)) * 60 * sx).astype(np.float32)
+    flat = x.reshape(-1)
+    idx = rng.permutation(flat.size)
+    third = flat.size // 3
+    flat[idx[:third:2]] = 1e4 * sx  # saturates at 255
+    flat[idx[1:third:2]] = -1e4 * sx  # saturates at 0
+    ties = np.float32(sx) * (rng.integers(-200, 200, third).astype(np.float32) + np.float32(0.5))
+    flat[idx[third : 2 * third]] = ties  # x / sx lands exactly on a .5 tie when sx is a power of two
+    return x
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 32])
+@pytest.mark.parametrize("N, K, B", SHAPES)
+def test_w4a8_bit_exact(M, N, K, B):
+    with_bias = (M + N + K // B) % 2 == 1
+    rng = np.random.default_rng(M * 7 + N + K * 3 + B)
+    sx, zx = (0.25, 128) if (M + B) % 2 else (0.0371, (0, 17, 255)[(N + K) % 3])
+    q, k = _weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = _activations(M, K, sx, zx, rng)
+    bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
+    qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    lib = _compile(("w4a8", M, N, K, B, sx, zx, with_bias), lambda: fk.w4a8_dense(M, N, K, B, sx, zx, with_bias))
+    got = _run(lib, [x, qw, kw, wsum, s] + ([bias] if with_bias else []), M, N)
+    ref = reference_w4a8(x, q, k, s, B, sx, zx, bias)
+    assert got.shape == (M, N) and got.dtype == np.float32
+    assert np.array_equal(got.view(np.int32), ref.view(np.int32))
+
+
+@pytest.mark.parametrize("zx", [0, 255])
+def test_w4a8_extreme_accumulator(zx):
+    """q = −8, k = 16 everywhere and fully saturated x: the largest |acc| the format allows."""
+    M, N, K, B = 3, 100, 512, 128
+    q, k = np.full((N, K), -8), np.full((N, K // B), 16)
+    x = np.where(np.arange(K) % 2, 1e9, -1e9).astype(np.float32)[None].repeat(M, 0)
+    s = np.full(N, 0.5, np.float32)
+    qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    lib = _compile(("w4a8", M, N, K, B, 0.5, zx, False), lambda: fk.w4a8_dense(M, N, K, B, 0.5, zx))
+    got = _run(lib, [x, qw, kw, wsum, s], M, N)
+    ref = reference_w4a8(x, q, k, s, B, 0.5, zx)
+    assert np.array_equal(got.view(np.int32), ref.view(np.int32))
+
+
+FALLBACKS = [
+    dict(intrinsic="avx512bw"),
+    dict(intrinsic=None),
+    dict(intrinsic=None, fold_k=True),
+    dict(intrinsic="vnni", fold_k=True),
+    dict(intrinsic="vnni", fold_k=False),
+]
+
+
+@pytest.mark.parametrize("options", FALLBACKS, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 32])
+def test_w4a8_schemes_and_fallbacks(options, M):
+    """Every scheme / intrinsic choice is bit-exact (the host CPU runs all of them)."""
+    N, K, B, sx, zx = 100, 192, 64, 0.0371, 100
+    rng = np.random.default_rng(M)
+    q, k = _weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = _activations(M, K, sx, zx, rng)
+    qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    lib = tvm.compile(fk.w4a8_dense(M, N, K, B, sx, zx, **options), TARGET)
+    got = _run(lib, [x, qw, kw, wsum, s], M, N)
+    assert np.array_equal(got.view(np.int32), reference_w4a8(x, q, k, s, B, sx, zx).view(np.int32))
+
+
+@pytest.mark.parametrize("cpu", ["skylake-avx512", "haswell"])
+def test_targets_without_vnni(cpu):
+    """Feature detection: AVX-512BW without VNNI uses pmaddubsw, AVX2 uses plain vector code."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2})
+    M, N, K, B, sx, zx = 3, 100, 128, 64, 0.0371, 100
+    rng = np.random.default_rng(5)
+    q, k = _weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = _activations(M, K, sx, zx, rng)
+    qp, kp = pack_nibbles(q), pack_nibbles(k - 1)
+    lib = tvm.compile(fk.w4a8_dense(M, N, K, B, sx, zx, target=target), target)
+    asm = lib.mod.inspect_source("asm")
+    assert "vpdpbusd" not in asm and (("vpmaddubsw" in asm) == (cpu == "skylake-avx512"))
+    got = _run(lib, [x, *fk.repack_w4a8(qp, kp, N, K, B), s], M, N)
+    assert np.array_equal(got.view(np.int32), reference_w4a8(x, q, k, s, B, sx, zx).view(np.int32))
+    for m in (1, M):
+        lib = tvm.compile(fk.weight_only_dense(m, N, K, B, target=target), target)
+        got = _run(lib, [x[:m], *fk.repack_weight_only(qp, kp, N, K, B), s], m, N)
+        ref = reference_weight_only(x[:m], q, k, s, B)
+        assert np.all(np.abs(got - ref) <= _weight_only_tolerance(x[:m], q, k, s, B, None))
+
+
+def test_kernel_attributes():
+    for func in (
+        fk.weight_only_dense(1, 64, 64, 64),
+        fk.weight_only_dense(8, 64, 64, 64),
+        fk.w4a8_dense(1, 64, 64, 64, 0.1, 0),
+    ):
+        assert int(func.attrs["op_pattern"]) == 8
+        assert bool(func.attrs["tirx.is_scheduled"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Relax
+# ------------------------------------------------------------------------------------------------
+
+
+def _relax_call(prim_func, inputs, out_shape, name):
+    """Relax main(*inputs) = R.call_tir(name, inputs, out_ty=Tensor(out_shape, float32))."""
+    bb = relax.BlockBuilder()
+    params = [relax.Var(n, relax.TensorType(a.shape, str(a.dtype))) for n, a in inputs]
+    with bb.function("main", params):
+        gv = bb.add_func(prim_func.with_attr("global_symbol", name), name)  # the PrimFunc's own symbol is "main"
+        with bb.dataflow():
+            y = bb.emit(relax.call_tir(gv, params, relax.TensorType(out_shape, "float32")))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("M", [1, 8])
+def test_relax_call_tir(M):
+    N, K, B, sx, zx = 100, 256, 64, 0.0371, 128
+    rng = np.random.default_rng(9)
+    q, k = _weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    x = _activations(M, K, sx, zx, rng)
+    qp, kp = pack_nibbles(q), pack_nibbles(k - 1)
+
+    qw, kw = fk.repack_weight_only(qp, kp, N, K, B)
+    names = ["x", "qw", "kw", "s", "bias"]
+    inputs = list(zip(names, [x, qw, kw, s, bias], strict=True))
+    mod = _relax_call(fk.weight_only_dense(M, N, K, B, True), inputs, (M, N), "lpbq_weight_only")
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET), DEV)
+    got = vm["main"](*[tvm.runtime.tensor(a, DEV) for _, a in inputs]).numpy()
+    ref = reference_weight_only(x, q, k, s, B, bias)
+    assert np.all(np.abs(got - ref) <= _weight_only_tolerance(x, q, k, s, B, bias))
+
+    qw, kw, wsum = fk.repack_w4a8(qp, kp, N, K, B)
+    inputs = list(zip(["x", "qw", "kw", "wsum", "s", "bias"], [x, qw, kw, wsum, s, bias], strict=True))
+    mod = _relax_call(fk.w4a8_dense(M, N, K, B, sx, zx, True), inputs, (M, N), "lpbq_w4a8")
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET), DEV)
+    got = vm["main"](*[tvm.runtime.tensor(a, DEV) for _, a in inputs]).numpy()
+    assert np.array_equal(got.view(np.int32), reference_w4a8(x, q, k, s, B, sx, zx, bias).view(np.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Same semantics as the project's unscheduled kernels (passes/lpbq_kernels.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("M", [1, 7, 32])
+def test_matches_project_unscheduled_kernels(M):
+    """W4A8 bit-identical to dense_kernel(integer=...); weight-only within tolerance of dense_kernel."""
+    kernels = pytest.importorskip("passes.lpbq_kernels")
+    from tvm import te
+
+    from lpbq_tvm.calibration import ActivationEncoding
+
+    N, K, B, sx, zx = 100, 256, 64, 0.0371, 100
+    rng = np.random.default_rng(M + 11)
+    q, k = _weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = _activations(M, K, sx, zx, rng)
+    qp, kp = pack_nibbles(q), pack_nibbles(k - 1)
+
+    def project(integer):
+        xt, qt = te.placeholder((M, K), "float32", "x"), te.placeholder(qp.shape, "uint8", "q")
+        kt, st = te.placeholder(kp.shape, "uint8", "k"), te.placeholder((N,), "float32", "s")
+        arith = kernels.IntegerArithmetic(ActivationEncoding(8, sx, -zx)) if integer else None
+        y = kernels.dense_kernel(xt, qt, kt, st, block_size=B, integer=arith)
+        return _run(tvm.compile(te.create_prim_func([xt, qt, kt, st, y]), TARGET), [x, qp, kp, s], M, N)
+
+    fast = _run(tvm.compile(fk.w4a8_dense(M, N, K, B, sx, zx), TARGET), [x, *fk.repack_w4a8(qp, kp, N, K, B), s], M, N)
+    assert np.array_equal(fast.view(np.int32), project(True).view(np.int32))
+    fast = _run(
+        tvm.compile(fk.weight_only_dense(M, N, K, B), TARGET), [x, *fk.repack_weight_only(qp, kp, N, K, B), s], M, N
+    )
+    assert np.all(np.abs(fast - project(False)) <= 2 * _weight_only_tolerance(x, q, k, s, B, None))
