@@ -157,3 +157,18 @@ def test_json_results_and_bench(tmp_path, capsys):
     timings = json.loads(capsys.readouterr().out)
     assert set(timings["tvm"]) == {"fp32", "weight-only", "w4a8", "w4a16"}
     assert all(t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in timings["tvm"].values())
+
+
+def test_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the bundle is being written: exit 130, and neither the bundle nor its staging folder remain."""
+    import lpbq_tvm.compiler
+
+    model, _ = _example_files(tmp_path)
+
+    def interrupt(self):  # the user presses Ctrl-C while the bundle's files are being written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lpbq_tvm.compiler.CompiledModel, "manifest", interrupt)
+    assert main(["compile", str(model), "-o", str(tmp_path / "bundle")]) == 130
+    assert "interrupted; no partial output was left" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "example.onnx"]

@@ -204,3 +204,48 @@ def test_real_model_exports(magika_files, tmp_path):
             sizes[f"{fmt}{bits}"] = report.bytes
             print(name, fmt, bits, report.checks)
         print(name, "bytes", {"fp32": Path(path).stat().st_size, **sizes})
+
+
+def test_real_model_through_the_cli(tmp_path, magika_files):
+    """What a user types: compile, report and export magika from its file, with calibration data."""
+    from lpbq_tvm.cli import main
+
+    _, batch = magika_files
+    np.savez(tmp_path / "calib.npz", bytes=batch[:, None])  # 5 batches of one file each
+    model = str(MAGIKA_DIR / "model.onnx")
+    assert (
+        main(
+            [
+                "-q",
+                "compile",
+                model,
+                "--mode",
+                "w4a8",
+                "--calib",
+                str(tmp_path / "calib.npz"),
+                "-o",
+                str(tmp_path / "bundle"),
+            ]
+        )
+        == 0
+    )
+    assert main(["-q", "report", model, "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "report")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "export",
+                model,
+                "--format",
+                "qnn-onnx",
+                "--calib",
+                str(tmp_path / "calib.npz"),
+                "-o",
+                str(tmp_path / "magika.qnn.onnx"),
+            ]
+        )
+        == 0
+    )
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert MAGIKA_EMBEDDING in html and "fp32: " in html  # the K=257 layer, reported with its reason
+    assert (tmp_path / "bundle" / "model.so").is_file() and (tmp_path / "magika.qnn.onnx").is_file()
