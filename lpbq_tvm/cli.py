@@ -290,6 +290,13 @@ def _add_lpbq_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _command(commands, name: str, handler, help: str, epilog: str) -> argparse.ArgumentParser:  # noqa: A002
+    """A subcommand with its handler, its one-line help and worked examples after the options."""
+    parser = commands.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lpbq-tvm",
@@ -301,31 +308,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--json", action="store_true", help="print a machine-readable JSON result instead of tables")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
+    demo = _command(
+        commands,
         "demo",
-        help="quantize, compile and run the built-in example model; print per-layer and output quality",
-        epilog=_DEMO_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _run_demo,
+        "quantize, compile and run the built-in example model; print per-layer and output quality",
+        _DEMO_EPILOG,
     )
     _add_lpbq_options(demo)
-    demo.set_defaults(handler=_run_demo)
 
-    compile_ = commands.add_parser(
+    compile_ = _command(
+        commands,
         "compile",
-        help="quantize an ONNX model with LPBQ and build a deployment bundle for a target",
-        epilog=_COMPILE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _run_compile,
+        "quantize an ONNX model with LPBQ and build a deployment bundle for a target",
+        _COMPILE_EPILOG,
     )
     compile_.add_argument("-o", "--output", required=True, help="bundle directory to write")
     _add_model_options(compile_)
     _add_target_options(compile_)
-    compile_.set_defaults(handler=_run_compile)
 
-    export = commands.add_parser(
+    export = _command(
+        commands,
         "export",
-        help="write AIMET encodings, QNN / onnxruntime ONNX or a TVM bundle, each validated",
-        epilog=_EXPORT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _run_export,
+        "write AIMET encodings, QNN / onnxruntime ONNX or a TVM bundle, each validated",
+        _EXPORT_EPILOG,
     )
     export.add_argument("--format", required=True, choices=["aimet-json", "qnn-onnx", "ort-onnx", "tvm"])
     export.add_argument("-o", "--output", required=True, help="file (directory for --format tvm) to write")
@@ -340,50 +348,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(export)
     _add_target_options(export)
-    export.set_defaults(handler=_run_export)
 
-    report = commands.add_parser(
+    report = _command(
+        commands,
         "report",
-        help="quantize a model and write an HTML + Markdown report: layers, sizes, output agreement, plots",
-        epilog="example:\n  lpbq-tvm report model.onnx --calib calib.npz -o report/\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _run_report,
+        "quantize a model and write an HTML + Markdown report: layers, sizes, output agreement, plots",
+        "example:\n  lpbq-tvm report model.onnx --calib calib.npz -o report/\n",
     )
     report.add_argument("-o", "--output", required=True, help="report directory to write")
     _add_model_options(report)
-    report.set_defaults(handler=_run_report)
 
-    run = commands.add_parser(
+    run = _command(
+        commands,
         "run",
-        help="run a bundle written by compile / export --format tvm on inputs from an .npz",
-        epilog="example:\n  lpbq-tvm run bundle/ --inputs inputs.npz -o outputs.npz\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _run_run,
+        "run a bundle written by compile / export --format tvm on inputs from an .npz",
+        "example:\n  lpbq-tvm run bundle/ --inputs inputs.npz -o outputs.npz\n",
     )
     run.add_argument("bundle", help="the bundle directory")
     run.add_argument("--inputs", required=True, help=".npz with one array per model input")
     run.add_argument("-o", "--output", help=".npz to write the outputs to")
     run.add_argument("--force", action="store_true", help="replace an existing output")
-    run.set_defaults(handler=_run_run)
 
-    bench = commands.add_parser(
+    bench = _command(
+        commands,
         "bench",
-        help="time onnxruntime fp32, TVM fp32 and TVM LPBQ (each mode) on one model, side by side",
-        epilog="example:\n  lpbq-tvm bench model.onnx --calib calib.npz --threads 2 --repeat 50\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _run_bench,
+        "time onnxruntime fp32, TVM fp32 and TVM LPBQ (each mode) on one model, side by side",
+        "example:\n  lpbq-tvm bench model.onnx --calib calib.npz --threads 2 --repeat 50\n",
     )
     bench.add_argument("--threads", type=int, default=1, help="TVM and onnxruntime threads (default 1)")
     bench.add_argument("--repeat", type=int, default=20, help="timed runs per runtime (default 20)")
     _add_model_options(bench)
-    bench.set_defaults(handler=_run_bench)
 
-    check = commands.add_parser(
+    check = _command(
+        commands,
         "check",
-        help="pre-flight check of a QDQ ONNX model for Qualcomm's QNN toolchain (exit 1 when problems are found)",
-        epilog="example:\n  lpbq-tvm check model.qnn.onnx --for qnn\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _run_check,
+        "pre-flight check of a QDQ ONNX model for Qualcomm's QNN toolchain (exit 1 when problems are found)",
+        "example:\n  lpbq-tvm check model.qnn.onnx --for qnn\n",
     )
     check.add_argument("model", help="the ONNX model file")
     check.add_argument("--for", dest="target_toolchain", default="qnn", choices=["qnn"], help="toolchain to check for")
-    check.set_defaults(handler=_run_check)
     return parser
 
 
