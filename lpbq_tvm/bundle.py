@@ -21,7 +21,7 @@ from tvm import relax
 from lpbq_tvm.compiler import MANIFEST_FILE, PARAMS_FILE
 from lpbq_tvm.targets import get_target
 
-__all__ = ["LoadedBundle", "load_bundle"]
+__all__ = ["LoadedBundle", "check_inputs", "load_bundle", "read_manifest"]
 
 
 class LoadedBundle:
@@ -39,25 +39,14 @@ class LoadedBundle:
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(directory / manifest["library"])), device)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = self.manifest["inputs"]
-        if sorted(inputs) != sorted(info["name"] for info in expected):
-            names = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in expected)
-            raise ValueError(f"inputs must be exactly: {names}; got {', '.join(sorted(inputs)) or 'none'}")
-        tensors = []
-        for info in expected:
-            value = np.asarray(inputs[info["name"]])
-            if list(value.shape) != info["shape"] or str(value.dtype) != info["dtype"]:
-                got = f"{value.dtype} {list(value.shape)}"
-                msg = f"input '{info['name']}' must be {info['dtype']} {info['shape']}, got {got}"
-                raise ValueError(msg)
-            tensors.append(tvm.runtime.tensor(np.ascontiguousarray(value)))
+        tensors = [tvm.runtime.tensor(value) for value in check_inputs(self.manifest, inputs)]
         result = self._vm["main"](*tensors, *self.params)
         values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return {info["name"]: value.numpy() for info, value in zip(self.manifest["outputs"], values, strict=True)}
 
 
-def load_bundle(directory: str | PathLike) -> LoadedBundle:
-    """Check and load a bundle directory; ``ValueError`` names what is wrong with it."""
+def read_manifest(directory: str | PathLike) -> dict[str, Any]:
+    """A bundle's manifest, after checking every file against its sha256; ``ValueError`` otherwise."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -71,4 +60,25 @@ def load_bundle(directory: str | PathLike) -> LoadedBundle:
         path = directory / name
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
             raise ValueError(f"{directory}: {name} is missing or does not match the manifest's sha256")
-    return LoadedBundle(directory, manifest)
+    return manifest
+
+
+def check_inputs(manifest: dict[str, Any], inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The inputs in call order, checked against the manifest's names, shapes and dtypes."""
+    expected = manifest["inputs"]
+    if sorted(inputs) != sorted(info["name"] for info in expected):
+        names = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in expected)
+        raise ValueError(f"inputs must be exactly: {names}; got {', '.join(sorted(inputs)) or 'none'}")
+    values = []
+    for info in expected:
+        value = np.ascontiguousarray(inputs[info["name"]])
+        if list(value.shape) != info["shape"] or str(value.dtype) != info["dtype"]:
+            got = f"{value.dtype} {list(value.shape)}"
+            raise ValueError(f"input '{info['name']}' must be {info['dtype']} {info['shape']}, got {got}")
+        values.append(value)
+    return values
+
+
+def load_bundle(directory: str | PathLike) -> LoadedBundle:
+    """Check and load a bundle directory; ``ValueError`` names what is wrong with it."""
+    return LoadedBundle(Path(directory), read_manifest(directory))

@@ -364,12 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         _run_run,
         "run a bundle written by compile / export --format tvm on inputs from an .npz",
-        "example:\n  lpbq-tvm run bundle/ --inputs inputs.npz -o outputs.npz\n",
+        "examples:\n  lpbq-tvm run bundle/ --inputs inputs.npz -o outputs.npz\n"
+        "  lpbq-tvm run bundle/ --inputs inputs.npz --rpc 127.0.0.1:9190 --key board   # a device of an RPC tracker\n",
     )
     run.add_argument("bundle", help="the bundle directory")
     run.add_argument("--inputs", required=True, help=".npz with one array per model input")
     run.add_argument("-o", "--output", help=".npz to write the outputs to")
     run.add_argument("--force", action="store_true", help="replace an existing output")
+    run.add_argument("--rpc", metavar="HOST:PORT", help="run on a device of this TVM RPC tracker instead of here")
+    run.add_argument("--key", help="the tracker key of the devices to run on (with --rpc)")
+    run.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a free device (default 60)")
 
     bench = _command(
         commands,
@@ -419,15 +423,29 @@ def _run_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run_run(args: argparse.Namespace, console: Console) -> int:
-    from lpbq_tvm.bundle import load_bundle
+    from lpbq_tvm.bundle import load_bundle, read_manifest
 
     output = _refuse_existing(args.output, args.force) if args.output else None
-    bundle = load_bundle(args.bundle)
     with np.load(args.inputs) as archive:
         inputs = dict(archive)
-    outputs = bundle.run(inputs)
+    if args.rpc:
+        from lpbq_tvm.remote import run_remote
+
+        if not args.key:
+            raise ValueError("--rpc needs --key: the tracker key of the devices to run on")
+        with console.status(f"running on a {args.key!r} device of the tracker at {args.rpc}"):
+            remote = run_remote(args.bundle, args.rpc, args.key, inputs, timeout=args.timeout)
+        outputs = remote.outputs
+        args.result["timing_ms"] = vars(remote.timing)
+        console.print(
+            f"{remote.device}: main {remote.timing.median_ms:.3f} ms median "
+            f"({remote.timing.min_ms:.3f}..{remote.timing.max_ms:.3f})"
+        )
+    else:
+        outputs = load_bundle(args.bundle).run(inputs)
     args.result["outputs"] = {name: {"shape": list(v.shape), "dtype": str(v.dtype)} for name, v in outputs.items()}
-    table = Table(title=f"{args.bundle}: target {bundle.manifest['target']}, mode {bundle.manifest['mode']}")
+    manifest = read_manifest(args.bundle)
+    table = Table(title=f"{args.bundle}: target {manifest['target']}, mode {manifest['mode']}")
     for column in ("output", "shape", "dtype", "min", "max", "mean"):
         table.add_column(column)
     for name, value in outputs.items():

@@ -1,0 +1,120 @@
+"""Running bundles through TVM's RPC tracker: a loopback tracker and two servers started (and stopped) here."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from tvm.rpc.server import Server
+from tvm.rpc.tracker import Tracker
+
+import lpbq_tvm
+from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+from lpbq_tvm.cli import main
+from lpbq_tvm.examples import build_example_model
+from lpbq_tvm.remote import run_remote
+
+KEY = "x86-host"
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    """A tracker and two servers on 127.0.0.1 (never another address), stopped after the module."""
+    tracker = Tracker(host="127.0.0.1", port=19190, port_end=19290, silent=True)
+    servers = [
+        Server(
+            host="127.0.0.1", port=19300, port_end=19400, key=KEY, tracker_addr=("127.0.0.1", tracker.port), silent=True
+        )
+        for _ in range(2)
+    ]
+    time.sleep(1.0)  # let the servers register
+    yield f"127.0.0.1:{tracker.port}"
+    for server in servers:
+        server.terminate()
+    tracker.terminate()
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    sim = QuantizationSimModel(build_example_model())
+    set_grouped_blockwise_quantization_for_weights(sim)
+    sim.compute_encodings(lambda s, x: s.run(x), sim.random_inputs())
+    folder = tmp_path_factory.mktemp("bundles")
+    host = lpbq_tvm.compile(sim, mode="w4a8")
+    host.export_bundle(folder / "host")
+    lpbq_tvm.compile(sim, target="aarch64").export_bundle(folder / "board")
+    return folder, host, sim.random_inputs(seed=3)
+
+
+def test_remote_run_gives_exactly_the_local_outputs(tracker, bundles):
+    folder, compiled, inputs = bundles
+    remote = run_remote(folder / "host", tracker, KEY, inputs, timeout=30)
+    np.testing.assert_array_equal(remote.outputs["y"], compiled.run(inputs)["y"])
+    assert 0 < remote.timing.min_ms <= remote.timing.median_ms <= remote.timing.max_ms
+
+
+def test_errors(tracker, bundles):
+    folder, _, inputs = bundles
+    with pytest.raises(ValueError, match=rf"no device is registered under key 'phone' at {tracker}; keys: {KEY}"):
+        run_remote(folder / "host", tracker, "phone", inputs, timeout=5)
+    with pytest.raises(ConnectionError, match=r"cannot reach the RPC tracker at 127.0.0.1:9: .*refused"):
+        run_remote(folder / "host", "127.0.0.1:9", KEY, inputs, timeout=5)
+    with pytest.raises(ValueError, match=r"the bundle is built for aarch64 \(aarch64\), the device .* is x86_64"):
+        run_remote(folder / "board", tracker, KEY, inputs, timeout=5)
+    with pytest.raises(ValueError, match=r"RPC tracker address 'localhost' is not HOST:PORT"):
+        run_remote(folder / "host", "localhost", KEY, inputs)
+
+
+def test_busy_devices_give_a_bounded_wait(tracker, bundles):
+    """Both servers held by other sessions: the request gives up after its timeout."""
+    from tvm import rpc
+
+    folder, _, inputs = bundles
+    host, port = tracker.rsplit(":", 1)
+    held = [rpc.connect_tracker(host, int(port)).request(KEY, session_timeout=60) for _ in range(2)]
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=rf"no free device under key '{KEY}' at {tracker} within 2 s"):
+        run_remote(folder / "host", tracker, KEY, inputs, timeout=2)
+    assert time.monotonic() - start < 10
+    del held
+
+
+def test_cli_run_on_the_tracker(tracker, bundles, tmp_path, capsys):
+    folder, compiled, inputs = bundles
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    assert (
+        main(
+            [
+                "run",
+                str(folder / "host"),
+                "--inputs",
+                str(tmp_path / "inputs.npz"),
+                "--rpc",
+                tracker,
+                "--key",
+                KEY,
+                "-o",
+                str(tmp_path / "out.npz"),
+            ]
+        )
+        == 0
+    )
+    with np.load(tmp_path / "out.npz") as saved:
+        np.testing.assert_array_equal(saved["y"], compiled.run(inputs)["y"])
+    assert (
+        main(
+            [
+                "run",
+                str(folder / "host"),
+                "--inputs",
+                str(tmp_path / "inputs.npz"),
+                "--rpc",
+                "127.0.0.1:9",
+                "--key",
+                KEY,
+            ]
+        )
+        == 4
+    )
+    assert "cannot reach the RPC tracker at 127.0.0.1:9" in capsys.readouterr().err
