@@ -32,8 +32,11 @@ from lpbq_tvm.compiler import atomic_write
 __all__ = ["ExportReport", "FORMATS", "LSB_TOLERANCE", "export_onnx", "export_encodings"]
 
 FORMATS = ("ort", "qnn")
-# Output codes of onnxruntime's float QDQ evaluation vs the integer simulation (DESIGN.md §5).
-LSB_TOLERANCE = {8: 2, 16: 1}
+# Output codes of onnxruntime's float QDQ evaluation vs the integer simulation (DESIGN.md §5):
+# one LSB of rounding difference per requantization, plus, at 16 bits, onnxruntime's own float32
+# summation error, which over a K-term dot product (K·2^-24·Σ|x||w|) reaches a uint16 LSB of the
+# output range for K in the thousands (magika's conv, K = 1280: measured 2 LSB).
+LSB_TOLERANCE = {8: 2, 16: 2}
 # Float outputs of the onnxruntime export vs the weight-only simulation: the same arithmetic in
 # another summation order differs by ~1e-6 relative; quantization error is ~1e-2.
 FLOAT_RELATIVE_TOLERANCE = 1e-4
