@@ -55,8 +55,7 @@ def _run_demo(args: argparse.Namespace, console: Console) -> int:
     config = LPBQConfig(args.bitwidth, args.decompressed_bw, args.block_size, encoder=args.encoder)
     with console.status("importing the example model into Relax"):
         sim = QuantizationSimModel(build_example_model())
-    rng = np.random.default_rng(0)
-    calibration = [{"x": rng.standard_normal(sim.inputs[0].shape).astype(np.float32)} for _ in range(4)]
+    calibration = [sim.random_inputs(seed) for seed in range(4)]
     with console.status("encoding weights and calibrating on 4 random batches (AnnotateLPBQ, EncodeLPBQ)"):
         set_grouped_blockwise_quantization_for_weights(
             sim,
@@ -74,7 +73,7 @@ def _run_demo(args: argparse.Namespace, console: Console) -> int:
     with console.status("compiling with TVM for the host CPU (LowerLPBQ, tvm.compile)"):
         compiled = lpbq_tvm.compile(sim, target="cpu", mode="weight-only")
         reference = lpbq_tvm.compile(sim, target="cpu", mode="fp32")
-    inputs = {"x": rng.standard_normal(sim.inputs[0].shape).astype(np.float32)}
+    inputs = sim.random_inputs(seed=4)
     lpbq_out, fp32_out = compiled.run(inputs)["y"], reference.run(inputs)["y"]
     simulated = sim.run(inputs)["y"]
     packed, fp32 = compiled.weight_bytes, reference.weight_bytes

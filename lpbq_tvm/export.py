@@ -51,7 +51,7 @@ class ExportReport:
 
 
 def _validate_ort(exported: onnx.ModelProto, sim, inputs: dict[str, np.ndarray], report: ExportReport) -> None:
-    import onnxruntime as ort
+    from lpbq_tvm.exports._onnx_graph import session as ort_session
 
     lpbq_matmuls = sum(
         1
@@ -60,15 +60,8 @@ def _validate_ort(exported: onnx.ModelProto, sim, inputs: dict[str, np.ndarray],
     )
     with tempfile.TemporaryDirectory() as scratch:
         optimized = Path(scratch) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.optimized_model_filepath = str(optimized)
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        session = ort.InferenceSession(
-            exported.SerializeToString(),
-            options,
-            providers=["CPUExecutionProvider"],
-            disabled_optimizers=["MatMulAddFusion"],
+        session = ort_session(
+            exported, str(optimized), ("MatMulAddFusion",), **{"session.qdq_matmulnbits_accuracy_level": "0"}
         )
         fused = sum(node.op_type == "MatMulNBits" for node in onnx.load(optimized).graph.node)
     if fused != lpbq_matmuls:

@@ -72,7 +72,12 @@ def rewrite_layers(
     return model
 
 
-def session(model: onnx.ModelProto, optimized_path: str | None = None, **config: str):
+def session(
+    model: onnx.ModelProto,
+    optimized_path: str | None = None,
+    disabled_optimizers: tuple[str, ...] = (),
+    **config: str,
+):
     """An onnxruntime CPU session (errors only in the log) with session config entries."""
     import onnxruntime as ort
 
@@ -82,7 +87,12 @@ def session(model: onnx.ModelProto, optimized_path: str | None = None, **config:
         options.add_session_config_entry(key, value)
     if optimized_path:
         options.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(disabled_optimizers),
+    )
 
 
 def bias_array(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray | None:
