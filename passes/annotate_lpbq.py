@@ -46,24 +46,24 @@ __all__ = ["AnnotateLPBQ", "SUPPORTED_OP_TYPES"]
 SUPPORTED_OP_TYPES = ("Gemm", "MatMul", "Conv")
 
 
-def _unsupported_reason(candidate: Candidate, config: LPBQConfig, node: str) -> str | None:
-    """Why this layer cannot take LPBQ with ``config`` (None when it can)."""
+def _unsupported_reason(candidate: Candidate, config: LPBQConfig) -> str | None:
+    """Why this layer cannot take LPBQ with ``config`` (None when it can); the caller names the node."""
     shape = candidate.weight_shape
     if candidate.weight.ty.dtype != "float32":
-        return f"{node}: weight dtype {candidate.weight.ty.dtype} is not float32"
+        return f"weight dtype {candidate.weight.ty.dtype} is not float32"
     if candidate.kind == "dense" and len(shape) != 2:
-        return f"{node}: MatMul weight of shape {shape} is batched; LPBQ kernels take 2-D weights"
+        return f"MatMul weight of shape {shape} is batched; LPBQ kernels take 2-D weights"
     if candidate.kind == "conv":
         attrs = candidate.call.attrs
         if attrs.data_layout not in ("NCW", "NCHW") or attrs.kernel_layout not in ("OIW", "OIHW"):
-            return f"{node}: conv layout {attrs.data_layout}/{attrs.kernel_layout} is not NCHW/OIHW or NCW/OIW"
+            return f"conv layout {attrs.data_layout}/{attrs.kernel_layout} is not NCHW/OIHW or NCW/OIW"
         if int(attrs.groups) > 1 and shape[1] == 1:
             return (
-                f"{node}: depthwise conv (weight shape {shape}, groups {int(attrs.groups)}) has one input "
+                f"depthwise conv (weight shape {shape}, groups {int(attrs.groups)}) has one input "
                 "channel per group, so there are no input-channel blocks to quantize"
             )
     try:
-        check_lpbq_weight(shape, candidate.channel_axis, candidate.block_axis, config, node)
+        check_lpbq_weight(shape, candidate.channel_axis, candidate.block_axis, config)
     except ValueError as error:
         return str(error)
     return None
@@ -142,7 +142,7 @@ class AnnotateLPBQ:
             return "" if decided else f"op type {op_type} not selected"
         if node in self.excluded_nodes:
             return "excluded by the user"
-        reason = _unsupported_reason(candidate, self.config, node)
+        reason = _unsupported_reason(candidate, self.config)
         if reason is not None and self.strict:
-            raise ValueError(f"strict LPBQ: {reason}")
+            raise ValueError(f"strict LPBQ: {node}: {reason}")
         return reason

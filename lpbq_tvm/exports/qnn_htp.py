@@ -11,6 +11,7 @@ be read; a model the runtime rejects comes back with the reasons from that log.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -51,9 +52,16 @@ class HTPRun:
     providers: dict[str, list[str]]  # execution provider -> the nodes it ran
 
     @property
-    def lpbq_fusions(self) -> int:
-        """LPBQ MatMuls the QNN EP fused (its log names each fusion once per capability pass)."""
-        return self.log.count(f"Validation PASSED for 5 nodes in {LPBQ_FUSION}")
+    def lpbq_fusions(self) -> frozenset[str]:
+        """Names of the MatMul nodes the QNN EP fused as LPBQ. Its log lists each fusion's nodes
+        (once per capability pass) under "Validation PASSED for 5 nodes in LowPowerBlock...Fusion"."""
+        fused, in_fusion = set(), False
+        for line in self.log.splitlines():
+            if "Validation PASSED" in line or not line.startswith("\t"):
+                in_fusion = f"in {LPBQ_FUSION}" in line
+            elif in_fusion and (match := re.search(r"Operator type: MatMul Node name: (\S+)", line)):
+                fused.add(match.group(1))
+        return frozenset(fused)
 
     @property
     def reasons(self) -> list[str]:
