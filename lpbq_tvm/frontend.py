@@ -13,7 +13,10 @@ Graph preparation, in order (each step names the node or input it rejects):
    Gemm / MatMul / Conv becomes a ``Constant`` with a tensor value; the weights stay initializers, so
    ``from_onnx(keep_params_in_input=True)`` lifts exactly them to parameters (lifting int64 shape
    tensors as parameters breaks compilation);
-5. ``tvm.relax.frontend.onnx.from_onnx``. ONNX node names do not survive the import; the
+5. float constants holding mask sentinels (magnitude >= 1e30 or infinite, e.g. the -3.4e38 of an
+   attention mask) are clamped to +-1e4: ``exp(-1e4)`` is still 0 in a softmax, while the HTP's
+   fp16 float ops and calibrated ranges stay finite;
+6. ``tvm.relax.frontend.onnx.from_onnx``. ONNX node names do not survive the import; the
    ``"lpbq.onnx_nodes"`` attribute of ``main`` maps each weight parameter to its node and op type.
 """
 
@@ -267,6 +270,29 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
     return changes
 
 
+MASK_SENTINEL = 1e30
+MASK_VALUE = 1e4
+
+
+def _clamp_mask_constants(model: onnx.ModelProto) -> list[str]:
+    """Step 5 of the module docstring, on the Constant nodes left by step 4. Returns what changed."""
+    changes = []
+    for node in model.graph.node:
+        if node.op_type != "Constant" or node.attribute[0].t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        value = numpy_helper.to_array(node.attribute[0].t)
+        sentinels = np.abs(value) >= MASK_SENTINEL
+        if sentinels.any():
+            extreme = value[sentinels][np.argmax(np.abs(value[sentinels]))]
+            value = np.where(sentinels, np.sign(value) * MASK_VALUE, value).astype(np.float32)
+            node.attribute[0].t.CopyFrom(numpy_helper.from_array(value, node.attribute[0].t.name))
+            changes.append(
+                f"constant '{node.output[0]}': {int(sentinels.sum())} mask values (up to {extreme:.3g}) "
+                f"clamped to +-{MASK_VALUE:g}"
+            )
+    return changes
+
+
 def _check_supported_ops(model: onnx.ModelProto) -> None:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
@@ -296,7 +322,7 @@ class Preparation:
 def prepare_onnx(
     model: str | PathLike | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> Preparation:
-    """Steps 1-4 of the module docstring on a copy (the input is not modified)."""
+    """Steps 1-5 of the module docstring on a copy (the input is not modified)."""
     import onnxscript.optimizer
 
     prepared = onnx.ModelProto()
@@ -315,6 +341,7 @@ def prepare_onnx(
     if len(prepared.graph.node) != nodes_before:
         changes.append(f"constant folding: {nodes_before} -> {len(prepared.graph.node)} nodes")
     changes += _weights_as_only_initializers(prepared)
+    changes += _clamp_mask_constants(prepared)
     _check_supported_ops(prepared)
     onnx.checker.check_model(prepared)
     return Preparation(prepared, tuple(changes))

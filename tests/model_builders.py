@@ -188,3 +188,27 @@ def constant_weight_module(value: np.ndarray):
             return R.matmul(x, relax.const(value))
 
     return Module
+
+
+def masked_softmax_model(rows: int = 8, width: int = 64) -> onnx.ModelProto:
+    """``y = Softmax(x + mask) @ w``: a causal mask holding -3.4e38 (float32's lowest, as exporters
+    write attention masks) as a Constant node, then one LPBQ candidate MatMul ``w`` [width, width]."""
+    mask = np.where(np.arange(width)[None, :] > np.arange(rows)[:, None] * (width // rows), -3.4e38, 0.0)
+    weight = np.random.default_rng(5).standard_normal((width, width)) / np.sqrt(width)
+    nodes = [
+        helper.make_node("Constant", [], ["mask"], value=numpy_helper.from_array(mask.astype(np.float32), "mask")),
+        helper.make_node("Add", ["x", "mask"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "w"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "masked_softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, width])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

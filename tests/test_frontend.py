@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from model_builders import LAYER_CASES, layer_model, ort_run
+from model_builders import LAYER_CASES, layer_model, masked_softmax_model, ort_run
 from onnx import TensorProto, helper, numpy_helper
 
 from lpbq_tvm.compiler import build
 from lpbq_tvm.examples import build_example_model
-from lpbq_tvm.frontend import ModelImportError, import_onnx
+from lpbq_tvm.frontend import MASK_VALUE, ModelImportError, import_onnx, prepare_onnx
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset=17):
@@ -192,3 +192,27 @@ def test_model_over_2gb_with_external_data_loads(tmp_path):
     (tmp_path / "big.onnx").write_bytes(model.SerializeToString())
     loaded = numpy_helper.to_array(load_onnx(tmp_path / "big.onnx").graph.initializer[0])
     assert loaded.shape == (rows, 4096) and loaded[-1, -1] == 3.0 and not loaded[0].any()
+
+
+def test_attention_mask_sentinels_are_clamped_without_changing_the_result():
+    """-3.4e38 mask entries become -1e4: every other constant value is kept, the change is reported,
+    and the softmax (hence the model) computes the same: exp(-1e4 - max) is 0 in float32 as well."""
+    model = masked_softmax_model()
+    original = numpy_helper.to_array(model.graph.node[0].attribute[0].t)
+    preparation = prepare_onnx(model)
+    constant = next(node for node in preparation.model.graph.node if node.output[0] == "mask")
+    clamped = numpy_helper.to_array(constant.attribute[0].t)
+    masked = original < -1e30
+    assert masked.any() and np.all(clamped[masked] == -MASK_VALUE)
+    np.testing.assert_array_equal(clamped[~masked], original[~masked])
+    assert any(f"{int(masked.sum())} mask values (up to -3.4e+38) clamped" in change for change in preparation.changes)
+
+    x = np.random.default_rng(0).standard_normal((1, 8, 64)).astype(np.float32) * 10
+    expected = ort_run(model, {"x": x})["y"]
+    np.testing.assert_array_equal(ort_run(preparation.model, {"x": x})["y"], expected)
+    imported = import_onnx(model)
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+    # A 64-term dot product of probabilities (sum 1, each a few ulp off between the two softmaxes) in
+    # another order: |error| <= 2(K+4)u * max|w|.
+    bound = 2 * (64 + 4) * 2.0**-24 * np.abs(numpy_helper.to_array(model.graph.initializer[0])).max()
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
