@@ -40,7 +40,7 @@ def _layer_table(rows: list[LayerReport], title: str) -> Table:
         table.add_column(column, justify="right" if column in ("SQNR dB", "bits/weight") else "left", overflow="fold")
     for row in rows:
         cells = [escape(cell) for cell in layer_cells(row)]
-        if row.status != "lpbq":
+        if row.status == "skipped":
             cells[3] = f"[yellow]{cells[3]}[/]"
         table.add_row(*cells)
     return table
@@ -184,6 +184,9 @@ def _quantized_sim(
     )
     if config.encoder == "mse-act" and not needs_calibration:
         needs_calibration = "--encoder mse-act weighs errors by calibration data"
+    budget = getattr(args, "target_cosine", None) is not None or getattr(args, "ratio", None) is not None
+    if budget and not needs_calibration:
+        needs_calibration = "--target-cosine / --ratio measure the model on calibration data"
     if needs_calibration and not args.calib:
         raise ValueError(f"{args.command} {needs_calibration}: give calibration data with --calib FILE.npz")
     batches = _calibration_batches(args.calib, sim) if args.calib else None
@@ -196,10 +199,35 @@ def _quantized_sim(
                 progress.advance(task)
 
         sim.compute_encodings(calibrate if batches else None, batches)
+    if budget:
+        _select_precision(args, console, sim, batches)
     console.print(
         _layer_table(sim.report(), f"{Path(args.model).name}: LPBQ W{config.bitwidth} block {config.block_size}")
     )
     return sim, batches
+
+
+def _select_precision(args: argparse.Namespace, console: Console, sim: QuantizationSimModel, batches) -> None:
+    from lpbq_tvm.analysis import select_precision
+
+    with console.status("measuring layer sensitivity and choosing int8 layers"):
+        choice = select_precision(sim, batches, target_cosine=args.target_cosine, ratio=args.ratio)
+    table = Table(title=f"precision: {choice.rule}")
+    for column in ("choice", "cosine to fp32", "weights at 4 bits", "bits/weight"):
+        table.add_column(column, justify="left" if column == "choice" else "right")
+    for label, (cosine, share, bits) in (
+        ("all LPBQ", choice.all_lpbq),
+        (f"int8: {', '.join(choice.int8_nodes) or 'none'}", (choice.cosine, choice.share_4bit, choice.bits_per_weight)),
+        ("all int8", choice.all_int8),
+    ):
+        table.add_row(escape(label), f"{cosine:.5f}", f"{share:.1%}", f"{bits:.3f}")
+    console.print(table)
+    args.result["precision"] = {
+        "int8_nodes": list(choice.int8_nodes),
+        "cosine": choice.cosine,
+        "share_4bit": choice.share_4bit,
+        "bits_per_weight": choice.bits_per_weight,
+    }
 
 
 def _refuse_existing(path: str, force: bool) -> Path:
@@ -348,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(export)
     _add_target_options(export)
 
+    analyze = _command(
+        commands,
+        "analyze",
+        _run_analyze,
+        "per-layer sensitivity to LPBQ on calibration data, worst layer first (with a budget: the int8 choice)",
+        "examples:\n  lpbq-tvm analyze model.onnx --calib calib.npz\n"
+        "  lpbq-tvm analyze model.onnx --calib calib.npz --target-cosine 0.99\n",
+    )
+    _add_model_options(analyze)
+
     report = _command(
         commands,
         "report",
@@ -418,6 +456,31 @@ def _run_report(args: argparse.Namespace, console: Console) -> int:
         lpbq_bytes=report.lpbq_bytes,
     )
     console.print(f"wrote {directory}/index.html and report.md ({', '.join(a.mode for a in report.agreements)})")
+    return 0
+
+
+def _run_analyze(args: argparse.Namespace, console: Console) -> int:
+    from lpbq_tvm.analysis import sensitivity
+
+    if not args.calib:
+        raise ValueError("analyze measures the model on calibration data: give it with --calib FILE.npz")
+    budget = args.target_cosine, args.ratio
+    args.target_cosine = args.ratio = None  # measure all-LPBQ first, then choose
+    sim, batches = _quantized_sim(args, console, "")
+    with console.status("quantizing one layer at a time"):
+        rows = sensitivity(sim, batches)
+    table = Table(title=f"{Path(args.model).name}: each layer alone at LPBQ, worst first")
+    for column in ("layer", "op", "weights", "model cosine", "layer SQNR dB"):
+        table.add_column(column, justify="left" if column in ("layer", "op") else "right", overflow="fold")
+    for row in rows:
+        table.add_row(
+            escape(row.node), row.op_type, f"{row.weights:,}", f"{row.cosine:.5f}", f"{row.layer_sqnr_db:.2f}"
+        )
+    console.print(table)
+    args.result["sensitivity"] = [vars(row) for row in rows]
+    args.target_cosine, args.ratio = budget
+    if any(value is not None for value in budget):
+        _select_precision(args, console, sim, batches)
     return 0
 
 
@@ -548,6 +611,20 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="fail on a layer that cannot take the block size")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     _add_lpbq_options(parser)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--target-cosine",
+        type=float,
+        metavar="C",
+        help="keep the most sensitive layers at int8 per channel until the model output cosine to fp32 "
+        "reaches C on the calibration data (needs --calib)",
+    )
+    budget.add_argument(
+        "--ratio",
+        type=float,
+        metavar="R",
+        help="keep the most sensitive layers at int8 while a share R of the weights stays at 4 bits (needs --calib)",
+    )
 
 
 # Exit codes, distinct per kind of failure.

@@ -134,6 +134,12 @@ class LPBQEncoding:
         return self.config.block_size
 
     @property
+    def is_per_channel(self) -> bool:
+        """Plain per-channel quantization: one block per channel and ``k`` fixed at 1 (bitwidth equals
+        decompressed_bw), e.g. the int8 per-channel layers of a mixed-precision choice."""
+        return self.num_blocks == 1 and self.bitwidth == self.decompressed_bw
+
+    @property
     def block_grouping(self) -> int:
         return self.config.block_grouping
 
@@ -187,6 +193,8 @@ class LPBQEncoding:
         2.0.0: arrays shaped like the weight (C at the channel axis, nb at the block axis, 1
         elsewhere); refused, as AIMET does, when ``decompressed_bw != 2 * bitwidth``.
         """
+        if self.is_per_channel:
+            return per_channel_entry(name, self.per_channel_scale, self.channel_axis, self.bitwidth, version)
         k = self.per_block_int_scale
         if version == "1.0.0":
             return {
@@ -225,6 +233,28 @@ class LPBQEncoding:
         ndim = len(self.shape)
         expanded = per_channel_block.reshape(per_channel_block.shape + (1,) * (ndim - 2))
         return np.moveaxis(expanded, (0, 1), (self.channel_axis, self.block_axis))
+
+
+def per_channel_entry(name: str, scale: np.ndarray, channel_axis: int, bitwidth: int, version: str) -> dict[str, Any]:
+    """AIMET's symmetric per-channel param entry (aimet_onnx ``AffineEncoding._to_1_0_0`` / ``_to_2_0_0``)."""
+    if version == "1.0.0":
+        return {
+            "name": name,
+            "dtype": "INT",
+            "enc_type": "PER_CHANNEL",
+            "bw": bitwidth,
+            "is_sym": True,
+            "scale": np.asarray(scale).tolist(),
+            "offset": [-(1 << (bitwidth - 1))] * np.size(scale),
+        }
+    if version == "2.0.0":
+        return {
+            "name": name,
+            "output_dtype": f"int{bitwidth}",
+            "y_scale": np.asarray(scale).tolist(),
+            "axis": channel_axis,
+        }
+    raise ValueError(f"unknown AIMET encoding version {version!r}; known: '1.0.0', '2.0.0'")
 
 
 def _normalize_axis(axis: int, ndim: int, what: str, shape: tuple[int, ...]) -> int:

@@ -51,20 +51,23 @@ class ExportReport:
 
 
 def _validate_ort(exported: onnx.ModelProto, sim, inputs: dict[str, np.ndarray], report: ExportReport) -> None:
+    from lpbq_tvm.exports._onnx_graph import FP32_MATMULNBITS
     from lpbq_tvm.exports._onnx_graph import session as ort_session
 
+    encodings = sim.encodings
     lpbq_matmuls = sum(
         1
         for node in sim.model.graph.node
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in sim.encodings
+        if node.op_type in ("MatMul", "Gemm")
+        and len(node.input) > 1
+        and node.input[1] in encodings
+        and not encodings[node.input[1]].is_per_channel
     )
     with tempfile.TemporaryDirectory() as scratch:
         optimized = Path(scratch) / "optimized.onnx"
-        session = ort_session(
-            exported, str(optimized), ("MatMulAddFusion",), **{"session.qdq_matmulnbits_accuracy_level": "0"}
-        )
+        session = ort_session(exported, str(optimized), ("MatMulAddFusion",), **FP32_MATMULNBITS)
         fused = sum(node.op_type == "MatMulNBits" for node in onnx.load(optimized).graph.node)
-    if fused != lpbq_matmuls:
+    if fused < lpbq_matmuls:  # int8 per-channel layers may fuse too (8-bit MatMulNBits)
         msg = f"onnxruntime fused {fused} of {lpbq_matmuls} LPBQ MatMul/Gemm layers into MatMulNBits"
         raise ValueError(msg)
     actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs), strict=True))
@@ -91,9 +94,9 @@ def _validate_qnn(
     exported: onnx.ModelProto, sim, inputs: dict[str, np.ndarray], bitwidth: int, report: ExportReport
 ) -> None:
     import lpbq_tvm
-    from lpbq_tvm.exports._onnx_graph import session
+    from lpbq_tvm.exports._onnx_graph import FP32_MATMULNBITS, session
 
-    ort_session = session(exported)
+    ort_session = session(exported, **FP32_MATMULNBITS)
     actual = dict(zip([o.name for o in ort_session.get_outputs()], ort_session.run(None, inputs), strict=True))
     simulated = lpbq_tvm.compile(sim, target="htp-sim", mode=f"w4a{bitwidth}").run(inputs)
     quantized = _output_encodings(sim, bitwidth)

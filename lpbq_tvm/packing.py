@@ -1,5 +1,9 @@
 """Packed 4-bit storage of an LPBQ weight (DESIGN.md §3) and its exact inverse.
 
+Codes of up to 4 bits are stored as nibbles (below); 5- to 8-bit codes, such as an int8
+per-channel layer (bitwidth 8, ``k`` = 1, one block per channel), as one int8 byte each
+(``q`` ``[C, L]``, ``code_bits`` 8); ``k`` and ``scale`` are stored the same way in both.
+
 The format, per weight of canonical view ``[C, L]`` (channel axis first, then the block axis,
 then any remaining axes flattened: ``L = I * R``, a block is ``block_size * R`` consecutive
 elements of a row) with ``nb = I / block_size`` blocks:
@@ -30,7 +34,16 @@ import numpy as np
 
 from lpbq_tvm.encoder import LPBQEncoding
 
-__all__ = ["PackedLPBQ", "pack", "unpack", "pack_nibbles", "unpack_nibbles", "packed_nbytes", "bits_per_weight"]
+__all__ = [
+    "PackedLPBQ",
+    "code_bits",
+    "pack",
+    "unpack",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "packed_nbytes",
+    "bits_per_weight",
+]
 
 _NIBBLE_BITS = 4
 
@@ -71,6 +84,7 @@ class PackedLPBQ:
     channel_axis: int
     block_axis: int
     block_size: int
+    code_bits: int = _NIBBLE_BITS  # 4: q as nibbles; 8: q as int8 bytes
 
     @property
     def nbytes(self) -> int:
@@ -85,10 +99,15 @@ class PackedLPBQ:
         return prod(self.shape) // self.shape[self.channel_axis]
 
 
+def code_bits(bitwidth: int) -> int:
+    """Storage bits per code: 4 (nibbles) up to 4-bit codes, else 8 (bytes)."""
+    return _NIBBLE_BITS if bitwidth <= _NIBBLE_BITS else 8
+
+
 def _check_packable(encoding: LPBQEncoding) -> None:
-    if encoding.bitwidth > _NIBBLE_BITS or encoding.decompressed_bw - encoding.bitwidth > _NIBBLE_BITS:
+    if encoding.decompressed_bw - encoding.bitwidth > _NIBBLE_BITS:
         msg = (
-            f"packed storage holds bitwidth <= 4 and k <= 16, got bitwidth {encoding.bitwidth}, "
+            f"packed storage holds k <= 16, got bitwidth {encoding.bitwidth}, "
             f"decompressed_bw {encoding.decompressed_bw} for weight shape {encoding.shape}"
         )
         raise ValueError(msg)
@@ -103,33 +122,45 @@ def _check_packable(encoding: LPBQEncoding) -> None:
 def pack(encoding: LPBQEncoding) -> PackedLPBQ:
     """Pack an encoding into the storage format described in the module docstring."""
     _check_packable(encoding)
+    bits = code_bits(encoding.bitwidth)
+    codes = encoding.canonical_int_weight()
     return PackedLPBQ(
-        q=pack_nibbles(encoding.canonical_int_weight()),
+        q=pack_nibbles(codes) if bits == _NIBBLE_BITS else codes.astype(np.int8).view(np.uint8),
         k=pack_nibbles(encoding.per_block_int_scale - 1),
         scale=encoding.per_channel_scale.astype(np.float32),
         shape=encoding.shape,
         channel_axis=encoding.channel_axis,
         block_axis=encoding.block_axis,
         block_size=encoding.block_size,
+        code_bits=bits,
     )
 
 
 def unpack(packed: PackedLPBQ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(q [C, L] int8, k [C, nb] int32, s [C] float32)`` from packed storage."""
-    q = unpack_nibbles(packed.q, packed.canonical_length, signed=True)
+    if packed.code_bits == _NIBBLE_BITS:
+        q = unpack_nibbles(packed.q, packed.canonical_length, signed=True)
+    else:
+        q = packed.q.view(np.int8)
     k = unpack_nibbles(packed.k, packed.num_blocks, signed=False).astype(np.int32) + 1
     return q, k, packed.scale
 
 
-def packed_nbytes(shape: tuple[int, ...], channel_axis: int, block_axis: int, block_size: int) -> int:
-    """Bytes of the packed form: ``C * (ceil(L/2) + ceil(nb/2) + 4)``."""
+def packed_nbytes(
+    shape: tuple[int, ...], channel_axis: int, block_axis: int, block_size: int, bitwidth: int = 4
+) -> int:
+    """Bytes of the packed form: ``C * (ceil(L/2) + ceil(nb/2) + 4)`` (``L`` instead of ``ceil(L/2)``
+    for byte codes)."""
     channels = shape[channel_axis]
     length = prod(shape) // channels
     blocks = shape[block_axis] // block_size
-    return channels * (-(-length // 2) + -(-blocks // 2) + 4)
+    codes = -(-length * code_bits(bitwidth) // 8)
+    return channels * (codes + -(-blocks // 2) + 4)
 
 
 def bits_per_weight(encoding: LPBQEncoding) -> float:
     """Storage bits per weight of the packed form (q nibbles, k nibbles and fp32 scales)."""
-    nbytes = packed_nbytes(encoding.shape, encoding.channel_axis, encoding.block_axis, encoding.block_size)
+    nbytes = packed_nbytes(
+        encoding.shape, encoding.channel_axis, encoding.block_axis, encoding.block_size, encoding.bitwidth
+    )
     return 8.0 * nbytes / prod(encoding.shape)

@@ -58,7 +58,7 @@ class LayerReport:
     op_type: str
     weight: str
     shape: tuple[int, ...]
-    status: str  # "lpbq" or "skipped"
+    status: str  # "lpbq", "int8" (per channel, a mixed-precision choice) or "skipped"
     reason: str = ""
     block_size: int | None = None
     sqnr_db: float | None = None
@@ -117,6 +117,11 @@ class QuantizationSimModel:
         return self._imported.preparation
 
     @property
+    def layers(self):
+        """Every Gemm / MatMul / Conv with a constant weight (``WeightLayer``), by weight name."""
+        return self._imported.layers
+
+    @property
     def inputs(self):
         return self._imported.inputs
 
@@ -164,6 +169,29 @@ class QuantizationSimModel:
         self._encoded = None
         self._session = None
         self._activation_ranges = {}
+
+    def set_int8_per_channel(self, nodes: Iterable[str]) -> None:
+        """Keep these LPBQ layers (ONNX node names) at int8 per channel: 8-bit codes, one float scale
+        per output channel (``k`` = 1, one block per channel). They run on the same kernels and
+        export as AIMET per-channel entries and int8 ``DequantizeLinear``; the rest stay LPBQ.
+        Encodings (and calibration) must be computed again afterwards."""
+        from lpbq_tvm.passes._layers import WEIGHTS_ATTR, function_attr
+
+        main = self._annotated["main"]
+        weights = function_attr(main, WEIGHTS_ATTR)
+        by_node = {str(entry["node"]): key for key, entry in weights.items()}
+        nodes = list(nodes)
+        unknown = sorted(set(nodes) - by_node.keys())
+        if unknown:
+            listed, known = ", ".join(map(repr, unknown)), ", ".join(sorted(by_node))
+            raise ValueError(f"set_int8_per_channel: {listed} are not LPBQ layers; those are: {known}")
+        for node in nodes:
+            key = by_node[node]
+            channels = self._imported.layers[key].input_channels
+            weights[key] = {**weights[key], **LPBQConfig(8, 8, channels, -1, "aimet").as_dict()}
+        self._annotated = self._annotated.clone()
+        self._annotated.update_func(self._annotated.get_global_var("main"), main.with_attr(WEIGHTS_ATTR, weights))
+        self._encoded, self._session, self._activation_ranges = None, None, {}
 
     def _check_fits_some_layer(self, annotated, config: LPBQConfig, op_types, excluded_nodes) -> None:
         """A configuration that no selected layer can take is a mistake, not a silent no-op."""
@@ -327,7 +355,7 @@ class QuantizationSimModel:
                 rows.append(
                     LayerReport(
                         **base,
-                        status="lpbq",
+                        status="int8" if encoding.is_per_channel else "lpbq",
                         dead_channels=int((~dead.any(axis=1)).sum()),
                         block_size=encoding.block_size,
                         encoder=encoding.config.encoder,

@@ -71,9 +71,11 @@ def build_report(
     fp32_bytes = sum(int(np.prod(row.shape)) * 4 for row in rows)
     lpbq_bytes, quantized = 0, 0
     for weight, encoding in sim.encodings.items():
-        lpbq_bytes += packed_nbytes(encoding.shape, encoding.channel_axis, encoding.block_axis, encoding.block_size)
+        lpbq_bytes += packed_nbytes(
+            encoding.shape, encoding.channel_axis, encoding.block_axis, encoding.block_size, encoding.bitwidth
+        )
         quantized += int(np.prod(layers[weight].shape))
-    lpbq_bytes += sum(int(np.prod(row.shape)) * 4 for row in rows if row.status != "lpbq")
+    lpbq_bytes += sum(int(np.prod(row.shape)) * 4 for row in rows if row.status == "skipped")
     total = sum(int(np.prod(row.shape)) for row in rows)
     report = ModelReport(name, rows, fp32_bytes, lpbq_bytes, quantized / total if total else 0.0)
     reference = lpbq_tvm.compile(sim, mode="fp32")
@@ -112,12 +114,13 @@ def _plots(report: ModelReport) -> dict[str, bytes]:
 
     figure, axes = plt.subplots(figsize=(8, max(2.5, 0.28 * len(report.rows) + 1)))
     names = [row.node[-40:] for row in report.rows]
-    values = [row.sqnr_db if row.status == "lpbq" else 0.0 for row in report.rows]
-    colors = ["#2a7ab9" if row.status == "lpbq" else "#c9c9c9" for row in report.rows]
+    values = [row.sqnr_db if row.sqnr_db is not None else 0.0 for row in report.rows]
+    palette = {"lpbq": "#2a7ab9", "int8": "#e08a2c"}
+    colors = [palette.get(row.status, "#c9c9c9") for row in report.rows]
     axes.barh(range(len(names)), values, color=colors)
     axes.set_yticks(range(len(names)), names, fontsize=7)
     axes.invert_yaxis()
-    axes.set_xlabel("weight SQNR (dB); grey: kept in fp32")
+    axes.set_xlabel("weight SQNR (dB); orange: int8 per channel; grey: kept in fp32")
     save(figure, "sqnr.png")
 
     figure, axes = plt.subplots(figsize=(6, 3))
@@ -137,9 +140,9 @@ def _plots(report: ModelReport) -> dict[str, bytes]:
 
 def layer_cells(row: LayerReport) -> list[str]:
     """One table row per layer (columns ``LAYER_HEADERS``), shared by the report and the CLI."""
-    lpbq = row.status == "lpbq"
+    lpbq = row.status in ("lpbq", "int8")
     k = ""
-    if lpbq:
+    if row.status == "lpbq":
         counts = np.asarray(row.k_histogram)
         values = np.repeat(np.arange(1, len(counts) + 1), counts)
         top = f"{counts[-1] / counts.sum():.0%} at {len(counts)}"
@@ -148,7 +151,9 @@ def layer_cells(row: LayerReport) -> list[str]:
         row.node,
         row.op_type,
         "×".join(map(str, row.shape)),
-        f"LPBQ B{row.block_size} ({row.encoder})" if lpbq else f"fp32: {row.reason}",
+        {"lpbq": f"LPBQ B{row.block_size} ({row.encoder})", "int8": "int8 per channel"}.get(
+            row.status, f"fp32: {row.reason}"
+        ),
         f"{row.sqnr_db:.2f}" if lpbq else "",
         f"{row.bits_per_weight:.3f}" if lpbq else "32",
         k,

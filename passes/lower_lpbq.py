@@ -144,6 +144,8 @@ class _Lowering:
             return None
         if shape is None or len(shape) != 2 or candidate.x.ty.dtype != "float32" or encoding.block_size % 8:
             return None
+        if encoding.bitwidth > 4:  # int8 per-channel layers take the generic kernel
+            return None
         if bias is not None and [int(d) for d in bias.ty.shape] != [encoding.num_channels]:
             return None
         rows, depth, channels = int(shape[0]), encoding.num_blocks * encoding.block_size, encoding.num_channels
@@ -185,7 +187,8 @@ class _Lowering:
             return IntegerArithmetic(activation_encoding(*ranges["input"], bitwidth))
         annotation = self.annotations[key]
         pre_bias = None
-        if str(annotation.get("op_type")) == "Gemm" and bool(annotation.get("has_bias", True)):
+        matmul_plus_add = not self.encodings[key].is_per_channel  # exports keep int8 Gemms whole
+        if str(annotation.get("op_type")) == "Gemm" and bool(annotation.get("has_bias", True)) and matmul_plus_add:
             if "pre_bias" not in ranges:
                 msg = f"{node}: requantizing a Gemm with bias needs the calibrated range before the bias add"
                 raise ValueError(msg)
@@ -215,7 +218,9 @@ class _Lowering:
         operands = [candidate.x, q, k, s] + ([bias] if bias is not None else [])
         if candidate.kind == "dense":
             kernel, name = (
-                functools.partial(dense_kernel, block_size=encoding.block_size, integer=integer),
+                functools.partial(
+                    dense_kernel, block_size=encoding.block_size, code_bits=packed.code_bits, integer=integer
+                ),
                 "lpbq_dense",
             )
         else:
@@ -229,6 +234,7 @@ class _Lowering:
                 dilation=[int(v) for v in attrs.dilation],
                 groups=int(attrs.groups),
                 data_layout=str(attrs.data_layout),
+                code_bits=packed.code_bits,
                 integer=integer,
             )
             name = "lpbq_conv"

@@ -7,6 +7,7 @@ Every kernel reads the packed storage of :mod:`lpbq_tvm.packing` directly:
 * ``k``  uint8 ``[C, ceil(nb/2)]`` — ``k - 1`` nibbles;
 * ``s``  float32 ``[C]`` — the per-channel float scale;
 
+(``code_bits=8``: ``q`` int8 bytes ``[C, L]``, for int8 per-channel layers whose ``k`` is 1)
 and forms the int8 per-channel weight ``q · k`` in-kernel (it never exists in memory outside one
 kernel invocation). Arithmetic (DESIGN.md §3):
 
@@ -49,8 +50,10 @@ def _nibble(packed: te.Tensor, row, index):
     return (byte >> ((index % 2) * 4)) & 15
 
 
-def _int_weight(q: te.Tensor, k: te.Tensor, row, index, block):
+def _int_weight(q: te.Tensor, k: te.Tensor, row, index, block, code_bits: int):
     """``q[row, index] * k[row, block]`` as int32 (the int8 per-channel weight of DESIGN.md §3)."""
+    if code_bits == 8:
+        return q[row, index].astype("int8").astype("int32") * (_nibble(k, row, block) + 1)
     code = (_nibble(q, row, index) ^ 8) - 8  # sign-extend the 4-bit two's complement code
     return code * (_nibble(k, row, block) + 1)
 
@@ -122,6 +125,7 @@ def dense_kernel(
     bias: te.Tensor | None = None,
     *,
     block_size: int,
+    code_bits: int = 4,
     integer: IntegerArithmetic | None = None,
 ) -> te.Tensor:
     """``y[..., n] = s[n] · Σ_i x[..., i] · q[n, i] · k[n, i // B] (+ bias[n])``; x is ``[..., K]``."""
@@ -131,7 +135,9 @@ def dense_kernel(
 
     def accumulate(*index):
         n = index[-1]
-        return te.sum(operand(*index[:-1], i) * _int_weight(q, k, n, i, i // block_size).astype(dtype), axis=i)
+        return te.sum(
+            operand(*index[:-1], i) * _int_weight(q, k, n, i, i // block_size, code_bits).astype(dtype), axis=i
+        )
 
     acc = te.compute((*x.shape[:-1], q.shape[0]), accumulate, name="lpbq_acc")
     return _epilogue(acc, s, bias, len(x.shape) - 1, integer)
@@ -151,6 +157,7 @@ def conv_kernel(
     dilation: Sequence[int],
     groups: int,
     data_layout: str,
+    code_bits: int = 4,
     integer: IntegerArithmetic | None = None,
 ) -> te.Tensor:
     """Conv (1-D / 2-D, NCW / NCHW, grouped) over ``q · k``, then the epilogue.
@@ -164,7 +171,7 @@ def conv_kernel(
         flat = c
         for position, extent in zip(kernel_index, weight_shape[2:], strict=True):
             flat = flat * int(extent) + position
-        return _int_weight(q, k, o, flat, c // block_size).astype(dtype)
+        return _int_weight(q, k, o, flat, c // block_size, code_bits).astype(dtype)
 
     expanded = te.compute(tuple(int(d) for d in weight_shape), weight, name="lpbq_weight")
     acc = topi.nn.conv(operand, expanded, strides, padding, dilation, groups, data_layout, "", out_dtype=dtype)

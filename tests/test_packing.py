@@ -73,10 +73,24 @@ def test_bits_per_weight_at_4096():
     assert round(bits_per_weight(enc), 2) == 4.07
 
 
+@pytest.mark.parametrize("shape", [(16, 96), (8, 24, 3, 3)])
+def test_int8_per_channel_codes_are_bytes(shape):
+    """8-bit codes (int8 per channel: k = 1, one block) are stored one int8 per byte and read back."""
+    weight = np.random.default_rng(1).standard_t(3, shape).astype(np.float32)
+    enc = encode_lpbq(weight, 0, 1, bitwidth=8, decompressed_bw=8, block_size=shape[1])
+    packed = pack(enc)
+    length = int(np.prod(shape[1:]))
+    assert packed.code_bits == 8 and packed.q.shape == (shape[0], length) and packed.q.dtype == np.uint8
+    q, k, s = unpack(packed)
+    np.testing.assert_array_equal(q, enc.canonical_int_weight())
+    assert q.min() == -128 and np.all(k == 1)
+    assert packed.nbytes == packed_nbytes(shape, 0, 1, shape[1], 8) == shape[0] * (length + 1 + 4)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"bitwidth": 5, "decompressed_bw": 8}, r"packed storage holds bitwidth <= 4 and k <= 16, got bitwidth 5"),
+        ({"bitwidth": 3, "decompressed_bw": 8}, r"packed storage holds k <= 16, got bitwidth 3"),
         ({"decompressed_bw": 9}, r"got bitwidth 4, decompressed_bw 9"),
         ({"block_grouping": 1}, r"one float scale per channel; block_grouping 1 gives 2"),
     ],

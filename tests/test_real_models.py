@@ -320,3 +320,30 @@ def test_each_lpbq_layer_agrees_across_runtimes(model, magika_files, tmp_path):
             )
             assert ort_lsb <= 1
             assert np.abs(htp_codes).max() <= (2 if bits == 16 and node.op_type == "Conv" else 1)
+
+
+@pytest.mark.parametrize("model", ["magika", "rapid"])
+def test_budgeted_precision_on_real_models(model, magika_files):
+    """Every reachable layer LPBQ, then a cosine budget of 0.99: the choice meets it on the
+    calibration data, keeps the labels / top-1 of fp32, and is printed next to all-LPBQ and all-int8."""
+    from lpbq_tvm.analysis import select_precision
+
+    if model == "magika":
+        path, batches, block_size = str(MAGIKA_DIR / "model.onnx"), [{"bytes": magika_files[1]}], 64
+    else:
+        path, batches, block_size = str(RAPID_ONNX), [{"x": np.stack([_text_image(r) for r in (0, 90, 180, 270)])}], 16
+    sim = QuantizationSimModel(path, input_shapes={k: list(v.shape) for k, v in batches[0].items()})
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=block_size)
+    sim.compute_encodings()
+    choice = select_precision(sim, batches, target_cosine=0.99)
+    assert choice.cosine >= 0.99
+    fp32 = lpbq_tvm.compile(sim, mode="fp32").run(batches[0])
+    mixed = lpbq_tvm.compile(sim).run(batches[0])
+    for name, value in fp32.items():
+        assert mixed[name].argmax(-1).tolist() == value.argmax(-1).tolist()
+    print(
+        f"{model}: int8 {list(choice.int8_nodes)}; cosine {choice.cosine:.5f}, {choice.share_4bit:.1%} of weights "
+        f"at 4 bits, {choice.bits_per_weight:.3f} bits/weight | all LPBQ {choice.all_lpbq[0]:.5f} "
+        f"{choice.all_lpbq[1]:.1%} {choice.all_lpbq[2]:.3f} | all int8 {choice.all_int8[0]:.5f} "
+        f"{choice.all_int8[1]:.1%} {choice.all_int8[2]:.3f}"
+    )

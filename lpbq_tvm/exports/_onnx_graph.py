@@ -34,6 +34,24 @@ def kn_codes(encoding: LPBQEncoding) -> tuple[np.ndarray, np.ndarray]:
     return encoding.canonical_int_weight().T, encoding.per_block_int_scale.T
 
 
+def int8_weight_dq(node: onnx.NodeProto, encoding: LPBQEncoding, inits: list[TensorProto]) -> onnx.NodeProto:
+    """``DequantizeLinear(q·k: INT8, s: FLOAT [C], 0, axis=channel axis) -> <weight>.dq``: the exact
+    int8 per-channel form of ``node``'s weight, in the weight's own layout."""
+    weight = node.input[1]
+    inits += [
+        numpy_helper.from_array(encoding.expanded_int_weight().astype(np.int8), f"{weight}.int8"),
+        numpy_helper.from_array(encoding.per_channel_scale.astype(np.float32), f"{weight}.scale"),
+        numpy_helper.from_array(np.zeros(encoding.num_channels, np.int8), f"{weight}.zero_point"),
+    ]
+    return helper.make_node(
+        "DequantizeLinear",
+        [f"{weight}.int8", f"{weight}.scale", f"{weight}.zero_point"],
+        [f"{weight}.dq"],
+        name=f"{node.name}/weight_dq",
+        axis=encoding.channel_axis,
+    )
+
+
 def gemm_attributes(node: onnx.NodeProto) -> dict:
     """A Gemm's attributes, refusing the forms an exporter cannot write as MatMul + Add."""
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -70,6 +88,11 @@ def rewrite_layers(
     del graph.initializer[:]
     graph.initializer.extend(kept + initializers)
     return model
+
+
+# MatMulNBits (which onnxruntime fuses blocked INT4 and int8 per-channel DequantizeLinear -> MatMul
+# into) in fp32 arithmetic; its default may quantize the activation to int8.
+FP32_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
 def session(

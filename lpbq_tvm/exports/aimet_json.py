@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from lpbq_tvm.calibration import ActivationEncoding
-from lpbq_tvm.encoder import LPBQEncoding
+from lpbq_tvm.encoder import LPBQEncoding, per_channel_entry
 
 __all__ = ["VERSIONS", "per_channel_int8_entry", "encodings_file", "read_encodings_file"]
 
@@ -43,19 +43,7 @@ def per_channel_int8_entry(name: str, weight: np.ndarray, channel_axis: int, ver
     """Symmetric int8 per-channel encoding of a float weight (AIMET's non-LPBQ weight quantizer)."""
     moved = np.moveaxis(np.abs(weight.astype(np.float64)), channel_axis, 0).reshape(weight.shape[channel_axis], -1)
     scale = np.maximum(moved.max(axis=1) / 127.0, _MIN_SCALE)
-    if version == "1.0.0":
-        return {
-            "name": name,
-            "dtype": "INT",
-            "enc_type": "PER_CHANNEL",
-            "bw": 8,
-            "is_sym": True,
-            "scale": scale.tolist(),
-            "offset": [-128] * scale.size,
-        }
-    if version == "2.0.0":
-        return {"name": name, "output_dtype": "int8", "y_scale": scale.tolist(), "axis": channel_axis}
-    raise ValueError(f"unknown AIMET encoding version {version!r}; known: {', '.join(VERSIONS)}")
+    return per_channel_entry(name, scale, channel_axis, 8, version)
 
 
 def encodings_file(

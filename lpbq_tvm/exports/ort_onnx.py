@@ -7,7 +7,8 @@ Per LPBQ MatMul / Gemm (Gemm is written as MatMul + Add)::
 
 which onnxruntime fuses into its MatMulNBits kernel (block sizes that are powers of two >= 16;
 ``session.qdq_matmulnbits_accuracy_level=0`` keeps fp32 arithmetic). Per LPBQ Conv, the exact
-int8 per-channel form: ``DequantizeLinear(q·k: INT8, s: FLOAT [O], axis=0) -> Conv``.
+int8 per-channel form: ``DequantizeLinear(q·k: INT8, s: FLOAT [O], axis=0) -> Conv``; int8
+per-channel layers (a mixed-precision choice) the same way, with the weight's channel axis.
 Activations stay float: the model computes the weight-only simulation.
 """
 
@@ -20,29 +21,26 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lpbq_tvm.encoder import LPBQEncoding
-from lpbq_tvm.exports._onnx_graph import gemm_attributes, int4_tensor, kn_codes, rewrite_layers, upgrade
+from lpbq_tvm.exports._onnx_graph import (
+    gemm_attributes,
+    int4_tensor,
+    int8_weight_dq,
+    kn_codes,
+    rewrite_layers,
+    upgrade,
+)
 
 __all__ = ["export_ort_onnx"]
 
 
 def _rewrite(node: onnx.NodeProto, encoding: LPBQEncoding, inits: list) -> list[onnx.NodeProto]:
     weight = node.input[1]
-    if node.op_type == "Conv":
-        inits += [
-            numpy_helper.from_array(encoding.expanded_int_weight().astype(np.int8), f"{weight}.int8"),
-            numpy_helper.from_array(encoding.per_channel_scale.astype(np.float32), f"{weight}.scale"),
-        ]
-        dequantize = helper.make_node(
-            "DequantizeLinear",
-            [f"{weight}.int8", f"{weight}.scale"],
-            [f"{weight}.dq"],
-            name=f"{node.name}/weight_dq",
-            axis=0,
-        )
-        conv = onnx.NodeProto()
-        conv.CopyFrom(node)
-        conv.input[1] = f"{weight}.dq"
-        return [dequantize, conv]
+    if node.op_type == "Conv" or encoding.is_per_channel:
+        dequantize = int8_weight_dq(node, encoding, inits)
+        layer = onnx.NodeProto()
+        layer.CopyFrom(node)
+        layer.input[1] = dequantize.output[0]
+        return [dequantize, layer]
     bias = None
     if node.op_type == "Gemm":
         gemm_attributes(node)
@@ -70,8 +68,8 @@ def _rewrite(node: onnx.NodeProto, encoding: LPBQEncoding, inits: list) -> list[
 def export_ort_onnx(model: onnx.ModelProto, encodings: Mapping[str, LPBQEncoding]) -> onnx.ModelProto:
     """The model with every LPBQ weight as blocked INT4 (MatMul / Gemm) or int8 per channel (Conv)."""
     for name, encoding in encodings.items():
-        if encoding.float_scale.shape[1] != 1 or encoding.bitwidth != 4:
-            msg = f"{name}: the onnxruntime export needs 4-bit codes and one float scale per channel"
+        if encoding.float_scale.shape[1] != 1 or encoding.bitwidth != 4 and not encoding.is_per_channel:
+            msg = f"{name}: the onnxruntime export needs 4-bit or int8 per-channel codes, one float scale per channel"
             raise ValueError(msg)
     exported = rewrite_layers(upgrade(model), encodings, _rewrite)
     onnx.checker.check_model(exported, full_check=True)

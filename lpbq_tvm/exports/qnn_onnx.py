@@ -10,8 +10,10 @@ drops biases and misreads transB=0)::
 
 Per LPBQ Conv, its exact int8 per-channel equivalent (the runtime has no LPBQ conv fusion):
 ``w = DequantizeLinear(q·k: INT8, s, 0, axis=0)``, bias (a Conv input) as INT32 with scale ``sx·s``,
-``x -> Q -> DQ -> Conv -> Q -> DQ``. Activations use uint8 or uint16 per-tensor encodings from
-calibration (``input``, ``output`` and, for a Gemm with bias, ``pre_bias`` of each layer).
+``x -> Q -> DQ -> Conv -> Q -> DQ``; int8 per-channel layers (a mixed-precision choice) the same
+way, keeping their op (MatMul / Gemm) and the weight's channel axis. Activations use uint8 or
+uint16 per-tensor encodings from calibration (``input``, ``output`` and, for a Gemm with bias,
+``pre_bias`` of each layer).
 This is what the ``htp-sim`` target computes in integers; onnxruntime CPU runs it in float on
 the dequantized values, within one output LSB.
 """
@@ -26,7 +28,15 @@ from onnx import helper, numpy_helper
 
 from lpbq_tvm.calibration import ActivationEncoding, activation_encoding
 from lpbq_tvm.encoder import LPBQEncoding
-from lpbq_tvm.exports._onnx_graph import bias_array, gemm_attributes, int4_tensor, kn_codes, rewrite_layers, upgrade
+from lpbq_tvm.exports._onnx_graph import (
+    bias_array,
+    gemm_attributes,
+    int4_tensor,
+    int8_weight_dq,
+    kn_codes,
+    rewrite_layers,
+    upgrade,
+)
 from lpbq_tvm.exports.qnn_check import check_qnn
 
 __all__ = ["export_qnn_onnx"]
@@ -96,8 +106,12 @@ def export_qnn_onnx(
 ) -> onnx.ModelProto:
     """``activations``: weight name -> {"input", "output"[, "pre_bias"]} encodings of that layer."""
     for name, encoding in encodings.items():
-        if encoding.bitwidth != 4 or encoding.decompressed_bw != 8 or encoding.float_scale.shape[1] != 1:
-            msg = f"{name}: the QNN LPBQ pattern needs bitwidth 4, decompressed_bw 8 and one float scale per channel"
+        lpbq = encoding.bitwidth == 4 and encoding.decompressed_bw == 8
+        if not (lpbq or encoding.is_per_channel and encoding.bitwidth == 8) or encoding.float_scale.shape[1] != 1:
+            msg = (
+                f"{name}: the QNN export needs LPBQ with bitwidth 4, decompressed_bw 8 (or int8 per channel) "
+                "and one float scale per channel"
+            )
             raise ValueError(msg)
         if name not in activations:
             msg = f"{name}: no calibrated activation encodings; run sim.compute_encodings(callback, args) first"
@@ -112,21 +126,8 @@ def export_qnn_onnx(
         bias = bias_array(source, node)
         sx_s = np.float32(encs["input"].scale) * encoding.per_channel_scale.astype(np.float32)
         s = encoding.per_channel_scale.astype(np.float32)
-        if node.op_type == "Conv":
-            inits += [
-                numpy_helper.from_array(encoding.expanded_int_weight().astype(np.int8), f"{weight}.int8"),
-                numpy_helper.from_array(s, f"{weight}.scale"),
-                numpy_helper.from_array(np.zeros(s.size, np.int8), f"{weight}.zero_point"),
-            ]
-            nodes.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [f"{weight}.int8", f"{weight}.scale", f"{weight}.zero_point"],
-                    [f"{weight}.dq"],
-                    name=f"{node.name}/weight_dq",
-                    axis=0,
-                )
-            )
+        if node.op_type == "Conv" or encoding.is_per_channel:
+            nodes.append(int8_weight_dq(node, encoding, inits))
             conv = onnx.NodeProto()
             conv.CopyFrom(node)
             conv.input[0], conv.input[1] = x, f"{weight}.dq"

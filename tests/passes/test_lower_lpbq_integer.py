@@ -45,11 +45,18 @@ def _extreme_weight(case: LayerCase, seed: int) -> np.ndarray:
     return weight
 
 
+def _config(case: LayerCase, codes: str) -> LPBQConfig:
+    """LPBQ W4 B32, or int8 per channel: 8-bit codes, k = 1, one block of all input channels."""
+    if codes == "lpbq":
+        return LPBQConfig(block_size=BLOCK_SIZE)
+    return LPBQConfig(8, 8, block_size=case.w_shape[1] if case.op_type == "Conv" else case.x_shape[-1])
+
+
 @functools.cache
-def _compiled(case: LayerCase, mode: str, requantize: bool):
+def _compiled(case: LayerCase, mode: str, requantize: bool, codes: str = "lpbq"):
     model = layer_model(case, seed=5, weight=_extreme_weight(case, 5))
     imported = import_onnx(model).mod  # with the ONNX node table: op type and whether the node adds the bias
-    mod = EncodeLPBQ()(AnnotateLPBQ(LPBQConfig(block_size=BLOCK_SIZE))(imported))
+    mod = EncodeLPBQ()(AnnotateLPBQ(_config(case, codes))(imported))
     encoding = read_encodings(mod["main"])["w"]
     ranges = {"input": INPUT_RANGE, "output": OUTPUT_RANGE, "pre_bias": PRE_BIAS_RANGE}
     mod = attach_activation_ranges(mod, {"w": ranges})
@@ -62,10 +69,10 @@ def _reference(case, encoding, bias, x, mode, requantize):
     bits = 8 if mode == "w4a8" else 16
     input_encoding = activation_encoding(*INPUT_RANGE, bits)
     output_encoding = activation_encoding(*OUTPUT_RANGE, bits) if requantize else None
-    # A Gemm's bias add is its own ONNX-level step: requantized before it too (QNN MatMul -> Q/DQ -> Add).
-    pre_bias = (
-        activation_encoding(*PRE_BIAS_RANGE, bits) if requantize and case.op_type == "Gemm" and case.bias else None
-    )
+    # A Gemm's bias add is its own ONNX-level step: requantized before it too (QNN MatMul -> Q/DQ -> Add);
+    # an int8 per-channel Gemm is exported whole (int32 bias), so it is not.
+    lpbq_gemm_bias = case.op_type == "Gemm" and case.bias and not encoding.is_per_channel
+    pre_bias = activation_encoding(*PRE_BIAS_RANGE, bits) if requantize and lpbq_gemm_bias else None
     q, k, s = unpack(pack(encoding))
     weight = reference.int_weight(q, k, q.shape[1] // k.shape[1])
     if case.op_type == "Conv":
@@ -101,7 +108,19 @@ def activations(draw, shape):
 @pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
 def test_integer_kernel_is_bit_exact(case, mode, requantize):
-    compiled, encoding, bias = _compiled(case, mode, requantize)
+    _check_bit_exact(case, mode, requantize, "lpbq")
+
+
+@pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
+def test_int8_per_channel_kernel_is_bit_exact(case, mode):
+    """int8 per-channel layers (a mixed-precision choice) read 8-bit codes, requantized as on the HTP."""
+    _check_bit_exact(case, mode, True, "int8")
+
+
+def _check_bit_exact(case: LayerCase, mode: str, requantize: bool, codes: str) -> None:
+    compiled, encoding, bias = _compiled(case, mode, requantize, codes)
+    assert encoding.is_per_channel == (codes == "int8")
 
     @settings(max_examples=8, deadline=None)
     @given(activations(case.x_shape))
