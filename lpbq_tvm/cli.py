@@ -446,8 +446,14 @@ def _run_report(args: argparse.Namespace, console: Console) -> int:
     output = _refuse_existing(args.output, args.force)
     sim, batches = _quantized_sim(args, console, "")
     modes = ["weight-only"] + (["w4a8", "w4a16"] if batches else [])
+    rows = []
+    if batches and any(row.status == "lpbq" for row in sim.report()):
+        from lpbq_tvm.analysis import sensitivity
+
+        with console.status("quantizing one layer at a time (sensitivity)"):
+            rows = sensitivity(sim, batches)
     with console.status("compiling fp32 and LPBQ, running sample inputs"):
-        report = build_report(sim, _sample_batches(sim, batches), modes, name=Path(args.model).name)
+        report = build_report(sim, _sample_batches(sim, batches), modes, name=Path(args.model).name, sensitivity=rows)
         directory = write_report(report, output, overwrite=args.force)
     args.result.update(
         output=str(directory),

@@ -3,6 +3,7 @@
 ``build_report(sim, inputs)`` compiles the fp32 model and each requested LPBQ mode with TVM, runs
 them on ``inputs`` and collects, per Gemm / MatMul / Conv layer, the status (and reason when a
 layer stays fp32), block size, encoder, SQNR, bits per weight and the distribution of ``k``.
+With ``sensitivity`` rows (:func:`lpbq_tvm.analysis.sensitivity`) it adds their table and plot, worst first.
 ``write_report(report, directory)`` writes ``index.html`` (self-contained: the plots are embedded)
 and ``report.md`` with the plot PNGs beside it, into a fresh directory renamed into place.
 """
@@ -44,6 +45,12 @@ class ModelReport:
     lpbq_bytes: int  # the LPBQ layers in packed storage plus the skipped layers' fp32
     quantized_share: float  # share of candidate weights stored at 4 bits
     agreements: list[Agreement] = field(default_factory=list)
+    sensitivity: list = field(default_factory=list)  # analysis.LayerSensitivity rows, worst first
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per Gemm / MatMul / Conv weight element, fp32 layers included."""
+        return 8.0 * self.lpbq_bytes / max(sum(int(np.prod(row.shape)) for row in self.rows), 1)
 
 
 def _agreement(mode: str, name: str, actual: np.ndarray, reference: np.ndarray) -> Agreement:
@@ -60,6 +67,7 @@ def build_report(
     inputs: Sequence[Mapping[str, np.ndarray]],
     modes: Sequence[str] = ("weight-only",),
     name: str = "model",
+    sensitivity: Sequence = (),
 ) -> ModelReport:
     """Compile fp32 and each mode for the host CPU, run ``inputs`` and summarise (see the module docstring)."""
     import lpbq_tvm
@@ -74,10 +82,11 @@ def build_report(
         lpbq_bytes += packed_nbytes(
             encoding.shape, encoding.channel_axis, encoding.block_axis, encoding.block_size, encoding.bitwidth
         )
-        quantized += int(np.prod(layers[weight].shape))
+        quantized += int(np.prod(layers[weight].shape)) if not encoding.is_per_channel else 0
     lpbq_bytes += sum(int(np.prod(row.shape)) * 4 for row in rows if row.status == "skipped")
     total = sum(int(np.prod(row.shape)) for row in rows)
     report = ModelReport(name, rows, fp32_bytes, lpbq_bytes, quantized / total if total else 0.0)
+    report.sensitivity = list(sensitivity)
     reference = lpbq_tvm.compile(sim, mode="fp32")
     expected = [reference.run(batch) for batch in inputs]
     for mode in modes:
@@ -135,6 +144,16 @@ def _plots(report: ModelReport) -> dict[str, bytes]:
     axes.barh(["fp32", "LPBQ"], [report.fp32_bytes / 1024, report.lpbq_bytes / 1024], color=["#c9c9c9", "#2a7ab9"])
     axes.set_xlabel("weight KiB (Gemm / MatMul / Conv)")
     save(figure, "sizes.png")
+
+    if report.sensitivity:
+        figure, axes = plt.subplots(figsize=(8, max(2.5, 0.28 * len(report.sensitivity) + 1)))
+        losses = [max(1.0 - row.cosine, 1e-12) for row in report.sensitivity]
+        axes.barh(range(len(losses)), losses, color="#b9472a")
+        axes.set_yticks(range(len(losses)), [row.node[-40:] for row in report.sensitivity], fontsize=7)
+        axes.invert_yaxis()
+        axes.set_xscale("log")
+        axes.set_xlabel("1 - model output cosine with only this layer at LPBQ (worst first)")
+        save(figure, "sensitivity.png")
     return pngs
 
 
@@ -164,12 +183,20 @@ def layer_cells(row: LayerReport) -> list[str]:
 LAYER_HEADERS = ["layer", "op", "weight shape", "status", "SQNR dB", "bits/weight", "k", "dead channels"]
 
 
+SENSITIVITY_HEADERS = ["layer", "op", "weights", "model cosine (this layer alone at LPBQ)", "layer output SQNR dB"]
+
+
+def _sensitivity_cells(row) -> list[str]:
+    return [row.node, row.op_type, f"{row.weights:,}", f"{row.cosine:.5f}", f"{row.layer_sqnr_db:.2f}"]
+
+
 def _summary_lines(report: ModelReport) -> list[str]:
+    count = {status: sum(r.status == status for r in report.rows) for status in ("lpbq", "int8", "skipped")}
     lines = [
-        f"Layers: {sum(r.status == 'lpbq' for r in report.rows)} of {len(report.rows)} in LPBQ; "
-        f"{report.quantized_share:.1%} of the weights at 4 bits.",
+        f"Layers: {count['lpbq']} of {len(report.rows)} in LPBQ, {count['int8']} int8 per channel, "
+        f"{count['skipped']} fp32; {report.quantized_share:.1%} of the weights at 4 bits.",
         f"Weights: {report.fp32_bytes / 1024:.1f} KiB fp32 → {report.lpbq_bytes / 1024:.1f} KiB "
-        f"({report.fp32_bytes / max(report.lpbq_bytes, 1):.2f}× smaller).",
+        f"({report.fp32_bytes / max(report.lpbq_bytes, 1):.2f}× smaller, {report.bits_per_weight:.3f} bits/weight).",
     ]
     for a in report.agreements:
         top1 = f", top-1 agreement {a.top1:.0%}" if a.top1 is not None else ""
@@ -179,16 +206,28 @@ def _summary_lines(report: ModelReport) -> list[str]:
     return lines
 
 
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    return lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+
+
 def _html(report: ModelReport, pngs: Mapping[str, bytes]) -> str:
-    rows = "\n".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in layer_cells(row)) + "</tr>" for row in report.rows
-    )
+    layers = _html_table(LAYER_HEADERS, [layer_cells(row) for row in report.rows])
+    sensitivity = ""
+    if report.sensitivity:
+        table = _html_table(SENSITIVITY_HEADERS, [_sensitivity_cells(row) for row in report.sensitivity])
+        sensitivity = f"<h2>Sensitivity (calibration data), worst first</h2>\n{table}"
     images = "\n".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}"></figure>'
         for name, data in pngs.items()
     )
     summary = "".join(f"<li>{html.escape(line)}</li>" for line in _summary_lines(report))
-    head = "".join(f"<th>{h}</th>" for h in LAYER_HEADERS)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>LPBQ report: {html.escape(report.name)}</title>
 <style>
@@ -202,9 +241,8 @@ figure {{ display: inline-block; margin: 1em; }}
 <h1>LPBQ report: {html.escape(report.name)}</h1>
 <ul>{summary}</ul>
 <h2>Layers</h2>
-<table><thead><tr>{head}</tr></thead><tbody>
-{rows}
-</tbody></table>
+{layers}
+{sensitivity}
 <h2>Plots</h2>
 {images}
 </body></html>
@@ -217,10 +255,11 @@ def _markdown(report: ModelReport, pngs: Mapping[str, bytes]) -> str:
         "",
         *[f"- {line}" for line in _summary_lines(report)],
         "",
-        "| " + " | ".join(LAYER_HEADERS) + " |",
-        "|" + " --- |" * len(LAYER_HEADERS),
+        *_markdown_table(LAYER_HEADERS, [layer_cells(row) for row in report.rows]),
     ]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in layer_cells(row)) + " |" for row in report.rows]
+    if report.sensitivity:
+        lines += ["", "## Sensitivity (calibration data), worst first", ""]
+        lines += _markdown_table(SENSITIVITY_HEADERS, [_sensitivity_cells(row) for row in report.sensitivity])
     lines += ["", *[f"![{name}]({name})" for name in pngs], ""]
     return "\n".join(lines)
 

@@ -166,3 +166,17 @@ def test_cli_analyze_with_a_budget(tmp_path, capsys):
     assert "fragile" in result["precision"]["int8_nodes"] and result["precision"]["cosine"] >= 0.99
     assert main(["analyze", str(tmp_path / "chain.onnx")]) == 2  # no calibration data
     assert "give it with --calib" in capsys.readouterr().err
+
+
+def test_report_shows_sensitivity_and_the_mixed_choice(tmp_path):
+    from lpbq_tvm.cli import main
+
+    onnx.save(_chain_model(), tmp_path / "chain.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.stack([b["x"] for b in _batches(3, 1)]))
+    args = [str(tmp_path / "chain.onnx"), "--calib", str(tmp_path / "calib.npz"), "--target-cosine", "0.99"]
+    assert main(["-q", "report", *args, "-o", str(tmp_path / "report")]) == 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| fragile | MatMul | 256×256 | int8 per channel |" in markdown
+    assert "## Sensitivity (calibration data), worst first" in markdown
+    assert (tmp_path / "report" / "sensitivity.png").stat().st_size > 1000
+    assert "int8 per channel, 0 fp32; 44.4% of the weights at 4 bits" in markdown
