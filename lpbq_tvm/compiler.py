@@ -34,6 +34,7 @@ from tvm.relax.frontend import detach_params
 from lpbq_tvm.frontend import TensorInfo
 from lpbq_tvm.passes.lower_lpbq import LOWERED_ATTR
 from lpbq_tvm.targets import get_target
+from lpbq_tvm.targets.cpu_schedules import cpu_pipeline
 
 __all__ = ["CompiledModel", "atomic_write", "build", "compile", "PARAMS_FILE", "MANIFEST_FILE"]
 
@@ -251,7 +252,8 @@ def build(
         ]
     detached, params = detach_params(mod)
     param_names = [p.name for p in main.params[num_input:]]
-    executable = tvm.compile(detached, target=get_target(target).tvm_target())
+    tvm_target = get_target(target).tvm_target()
+    executable = tvm.compile(detached, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
     return CompiledModel(executable, list(params.get("main", [])), param_names, inputs, outputs, target, mode, lowered)
 
 

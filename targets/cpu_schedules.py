@@ -1,0 +1,172 @@
+"""Default CPU schedules for what the x86 LPBQ kernels do not cover: convolutions, matmuls, elementwise.
+
+TVM 0.27 lowers ``nn.conv2d`` / ``nn.conv1d`` / ``matmul`` (fp32, and the generic LPBQ kernels) to
+plain loop nests: the reduction innermost, nothing vectorised or parallel; dlight's CPU rules cover
+GEMV and reductions only. :func:`cpu_pipeline` applies two rules between legalization and lowering:
+
+* :class:`RegisterTiled`, for a PrimFunc with one reduction block that is an NCHW / NCW
+  convolution (``n, f, [y,] x`` spatial, ``rc, [ry,] rx`` reduction) or a matmul (spatial
+  iterators, then one reduction): the block accumulates a register tile of ``ft`` output channels
+  (conv) or rows (matmul) x ``v`` elements of the innermost spatial axis longer than 1 in a local
+  buffer; ``ft`` in 8/4/2/1 divides its axis, ``v`` is the largest divisor up to 16 of its axis
+  (so the tile never straddles a row: the write-back covers exactly the tile). Outer loops are
+  fused and parallel, then
+  ``reduction..., ft, v`` with ``ft`` unrolled and ``v`` vectorised, then one write-back.
+* :class:`Elementwise`, for a PrimFunc without reductions: producers inlined into consumers,
+  each remaining block parallel over its outer loops and vectorised over its innermost.
+
+Other blocks of a :class:`RegisterTiled` function (padding, weight expansion from packed codes,
+activation codes, epilogues) keep their own stage, parallel and vectorised. Epilogues are not
+fused into the write-back on purpose: a multiply and an add in one expression become one FMA
+under LLVM, which the LPBQ integer epilogue must not (DESIGN.md §3: it matches the reference's
+two roundings bit for bit). Integer accumulation (W4A8 / W4A16) is scheduled the same way;
+integer sums do not depend on their order.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+
+__all__ = ["Elementwise", "RegisterTiled", "cpu_pipeline"]
+
+_REDUCE = 2  # tirx.IterVar.CommReduce
+
+
+def _largest_divisor(extent: int, choices: tuple[int, ...]) -> int:
+    return next((c for c in choices if extent % c == 0), 1)
+
+
+def _vector_lanes(extent: int) -> int:
+    """The largest divisor of ``extent`` up to 16 (14 for 196, 7 for 49): a split that does not divide
+    leaves a predicate in the loop, and TVM then does not vectorise it at all (10x slower here)."""
+    return _largest_divisor(extent, tuple(range(16, 1, -1)))
+
+
+class RegisterTiled(dlight.ScheduleRule):
+    """A register-tiled reduction: direct NCHW / NCW convolution or matmul (see the module docstring)."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or "llvm" not in str(target.kind):
+            return None
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        reducing = [block for block in blocks if _reduces(sch, block)]
+        if len(reducing) != 1:
+            return None
+        main = reducing[0]
+        kind = _kind(sch, main)
+        if kind is None:
+            return None
+        local = sch.cache_write(main, 0, "local")
+        loops = sch.get_loops(main)
+        reductions = sum(int(i.iter_type) == _REDUCE for i in sch.get(main).iter_vars)
+        spatial, reduction = loops[: len(loops) - reductions], loops[len(loops) - reductions :]
+        extents = [int(sch.get(loop).extent) for loop in spatial]
+        # The tile axis: output channels of a conv, rows of a matmul. The vector axis: the innermost
+        # spatial axis longer than 1 (a [N, C, L, 1] conv vectorises over L).
+        tile = 1 if kind == "conv" else len(spatial) - 2
+        vector = max((i for i, e in enumerate(extents) if e > 1), default=len(extents) - 1)
+        if vector <= tile:
+            return None
+        ft = _largest_divisor(extents[tile], (8, 4, 2))
+        v = _vector_lanes(extents[vector])
+        fo, fi = sch.split(spatial[tile], [None, ft])
+        xo, xi = sch.split(spatial[vector], [None, v])
+        outer = [loop for i, loop in enumerate(spatial) if i not in (tile, vector)]
+        before, after = outer[:tile], outer[tile:]
+        sch.reorder(*before, fo, *after, xo, *reduction, fi, xi)
+        sch.reverse_compute_at(local, xo)
+        sch.parallel(sch.fuse(*before, fo, *after))
+        sch.unroll(fi)
+        if v > 1:
+            sch.vectorize(xi)
+            sch.vectorize(sch.get_loops(local)[-1])
+        sch.decompose_reduction(main, reduction[0])
+        for block in blocks:
+            if not sch.get(block).same_as(sch.get(main)):
+                _parallel_elementwise(sch, block)
+        return sch
+
+
+def _kind(sch: s_tir.Schedule, block) -> str | None:
+    """ "conv" (n f [y] x | rc [ry] rx), "matmul" (spatial..., one reduction), else None."""
+    kinds = [int(i.iter_type) for i in sch.get(block).iter_vars]
+    if kinds in ([0] * 3 + [_REDUCE] * 2, [0] * 4 + [_REDUCE] * 3):
+        return "conv"
+    if len(kinds) >= 3 and kinds == [0] * (len(kinds) - 1) + [_REDUCE]:
+        return "matmul"
+    return None
+
+
+class Elementwise(dlight.ScheduleRule):
+    """A function without reductions (batch norm, activations, casts): producers inlined into their
+    consumers where possible, then each remaining block parallel and vectorised."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or "llvm" not in str(target.kind):
+            return None
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        if not blocks or any(_reduces(sch, block) for block in blocks):
+            return None
+        outputs = {sch.get(block) for block in sch.get_output_blocks(sch.get_sblock("root"))}
+        for block in blocks:
+            if sch.get(block) not in outputs:
+                try:
+                    sch.compute_inline(block)
+                except s_tir.ScheduleError:
+                    continue
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            _parallel_elementwise(sch, block)
+        return sch
+
+
+def _reduces(sch: s_tir.Schedule, block) -> bool:
+    return any(int(i.iter_type) == _REDUCE for i in sch.get(block).iter_vars)
+
+
+def _has_root(sch: s_tir.Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+    except tvm.error.TVMError:  # a function without a root block (already lowered)
+        return False
+    return True
+
+
+def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
+    """Parallel outer loop and vectorised inner loop of a spatial block (left alone if it reduces)."""
+    if _reduces(sch, block):
+        return
+    loops = sch.get_loops(block)
+    if len(loops) >= 2:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    inner = loops[-1]
+    lanes = _vector_lanes(int(sch.get(inner).extent))
+    if lanes > 1:
+        _, vector = sch.split(inner, [None, lanes])
+        sch.vectorize(vector)
+
+
+def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with :class:`RegisterTiled` and :class:`Elementwise` applied after legalization."""
+    from tvm.relax.backend.cpu_generic import pipeline
+
+    @tvm.transform.module_pass(opt_level=0, name="LPBQCPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            passes = [
+                *pipeline.library_dispatch_passes(target),
+                *pipeline.legalize_passes(target),
+                dlight.ApplyDefaultSchedule(RegisterTiled(), Elementwise()),
+                *pipeline.dataflow_lower_passes(target),
+                *pipeline.finalize_passes(target),
+            ]
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline

@@ -1,0 +1,85 @@
+"""Default CPU schedules (RegisterTiled, Elementwise): applied where they should be, and still correct
+on the shapes that select each of their branches (width-1 conv, 1x1 stride-1 conv, tails, matmul)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from model_builders import UNIT_ROUNDOFF, ort_run
+from onnx import TensorProto, helper, numpy_helper
+from tvm import tirx
+from tvm.relax.backend.cpu_generic import pipeline
+from tvm.s_tir import dlight
+
+from lpbq_tvm.compiler import build
+from lpbq_tvm.frontend import import_onnx
+from lpbq_tvm.targets import get_target
+from lpbq_tvm.targets.cpu_schedules import Elementwise, RegisterTiled, _vector_lanes
+
+
+def _model(op: str, x_shape, w_shape, attrs=None):
+    """``y = hardswish(op(x, w) + 0.5)``: the op, then an elementwise epilogue of its own function."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node(op, ["x", "w"], ["z"], name="layer", **(attrs or {})),
+        helper.make_node("Add", ["z", "half"], ["a"]),
+        helper.make_node("HardSwish", ["a"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(len(x_shape))])],
+        [
+            numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "w"),
+            numpy_helper.from_array(np.float32(0.5), "half"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+CASES = {
+    "conv3x3_width7_tail": ("Conv", (1, 16, 7, 7), (24, 16, 3, 3), {"pads": [1, 1, 1, 1]}),
+    "conv1x1_56_wide": ("Conv", (1, 32, 8, 56), (40, 32, 1, 1), {}),
+    "conv_width1_column": ("Conv", (2, 8, 50, 1), (12, 8, 5, 1), {"strides": [2, 1]}),
+    "conv1d": ("Conv", (1, 8, 33), (6, 8, 3), {}),
+    "depthwise": ("Conv", (1, 12, 10, 10), (12, 1, 3, 3), {"group": 12, "pads": [1, 1, 1, 1]}),
+    "matmul_3d": ("MatMul", (2, 9, 40), (40, 30), {}),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_scheduled_ops_match_onnxruntime(name):
+    op, x_shape, w_shape, attrs = CASES[name]
+    model = _model(op, x_shape, w_shape, attrs)
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
+    imported = import_onnx(model)
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+    expected = ort_run(model, {"x": x})["y"]
+    # A dot product of K terms in another order: |error| <= 2(K+4)u sum|x||w| <= 2(K+4)u K max|x| max|w|,
+    # then hardswish, whose slope is at most 1.5.
+    terms = int(np.prod(w_shape[1:])) if op == "Conv" else w_shape[0]
+    weight = numpy_helper.to_array(model.graph.initializer[0])
+    bound = 1.5 * 2 * (terms + 4) * UNIT_ROUNDOFF * terms * np.abs(x).max() * np.abs(weight).max()
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
+
+
+def test_rules_schedule_the_conv_and_its_epilogue():
+    op, x_shape, w_shape, attrs = CASES["conv3x3_width7_tail"]
+    target = get_target("cpu").tvm_target()
+    with target:
+        mod = tvm.transform.Sequential(
+            [*pipeline.legalize_passes(target), dlight.ApplyDefaultSchedule(RegisterTiled(), Elementwise())]
+        )(import_onnx(_model(op, x_shape, w_shape, attrs)).mod)
+    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    assert funcs and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in funcs.values()), list(funcs)
+    conv = next(f.script() for name, f in funcs.items() if "conv2d" in name)
+    assert "T.parallel" in conv and "T.vectorized(T.int64(7))" in conv and "T.unroll(T.int64(8))" in conv
+
+
+@pytest.mark.parametrize(("extent", "lanes"), [(112, 16), (56, 14), (196, 14), (49, 7), (7, 7), (17, 1), (1, 1)])
+def test_vector_lanes_divide_the_extent(extent, lanes):
+    assert _vector_lanes(extent) == lanes
