@@ -417,10 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         _run_bench,
         "time onnxruntime fp32, TVM fp32 and TVM LPBQ (each mode) on one model, side by side",
-        "example:\n  lpbq-tvm bench model.onnx --calib calib.npz --threads 2 --repeat 50\n",
+        "examples:\n  lpbq-tvm bench model.onnx --calib calib.npz --threads 2 --repeat 50\n"
+        "  lpbq-tvm bench model.onnx --target aarch64 --rpc 127.0.0.1:9190 --key board   # on a device\n",
     )
     bench.add_argument("--threads", type=int, default=1, help="TVM and onnxruntime threads (default 1)")
     bench.add_argument("--repeat", type=int, default=20, help="timed runs per runtime (default 20)")
+    bench.add_argument("--rpc", metavar="HOST:PORT", help="time the TVM builds on a device of this RPC tracker")
+    bench.add_argument("--key", help="the tracker key of the devices to time on (with --rpc)")
+    bench.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a free device (default 60)")
+    bench.add_argument(
+        "--target",
+        default="cpu",
+        choices=["cpu", "aarch64"],
+        help="what to build for (with --rpc: the device's architecture; default %(default)s)",
+    )
     _add_model_options(bench)
 
     check = _command(
@@ -533,26 +543,38 @@ def _run_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run_bench(args: argparse.Namespace, console: Console) -> int:
-    from lpbq_tvm.bench import benchmark_model, set_threads
+    from lpbq_tvm.bench import benchmark_model, benchmark_remote, set_threads
 
+    if args.rpc and not args.key:
+        raise ValueError("--rpc needs --key: the tracker key of the devices to time on")
+    if args.target != "cpu" and not args.rpc:
+        raise ValueError(f"a {args.target} build runs on its device: give the tracker with --rpc and --key")
     set_threads(args.threads)
     sim, batches = _quantized_sim(args, console, "")
     inputs = _sample_batches(sim, batches, count=1)[0]
     modes = ["weight-only"] + (["w4a8", "w4a16"] if batches else [])
-    with console.status(f"compiling and timing fp32, {', '.join(modes)} ({args.repeat} runs each)"):
-        result = benchmark_model(sim, inputs, modes, args.repeat, args.threads)
-    table = Table(title=f"{Path(args.model).name}: median of {args.repeat} runs, {args.threads} thread(s)")
+    where = f"a {args.key!r} device of {args.rpc}" if args.rpc else "here"
+    with console.status(f"compiling and timing fp32, {', '.join(modes)} on {where} ({args.repeat} runs each)"):
+        if args.rpc:
+            result = benchmark_remote(
+                sim, inputs, modes, args.rpc, args.key, target=args.target, repeat=args.repeat, timeout=args.timeout
+            )
+        else:
+            result = benchmark_model(sim, inputs, modes, args.repeat, args.threads)
+    threads = f"{args.threads} thread(s)" if result.threads else "the device's threads"
+    table = Table(title=f"{Path(args.model).name} on {where}: median of {args.repeat} runs, {threads}")
     for column in ("runtime", "median ms", "min ms", "max ms", "vs TVM fp32", "compile s", "weight KiB"):
         table.add_column(column, justify="left" if column == "runtime" else "right")
     base = result.tvm["fp32"].median_ms
     args.result.update(
+        device=where,
         threads=result.threads,
-        onnxruntime_fp32=vars(result.onnxruntime_fp32),
+        onnxruntime_fp32=vars(result.onnxruntime_fp32) if result.onnxruntime_fp32 else None,
         tvm={mode: vars(t) for mode, t in result.tvm.items()},
         compile_seconds=result.compile_seconds,
         weight_bytes=result.weight_bytes,
     )
-    rows = [("onnxruntime fp32", result.onnxruntime_fp32, "", "")]
+    rows = [("onnxruntime fp32", result.onnxruntime_fp32, "", "")] if result.onnxruntime_fp32 else []
     rows += [
         (f"TVM {mode}", timing, f"{result.compile_seconds[mode]:.2f}", f"{result.weight_bytes[mode] / 1024:.1f}")
         for mode, timing in result.tvm.items()
@@ -568,6 +590,8 @@ def _run_bench(args: argparse.Namespace, console: Console) -> int:
             kib,
         )
     console.print(table)
+    if args.rpc:
+        console.print("[dim]onnxruntime is not measured on a remote device[/]")
     return 0
 
 

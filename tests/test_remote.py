@@ -118,3 +118,50 @@ def test_cli_run_on_the_tracker(tracker, bundles, tmp_path, capsys):
         == 4
     )
     assert "cannot reach the RPC tracker at 127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_cli_bench_on_the_tracker(tracker, tmp_path, capsys):
+    """The model benchmark timed on a device of the tracker: every build, no onnxruntime column."""
+    import json
+
+    import onnx
+
+    onnx.save(build_example_model(), tmp_path / "example.onnx")
+    assert (
+        main(["--json", "bench", str(tmp_path / "example.onnx"), "--rpc", tracker, "--key", KEY, "--repeat", "3"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["device"] == f"a '{KEY}' device of {tracker}" and result["onnxruntime_fp32"] is None
+    assert set(result["tvm"]) == {"fp32", "weight-only"}
+    assert all(0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in result["tvm"].values())
+    assert main(["bench", str(tmp_path / "example.onnx"), "--target", "aarch64"]) == 2
+    assert "a aarch64 build runs on its device" in capsys.readouterr().err
+
+
+def test_a_server_stopped_mid_session(bundles):
+    """Own tracker with two servers: stop one and the other serves; stop both and the request gives up
+    after its timeout with a one-line reason."""
+    folder, compiled, inputs = bundles
+    own = Tracker(host="127.0.0.1", port=19500, port_end=19600, silent=True)
+    servers = [
+        Server(
+            host="127.0.0.1", port=19700, port_end=19800, key="solo", tracker_addr=("127.0.0.1", own.port), silent=True
+        )
+        for _ in range(2)
+    ]
+    address = f"127.0.0.1:{own.port}"
+    try:
+        time.sleep(1.0)
+        servers[0].terminate()
+        remote = run_remote(folder / "host", address, "solo", inputs, timeout=20)
+        np.testing.assert_array_equal(remote.outputs["y"], compiled.run(inputs)["y"])
+        servers[1].terminate()
+        time.sleep(1.0)
+        start = time.monotonic()  # the tracker still lists the key; no server answers it any more
+        with pytest.raises(TimeoutError, match=rf"no free device under key 'solo' at {address} within 3 s"):
+            run_remote(folder / "host", address, "solo", inputs, timeout=3)
+        assert time.monotonic() - start < 15
+    finally:
+        for server in servers:
+            server.terminate()
+        own.terminate()
