@@ -241,10 +241,17 @@ def _refuse_existing(path: str, force: bool) -> Path:
 
 
 def _write_bundle(
-    sim: QuantizationSimModel, output: Path, target: str, mode: str, force: bool, console: Console
+    sim: QuantizationSimModel,
+    output: Path,
+    target: str,
+    mode: str,
+    force: bool,
+    console: Console,
+    tuning_db: str | None = None,
 ) -> dict:
-    with console.status(f"compiling for {target} ({mode})"):
-        compiled = lpbq_tvm.compile(sim, target=target, mode=mode)
+    tuned = f", schedules from {tuning_db}" if tuning_db else ""
+    with console.status(f"compiling for {target} ({mode}{tuned})"):
+        compiled = lpbq_tvm.compile(sim, target=target, mode=mode, tuning_db=tuning_db)
         bundle = compiled.export_bundle(output, overwrite=force)
     weights = compiled.weight_bytes
     summary = dict(
@@ -265,7 +272,37 @@ def _run_compile(args: argparse.Namespace, console: Console) -> int:
     output = _refuse_existing(args.output, args.force)
     needs = f"--mode {args.mode} quantizes activations" if args.mode in ("w4a8", "w4a16") else ""
     sim, _ = _quantized_sim(args, console, needs)
-    args.result.update(_write_bundle(sim, output, args.target, args.mode, args.force, console))
+    args.result.update(_write_bundle(sim, output, args.target, args.mode, args.force, console, args.tuning_db))
+    return 0
+
+
+def _run_tune(args: argparse.Namespace, console: Console) -> int:
+    from lpbq_tvm.tuning import tune
+
+    output = _refuse_existing(args.output, args.force)
+    if args.rpc and not args.key:
+        raise ValueError("--rpc needs --key: the tracker key of the devices to measure on")
+    needs = f"--mode {args.mode} quantizes activations" if args.mode in ("w4a8", "w4a16") else ""
+    sim, _ = _quantized_sim(args, console, needs)
+    where = f"{args.key!r} devices of {args.rpc}" if args.rpc else "this machine"
+    with console.status(f"tuning {args.trials} trials on {where} (MetaSchedule)"):
+        result = tune(
+            sim,
+            output,
+            target=args.target,
+            mode=args.mode,
+            trials=args.trials,
+            rpc=(args.rpc, args.key) if args.rpc else None,
+            timeout=args.timeout,
+        )
+    args.result.update(
+        output=str(result.work_dir), tasks=list(result.tasks), skipped=list(result.skipped), records=result.records
+    )
+    console.print(
+        f"wrote {result.work_dir}/: {result.records} records for {', '.join(result.tasks)}"
+        f" (hand-scheduled, not tuned: {', '.join(result.skipped) or 'none'}); "
+        f"use it with: lpbq-tvm compile ... --tuning-db {result.work_dir}"
+    )
     return 0
 
 
@@ -352,8 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
         _COMPILE_EPILOG,
     )
     compile_.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    compile_.add_argument("--tuning-db", metavar="DIR", help="apply the schedules `lpbq-tvm tune` wrote to DIR")
     _add_model_options(compile_)
     _add_target_options(compile_)
+
+    tune_ = _command(
+        commands,
+        "tune",
+        _run_tune,
+        "tune the model's kernels with MetaSchedule (optional) into a database compile --tuning-db reuses",
+        "examples:\n  lpbq-tvm tune model.onnx --trials 200 -o tuning/\n"
+        "  lpbq-tvm tune model.onnx --target aarch64 --trials 500 --rpc 10.0.0.2:9190 --key board -o tuning/\n"
+        "  lpbq-tvm compile model.onnx --tuning-db tuning/ -o bundle/\n",
+    )
+    tune_.add_argument("-o", "--output", required=True, help="database directory to write")
+    tune_.add_argument("--trials", type=int, default=64, help="measurements in all (default %(default)s)")
+    tune_.add_argument("--rpc", metavar="HOST:PORT", help="measure on the devices of this TVM RPC tracker")
+    tune_.add_argument("--key", help="the tracker key of the devices to measure on (with --rpc)")
+    tune_.add_argument("--timeout", type=float, default=60.0, help="seconds per remote measurement session")
+    _add_model_options(tune_)
+    _add_target_options(tune_)
 
     export = _command(
         commands,

@@ -36,7 +36,16 @@ from lpbq_tvm.passes.lower_lpbq import LOWERED_ATTR
 from lpbq_tvm.targets import get_target
 from lpbq_tvm.targets.cpu_schedules import cpu_pipeline
 
-__all__ = ["CompiledModel", "atomic_write", "build", "compile", "PARAMS_FILE", "MANIFEST_FILE"]
+__all__ = [
+    "CompiledModel",
+    "atomic_write",
+    "build",
+    "compile",
+    "lower",
+    "tuning_database",
+    "PARAMS_FILE",
+    "MANIFEST_FILE",
+]
 
 PARAMS_FILE = "params.bin"
 MANIFEST_FILE = "manifest.json"
@@ -236,8 +245,12 @@ def build(
     inputs: Sequence[TensorInfo] | None = None,
     outputs: Sequence[TensorInfo] | None = None,
     mode: str = "fp32",
+    tuning_db: str | PathLike | None = None,
 ) -> CompiledModel:
-    """Compile ``mod["main"]`` for ``target``; input/output infos default to the function's own."""
+    """Compile ``mod["main"]`` for ``target``; input/output infos default to the function's own.
+
+    ``tuning_db``: a MetaSchedule database directory written by :func:`lpbq_tvm.tuning.tune`; its
+    schedules replace the default ones for the kernels it holds."""
     main = mod["main"]
     num_input = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
     lowered = _plain(main.attrs[LOWERED_ATTR]) if LOWERED_ATTR in (main.attrs or {}) else {}
@@ -253,24 +266,33 @@ def build(
     detached, params = detach_params(mod)
     param_names = [p.name for p in main.params[num_input:]]
     tvm_target = get_target(target).tvm_target()
-    executable = tvm.compile(detached, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+    if tuning_db is None:
+        executable = tvm.compile(detached, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+    else:
+        database = tuning_database(tuning_db)
+        with database:
+            executable = tvm.compile(detached, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, database))
     return CompiledModel(executable, list(params.get("main", [])), param_names, inputs, outputs, target, mode, lowered)
 
 
-def compile(sim, target: str = "cpu", mode: str = "weight-only") -> CompiledModel:  # noqa: A001 - public API name
-    """Compile a :class:`~lpbq_tvm.quantsim.QuantizationSimModel` for ``target``.
+def tuning_database(directory: str | PathLike):
+    """The MetaSchedule JSON database in ``directory`` (workload and tuning-record files)."""
+    from tvm.s_tir import meta_schedule as ms
 
-    Modes: ``"weight-only"`` (fp32 activations, 4-bit packed-weight kernels), ``"w4a8"`` /
-    ``"w4a16"`` (integer kernels; need calibrated activation ranges from
-    ``sim.compute_encodings(callback, args)``) and ``"fp32"`` (the unquantized model, for
-    comparisons). Targets: see :mod:`lpbq_tvm.targets` (``"cpu"``, ``"aarch64"``, ``"htp-sim"``).
-    Weights are encoded first if ``sim.compute_encodings`` has not run.
-    """
+    directory = Path(directory)
+    files = [directory / "database_workload.json", directory / "database_tuning_record.json"]
+    if not all(file.is_file() for file in files):
+        raise FileNotFoundError(f"{directory} holds no tuning database (run lpbq-tvm tune first)")
+    return ms.database.JSONDatabase(*map(str, files), allow_missing=False)
+
+
+def lower(sim, target: str = "cpu", mode: str = "weight-only") -> tvm.IRModule:
+    """The Relax module :func:`compile` builds: the float model (``"fp32"``) or the LPBQ-lowered one."""
     from lpbq_tvm.passes.lower_lpbq import LowerLPBQ
 
     target_module = get_target(target)
     if mode == "fp32":
-        return build(sim.float_module, target, sim.inputs, sim.outputs, mode)
+        return sim.float_module
     if mode not in target_module.MODES:
         msg = f"target {target!r} builds modes {', '.join(target_module.MODES)} (and fp32), not {mode!r}"
         raise ValueError(msg)
@@ -282,5 +304,18 @@ def compile(sim, target: str = "cpu", mode: str = "weight-only") -> CompiledMode
             "sim.compute_encodings(callback, args) with a callback that feeds calibration data through sim.run"
         )
         raise ValueError(msg)
-    lowered = LowerLPBQ(mode, target_module.REQUANTIZE_OUTPUTS, target_module.tvm_target())(sim.encoded_module)
-    return build(lowered, target, sim.inputs, sim.outputs, mode)
+    return LowerLPBQ(mode, target_module.REQUANTIZE_OUTPUTS, target_module.tvm_target())(sim.encoded_module)
+
+
+def compile(  # noqa: A001 - public API name
+    sim, target: str = "cpu", mode: str = "weight-only", tuning_db: str | PathLike | None = None
+) -> CompiledModel:
+    """Compile a :class:`~lpbq_tvm.quantsim.QuantizationSimModel` for ``target``.
+
+    Modes: ``"weight-only"`` (fp32 activations, 4-bit packed-weight kernels), ``"w4a8"`` /
+    ``"w4a16"`` (integer kernels; need calibrated activation ranges from
+    ``sim.compute_encodings(callback, args)``) and ``"fp32"`` (the unquantized model, for
+    comparisons). Targets: see :mod:`lpbq_tvm.targets` (``"cpu"``, ``"aarch64"``, ``"htp-sim"``).
+    Weights are encoded first if ``sim.compute_encodings`` has not run. ``tuning_db``: see :func:`build`.
+    """
+    return build(lower(sim, target, mode), target, sim.inputs, sim.outputs, mode, tuning_db)

@@ -26,7 +26,7 @@ integer sums do not depend on their order.
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, tirx
+from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight
 
 __all__ = ["Elementwise", "RegisterTiled", "cpu_pipeline"]
@@ -153,8 +153,10 @@ def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
         sch.vectorize(vector)
 
 
-def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with :class:`RegisterTiled` and :class:`Elementwise` applied after legalization."""
+def cpu_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with :class:`RegisterTiled` and :class:`Elementwise` applied after legalization;
+    with a MetaSchedule ``database`` (entered as a context around the build), its tuned schedules
+    first, the rules for the rest."""
     from tvm.relax.backend.cpu_generic import pipeline
 
     @tvm.transform.module_pass(opt_level=0, name="LPBQCPUPipeline")
@@ -163,6 +165,7 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             passes = [
                 *pipeline.library_dispatch_passes(target),
                 *pipeline.legalize_passes(target),
+                *([relax.transform.MetaScheduleApplyDatabase()] if database is not None else []),
                 dlight.ApplyDefaultSchedule(RegisterTiled(), Elementwise()),
                 *pipeline.dataflow_lower_passes(target),
                 *pipeline.finalize_passes(target),

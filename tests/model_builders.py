@@ -212,3 +212,15 @@ def masked_softmax_model(rows: int = 8, width: int = 64) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+EXAMPLE_TERMS = (64 * 9, 128, 256)  # dot-product lengths of the example model's conv, fc1, fc2
+
+
+def simulation_bound(sim, inputs: dict[str, np.ndarray], terms: Sequence[int] = EXAMPLE_TERMS) -> np.ndarray:
+    """:func:`abs_network_bound` of ``sim``'s model with its LPBQ-dequantized weights: how far a
+    compiled weight-only model may lie from ``sim.run`` by summation order alone."""
+    qdq_model = sim.model
+    for name, encoding in sim.encodings.items():
+        qdq_model = with_weight(qdq_model, name, encoding.qdq_weight)
+    return abs_network_bound(qdq_model, inputs, terms)

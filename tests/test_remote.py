@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from model_builders import assert_float_close, simulation_bound
 from tvm.rpc.server import Server
 from tvm.rpc.tracker import Tracker
 
@@ -165,3 +166,44 @@ def test_a_server_stopped_mid_session(bundles):
         for server in servers:
             server.terminate()
         own.terminate()
+
+
+def test_tuning_on_the_tracker_is_reused_by_compile(tracker, tmp_path):
+    """MetaSchedule measures on the tracker's two servers (one worker each), writes its database,
+    and a compile with that database applies the tuned schedule and computes the same outputs."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from lpbq_tvm.compiler import lower, tuning_database
+    from lpbq_tvm.tuning import _servers, tune
+
+    sim = QuantizationSimModel(build_example_model())
+    set_grouped_blockwise_quantization_for_weights(sim)
+    sim.compute_encodings()
+    assert _servers(tracker, KEY) == 2
+    result = tune(sim, tmp_path / "db", trials=4, rpc=(tracker, KEY), timeout=30)
+    assert result.tasks == ("lpbq_conv",) and result.records >= 1
+    assert set(result.skipped) == {"lpbq_dense_x86", "lpbq_dense_x861"}  # hand-scheduled
+    database = tuning_database(tmp_path / "db")
+    from tvm.relax.frontend import detach_params
+
+    task = next(
+        t
+        for t in ms.relax_integration.extract_tasks(
+            detach_params(lower(sim))[0], lpbq_tvm.compiler.get_target("cpu").tvm_target()
+        )
+        if t.task_name == "lpbq_conv"
+    )
+    assert database.has_workload(task.dispatched[0])
+    inputs = sim.random_inputs(seed=2)
+    tuned = lpbq_tvm.compile(sim, tuning_db=tmp_path / "db").run(inputs)["y"]
+    assert_float_close(tuned, sim.run(inputs)["y"], simulation_bound(sim, inputs))
+    with pytest.raises(FileNotFoundError, match="holds no tuning database"):
+        lpbq_tvm.compile(sim, tuning_db=tmp_path)
+
+    import onnx
+
+    onnx.save(build_example_model(), tmp_path / "example.onnx")
+    model = str(tmp_path / "example.onnx")
+    assert main(["-q", "compile", model, "--tuning-db", str(tmp_path / "db"), "-o", str(tmp_path / "bundle")]) == 0
+    assert main(["-q", "tune", model, "--rpc", tracker, "-o", str(tmp_path / "db2")]) == 2  # --rpc needs --key
+    assert not (tmp_path / "db2").exists()
