@@ -170,4 +170,13 @@ def export_encodings(sim, path: str | PathLike, version: str = "1.0.0", *, overw
             raise ValueError(msg)
     report = ExportReport(Path(path), f"aimet-json {version}", Path(path).stat().st_size)
     report.checks["read back"] = f"{len(entries)} entries, LPBQ entries equal the encoder's"
+    biased = sorted(layer.node_name for name, layer in sim.layers.items() if name in sim.encodings and layer.has_bias)
+    if version == "2.0.0" and biased:
+        # DESIGN.md §5: a 2.0.0 file switches Qualcomm's converter to its newer quantizer, which
+        # wants int32 bias encodings; this file (like 1.0.0) carries none.
+        report.checks["note"] = (
+            f"{len(biased)} LPBQ layers have a bias ({', '.join(biased[:3])}{', ...' if len(biased) > 3 else ''}) "
+            "and 2.0.0 makes Qualcomm's converter expect int32 bias encodings, which this file does not "
+            "carry; version 1.0.0 is the safe choice for QNN"
+        )
     return report

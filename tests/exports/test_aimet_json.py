@@ -88,7 +88,9 @@ def test_version_1_file_layout(calibrated_sim, tmp_path):
 
 
 def test_version_2_file_layout(calibrated_sim, tmp_path):
-    export_encodings(calibrated_sim, tmp_path / "model.encodings", "2.0.0")
+    report = export_encodings(calibrated_sim, tmp_path / "model.encodings", "2.0.0")
+    assert "int32 bias encodings" in report.checks["note"] and "fc1" in report.checks["note"]  # the QNN trap
+    assert "note" not in export_encodings(calibrated_sim, tmp_path / "v1.encodings", "1.0.0").checks
     data = json.loads((tmp_path / "model.encodings").read_text())
     assert list(data) == ["version", "encodings"] and data["version"] == "2.0.0"
     entries = {entry["name"]: entry for entry in data["encodings"]}
