@@ -182,9 +182,14 @@ def _quantized_sim(
         excluded_nodes=args.exclude,
         encoder=config.encoder,
     )
+    budget = getattr(args, "target_cosine", None) is not None or getattr(args, "ratio", None) is not None
+    if budget:
+        held_out = _calibration_batches(args.held_out, sim) if args.held_out else None
+        sim.set_precision_budget(args.target_cosine, args.ratio, held_out)
+    elif getattr(args, "held_out", None):
+        raise ValueError("--held-out measures a precision budget: give --target-cosine or --ratio too")
     if config.encoder == "mse-act" and not needs_calibration:
         needs_calibration = "--encoder mse-act weighs errors by calibration data"
-    budget = getattr(args, "target_cosine", None) is not None or getattr(args, "ratio", None) is not None
     if budget and not needs_calibration:
         needs_calibration = "--target-cosine / --ratio measure the model on calibration data"
     if needs_calibration and not args.calib:
@@ -198,20 +203,18 @@ def _quantized_sim(
                 sim_.run(batch)
                 progress.advance(task)
 
+        if budget:
+            progress.update(task, description="encoding, calibrating and choosing int8 layers")
         sim.compute_encodings(calibrate if batches else None, batches)
-    if budget:
-        _select_precision(args, console, sim, batches)
+    if sim.precision_choice is not None:
+        _print_precision(args, console, sim.precision_choice)
     console.print(
         _layer_table(sim.report(), f"{Path(args.model).name}: LPBQ W{config.bitwidth} block {config.block_size}")
     )
     return sim, batches
 
 
-def _select_precision(args: argparse.Namespace, console: Console, sim: QuantizationSimModel, batches) -> None:
-    from lpbq_tvm.analysis import select_precision
-
-    with console.status("measuring layer sensitivity and choosing int8 layers"):
-        choice = select_precision(sim, batches, target_cosine=args.target_cosine, ratio=args.ratio)
+def _print_precision(args: argparse.Namespace, console: Console, choice) -> None:
     table = Table(title=f"precision: {choice.rule}")
     for column in ("choice", "cosine to fp32", "weights at 4 bits", "bits/weight"):
         table.add_column(column, justify="left" if column == "choice" else "right")
@@ -222,9 +225,12 @@ def _select_precision(args: argparse.Namespace, console: Console, sim: Quantizat
     ):
         table.add_row(escape(label), f"{cosine:.5f}", f"{share:.1%}", f"{bits:.3f}")
     console.print(table)
+    if choice.held_out_cosine is not None:
+        console.print(f"held-out data: cosine {choice.held_out_cosine:.5f} with the chosen int8 layers")
     args.result["precision"] = {
         "int8_nodes": list(choice.int8_nodes),
         "cosine": choice.cosine,
+        "held_out_cosine": choice.held_out_cosine,
         "share_4bit": choice.share_4bit,
         "bits_per_weight": choice.bits_per_weight,
     }
@@ -535,8 +541,8 @@ def _run_analyze(args: argparse.Namespace, console: Console) -> int:
 
     if not args.calib:
         raise ValueError("analyze measures the model on calibration data: give it with --calib FILE.npz")
-    budget = args.target_cosine, args.ratio
-    args.target_cosine = args.ratio = None  # measure all-LPBQ first, then choose
+    budget = args.target_cosine, args.ratio, args.held_out
+    args.target_cosine = args.ratio = args.held_out = None  # measure all-LPBQ first, then choose
     sim, batches = _quantized_sim(args, console, "")
     with console.status("quantizing one layer at a time"):
         rows = sensitivity(sim, batches)
@@ -549,9 +555,13 @@ def _run_analyze(args: argparse.Namespace, console: Console) -> int:
         )
     console.print(table)
     args.result["sensitivity"] = [vars(row) for row in rows]
-    args.target_cosine, args.ratio = budget
-    if any(value is not None for value in budget):
-        _select_precision(args, console, sim, batches)
+    args.target_cosine, args.ratio, args.held_out = budget
+    if args.target_cosine is not None or args.ratio is not None:
+        held_out = _calibration_batches(args.held_out, sim) if args.held_out else None
+        sim.set_precision_budget(args.target_cosine, args.ratio, held_out)
+        with console.status("choosing int8 layers"):
+            sim.compute_encodings(lambda s, data: [s.run(batch) for batch in data], batches)
+        _print_precision(args, console, sim.precision_choice)
     return 0
 
 
@@ -709,6 +719,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="R",
         help="keep the most sensitive layers at int8 while a share R of the weights stays at 4 bits (needs --calib)",
+    )
+    parser.add_argument(
+        "--held-out", metavar="FILE.npz", help="batches (like --calib) to report the budget's cosine on as well"
     )
 
 

@@ -90,6 +90,10 @@ class QuantizationSimModel:
         self._session = None
         self._observers: dict[str, list] | None = None
         self._activation_ranges: dict[str, tuple[float, float]] = {}
+        self._budget: dict[str, float] = {}
+        self._recorded: list[dict[str, np.ndarray]] | None = None
+        self._selecting = False
+        self.precision_choice = None  # analysis.PrecisionChoice once a budget has chosen int8 layers
         self.quant_scheme = quant_scheme
         self.percentile = percentile
         self.default_activation_bw = default_activation_bw
@@ -166,9 +170,29 @@ class QuantizationSimModel:
         annotated = AnnotateLPBQ(config, op_types, excluded_nodes, strict)(self._annotated)
         self._check_fits_some_layer(annotated, config, op_types, excluded_nodes)
         self._annotated = annotated
+        self.precision_choice = None  # a new configuration: a budget chooses again
         self._encoded = None
         self._session = None
         self._activation_ranges = {}
+
+    def set_precision_budget(
+        self,
+        target_cosine: float | None = None,
+        ratio: float | None = None,
+        held_out: Sequence[Mapping[str, np.ndarray]] | None = None,
+    ) -> None:
+        """Have ``compute_encodings(callback, args)`` choose int8 per-channel layers on the data the
+        callback runs, so that the model output cosine to fp32 reaches ``target_cosine``, or so that
+        ``ratio`` of the weights stay at 4 bits (:func:`lpbq_tvm.analysis.select_precision`; the
+        result, with the cosine on ``held_out`` batches if given, is ``sim.precision_choice``). The
+        calibration batches are kept in memory for it."""
+        if target_cosine is not None and ratio is not None:
+            raise ValueError("give one budget: a target cosine (accuracy_budget) or a ratio of weights at 4 bits")
+        self._budget = {"target_cosine": target_cosine} if target_cosine is not None else {}
+        self._budget |= {"ratio": ratio} if ratio is not None else {}
+        if self._budget and held_out:
+            self._budget["held_out"] = list(held_out)
+        self.precision_choice = None
 
     def set_int8_per_channel(self, nodes: Iterable[str]) -> None:
         """Keep these LPBQ layers (ONNX node names) at int8 per channel: 8-bit codes, one float scale
@@ -221,6 +245,8 @@ class QuantizationSimModel:
         from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, attach_input_importance
         from lpbq_tvm.passes.lower_lpbq import attach_activation_ranges
 
+        if self._budget and forward_pass_callback is None:
+            raise ValueError("the precision budget is measured on calibration data: pass a callback")
         self._encoded, self._activation_ranges, annotated = None, {}, self._annotated
         activation_aware = self._activation_aware_layers()
         if activation_aware:
@@ -248,7 +274,12 @@ class QuantizationSimModel:
         observers = {name: [observer] for name, observer in ranges.items()}
         for key, (output, bias) in self._pre_bias_tensors().items():
             observers[output].append(_Shifted(pre_bias[key], -bias))
-        self._observe(observers, forward_pass_callback, forward_pass_callback_args)
+        choose = bool(self._budget) and self.precision_choice is None and not self._selecting
+        self._recorded = [] if choose else None  # the batches the callback runs, for the selection
+        try:
+            self._observe(observers, forward_pass_callback, forward_pass_callback_args)
+        finally:
+            batches, self._recorded = self._recorded, None
         self._activation_ranges = {name: observer.range() for name, observer in ranges.items()}
         layer_ranges = {
             key: {"input": self._activation_ranges[inp], "output": self._activation_ranges[out]}
@@ -257,6 +288,14 @@ class QuantizationSimModel:
         for key, observer in pre_bias.items():
             layer_ranges[key]["pre_bias"] = observer.range()
         self._encoded = attach_activation_ranges(self._encoded, layer_ranges)
+        if choose:
+            from lpbq_tvm.analysis import select_precision
+
+            self._selecting = True  # the selection recalibrates; that pass does not choose again
+            try:
+                self.precision_choice = select_precision(self, batches, **self._budget)
+            finally:
+                self._selecting = False
 
     def _observe(self, observers: dict[str, list], callback: Callable, args: Any) -> None:
         """Run the callback with ``observers`` (tensor name -> observers) fed by every ``sim.run``."""
@@ -409,6 +448,8 @@ class QuantizationSimModel:
         session = self._simulation_session()
         names = [output.name for output in session.get_outputs()]
         results = dict(zip(names, session.run(names, dict(inputs)), strict=True))
+        if self._recorded is not None:
+            self._recorded.append({name: np.array(value) for name, value in inputs.items()})
         for name, observers in (self._observers or {}).items():
             for observer in observers:
                 observer.update(results[name])
@@ -455,6 +496,8 @@ def set_grouped_blockwise_quantization_for_weights(
     strict: bool = False,
     excluded_nodes: Iterable[str] | None = None,
     encoder: str = "aimet",
+    accuracy_budget: float | None = None,
+    ratio: float | None = None,
 ) -> None:
     """Quantize the weights of ``op_types`` with LPBQ (AIMET's name and arguments).
 
@@ -465,6 +508,11 @@ def set_grouped_blockwise_quantization_for_weights(
     May be called several times: a later call wins for the op types it selects. ``strict=True``
     raises ``ValueError`` for a layer that cannot take the configuration; otherwise that layer
     stays unquantized and is reported with the reason.
+
+    ``accuracy_budget`` (a model-output cosine to fp32, e.g. 0.99) or ``ratio`` (the share of
+    weights kept at 4 bits, NNCF's term), extensions: ``sim.compute_encodings(callback, args)``
+    then keeps the most sensitive layers at int8 per channel to meet it on the calibration data
+    (:meth:`QuantizationSimModel.set_precision_budget`).
     """
     if isinstance(op_types, str):
         op_types = (op_types,)
@@ -474,3 +522,5 @@ def set_grouped_blockwise_quantization_for_weights(
         excluded_nodes or (),
         strict,
     )
+    if accuracy_budget is not None or ratio is not None:
+        sim.set_precision_budget(accuracy_budget, ratio)

@@ -46,6 +46,7 @@ class ModelReport:
     quantized_share: float  # share of candidate weights stored at 4 bits
     agreements: list[Agreement] = field(default_factory=list)
     sensitivity: list = field(default_factory=list)  # analysis.LayerSensitivity rows, worst first
+    precision: object = None  # analysis.PrecisionChoice when a budget chose int8 layers
 
     @property
     def bits_per_weight(self) -> float:
@@ -87,6 +88,7 @@ def build_report(
     total = sum(int(np.prod(row.shape)) for row in rows)
     report = ModelReport(name, rows, fp32_bytes, lpbq_bytes, quantized / total if total else 0.0)
     report.sensitivity = list(sensitivity)
+    report.precision = sim.precision_choice
     reference = lpbq_tvm.compile(sim, mode="fp32")
     expected = [reference.run(batch) for batch in inputs]
     for mode in modes:
@@ -198,6 +200,14 @@ def _summary_lines(report: ModelReport) -> list[str]:
         f"Weights: {report.fp32_bytes / 1024:.1f} KiB fp32 → {report.lpbq_bytes / 1024:.1f} KiB "
         f"({report.fp32_bytes / max(report.lpbq_bytes, 1):.2f}× smaller, {report.bits_per_weight:.3f} bits/weight).",
     ]
+    choice = report.precision
+    if choice is not None:
+        held = f", {choice.held_out_cosine:.5f} on held-out data" if choice.held_out_cosine is not None else ""
+        lines.append(
+            f"Precision: {choice.rule}. Int8 per channel: {', '.join(choice.int8_nodes) or 'none'}; output cosine "
+            f"to fp32 {choice.cosine:.5f} on the calibration data{held} (all LPBQ {choice.all_lpbq[0]:.5f}, "
+            f"all int8 {choice.all_int8[0]:.5f})."
+        )
     for a in report.agreements:
         top1 = f", top-1 agreement {a.top1:.0%}" if a.top1 is not None else ""
         lines.append(

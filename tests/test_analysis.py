@@ -174,9 +174,30 @@ def test_report_shows_sensitivity_and_the_mixed_choice(tmp_path):
     onnx.save(_chain_model(), tmp_path / "chain.onnx")
     np.savez(tmp_path / "calib.npz", x=np.stack([b["x"] for b in _batches(3, 1)]))
     args = [str(tmp_path / "chain.onnx"), "--calib", str(tmp_path / "calib.npz"), "--target-cosine", "0.99"]
-    assert main(["-q", "report", *args, "-o", str(tmp_path / "report")]) == 0
+    assert main(["-q", "report", *args, "--held-out", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "report")]) == 0
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| fragile | MatMul | 256×256 | int8 per channel |" in markdown
     assert "## Sensitivity (calibration data), worst first" in markdown
     assert (tmp_path / "report" / "sensitivity.png").stat().st_size > 1000
     assert "int8 per channel, 0 fp32; 44.4% of the weights at 4 bits" in markdown
+    assert "Int8 per channel: fragile, last; output cosine to fp32 0.99" in markdown
+
+
+def test_accuracy_budget_through_the_aimet_style_workflow():
+    """The budget given with the LPBQ settings is met by compute_encodings on the callback's data."""
+    calibration, held_out = _batches(3, 1), _batches(2, 9)
+    sim = QuantizationSimModel(_chain_model())
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=64, accuracy_budget=0.99)
+    sim.set_precision_budget(0.99, held_out=held_out)
+    with pytest.raises(ValueError, match="measured on calibration data: pass a callback"):
+        sim.compute_encodings()
+    sim.compute_encodings(lambda s, batches: [s.run(b) for b in batches], calibration)
+    choice = sim.precision_choice
+    assert choice.int8_nodes == ("fragile", "last") and choice.held_out_cosine is not None
+    assert _simulated_cosine(sim, calibration) == pytest.approx(choice.cosine, abs=1e-6) and choice.cosine >= 0.99
+    assert {row.node for row in sim.report() if row.status == "int8"} == {"fragile", "last"}
+    assert sim.is_calibrated  # recalibrated after the choice
+    sim.compute_encodings(lambda s, batches: [s.run(b) for b in batches], calibration)
+    assert sim.precision_choice is choice  # chosen once, kept
+    with pytest.raises(ValueError, match="give one budget"):
+        set_grouped_blockwise_quantization_for_weights(sim, accuracy_budget=0.99, ratio=0.5)
