@@ -168,6 +168,7 @@ def test_a_server_stopped_mid_session(bundles):
         own.terminate()
 
 
+@pytest.mark.slow
 def test_tuning_on_the_tracker_is_reused_by_compile(tracker, tmp_path):
     """MetaSchedule measures on the tracker's two servers (one worker each), writes its database,
     and a compile with that database applies the tuned schedule and computes the same outputs."""
@@ -180,7 +181,28 @@ def test_tuning_on_the_tracker_is_reused_by_compile(tracker, tmp_path):
     set_grouped_blockwise_quantization_for_weights(sim)
     sim.compute_encodings()
     assert _servers(tracker, KEY) == 2
-    result = tune(sim, tmp_path / "db", trials=4, rpc=(tracker, KEY), timeout=30)
+    import threading
+
+    from tvm import rpc
+
+    host, port = tracker.rsplit(":", 1)
+    busy, done = [], threading.Event()
+
+    def watch() -> None:  # how many of the key's servers are in use, from the tracker's summary
+        client = rpc.connect_tracker(host, int(port))
+        while not done.is_set():
+            queue = client.summary()["queue_info"].get(KEY, {})
+            busy.append(2 - int(queue.get("free", 2)))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = tune(sim, tmp_path / "db", trials=4, rpc=(tracker, KEY), timeout=30)
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+    assert max(busy) == 2  # both servers measured at the same time
     assert result.tasks == ("lpbq_conv",) and result.records >= 1
     assert set(result.skipped) == {"lpbq_dense_x86", "lpbq_dense_x861"}  # hand-scheduled
     database = tuning_database(tmp_path / "db")
