@@ -115,6 +115,7 @@ _EXPORT_EPILOG = """\
 examples:
   lpbq-tvm export model.onnx --format aimet-json -o model.encodings            # AIMET 1.0.0
   lpbq-tvm export model.onnx --format ort-onnx -o model.int4.onnx              # onnxruntime CPU (MatMulNBits)
+  lpbq-tvm export model.onnx --format ort-nbits-onnx -o model.nbits.onnx       # MatMulNBits nodes written directly
   lpbq-tvm export model.onnx --format qnn-onnx --calib calib.npz --activation-bits 16 -o model.qnn.onnx
   lpbq-tvm export model.onnx --format tvm --target aarch64 -o bundle/
 
@@ -423,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         "write AIMET encodings, QNN / onnxruntime ONNX or a TVM bundle, each validated",
         _EXPORT_EPILOG,
     )
-    export.add_argument("--format", required=True, choices=["aimet-json", "qnn-onnx", "ort-onnx", "tvm"])
+    export.add_argument(
+        "--format", required=True, choices=["aimet-json", "qnn-onnx", "ort-onnx", "ort-nbits-onnx", "tvm"]
+    )
     export.add_argument("-o", "--output", required=True, help="file (directory for --format tvm) to write")
     export.add_argument(
         "--encoding-version",

@@ -6,6 +6,8 @@
   onnx checker, then an onnxruntime session (``session.qdq_matmulnbits_accuracy_level=0``,
   ``MatMulAddFusion`` disabled so every LPBQ MatMul becomes ``MatMulNBits``) whose outputs
   must equal ``sim.run`` (the weight-only simulation) to within float32 reordering.
+* ``"ort-nbits"`` — the same with ``com.microsoft.MatMulNBits`` nodes written directly (no
+  opset 21 needed); validated the same way.
 * ``"qnn"`` — LPBQ QDQ ONNX for Qualcomm's QNN execution provider (:mod:`lpbq_tvm.exports.qnn_onnx`).
   Validated: onnx checker, then onnxruntime CPU against the ``htp-sim`` target compiled with TVM:
   output codes within ``LSB_TOLERANCE`` where an output is an LPBQ layer's (quantized) output,
@@ -31,7 +33,7 @@ from lpbq_tvm.compiler import atomic_write
 
 __all__ = ["ExportReport", "FORMATS", "LSB_TOLERANCE", "export_onnx", "export_encodings"]
 
-FORMATS = ("ort", "qnn")
+FORMATS = ("ort", "ort-nbits", "qnn")
 # Output codes of onnxruntime's float QDQ evaluation vs the integer simulation (DESIGN.md §5):
 # one LSB of rounding difference per requantization, plus, at 16 bits, onnxruntime's own float32
 # summation error, which over a K-term dot product (K·2^-24·Σ|x||w|) reaches a uint16 LSB of the
@@ -126,7 +128,7 @@ def export_onnx(
     sample_inputs: Mapping[str, np.ndarray] | None = None,
     overwrite: bool = False,
 ) -> ExportReport:
-    """Export ``sim`` as ONNX in ``format`` ("ort" or "qnn"), validate it, then write it to ``path``."""
+    """Export ``sim`` as ONNX in ``format`` ("ort", "ort-nbits" or "qnn"), validate it, then write it to ``path``."""
     from lpbq_tvm.exports.ort_onnx import export_ort_onnx
     from lpbq_tvm.exports.qnn_onnx import export_qnn_onnx
 
@@ -138,8 +140,8 @@ def export_onnx(
         sim.compute_encodings()
     inputs = dict(sample_inputs) if sample_inputs is not None else sim.random_inputs()
     report = ExportReport(Path(path), format, 0)
-    if format == "ort":
-        exported = export_ort_onnx(sim.model, sim.encodings)
+    if format in ("ort", "ort-nbits"):
+        exported = export_ort_onnx(sim.model, sim.encodings, matmulnbits=format == "ort-nbits")
         report.checks["onnx checker"] = "passed"
         _validate_ort(exported, sim, inputs, report)
     else:

@@ -13,14 +13,14 @@ from lpbq_tvm.encoder import LPBQEncoding
 EXPORT_OPSET = 21  # blocked DequantizeLinear and INT4 tensors
 
 
-def upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` at opset 21 (the default domain), keeping every other domain."""
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), EXPORT_OPSET)
-    if current >= EXPORT_OPSET:
+def upgrade(model: onnx.ModelProto, opset: int = EXPORT_OPSET) -> onnx.ModelProto:
+    """A copy of ``model`` at ``opset`` or above (the default domain), keeping every other domain."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if current >= opset:
         upgraded = onnx.ModelProto()
         upgraded.CopyFrom(model)
         return upgraded
-    upgraded = version_converter.convert_version(model, EXPORT_OPSET)
+    upgraded = version_converter.convert_version(model, opset)
     upgraded.ir_version = max(upgraded.ir_version, 10)  # INT4 needs IR 10
     return upgraded
 

@@ -133,3 +133,39 @@ def test_qnn_export_needs_calibration(tmp_path):
     with pytest.raises(ValueError, match="the QNN export quantizes activations: calibrate"):
         export_onnx(sim, tmp_path / "m.onnx", "qnn")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("trans_b", [1, 0])
+def test_matmulnbits_written_directly(tmp_path, trans_b):
+    """ "ort-nbits": MatMulNBits nodes in onnxruntime's documented layout, read back by hand (B holds
+    q + 8, low nibble first along K; scales k·s), the model's own opset kept, outputs equal to the
+    weight-only simulation (the export's validation)."""
+    model = _gemm_with_bias()
+    if not trans_b:
+        weight = numpy_helper.to_array(model.graph.initializer[0])
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weight.T), "w"))
+        del model.graph.node[0].attribute[:]
+    sim = QuantizationSimModel(model)
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=32)
+    sim.compute_encodings()
+    report = export_onnx(sim, tmp_path / "fc.onnx", "ort-nbits")
+    assert report.checks["onnxruntime"].startswith("1 MatMulNBits")
+    exported = onnx.load(tmp_path / "fc.onnx")
+    assert {(o.domain, o.version) for o in exported.opset_import} == {("", 17), ("com.microsoft", 1)}
+    node = next(n for n in exported.graph.node if n.op_type == "MatMulNBits")
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attributes == {"K": 128, "N": 48, "bits": 4, "block_size": 32, "accuracy_level": 0}
+    inits = {i.name: numpy_helper.to_array(i) for i in exported.graph.initializer}
+    packed, scales = inits[node.input[1]], inits[node.input[2]]
+    assert packed.shape == (48, 4, 16) and packed.dtype == np.uint8 and scales.shape == (48, 4)
+    codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(48, 128).astype(np.int32) - 8
+    encoding = sim.encodings["w"]
+    np.testing.assert_array_equal(codes, encoding.canonical_int_weight())
+    np.testing.assert_array_equal(scales, encoding.lpbq_scale.astype(np.float32))
+
+    bad = QuantizationSimModel(model)
+    set_grouped_blockwise_quantization_for_weights(bad, block_size=8)
+    bad.compute_encodings()
+    with pytest.raises(ValueError, match="fc: MatMulNBits needs a power-of-two block size >= 16, got 8"):
+        export_onnx(bad, tmp_path / "bad.onnx", "ort-nbits")
+    assert not (tmp_path / "bad.onnx").exists()
