@@ -25,7 +25,8 @@ the QNN export's ``MatMul -> Q -> DQ -> Add(bias) -> Q -> DQ``.
 
 With an x86 ``target``, dense layers in weight-only and W4A8 mode use the hand-scheduled kernels
 of :mod:`lpbq_tvm.targets.x86_lpbq` instead (``lpbq_dense_x86``), whose parameters are the packed
-weights repacked for them (``<weight>.lpbq_qw`` / ``lpbq_kw`` [/ ``lpbq_wsum``] / ``lpbq_s``).
+weights repacked for them (``<weight>.lpbq_qw`` / ``lpbq_kw`` [/ ``lpbq_wsum``] / ``lpbq_s``); so
+do 1x1 stride-1 convolutions, as a dense layer over the pixels between two transposes.
 
 Run it after EncodeLPBQ, before ``tvm.compile``.
 """
@@ -80,6 +81,18 @@ def _is_channel_bias(bias: relax.Expr, output: relax.Expr, channel_axis: int) ->
     return aligned[channel_axis] in (1, out_dims[channel_axis]) and all(d == 1 for d in others)
 
 
+def _shared_values(func: relax.Function) -> list[relax.Expr]:
+    """Values of bindings whose variable is read more than once."""
+    reads: dict[relax.Var, int] = {}
+
+    def count(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Var):
+            reads[expr] = reads.get(expr, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, count)
+    return [binding.value for block in func.body.blocks for binding in block.bindings if reads.get(binding.var, 0) > 1]
+
+
 def _is_x86(target: tvm.target.Target) -> bool:
     """An LLVM target for x86-64 (the host's, unless another ``mtriple`` is named)."""
     triple = str(target.attrs.get("mtriple", "")) or tvm.target.codegen.llvm_get_system_triple()
@@ -114,6 +127,7 @@ class _Lowering:
         self.target = target
         self.packed: dict[str, tuple[list[np.ndarray], list[relax.Expr]]] = {}
         self.kernels: list[relax.GlobalVar] = []
+        self.lowered_calls: list[relax.Call] = []
 
     def weight_args(self, key: str, weight: relax.Expr, arrays: dict[str, np.ndarray]) -> list[relax.Expr]:
         """Operands for ``arrays`` (suffix -> value): new parameters ``<key>.<suffix>``, or constants."""
@@ -129,26 +143,33 @@ class _Lowering:
         return self.packed[key][1]
 
     def fast_dense(
-        self, bb: relax.BlockBuilder, key: str, candidate: Candidate, bias, integer: IntegerArithmetic | None
+        self,
+        bb: relax.BlockBuilder,
+        key: str,
+        x: relax.Expr,
+        x_shape: tuple[int, ...],
+        weight: relax.Expr,
+        bias: relax.Expr | None,
+        integer: IntegerArithmetic | None,
     ) -> relax.Expr | None:
         """A scheduled x86 kernel call (:mod:`lpbq_tvm.targets.x86_lpbq`) where one applies, else None.
 
-        Applies to 2-D activations, weight-only or W4A8 without requantization, block sizes that are
-        multiples of 8 and a bias of shape [N]; the weights are repacked for it.
+        Applies to 2-D fp32 activations ``x`` of ``x_shape``, weight-only or W4A8 without
+        requantization, 4-bit codes, block sizes that are multiples of 8 and a bias of N elements;
+        the weights are repacked for it.
         """
         from lpbq_tvm.targets import x86_lpbq
 
         encoding = self.encodings[key]
-        shape = candidate.x.ty.shape
         if self.target is None or integer is not None and (integer.output_encoding or integer.accumulator != "int32"):
             return None
-        if shape is None or len(shape) != 2 or candidate.x.ty.dtype != "float32" or encoding.block_size % 8:
+        if len(x_shape) != 2 or encoding.block_size % 8:
             return None
         if encoding.bitwidth > 4:  # int8 per-channel layers take the generic kernel
             return None
-        if bias is not None and [int(d) for d in bias.ty.shape] != [encoding.num_channels]:
+        if bias is not None and int(np.prod([int(d) for d in bias.ty.shape])) != encoding.num_channels:
             return None
-        rows, depth, channels = int(shape[0]), encoding.num_blocks * encoding.block_size, encoding.num_channels
+        rows, depth, channels = int(x_shape[0]), encoding.num_blocks * encoding.block_size, encoding.num_channels
         packed = pack(encoding)
         if integer is None:
             qw, kw = x86_lpbq.repack_weight_only(packed.q, packed.k, channels, depth, encoding.block_size)
@@ -163,12 +184,32 @@ class _Lowering:
             func = x86_lpbq.w4a8_dense(
                 rows, channels, depth, encoding.block_size, encoding_x.scale, encoding_x.zero_point, False, self.target
             )
-        fused_bias = bias if integer is None else None
-        args = [candidate.x, *self.weight_args(key, candidate.weight, arrays)]
+        vector_bias = relax.op.reshape(bias, [channels]) if bias is not None else None
+        fused_bias = vector_bias if integer is None else None
+        args = [x, *self.weight_args(key, weight, arrays)]
         args += [fused_bias] if fused_bias is not None else []
         gvar = bb.add_func(func.without_attr("global_symbol"), "lpbq_dense_x86")  # named by its GlobalVar
         call = relax.call_tir(gvar, args, relax.TensorType((rows, channels), "float32"))
-        return call if bias is None or fused_bias is not None else relax.op.add(call, bias)
+        return call if bias is None or fused_bias is not None else relax.op.add(call, vector_bias)
+
+    def pointwise_conv(
+        self, bb: relax.BlockBuilder, key: str, candidate: Candidate, bias, integer: IntegerArithmetic | None
+    ) -> relax.Expr | None:
+        """A 1x1, stride-1, unpadded, ungrouped NCHW conv as the x86 dense kernel over the ``N·H·W``
+        pixels (``[N, C, H, W] -> [N·H·W, C]`` and back by transposes), where :meth:`fast_dense` applies."""
+        attrs = candidate.call.attrs
+        shape = self.encodings[key].shape
+        plain = all(int(v) == 1 for v in [*attrs.strides, *attrs.dilation]) and all(int(v) == 0 for v in attrs.padding)
+        if len(shape) != 4 or shape[2:] != (1, 1) or not plain or int(attrs.groups) != 1:
+            return None
+        if str(attrs.data_layout) != "NCHW" or candidate.x.ty.dtype != "float32":
+            return None
+        n, c, h, w = (int(d) for d in candidate.x.ty.shape)
+        pixels = relax.op.reshape(relax.op.permute_dims(candidate.x, [0, 2, 3, 1]), [n * h * w, c])
+        dense = self.fast_dense(bb, key, pixels, (n * h * w, c), candidate.weight, bias, integer)
+        if dense is None:
+            return None
+        return relax.op.permute_dims(relax.op.reshape(dense, [n, h, w, shape[0]]), [0, 3, 1, 2])
 
     def integer_arithmetic(self, key: str, node: str) -> IntegerArithmetic | None:
         """The integer settings of layer ``key`` in this mode (None in weight-only mode)."""
@@ -202,14 +243,21 @@ class _Lowering:
     ) -> relax.Expr:
         """The kernel call replacing ``candidate`` (+ ``bias``); ``fallback`` when it has no encoding."""
         key = weight_key(candidate.weight, self.annotations)
-        if key not in self.encodings:
-            return fallback
+        if key not in self.encodings or any(call.same_as(candidate.call) for call in self.lowered_calls):
+            return fallback  # not encoded, or the layer of a bias add lowered already (a dead binding now)
         annotation = self.annotations[key]
         if bias is not None and self.requantize_outputs and not bool(annotation.get("has_bias", True)):
             return fallback  # the ONNX node ends before the bias add: requantize before it
+        self.lowered_calls.append(candidate.call)
         encoding = self.encodings[key]
         integer = self.integer_arithmetic(key, str(annotation["node"]))
-        if candidate.kind == "dense" and (fast := self.fast_dense(bb, key, candidate, bias, integer)) is not None:
+        if candidate.kind == "dense":
+            shape = tuple(int(d) for d in candidate.x.ty.shape) if candidate.x.ty.shape is not None else ()
+            if candidate.x.ty.dtype == "float32":
+                fast = self.fast_dense(bb, key, candidate.x, shape, candidate.weight, bias, integer)
+                if fast is not None:
+                    return fast
+        elif (fast := self.pointwise_conv(bb, key, candidate, bias, integer)) is not None:
             return fast
         packed = pack(encoding)
         q, k, s = self.weight_args(
@@ -284,14 +332,16 @@ class LowerLPBQ:
     def _rewrite(self, bb: relax.BlockBuilder, func: relax.Function, lowering: _Lowering) -> relax.Function:
         patterns = self.patterns
 
+        shared = _shared_values(func)
+
         def with_bias(call: relax.Call, matchings: dict) -> relax.Expr:
             candidate = match_candidate(patterns, matchings, func)
             if candidate is None:
                 return call
             channel_axis = -1 if candidate.kind == "dense" else 1
             bias = matchings[patterns.bias]
-            if not _is_channel_bias(bias, call, channel_axis):
-                return call
+            if not _is_channel_bias(bias, call, channel_axis) or any(candidate.call.same_as(v) for v in shared):
+                return call  # not a bias; or the layer's output is used elsewhere too (hardswish's x + 3)
             return lowering.lower(bb, candidate, bias, fallback=call)
 
         def without_bias(call: relax.Call, matchings: dict) -> relax.Expr:
@@ -302,7 +352,9 @@ class LowerLPBQ:
 
         body_func = rewrite_call(patterns.with_bias, with_bias, func)
         body_func = rewrite_call(patterns.layer, without_bias, body_func)
-        return self._replace_params(body_func, lowering)
+        # A layer lowered with its bias add leaves its own binding dead; drop it before counting
+        # which fp32 weights are still used.
+        return self._replace_params(relax.analysis.remove_all_unused(body_func), lowering)
 
     @staticmethod
     def _replace_params(func: relax.Function, lowering: _Lowering) -> relax.Function:

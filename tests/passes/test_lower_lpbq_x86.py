@@ -1,10 +1,20 @@
-"""LowerLPBQ with an x86 target: 2-D dense layers take the scheduled kernels and compute the same results."""
+"""LowerLPBQ with an x86 target: 2-D dense layers and 1x1 convolutions take the scheduled kernels and
+compute the same results."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from model_builders import LAYER_CASES, assert_float_close, dot_product_bound, layer_model
+from model_builders import (
+    LAYER_CASES,
+    LayerCase,
+    assert_float_close,
+    dot_product_bound,
+    layer_model,
+    ort_run,
+    with_weight,
+)
+from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 from lpbq_tvm.compiler import build
@@ -16,6 +26,10 @@ from lpbq_tvm.passes.lower_lpbq import LowerLPBQ, attach_activation_ranges
 from lpbq_tvm.targets import aarch64, cpu
 
 DENSE_2D = [case for case in LAYER_CASES if case.op_type != "Conv" and len(case.x_shape) == 2]
+POINTWISE = [
+    LayerCase("conv1x1_bias_batch2", "Conv", (2, 64, 5, 7), (48, 64, 1, 1), bias=True),
+    LayerCase("conv1x1", "Conv", (1, 32, 6, 6), (40, 32, 1, 1)),
+]
 
 
 def _encoded(case):
@@ -34,19 +48,20 @@ def _kernels(mod) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("case", DENSE_2D, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", DENSE_2D + POINTWISE, ids=lambda c: c.name)
 def test_w4a8_scheduled_kernel_equals_the_generic_one_bit_for_bit(case):
     encoded = _encoded(case)
     fast = LowerLPBQ("w4a8", target=cpu.tvm_target())(encoded)
     generic = LowerLPBQ("w4a8")(encoded)
-    assert _kernels(fast) == ["lpbq_dense_x86"] and _kernels(generic) == ["lpbq_dense"]
+    generic_name = "lpbq_conv" if case.op_type == "Conv" else "lpbq_dense"
+    assert _kernels(fast) == ["lpbq_dense_x86"] and _kernels(generic) == [generic_name]
     x = {"x": (np.random.default_rng(1).standard_normal(case.x_shape) * 2).astype(np.float32)}
     (a,) = build(fast).run(x).values()
     (b,) = build(generic).run(x).values()
     np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32))
 
 
-@pytest.mark.parametrize("case", DENSE_2D, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", DENSE_2D + POINTWISE, ids=lambda c: c.name)
 def test_weight_only_scheduled_kernel_within_the_float_bound(case):
     encoded = _encoded(case)
     fast = LowerLPBQ("weight-only", target=cpu.tvm_target())(encoded)
@@ -66,3 +81,43 @@ def test_other_layers_and_targets_keep_the_generic_kernels():
     encoded = _encoded(DENSE_2D[0])
     assert _kernels(LowerLPBQ("w4a16", target=cpu.tvm_target())(encoded)) == ["lpbq_dense"]
     assert _kernels(LowerLPBQ("weight-only", target=aarch64.tvm_target())(encoded)) == ["lpbq_dense"]
+
+
+def test_a_layer_output_read_twice_is_not_taken_for_a_bias():
+    """Hardswish as exported (``z * clip(z + 3, 0, 6) / 6``): ``z + 3`` is no bias of the 1x1 conv,
+    whose output ``z`` is read twice. The conv is lowered once, every use reads it, and no fp32
+    copy of the weight survives."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["z"], name="conv"),
+        helper.make_node("Add", ["z", "three"], ["a"]),
+        helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+        helper.make_node("Div", ["c", "six"], ["d"]),
+        helper.make_node("Mul", ["z", "d"], ["y"]),
+    ]
+    constants = {"three": 3.0, "zero": 0.0, "six": 6.0}
+    graph = helper.make_graph(
+        nodes,
+        "hardswish",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 4, 4])],
+        [numpy_helper.from_array(rng.standard_normal((32, 64, 1, 1)).astype(np.float32), "w")]
+        + [numpy_helper.from_array(np.float32(v), k) for k, v in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    encoded = EncodeLPBQ()(AnnotateLPBQ(LPBQConfig(block_size=32))(import_onnx(model).mod))
+    lowered = LowerLPBQ("weight-only", target=cpu.tvm_target())(encoded)
+    assert [name for name in _kernels(lowered) if name.startswith("lpbq")] == ["lpbq_dense_x86"]  # once
+    assert "w" not in {p.name for p in lowered["main"].params}
+    x = rng.standard_normal((1, 64, 4, 4)).astype(np.float32)
+    qdq = read_encodings(encoded["main"])["w"].qdq_weight
+    expected = ort_run(with_weight(model, "w", qdq), {"x": x})["y"]
+    (actual,) = build(lowered).run({"x": x}).values()
+    assert np.abs(actual - ort_run(model, {"x": x})["y"]).max() > 1e-3  # the quantized weight is used
+    # z: 64-term dot products in another order, 2(K+4)u sum|x||w|; then z * clip(z + 3, 0, 6) / 6,
+    # whose slope is at most 1.5 + |z| / 6 where the clip is active.
+    magnitude = np.einsum("oc,nchw->nohw", np.abs(qdq[:, :, 0, 0]), np.abs(x))
+    z = np.einsum("oc,nchw->nohw", qdq[:, :, 0, 0], x)
+    bound = (1.5 + np.abs(z) / 6) * 2 * (64 + 4) * 2.0**-24 * magnitude
+    assert_float_close(actual, expected, bound)
