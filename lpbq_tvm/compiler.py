@@ -137,6 +137,8 @@ class CompiledModel:
         self.mode = mode
         self.lowered = dict(lowered)
         self._vm: relax.VirtualMachine | None = None
+        self._main = None  # the VM's main function, looked up once
+        self._buffers: list[tvm.runtime.Tensor] = []  # aligned device inputs, refilled by each run
 
     @property
     def weight_bytes(self) -> WeightBytes:
@@ -158,6 +160,8 @@ class CompiledModel:
                 )
                 raise RuntimeError(msg)
             self._vm = relax.VirtualMachine(self.executable, device)
+            self._main = self._vm["main"]
+            self._buffers = [tvm.runtime.empty(info.shape, info.dtype, device) for info in self.inputs]
         return self._vm
 
     def _input_tensors(self, inputs: Mapping[str, np.ndarray]) -> list[tvm.runtime.Tensor]:
@@ -170,8 +174,8 @@ class CompiledModel:
             msg += f"; missing {', '.join(missing)}" if missing else ""
             msg += f"; unknown {', '.join(unknown)}" if unknown else ""
             raise ValueError(msg)
-        tensors = []
-        for info in self.inputs:
+        self._machine()
+        for info, buffer in zip(self.inputs, self._buffers, strict=True):
             value = np.asarray(inputs[info.name])
             if value.shape != info.shape or value.dtype != np.dtype(info.dtype):
                 msg = (
@@ -179,14 +183,16 @@ class CompiledModel:
                     f"got {value.dtype} of shape {list(value.shape)}"
                 )
                 raise ValueError(msg)
-            # tvm.runtime.tensor copies into an aligned buffer; raw numpy buffers may be misaligned.
-            tensors.append(tvm.runtime.tensor(np.ascontiguousarray(value)))
-        return tensors
+            # Copied into aligned buffers kept across runs: raw numpy memory may be misaligned, and a
+            # fresh tensor per run costs more than the kernels of a small layer.
+            buffer.copyfrom(np.ascontiguousarray(value))
+        return self._buffers
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name for inputs by name (dtypes and shapes must match ``inputs``)."""
-        vm = self._machine()
-        result = vm["main"](*self._input_tensors(inputs), *self.params)
+        """Outputs by name for inputs by name (dtypes and shapes must match ``inputs``). Not for
+        concurrent use from several threads: the input buffers are shared between runs."""
+        tensors = self._input_tensors(inputs)
+        result = self._main(*tensors, *self.params)
         values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return {info.name: value.numpy() for info, value in zip(self.outputs, values, strict=True)}
 
