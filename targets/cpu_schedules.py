@@ -48,12 +48,9 @@ class RegisterTiled(dlight.ScheduleRule):
     """A register-tiled reduction: direct NCHW / NCW convolution or matmul (see the module docstring)."""
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or "llvm" not in str(target.kind):
+        if (opened := _open(func, target)) is None:
             return None
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
-            return None
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        sch, blocks = opened
         reducing = [block for block in blocks if _reduces(sch, block)]
         if len(reducing) != 1:
             return None
@@ -107,12 +104,9 @@ class Elementwise(dlight.ScheduleRule):
     consumers where possible, then each remaining block parallel and vectorised."""
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or "llvm" not in str(target.kind):
+        if (opened := _open(func, target)) is None:
             return None
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
-            return None
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        sch, blocks = opened
         if not blocks or any(_reduces(sch, block) for block in blocks):
             return None
         outputs = {sch.get(block) for block in sch.get_output_blocks(sch.get_sblock("root"))}
@@ -131,12 +125,17 @@ def _reduces(sch: s_tir.Schedule, block) -> bool:
     return any(int(i.iter_type) == _REDUCE for i in sch.get(block).iter_vars)
 
 
-def _has_root(sch: s_tir.Schedule) -> bool:
+def _open(func: tirx.PrimFunc, target: tvm.target.Target):
+    """A schedule of ``func`` and its root's blocks, or None when the rules do not apply to it (not
+    an LLVM target, or a function without a root block, i.e. already lowered)."""
+    if not isinstance(func, tirx.PrimFunc) or "llvm" not in str(target.kind):
+        return None
+    sch = s_tir.Schedule(func)
     try:
-        sch.get_sblock("root")
-    except tvm.error.TVMError:  # a function without a root block (already lowered)
-        return False
-    return True
+        root = sch.get_sblock("root")
+    except tvm.error.TVMError:
+        return None
+    return sch, sch.get_child_blocks(root)
 
 
 def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
