@@ -204,7 +204,10 @@ class _Lowering:
             return None
         if str(attrs.data_layout) != "NCHW" or candidate.x.ty.dtype != "float32":
             return None
-        n, c, h, w = (int(d) for d in candidate.x.ty.shape)
+        try:
+            n, c, h, w = (int(d) for d in candidate.x.ty.shape)
+        except TypeError:  # symbolic shapes
+            return None
         pixels = relax.op.reshape(relax.op.permute_dims(candidate.x, [0, 2, 3, 1]), [n * h * w, c])
         dense = self.fast_dense(bb, key, pixels, (n * h * w, c), candidate.weight, bias, integer)
         if dense is None:
