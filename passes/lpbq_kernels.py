@@ -101,11 +101,14 @@ def _epilogue(
     requantize = integer is not None and integer.output_encoding is not None
     if bias is None and not requantize:
         return result
+    if requantize and integer.pre_bias_encoding is not None:
+        # A stage of its own too: its dequantize ``(code - z) * s`` followed by the bias add in one
+        # expression becomes an FMA once the loop is vectorised.
+        pre_bias = integer.pre_bias_encoding
+        result = te.compute(acc.shape, lambda *i: _fake_quantize(result(*i), pre_bias), name="lpbq_pre_bias")
 
     def output(*index):
         value = result(*index)
-        if requantize and integer.pre_bias_encoding is not None:
-            value = _fake_quantize(value, integer.pre_bias_encoding)
         if bias is not None:
             aligned = index[len(index) - len(bias.shape) :]
             bias_index = [0 if int(extent) == 1 else i for i, extent in zip(aligned, bias.shape, strict=True)]
