@@ -148,7 +148,10 @@ class _Evaluator:
 
 def sensitivity(sim, batches: Batches) -> list[LayerSensitivity]:
     """Each LPBQ layer of ``sim`` quantized alone on ``batches``; the most damaging layer first."""
-    evaluator = _Evaluator(sim, batches)
+    return _ranking(_Evaluator(sim, batches))
+
+
+def _ranking(evaluator: _Evaluator) -> list[LayerSensitivity]:
     rows = []
     for name, layer in evaluator.layers.items():
         results = evaluator.run(evaluator.mix(set(), only=[name]))
@@ -183,8 +186,8 @@ def select_precision(
         raise ValueError(f"target_cosine must lie in (0, 1], got {target_cosine}")
     if ratio is not None and not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
-    ranking = sensitivity(sim, batches)
     evaluator = _Evaluator(sim, batches)
+    ranking = _ranking(evaluator)
     all_lpbq, all_int8 = evaluator.summary(set()), evaluator.summary(set(evaluator.layers))
     int8: set[str] = set()
     if ratio is not None:
