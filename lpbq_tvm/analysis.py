@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from lpbq_tvm.encoder import encode_lpbq, sqnr_db
-from lpbq_tvm.packing import packed_nbytes
+from lpbq_tvm.encoder import LPBQConfig, encode_lpbq, sqnr_db
+from lpbq_tvm.packing import encoding_nbytes
 
 __all__ = ["LayerSensitivity", "PrecisionChoice", "select_precision", "sensitivity"]
 
@@ -83,7 +83,7 @@ class _Evaluator:
         int8 = {name: _int8_encoding(layer) for name, layer in self.layers.items()}
         self.lpbq = {name: encodings[name].qdq_weight for name in self.layers}
         self.int8 = {name: encoding.qdq_weight for name, encoding in int8.items()}
-        self.nbytes = {name: (_nbytes(encodings[name]), _nbytes(int8[name])) for name in self.layers}
+        self.nbytes = {name: (encoding_nbytes(encodings[name]), encoding_nbytes(int8[name])) for name in self.layers}
         # Layers the user already set to int8 (``fixed``) are quantized in every mix, fp32 in the reference.
         self.fp32 = {name: sim.layers[name].weight for name in [*self.layers, *self.fixed]}
         self.outputs = [info.name for info in sim.outputs]
@@ -107,7 +107,7 @@ class _Evaluator:
         self.reference = self.run({})
         self.total_weights = sum(layer.weight.size for layer in sim.layers.values())
         self.other_bytes = sum(  # fp32 layers, and layers the user already set to int8
-            _nbytes(encodings[name]) if name in encodings else 4 * layer.weight.size
+            encoding_nbytes(encodings[name]) if name in encodings else 4 * layer.weight.size
             for name, layer in sim.layers.items()
             if name not in self.layers
         )
@@ -237,21 +237,8 @@ def _output_of(model: onnx.ModelProto, weight: str) -> str:
 
 def _int8_encoding(layer):
     """The int8 per-channel encoding of a layer: 8-bit codes, ``k`` = 1, one block per channel."""
-    return encode_lpbq(
-        layer.weight,
-        layer.channel_axis,
-        layer.block_axis,
-        bitwidth=8,
-        decompressed_bw=8,
-        block_size=layer.input_channels,
-        name=layer.node_name,
-    )
-
-
-def _nbytes(encoding) -> int:
-    return packed_nbytes(
-        encoding.shape, encoding.channel_axis, encoding.block_axis, encoding.block_size, encoding.bitwidth
-    )
+    config = LPBQConfig.int8_per_channel(layer.input_channels)
+    return encode_lpbq(layer.weight, layer.channel_axis, layer.block_axis, **config.as_dict(), name=layer.node_name)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

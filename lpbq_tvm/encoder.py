@@ -86,6 +86,12 @@ class LPBQConfig:
             msg = f"block_grouping must be -1 (whole channel) or a positive count, got {self.block_grouping}"
             raise ValueError(msg)
 
+    @classmethod
+    def int8_per_channel(cls, input_channels: int) -> LPBQConfig:
+        """Plain int8 per-channel quantization in LPBQ form: 8-bit codes, ``k`` = 1, one block of all
+        ``input_channels`` (the int8 layers of a mixed-precision choice)."""
+        return cls(8, 8, input_channels, -1, "aimet")
+
     @property
     def max_int_scale(self) -> int:
         """Largest integer block scale ``k``: ``2**(decompressed_bw - bitwidth)``."""

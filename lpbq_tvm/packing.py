@@ -158,9 +158,13 @@ def packed_nbytes(
     return channels * (codes + -(-blocks // 2) + 4)
 
 
-def bits_per_weight(encoding: LPBQEncoding) -> float:
-    """Storage bits per weight of the packed form (q nibbles, k nibbles and fp32 scales)."""
-    nbytes = packed_nbytes(
+def encoding_nbytes(encoding: LPBQEncoding) -> int:
+    """:func:`packed_nbytes` of an encoding's packed form."""
+    return packed_nbytes(
         encoding.shape, encoding.channel_axis, encoding.block_axis, encoding.block_size, encoding.bitwidth
     )
-    return 8.0 * nbytes / prod(encoding.shape)
+
+
+def bits_per_weight(encoding: LPBQEncoding) -> float:
+    """Storage bits per weight of the packed form (q nibbles, k nibbles and fp32 scales)."""
+    return 8.0 * encoding_nbytes(encoding) / prod(encoding.shape)

@@ -212,7 +212,7 @@ class QuantizationSimModel:
         for node in nodes:
             key = by_node[node]
             channels = self._imported.layers[key].input_channels
-            weights[key] = {**weights[key], **LPBQConfig(8, 8, channels, -1, "aimet").as_dict()}
+            weights[key] = {**weights[key], **LPBQConfig.int8_per_channel(channels).as_dict()}
         self._annotated = self._annotated.clone()
         self._annotated.update_func(self._annotated.get_global_var("main"), main.with_attr(WEIGHTS_ATTR, weights))
         self._encoded, self._session, self._activation_ranges = None, None, {}

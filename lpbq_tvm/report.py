@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lpbq_tvm.packing import packed_nbytes
+from lpbq_tvm.packing import encoding_nbytes
 from lpbq_tvm.quantsim import LayerReport, QuantizationSimModel
 
 __all__ = ["LAYER_HEADERS", "Agreement", "ModelReport", "build_report", "layer_cells", "write_report"]
@@ -80,9 +80,7 @@ def build_report(
     fp32_bytes = sum(int(np.prod(row.shape)) * 4 for row in rows)
     lpbq_bytes, quantized = 0, 0
     for weight, encoding in sim.encodings.items():
-        lpbq_bytes += packed_nbytes(
-            encoding.shape, encoding.channel_axis, encoding.block_axis, encoding.block_size, encoding.bitwidth
-        )
+        lpbq_bytes += encoding_nbytes(encoding)
         quantized += int(np.prod(layers[weight].shape)) if not encoding.is_per_channel else 0
     lpbq_bytes += sum(int(np.prod(row.shape)) * 4 for row in rows if row.status == "skipped")
     total = sum(int(np.prod(row.shape)) for row in rows)

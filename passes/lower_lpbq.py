@@ -127,7 +127,6 @@ class _Lowering:
         self.target = target
         self.packed: dict[str, tuple[list[np.ndarray], list[relax.Expr]]] = {}
         self.kernels: list[relax.GlobalVar] = []
-        self.lowered_calls: list[relax.Call] = []
 
     def weight_args(self, key: str, weight: relax.Expr, arrays: dict[str, np.ndarray]) -> list[relax.Expr]:
         """Operands for ``arrays`` (suffix -> value): new parameters ``<key>.<suffix>``, or constants."""
@@ -246,12 +245,11 @@ class _Lowering:
     ) -> relax.Expr:
         """The kernel call replacing ``candidate`` (+ ``bias``); ``fallback`` when it has no encoding."""
         key = weight_key(candidate.weight, self.annotations)
-        if key not in self.encodings or any(call.same_as(candidate.call) for call in self.lowered_calls):
-            return fallback  # not encoded, or the layer of a bias add lowered already (a dead binding now)
+        if key not in self.encodings:
+            return fallback
         annotation = self.annotations[key]
         if bias is not None and self.requantize_outputs and not bool(annotation.get("has_bias", True)):
             return fallback  # the ONNX node ends before the bias add: requantize before it
-        self.lowered_calls.append(candidate.call)
         encoding = self.encodings[key]
         integer = self.integer_arithmetic(key, str(annotation["node"]))
         if candidate.kind == "dense":
@@ -353,11 +351,11 @@ class LowerLPBQ:
                 return call
             return lowering.lower(bb, candidate, None, fallback=call)
 
-        body_func = rewrite_call(patterns.with_bias, with_bias, func)
+        # A layer lowered with its bias add leaves its own binding dead: drop it, so that the second
+        # pass does not lower it again and the fp32 weight it read counts as unused.
+        body_func = relax.analysis.remove_all_unused(rewrite_call(patterns.with_bias, with_bias, func))
         body_func = rewrite_call(patterns.layer, without_bias, body_func)
-        # A layer lowered with its bias add leaves its own binding dead; drop it before counting
-        # which fp32 weights are still used.
-        return self._replace_params(relax.analysis.remove_all_unused(body_func), lowering)
+        return self._replace_params(body_func, lowering)
 
     @staticmethod
     def _replace_params(func: relax.Function, lowering: _Lowering) -> relax.Function:

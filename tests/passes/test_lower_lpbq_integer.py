@@ -49,7 +49,7 @@ def _config(case: LayerCase, codes: str) -> LPBQConfig:
     """LPBQ W4 B32, or int8 per channel: 8-bit codes, k = 1, one block of all input channels."""
     if codes == "lpbq":
         return LPBQConfig(block_size=BLOCK_SIZE)
-    return LPBQConfig(8, 8, block_size=case.w_shape[1] if case.op_type == "Conv" else case.x_shape[-1])
+    return LPBQConfig.int8_per_channel(case.w_shape[1] if case.op_type == "Conv" else case.x_shape[-1])
 
 
 @functools.cache
