@@ -23,21 +23,23 @@ node itself adds it (``has_bias`` of ``"lpbq.onnx_nodes"``), so requantization s
 ONNX tensor holds, and a Gemm's product is first requantized to its ``"pre_bias"`` range, as in
 the QNN export's ``MatMul -> Q -> DQ -> Add(bias) -> Q -> DQ``.
 
-With an x86 ``target``, dense layers in weight-only and W4A8 mode use the hand-scheduled kernels
+With an x86 ``target`` and no output requantization, dense layers use the hand-scheduled kernels
 of :mod:`lpbq_tvm.targets.x86_lpbq` instead (``lpbq_dense_x86``), whose parameters are the packed
 weights repacked for them (``<weight>.lpbq_qw`` / ``lpbq_kw`` [/ ``lpbq_wsum``] / ``lpbq_s``); so
-do 1x1 stride-1 convolutions, as a dense layer over the pixels between two transposes.
+do ungrouped NCHW / NCW convolutions, as a dense layer over their im2col columns (a 1x1 stride-1
+conv's columns are its pixels: two transposes).
 
 Run it after EncodeLPBQ, before ``tvm.compile``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx
 from tvm.relax.dpl import rewrite_call
 
 from lpbq_tvm.calibration import activation_encoding
@@ -112,6 +114,38 @@ def attach_activation_ranges(
     return mod
 
 
+def _im2col(x: te.Tensor, kernel, strides, padding, dilation, out_spatial) -> te.Tensor:
+    """Tap-major columns of an NCHW / NCW conv input, ``[N, *O, *kernel, C]`` (the caller reshapes
+    them to ``[N·prod(O), R·C]``): ``x[n, c, o·stride + r·dilation - pad]``, 0 in the padding."""
+    n, c = x.shape[:2]
+    sizes = x.shape[2:]
+    rank = len(kernel)
+
+    def value(b, *indices):
+        outs, taps, channel = indices[:rank], indices[rank : 2 * rank], indices[2 * rank]
+        where = [o * st + r * d - p for o, r, st, d, p in zip(outs, taps, strides, dilation, padding, strict=True)]
+        inside = tirx.all(*[tirx.all(i >= 0, i < size) for i, size in zip(where, sizes, strict=True)])
+        return tirx.if_then_else(inside, x[(b, channel, *where)], tirx.const(0.0, x.dtype))
+
+    return te.compute((n, *out_spatial, *kernel, c), value, name="im2col")
+
+
+def _tap_major(encoding: LPBQEncoding) -> LPBQEncoding:
+    """A conv weight's encoding ``[Cout, Cin, *kernel]`` as a dense ``[Cout, R·Cin]`` one whose columns
+    run tap-major: each tap's input channels are contiguous, in the blocks of the original, with the
+    original ``k`` repeated per tap. Same codes and scales, so the same arithmetic; identity for 1x1."""
+    channels, inputs = encoding.shape[:2]
+    taps = int(np.prod(encoding.shape[2:]))
+    codes = np.moveaxis(encoding.int_weight.reshape(channels, inputs, taps), 2, 1).reshape(channels, taps * inputs)
+    return dataclasses.replace(
+        encoding,
+        channel_axis=0,
+        block_axis=1,
+        int_weight=codes,
+        per_block_int_scale=np.tile(encoding.per_block_int_scale, (1, taps)),
+    )
+
+
 class _Lowering:
     """The state of lowering one function: its encodings and the packed parameters it gains."""
 
@@ -150,38 +184,42 @@ class _Lowering:
         weight: relax.Expr,
         bias: relax.Expr | None,
         integer: IntegerArithmetic | None,
+        encoding: LPBQEncoding | None = None,
     ) -> relax.Expr | None:
         """A scheduled x86 kernel call (:mod:`lpbq_tvm.targets.x86_lpbq`) where one applies, else None.
 
-        Applies to 2-D fp32 activations ``x`` of ``x_shape``, weight-only or W4A8 without
-        requantization, 4-bit codes, block sizes that are multiples of 8 and a bias of N elements;
-        the weights are repacked for it.
+        Applies to 2-D fp32 activations ``x`` of ``x_shape``, in every mode without requantization,
+        4-bit codes, block sizes that are multiples of 8 and a bias of N elements;
+        the weights (``encoding``, by default the layer's own) are repacked for it.
         """
         from lpbq_tvm.targets import x86_lpbq
 
-        encoding = self.encodings[key]
-        if self.target is None or integer is not None and (integer.output_encoding or integer.accumulator != "int32"):
+        encoding = encoding or self.encodings[key]
+        if self.target is None or integer is not None and integer.output_encoding:
             return None
-        if len(x_shape) != 2 or encoding.block_size % 8:
+        if len(x_shape) != 2 or encoding.bitwidth > 4:  # int8 per-channel layers take the generic kernel
             return None
-        if encoding.bitwidth > 4:  # int8 per-channel layers take the generic kernel
+        rows, depth, channels = int(x_shape[0]), int(x_shape[1]), encoding.num_channels
+        block = encoding.block_size
+        if block % 8 or (bias is not None and int(np.prod([int(d) for d in bias.ty.shape])) != channels):
             return None
-        if bias is not None and int(np.prod([int(d) for d in bias.ty.shape])) != encoding.num_channels:
-            return None
-        rows, depth, channels = int(x_shape[0]), encoding.num_blocks * encoding.block_size, encoding.num_channels
         packed = pack(encoding)
-        if integer is None:
-            qw, kw = x86_lpbq.repack_weight_only(packed.q, packed.k, channels, depth, encoding.block_size)
+        if integer is None or integer.accumulator == "int64":
+            qw, kw = x86_lpbq.repack_weight_only(packed.q, packed.k, channels, depth, block)
             arrays = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_s": packed.scale}
-            func = x86_lpbq.weight_only_dense(rows, channels, depth, encoding.block_size, bias is not None, self.target)
+            if integer is None:
+                func = x86_lpbq.weight_only_dense(rows, channels, depth, block, bias is not None, self.target)
+            else:
+                encoding_x = integer.input_encoding
+                func = x86_lpbq.w4a16_dense(rows, channels, depth, block, encoding_x.scale, encoding_x.zero_point)
         else:
-            qw, kw, wsum = x86_lpbq.repack_w4a8(packed.q, packed.k, channels, depth, encoding.block_size)
+            qw, kw, wsum = x86_lpbq.repack_w4a8(packed.q, packed.k, channels, depth, block)
             arrays = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
             encoding_x = integer.input_encoding
             # The bias is added by its own operator: inside the kernel, LLVM may promote the small
             # scaled buffer to registers and fuse the add into an FMA, which rounds differently.
             func = x86_lpbq.w4a8_dense(
-                rows, channels, depth, encoding.block_size, encoding_x.scale, encoding_x.zero_point, False, self.target
+                rows, channels, depth, block, encoding_x.scale, encoding_x.zero_point, False, self.target
             )
         vector_bias = relax.op.reshape(bias, [channels]) if bias is not None else None
         fused_bias = vector_bias if integer is None else None
@@ -191,27 +229,48 @@ class _Lowering:
         call = relax.call_tir(gvar, args, relax.TensorType((rows, channels), "float32"))
         return call if bias is None or fused_bias is not None else relax.op.add(call, vector_bias)
 
-    def pointwise_conv(
+    def conv_as_dense(
         self, bb: relax.BlockBuilder, key: str, candidate: Candidate, bias, integer: IntegerArithmetic | None
     ) -> relax.Expr | None:
-        """A 1x1, stride-1, unpadded, ungrouped NCHW conv as the x86 dense kernel over the ``N·H·W``
-        pixels (``[N, C, H, W] -> [N·H·W, C]`` and back by transposes), where :meth:`fast_dense` applies."""
+        """An ungrouped NCHW / NCW conv as the x86 dense kernel over its im2col columns, where
+        :meth:`fast_dense` applies: ``[N, C, *S]`` -> ``[N·prod(O), R·C]`` columns (R kernel taps,
+        tap-major so each row copies whole channel vectors), the dense kernel on the weight in the
+        same order (:func:`_tap_major`), then ``[N, Cout, *O]``. A 1x1 stride-1 unpadded conv's
+        columns are its pixels: a transpose."""
         attrs = candidate.call.attrs
-        shape = self.encodings[key].shape
-        plain = all(int(v) == 1 for v in [*attrs.strides, *attrs.dilation]) and all(int(v) == 0 for v in attrs.padding)
-        if len(shape) != 4 or shape[2:] != (1, 1) or not plain or int(attrs.groups) != 1:
+        if str(attrs.data_layout) not in ("NCHW", "NCW") or int(attrs.groups) != 1:
             return None
-        if str(attrs.data_layout) != "NCHW" or candidate.x.ty.dtype != "float32":
+        if candidate.x.ty.dtype != "float32":
             return None
         try:
-            n, c, h, w = (int(d) for d in candidate.x.ty.shape)
+            n, c, *spatial = (int(d) for d in candidate.x.ty.shape)
+            out_spatial = [int(d) for d in list(candidate.call.ty.shape)[2:]]
         except TypeError:  # symbolic shapes
             return None
-        pixels = relax.op.reshape(relax.op.permute_dims(candidate.x, [0, 2, 3, 1]), [n * h * w, c])
-        dense = self.fast_dense(bb, key, pixels, (n * h * w, c), candidate.weight, bias, integer)
+        encoding = _tap_major(self.encodings[key])
+        kernel = list(self.encodings[key].shape[2:])
+        strides, dilation = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+        padding = [int(v) for v in attrs.padding]
+        rows, depth = n * int(np.prod(out_spatial)), c * int(np.prod(kernel))
+        if all(v == 1 for v in [*kernel, *strides]) and not any(padding):
+            pixels = relax.op.permute_dims(candidate.x, [0, *range(2, len(spatial) + 2), 1])
+        else:
+            im2col = functools.partial(
+                _im2col,
+                kernel=kernel,
+                strides=strides,
+                padding=padding[: len(kernel)],
+                dilation=dilation,
+                out_spatial=out_spatial,
+            )
+            pixels = bb.call_te(im2col, candidate.x, primfunc_name_hint="lpbq_im2col")
+        columns = relax.op.reshape(pixels, [rows, depth])
+        dense = self.fast_dense(bb, key, columns, (rows, depth), candidate.weight, bias, integer, encoding)
         if dense is None:
             return None
-        return relax.op.permute_dims(relax.op.reshape(dense, [n, h, w, shape[0]]), [0, 3, 1, 2])
+        rank = len(out_spatial)
+        outputs = relax.op.reshape(dense, [n, *out_spatial, encoding.num_channels])
+        return relax.op.permute_dims(outputs, [0, rank + 1, *range(1, rank + 1)])
 
     def integer_arithmetic(self, key: str, node: str) -> IntegerArithmetic | None:
         """The integer settings of layer ``key`` in this mode (None in weight-only mode)."""
@@ -258,7 +317,7 @@ class _Lowering:
                 fast = self.fast_dense(bb, key, candidate.x, shape, candidate.weight, bias, integer)
                 if fast is not None:
                     return fast
-        elif (fast := self.pointwise_conv(bb, key, candidate, bias, integer)) is not None:
+        elif (fast := self.conv_as_dense(bb, key, candidate, bias, integer)) is not None:
             return fast
         packed = pack(encoding)
         q, k, s = self.weight_args(

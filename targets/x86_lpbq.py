@@ -48,6 +48,7 @@ __all__ = [
     "repack_w4a8",
     "weight_only_dense",
     "w4a8_dense",
+    "w4a16_dense",
     "VNNI_INTRIN",
     "VNNI_NIBBLE_INTRIN",
     "AVX512_NIBBLE_INTRIN",
@@ -478,25 +479,44 @@ def _weight_only_gemv(M, N, K, B, with_bias, use_lut):
     return _finish(sch.mod["main"])
 
 
-def _weight_only_gemm(M, N, K, B, with_bias):
-    """Per (64-channel tile, block): decode float(q·k) [B, 64] to local, then an (mi x 64) register tile."""
-    nt, x, qw, kw, s, bias = _wo_inputs(M, N, K, B, with_bias)
+def _weight_only_gemm(M, N, K, B, with_bias, codes: tuple[float, int] | None = None):
+    """Per (64-channel tile, block): decode ``q·k`` [B, 64] to local, then an (mi x 64) register tile.
 
-    def weight(t, i, lane):  # float(q) · float(k): exact (|q·k| <= 128)
-        code = _signed_nibble(qw[t, i // 8, lane], i % 8).astype("float32")
-        return code * _k_value(kw, t, i // B, "float32")(lane)
+    ``codes = (sx, zx)`` (W4A16, no bias): ``x`` is first quantized to centred uint16 codes, and the
+    products and sums run in float64, where they are exact integers (below 2^16 · 2^7 · K < 2^53), so
+    the result equals int64 accumulation; then ``float32(acc) · sx · s[n]``."""
+    nt, x, qw, kw, s, bias = _wo_inputs(M, N, K, B, with_bias)
+    dtype = "float32" if codes is None else "float64"
+    if codes is None:
+        operand = x
+    else:
+        sx, zx = (tirx.const(float(v), "float32") for v in codes)
+
+        def centred(m, i):  # exactly np.clip(np.rint(x / sx) + zx, 0, 65535) - zx in float32
+            code = tirx.max(tirx.min(tirx.nearbyint(x[m, i] / sx) + zx, tirx.const(65535.0, "float32")), 0.0)
+            return (code - zx).astype(dtype)
+
+        operand = te.compute((M, K), centred, name="xc")
+
+    def weight(t, i, lane):  # q · k: exact (|q·k| <= 128)
+        code = _signed_nibble(qw[t, i // 8, lane], i % 8).astype(dtype)
+        return code * _k_value(kw, t, i // B, dtype)(lane)
 
     w = te.compute((nt, K, LANES), weight, name="W")
     i = te.reduce_axis((0, K), "i")
-    acc = te.compute((M, nt, LANES), lambda m, t, lane: te.sum(x[m, i] * w[t, i, lane], axis=i), name="Acc")
-    y = _wo_output(M, N, acc, s, bias)
+    acc = te.compute((M, nt, LANES), lambda m, t, lane: te.sum(operand[m, i] * w[t, i, lane], axis=i), name="Acc")
+    if codes is None:
+        y = _wo_output(M, N, acc, s, bias)
+    else:
+        y = te.compute((M, N), lambda m, n: acc[m, n // LANES, n % LANES].astype("float32") * sx * s[n], name="y")
     args = [x, qw, kw, s] + ([bias] if bias is not None else []) + [y]
     sch = Schedule(te.create_prim_func(args))
 
     blk_w, blk_acc, blk_y = sch.get_sblock("W"), sch.get_sblock("Acc"), sch.get_sblock("y")
     m, t, lane, i = sch.get_loops(blk_acc)
     b, r = sch.split(i, [None, B])
-    mo, mi = sch.split(m, [None, _micro_rows(M)])
+    # float64 holds 8 lanes per register: fewer rows keep the tile within the 32 zmm registers
+    mo, mi = sch.split(m, [None, _micro_rows(M) if codes is None else min(_micro_rows(M), 3)])
     sch.reorder(t, b, mo, r, mi, lane)
     sch.compute_at(blk_w, b)
     sch.set_scope(blk_w, 0, "local")
@@ -510,8 +530,24 @@ def _weight_only_gemm(M, N, K, B, with_bias):
     sch.vectorize(lane)
     sch.vectorize(sch.get_loops(blk_y)[-1])
     sch.parallel(t)
+    if codes is not None:
+        xm, xi = sch.get_loops(sch.get_sblock("xc"))
+        sch.parallel(xm)
+        sch.vectorize(sch.split(xi, [None, 8])[1])  # K is a multiple of B, hence of 8
     sch.decompose_reduction(blk_acc, b)
     return _finish(sch.mod["main"])
+
+
+def w4a16_dense(M: int, N: int, K: int, B: int, sx: float, zx: int) -> tirx.PrimFunc:
+    """Scheduled W4A16 kernel ``main(x, qw, kw, s, y)`` (no bias: the caller adds it, as for W4A8).
+
+    ``x`` float32 [M, K], quantized in-kernel to uint16 codes with ``sx``, ``zx`` (as :func:`w4a8_dense`
+    does to uint8); ``qw`` / ``kw`` from :func:`repack_weight_only`; ``y`` float32 [M, N]
+    ``= float32(Σ_i (xq − zx) · q · k) · sx · s[n]``, bit-exact against int64 accumulation
+    (:func:`lpbq_tvm.reference.dense_int`): the sum runs in float64, exact for integers below 2^53.
+    The weight-only GEMM schedule at every M (float64 lanes; no nibble LUT)."""
+    _check_shape(N, K, B)
+    return _weight_only_gemm(M, N, K, B, False, codes=(sx, zx))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ def test_demo_quantizes_compiles_and_reports(capsys, monkeypatch):
     for layer, op in (("conv", "Conv"), ("fc1", "Gemm"), ("fc2", "MatMul")):
         assert layer in out and op in out
     assert "128×64×3×3" in out and "4.069" in out and out.count("LPBQ B64") == 3
-    assert "7.7x smaller" in out  # 491,520 fp32 weight bytes vs 63,744 packed
+    # 491,520 fp32 weight bytes vs 64,256 in the x86 kernels' layouts: 63,744 packed (the aarch64 build
+    # below) + 512 for the conv's k, stored once per kernel tap for its tap-major im2col columns
+    assert "7.6x smaller" in out
 
 
 def test_demo_reports_layers_that_cannot_take_the_block_size(capsys, monkeypatch):

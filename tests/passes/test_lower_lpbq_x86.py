@@ -1,5 +1,5 @@
-"""LowerLPBQ with an x86 target: 2-D dense layers and 1x1 convolutions take the scheduled kernels and
-compute the same results."""
+"""LowerLPBQ with an x86 target: 2-D dense layers and ungrouped convolutions (through im2col) take the
+scheduled kernels and compute the same results."""
 
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ from lpbq_tvm.passes.lower_lpbq import LowerLPBQ, attach_activation_ranges
 from lpbq_tvm.targets import aarch64, cpu
 
 DENSE_2D = [case for case in LAYER_CASES if case.op_type != "Conv" and len(case.x_shape) == 2]
-POINTWISE = [
+CONVS = [
     LayerCase("conv1x1_bias_batch2", "Conv", (2, 64, 5, 7), (48, 64, 1, 1), bias=True),
     LayerCase("conv1x1", "Conv", (1, 32, 6, 6), (40, 32, 1, 1)),
+    # magika's shape of conv, smaller: a [5, 1] kernel over a [C, L, 1] map
+    LayerCase("conv5x1_bias", "Conv", (1, 64, 24, 1), (24, 64, 5, 1), bias=True, attrs={"kernel_shape": [5, 1]}),
+    *[case for case in LAYER_CASES if case.op_type == "Conv" and "group" not in case.attrs],
 ]
 
 
@@ -48,24 +51,26 @@ def _kernels(mod) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("case", DENSE_2D + POINTWISE, ids=lambda c: c.name)
-def test_w4a8_scheduled_kernel_equals_the_generic_one_bit_for_bit(case):
+@pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
+@pytest.mark.parametrize("case", DENSE_2D + CONVS, ids=lambda c: c.name)
+def test_integer_scheduled_kernel_equals_the_generic_one_bit_for_bit(case, mode):
     encoded = _encoded(case)
-    fast = LowerLPBQ("w4a8", target=cpu.tvm_target())(encoded)
-    generic = LowerLPBQ("w4a8")(encoded)
+    fast = LowerLPBQ(mode, target=cpu.tvm_target())(encoded)
+    generic = LowerLPBQ(mode)(encoded)
     generic_name = "lpbq_conv" if case.op_type == "Conv" else "lpbq_dense"
-    assert _kernels(fast) == ["lpbq_dense_x86"] and _kernels(generic) == [generic_name]
+    assert _kernels(fast)[-1:] == ["lpbq_dense_x86"] and _kernels(generic) == [generic_name]
+    assert set(_kernels(fast)) <= {"lpbq_im2col", "lpbq_dense_x86"}
     x = {"x": (np.random.default_rng(1).standard_normal(case.x_shape) * 2).astype(np.float32)}
     (a,) = build(fast).run(x).values()
     (b,) = build(generic).run(x).values()
     np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32))
 
 
-@pytest.mark.parametrize("case", DENSE_2D + POINTWISE, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", DENSE_2D + CONVS, ids=lambda c: c.name)
 def test_weight_only_scheduled_kernel_within_the_float_bound(case):
     encoded = _encoded(case)
     fast = LowerLPBQ("weight-only", target=cpu.tvm_target())(encoded)
-    assert _kernels(fast) == ["lpbq_dense_x86"]
+    assert _kernels(fast)[-1:] == ["lpbq_dense_x86"] and set(_kernels(fast)) <= {"lpbq_im2col", "lpbq_dense_x86"}
     assert {p.name for p in fast["main"].params} >= {"w.lpbq_qw", "w.lpbq_kw", "w.lpbq_s"}
     x = np.random.default_rng(2).standard_normal(case.x_shape).astype(np.float32)
     (actual,) = build(fast).run({"x": x}).values()
@@ -75,11 +80,15 @@ def test_weight_only_scheduled_kernel_within_the_float_bound(case):
 
 
 def test_other_layers_and_targets_keep_the_generic_kernels():
-    """3-D activations, requantized outputs, 16-bit activations and non-x86 targets are not scheduled here."""
+    """3-D activations, grouped convs, requantized outputs (htp-sim) and non-x86 targets are not scheduled
+    here."""
     matmul_3d = next(case for case in LAYER_CASES if len(case.x_shape) == 3)
     assert _kernels(LowerLPBQ("w4a8", target=cpu.tvm_target())(_encoded(matmul_3d))) == ["lpbq_dense"]
-    encoded = _encoded(DENSE_2D[0])
-    assert _kernels(LowerLPBQ("w4a16", target=cpu.tvm_target())(encoded)) == ["lpbq_dense"]
+    grouped = next(case for case in LAYER_CASES if "group" in case.attrs)
+    assert _kernels(LowerLPBQ("w4a8", target=cpu.tvm_target())(_encoded(grouped))) == ["lpbq_conv"]
+    encoded = _encoded(next(case for case in DENSE_2D if not case.bias))
+    requantized = attach_activation_ranges(encoded, {"w": {"input": (-1.5, 2.0), "output": (-4.0, 4.0)}})
+    assert _kernels(LowerLPBQ("w4a16", True, cpu.tvm_target())(requantized)) == ["lpbq_dense"]
     assert _kernels(LowerLPBQ("weight-only", target=aarch64.tvm_target())(encoded)) == ["lpbq_dense"]
 
 

@@ -1,7 +1,7 @@
 """The x86 kernels of lpbq_tvm.targets.x86_lpbq: odd shapes, saturating inputs, fallbacks, Relax call_tir.
 
 weight-only: within float-reassociation tolerance of a float64 reference;
-W4A8: bit-exact (np.array_equal on the int32 views of the float32 outputs) against numpy.
+W4A8 / W4A16: bit-exact (np.array_equal on the int32 views of the float32 outputs) against numpy.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def reference_weight_only(x, q, k, s, B, bias=None):
     return y if bias is None else y + bias.astype(np.float64)
 
 
-def reference_w4a8(x, q, k, s, B, sx, zx, bias=None):
-    """The project's integer reference (lpbq_tvm.reference) for an 8-bit input encoding (sx, zx)."""
-    encoding = ActivationEncoding(8, float(np.float32(sx)), -int(zx))
+def reference_w4a8(x, q, k, s, B, sx, zx, bias=None, bitwidth=8):
+    """The project's integer reference (lpbq_tvm.reference) for a ``bitwidth`` input encoding (sx, zx)."""
+    encoding = ActivationEncoding(bitwidth, float(np.float32(sx)), -int(zx))
     return reference.dense_int(x, reference.int_weight(q, k, B), s, encoding, bias)
 
 
@@ -160,14 +160,14 @@ def test_weight_only_zero_codes_exact():
 # ------------------------------------------------------------------------------------------------
 
 
-def _activations(M, K, sx, zx, rng):
-    """Normal values plus saturating ones (far outside [−zx·sx, (255 − zx)·sx]) and exact .5 ties."""
-    x = (rng.standard_normal((M, K)) * 60 * sx).astype(np.float32)
+def _activations(M, K, sx, zx, rng, qmax=255):
+    """Normal values plus saturating ones (far outside [−zx·sx, (qmax − zx)·sx]) and exact .5 ties."""
+    x = (rng.standard_normal((M, K)) * 60 * sx * qmax / 255).astype(np.float32)
     flat = x.reshape(-1)
     idx = rng.permutation(flat.size)
     third = flat.size // 3
-    flat[idx[:third:2]] = 1e4 * sx  # saturates at 255
-    flat[idx[1:third:2]] = -1e4 * sx  # saturates at 0
+    flat[idx[:third:2]] = 40 * qmax * sx  # saturates at qmax
+    flat[idx[1:third:2]] = -40 * qmax * sx  # saturates at 0
     ties = np.float32(sx) * (rng.integers(-200, 200, third).astype(np.float32) + np.float32(0.5))
     flat[idx[third : 2 * third]] = ties  # x / sx lands exactly on a .5 tie when sx is a power of two
     return x
@@ -203,6 +203,36 @@ def test_w4a8_extreme_accumulator(zx):
     got = _run(lib, [x, qw, kw, wsum, s], M, N)
     ref = reference_w4a8(x, q, k, s, B, 0.5, zx)
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 32])
+@pytest.mark.parametrize("N, K, B", SHAPES)
+def test_w4a16_bit_exact(M, N, K, B):
+    rng = np.random.default_rng(M * 5 + N + K * 3 + B)
+    sx, zx = (2.0**-10, 32768) if (M + B) % 2 else (3.7e-4, (0, 1717, 65535)[(N + K) % 3])
+    q, k = _weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = _activations(M, K, sx, zx, rng, qmax=65535)
+    qw, kw = fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    lib = _compile(("w4a16", M, N, K, B, sx, zx), lambda: fk.w4a16_dense(M, N, K, B, sx, zx))
+    got = _run(lib, [x, qw, kw, s], M, N)
+    assert np.array_equal(got.view(np.int32), reference_w4a8(x, q, k, s, B, sx, zx, bitwidth=16).view(np.int32))
+
+
+@pytest.mark.parametrize("zx", [0, 65535])
+def test_w4a16_accumulator_beyond_int32(zx):
+    """q = −8, k = 16 and saturated uint16 codes over K = 2048: |acc| = 65535 · 128 · 2048 ≈ 1.7e10,
+    past int32 (the reason W4A16 accumulates in int64), still exact in the float64 sums."""
+    M, N, K, B = 2, 16, 2048, 64
+    q, k = np.full((N, K), -8), np.full((N, K // B), 16)
+    x = np.full((M, K), 1e9 if zx == 0 else -1e9, np.float32)
+    s = np.full(N, 0.5, np.float32)
+    qw, kw = fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    got = _run(
+        _compile(("w4a16", M, N, K, B, 0.5, zx), lambda: fk.w4a16_dense(M, N, K, B, 0.5, zx)), [x, qw, kw, s], M, N
+    )
+    ref = reference_w4a8(x, q, k, s, B, 0.5, zx, bitwidth=16)
+    assert abs(float(got[0, 0]) / 0.25) > 2**31 and np.array_equal(got.view(np.int32), ref.view(np.int32))
 
 
 FALLBACKS = [
