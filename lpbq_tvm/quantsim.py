@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from lpbq_tvm.calibration import ActivationEncoding, ChannelEnergyObserver, RangeObserver, activation_encoding
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding
 from lpbq_tvm.frontend import ImportedModel, import_onnx
+from lpbq_tvm.onnx_layers import activation_tensors
 from lpbq_tvm.packing import bits_per_weight
 
 __all__ = ["QuantizationSimModel", "LayerReport", "set_grouped_blockwise_quantization_for_weights"]
@@ -237,7 +238,9 @@ class QuantizationSimModel:
         self, forward_pass_callback: Callable | None = None, forward_pass_callback_args: Any = None
     ) -> None:
         """Encode every selected weight, then run ``forward_pass_callback(sim, args)`` if given,
-        recording the range of every LPBQ layer's input and output.
+        recording the range of every activation tensor (:func:`lpbq_tvm.onnx_layers.activation_tensors`;
+        an LPBQ layer's input and output ranges are those of its tensors) and of each Gemm's product
+        before its bias.
 
         Layers with ``encoder="mse-act"`` need the callback: it first runs on the float model to
         measure each layer's input energy per channel, which weighs the encoder's error.
@@ -268,8 +271,7 @@ class QuantizationSimModel:
             )
         if forward_pass_callback is None:
             return
-        tensors = {tensor for pair in self._layer_tensors().values() for tensor in pair}
-        ranges = {name: RangeObserver(self.quant_scheme, self.percentile) for name in sorted(tensors)}
+        ranges = {name: RangeObserver(self.quant_scheme, self.percentile) for name in activation_tensors(self.model)}
         pre_bias = {key: RangeObserver(self.quant_scheme, self.percentile) for key in self._pre_bias_tensors()}
         observers = {name: [observer] for name, observer in ranges.items()}
         for key, (output, bias) in self._pre_bias_tensors().items():
@@ -354,12 +356,13 @@ class QuantizationSimModel:
 
     @property
     def activation_encodings(self) -> dict[str, ActivationEncoding]:
-        """Calibrated encodings (``default_activation_bw``) of the LPBQ layers' inputs and outputs."""
+        """Calibrated encodings (``default_activation_bw``) of every activation tensor, by ONNX tensor name."""
+        return self.tensor_activation_encodings(self.default_activation_bw)
+
+    def tensor_activation_encodings(self, bitwidth: int) -> dict[str, ActivationEncoding]:
+        """Calibrated ``bitwidth`` encodings of every activation tensor, by ONNX tensor name."""
         self._require_encodings()
-        return {
-            name: activation_encoding(*bounds, self.default_activation_bw)
-            for name, bounds in self._activation_ranges.items()
-        }
+        return {name: activation_encoding(*bounds, bitwidth) for name, bounds in self._activation_ranges.items()}
 
     def _require_encodings(self) -> None:
         if self._encoded is None:

@@ -171,7 +171,10 @@ def test_calibration_records_the_min_max_of_the_data(calibrated_sim, calibration
     from lpbq_tvm.calibration import activation_encoding
 
     encodings = calibrated_sim.activation_encodings
-    assert set(encodings) == {"x", "conv_out", "flat", "fc1_out", "relu2", "y"}  # inputs and outputs of 3 layers
+    # every float tensor computed from the input, not only the inputs and outputs of the 3 layers
+    assert list(encodings) == ["x", "conv_out", "relu1", "pool", "flat", "fc1_out", "relu2", "y"]
+    layers = calibrated_sim.layer_activation_encodings(8)
+    assert layers["fc1.weight"]["input"] == encodings["flat"] and layers["fc1.weight"]["output"] == encodings["fc1_out"]
     data = np.stack(calibration_data)
     assert encodings["x"] == activation_encoding(data.min(), data.max(), 8)
     outputs = np.stack([calibrated_sim.run({"x": x})["y"] for x in calibration_data])
