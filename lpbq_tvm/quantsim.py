@@ -345,6 +345,28 @@ class QuantizationSimModel:
             for key, entry in ranges.items()
         }
 
+    def qdq_model(self, bitwidth: int, quantize_all_activations: bool = True) -> onnx.ModelProto:
+        """The prepared model with ``Q -> DQ`` (``bitwidth`` encodings) after every activation tensor, or
+        only after the LPBQ layers' inputs and outputs; fp32 weights. The QNN export rewrites its LPBQ
+        layers; ``htp-sim`` compiles it (:func:`lpbq_tvm.exports.qnn_onnx.quantize_activations`)."""
+        from lpbq_tvm.exports.qnn_onnx import quantize_activations
+
+        tensors = self.tensor_activation_encodings(bitwidth) if quantize_all_activations else None
+        return quantize_activations(self.model, self.layer_activation_encodings(bitwidth), tensors)
+
+    def qdq_module(self, bitwidth: int, quantize_all_activations: bool = True):
+        """The Relax import of :meth:`qdq_model`, with the LPBQ state of :attr:`encoded_module` (every
+        function attribute the passes added: selection, encodings, activation ranges), ready for LowerLPBQ.
+        Its weights are the same parameters: the Q/DQ constants are inlined on import."""
+        encoded = self.encoded_module["main"]
+        mod = import_onnx(self.qdq_model(bitwidth, quantize_all_activations)).mod
+        main = mod["main"]
+        for key, value in encoded.attrs.items():
+            if key not in main.attrs:
+                main = main.with_attr(key, value)
+        mod.update_func(mod.get_global_var("main"), main)
+        return mod
+
     def _layer_tensors(self) -> dict[str, tuple[str, str]]:
         """Input and output tensor names of every LPBQ layer, by weight name."""
         nodes = {node.input[1]: node for node in self.model.graph.node if len(node.input) > 1}
