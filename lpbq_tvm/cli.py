@@ -117,7 +117,12 @@ examples:
   lpbq-tvm export model.onnx --format ort-onnx -o model.int4.onnx              # onnxruntime CPU (MatMulNBits)
   lpbq-tvm export model.onnx --format ort-nbits-onnx -o model.nbits.onnx       # MatMulNBits nodes written directly
   lpbq-tvm export model.onnx --format qnn-onnx --calib calib.npz --activation-bits 16 -o model.qnn.onnx
+  lpbq-tvm export model.onnx --format qnn-onnx --calib calib.npz --quantize-activations lpbq -o lpbq.qnn.onnx
   lpbq-tvm export model.onnx --format tvm --target aarch64 -o bundle/
+
+qnn-onnx quantizes every activation (Q -> DQ with its calibrated encoding, as AIMET exports);
+--quantize-activations lpbq only the LPBQ layers' inputs and outputs (the ops between them then
+run in float, fp16 on the HTP).
 
 Every file is checked after it is built and before it is written: ONNX by the onnx checker and
 an onnxruntime run compared with the simulation (qnn-onnx: output codes vs the htp-sim target),
@@ -330,6 +335,7 @@ def _run_export(args: argparse.Namespace, console: Console) -> int:
                 args.format.removesuffix("-onnx"),
                 overwrite=args.force,
                 activation_bitwidth=args.activation_bits,
+                quantize_all_activations=args.quantize_activations == "all",
                 sample_inputs=batches[0] if batches else None,
             )
     args.result.update(output=str(report.path), format=report.format, bytes=report.bytes, checks=report.checks)
@@ -436,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--activation-bits", type=int, default=8, choices=[8, 16], help="QNN export activation width (default 8)"
+    )
+    export.add_argument(
+        "--quantize-activations",
+        default="all",
+        choices=["all", "lpbq"],
+        help="QNN export: Q/DQ on every activation, or only on the LPBQ layers' inputs and outputs (default all)",
     )
     _add_model_options(export)
     _add_target_options(export)

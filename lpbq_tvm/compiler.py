@@ -292,11 +292,16 @@ def tuning_database(directory: str | PathLike):
     return ms.database.JSONDatabase(*map(str, files), allow_missing=False)
 
 
-def lower(sim, target: str = "cpu", mode: str = "weight-only") -> tvm.IRModule:
+def lower(
+    sim, target: str = "cpu", mode: str = "weight-only", *, quantize_all_activations: bool = True
+) -> tvm.IRModule:
     """The Relax module :func:`compile` builds: the float model (``"fp32"``) or the LPBQ-lowered one."""
-    from lpbq_tvm.passes.lower_lpbq import LowerLPBQ
+    from lpbq_tvm.passes.lower_lpbq import MODES, LowerLPBQ
 
     target_module = get_target(target)
+    if not quantize_all_activations and not target_module.REQUANTIZE_OUTPUTS:
+        msg = f"quantize_all_activations=False selects an htp-sim graph; target {target!r} has no such choice"
+        raise ValueError(msg)
     if mode == "fp32":
         return sim.float_module
     if mode not in target_module.MODES:
@@ -310,11 +315,20 @@ def lower(sim, target: str = "cpu", mode: str = "weight-only") -> tvm.IRModule:
             "sim.compute_encodings(callback, args) with a callback that feeds calibration data through sim.run"
         )
         raise ValueError(msg)
-    return LowerLPBQ(mode, target_module.REQUANTIZE_OUTPUTS, target_module.tvm_target())(sim.encoded_module)
+    if target_module.REQUANTIZE_OUTPUTS:  # HTP semantics: the graph of the QNN export
+        module = sim.qdq_module(MODES[mode], quantize_all_activations)
+    else:
+        module = sim.encoded_module
+    return LowerLPBQ(mode, target_module.REQUANTIZE_OUTPUTS, target_module.tvm_target())(module)
 
 
 def compile(  # noqa: A001 - public API name
-    sim, target: str = "cpu", mode: str = "weight-only", tuning_db: str | PathLike | None = None
+    sim,
+    target: str = "cpu",
+    mode: str = "weight-only",
+    tuning_db: str | PathLike | None = None,
+    *,
+    quantize_all_activations: bool = True,
 ) -> CompiledModel:
     """Compile a :class:`~lpbq_tvm.quantsim.QuantizationSimModel` for ``target``.
 
@@ -322,6 +336,10 @@ def compile(  # noqa: A001 - public API name
     ``"w4a16"`` (integer kernels; need calibrated activation ranges from
     ``sim.compute_encodings(callback, args)``) and ``"fp32"`` (the unquantized model, for
     comparisons). Targets: see :mod:`lpbq_tvm.targets` (``"cpu"``, ``"aarch64"``, ``"htp-sim"``).
-    Weights are encoded first if ``sim.compute_encodings`` has not run. ``tuning_db``: see :func:`build`.
+    ``htp-sim`` compiles the graph of the QNN export, every activation through ``Q -> DQ``; with
+    ``quantize_all_activations=False`` only the LPBQ layers' inputs and outputs, as the export of
+    that option. Weights are encoded first if ``sim.compute_encodings`` has not run. ``tuning_db``:
+    see :func:`build`.
     """
-    return build(lower(sim, target, mode), target, sim.inputs, sim.outputs, mode, tuning_db)
+    module = lower(sim, target, mode, quantize_all_activations=quantize_all_activations)
+    return build(module, target, sim.inputs, sim.outputs, mode, tuning_db)

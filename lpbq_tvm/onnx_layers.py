@@ -1,8 +1,13 @@
-"""The LPBQ candidate layers of an ONNX graph: Gemm, MatMul and Conv nodes with a constant weight.
+"""What the quantizer finds in an ONNX graph: the LPBQ candidate layers and the activation tensors.
 
-A weight is constant when it is an initializer or the output of a ``Constant`` node. For each
-candidate this gives the node name, op type, attributes, weight tensor name and value, and the
-(channel_axis, block_axis) of DESIGN.md §2.
+Candidate layers are Gemm, MatMul and Conv nodes with a constant weight, one that is an
+initializer or the output of a ``Constant`` node. For each candidate this gives the node name,
+op type, attributes, weight tensor name and value, and the (channel_axis, block_axis) of DESIGN.md §2.
+
+Activation tensors are the float32 values computed from the inputs, the ones calibration observes
+and the QNN export quantizes: the float graph inputs and every node output that a node or the
+graph output reads; not initializers or ``Constant`` outputs, not integer or bool tensors (shapes,
+indices, masks).
 """
 
 from __future__ import annotations
@@ -12,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from lpbq_tvm.encoder import weight_axes
 
-__all__ = ["LPBQ_OP_TYPES", "WeightLayer", "find_weight_layers", "constant_tensors"]
+__all__ = ["LPBQ_OP_TYPES", "WeightLayer", "activation_tensors", "find_weight_layers", "constant_tensors"]
 
 LPBQ_OP_TYPES = ("Gemm", "MatMul", "Conv")
 
@@ -81,3 +86,25 @@ def find_weight_layers(model: onnx.ModelProto) -> list[WeightLayer]:
             )
         )
     return layers
+
+
+def activation_tensors(model: onnx.ModelProto) -> list[str]:
+    """The activation tensors of the main graph (see the module docstring), inputs first, then in graph order.
+
+    Element types come from ONNX shape inference; a tensor it cannot type is an error."""
+    graph = model.graph
+    inferred = shape_inference.infer_shapes(model).graph
+    types = {info.name: info.type.tensor_type.elem_type for info in [*inferred.input, *inferred.value_info]}
+    types |= {info.name: info.type.tensor_type.elem_type for info in inferred.output}
+    initializers = {init.name for init in graph.initializer}
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    names = [info.name for info in graph.input if info.name not in initializers]
+    for index, node in enumerate(graph.node):
+        if node.op_type == "Constant":
+            continue
+        for output in (name for name in node.output if name in read):
+            if not types.get(output):
+                msg = f"{_node_name(node, index)} ({node.op_type}): shape inference gives no type for output {output!r}"
+                raise ValueError(msg)
+            names.append(output)
+    return [name for name in names if types[name] == TensorProto.FLOAT]

@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from lpbq_tvm.calibration import ActivationEncoding, ChannelEnergyObserver, RangeObserver, activation_encoding
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding
 from lpbq_tvm.frontend import ImportedModel, import_onnx
+from lpbq_tvm.onnx_layers import activation_tensors
 from lpbq_tvm.packing import bits_per_weight
 
 __all__ = ["QuantizationSimModel", "LayerReport", "set_grouped_blockwise_quantization_for_weights"]
@@ -237,7 +238,9 @@ class QuantizationSimModel:
         self, forward_pass_callback: Callable | None = None, forward_pass_callback_args: Any = None
     ) -> None:
         """Encode every selected weight, then run ``forward_pass_callback(sim, args)`` if given,
-        recording the range of every LPBQ layer's input and output.
+        recording the range of every activation tensor (:func:`lpbq_tvm.onnx_layers.activation_tensors`;
+        an LPBQ layer's input and output ranges are those of its tensors) and of each Gemm's product
+        before its bias.
 
         Layers with ``encoder="mse-act"`` need the callback: it first runs on the float model to
         measure each layer's input energy per channel, which weighs the encoder's error.
@@ -268,8 +271,7 @@ class QuantizationSimModel:
             )
         if forward_pass_callback is None:
             return
-        tensors = {tensor for pair in self._layer_tensors().values() for tensor in pair}
-        ranges = {name: RangeObserver(self.quant_scheme, self.percentile) for name in sorted(tensors)}
+        ranges = {name: RangeObserver(self.quant_scheme, self.percentile) for name in activation_tensors(self.model)}
         pre_bias = {key: RangeObserver(self.quant_scheme, self.percentile) for key in self._pre_bias_tensors()}
         observers = {name: [observer] for name, observer in ranges.items()}
         for key, (output, bias) in self._pre_bias_tensors().items():
@@ -343,6 +345,28 @@ class QuantizationSimModel:
             for key, entry in ranges.items()
         }
 
+    def qdq_model(self, bitwidth: int, quantize_all_activations: bool = True) -> onnx.ModelProto:
+        """The prepared model with ``Q -> DQ`` (``bitwidth`` encodings) after every activation tensor, or
+        only after the LPBQ layers' inputs and outputs; fp32 weights. The QNN export rewrites its LPBQ
+        layers; ``htp-sim`` compiles it (:func:`lpbq_tvm.exports.qnn_onnx.quantize_activations`)."""
+        from lpbq_tvm.exports.qnn_onnx import quantize_activations
+
+        tensors = self.tensor_activation_encodings(bitwidth) if quantize_all_activations else None
+        return quantize_activations(self.model, self.layer_activation_encodings(bitwidth), tensors)
+
+    def qdq_module(self, bitwidth: int, quantize_all_activations: bool = True):
+        """The Relax import of :meth:`qdq_model`, with the LPBQ state of :attr:`encoded_module` (every
+        function attribute the passes added: selection, encodings, activation ranges), ready for LowerLPBQ.
+        Its weights are the same parameters: the Q/DQ constants are inlined on import."""
+        encoded = self.encoded_module["main"]
+        mod = import_onnx(self.qdq_model(bitwidth, quantize_all_activations)).mod
+        main = mod["main"]
+        for key, value in encoded.attrs.items():
+            if key not in main.attrs:
+                main = main.with_attr(key, value)
+        mod.update_func(mod.get_global_var("main"), main)
+        return mod
+
     def _layer_tensors(self) -> dict[str, tuple[str, str]]:
         """Input and output tensor names of every LPBQ layer, by weight name."""
         nodes = {node.input[1]: node for node in self.model.graph.node if len(node.input) > 1}
@@ -354,12 +378,13 @@ class QuantizationSimModel:
 
     @property
     def activation_encodings(self) -> dict[str, ActivationEncoding]:
-        """Calibrated encodings (``default_activation_bw``) of the LPBQ layers' inputs and outputs."""
+        """Calibrated encodings (``default_activation_bw``) of every activation tensor, by ONNX tensor name."""
+        return self.tensor_activation_encodings(self.default_activation_bw)
+
+    def tensor_activation_encodings(self, bitwidth: int) -> dict[str, ActivationEncoding]:
+        """Calibrated ``bitwidth`` encodings of every activation tensor, by ONNX tensor name."""
         self._require_encodings()
-        return {
-            name: activation_encoding(*bounds, self.default_activation_bw)
-            for name, bounds in self._activation_ranges.items()
-        }
+        return {name: activation_encoding(*bounds, bitwidth) for name, bounds in self._activation_ranges.items()}
 
     def _require_encodings(self) -> None:
         if self._encoded is None:

@@ -1,9 +1,9 @@
 """Compilation targets of lpbq_tvm, installed as ``lpbq_tvm.targets``: one module per target.
 
 Each target module has ``NAME``, ``MODES`` (the lowering modes it builds), ``REQUANTIZE_OUTPUTS``
-(whether LPBQ layer outputs are requantized, HTP style), ``LIBRARY_NAME`` (the library file of a
-bundle), ``tvm_target()`` (the ``tvm.target.Target`` to compile for) and ``device()`` (where its
-artifacts run in this process, or None).
+(HTP style: compile the QNN export's Q/DQ graph, LPBQ layers requantizing their outputs),
+``LIBRARY_NAME`` (the library file of a bundle), ``tvm_target()`` (the ``tvm.target.Target`` to
+compile for) and ``device()`` (where its artifacts run in this process, or None).
 """
 
 from __future__ import annotations

@@ -1,15 +1,18 @@
-"""HTP integer simulation: the Qualcomm HTP NPU's arithmetic for LPBQ layers, run on the host CPU.
+"""HTP integer simulation: the Qualcomm HTP NPU's arithmetic for a QNN export, run on the host CPU.
 
-What it models, per LPBQ layer (DESIGN.md §3, §5): the input activation quantized per tensor to
-uint8 / uint16 with its calibrated encoding (round half to even, clamp); the int4 LPBQ weight
-expanded to the int8 per-channel weight ``q · k``; integer accumulation (int32 / int64); the
-float epilogue ``acc · sx · s[c] + bias``; and the output requantized to the layer's calibrated
-output encoding (QDQ: ``clamp(round_half_even(y / sy) + zy)``, then dequantized for the next op).
+It compiles the graph the QNN export writes (:meth:`QuantizationSimModel.qdq_module`): the prepared
+model with ``Q -> DQ`` after every activation tensor (or, with ``quantize_all_activations=False``,
+after the LPBQ layers' inputs and outputs only), its calibrated uint8 / uint16 encodings imported as
+Relax ``quantize`` / ``dequantize``. Per LPBQ layer (DESIGN.md §3, §5): the input quantized per tensor
+(round half to even, clamp; exact on an input the graph has quantized already); the int4 LPBQ
+weight expanded to the int8 per-channel weight ``q · k``; integer accumulation (int32 / int64); the
+float epilogue ``acc · sx · s[c] + bias``, a Gemm's product first requantized to its ``pre_bias``
+encoding; and the output requantized to its encoding.
 
-What it does not model: the operators between LPBQ layers run in fp32 (the HTP runs them in
-fixed point too), bias quantization to int32, the HTP's own rounding of its requantization
-multipliers, and its speed. Compare output codes, not floats: within one LSB of onnxruntime's
-run of the same model exported as QDQ ONNX.
+What it does not model: the operators between LPBQ layers compute in fp32 on dequantized values
+(the HTP runs them in fixed point: its uint16 Softmax is up to 1 LSB low), bias quantization to
+int32, the HTP's own rounding of its requantization multipliers, and its speed. Compare output
+codes, not floats: within one LSB per requantization of onnxruntime's run of the same QDQ ONNX.
 """
 
 from __future__ import annotations

@@ -217,10 +217,69 @@ def masked_softmax_model(rows: int = 8, width: int = 64) -> onnx.ModelProto:
 EXAMPLE_TERMS = (64 * 9, 128, 256)  # dot-product lengths of the example model's conv, fc1, fc2
 
 
+def dequantized_weights_model(sim) -> onnx.ModelProto:
+    """``sim``'s prepared model with its LPBQ-dequantized weights: what ``sim.run`` evaluates."""
+    model = sim.model
+    for name, encoding in sim.encodings.items():
+        model = with_weight(model, name, encoding.qdq_weight)
+    return model
+
+
 def simulation_bound(sim, inputs: dict[str, np.ndarray], terms: Sequence[int] = EXAMPLE_TERMS) -> np.ndarray:
     """:func:`abs_network_bound` of ``sim``'s model with its LPBQ-dequantized weights: how far a
     compiled weight-only model may lie from ``sim.run`` by summation order alone."""
-    qdq_model = sim.model
-    for name, encoding in sim.encodings.items():
-        qdq_model = with_weight(qdq_model, name, encoding.qdq_weight)
-    return abs_network_bound(qdq_model, inputs, terms)
+    return abs_network_bound(dequantized_weights_model(sim), inputs, terms)
+
+
+def gated_softmax_model(rows: int = 8, width: int = 64) -> onnx.ModelProto:
+    """Float ops between two LPBQ candidate MatMuls, next to a bool and an int64 tensor::
+
+    h = x @ w1;  positive = h > 0 (bool);  gated = Where(positive, h, x);  probs = Softmax(gated)
+    y = probs @ w2;  label = ArgMax(y) (int64, a second output)
+    """
+    rng = np.random.default_rng(7)
+    weights = {name: rng.standard_normal((width, width)) / np.sqrt(width) for name in ("w1", "w2")}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32), "zero")),
+        helper.make_node("Greater", ["h", "zero"], ["positive"], name="gate"),
+        helper.make_node("Where", ["positive", "h", "x"], ["gated"], name="select"),
+        helper.make_node("Softmax", ["gated"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "w2"], ["y"], name="fc2"),
+        helper.make_node("ArgMax", ["y"], ["label"], name="argmax", axis=-1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gated_softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, width])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, width]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, [1, rows]),
+        ],
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def tensor_values(
+    model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The values of the tensors ``names`` over all ``batches`` (concatenated along a new first axis),
+    from onnxruntime with no graph optimization."""
+    probed = onnx.ModelProto()
+    probed.CopyFrom(model)
+    probed.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    runs = [ort_run(probed, batch) for batch in batches]
+    return {name: np.stack([run[name] for run in runs]) for name in names}
+
+
+def minmax_encodings(sim, batches: Sequence[dict[str, np.ndarray]], names: Sequence[str], bitwidth: int) -> dict:
+    """The encodings min/max calibration should give the tensors ``names`` of ``sim`` on ``batches``,
+    from their values in onnxruntime (independent of the observers)."""
+    from lpbq_tvm.calibration import activation_encoding
+
+    values = tensor_values(dequantized_weights_model(sim), batches, names)
+    return {name: activation_encoding(float(v.min()), float(v.max()), bitwidth) for name, v in values.items()}

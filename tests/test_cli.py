@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import onnx
+
 from lpbq_tvm.cli import main
 
 
@@ -87,12 +89,23 @@ def test_export_every_format(tmp_path, capsys, monkeypatch):
             "model.qnn.onnx",
             "LSB vs htp-sim",
         ),
+        (
+            ["--format", "qnn-onnx", "--calib", str(calib), "--quantize-activations", "lpbq"],
+            "lpbq.qnn.onnx",
+            "LSB vs htp-sim",
+        ),
         (["--format", "tvm", "--target", "aarch64"], "bundle", "target aarch64"),
     ]
     for options, name, expected in cases:
         assert main(["export", str(model), *options, "-o", str(tmp_path / name)]) == 0, name
         assert expected in capsys.readouterr().out
         assert (tmp_path / name).exists()
+    quantizers = {
+        name: sum(node.op_type == "QuantizeLinear" for node in onnx.load(tmp_path / name).graph.node)
+        for name in ("model.qnn.onnx", "lpbq.qnn.onnx")
+    }
+    # the example's 8 float activations, or the inputs and outputs of its 3 layers; and fc1's product before its bias
+    assert quantizers == {"model.qnn.onnx": 9, "lpbq.qnn.onnx": 7}
     assert main(["export", str(model), "--format", "qnn-onnx", "-o", str(tmp_path / "x.onnx")]) == 2
     assert "give calibration data with --calib" in capsys.readouterr().err
 

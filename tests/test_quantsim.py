@@ -6,7 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from model_builders import assert_float_close, ort_run, simulation_bound, with_weight
+from model_builders import (
+    assert_float_close,
+    gated_softmax_model,
+    minmax_encodings,
+    ort_run,
+    simulation_bound,
+    with_weight,
+)
 from onnx import numpy_helper
 
 import lpbq_tvm
@@ -176,13 +183,32 @@ def test_calibration_records_the_min_max_of_the_data(calibrated_sim, calibration
     from lpbq_tvm.calibration import activation_encoding
 
     encodings = calibrated_sim.activation_encodings
-    assert set(encodings) == {"x", "conv_out", "flat", "fc1_out", "relu2", "y"}  # inputs and outputs of 3 layers
+    # every float tensor computed from the input, not only the inputs and outputs of the 3 layers
+    assert list(encodings) == ["x", "conv_out", "relu1", "pool", "flat", "fc1_out", "relu2", "y"]
+    layers = calibrated_sim.layer_activation_encodings(8)
+    assert layers["fc1.weight"]["input"] == encodings["flat"] and layers["fc1.weight"]["output"] == encodings["fc1_out"]
     data = np.stack(calibration_data)
     assert encodings["x"] == activation_encoding(data.min(), data.max(), 8)
     outputs = np.stack([calibrated_sim.run({"x": x})["y"] for x in calibration_data])
     assert encodings["y"] == activation_encoding(outputs.min(), outputs.max(), 8)
     entries = {e["name"]: e for e in calibrated_sim.aimet_encodings()["activation_encodings"]}
     assert entries["x"]["scale"] == [encodings["x"].scale] and entries["x"]["offset"] == [encodings["x"].offset]
+
+
+def test_calibration_observes_every_float_activation_and_nothing_else():
+    """The float tensors computed from the input, each with the min/max of its values on the data;
+    not the bool gate, the int64 label or the constant. A layer's input and output are those tensors."""
+    batches = [{"x": np.random.default_rng(seed).standard_normal((1, 8, 64)).astype(np.float32)} for seed in range(3)]
+    sim = QuantizationSimModel(gated_softmax_model())
+    set_grouped_blockwise_quantization_for_weights(sim)
+    sim.compute_encodings(lambda s, data: [s.run(batch) for batch in data], batches)
+    names = ["x", "h", "gated", "probs", "y"]
+    encodings = sim.tensor_activation_encodings(16)
+    assert encodings == minmax_encodings(sim, batches, names, 16)
+    assert list(encodings) == names
+    layers = sim.layer_activation_encodings(16)
+    assert layers["w1"] == {"input": encodings["x"], "output": encodings["h"]}
+    assert layers["w2"] == {"input": encodings["probs"], "output": encodings["y"]}
 
 
 def test_percentile_scheme_narrows_the_ranges(calibration_data):

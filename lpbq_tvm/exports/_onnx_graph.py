@@ -99,13 +99,18 @@ def session(
     model: onnx.ModelProto,
     optimized_path: str | None = None,
     disabled_optimizers: tuple[str, ...] = (),
+    *,
+    optimize: bool = True,
     **config: str,
 ):
-    """An onnxruntime CPU session (errors only in the log) with session config entries."""
+    """An onnxruntime CPU session (errors only in the log) with session config entries; ``optimize=False``
+    runs the graph as written, without onnxruntime's graph rewrites."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for key, value in config.items():
         options.add_session_config_entry(key, value)
     if optimized_path:

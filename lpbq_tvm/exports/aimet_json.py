@@ -9,6 +9,9 @@
      "excluded_layers": [node names left in float],
      "quantizer_args": {...}}
 
+Activation entries are per tensor, one for every calibrated activation (each float graph input
+and node output, named as in the ONNX model), as AIMET's QDQ export quantizes them all.
+
 2.0.0: ``{"version": "2.0.0", "encodings": [...]}`` — one list; activation entries carry
 ``output_dtype``, ``y_scale`` and ``y_zero_point`` (omitted when zero); LPBQ entries
 ``per_channel_float_scale`` / ``per_block_int_scale`` shaped like the weight, ``axis`` (block

@@ -1,21 +1,28 @@
 """ONNX for Qualcomm's QNN execution provider: the LPBQ QDQ pattern with quantized activations (opset 21).
 
-Per LPBQ MatMul / Gemm (DESIGN.md §5; Gemm is written as MatMul + Add, since the QNN Gemm fusion
-drops biases and misreads transB=0)::
+Two steps. :func:`quantize_activations` puts ``Q -> DQ`` (uint8 / uint16, per tensor, the
+calibrated encoding) after every activation it is given — by default every float tensor of the
+model, as AIMET's QDQ export does, or only the LPBQ layers' inputs and outputs — keeping the
+fp32 weights: this is the graph the ``htp-sim`` target compiles. A node output ``t`` is then
+written by its node as ``t/float`` and ``t`` is the dequantized value, so every reader, including
+the graph output, sees the quantized one; a graph input ``x`` is read as ``x/dq``. Each tensor
+gets one pair; integer and bool tensors and constants are left alone.
+
+:func:`export_qnn_onnx` then rewrites each LPBQ MatMul / Gemm (DESIGN.md §5; Gemm is written as
+MatMul + Add, since the QNN Gemm fusion drops biases and misreads transB=0)::
 
     k: UINT8 [nb, N] (1..16)   s: FLOAT [N]   zk: UINT8 [N] = 0
     scale = DequantizeLinear(k, s, zk, axis=1)                                   # FLOAT [nb, N]
     w     = DequantizeLinear(q: INT4 [K, N], scale, zq: INT4 [nb, N] = 0, axis=0, block_size=B)
     x -> Q -> DQ -> MatMul(·, w) -> Q -> DQ [-> Add(·, DQ(bias: UINT16 per tensor)) -> Q -> DQ]
 
-Per LPBQ Conv, its exact int8 per-channel equivalent (the runtime has no LPBQ conv fusion):
-``w = DequantizeLinear(q·k: INT8, s, 0, axis=0)``, bias (a Conv input) as INT32 with scale ``sx·s``,
-``x -> Q -> DQ -> Conv -> Q -> DQ``; int8 per-channel layers (a mixed-precision choice) the same
-way, keeping their op (MatMul / Gemm) and the weight's channel axis. Activations use uint8 or
-uint16 per-tensor encodings from calibration (``input``, ``output`` and, for a Gemm with bias,
-``pre_bias`` of each layer).
-This is what the ``htp-sim`` target computes in integers; onnxruntime CPU runs it in float on
-the dequantized values, within one output LSB.
+where the input and output pairs are those of step one and the pair before the bias add uses the
+layer's ``pre_bias`` encoding. Per LPBQ Conv, its exact int8 per-channel equivalent (the runtime
+has no LPBQ conv fusion): ``w = DequantizeLinear(q·k: INT8, s, 0, axis=0)``, bias (a Conv input)
+as INT32 with scale ``sx·s``, ``x -> Q -> DQ -> Conv -> Q -> DQ``; int8 per-channel layers (a
+mixed-precision choice) the same way, keeping their op (MatMul / Gemm) and the weight's channel
+axis. onnxruntime CPU runs the result in float on the dequantized values, within one output LSB
+of ``htp-sim`` per requantization.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from lpbq_tvm.exports._onnx_graph import (
 )
 from lpbq_tvm.exports.qnn_check import check_qnn
 
-__all__ = ["export_qnn_onnx"]
+__all__ = ["export_qnn_onnx", "quantize_activations"]
 
 
 class _QDQBuilder:
@@ -99,12 +106,61 @@ def _add_bias_dq(name: str, bias: np.ndarray, inits: list, node_name: str) -> tu
     return [node], f"{name}.dq"
 
 
+def quantize_activations(
+    model: onnx.ModelProto,
+    layers: Mapping[str, Mapping[str, ActivationEncoding]],
+    tensors: Mapping[str, ActivationEncoding] | None = None,
+) -> onnx.ModelProto:
+    """A copy of ``model`` (opset 21) with ``Q -> DQ`` after every tensor of ``tensors`` (graph inputs and
+    node outputs, by name) and every LPBQ layer's input and output (``layers``: weight name ->
+    {"input", "output", ...} encodings); see the module docstring. Where both name a tensor, they must agree."""
+    tensors = dict(tensors or {})
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in layers:
+            continue
+        for role, tensor in (("input", node.input[0]), ("output", node.output[0])):
+            encoding = layers[node.input[1]][role]
+            if tensors.setdefault(tensor, encoding) != encoding:
+                msg = (
+                    f"{node.name}: {role} {tensor!r} is encoded as {tensors[tensor]} as a tensor, {encoding} as a layer"
+                )
+                raise ValueError(msg)
+    quantized = upgrade(model)
+    graph, initializers = quantized.graph, []
+    builder = _QDQBuilder(initializers)
+    nodes, readers_see, seen = [], {}, set()
+    for info in graph.input:
+        if info.name in tensors:
+            pair, readers_see[info.name] = builder.qdq(info.name, tensors[info.name], info.name)
+            nodes += pair
+            seen.add(info.name)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            node.input[index] = readers_see.get(name, name)
+        nodes.append(node)
+        for index, name in enumerate(node.output):
+            if name in tensors:
+                node.output[index] = f"{name}/float"
+                nodes += builder.qdq(node.output[index], tensors[name], name, output=name)[0]
+                seen.add(name)
+    missing = sorted(tensors.keys() - seen)
+    if missing:
+        raise ValueError(f"no graph input or node output named {', '.join(map(repr, missing))} to quantize")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    return quantized
+
+
 def export_qnn_onnx(
     model: onnx.ModelProto,
     encodings: Mapping[str, LPBQEncoding],
     activations: Mapping[str, Mapping[str, ActivationEncoding]],
+    tensors: Mapping[str, ActivationEncoding] | None = None,
 ) -> onnx.ModelProto:
-    """``activations``: weight name -> {"input", "output"[, "pre_bias"]} encodings of that layer."""
+    """``activations``: weight name -> {"input", "output"[, "pre_bias"]} encodings of that layer;
+    ``tensors``: encodings of the other activations to quantize, by tensor name (all of them, as
+    ``sim.tensor_activation_encodings(bits)`` gives; default none: only the LPBQ layers' inputs and outputs)."""
     for name, encoding in encodings.items():
         lpbq = encoding.bitwidth == 4 and encoding.decompressed_bw == 8
         if not (lpbq or encoding.is_per_channel and encoding.bitwidth == 8) or encoding.float_scale.shape[1] != 1:
@@ -116,28 +172,25 @@ def export_qnn_onnx(
         if name not in activations:
             msg = f"{name}: no calibrated activation encodings; run sim.compute_encodings(callback, args) first"
             raise ValueError(msg)
-    source = upgrade(model)
+    source = quantize_activations(model, activations, tensors)
 
     def rewrite(node: onnx.NodeProto, encoding: LPBQEncoding, inits: list) -> list[onnx.NodeProto]:
-        weight = node.input[1]
+        # The input is dequantized and the output quantized already (step one); see the module docstring.
+        weight, x, output = node.input[1], node.input[0], node.output[0]
         encs = activations[weight]
-        builder = _QDQBuilder(inits)
-        nodes, x = builder.qdq(node.input[0], encs["input"], f"{node.name}/input")
-        bias = bias_array(source, node)
-        sx_s = np.float32(encs["input"].scale) * encoding.per_channel_scale.astype(np.float32)
+        nodes, bias = [], bias_array(source, node)
         s = encoding.per_channel_scale.astype(np.float32)
         if node.op_type == "Conv" or encoding.is_per_channel:
             nodes.append(int8_weight_dq(node, encoding, inits))
             conv = onnx.NodeProto()
             conv.CopyFrom(node)
-            conv.input[0], conv.input[1] = x, f"{weight}.dq"
+            conv.input[1] = f"{weight}.dq"
             if bias is not None:
+                sx_s = np.float32(encs["input"].scale) * s
                 bias_nodes, bias_name = _conv_bias_dq(node.input[2], bias, sx_s, inits, node.name)
                 nodes += bias_nodes
                 conv.input[2] = bias_name
-            conv.output[0] = f"{node.output[0]}/float"
-            out_nodes, _ = builder.qdq(conv.output[0], encs["output"], f"{node.name}/output", node.output[0])
-            return [*nodes, conv, *out_nodes]
+            return [*nodes, conv]
         if node.op_type == "Gemm":
             gemm_attributes(node)
         q, k = kn_codes(encoding)
@@ -149,6 +202,7 @@ def export_qnn_onnx(
             int4_tensor(f"{weight}.int4", q),
             int4_tensor(f"{weight}.int4_zero_point", np.zeros((blocks, channels), np.int8)),
         ]
+        product = output if bias is None else f"{output}/matmul"
         nodes += [
             helper.make_node(
                 "DequantizeLinear",
@@ -165,18 +219,14 @@ def export_qnn_onnx(
                 axis=0,
                 block_size=encoding.block_size,
             ),
-            helper.make_node("MatMul", [x, f"{weight}.dq"], [f"{node.output[0]}/matmul"], name=f"{node.name}/matmul"),
+            helper.make_node("MatMul", [x, f"{weight}.dq"], [product], name=f"{node.name}/matmul"),
         ]
         if bias is None:
-            out_nodes, _ = builder.qdq(
-                f"{node.output[0]}/matmul", encs["output"], f"{node.name}/output", node.output[0]
-            )
-            return nodes + out_nodes
-        pre_nodes, pre = builder.qdq(f"{node.output[0]}/matmul", encs["pre_bias"], f"{node.name}/pre_bias")
+            return nodes
+        pre_nodes, pre = _QDQBuilder(inits).qdq(product, encs["pre_bias"], f"{node.name}/pre_bias")
         bias_nodes, bias_name = _add_bias_dq(node.input[2], bias, inits, node.name)
-        add = helper.make_node("Add", [pre, bias_name], [f"{node.output[0]}/add"], name=f"{node.name}/bias")
-        out_nodes, _ = builder.qdq(f"{node.output[0]}/add", encs["output"], f"{node.name}/output", node.output[0])
-        return nodes + pre_nodes + bias_nodes + [add] + out_nodes
+        add = helper.make_node("Add", [pre, bias_name], [output], name=f"{node.name}/bias")
+        return nodes + pre_nodes + bias_nodes + [add]
 
     exported = rewrite_layers(source, encodings, rewrite)
     onnx.checker.check_model(exported, full_check=True)

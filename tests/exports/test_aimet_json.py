@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from model_builders import gated_softmax_model, minmax_encodings
 from onnx import TensorProto, helper, numpy_helper
 
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
@@ -116,3 +117,28 @@ def test_no_overwrite_and_dead_channels_are_reported(tmp_path):
     export_encodings(sim, tmp_path / "a.encodings")
     with pytest.raises(FileExistsError):
         export_encodings(sim, tmp_path / "a.encodings")
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "2.0.0"])
+def test_every_calibrated_activation_is_listed(version, tmp_path):
+    """Every float activation by its ONNX tensor name, with the scale and (QNN-style) offset of its
+    calibrated range, in graph order; the weights are the only other entries."""
+    batches = [{"x": np.random.default_rng(seed).standard_normal((1, 8, 64)).astype(np.float32)} for seed in range(3)]
+    sim = QuantizationSimModel(gated_softmax_model(), default_activation_bw=16)
+    set_grouped_blockwise_quantization_for_weights(sim)
+    sim.compute_encodings(lambda s, data: [s.run(batch) for batch in data], batches)
+    export_encodings(sim, tmp_path / "model.encodings", version)
+    data = json.loads((tmp_path / "model.encodings").read_text())
+    if version == "1.0.0":
+        assert {entry["bw"] for entry in data["activation_encodings"]} == {16}
+        listed = {entry["name"]: (entry["scale"], entry["offset"]) for entry in data["activation_encodings"]}
+        param_names = [entry["name"] for entry in data["param_encodings"]]
+    else:
+        activations = [entry for entry in data["encodings"] if entry["name"] not in sim.encodings]
+        assert {entry["output_dtype"] for entry in activations} == {"uint16"}
+        listed = {entry["name"]: ([entry["y_scale"]], [-entry.get("y_zero_point", 0)]) for entry in activations}
+        param_names = [entry["name"] for entry in data["encodings"] if entry["name"] in sim.encodings]
+    names = ["x", "h", "gated", "probs", "y"]
+    expected = minmax_encodings(sim, batches, names, 16)
+    assert listed == {name: ([expected[name].scale], [expected[name].offset]) for name in names}
+    assert list(listed) == names and sorted(param_names) == ["w1", "w2"]
