@@ -295,15 +295,18 @@ def tuning_database(directory: str | PathLike):
 def lower(
     sim, target: str = "cpu", mode: str = "weight-only", *, quantize_all_activations: bool = True
 ) -> tvm.IRModule:
-    """The Relax module :func:`compile` builds: the float model (``"fp32"``) or the LPBQ-lowered one."""
+    """The Relax module :func:`compile` builds: the float model (``"fp32"``) or the LPBQ-lowered one,
+    its 2-D convs in NHWC where the target wants channels last."""
+    from lpbq_tvm.passes.channels_last import ChannelsLast
     from lpbq_tvm.passes.lower_lpbq import MODES, LowerLPBQ
 
     target_module = get_target(target)
     if not quantize_all_activations and not target_module.REQUANTIZE_OUTPUTS:
         msg = f"quantize_all_activations=False selects an htp-sim graph; target {target!r} has no such choice"
         raise ValueError(msg)
+    layout = ChannelsLast() if target_module.CHANNELS_LAST else tvm.transform.Sequential([])
     if mode == "fp32":
-        return sim.float_module
+        return layout(sim.float_module)
     if mode not in target_module.MODES:
         msg = f"target {target!r} builds modes {', '.join(target_module.MODES)} (and fp32), not {mode!r}"
         raise ValueError(msg)
@@ -319,7 +322,7 @@ def lower(
         module = sim.qdq_module(MODES[mode], quantize_all_activations)
     else:
         module = sim.encoded_module
-    return LowerLPBQ(mode, target_module.REQUANTIZE_OUTPUTS, target_module.tvm_target())(module)
+    return LowerLPBQ(mode, target_module.REQUANTIZE_OUTPUTS, target_module.tvm_target())(layout(module))
 
 
 def compile(  # noqa: A001 - public API name

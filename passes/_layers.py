@@ -1,7 +1,8 @@
 """Private to the LPBQ passes: how a Gemm / MatMul / Conv layer with a constant weight looks in Relax.
 
 ``from_onnx`` imports Gemm transB=1 as ``matmul(x, permute_dims(w))``, Gemm transB=0 and MatMul
-as ``matmul(x, w)``, Conv as ``nn.conv1d`` / ``nn.conv2d``; a bias follows as ``add(layer, b)``.
+as ``matmul(x, w)``, Conv as ``nn.conv1d`` / ``nn.conv2d`` (after ChannelsLast, an NHWC conv2d of
+``permute_dims(w)`` in HWIO); a bias follows as ``add(layer, b)``.
 The weight of a candidate is a function parameter or a constant. The function attributes that
 carry LPBQ state between passes are named here, so every pass spells them the same way.
 """
@@ -37,7 +38,9 @@ class LayerPatterns:
         self.dense_transposed = is_op("relax.matmul")(self.x, self.transpose)
         self.dense = is_op("relax.matmul")(self.x, self.weight)
         self.conv = is_op("relax.nn.conv2d")(self.x, self.weight) | is_op("relax.nn.conv1d")(self.x, self.weight)
-        self.layer = self.dense_transposed | self.dense | self.conv
+        self.kernel_transpose = is_op("relax.permute_dims")(self.weight)  # OIHW -> HWIO, by ChannelsLast
+        self.conv_channels_last = is_op("relax.nn.conv2d")(self.x, self.kernel_transpose)
+        self.layer = self.dense_transposed | self.dense | self.conv | self.conv_channels_last
         self.with_bias = is_op("relax.add")(self.layer, self.bias)
 
 
@@ -79,6 +82,10 @@ def match_candidate(patterns: LayerPatterns, matchings: dict, func: relax.Functi
                 return None
             return Candidate("dense", "Gemm", call, matchings[patterns.x], weight, 0, 1)
         return Candidate("dense", "MatMul", call, matchings[patterns.x], weight, ndim - 1, ndim - 2)
+    if patterns.conv_channels_last in matchings:
+        axes = matchings[patterns.kernel_transpose].attrs.axes
+        if str(call.attrs.kernel_layout) != "HWIO" or [int(a) for a in axes or ()] != [2, 3, 1, 0]:
+            return None
     return Candidate("conv", "Conv", call, matchings[patterns.x], weight, 0, 1)
 
 

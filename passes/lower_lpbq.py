@@ -39,7 +39,7 @@ import functools
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, te, tirx, topi
 from tvm.relax.dpl import rewrite_call
 
 from lpbq_tvm.calibration import activation_encoding
@@ -114,20 +114,31 @@ def attach_activation_ranges(
     return mod
 
 
-def _im2col(x: te.Tensor, kernel, strides, padding, dilation, out_spatial) -> te.Tensor:
-    """Tap-major columns of an NCHW / NCW conv input, ``[N, *O, *kernel, C]`` (the caller reshapes
-    them to ``[N·prod(O), R·C]``): ``x[n, c, o·stride + r·dilation - pad]``, 0 in the padding."""
-    n, c = x.shape[:2]
-    sizes = x.shape[2:]
+def _im2col(x: te.Tensor, kernel, strides, padding, dilation, out_spatial, channels_last: bool) -> te.Tensor:
+    """Tap-major columns of a conv input (NC[H]W, or NHWC with ``channels_last``), ``[N, *O, *kernel, C]``
+    (the caller reshapes them to ``[N·prod(O), R·C]``): ``x[n, c, o·stride + r·dilation - pad]``, 0 in
+    the padding."""
+    n, c = (x.shape[0], x.shape[-1]) if channels_last else x.shape[:2]
+    sizes = x.shape[1:-1] if channels_last else x.shape[2:]
     rank = len(kernel)
 
     def value(b, *indices):
         outs, taps, channel = indices[:rank], indices[rank : 2 * rank], indices[2 * rank]
         where = [o * st + r * d - p for o, r, st, d, p in zip(outs, taps, strides, dilation, padding, strict=True)]
         inside = tirx.all(*[tirx.all(i >= 0, i < size) for i, size in zip(where, sizes, strict=True)])
-        return tirx.if_then_else(inside, x[(b, channel, *where)], tirx.const(0.0, x.dtype))
+        read = x[(b, *where, channel)] if channels_last else x[(b, channel, *where)]
+        return tirx.if_then_else(inside, read, tirx.const(0.0, x.dtype))
 
     return te.compute((n, *out_spatial, *kernel, c), value, name="im2col")
+
+
+def _transposed_around(kernel, x: te.Tensor, *operands: te.Tensor) -> te.Tensor:
+    """A channels-first conv ``kernel`` on NHWC ``x`` (and an NHWC bias), its output back in NHWC: an
+    NHWC conv (ChannelsLast) that has no dense form, e.g. a grouped one."""
+    *weights, bias = operands if len(operands) == 4 else (*operands, None)
+    nchw = topi.transpose(x, [0, 3, 1, 2])
+    extra = [] if bias is None else [topi.reshape(bias, [1, int(bias.shape[-1]), 1, 1])]
+    return topi.transpose(kernel(nchw, *weights, *extra), [0, 2, 3, 1])
 
 
 def _tap_major(encoding: LPBQEncoding) -> LPBQEncoding:
@@ -232,45 +243,47 @@ class _Lowering:
     def conv_as_dense(
         self, bb: relax.BlockBuilder, key: str, candidate: Candidate, bias, integer: IntegerArithmetic | None
     ) -> relax.Expr | None:
-        """An ungrouped NCHW / NCW conv as the x86 dense kernel over its im2col columns, where
-        :meth:`fast_dense` applies: ``[N, C, *S]`` -> ``[N·prod(O), R·C]`` columns (R kernel taps,
-        tap-major so each row copies whole channel vectors), the dense kernel on the weight in the
-        same order (:func:`_tap_major`), then ``[N, Cout, *O]``. A 1x1 stride-1 unpadded conv's
-        columns are its pixels: a transpose."""
+        """An ungrouped conv (NCW, NCHW or NHWC) as the x86 dense kernel over its im2col columns, where
+        :meth:`fast_dense` applies: ``[N·prod(O), R·C]`` columns (R kernel taps, tap-major so each row
+        copies whole channel vectors), the dense kernel on the weight in the same order
+        (:func:`_tap_major`), then the output in the conv's layout. A 1x1 stride-1 unpadded conv's
+        columns are its pixels: the input itself in NHWC, a transpose otherwise."""
         attrs = candidate.call.attrs
-        if str(attrs.data_layout) not in ("NCHW", "NCW") or int(attrs.groups) != 1:
+        layout = str(attrs.data_layout)
+        if layout not in ("NCHW", "NCW", "NHWC") or int(attrs.groups) != 1 or candidate.x.ty.dtype != "float32":
             return None
-        if candidate.x.ty.dtype != "float32":
-            return None
+        channels_last = layout == "NHWC"
         try:
-            n, c, *spatial = (int(d) for d in candidate.x.ty.shape)
-            out_spatial = [int(d) for d in list(candidate.call.ty.shape)[2:]]
+            shape = [int(d) for d in candidate.x.ty.shape]
+            out_shape = [int(d) for d in candidate.call.ty.shape]
         except TypeError:  # symbolic shapes
             return None
+        n, c = (shape[0], shape[-1]) if channels_last else shape[:2]
+        out_spatial = out_shape[1:-1] if channels_last else out_shape[2:]
         encoding = _tap_major(self.encodings[key])
         kernel = list(self.encodings[key].shape[2:])
         strides, dilation = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
         padding = [int(v) for v in attrs.padding]
-        rows, depth = n * int(np.prod(out_spatial)), c * int(np.prod(kernel))
+        rows, depth, rank = n * int(np.prod(out_spatial)), c * int(np.prod(kernel)), len(out_spatial)
         if all(v == 1 for v in [*kernel, *strides]) and not any(padding):
-            pixels = relax.op.permute_dims(candidate.x, [0, *range(2, len(spatial) + 2), 1])
+            pixels = candidate.x if channels_last else relax.op.permute_dims(candidate.x, [0, *range(2, rank + 2), 1])
         else:
             im2col = functools.partial(
                 _im2col,
                 kernel=kernel,
                 strides=strides,
-                padding=padding[: len(kernel)],
+                padding=padding[:rank],
                 dilation=dilation,
                 out_spatial=out_spatial,
+                channels_last=channels_last,
             )
             pixels = bb.call_te(im2col, candidate.x, primfunc_name_hint="lpbq_im2col")
         columns = relax.op.reshape(pixels, [rows, depth])
         dense = self.fast_dense(bb, key, columns, (rows, depth), candidate.weight, bias, integer, encoding)
         if dense is None:
             return None
-        rank = len(out_spatial)
         outputs = relax.op.reshape(dense, [n, *out_spatial, encoding.num_channels])
-        return relax.op.permute_dims(outputs, [0, rank + 1, *range(1, rank + 1)])
+        return outputs if channels_last else relax.op.permute_dims(outputs, [0, rank + 1, *range(1, rank + 1)])
 
     def integer_arithmetic(self, key: str, node: str) -> IntegerArithmetic | None:
         """The integer settings of layer ``key`` in this mode (None in weight-only mode)."""
@@ -323,6 +336,7 @@ class _Lowering:
         q, k, s = self.weight_args(
             key, candidate.weight, dict(zip(_PACKED_SUFFIXES, (packed.q, packed.k, packed.scale), strict=True))
         )
+        channels_last = candidate.kind == "conv" and str(candidate.call.attrs.data_layout) == "NHWC"
         operands = [candidate.x, q, k, s] + ([bias] if bias is not None else [])
         if candidate.kind == "dense":
             kernel, name = (
@@ -341,10 +355,12 @@ class _Lowering:
                 padding=[int(v) for v in attrs.padding],
                 dilation=[int(v) for v in attrs.dilation],
                 groups=int(attrs.groups),
-                data_layout=str(attrs.data_layout),
+                data_layout="NCHW" if channels_last else str(attrs.data_layout),
                 code_bits=packed.code_bits,
                 integer=integer,
             )
+            if channels_last:
+                kernel = functools.partial(_transposed_around, kernel)
             name = "lpbq_conv"
         # Non-tensor settings are bound with partial: call_te would try to convert them to TE.
         call = bb.call_te(kernel, *operands, primfunc_name_hint=name)
@@ -398,7 +414,8 @@ class LowerLPBQ:
             candidate = match_candidate(patterns, matchings, func)
             if candidate is None:
                 return call
-            channel_axis = -1 if candidate.kind == "dense" else 1
+            channels_last = candidate.kind == "dense" or str(candidate.call.attrs.data_layout) == "NHWC"
+            channel_axis = -1 if channels_last else 1
             bias = matchings[patterns.bias]
             if not _is_channel_bias(bias, call, channel_axis) or any(candidate.call.same_as(v) for v in shared):
                 return call  # not a bias; or the layer's output is used elsewhere too (hardswish's x + 3)

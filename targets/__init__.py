@@ -2,6 +2,7 @@
 
 Each target module has ``NAME``, ``MODES`` (the lowering modes it builds), ``REQUANTIZE_OUTPUTS``
 (HTP style: compile the QNN export's Q/DQ graph, LPBQ layers requantizing their outputs),
+``CHANNELS_LAST`` (whether 2-D convs run in NHWC, :mod:`lpbq_tvm.passes.channels_last`),
 ``LIBRARY_NAME`` (the library file of a bundle), ``tvm_target()`` (the ``tvm.target.Target`` to
 compile for) and ``device()`` (where its artifacts run in this process, or None).
 """

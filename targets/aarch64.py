@@ -13,6 +13,7 @@ import tvm
 
 NAME = "aarch64"
 MODES = ("weight-only", "w4a8", "w4a16")
+CHANNELS_LAST = False  # its convs take the generic channels-first kernels
 REQUANTIZE_OUTPUTS = False
 LIBRARY_NAME = "model.tar"
 MATTR = ("+neon", "+dotprod")

@@ -14,6 +14,7 @@ import tvm
 
 NAME = "cpu"
 MODES = ("weight-only", "w4a8", "w4a16")
+CHANNELS_LAST = True  # NHWC convs: the x86 kernels' layout (passes/channels_last.py)
 REQUANTIZE_OUTPUTS = False
 LIBRARY_NAME = "model.so"
 

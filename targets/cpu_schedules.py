@@ -138,7 +138,7 @@ def _open(func: tirx.PrimFunc, target: tvm.target.Target):
     sch = s_tir.Schedule(func)
     try:
         root = sch.get_sblock("root")
-    except tvm.error.TVMError:
+    except (tvm.error.InternalError, s_tir.ScheduleError):
         return None
     return sch, sch.get_child_blocks(root)
 

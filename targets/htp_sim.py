@@ -23,6 +23,7 @@ from lpbq_tvm.targets import cpu
 
 NAME = "htp-sim"
 MODES = ("w4a8", "w4a16")
+CHANNELS_LAST = False  # the graph of the QNN export, as exported
 REQUANTIZE_OUTPUTS = True
 LIBRARY_NAME = cpu.LIBRARY_NAME
 

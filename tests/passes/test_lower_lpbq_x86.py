@@ -1,5 +1,5 @@
-"""LowerLPBQ with an x86 target: 2-D dense layers and ungrouped convolutions (through im2col) take the
-scheduled kernels and compute the same results."""
+"""LowerLPBQ with an x86 target: 2-D dense layers and ungrouped convolutions (through im2col), channels
+first or, after ChannelsLast, NHWC, take the scheduled kernels and compute the same results."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from lpbq_tvm.compiler import build
 from lpbq_tvm.encoder import LPBQConfig
 from lpbq_tvm.frontend import import_onnx
 from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
+from lpbq_tvm.passes.channels_last import ChannelsLast
 from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
 from lpbq_tvm.passes.lower_lpbq import LowerLPBQ, attach_activation_ranges
 from lpbq_tvm.targets import aarch64, cpu
@@ -51,11 +52,25 @@ def _kernels(mod) -> list[str]:
     return names
 
 
+CONVS_2D = [case for case in CONVS if len(case.x_shape) == 4]
+
+
+def _channels_last(mod):
+    """ChannelsLast, and the check that the conv now is NHWC."""
+    converted = ChannelsLast()(mod)
+    assert 'data_layout="NHWC"' in converted["main"].script()
+    return converted
+
+
 @pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
-@pytest.mark.parametrize("case", DENSE_2D + CONVS, ids=lambda c: c.name)
-def test_integer_scheduled_kernel_equals_the_generic_one_bit_for_bit(case, mode):
+@pytest.mark.parametrize(
+    ("case", "layout"),
+    [(case, "NCHW") for case in DENSE_2D + CONVS] + [(case, "NHWC") for case in CONVS_2D],
+    ids=lambda v: getattr(v, "name", v),
+)
+def test_integer_scheduled_kernel_equals_the_generic_one_bit_for_bit(case, layout, mode):
     encoded = _encoded(case)
-    fast = LowerLPBQ(mode, target=cpu.tvm_target())(encoded)
+    fast = LowerLPBQ(mode, target=cpu.tvm_target())(_channels_last(encoded) if layout == "NHWC" else encoded)
     generic = LowerLPBQ(mode)(encoded)
     generic_name = "lpbq_conv" if case.op_type == "Conv" else "lpbq_dense"
     assert _kernels(fast)[-1:] == ["lpbq_dense_x86"] and _kernels(generic) == [generic_name]
@@ -66,10 +81,14 @@ def test_integer_scheduled_kernel_equals_the_generic_one_bit_for_bit(case, mode)
     np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32))
 
 
-@pytest.mark.parametrize("case", DENSE_2D + CONVS, ids=lambda c: c.name)
-def test_weight_only_scheduled_kernel_within_the_float_bound(case):
+@pytest.mark.parametrize(
+    ("case", "layout"),
+    [(case, "NCHW") for case in DENSE_2D + CONVS] + [(case, "NHWC") for case in CONVS_2D],
+    ids=lambda v: getattr(v, "name", v),
+)
+def test_weight_only_scheduled_kernel_within_the_float_bound(case, layout):
     encoded = _encoded(case)
-    fast = LowerLPBQ("weight-only", target=cpu.tvm_target())(encoded)
+    fast = LowerLPBQ("weight-only", target=cpu.tvm_target())(_channels_last(encoded) if layout == "NHWC" else encoded)
     assert _kernels(fast)[-1:] == ["lpbq_dense_x86"] and set(_kernels(fast)) <= {"lpbq_im2col", "lpbq_dense_x86"}
     assert {p.name for p in fast["main"].params} >= {"w.lpbq_qw", "w.lpbq_kw", "w.lpbq_s"}
     x = np.random.default_rng(2).standard_normal(case.x_shape).astype(np.float32)
@@ -130,3 +149,16 @@ def test_a_layer_output_read_twice_is_not_taken_for_a_bias():
     z = np.einsum("oc,nchw->nohw", qdq[:, :, 0, 0], x)
     bound = (1.5 + np.abs(z) / 6) * 2 * (64 + 4) * 2.0**-24 * magnitude
     assert_float_close(actual, expected, bound)
+
+
+def test_a_grouped_conv_in_nhwc_runs_the_generic_kernel_between_transposes():
+    """ChannelsLast makes every conv2d NHWC; a grouped LPBQ conv has no dense form, so the channels-first
+    generic kernel runs between two transposes and computes exactly what it computes without them."""
+    grouped = next(case for case in LAYER_CASES if "group" in case.attrs)
+    encoded = _encoded(grouped)
+    nhwc = LowerLPBQ("w4a8", target=cpu.tvm_target())(_channels_last(encoded))
+    assert _kernels(nhwc) == ["lpbq_conv"]
+    x = {"x": (np.random.default_rng(5).standard_normal(grouped.x_shape) * 2).astype(np.float32)}
+    (a,) = build(nhwc).run(x).values()
+    (b,) = build(LowerLPBQ("w4a8")(encoded)).run(x).values()
+    np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32))

@@ -1,0 +1,73 @@
+"""ChannelsLast: 2-D convs and the ops between them in NHWC, weights stored in HWIO, same results."""
+
+from __future__ import annotations
+
+import numpy as np
+from model_builders import UNIT_ROUNDOFF, LayerCase, layer_model
+from onnx import TensorProto, helper, numpy_helper
+
+from lpbq_tvm.compiler import build
+from lpbq_tvm.encoder import LPBQConfig
+from lpbq_tvm.frontend import import_onnx
+from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
+from lpbq_tvm.passes.channels_last import ChannelsLast
+from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ
+
+C, H = 8, 10
+
+
+def _conv_clip_depthwise():
+    """``depthwise(hardswish(conv3x3(x)))`` with fp32 weights, NCHW; TVM imports HardSwish with a clip."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((C, C, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((C, 1, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1], group=C),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, H, H])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, H, H])],
+        [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, w1, w2
+
+
+def test_only_the_model_input_and_output_are_transposed_and_results_agree():
+    model, w1, w2 = _conv_clip_depthwise()
+    imported = import_onnx(model)
+    converted = ChannelsLast()(imported.mod)
+    script = converted["main"].script()
+    # clip keeps NHWC (the layout rule TVM lacks): one transpose in, one out, none around clip or weights
+    assert script.count("R.permute_dims") == 2 and script.count('data_layout="NHWC"') == 2
+    shapes = {p.name: tuple(int(d) for d in p.ty.shape) for p in converted["main"].params}
+    assert shapes["w1"] == (3, 3, C, C) and shapes["w2"] == (3, 3, 1, C)  # stored in HWIO
+    x = np.random.default_rng(1).standard_normal((1, C, H, H)).astype(np.float32)
+    channels_last = build(converted, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+    channels_first = build(import_onnx(model).mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})
+    # Both sum the same products in other orders: conv1 (K1 terms) within 2(K1+4)u·K1·max|x|·max|w1|,
+    # carried through hardswish (slope (2h + 3) / 6 <= 1.5, and |hardswish(h)| <= |h|) and the depthwise
+    # conv (9 taps), plus its own reordering.
+    k1, u = C * 9, UNIT_ROUNDOFF
+    h_max = k1 * np.abs(x).max() * np.abs(w1).max()
+    bound = 9 * np.abs(w2).max() * 1.5 * (2 * (k1 + 4) * u * h_max) + 2 * 13 * u * 9 * h_max * np.abs(w2).max()
+    np.testing.assert_allclose(channels_last, channels_first["y"], rtol=0, atol=bound)
+
+
+def test_lpbq_weights_stay_for_lower_lpbq():
+    """A weight with an LPBQ encoding keeps its OIHW parameter, read through ``permute_dims``: LowerLPBQ
+    matches it by name and replaces it with packed parameters."""
+    case = LayerCase("conv3x3", "Conv", (1, 64, 6, 6), (16, 64, 3, 3), attrs={"kernel_shape": [3, 3], "pads": [1] * 4})
+    encoded = EncodeLPBQ()(AnnotateLPBQ(LPBQConfig(block_size=32))(import_onnx(layer_model(case)).mod))
+    converted = ChannelsLast()(encoded)
+    shapes = {p.name: tuple(int(d) for d in p.ty.shape) for p in converted["main"].params}
+    assert shapes["w"] == (16, 64, 3, 3)
+    assert "R.permute_dims(w, axes=[2, 3, 1, 0])" in converted["main"].script()
