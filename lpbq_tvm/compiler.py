@@ -139,6 +139,7 @@ class CompiledModel:
         self._vm: relax.VirtualMachine | None = None
         self._main = None  # the VM's main function, looked up once
         self._buffers: list[tvm.runtime.Tensor] = []  # aligned device inputs, refilled by each run
+        self._views: list[np.ndarray] = []
 
     @property
     def weight_bytes(self) -> WeightBytes:
@@ -162,6 +163,7 @@ class CompiledModel:
             self._vm = relax.VirtualMachine(self.executable, device)
             self._main = self._vm["main"]
             self._buffers = [tvm.runtime.empty(info.shape, info.dtype, device) for info in self.inputs]
+            self._views = [np.from_dlpack(buffer) for buffer in self._buffers]  # numpy views of their memory
         return self._vm
 
     def _input_tensors(self, inputs: Mapping[str, np.ndarray]) -> list[tvm.runtime.Tensor]:
@@ -175,7 +177,7 @@ class CompiledModel:
             msg += f"; unknown {', '.join(unknown)}" if unknown else ""
             raise ValueError(msg)
         self._machine()
-        for info, buffer in zip(self.inputs, self._buffers, strict=True):
+        for info, view in zip(self.inputs, self._views, strict=True):
             value = np.asarray(inputs[info.name])
             if value.shape != info.shape or value.dtype != np.dtype(info.dtype):
                 msg = (
@@ -184,8 +186,9 @@ class CompiledModel:
                 )
                 raise ValueError(msg)
             # Copied into aligned buffers kept across runs: raw numpy memory may be misaligned, and a
-            # fresh tensor per run costs more than the kernels of a small layer.
-            buffer.copyfrom(np.ascontiguousarray(value))
+            # fresh tensor per run costs more than the kernels of a small layer. Through a numpy view of
+            # each buffer: np.copyto takes 0.5 us for 6 KB here, Tensor.copyfrom 6 us.
+            np.copyto(view, value)
         return self._buffers
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -194,7 +197,8 @@ class CompiledModel:
         tensors = self._input_tensors(inputs)
         result = self._main(*tensors, *self.params)
         values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        return {info.name: value.numpy() for info, value in zip(self.outputs, values, strict=True)}
+        # Copies (the VM may reuse an output's memory in the next run), via DLPack: 0.7 vs 8 us for Tensor.numpy()
+        return {info.name: np.from_dlpack(value).copy() for info, value in zip(self.outputs, values, strict=True)}
 
     def export_library(self, path: str | PathLike, *, overwrite: bool = False) -> Path:
         """Write the executable as a library (``.so``, or ``.tar`` of objects); weights are not inside."""

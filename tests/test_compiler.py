@@ -90,3 +90,19 @@ def test_failed_bundle_leaves_nothing(sim, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         compiled.export_bundle(tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_return_their_own_arrays_and_read_inputs_at_call_time(sim):
+    """Inputs are copied into kept buffers and outputs copied out: a later run changes neither an
+    earlier result, and an input that is a view into a larger array reads correctly."""
+    compiled = lpbq_tvm.compile(sim)
+    first_input, second_input = sim.random_inputs(seed=1), sim.random_inputs(seed=2)
+    first = compiled.run(first_input)["y"]
+    kept = first.copy()
+    second = compiled.run(second_input)["y"]
+    np.testing.assert_array_equal(first, kept)
+    assert not np.array_equal(first, second)
+    x = first_input["x"]
+    view = np.empty((2, *x.shape), x.dtype)[1]  # a view into a larger array, not at its start
+    view[...] = x
+    np.testing.assert_array_equal(compiled.run({"x": view})["y"], kept)
