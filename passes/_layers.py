@@ -60,6 +60,11 @@ class Candidate:
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.weight.ty.shape)
 
+    @property
+    def channels_last(self) -> bool:
+        """An NHWC conv (after ChannelsLast): channels on the last axis of its input and output."""
+        return self.kind == "conv" and str(self.call.attrs.data_layout) == "NHWC"
+
 
 def is_weight(expr: relax.Expr, func: relax.Function) -> bool:
     """A function parameter or a constant."""

@@ -252,7 +252,7 @@ class _Lowering:
         layout = str(attrs.data_layout)
         if layout not in ("NCHW", "NCW", "NHWC") or int(attrs.groups) != 1 or candidate.x.ty.dtype != "float32":
             return None
-        channels_last = layout == "NHWC"
+        channels_last = candidate.channels_last
         try:
             shape = [int(d) for d in candidate.x.ty.shape]
             out_shape = [int(d) for d in candidate.call.ty.shape]
@@ -336,7 +336,7 @@ class _Lowering:
         q, k, s = self.weight_args(
             key, candidate.weight, dict(zip(_PACKED_SUFFIXES, (packed.q, packed.k, packed.scale), strict=True))
         )
-        channels_last = candidate.kind == "conv" and str(candidate.call.attrs.data_layout) == "NHWC"
+        channels_last = candidate.channels_last
         operands = [candidate.x, q, k, s] + ([bias] if bias is not None else [])
         if candidate.kind == "dense":
             kernel, name = (
@@ -414,8 +414,7 @@ class LowerLPBQ:
             candidate = match_candidate(patterns, matchings, func)
             if candidate is None:
                 return call
-            channels_last = candidate.kind == "dense" or str(candidate.call.attrs.data_layout) == "NHWC"
-            channel_axis = -1 if channels_last else 1
+            channel_axis = -1 if candidate.kind == "dense" or candidate.channels_last else 1
             bias = matchings[patterns.bias]
             if not _is_channel_bias(bias, call, channel_axis) or any(candidate.call.same_as(v) for v in shared):
                 return call  # not a bias; or the layer's output is used elsewhere too (hardswish's x + 3)

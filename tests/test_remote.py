@@ -84,40 +84,16 @@ def test_busy_devices_give_a_bounded_wait(tracker, bundles):
 def test_cli_run_on_the_tracker(tracker, bundles, tmp_path, capsys):
     folder, compiled, inputs = bundles
     np.savez(tmp_path / "inputs.npz", **inputs)
-    assert (
-        main(
-            [
-                "run",
-                str(folder / "host"),
-                "--inputs",
-                str(tmp_path / "inputs.npz"),
-                "--rpc",
-                tracker,
-                "--key",
-                KEY,
-                "-o",
-                str(tmp_path / "out.npz"),
-            ]
+
+    def run(rpc: str, *output: str) -> int:
+        return main(
+            ["run", str(folder / "host"), "--inputs", str(tmp_path / "inputs.npz"), "--rpc", rpc, "--key", KEY, *output]
         )
-        == 0
-    )
+
+    assert run(tracker, "-o", str(tmp_path / "out.npz")) == 0
     with np.load(tmp_path / "out.npz") as saved:
         np.testing.assert_array_equal(saved["y"], compiled.run(inputs)["y"])
-    assert (
-        main(
-            [
-                "run",
-                str(folder / "host"),
-                "--inputs",
-                str(tmp_path / "inputs.npz"),
-                "--rpc",
-                "127.0.0.1:9",
-                "--key",
-                KEY,
-            ]
-        )
-        == 4
-    )
+    assert run("127.0.0.1:9") == 4
     assert "cannot reach the RPC tracker at 127.0.0.1:9" in capsys.readouterr().err
 
 
