@@ -4,8 +4,14 @@ For each weight shape N x K (block 64) and batch M, a one-MatMul ONNX model is q
 LPBQ, compiled with ``lpbq_tvm.compile`` for the host CPU (weight-only, and W4A8 calibrated on the
 input) and run with ``CompiledModel.run``; onnxruntime runs the fp32 model and the project's own
 ``ort-onnx`` export, whose LPBQ MatMul it fuses into ``MatMulNBits`` (accuracy_level 0: fp32
-compute, like weight-only; 4: int8 compute, like W4A8). Each thread count runs in its own process
-(``TVM_NUM_THREADS`` and onnxruntime's intra-op threads); both sides are timed through Python.
+compute, like weight-only; 4: int8 compute, like W4A8). Beside them: the same MatMul compiled by
+``lpbq_tvm.compile`` in fp32 (TVM's lowering with the project's CPU schedules), numpy fp32 (its BLAS
+held to one thread), and the bandwidth bound: the layer's packed weight bytes read at the rate
+numpy reduces an array of the same size (warm, like the kernels' weights between runs).
+
+Each thread count runs in its own process (``TVM_NUM_THREADS`` and onnxruntime's intra-op
+threads; numpy and the bound stay on one thread); everything is timed through Python, and the
+table shows the median with the min-max spread.
 
     python benchmarks/bench_kernels.py [--quick]      # needs the test extra (onnxruntime)
 """
@@ -54,9 +60,13 @@ def worker(threads: int, quick: bool) -> None:
             set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
             sim.compute_encodings(lambda s, data: s.run(data), x)
             rows = {}
-            for mode in ("weight-only", "w4a8"):
+            for mode in ("weight-only", "w4a8", "fp32"):
                 compiled = lpbq_tvm.compile(sim, mode=mode)
-                rows[f"lpbq_tvm {mode}"] = time_ms(functools.partial(compiled.run, x), repeat).median_ms
+                rows[f"lpbq_tvm {mode}"] = time_ms(functools.partial(compiled.run, x), repeat)
+                if mode == "w4a8":
+                    weight_bytes = compiled.weight_bytes.total
+            rows["numpy fp32"] = time_ms(functools.partial(np.matmul, x["x"], weight), repeat)
+            rows["bound"] = read_time(weight_bytes, repeat)
 
             def session(proto, **config):
                 options = ort.SessionOptions()
@@ -66,16 +76,27 @@ def worker(threads: int, quick: bool) -> None:
                     options.add_session_config_entry(key, value)
                 return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
-            rows["onnxruntime fp32"] = time_ms(functools.partial(session(model).run, None, x), repeat).median_ms
+            rows["onnxruntime fp32"] = time_ms(functools.partial(session(model).run, None, x), repeat)
             with tempfile.TemporaryDirectory() as scratch:
                 export_onnx(sim, f"{scratch}/m.onnx", "ort", sample_inputs=x)
                 exported = onnx.load(f"{scratch}/m.onnx")
             for level in (0, 4):
                 nbits = session(exported, **{"session.qdq_matmulnbits_accuracy_level": str(level)})
-                rows[f"onnxruntime MatMulNBits acc{level}"] = time_ms(
-                    functools.partial(nbits.run, None, x), repeat
-                ).median_ms
-            print("ROW " + json.dumps({"shape": f"{n}x{k}", "M": m, "threads": threads, **rows}), flush=True)
+                rows[f"onnxruntime MatMulNBits acc{level}"] = time_ms(functools.partial(nbits.run, None, x), repeat)
+            timings = {name: [t.median_ms, t.min_ms, t.max_ms] for name, t in rows.items()}
+            print("ROW " + json.dumps({"shape": f"{n}x{k}", "M": m, "threads": threads, **timings}), flush=True)
+
+
+def read_time(nbytes: int, repeat: int):
+    """How long numpy takes to read ``nbytes`` (the faster of two reductions, array kept warm)."""
+    import numpy as np
+
+    from lpbq_tvm.bench import time_ms
+
+    array = np.ones(-(-nbytes // 8), dtype=np.uint64)
+    float_view = array.view(np.float32)
+    reads = (functools.partial(np.bitwise_or.reduce, array), functools.partial(np.max, float_view))
+    return min((time_ms(read, 5 * repeat) for read in reads), key=lambda t: t.median_ms)
 
 
 def main() -> None:
@@ -92,19 +113,33 @@ def main() -> None:
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         results += [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
     names = [key for key in results[0] if key not in ("shape", "M", "threads")]
-    table = Table(title="Dense N x K, block 64: median ms (ratio to MatMulNBits: weight-only vs acc0, w4a8 vs acc4)")
-    for column in ("shape", "M", "threads", *names, "wo / acc0", "w4a8 / acc4"):
-        table.add_column(column, justify="right")
+    times = Table(title="Dense N x K, block 64: median ms (min-max)")
+    ratios = Table(title="Ratios of medians (below 1: lpbq_tvm faster)")
+    ratio_columns = {
+        "wo / acc0": ("lpbq_tvm weight-only", "onnxruntime MatMulNBits acc0"),
+        "wo / acc4": ("lpbq_tvm weight-only", "onnxruntime MatMulNBits acc4"),
+        "wo / ort fp32": ("lpbq_tvm weight-only", "onnxruntime fp32"),
+        "wo / bound": ("lpbq_tvm weight-only", "bound"),
+        "w4a8 / acc4": ("lpbq_tvm w4a8", "onnxruntime MatMulNBits acc4"),
+        "w4a8 / bound": ("lpbq_tvm w4a8", "bound"),
+    }
+    speedups = ("wo speedup vs 1 thread", "w4a8 speedup vs 1 thread")
+    for table, columns in ((times, names), (ratios, [*ratio_columns, *speedups])):
+        for column in ("shape", "M", "threads", *columns):
+            table.add_column(column, justify="right")
+    one_thread = {(row["shape"], row["M"]): row for row in results if row["threads"] == 1}
     for row in results:
-        table.add_row(
-            row["shape"],
-            str(row["M"]),
-            str(row["threads"]),
-            *[f"{row[n]:.3f}" for n in names],
-            f"{row['lpbq_tvm weight-only'] / row['onnxruntime MatMulNBits acc0']:.2f}",
-            f"{row['lpbq_tvm w4a8'] / row['onnxruntime MatMulNBits acc4']:.2f}",
+        key = (row["shape"], str(row["M"]), str(row["threads"]))
+        times.add_row(*key, *[f"{row[n][0]:.3f} ({row[n][1]:.3f}-{row[n][2]:.3f})" for n in names])
+        single = one_thread[row["shape"], row["M"]]
+        ratios.add_row(
+            *key,
+            *[f"{row[a][0] / row[b][0]:.2f}" for a, b in ratio_columns.values()],
+            *[f"{single[n][0] / row[n][0]:.2f}x" for n in ("lpbq_tvm weight-only", "lpbq_tvm w4a8")],
         )
-    Console(width=220).print(table)
+    console = Console(width=240)
+    console.print(times)
+    console.print(ratios)
 
 
 if __name__ == "__main__":
