@@ -200,7 +200,7 @@ class _Lowering:
         """A scheduled x86 kernel call (:mod:`lpbq_tvm.targets.x86_lpbq`) where one applies, else None.
 
         Applies to 2-D fp32 activations ``x`` of ``x_shape``, in every mode without requantization,
-        4-bit codes, block sizes that are multiples of 8 and a bias of N elements;
+        4-bit codes, block sizes that are multiples of 8, K up to ``x86_lpbq.MAX_K`` and a bias of N elements;
         the weights (``encoding``, by default the layer's own) are repacked for it.
         """
         from lpbq_tvm.targets import x86_lpbq
@@ -212,26 +212,23 @@ class _Lowering:
             return None
         rows, depth, channels = int(x_shape[0]), int(x_shape[1]), encoding.num_channels
         block = encoding.block_size
-        if block % 8 or (bias is not None and int(np.prod([int(d) for d in bias.ty.shape])) != channels):
+        if block % 8 or depth > x86_lpbq.MAX_K:
+            return None
+        if bias is not None and int(np.prod([int(d) for d in bias.ty.shape])) != channels:
             return None
         packed = pack(encoding)
-        if integer is None or integer.accumulator == "int64":
+        if integer is None:
             qw, kw = x86_lpbq.repack_weight_only(packed.q, packed.k, channels, depth, block)
             arrays = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_s": packed.scale}
-            if integer is None:
-                func = x86_lpbq.weight_only_dense(rows, channels, depth, block, bias is not None, self.target)
-            else:
-                encoding_x = integer.input_encoding
-                func = x86_lpbq.w4a16_dense(rows, channels, depth, block, encoding_x.scale, encoding_x.zero_point)
+            func = x86_lpbq.weight_only_dense(rows, channels, depth, block, bias is not None, self.target)
         else:
             qw, kw, wsum = x86_lpbq.repack_w4a8(packed.q, packed.k, channels, depth, block)
             arrays = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
             encoding_x = integer.input_encoding
+            kernel = x86_lpbq.w4a16_dense if encoding_x.bitwidth > 8 else x86_lpbq.w4a8_dense
             # The bias is added by its own operator: inside the kernel, LLVM may promote the small
             # scaled buffer to registers and fuse the add into an FMA, which rounds differently.
-            func = x86_lpbq.w4a8_dense(
-                rows, channels, depth, block, encoding_x.scale, encoding_x.zero_point, False, self.target
-            )
+            func = kernel(rows, channels, depth, block, encoding_x.scale, encoding_x.zero_point, target=self.target)
         vector_bias = relax.op.reshape(bias, [channels]) if bias is not None else None
         fused_bias = vector_bias if integer is None else None
         args = [x, *self.weight_args(key, weight, arrays)]

@@ -1,6 +1,6 @@
 """Hand-scheduled LPBQ dense kernels for x86 CPUs (AVX-512 / VNNI; AVX2 and plain fallbacks), for the cpu target.
 
-Two kernels, each a scheduled ``tvm.tirx.PrimFunc`` named ``main`` (attrs ``op_pattern = 8``,
+Three kernels, each a scheduled ``tvm.tirx.PrimFunc`` named ``main`` (attrs ``op_pattern = 8``,
 ``tirx.is_scheduled = True``) that ``tvm.compile`` builds as is and ``relax.call_tir`` can call:
 
 * :func:`weight_only_dense` — ``y[m, n] = s[n] · Σ_i x[m, i] · float(q[n, i] · k[n, i // B]) (+ bias[n])``,
@@ -10,12 +10,17 @@ Two kernels, each a scheduled ``tvm.tirx.PrimFunc`` named ``main`` (attrs ``op_p
 * :func:`w4a8_dense` — ``xq = clamp(round_half_even(x / sx) + zx, 0, 255)`` in-kernel (division, not
   a reciprocal), ``acc = Σ_i (xq − zx) · (q · k)`` in int32 (computed as ``Σ xq · w − zx · wsum``),
   ``y = float32(acc) · sx · s[n]``, then ``+ bias[n]`` as a separate loop nest: bit-exact against
-  numpy doing the same float32 operations (:func:`lpbq_tvm.reference.dense_int`).
+  numpy doing the same float32 operations (:func:`lpbq_tvm.reference.dense_int`);
+* :func:`w4a16_dense` — the same with uint16 codes (``clamp(…, 0, 65535)``), whose sum can pass int32:
+  each code runs as two byte-plane rows of the W4A8 kernel, ``xq = 256 · hi + lo``, and
+  ``acc = 256 · Σ hi · w + Σ lo · w − zx · wsum`` is formed in int64 — bit-exact against int64
+  accumulation.
 
-Both read a *repacked* copy of the canonical packed storage of :mod:`lpbq_tvm.packing`
+All read a *repacked* copy of the canonical packed storage of :mod:`lpbq_tvm.packing`
 (``q_packed`` uint8 ``[N, K/2]``: ``q[n, 2j]`` low nibble, ``q[n, 2j+1]`` high nibble of byte j,
 two's complement; ``k_packed`` uint8 ``[N, ceil(nb/2)]``: ``k − 1`` nibbles in the same order).
-The repack runs once at conversion time (:func:`repack_weight_only`, :func:`repack_w4a8`); output
+The repack runs once at conversion time (:func:`repack_weight_only`; :func:`repack_w4a8` for W4A8
+and W4A16); output
 channels are tiled by ``LANES = 64`` and padded with zero codes (k = 1); the kernels write exactly
 ``[M, N]``. ``s`` and ``bias`` are float32 ``[N]``, passed unchanged. Requires ``B % 8 == 0``.
 
@@ -24,12 +29,12 @@ Layouts (``NT = ceil(N / 64)``, ``nb = K / B``, ``nbh = ceil(nb / 2)``, channel 
 * weight-only ``qw`` uint32 ``[NT, K/8, 64]``: ``qw[t, g, lane]`` = bytes ``4g .. 4g+3`` of
   ``q_packed[n]`` as a little-endian dword, so nibble ``h`` (bits ``4h .. 4h+3``) is ``q[n, 8g + h]``
   in two's complement — a pure transpose of the canonical bytes;
-* W4A8 ``qw`` uint32 ``[NT, K/8, 64]``: byte ``j`` of ``qw[t, g, lane]`` holds ``q[n, 8g + j] + 8`` in
+* W4A8 / W4A16 ``qw`` uint32 ``[NT, K/8, 64]``: byte ``j`` of ``qw[t, g, lane]`` holds ``q[n, 8g + j] + 8`` in
   its low nibble and ``q[n, 8g + 4 + j] + 8`` in its high nibble (offset binary, 0..15): masking
   with 0x0F0F0F0F (or shifting by 4 first) gives the 4-byte ``vpdpbusd`` operand of channel n
   directly, 16 channels per 64-byte load; padded channels are 0x88888888 (q = 0);
 * both: ``kw`` uint8 ``[NT, nbh, 64]``: ``kw[t, bh, lane] = k_packed[n, bh]``;
-* W4A8 ``wsum`` int32 ``[N]``: ``Σ_i q[n, i] · k[n, i // B]``.
+* W4A8 / W4A16 ``wsum`` int32 ``[N]``: ``Σ_i q[n, i] · k[n, i // B]``.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ __all__ = [
 ]
 
 LANES = 64  # output channels per tile (innermost in the repacked weights)
+MAX_K = 65536  # the integer kernels' uint8 · int8 sums fit int32 up to here (255 · 128 · K)
 
 
 def default_target() -> tvm.target.Target:
@@ -195,98 +201,114 @@ _make_intrinsics()
 
 VNNI_NIBBLE_INTRIN = "lpbq_dot_16x8_nibbles_vnni"
 AVX512_NIBBLE_INTRIN = "lpbq_dot_16x8_nibbles_avx512"
-_NIBBLE_INTRINSICS = {"vnni": VNNI_NIBBLE_INTRIN, "avx512bw": AVX512_NIBBLE_INTRIN}
+AVX2_NIBBLE_INTRIN = "lpbq_dot_8x8_nibbles_avx2"
+# intrinsic -> (tensor intrinsic, output channels per instruction, accumulator registers a tile may use)
+_NIBBLE_INTRINSICS = {
+    "vnni": (VNNI_NIBBLE_INTRIN, 16, 16),
+    "avx512bw": (AVX512_NIBBLE_INTRIN, 16, 16),
+    "avx2": (AVX2_NIBBLE_INTRIN, 8, 8),
+}
 
 
 def _make_nibble_intrinsics():
-    # C[16] += Σ_j A[j] · u_lo[i, j] + A[4 + j] · u_hi[i, j], where dword Q[i] (read straight from the
+    # C[n] += Σ_j A[j] · u_lo[i, j] + A[4 + j] · u_hi[i, j], where dword Q[i] (read straight from the
     # weights) holds u_lo[i, j] in the low and u_hi[i, j] in the high nibble of byte j: the decode
-    # (and, shift, and) happens in registers, two dot-product instructions per 64-byte load.
+    # (and, shift, and) happens in registers, two dot-product instructions per load of n dwords
+    # (n = 16 in a zmm register with AVX-512, 8 in a ymm register with AVX2).
     mask = 0x0F0F0F0F
 
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((8,), "uint8", offset_factor=1),
-        Q: T.Buffer((16,), "uint32", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:8], Q[0:16])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for kk in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, kk])
-                        C[vi] = C[vi] + (
-                            T.cast(A[vk], "int32")
-                            * T.cast(
-                                T.cast(T.cast(T.bitwise_and(Q[vi], T.uint32(mask)), "int32") >> vk * 8, "int8"), "int32"
+    def make_desc(n: int):
+        @T.prim_func(s_tir=True)
+        def desc(
+            A: T.Buffer((8,), "uint8", offset_factor=1),
+            Q: T.Buffer((n,), "uint32", offset_factor=1),
+            C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+        ) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:n], A[0:8], Q[0:n])
+                T.writes(C[0:n])
+                for i in T.serial(0, n):
+                    for kk in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, kk])
+                            C[vi] = C[vi] + (
+                                T.cast(A[vk], "int32")
+                                * T.cast(
+                                    T.cast(T.cast(T.bitwise_and(Q[vi], T.uint32(mask)), "int32") >> vk * 8, "int8"),
+                                    "int32",
+                                )
+                                + T.cast(A[vk + 4], "int32")
+                                * T.cast(
+                                    T.cast(
+                                        T.cast(
+                                            T.bitwise_and(T.shift_right(Q[vi], T.uint32(4)), T.uint32(mask)), "int32"
+                                        )
+                                        >> vk * 8,
+                                        "int8",
+                                    ),
+                                    "int32",
+                                )
                             )
-                            + T.cast(A[vk + 4], "int32")
-                            * T.cast(
-                                T.cast(
-                                    T.cast(T.bitwise_and(T.shift_right(Q[vi], T.uint32(4)), T.uint32(mask)), "int32")
-                                    >> vk * 8,
-                                    "int8",
-                                ),
-                                "int32",
-                            )
-                        )
 
-    def make_impl(vnni: bool):
+        return desc
+
+    def make_impl(n: int, instructions: str):
+        # u8 x s8 pairs into i16 (pmaddubsw; |sum| <= 2 · 255 · 15, so two of them add without saturating),
+        # then i16 pairs into i32 (pmaddwd with ones) — or both steps in one vpdpbusd with VNNI.
+        maddubs, maddwd = {
+            "avx512bw": ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
+            "avx2": ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+        }.get(instructions, (None, None))
+
         @T.prim_func(s_tir=True)
         def impl(
             A: T.Buffer((8,), "uint8", offset_factor=1),
-            Q: T.Buffer((16,), "uint32", offset_factor=1),
-            C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+            Q: T.Buffer((n,), "uint32", offset_factor=1),
+            C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
         ) -> None:
             with T.sblock("root"):
-                T.reads(C[0:16], A[0:8], Q[0:16])
-                T.writes(C[0:16])
-                q = Q.vload([0], "uint32x16")
-                lo = T.reinterpret(T.bitwise_and(q, T.broadcast(T.uint32(mask), 16)), dtype="int8x64")
+                T.reads(C[0:n], A[0:8], Q[0:n])
+                T.writes(C[0:n])
+                q = Q.vload([0], f"uint32x{n}")
+                lo = T.reinterpret(T.bitwise_and(q, T.broadcast(T.uint32(mask), n)), dtype=f"int8x{4 * n}")
                 hi = T.reinterpret(
-                    T.bitwise_and(T.shift_right(q, T.broadcast(T.uint32(4), 16)), T.broadcast(T.uint32(mask), 16)),
-                    dtype="int8x64",
+                    T.bitwise_and(T.shift_right(q, T.broadcast(T.uint32(4), n)), T.broadcast(T.uint32(mask), n)),
+                    dtype=f"int8x{4 * n}",
                 )
                 a_lo = T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64"
+                    T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
                 )
                 a_hi = T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([4], "uint8x4"), dtype="int32"), 16), dtype="uint8x64"
+                    T.broadcast(T.reinterpret(A.vload([4], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
                 )
-                if vnni:
-                    C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                if instructions == "vnni":
+                    C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
                         T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                         T.call_llvm_pure_intrin(
                             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                            C.vload([0], dtype="int32x16"),
+                            C.vload([0], dtype=f"int32x{n}"),
                             a_lo,
                             lo,
-                            dtype="int32x16",
+                            dtype=f"int32x{n}",
                         ),
                         a_hi,
                         hi,
-                        dtype="int32x16",
+                        dtype=f"int32x{n}",
                     )
                 else:
-                    C[T.ramp(T.int32(0), 1, 16)] = C.vload([0], dtype="int32x16") + T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
-                        T.call_llvm_pure_intrin(
-                            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"), a_lo, lo, dtype="int16x32"
-                        )
-                        + T.call_llvm_pure_intrin(
-                            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"), a_hi, hi, dtype="int16x32"
-                        ),
-                        T.int16x32(1),
-                        dtype="int32x16",
+                    C[T.ramp(T.int32(0), 1, n)] = C.vload([0], dtype=f"int32x{n}") + T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(maddwd),
+                        T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), a_lo, lo, dtype=f"int16x{2 * n}")
+                        + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), a_hi, hi, dtype=f"int16x{2 * n}"),
+                        T.broadcast(T.int16(1), 2 * n),
+                        dtype=f"int32x{n}",
                     )
 
         return impl
 
-    for name, vnni in ((VNNI_NIBBLE_INTRIN, True), (AVX512_NIBBLE_INTRIN, False)):
+    for instructions, (name, n, _) in _NIBBLE_INTRINSICS.items():
         if TensorIntrin.get(name, allow_missing=True) is None:
-            TensorIntrin.register(name, desc, make_impl(vnni))
+            TensorIntrin.register(name, make_desc(n), make_impl(n, instructions))
 
 
 _make_nibble_intrinsics()
@@ -391,16 +413,17 @@ def weight_only_dense(
     ``x`` float32 [M, K], ``qw`` / ``kw`` from :func:`repack_weight_only`, ``s`` / ``bias`` float32 [N],
     ``y`` float32 [M, N]. Schedule by M: GEMV (nibbles decoded in registers by the vpermps LUT
     intrinsic, shared by row groups of up to ``LUT_ROWS`` rows) for ``M <= GEMV_MAX_M``; GEMM
-    (``float(q·k)`` of a [B, 64] block decoded once to a local buffer, ``mi x 64`` register tile)
-    above. Without AVX-512F (or ``use_lut=False``) the GEMV schedule is used for M = 1 only, as plain
-    vector code.
+    (``float(q·k)`` of a [B, 64] block decoded once to a local buffer, ``mi x 64`` register tile
+    with AVX-512, ``mi x 16`` without) above. Without AVX-512F (or ``use_lut=False``) the GEMV
+    schedule is used for M = 1 only, as plain vector code.
     """
     _check_shape(N, K, B)
+    avx512 = codegen.target_has_features("avx512f", target or default_target())
     if use_lut == "auto":
-        use_lut = codegen.target_has_features("avx512f", target or default_target())
+        use_lut = avx512
     if (GEMV_MAX_M if use_lut else 1) >= M:
         return _weight_only_gemv(M, N, K, B, with_bias, use_lut)
-    return _weight_only_gemm(M, N, K, B, with_bias)
+    return _weight_only_gemm(M, N, K, B, with_bias, LANES if avx512 else 16)
 
 
 def _wo_inputs(M, N, K, B, with_bias):
@@ -479,45 +502,28 @@ def _weight_only_gemv(M, N, K, B, with_bias, use_lut):
     return _finish(sch.mod["main"])
 
 
-def _weight_only_gemm(M, N, K, B, with_bias, codes: tuple[float, int] | None = None):
-    """Per (64-channel tile, block): decode ``q·k`` [B, 64] to local, then an (mi x 64) register tile.
-
-    ``codes = (sx, zx)`` (W4A16, no bias): ``x`` is first quantized to centred uint16 codes, and the
-    products and sums run in float64, where they are exact integers (below 2^16 · 2^7 · K < 2^53), so
-    the result equals int64 accumulation; then ``float32(acc) · sx · s[n]``."""
+def _weight_only_gemm(M, N, K, B, with_bias, width):
+    """Per (64-channel tile, block): decode ``q·k`` [B, 64] to local, then (mi x ``width``) register tiles
+    (64 lanes fill 4 zmm registers per row with AVX-512; with 16 ymm registers, 16 lanes = 2 per row)."""
     nt, x, qw, kw, s, bias = _wo_inputs(M, N, K, B, with_bias)
-    dtype = "float32" if codes is None else "float64"
-    if codes is None:
-        operand = x
-    else:
-        sx, zx = (tirx.const(float(v), "float32") for v in codes)
-
-        def centred(m, i):  # exactly np.clip(np.rint(x / sx) + zx, 0, 65535) - zx in float32
-            code = tirx.max(tirx.min(tirx.nearbyint(x[m, i] / sx) + zx, tirx.const(65535.0, "float32")), 0.0)
-            return (code - zx).astype(dtype)
-
-        operand = te.compute((M, K), centred, name="xc")
 
     def weight(t, i, lane):  # q · k: exact (|q·k| <= 128)
-        code = _signed_nibble(qw[t, i // 8, lane], i % 8).astype(dtype)
-        return code * _k_value(kw, t, i // B, dtype)(lane)
+        code = _signed_nibble(qw[t, i // 8, lane], i % 8).astype("float32")
+        return code * _k_value(kw, t, i // B, "float32")(lane)
 
     w = te.compute((nt, K, LANES), weight, name="W")
     i = te.reduce_axis((0, K), "i")
-    acc = te.compute((M, nt, LANES), lambda m, t, lane: te.sum(operand[m, i] * w[t, i, lane], axis=i), name="Acc")
-    if codes is None:
-        y = _wo_output(M, N, acc, s, bias)
-    else:
-        y = te.compute((M, N), lambda m, n: acc[m, n // LANES, n % LANES].astype("float32") * sx * s[n], name="y")
+    acc = te.compute((M, nt, LANES), lambda m, t, lane: te.sum(x[m, i] * w[t, i, lane], axis=i), name="Acc")
+    y = _wo_output(M, N, acc, s, bias)
     args = [x, qw, kw, s] + ([bias] if bias is not None else []) + [y]
     sch = Schedule(te.create_prim_func(args))
 
     blk_w, blk_acc, blk_y = sch.get_sblock("W"), sch.get_sblock("Acc"), sch.get_sblock("y")
     m, t, lane, i = sch.get_loops(blk_acc)
     b, r = sch.split(i, [None, B])
-    # float64 holds 8 lanes per register: fewer rows keep the tile within the 32 zmm registers
-    mo, mi = sch.split(m, [None, _micro_rows(M) if codes is None else min(_micro_rows(M), 3)])
-    sch.reorder(t, b, mo, r, mi, lane)
+    mo, mi = sch.split(m, [None, _micro_rows(M)])
+    chunk, lane = sch.split(lane, [None, width])
+    sch.reorder(t, b, chunk, mo, r, mi, lane)
     sch.compute_at(blk_w, b)
     sch.set_scope(blk_w, 0, "local")
     sch.set_scope(blk_acc, 0, "local")
@@ -530,38 +536,21 @@ def _weight_only_gemm(M, N, K, B, with_bias, codes: tuple[float, int] | None = N
     sch.vectorize(lane)
     sch.vectorize(sch.get_loops(blk_y)[-1])
     sch.parallel(t)
-    if codes is not None:
-        xm, xi = sch.get_loops(sch.get_sblock("xc"))
-        sch.parallel(xm)
-        sch.vectorize(sch.split(xi, [None, 8])[1])  # K is a multiple of B, hence of 8
     sch.decompose_reduction(blk_acc, b)
     return _finish(sch.mod["main"])
 
 
-def w4a16_dense(M: int, N: int, K: int, B: int, sx: float, zx: int) -> tirx.PrimFunc:
-    """Scheduled W4A16 kernel ``main(x, qw, kw, s, y)`` (no bias: the caller adds it, as for W4A8).
-
-    ``x`` float32 [M, K], quantized in-kernel to uint16 codes with ``sx``, ``zx`` (as :func:`w4a8_dense`
-    does to uint8); ``qw`` / ``kw`` from :func:`repack_weight_only`; ``y`` float32 [M, N]
-    ``= float32(Σ_i (xq − zx) · q · k) · sx · s[n]``, bit-exact against int64 accumulation
-    (:func:`lpbq_tvm.reference.dense_int`): the sum runs in float64, exact for integers below 2^53.
-    The weight-only GEMM schedule at every M (float64 lanes; no nibble LUT)."""
-    _check_shape(N, K, B)
-    return _weight_only_gemm(M, N, K, B, False, codes=(sx, zx))
-
-
 # ----------------------------------------------------------------------------------------------
-# W4A8 (uint8 activations quantized in-kernel, int32 accumulation)
+# W4A8 / W4A16 (uint8 / uint16 activations quantized in-kernel, int8 dot products in int32)
 # ----------------------------------------------------------------------------------------------
 
 
 def _dot_intrinsic(target: tvm.target.Target | None) -> str | None:
-    """``"vnni"`` / ``"avx512bw"`` from the target's features, or None (plain vector code)."""
+    """``"vnni"`` / ``"avx512bw"`` / ``"avx2"`` from the target's features, or None (plain vector code)."""
     target = target or default_target()
-    if codegen.target_has_features("avx512vnni", target):
-        return "vnni"
-    if codegen.target_has_features("avx512bw", target):
-        return "avx512bw"
+    for feature, intrinsic in (("avx512vnni", "vnni"), ("avx512bw", "avx512bw"), ("avx2", "avx2")):
+        if codegen.target_has_features(feature, target):
+            return intrinsic
     return None
 
 
@@ -590,27 +579,63 @@ def w4a8_dense(
 
     ``x`` float32 [M, K] (quantized in-kernel with ``sx``, ``zx``), ``qw`` / ``kw`` / ``wsum`` from
     :func:`repack_w4a8`, ``s`` / ``bias`` float32 [N], ``y`` float32 [M, N].
+    ``acc = Σ_i (xq − zx) · q · k`` in int32; ``y = float32(acc) · sx · s[n] (+ bias[n])``.
 
     ``intrinsic``: ``"auto"`` (from ``target``'s features), ``"vnni"`` (vpdpbusd), ``"avx512bw"``
-    (pmaddubsw + pmaddwd) or None (no tensor intrinsic: plain vector code LLVM emits itself).
+    (pmaddubsw + pmaddwd on zmm), ``"avx2"`` (the same on ymm) or None (no tensor intrinsic: plain
+    vector code LLVM emits itself).
 
     Schemes: *nibble* (default for M < FOLD_K_MIN_M, and always without VNNI): per block b and
     64-channel tile, ``Pi = Σ xq · u`` with u = q + 8 decoded in registers by the intrinsic, then
     ``Acc += k_b · (Pi − 8 Σ_b xq)``. *fold-k* (``fold_k``; default VNNI and M >= FOLD_K_MIN_M): decode
     int8 ``q·k`` of the whole 64-channel tile once (K·64 bytes), then one VNNI accumulation over K.
     """
+    return _integer_dense(M, N, K, B, sx, zx, 8, with_bias, target, intrinsic, fold_k)
+
+
+def w4a16_dense(
+    M: int,
+    N: int,
+    K: int,
+    B: int,
+    sx: float,
+    zx: int,
+    target: tvm.target.Target | None = None,
+    intrinsic: str | None = "auto",
+    fold_k: bool | None = None,
+) -> tirx.PrimFunc:
+    """Scheduled W4A16 kernel ``main(x, qw, kw, wsum, s, y)``: :func:`w4a8_dense`'s arguments, schemes
+    and intrinsics, with ``x`` quantized to uint16 codes (``zx`` in 0..65535), and no bias (the caller
+    adds it: LLVM contracts an in-kernel add with the scale product into an FMA, which rounds differently).
+
+    ``acc = Σ_i (xq − zx) · q · k`` can pass int32 (65535 · 128 · K from K = 256), so each code is split
+    into byte planes, ``xq = 256 · hi + lo``, that run as two rows of the uint8 kernel (each plane's
+    sum fits int32 for K ≤ 65536); ``acc = 256 · Σ hi·w + Σ lo·w − zx · wsum`` is then formed in
+    int64. Bit-exact against int64 accumulation (:func:`lpbq_tvm.reference.dense_int`).
+    """
+    return _integer_dense(M, N, K, B, sx, zx, 16, False, target, intrinsic, fold_k)
+
+
+def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_k) -> tirx.PrimFunc:
+    """:func:`w4a8_dense` (``bits = 8``) and :func:`w4a16_dense` (16: two byte-plane rows per row)."""
     _check_shape(N, K, B)
-    if not 0 <= int(zx) <= 255:
-        msg = f"zero point must lie in 0..255, got {zx}"
+    qmax = (1 << bits) - 1
+    if not 0 <= int(zx) <= qmax:
+        msg = f"zero point must lie in 0..{qmax}, got {zx}"
         raise ValueError(msg)
+    if K > MAX_K:
+        msg = f"the uint8 · int8 sums fit int32 up to K = {MAX_K} (255 · 128 · K), got K={K}"
+        raise ValueError(msg)
+    planes = bits // 8
     if intrinsic == "auto":
         intrinsic = _dot_intrinsic(target)
-    if intrinsic not in (None, "vnni", "avx512bw"):
-        msg = f"intrinsic must be 'auto', 'vnni', 'avx512bw' or None, got {intrinsic!r}"
+    if intrinsic is not None and intrinsic not in _NIBBLE_INTRINSICS:
+        msg = f"intrinsic must be 'auto', 'vnni', 'avx512bw', 'avx2' or None, got {intrinsic!r}"
         raise ValueError(msg)
+    rows = planes * M  # rows of the uint8 kernel: plane p of row m is row planes · m + p
     if fold_k is None:
-        fold_k = intrinsic == "vnni" and M >= FOLD_K_MIN_M
-    if fold_k and intrinsic == "avx512bw":
+        fold_k = intrinsic == "vnni" and rows >= FOLD_K_MIN_M
+    if fold_k and intrinsic in ("avx512bw", "avx2"):
         msg = "fold_k needs VNNI (or no intrinsic): pmaddubsw saturates on int8 q·k"
         raise ValueError(msg)
     nt, nb, nbh = _ceil_div(N, LANES), K // B, _ceil_div(K // B, 2)
@@ -624,11 +649,15 @@ def w4a8_dense(
     s = te.placeholder((N,), "float32", "s")
     bias = te.placeholder((N,), "float32", "bias") if with_bias else None
 
-    def quantize(m, i):  # exactly np.clip(np.rint(x / sx) + zx, 0, 255) in float32
-        code = tirx.nearbyint(x[m, i] / sx_c) + tirx.const(float(zx), "float32")
-        return tirx.max(tirx.min(code, tirx.const(255.0, "float32")), tirx.const(0.0, "float32")).astype("uint8")
+    def quantize(r, i):  # exactly np.clip(np.rint(x / sx) + zx, 0, qmax) in float32, then byte plane r % planes
+        code = tirx.nearbyint(x[r // planes, i] / sx_c) + tirx.const(float(zx), "float32")
+        code = tirx.max(tirx.min(code, tirx.const(float(qmax), "float32")), tirx.const(0.0, "float32"))
+        if planes == 1:
+            return code.astype("uint8")
+        shift = (planes - 1 - r % planes) * 8  # high byte first
+        return ((code.astype("int32") >> shift) & 255).astype("uint8")
 
-    xq = te.compute((M, K), quantize, name="xq")
+    xq = te.compute((rows, K), quantize, name="xq")
     low_nibbles = tirx.const(0x0F0F0F0F, "uint32")
 
     def nibbles(word, hh):
@@ -653,7 +682,7 @@ def w4a8_dense(
         g = te.reduce_axis((0, K // 8), "g")
         h = te.reduce_axis((0, 2), "h")
         acc = te.compute(
-            (M, nt, LANES),
+            (rows, nt, LANES),
             lambda m, t, lane: te.sum(
                 xq[m, 8 * g + 4 * h + jj].astype("int32") * _byte(wd[t, g, h, lane], jj), axis=[g, h, jj]
             ),
@@ -661,7 +690,7 @@ def w4a8_dense(
         )
     else:
         r = te.reduce_axis((0, B), "r")
-        xqs = te.compute((M, nb), lambda m, b: te.sum(xq[m, b * B + r].astype("int32"), axis=r), name="xqs")
+        xqs = te.compute((rows, nb), lambda m, b: te.sum(xq[m, b * B + r].astype("int32"), axis=r), name="xqs")
         gg = te.reduce_axis((0, B // 8), "gg")
 
         def term(m, t, b, lane, hh):
@@ -669,23 +698,28 @@ def w4a8_dense(
             return xq[m, b * B + 8 * gg + 4 * hh + jj].astype("int32") * _byte(u, jj)
 
         pi = te.compute(
-            (M, nt, nb, LANES),
+            (rows, nt, nb, LANES),
             lambda m, t, b, lane: te.sum(term(m, t, b, lane, 0) + term(m, t, b, lane, 1), axis=[gg, jj]),
             name="Pi",
         )
         bb = te.reduce_axis((0, nb), "bb")
         acc = te.compute(
-            (M, nt, LANES),
+            (rows, nt, LANES),
             lambda m, t, lane: te.sum(
                 (pi[m, t, bb, lane] - xqs[m, bb] * 8) * _k_value(kw, t, bb, "int32")(lane), axis=bb
             ),
             name="Acc",
         )
-    scaled = te.compute(
-        (M, N),
-        lambda m, n: ((acc[m, n // LANES, n % LANES] - wsum[n] * zx).astype("float32") * sx_c) * s[n],
-        name="scaled",
-    )
+
+    def exact_acc(m, n):  # Σ (xq − zx) · w: int32 for one plane, int64 from the byte planes
+        if planes == 1:
+            return acc[m, n // LANES, n % LANES] - wsum[n] * zx
+        total = tirx.const(0, "int64")
+        for p in range(planes):
+            total = total * 256 + acc[planes * m + p, n // LANES, n % LANES].astype("int64")
+        return total - wsum[n].astype("int64") * zx
+
+    scaled = te.compute((M, N), lambda m, n: (exact_acc(m, n).astype("float32") * sx_c) * s[n], name="scaled")
     if bias is not None:
         out = te.compute((M, N), lambda m, n: scaled[m, n] + bias[n], name="y")
         args = [x, qw, kw, wsum, s, bias, out]
@@ -694,9 +728,9 @@ def w4a8_dense(
     sch = Schedule(te.create_prim_func(args))
     # xq stays a plain loop nest: TVM's VectorizeLoop scalarizes nearbyint; LLVM vectorizes the loop.
     if fold_k:
-        _schedule_w4a8_fold(sch, M, VNNI_INTRIN if intrinsic else None)
+        _schedule_w4a8_fold(sch, rows, VNNI_INTRIN if intrinsic else None)
     else:
-        _schedule_w4a8_nibble(sch, M, _NIBBLE_INTRINSICS.get(intrinsic))
+        _schedule_w4a8_nibble(sch, rows, _NIBBLE_INTRINSICS.get(intrinsic))
     if bias is not None:  # the bias add stays a separate loop nest over global `scaled`: no FMA contraction
         y_n = sch.get_loops(sch.get_sblock("y"))[-1]
         width = next(w for w in (16, 8, 4, 2, 1) if N % w == 0)
@@ -730,10 +764,11 @@ def _tensorize_or_vectorize(sch, blk, c, j, g, intrinsic, unroll):
 
 
 def _schedule_w4a8_nibble(sch, M, intrinsic):
-    """loops (t ∥, b, (mo,) [Pi: gg, (mi,) tile4, (c16, j4) = one nibble intrinsic], Acc += k·(Pi − 8Σxq)).
+    """loops (t ∥, b, (mo,) [Pi: chunk, gg, (mi,) tile, (c, j4) = one nibble intrinsic], Acc += k·(Pi − 8Σxq)).
 
     The nibble decode (and, shift, and) happens in registers, once per row group of ``mi`` rows
-    (LLVM shares it across the unrolled rows).
+    (LLVM shares it across the unrolled rows). The 64 channels of a tile are covered in chunks of
+    ``tile`` vectors of ``c`` lanes, so that the ``mi x tile`` accumulators stay in registers.
     """
     blk_pi, blk_acc = sch.get_sblock("Pi"), sch.get_sblock("Acc")
     m, t, lane, b = sch.get_loops(blk_acc)
@@ -752,11 +787,15 @@ def _schedule_w4a8_nibble(sch, M, intrinsic):
     _epilogue_at(sch, t)
     inner = sch.get_loops(blk_pi)[depth:]  # (m,) lane, gg, jj — compute_at drops a unit m loop
     rows, (p_lane, p_g, p_j) = inner[:-3], inner[-3:]
-    p_tile, p_c = sch.split(p_lane, [None, 16])
-    sch.reorder(p_g, *rows, p_tile, p_c, p_j)
+    name, width, registers = intrinsic or (None, 16, 16)
+    tiles = LANES // width
+    while tiles > 1 and tiles * mi > registers:
+        tiles //= 2
+    p_chunk, p_tile, p_c = sch.split(p_lane, [None, tiles, width])
+    sch.reorder(p_chunk, p_g, *rows, p_tile, p_c, p_j)
     sch.vectorize(lane)
     sch.parallel(t)
-    _tensorize_or_vectorize(sch, blk_pi, p_c, p_j, p_g, intrinsic, [*rows, p_tile])
+    _tensorize_or_vectorize(sch, blk_pi, p_c, p_j, p_g, name, [*rows, p_tile])
     sch.decompose_reduction(blk_acc, b)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
+from tvm.target import codegen
 
 from lpbq_tvm import reference
 from lpbq_tvm.calibration import ActivationEncoding
@@ -213,72 +214,100 @@ def test_w4a16_bit_exact(M, N, K, B):
     q, k = _weights(N, K, B, rng)
     s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
     x = _activations(M, K, sx, zx, rng, qmax=65535)
-    qw, kw = fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
     lib = _compile(("w4a16", M, N, K, B, sx, zx), lambda: fk.w4a16_dense(M, N, K, B, sx, zx))
-    got = _run(lib, [x, qw, kw, s], M, N)
+    got = _run(lib, [x, qw, kw, wsum, s], M, N)
     assert np.array_equal(got.view(np.int32), reference_w4a8(x, q, k, s, B, sx, zx, bitwidth=16).view(np.int32))
 
 
+@pytest.mark.parametrize("M", [2, 16])  # nibble and fold-k schemes (2 byte-plane rows per row)
 @pytest.mark.parametrize("zx", [0, 65535])
-def test_w4a16_accumulator_beyond_int32(zx):
+def test_w4a16_accumulator_beyond_int32(M, zx):
     """q = −8, k = 16 and saturated uint16 codes over K = 2048: |acc| = 65535 · 128 · 2048 ≈ 1.7e10,
-    past int32 (the reason W4A16 accumulates in int64), still exact in the float64 sums."""
-    M, N, K, B = 2, 16, 2048, 64
+    past int32 (the reason W4A16 accumulates in int64); each byte plane's sum stays within int32."""
+    N, K, B = 16, 2048, 64
     q, k = np.full((N, K), -8), np.full((N, K // B), 16)
     x = np.full((M, K), 1e9 if zx == 0 else -1e9, np.float32)
     s = np.full(N, 0.5, np.float32)
-    qw, kw = fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    got = _run(
-        _compile(("w4a16", M, N, K, B, 0.5, zx), lambda: fk.w4a16_dense(M, N, K, B, 0.5, zx)), [x, qw, kw, s], M, N
-    )
+    qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    lib = _compile(("w4a16", M, N, K, B, 0.5, zx), lambda: fk.w4a16_dense(M, N, K, B, 0.5, zx))
+    got = _run(lib, [x, qw, kw, wsum, s], M, N)
     ref = reference_w4a8(x, q, k, s, B, 0.5, zx, bitwidth=16)
     assert abs(float(got[0, 0]) / 0.25) > 2**31 and np.array_equal(got.view(np.int32), ref.view(np.int32))
 
 
-FALLBACKS = [
-    dict(intrinsic="avx512bw"),
-    dict(intrinsic=None),
-    dict(intrinsic=None, fold_k=True),
-    dict(intrinsic="vnni", fold_k=True),
-    dict(intrinsic="vnni", fold_k=False),
+def test_integer_kernels_reject_what_they_cannot_hold():
+    with pytest.raises(ValueError, match="zero point must lie in 0..65535, got 65536"):
+        fk.w4a16_dense(1, 64, 64, 64, 0.1, 65536)
+    with pytest.raises(ValueError, match="zero point must lie in 0..255, got 256"):
+        fk.w4a8_dense(1, 64, 64, 64, 0.1, 256)
+    with pytest.raises(ValueError, match=r"fit int32 up to K = 65536 .* got K=65600"):
+        fk.w4a16_dense(1, 64, 65600, 64, 0.1, 0)
+
+
+# (CPU, kernel options, what its code must contain): every instruction set the kernels choose from
+SCHEMES = [
+    ("cascadelake", dict(fold_k=False), "vpdpbusd"),
+    ("cascadelake", dict(fold_k=True), "vpdpbusd"),
+    ("skylake-avx512", {}, "vpmaddubsw %zmm"),
+    ("haswell", {}, "vpmaddubsw %ymm"),
+    ("x86-64", {}, None),
+    ("x86-64", dict(fold_k=True), None),
 ]
+_FEATURES = ("avx512vnni", "avx512bw", "avx512f", "avx2")
 
 
-@pytest.mark.parametrize("options", FALLBACKS, ids=str)
+def _host_runs(target) -> bool:
+    """Whether the host CPU has every vector feature of ``target`` (so it can run code built for it)."""
+    return all(codegen.target_has_features(f, TARGET) for f in _FEATURES if codegen.target_has_features(f, target))
+
+
+@pytest.mark.parametrize(("cpu", "options", "instruction"), SCHEMES, ids=str)
 @pytest.mark.parametrize("M", [1, 3, 32])
-def test_w4a8_schemes_and_fallbacks(options, M):
-    """Every scheme / intrinsic choice is bit-exact (the host CPU runs all of them)."""
-    N, K, B, sx, zx = 100, 192, 64, 0.0371, 100
-    rng = np.random.default_rng(M)
+@pytest.mark.parametrize("bits", [8, 16])
+def test_integer_schemes_and_instruction_sets(cpu, options, instruction, M, bits):
+    """Each instruction set gets its dot-product instruction (vpdpbusd; pmaddubsw on zmm or ymm; none
+    on plain x86-64), and each scheme is bit-exact at both activation widths where the host can run
+    it (a host without AVX-512 checks the AVX-512 code as built, not as run)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2})
+    qmax = (1 << bits) - 1
+    N, K, B, sx, zx = 100, 192, 64, 0.0371 * 255 / qmax, 100 * qmax // 255
+    rng = np.random.default_rng(M + bits)
     q, k = _weights(N, K, B, rng)
     s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
-    x = _activations(M, K, sx, zx, rng)
-    qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    lib = tvm.compile(fk.w4a8_dense(M, N, K, B, sx, zx, **options), TARGET)
-    got = _run(lib, [x, qw, kw, wsum, s], M, N)
-    assert np.array_equal(got.view(np.int32), reference_w4a8(x, q, k, s, B, sx, zx).view(np.int32))
+    x = _activations(M, K, sx, zx, rng, qmax)
+    kernel = fk.w4a8_dense if bits == 8 else fk.w4a16_dense
+    lib = tvm.compile(kernel(M, N, K, B, sx, zx, target=target, **options), target)
+    asm = lib.mod.inspect_source("asm").replace("\t", " ")
+    if instruction is None:
+        assert "vpdpbusd" not in asm and "pmaddubsw" not in asm
+    else:
+        assert instruction in asm
+    if _host_runs(target):
+        got = _run(lib, [x, *fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B), s], M, N)
+        ref = reference_w4a8(x, q, k, s, B, sx, zx, bitwidth=bits)
+        assert np.array_equal(got.view(np.int32), ref.view(np.int32))
 
 
 @pytest.mark.parametrize("cpu", ["skylake-avx512", "haswell"])
-def test_targets_without_vnni(cpu):
-    """Feature detection: AVX-512BW without VNNI uses pmaddubsw, AVX2 uses plain vector code."""
+@pytest.mark.parametrize("M", [1, 3, 32])
+def test_weight_only_instruction_sets(cpu, M):
+    """AVX-512 decodes nibbles with the vpermps LUT (zmm) up to GEMV_MAX_M rows; AVX2 runs ymm code
+    (GEMV at M = 1, 16-lane GEMM tiles above); within tolerance where the host can run it."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2})
-    M, N, K, B, sx, zx = 3, 100, 128, 64, 0.0371, 100
+    N, K, B = 100, 128, 64
     rng = np.random.default_rng(5)
     q, k = _weights(N, K, B, rng)
     s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
-    x = _activations(M, K, sx, zx, rng)
-    qp, kp = pack_nibbles(q), pack_nibbles(k - 1)
-    lib = tvm.compile(fk.w4a8_dense(M, N, K, B, sx, zx, target=target), target)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    lib = tvm.compile(fk.weight_only_dense(M, N, K, B, target=target), target)
     asm = lib.mod.inspect_source("asm")
-    assert "vpdpbusd" not in asm and (("vpmaddubsw" in asm) == (cpu == "skylake-avx512"))
-    got = _run(lib, [x, *fk.repack_w4a8(qp, kp, N, K, B), s], M, N)
-    assert np.array_equal(got.view(np.int32), reference_w4a8(x, q, k, s, B, sx, zx).view(np.int32))
-    for m in (1, M):
-        lib = tvm.compile(fk.weight_only_dense(m, N, K, B, target=target), target)
-        got = _run(lib, [x[:m], *fk.repack_weight_only(qp, kp, N, K, B), s], m, N)
-        ref = reference_weight_only(x[:m], q, k, s, B)
-        assert np.all(np.abs(got - ref) <= _weight_only_tolerance(x[:m], q, k, s, B, None))
+    assert ("%zmm" in asm) == (cpu == "skylake-avx512") and "%ymm" in asm
+    assert ("vpermps" in asm) == (cpu == "skylake-avx512" and fk.GEMV_MAX_M >= M)
+    if _host_runs(target):
+        got = _run(lib, [x, *fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B), s], M, N)
+        ref = reference_weight_only(x, q, k, s, B)
+        assert np.all(np.abs(got - ref) <= _weight_only_tolerance(x, q, k, s, B, None))
 
 
 def test_kernel_attributes():
@@ -286,6 +315,7 @@ def test_kernel_attributes():
         fk.weight_only_dense(1, 64, 64, 64),
         fk.weight_only_dense(8, 64, 64, 64),
         fk.w4a8_dense(1, 64, 64, 64, 0.1, 0),
+        fk.w4a16_dense(1, 64, 64, 64, 0.1, 0),
     ):
         assert int(func.attrs["op_pattern"]) == 8
         assert bool(func.attrs["tirx.is_scheduled"])
