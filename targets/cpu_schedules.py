@@ -4,14 +4,15 @@ TVM 0.27 lowers ``nn.conv2d`` / ``nn.conv1d`` / ``matmul`` (fp32, and the generi
 plain loop nests: the reduction innermost, nothing vectorised or parallel; dlight's CPU rules cover
 GEMV and reductions only. :func:`cpu_pipeline` applies two rules between legalization and lowering:
 
-* :class:`RegisterTiled`, for a PrimFunc with one reduction block that is an NCHW / NCW
-  convolution (``n, f, [y,] x`` spatial, ``rc, [ry,] rx`` reduction) or a matmul (spatial
-  iterators, then one reduction): the block accumulates a register tile of ``ft`` output channels
-  (conv) or rows (matmul) x ``v`` elements of the innermost spatial axis longer than 1 in a local
-  buffer; ``ft`` in 8/4/2/1 divides its axis, ``v`` is the largest divisor up to 16 of its axis
-  (so the tile never straddles a row: the write-back covers exactly the tile). Outer loops are
-  fused and parallel, then
-  ``reduction..., ft, v`` with ``ft`` unrolled and ``v`` vectorised, then one write-back.
+* :class:`RegisterTiled`, for a PrimFunc with one reduction block that is a convolution (NCHW /
+  NCW: ``n, f, [y,] x`` spatial, ``rc, [ry,] rx`` reduction; NHWC: ``n, y, x, f`` and
+  ``ry, rx, rc``) or a matmul (spatial iterators, then one reduction): the block accumulates a
+  register tile of ``ft`` output channels (NCHW), pixels of a row (NHWC) or rows (matmul) x ``v``
+  elements of the innermost spatial axis longer than 1 in a local buffer. ``ft`` and ``v`` divide
+  their axes (so the tile never straddles a row: the write-back covers exactly the tile) and are
+  sized to the target's vector registers (:func:`_register_tile`). Outer loops are fused and
+  parallel, then ``reduction..., ft, v`` with ``ft`` unrolled and ``v`` vectorised, then one
+  write-back.
 * :class:`Elementwise`, for a PrimFunc without reductions: producers inlined into consumers,
   each remaining block parallel over its outer loops and vectorised over its innermost.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight
+from tvm.target import codegen
 
 __all__ = ["Elementwise", "RegisterTiled", "cpu_pipeline"]
 
@@ -50,7 +52,7 @@ def _vector_lanes(extent: int) -> int:
 
 
 class RegisterTiled(dlight.ScheduleRule):
-    """A register-tiled reduction: direct NCHW / NCW convolution or matmul (see the module docstring)."""
+    """A register-tiled reduction: direct NCHW / NCW / NHWC convolution or matmul (see the module docstring)."""
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
         if (opened := _open(func, target)) is None:
@@ -68,14 +70,15 @@ class RegisterTiled(dlight.ScheduleRule):
         reductions = sum(int(i.iter_type) == _REDUCE for i in sch.get(main).iter_vars)
         spatial, reduction = loops[: len(loops) - reductions], loops[len(loops) - reductions :]
         extents = [int(sch.get(loop).extent) for loop in spatial]
-        # The tile axis: output channels of a conv, rows of a matmul. The vector axis: the innermost
-        # spatial axis longer than 1 (a [N, C, L, 1] conv vectorises over L).
+        # The tile axis: output channels of an NCHW conv, x of an NHWC conv, rows of a matmul. The vector
+        # axis: the innermost spatial axis longer than 1 (a [N, C, L, 1] conv vectorises over L).
         tile = 1 if kind == "conv" else len(spatial) - 2
+        if kind == "conv" and len(spatial) == 4 and _channel_axis(sch, main) == 3:  # NHWC: rows are pixels of x
+            tile = 2
         vector = max((i for i, e in enumerate(extents) if e > 1), default=len(extents) - 1)
         if vector <= tile:
             return None
-        ft = _largest_divisor(extents[tile], (8, 4, 2))
-        v = _vector_lanes(extents[vector])
+        ft, v = _register_tile(extents[tile], extents[vector], target)
         fo, fi = sch.split(spatial[tile], [None, ft])
         xo, xi = sch.split(spatial[vector], [None, v])
         outer = [loop for i, loop in enumerate(spatial) if i not in (tile, vector)]
@@ -92,6 +95,42 @@ class RegisterTiled(dlight.ScheduleRule):
             if not sch.get(block).same_as(sch.get(main)):
                 _parallel_elementwise(sch, block)
         return sch
+
+
+def _register_tile(rows: int, width: int, target: tvm.target.Target) -> tuple[int, int]:
+    """``(ft, v)``: ``ft`` rows (a divisor of ``rows`` up to 8, so a tile never straddles a row) x ``v``
+    lanes (a divisor of ``width``) of accumulators within 24 of the 32 zmm registers (AVX-512) or 14 of
+    the 16 ymm (AVX2). Preferred, in order: at least 7 accumulators (FMA latency x ports), at least 4
+    rows (each reuses the streamed ``v``-wide operand, e.g. a weight row, once more), then the fewest
+    loads per FMA."""
+    lanes, registers = (16, 24) if codegen.target_has_features("avx512f", target) else (8, 14)
+    widths = {_vector_lanes(width)} | {v for v in (8, 16, 32, 64) if width % v == 0}
+    tiles = []
+    for v in widths:
+        vectors = -(-v // lanes)
+        for ft in (8, 7, 6, 5, 4, 3, 2, 1):
+            if rows % ft == 0 and ft * vectors <= registers:
+                accumulators = ft * vectors
+                tiles.append((min(accumulators, 7), min(ft, 4), -(ft + vectors) / accumulators, ft, v))
+    ft, v = max(tiles)[-2:]
+    return ft, v
+
+
+def _channel_axis(sch: s_tir.Schedule, block) -> int | None:
+    """The output-channel iterator of a conv block: the one spatial iterator its weight is indexed by
+    (1 in NCHW, 3 in NHWC); None if no read has exactly one."""
+    stmt = sch.get(block)
+    spatial = [iv.var for iv in stmt.iter_vars if int(iv.iter_type) != _REDUCE]
+    for region in stmt.reads:
+        used = {
+            i
+            for i, var in enumerate(spatial)
+            for r in region.region
+            if any(v.same_as(var) for v in tirx.analysis.undefined_vars(r.min))
+        }
+        if len(used) == 1:
+            return used.pop()
+    return None
 
 
 def _kind(sch: s_tir.Schedule, block) -> str | None:

@@ -11,14 +11,14 @@ import pytest
 import tvm
 from model_builders import UNIT_ROUNDOFF, ort_run
 from onnx import TensorProto, helper, numpy_helper
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline
 from tvm.s_tir import dlight
 
 from lpbq_tvm.compiler import build
 from lpbq_tvm.frontend import import_onnx
 from lpbq_tvm.targets import get_target
-from lpbq_tvm.targets.cpu_schedules import Elementwise, RegisterTiled, _vector_lanes, cpu_pipeline
+from lpbq_tvm.targets.cpu_schedules import Elementwise, RegisterTiled, _register_tile, _vector_lanes, cpu_pipeline
 
 
 def _model(op: str, x_shape, w_shape, attrs=None):
@@ -149,3 +149,54 @@ def test_reductions_after_elementwise_ops_are_scheduled_and_exact():
     actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
     bound = np.abs(x).max() * 2.0**-21 + np.abs(ort_run(model, {"x": x})["y"]).max() * UNIT_ROUNDOFF
     np.testing.assert_allclose(actual, ort_run(model, {"x": x})["y"], rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "rows", "width", "tile"),
+    [
+        ("znver3", 14, 256, (7, 16)),  # AVX2: 14 of 16 ymm accumulate; 7 pixels reuse each weight vector
+        ("znver3", 24, 7, (8, 7)),  # NCHW rows of width 7: 8 channels x 7 lanes
+        ("skylake-avx512", 14, 256, (7, 32)),  # AVX-512: 14 of 32 zmm
+        ("skylake-avx512", 56, 64, (4, 64)),  # 16 zmm, 4 rows: fewer loads per FMA than 8 x 32
+    ],
+)
+def test_register_tile_fits_the_register_file(cpu, rows, width, tile):
+    assert _register_tile(rows, width, tvm.target.Target({"kind": "llvm", "mcpu": cpu})) == tile
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "groups", "padding"),
+    [
+        ((1, 7, 7, 64), (1, 1, 64, 48), 1, 0),
+        ((1, 9, 9, 8), (3, 3, 8, 16), 1, 1),
+        ((1, 10, 10, 16), (5, 5, 1, 16), 16, 2),
+    ],
+    ids=["pointwise", "3x3", "depthwise"],
+)
+def test_nhwc_convs_tile_pixels_and_match_numpy(x_shape, w_shape, groups, padding):
+    """An NHWC conv's register tile takes its rows from the pixels of an image row (x), its lanes from
+    the channels; the result is a dot product per output in another order (bound as above)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    w = relax.Var("w", relax.TensorType(w_shape, "float32"))
+    with bb.function("main", [x, w]):
+        conv = relax.op.nn.conv2d(x, w, padding=[padding] * 4, groups=groups, data_layout="NHWC", kernel_layout="HWIO")
+        bb.emit_func_output(bb.emit(conv))
+    target = get_target("cpu").tvm_target()
+    scheduled = cpu_pipeline(target)(bb.get())
+    conv_tir = next(f.script() for gv, f in scheduled.functions_items() if "conv2d" in gv.name_hint)
+    assert "for xx_1 in T.unroll" in conv_tir and "for ff_1 in T.vectorized" in conv_tir
+    rng = np.random.default_rng(2)
+    xv, wv = rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal(w_shape).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+    actual = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(wv)).numpy()
+    kh, kw, cin, cout = w_shape
+    padded = np.pad(xv.astype(np.float64), [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))  # n y x c kh kw
+    if groups == 1:
+        expected = np.einsum("nyxcij,ijcf->nyxf", windows, wv.astype(np.float64))
+    else:
+        expected = np.einsum("nyxcij,ijc->nyxc", windows, wv[:, :, 0, :].astype(np.float64))
+    terms = kh * kw * cin
+    bound = 2 * (terms + 4) * UNIT_ROUNDOFF * terms * np.abs(xv).max() * np.abs(wv).max()
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
