@@ -299,7 +299,9 @@ def _make_nibble_intrinsics():
                     C[T.ramp(T.int32(0), 1, n)] = C.vload([0], dtype=f"int32x{n}") + T.call_llvm_pure_intrin(
                         T.llvm_lookup_intrinsic_id(maddwd),
                         T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), a_lo, lo, dtype=f"int16x{2 * n}")
-                        + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), a_hi, hi, dtype=f"int16x{2 * n}"),
+                        + T.call_llvm_pure_intrin(
+                            T.llvm_lookup_intrinsic_id(maddubs), a_hi, hi, dtype=f"int16x{2 * n}"
+                        ),
                         T.broadcast(T.int16(1), 2 * n),
                         dtype=f"int32x{n}",
                     )
@@ -502,9 +504,17 @@ def _weight_only_gemv(M, N, K, B, with_bias, use_lut):
     return _finish(sch.mod["main"])
 
 
+WHOLE_TILE_BYTES = 128 * 1024  # decoded float q·k of a whole channel tile up to this size (K <= 512): L2-resident
+
+
 def _weight_only_gemm(M, N, K, B, with_bias, width):
-    """Per (64-channel tile, block): decode ``q·k`` [B, 64] to local, then (mi x ``width``) register tiles
-    (64 lanes fill 4 zmm registers per row with AVX-512; with 16 ymm registers, 16 lanes = 2 per row)."""
+    """Decode ``q·k`` of a 64-channel tile to local floats, then (mi x ``width``) register tiles (64 lanes
+    fill 4 zmm registers per row with AVX-512; with 16 ymm registers, 16 lanes = 2 per row).
+
+    Up to ``WHOLE_TILE_BYTES`` the whole tile [K, 64] is decoded once and row groups are the outer loop
+    (loops t, mo, chunk, b, r, mi, lane: the accumulators stay in registers over all of K, and each
+    group's output is written right away); above, one block [B, 64] at a time (loops t, b, chunk, mo,
+    r, mi, lane), accumulating all M rows of the tile in a local [M, 64] buffer."""
     nt, x, qw, kw, s, bias = _wo_inputs(M, N, K, B, with_bias)
 
     def weight(t, i, lane):  # q · k: exact (|q·k| <= 128)
@@ -523,11 +533,16 @@ def _weight_only_gemm(M, N, K, B, with_bias, width):
     b, r = sch.split(i, [None, B])
     mo, mi = sch.split(m, [None, _micro_rows(M)])
     chunk, lane = sch.split(lane, [None, width])
-    sch.reorder(t, b, chunk, mo, r, mi, lane)
-    sch.compute_at(blk_w, b)
+    if K * LANES * 4 <= WHOLE_TILE_BYTES:
+        sch.reorder(t, mo, chunk, b, r, mi, lane)
+        sch.compute_at(blk_w, t)
+        sch.reverse_compute_at(blk_y, mo)
+    else:
+        sch.reorder(t, b, chunk, mo, r, mi, lane)
+        sch.compute_at(blk_w, b)
+        sch.reverse_compute_at(blk_y, t)
     sch.set_scope(blk_w, 0, "local")
     sch.set_scope(blk_acc, 0, "local")
-    sch.reverse_compute_at(blk_y, t)
     w_r, w_lane = sch.get_loops(blk_w)[-2:]
     w_g, w_h = sch.split(w_r, [None, 8])
     sch.vectorize(w_lane)
@@ -730,7 +745,7 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
     if fold_k:
         _schedule_w4a8_fold(sch, rows, VNNI_INTRIN if intrinsic else None)
     else:
-        _schedule_w4a8_nibble(sch, rows, _NIBBLE_INTRINSICS.get(intrinsic))
+        _schedule_w4a8_nibble(sch, rows, _NIBBLE_INTRINSICS.get(intrinsic), planes)
     if bias is not None:  # the bias add stays a separate loop nest over global `scaled`: no FMA contraction
         y_n = sch.get_loops(sch.get_sblock("y"))[-1]
         width = next(w for w in (16, 8, 4, 2, 1) if N % w == 0)
@@ -738,15 +753,19 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
     return _finish(sch.mod["main"])
 
 
-def _row_tile(M: int) -> int:
-    """Rows per register tile: M itself when small, else a divisor (tensorize cannot take a predicate)."""
-    return M if M <= NIBBLE_ROWS else next(d for d in (NIBBLE_ROWS, 4, 6, 5, 3, 2, 1) if M % d == 0)
+def _row_tile(M: int, planes: int = 1) -> int:
+    """Rows per register tile: M itself when small, else a divisor (tensorize cannot take a predicate)
+    that is a multiple of ``planes``."""
+    if M <= NIBBLE_ROWS:
+        return M
+    return next(d for d in (NIBBLE_ROWS, 4, 6, 5, 3, 2, 1) if M % d == 0 and d % planes == 0)
 
 
-def _epilogue_at(sch, t):
-    """``scaled = float(Acc − zx·wsum) · sx · s`` per channel tile, 64 lanes vectorized."""
+def _epilogue_at(sch, loop):
+    """``scaled = float(Acc − zx·wsum) · sx · s`` per iteration of ``loop`` (a channel tile or a row
+    group), 64 lanes vectorized."""
     blk_sc = sch.get_sblock("scaled")
-    sch.reverse_compute_at(blk_sc, t)
+    sch.reverse_compute_at(blk_sc, loop)
     sch.vectorize(sch.get_loops(blk_sc)[-1])
 
 
@@ -763,28 +782,32 @@ def _tensorize_or_vectorize(sch, blk, c, j, g, intrinsic, unroll):
         sch.unroll(loop)
 
 
-def _schedule_w4a8_nibble(sch, M, intrinsic):
-    """loops (t ∥, b, (mo,) [Pi: chunk, gg, (mi,) tile, (c, j4) = one nibble intrinsic], Acc += k·(Pi − 8Σxq)).
+def _schedule_w4a8_nibble(sch, M, intrinsic, planes):
+    """loops (t ∥, (mo,) b, [Pi: chunk, gg, (mi,) tile, (c, j4) = one nibble intrinsic], Acc += k·(Pi − 8Σxq)),
+    then the epilogue of the ``mi`` rows.
 
     The nibble decode (and, shift, and) happens in registers, once per row group of ``mi`` rows
     (LLVM shares it across the unrolled rows). The 64 channels of a tile are covered in chunks of
-    ``tile`` vectors of ``c`` lanes, so that the ``mi x tile`` accumulators stay in registers.
+    ``tile`` vectors of ``c`` lanes, so that the ``mi x tile`` accumulators stay in registers. Row
+    groups are outside the blocks, so ``Acc`` is ``mi x 64`` (not ``M x 64``, megabytes at large M)
+    and each group re-reads the tile's weights (32·K bytes) from cache; ``mi`` is a multiple of the
+    byte ``planes`` of a row, so the epilogue finds both planes in its group.
     """
     blk_pi, blk_acc = sch.get_sblock("Pi"), sch.get_sblock("Acc")
     m, t, lane, b = sch.get_loops(blk_acc)
-    mi = _row_tile(M)
+    mi = _row_tile(M, planes)
     if mi < M:
         mo, m_in = sch.split(m, [None, mi])
-        sch.reorder(t, b, mo, m_in, lane)
-        sch.compute_at(blk_pi, mo)
-        depth = 3
+        sch.reorder(t, mo, b, m_in, lane)
+        outer = mo
     else:
         sch.reorder(t, b, m, lane)
-        sch.compute_at(blk_pi, b)
-        depth = 2
+        outer = t
+    sch.compute_at(blk_pi, b)
+    depth = 3 if mi < M else 2
     for blk in (blk_pi, blk_acc):
         sch.set_scope(blk, 0, "local")
-    _epilogue_at(sch, t)
+    _epilogue_at(sch, outer)
     inner = sch.get_loops(blk_pi)[depth:]  # (m,) lane, gg, jj — compute_at drops a unit m loop
     rows, (p_lane, p_g, p_j) = inner[:-3], inner[-3:]
     name, width, registers = intrinsic or (None, 16, 16)
