@@ -273,7 +273,8 @@ def _lpbq_layers_alone(sim, inputs: dict[str, np.ndarray]) -> tuple[onnx.ModelPr
 
 @pytest.mark.parametrize("model", ["magika", "rapid"])
 def test_each_lpbq_layer_agrees_across_runtimes(model, magika_files, tmp_path):
-    """Each LPBQ layer of a real model, fed identical inputs: the QDQ export in onnxruntime CPU is
+    """Each LPBQ layer of a real model, fed identical inputs: the QDQ export in onnxruntime CPU (the
+    graph as written, without onnxruntime's rewrites, as the export's own validation runs it) is
     within 1 output LSB of htp-sim (uint8 and uint16); on Qualcomm's HTP simulator every LPBQ MatMul
     fuses, nothing falls back to the CPU, and codes are within 1 LSB, except that the HTP's uint16
     Conv (an int8 per-channel conv there, not LPBQ) rounds with a bias of about -0.2 code and
@@ -302,7 +303,8 @@ def test_each_lpbq_layer_agrees_across_runtimes(model, magika_files, tmp_path):
     for bits in (8, 16):
         exported = tmp_path / f"{model}.layers.qnn{bits}.onnx"
         export_onnx(sim, exported, "qnn", activation_bitwidth=bits, sample_inputs=captured)
-        ort_outputs = session(onnx.load(exported)).run(list(layers), captured)
+        # as written: onnxruntime's QLinearConv rewrite requantizes with its own rounding (2 LSB on AVX2)
+        ort_outputs = session(onnx.load(exported), optimize=False).run(list(layers), captured)
         simulated = lpbq_tvm.compile(sim, target="htp-sim", mode=f"w4a{bits}").run(captured)
         htp = run_on_htp(exported, captured)
         assert htp.outputs is not None, htp.reasons
