@@ -125,7 +125,8 @@ def test_transcendentals_take_the_fast_forms_within_their_error_bound():
 
 
 def test_reductions_after_elementwise_ops_are_scheduled_and_exact():
-    """``max(x · tanh(x), axis=-1)`` (magika's pooling): one fused function with a reduction, scheduled;
+    """``max(x · tanh(x), axis=-1)`` (magika's pooling): one fused function with a reduction, scheduled
+    with the activation as its own vectorised stage and the maximum parallel over the rows it keeps;
     the maximum itself is exact, so the result equals onnxruntime's up to the elementwise part: tanh's
     bound above times |x|, plus the rounding of the product."""
     shape = (1, 64, 508)
@@ -145,6 +146,8 @@ def test_reductions_after_elementwise_ops_are_scheduled_and_exact():
     x = (np.random.default_rng(3).standard_normal(shape) * 2).astype(np.float32)
     functions = _scheduled_functions(model)
     assert functions and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in functions.values())
+    pooling = next(f.script() for name, f in functions.items() if "max" in name)
+    assert "fast_tanh" in pooling and "T.vectorized" in pooling and "T.parallel(T.int64(64))" in pooling
     imported = import_onnx(model)
     actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
     bound = np.abs(x).max() * 2.0**-21 + np.abs(ort_run(model, {"x": x})["y"]).max() * UNIT_ROUNDOFF
