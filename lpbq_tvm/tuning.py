@@ -30,6 +30,9 @@ class TuningResult:
     records: int  # tuning records in the database
 
 
+BUILD_TIMEOUT_SECONDS = 300
+
+
 def tune(
     sim,
     work_dir: str | PathLike,
@@ -67,6 +70,9 @@ def tune(
         host, port = _parse(rpc[0])
         config = ms.runner.RPCConfig(host, port, rpc[1], session_timeout_sec=int(timeout))
         runner = ms.runner.RPCRunner(rpc_config=config, max_workers=_servers(rpc[0], rpc[1]))
+    # A builder worker's first build imports tvm.s_tir.tensor_intrin, which takes about 50 s on a
+    # 2-core machine: past MetaSchedule's default 30 s, every candidate would fail as a timeout.
+    builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_SECONDS)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted_tasks=selected, work_dir=str(work_dir)
@@ -77,6 +83,7 @@ def tune(
         work_dir=str(work_dir),
         max_trials_global=trials,
         num_trials_per_iter=min(trials, 64),
+        builder=builder,
         runner=runner,
         cost_model="xgb" if importlib.util.find_spec("xgboost") else "random",
     )
