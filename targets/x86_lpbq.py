@@ -415,9 +415,10 @@ def weight_only_dense(
     ``x`` float32 [M, K], ``qw`` / ``kw`` from :func:`repack_weight_only`, ``s`` / ``bias`` float32 [N],
     ``y`` float32 [M, N]. Schedule by M: GEMV (nibbles decoded in registers by the vpermps LUT
     intrinsic, shared by row groups of up to ``LUT_ROWS`` rows) for ``M <= GEMV_MAX_M``; GEMM
-    (``float(q·k)`` of a [B, 64] block decoded once to a local buffer, ``mi x 64`` register tile
-    with AVX-512, ``mi x 16`` without) above. Without AVX-512F (or ``use_lut=False``) the GEMV
-    schedule is used for M = 1 only, as plain vector code.
+    (``float(q·k)`` decoded to a local buffer, the whole 64-channel tile up to ``WHOLE_TILE_BYTES``,
+    else one [B, 64] block at a time; ``mi x 64`` register tiles with AVX-512, ``mi x 16`` without)
+    above. Without AVX-512F (or ``use_lut=False``) the GEMV schedule is used for M = 1 only, as plain
+    vector code.
     """
     _check_shape(N, K, B)
     avx512 = codegen.target_has_features("avx512f", target or default_target())
@@ -600,9 +601,9 @@ def w4a8_dense(
     (pmaddubsw + pmaddwd on zmm), ``"avx2"`` (the same on ymm) or None (no tensor intrinsic: plain
     vector code LLVM emits itself).
 
-    Schemes: *nibble* (default for M < FOLD_K_MIN_M, and always without VNNI): per block b and
+    Schemes: *nibble* (default below FOLD_K_MIN_M rows, and always without VNNI): per block b and
     64-channel tile, ``Pi = Σ xq · u`` with u = q + 8 decoded in registers by the intrinsic, then
-    ``Acc += k_b · (Pi − 8 Σ_b xq)``. *fold-k* (``fold_k``; default VNNI and M >= FOLD_K_MIN_M): decode
+    ``Acc += k_b · (Pi − 8 Σ_b xq)``. *fold-k* (``fold_k``; default VNNI from FOLD_K_MIN_M rows): decode
     int8 ``q·k`` of the whole 64-channel tile once (K·64 bytes), then one VNNI accumulation over K.
     """
     return _integer_dense(M, N, K, B, sx, zx, 8, with_bias, target, intrinsic, fold_k)
