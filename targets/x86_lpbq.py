@@ -56,7 +56,6 @@ __all__ = [
     "w4a16_dense",
     "VNNI_INTRIN",
     "VNNI_NIBBLE_INTRIN",
-    "AVX512_NIBBLE_INTRIN",
     "LUT_INTRIN",
 ]
 
@@ -200,120 +199,179 @@ _make_intrinsics()
 
 
 VNNI_NIBBLE_INTRIN = "lpbq_dot_16x8_nibbles_vnni"
-AVX512_NIBBLE_INTRIN = "lpbq_dot_16x8_nibbles_avx512"
-AVX2_NIBBLE_INTRIN = "lpbq_dot_8x8_nibbles_avx2"
-# intrinsic -> (tensor intrinsic, output channels per instruction, accumulator registers a tile may use)
-_NIBBLE_INTRINSICS = {
-    "vnni": (VNNI_NIBBLE_INTRIN, 16, 16),
-    "avx512bw": (AVX512_NIBBLE_INTRIN, 16, 16),
-    "avx2": (AVX2_NIBBLE_INTRIN, 8, 8),
-}
+NIBBLE_LANES = 16  # output channels per VNNI instruction (zmm)
 
 
-def _make_nibble_intrinsics():
+def _make_nibble_intrinsic():
     # C[n] += Σ_j A[j] · u_lo[i, j] + A[4 + j] · u_hi[i, j], where dword Q[i] (read straight from the
     # weights) holds u_lo[i, j] in the low and u_hi[i, j] in the high nibble of byte j: the decode
-    # (and, shift, and) happens in registers, two dot-product instructions per load of n dwords
-    # (n = 16 in a zmm register with AVX-512, 8 in a ymm register with AVX2).
+    # (and, shift, and) happens in registers, two vpdpbusd per load of 16 dwords.
+    mask, n = 0x0F0F0F0F, NIBBLE_LANES
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((8,), "uint8", offset_factor=1),
+        Q: T.Buffer((n,), "uint32", offset_factor=1),
+        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:8], Q[0:n])
+            T.writes(C[0:n])
+            for i in T.serial(0, n):
+                for kk in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, kk])
+                        C[vi] = C[vi] + (
+                            T.cast(A[vk], "int32")
+                            * T.cast(
+                                T.cast(T.cast(T.bitwise_and(Q[vi], T.uint32(mask)), "int32") >> vk * 8, "int8"),
+                                "int32",
+                            )
+                            + T.cast(A[vk + 4], "int32")
+                            * T.cast(
+                                T.cast(
+                                    T.cast(T.bitwise_and(T.shift_right(Q[vi], T.uint32(4)), T.uint32(mask)), "int32")
+                                    >> vk * 8,
+                                    "int8",
+                                ),
+                                "int32",
+                            )
+                        )
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((8,), "uint8", offset_factor=1),
+        Q: T.Buffer((n,), "uint32", offset_factor=1),
+        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:8], Q[0:n])
+            T.writes(C[0:n])
+            q = Q.vload([0], f"uint32x{n}")
+            lo = T.reinterpret(T.bitwise_and(q, T.broadcast(T.uint32(mask), n)), dtype=f"int8x{4 * n}")
+            hi = T.reinterpret(
+                T.bitwise_and(T.shift_right(q, T.broadcast(T.uint32(4), n)), T.broadcast(T.uint32(mask), n)),
+                dtype=f"int8x{4 * n}",
+            )
+            a_lo = T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
+            )
+            a_hi = T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([4], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
+            )
+            C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                    C.vload([0], dtype=f"int32x{n}"),
+                    a_lo,
+                    lo,
+                    dtype=f"int32x{n}",
+                ),
+                a_hi,
+                hi,
+                dtype=f"int32x{n}",
+            )
+
+    if TensorIntrin.get(VNNI_NIBBLE_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(VNNI_NIBBLE_INTRIN, desc, impl)
+
+
+_make_nibble_intrinsic()
+
+# instructions -> (pmaddubsw, pmaddwd, lanes): the int16 block-dot intrinsics (no VNNI)
+_BLOCK_DOT_INSTRUCTIONS = {
+    "avx512bw": ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512", 16),
+    "avx2": ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd", 8),
+}
+BLOCK_DOT_GROUPS = 4  # dwords of 8 k-positions per int16 sum: 2 · 4 pmaddubsw · (2 · 255 · 8) = 32640 < 2^15
+
+
+def _block_dot_groups(B: int) -> int:
+    """Dwords per int16 sum: up to BLOCK_DOT_GROUPS, dividing the block's B / 8."""
+    return next(d for d in (BLOCK_DOT_GROUPS, 2, 1) if (B // 8) % d == 0)
+
+
+def _block_dot_intrinsic(instructions: str, groups: int) -> str:
+    """The tensor intrinsic ``C[n] += k[n] · Σ_{g, j} A[8g + j] · q[g, n, j]`` over ``8 · groups``
+    k-positions of one block (q = nibble − 8, signed), registered on first use.
+
+    pmaddubsw sums u8 · s8 pairs into int16 (|pair| <= 2 · 255 · 8 = 4080), ``2 · groups`` of them add
+    in int16 without overflow, and one pmaddwd with (k, k) int16 pairs scales by the block's k while
+    widening to int32: per 64 MACs two multiplies plus 1/groups, against three in the nibble scheme,
+    and no per-block epilogue.
+    """
+    maddubs, maddwd, n = _BLOCK_DOT_INSTRUCTIONS[instructions]
+    name = f"lpbq_block_dot_{n}x{8 * groups}_{instructions}"
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
     mask = 0x0F0F0F0F
 
-    def make_desc(n: int):
-        @T.prim_func(s_tir=True)
-        def desc(
-            A: T.Buffer((8,), "uint8", offset_factor=1),
-            Q: T.Buffer((n,), "uint32", offset_factor=1),
-            C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
-        ) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:n], A[0:8], Q[0:n])
-                T.writes(C[0:n])
-                for i in T.serial(0, n):
-                    for kk in T.serial(0, 4):
-                        with T.sblock("update"):
-                            vi, vk = T.axis.remap("SR", [i, kk])
-                            C[vi] = C[vi] + (
-                                T.cast(A[vk], "int32")
-                                * T.cast(
-                                    T.cast(T.cast(T.bitwise_and(Q[vi], T.uint32(mask)), "int32") >> vk * 8, "int8"),
-                                    "int32",
-                                )
-                                + T.cast(A[vk + 4], "int32")
-                                * T.cast(
-                                    T.cast(
-                                        T.cast(
-                                            T.bitwise_and(T.shift_right(Q[vi], T.uint32(4)), T.uint32(mask)), "int32"
-                                        )
-                                        >> vk * 8,
-                                        "int8",
-                                    ),
-                                    "int32",
-                                )
-                            )
+    def code(word, j):  # signed byte j of a dword of offset-binary nibbles
+        return T.cast(T.cast(T.cast(word, "int32") >> j * 8, "int8"), "int32") - 8
 
-        return desc
+    def update(A, Q, Kb, i, g, j):  # (the product at k-positions 8g + j and 8g + 4 + j) · k
+        lo = code(T.bitwise_and(Q[g, i], T.uint32(mask)), j)
+        hi = code(T.bitwise_and(T.shift_right(Q[g, i], T.uint32(4)), T.uint32(mask)), j)
+        return (T.cast(A[g * 8 + j], "int32") * lo + T.cast(A[g * 8 + 4 + j], "int32") * hi) * T.cast(Kb[i], "int32")
 
-    def make_impl(n: int, instructions: str):
-        # u8 x s8 pairs into i16 (pmaddubsw; |sum| <= 2 · 255 · 15, so two of them add without saturating),
-        # then i16 pairs into i32 (pmaddwd with ones) — or both steps in one vpdpbusd with VNNI.
-        maddubs, maddwd = {
-            "avx512bw": ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
-            "avx2": ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
-        }.get(instructions, (None, None))
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, q: T.handle, kb: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (8 * groups,), "uint8", offset_factor=1)
+        Q = T.match_buffer(q, (groups, n), "uint32", offset_factor=1)
+        Kb = T.match_buffer(kb, (n,), "uint8", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (n,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0 : 8 * groups], Q[0:groups, 0:n], Kb[0:n])
+            T.writes(C[0:n])
+            if groups == 1:  # the kernel's unit loop binds no block iterator
+                for i, _, kk in T.grid(n, 1, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, kk])
+                        C[vi] = C[vi] + update(A, Q, Kb, vi, 0, vk)
+            else:
+                for i, g, kk in T.grid(n, groups, 4):
+                    with T.sblock("update"):
+                        vi, vg, vk = T.axis.remap("SRR", [i, g, kk])
+                        C[vi] = C[vi] + update(A, Q, Kb, vi, vg, vk)
 
-        @T.prim_func(s_tir=True)
-        def impl(
-            A: T.Buffer((8,), "uint8", offset_factor=1),
-            Q: T.Buffer((n,), "uint32", offset_factor=1),
-            C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
-        ) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:n], A[0:8], Q[0:n])
-                T.writes(C[0:n])
-                q = Q.vload([0], f"uint32x{n}")
-                lo = T.reinterpret(T.bitwise_and(q, T.broadcast(T.uint32(mask), n)), dtype=f"int8x{4 * n}")
-                hi = T.reinterpret(
-                    T.bitwise_and(T.shift_right(q, T.broadcast(T.uint32(4), n)), T.broadcast(T.uint32(mask), n)),
-                    dtype=f"int8x{4 * n}",
+    def products(A, Q):  # Σ of 2 · groups pmaddubsw results, int16 x 2n
+        total = None
+        for g in range(groups):
+            word = Q.vload([g, 0], f"uint32x{n}")
+            for hh in range(2):
+                nibbles = T.bitwise_and(
+                    T.shift_right(word, T.broadcast(T.uint32(4), n)) if hh else word, T.broadcast(T.uint32(mask), n)
                 )
-                a_lo = T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
+                signed = T.reinterpret(nibbles, dtype=f"int8x{4 * n}") - T.broadcast(T.int8(8), 4 * n)
+                a = T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([8 * g + 4 * hh], "uint8x4"), dtype="int32"), n),
+                    dtype=f"uint8x{4 * n}",
                 )
-                a_hi = T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([4], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
-                )
-                if instructions == "vnni":
-                    C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                        T.call_llvm_pure_intrin(
-                            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                            C.vload([0], dtype=f"int32x{n}"),
-                            a_lo,
-                            lo,
-                            dtype=f"int32x{n}",
-                        ),
-                        a_hi,
-                        hi,
-                        dtype=f"int32x{n}",
-                    )
-                else:
-                    C[T.ramp(T.int32(0), 1, n)] = C.vload([0], dtype=f"int32x{n}") + T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id(maddwd),
-                        T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), a_lo, lo, dtype=f"int16x{2 * n}")
-                        + T.call_llvm_pure_intrin(
-                            T.llvm_lookup_intrinsic_id(maddubs), a_hi, hi, dtype=f"int16x{2 * n}"
-                        ),
-                        T.broadcast(T.int16(1), 2 * n),
-                        dtype=f"int32x{n}",
-                    )
+                term = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), a, signed, dtype=f"int16x{2 * n}")
+                total = term if total is None else total + term
+        return total
 
-        return impl
+    def k_pairs(Kb):  # (k, k) int16 pairs, one dword per channel
+        k = T.cast(Kb.vload([0], f"uint8x{n}"), f"int32x{n}")
+        return T.reinterpret(T.bitwise_or(k, T.shift_left(k, T.broadcast(16, n))), dtype=f"int16x{2 * n}")
 
-    for instructions, (name, n, _) in _NIBBLE_INTRINSICS.items():
-        if TensorIntrin.get(name, allow_missing=True) is None:
-            TensorIntrin.register(name, make_desc(n), make_impl(n, instructions))
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, q: T.handle, kb: T.handle, c: T.handle) -> None:
+        s0 = T.int32()
+        A = T.match_buffer(a, (8 * groups,), "uint8", offset_factor=1)
+        Q = T.match_buffer(q, (groups, n), "uint32", offset_factor=1, strides=[s0, 1])
+        Kb = T.match_buffer(kb, (n,), "uint8", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (n,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0 : 8 * groups], Q[0:groups, 0:n], Kb[0:n])
+            T.writes(C[0:n])
+            C[T.ramp(T.int32(0), 1, n)] = C.vload([0], dtype=f"int32x{n}") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(maddwd), products(A, Q), k_pairs(Kb), dtype=f"int32x{n}"
+            )
 
-
-_make_nibble_intrinsics()
+    TensorIntrin.register(name, desc, impl)
+    return name
 
 
 def _finish(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -424,7 +482,7 @@ def weight_only_dense(
     avx512 = codegen.target_has_features("avx512f", target or default_target())
     if use_lut == "auto":
         use_lut = avx512
-    if (GEMV_MAX_M if use_lut else 1) >= M:
+    if (GEMV_MAX_M if use_lut else 1) >= M and B > 8:  # the GEMV's loop over a block's dwords needs two
         return _weight_only_gemv(M, N, K, B, with_bias, use_lut)
     return _weight_only_gemm(M, N, K, B, with_bias, LANES if avx512 else 16)
 
@@ -601,10 +659,14 @@ def w4a8_dense(
     (pmaddubsw + pmaddwd on zmm), ``"avx2"`` (the same on ymm) or None (no tensor intrinsic: plain
     vector code LLVM emits itself).
 
-    Schemes: *nibble* (default below FOLD_K_MIN_M rows, and always without VNNI): per block b and
-    64-channel tile, ``Pi = Σ xq · u`` with u = q + 8 decoded in registers by the intrinsic, then
-    ``Acc += k_b · (Pi − 8 Σ_b xq)``. *fold-k* (``fold_k``; default VNNI from FOLD_K_MIN_M rows): decode
-    int8 ``q·k`` of the whole 64-channel tile once (K·64 bytes), then one VNNI accumulation over K.
+    Schemes: *block-dot* (pmaddubsw: ``"avx512bw"`` and ``"avx2"``): signed q = u − 8 decoded in
+    registers, ``Σ xq · q`` over up to 32 k-positions of a block summed in int16, then one pmaddwd
+    with (k, k) pairs scales by the block's k while widening to int32 (:func:`_block_dot_intrinsic`).
+    *nibble* (VNNI below FOLD_K_MIN_M rows, and without an intrinsic): per block b and 64-channel
+    tile, ``Pi = Σ xq · u`` with u = q + 8 decoded in registers by the intrinsic, then
+    ``Acc += k_b · (Pi − 8 Σ_b xq)``. *fold-k* (``fold_k``; default VNNI from FOLD_K_MIN_M rows, or
+    B = 8): decode int8 ``q·k`` of the whole 64-channel tile once (K·64 bytes), then one VNNI
+    accumulation over K.
     """
     return _integer_dense(M, N, K, B, sx, zx, 8, with_bias, target, intrinsic, fold_k)
 
@@ -645,14 +707,19 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
     planes = bits // 8
     if intrinsic == "auto":
         intrinsic = _dot_intrinsic(target)
-    if intrinsic is not None and intrinsic not in _NIBBLE_INTRINSICS:
+    if intrinsic not in (None, "vnni", *_BLOCK_DOT_INSTRUCTIONS):
         msg = f"intrinsic must be 'auto', 'vnni', 'avx512bw', 'avx2' or None, got {intrinsic!r}"
         raise ValueError(msg)
     rows = planes * M  # rows of the uint8 kernel: plane p of row m is row planes · m + p
     if fold_k is None:
-        fold_k = intrinsic == "vnni" and rows >= FOLD_K_MIN_M
+        # the nibble scheme's loop over a block's dwords needs two of them (B >= 16)
+        fold_k = intrinsic == "vnni" and rows >= FOLD_K_MIN_M or intrinsic in ("vnni", None) and B == 8
+    block_dot = intrinsic in _BLOCK_DOT_INSTRUCTIONS
     if fold_k and intrinsic in ("avx512bw", "avx2"):
         msg = "fold_k needs VNNI (or no intrinsic): pmaddubsw saturates on int8 q·k"
+        raise ValueError(msg)
+    if not (fold_k or block_dot) and B == 8:
+        msg = "the nibble scheme needs blocks of two dwords or more (B >= 16), got B=8: use fold_k"
         raise ValueError(msg)
     nt, nb, nbh = _ceil_div(N, LANES), K // B, _ceil_div(K // B, 2)
     zx = int(zx)
@@ -704,6 +771,26 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
             ),
             name="Acc",
         )
+    elif block_dot:
+        # Acc = Σ_g k_b · Σ_j xq · q with signed q = u − 8 (no Σxq correction), one reduction over
+        # (g, jj) tensorized by the block-dot intrinsic in steps of BLOCK_DOT_GROUPS dwords.
+        kb = te.compute((nt, nb, LANES), lambda t, b, lane: _k_value(kw, t, b, "uint8")(lane), name="kb")
+        groups = _block_dot_groups(B)
+        go, gi = te.reduce_axis((0, K // (8 * groups)), "go"), te.reduce_axis((0, groups), "gi")
+        g = go * groups + gi
+
+        def signed_term(m, t, lane, hh):
+            q = _byte(nibbles(qw[t, g, lane], hh).astype("int32"), jj) - 8
+            return xq[m, 8 * g + 4 * hh + jj].astype("int32") * q
+
+        acc = te.compute(
+            (rows, nt, LANES),
+            lambda m, t, lane: te.sum(
+                (signed_term(m, t, lane, 0) + signed_term(m, t, lane, 1)) * kb[t, (8 * g) // B, lane].astype("int32"),
+                axis=[go, gi, jj],
+            ),
+            name="Acc",
+        )
     else:
         r = te.reduce_axis((0, B), "r")
         xqs = te.compute((rows, nb), lambda m, b: te.sum(xq[m, b * B + r].astype("int32"), axis=r), name="xqs")
@@ -745,8 +832,10 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
     # xq stays a plain loop nest: TVM's VectorizeLoop scalarizes nearbyint; LLVM vectorizes the loop.
     if fold_k:
         _schedule_w4a8_fold(sch, rows, VNNI_INTRIN if intrinsic else None)
+    elif block_dot:
+        _schedule_block_dot(sch, rows, intrinsic, planes, B)
     else:
-        _schedule_w4a8_nibble(sch, rows, _NIBBLE_INTRINSICS.get(intrinsic), planes)
+        _schedule_w4a8_nibble(sch, rows, intrinsic == "vnni", planes)
     if bias is not None:  # the bias add stays a separate loop nest over global `scaled`: no FMA contraction
         y_n = sch.get_loops(sch.get_sblock("y"))[-1]
         width = next(w for w in (16, 8, 4, 2, 1) if N % w == 0)
@@ -783,16 +872,15 @@ def _tensorize_or_vectorize(sch, blk, c, j, g, intrinsic, unroll):
         sch.unroll(loop)
 
 
-def _schedule_w4a8_nibble(sch, M, intrinsic, planes):
-    """loops (t ∥, (mo,) b, [Pi: chunk, gg, (mi,) tile, (c, j4) = one nibble intrinsic], Acc += k·(Pi − 8Σxq)),
-    then the epilogue of the ``mi`` rows.
+def _schedule_w4a8_nibble(sch, M, vnni, planes):
+    """loops (t ∥, (mo,) b, [Pi: gg, (mi,) tile4, (c16, j4) = one VNNI nibble intrinsic], Acc += k·(Pi − 8Σxq)),
+    then the epilogue of the ``mi`` rows; without VNNI the same loops as plain vector code.
 
     The nibble decode (and, shift, and) happens in registers, once per row group of ``mi`` rows
-    (LLVM shares it across the unrolled rows). The 64 channels of a tile are covered in chunks of
-    ``tile`` vectors of ``c`` lanes, so that the ``mi x tile`` accumulators stay in registers. Row
-    groups are outside the blocks, so ``Acc`` is ``mi x 64`` (not ``M x 64``, megabytes at large M)
-    and each group re-reads the tile's weights (32·K bytes) from cache; ``mi`` is a multiple of the
-    byte ``planes`` of a row, so the epilogue finds both planes in its group.
+    (LLVM shares it across the unrolled rows): ``mi x 4`` zmm accumulators. Row groups are outside
+    the blocks, so ``Acc`` is ``mi x 64`` (not ``M x 64``, megabytes at large M) and each group
+    re-reads the tile's weights (32·K bytes) from cache; ``mi`` is a multiple of the byte ``planes``
+    of a row, so the epilogue finds both planes in its group.
     """
     blk_pi, blk_acc = sch.get_sblock("Pi"), sch.get_sblock("Acc")
     m, t, lane, b = sch.get_loops(blk_acc)
@@ -811,16 +899,42 @@ def _schedule_w4a8_nibble(sch, M, intrinsic, planes):
     _epilogue_at(sch, outer)
     inner = sch.get_loops(blk_pi)[depth:]  # (m,) lane, gg, jj — compute_at drops a unit m loop
     rows, (p_lane, p_g, p_j) = inner[:-3], inner[-3:]
-    name, width, registers = intrinsic or (None, 16, 16)
-    tiles = LANES // width
-    while tiles > 1 and tiles * mi > registers:
-        tiles //= 2
-    p_chunk, p_tile, p_c = sch.split(p_lane, [None, tiles, width])
-    sch.reorder(p_chunk, p_g, *rows, p_tile, p_c, p_j)
+    p_tile, p_c = sch.split(p_lane, [None, NIBBLE_LANES])
+    sch.reorder(p_g, *rows, p_tile, p_c, p_j)
     sch.vectorize(lane)
     sch.parallel(t)
-    _tensorize_or_vectorize(sch, blk_pi, p_c, p_j, p_g, name, [*rows, p_tile])
+    _tensorize_or_vectorize(sch, blk_pi, p_c, p_j, p_g, VNNI_NIBBLE_INTRIN if vnni else None, [*rows, p_tile])
     sch.decompose_reduction(blk_acc, b)
+
+
+def _schedule_block_dot(sch, M, instructions, planes, B):
+    """loops (t ∥, [kb], mo, [chunk, go | go, chunk], mi, (c, gi, jj) = one block-dot intrinsic), then
+    the epilogue of the ``mi`` rows.
+
+    ``mi`` rows share each weight load; their int32 accumulators and int16 partial sums stay in
+    registers. With one row group (GEMV) the channel chunks are inside the K loop, so the streamed
+    weights are read contiguously once; with several, each chunk runs over all of K (its
+    accumulators never leave registers) and the tile's weights are re-read from cache.
+    """
+    width = _BLOCK_DOT_INSTRUCTIONS[instructions][2]
+    blk_kb, blk_acc = sch.get_sblock("kb"), sch.get_sblock("Acc")
+    m, t, lane, go, gi, jj = sch.get_loops(blk_acc)
+    mi = _row_tile(M, planes)
+    mo, m_in = sch.split(m, [None, mi])
+    chunk, c = sch.split(lane, [None, width])
+    if mi < M:
+        sch.reorder(t, mo, chunk, go, m_in, c, gi, jj)
+    else:
+        sch.reorder(t, mo, go, chunk, m_in, c, gi, jj)
+    sch.compute_at(blk_kb, t)
+    sch.set_scope(blk_kb, 0, "local")
+    sch.vectorize(sch.get_loops(blk_kb)[-1])
+    sch.set_scope(blk_acc, 0, "local")
+    _epilogue_at(sch, mo)
+    sch.parallel(t)
+    sch.decompose_reduction(blk_acc, go)
+    sch.tensorize(c, _block_dot_intrinsic(instructions, _block_dot_groups(B)))
+    sch.unroll(m_in)
 
 
 def _schedule_w4a8_fold(sch, M, intrinsic):

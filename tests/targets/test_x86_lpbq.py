@@ -269,10 +269,26 @@ def test_integer_schemes_and_instruction_sets(cpu, options, instruction, M, bits
     """Each instruction set gets its dot-product instruction (vpdpbusd; pmaddubsw on zmm or ymm; none
     on plain x86-64), and each scheme is bit-exact at both activation widths where the host can run
     it (a host without AVX-512 checks the AVX-512 code as built, not as run)."""
+    _check_integer_kernel(cpu, options, instruction, M, bits, N=100, K=192, B=64)
+
+
+@pytest.mark.parametrize(("cpu", "options", "instruction"), SCHEMES, ids=str)
+@pytest.mark.parametrize("B", [8, 16, 24])
+def test_integer_blocks_of_one_two_and_three_dwords(cpu, options, instruction, B):
+    """Blocks of 8, 16 and 24 k-positions: the block-dot intrinsic sums 1, 2 or 1 dwords in int16, the
+    nibble scheme needs two dwords per block (B = 8 takes fold-k instead, and refuses to run without)."""
+    if B == 8 and options == dict(fold_k=False):
+        with pytest.raises(ValueError, match=r"nibble scheme needs .* \(B >= 16\), got B=8: use fold_k"):
+            fk.w4a8_dense(3, 72, 24, 8, 0.1, 0, target=tvm.target.Target({"kind": "llvm", "mcpu": cpu}), **options)
+        return
+    _check_integer_kernel(cpu, options, instruction, 3, 16 if B == 16 else 8, N=72, K=3 * B, B=B)
+
+
+def _check_integer_kernel(cpu, options, instruction, M, bits, N, K, B):
     target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2})
     qmax = (1 << bits) - 1
-    N, K, B, sx, zx = 100, 192, 64, 0.0371 * 255 / qmax, 100 * qmax // 255
-    rng = np.random.default_rng(M + bits)
+    sx, zx = 0.0371 * 255 / qmax, 100 * qmax // 255
+    rng = np.random.default_rng(M + bits + B)
     q, k = _weights(N, K, B, rng)
     s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
     x = _activations(M, K, sx, zx, rng, qmax)
@@ -291,11 +307,13 @@ def test_integer_schemes_and_instruction_sets(cpu, options, instruction, M, bits
 
 @pytest.mark.parametrize("cpu", ["skylake-avx512", "haswell"])
 @pytest.mark.parametrize("M", [1, 3, 32])
-def test_weight_only_instruction_sets(cpu, M):
+@pytest.mark.parametrize("B", [8, 64])
+def test_weight_only_instruction_sets(cpu, M, B):
     """AVX-512 decodes nibbles with the vpermps LUT (zmm) up to GEMV_MAX_M rows; AVX2 runs ymm code
-    (GEMV at M = 1, 16-lane GEMM tiles above); within tolerance where the host can run it."""
+    (GEMV at M = 1, 16-lane GEMM tiles above); blocks of one dword (B = 8) take the GEMM schedule at
+    every M; within tolerance where the host can run it."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2})
-    N, K, B = 100, 128, 64
+    N, K = 100, 2 * B
     rng = np.random.default_rng(5)
     q, k = _weights(N, K, B, rng)
     s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
@@ -303,7 +321,7 @@ def test_weight_only_instruction_sets(cpu, M):
     lib = tvm.compile(fk.weight_only_dense(M, N, K, B, target=target), target)
     asm = lib.mod.inspect_source("asm")
     assert ("%zmm" in asm) == (cpu == "skylake-avx512") and "%ymm" in asm
-    assert ("vpermps" in asm) == (cpu == "skylake-avx512" and fk.GEMV_MAX_M >= M)
+    assert ("vpermps" in asm) == (cpu == "skylake-avx512" and fk.GEMV_MAX_M >= M and B > 8)
     if _host_runs(target):
         got = _run(lib, [x, *fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B), s], M, N)
         ref = reference_weight_only(x, q, k, s, B)
