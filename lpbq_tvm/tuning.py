@@ -30,9 +30,6 @@ class TuningResult:
     records: int  # tuning records in the database
 
 
-BUILD_TIMEOUT_SECONDS = 300
-
-
 def tune(
     sim,
     work_dir: str | PathLike,
@@ -70,9 +67,7 @@ def tune(
         host, port = _parse(rpc[0])
         config = ms.runner.RPCConfig(host, port, rpc[1], session_timeout_sec=int(timeout))
         runner = ms.runner.RPCRunner(rpc_config=config, max_workers=_servers(rpc[0], rpc[1]))
-    # A builder worker's first build imports tvm.s_tir.tensor_intrin, which takes about 50 s on a
-    # 2-core machine: past MetaSchedule's default 30 s, every candidate would fail as a timeout.
-    builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_SECONDS)
+    builder = ms.builder.LocalBuilder(f_build=_build)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted_tasks=selected, work_dir=str(work_dir)
@@ -93,6 +88,17 @@ def tune(
         tuple(task.task_name for task in tasks if task not in selected),
         len(database.get_all_tuning_records()),
     )
+
+
+def _build(mod, target, _params):
+    """MetaSchedule's default build minus its ``import tvm.s_tir.tensor_intrin``: that import registers
+    every bundled tensor intrinsic (CUDA, ROCm, Hexagon, ...) and takes about 50 s per builder worker
+    on a 2-core machine, past the 30 s build timeout, while a candidate arrives already scheduled
+    (tensorized where its trace says so) and needs none of them."""
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _prim_funcs(mod):

@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden reference vectors of ../shared/golden (DESIGN.md §2)."""
+"""Shared fixtures: the golden reference vectors of ../shared/golden (DESIGN.md §2); slow tests first."""
 
 from __future__ import annotations
 
@@ -35,3 +35,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test asking for ``golden_case`` runs once per golden vector."""
     if "golden_case" in metafunc.fixturenames:
         metafunc.parametrize("golden_case", golden_cases())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests run first (otherwise in collection order): under ``pytest -n auto`` the workers then
+    finish together, rather than one starting the slowest test when the others are done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
