@@ -110,7 +110,8 @@ def main() -> None:
     for threads in (1, 2):
         command = [sys.executable, __file__, "--worker", str(threads), *(["--quick"] if "--quick" in sys.argv else [])]
         env = dict(os.environ, TVM_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        # stderr is not captured: the worker's warnings and errors reach the terminal
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
         results += [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
     names = [key for key in results[0] if key not in ("shape", "M", "threads")]
     times = Table(title="Dense N x K, block 64: median ms (min-max)")

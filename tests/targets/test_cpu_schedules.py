@@ -51,6 +51,7 @@ CASES = {
     "conv1d": ("Conv", (1, 8, 33), (6, 8, 3), {}),
     "depthwise": ("Conv", (1, 12, 10, 10), (12, 1, 3, 3), {"group": 12, "pads": [1, 1, 1, 1]}),
     "matmul_3d": ("MatMul", (2, 9, 40), (40, 30), {}),
+    "matmul_packed_weight": ("MatMul", (16, 320), (320, 1024), {}),  # 1.3 MB weight, 4 row tiles
 }
 
 
@@ -81,6 +82,14 @@ def test_rules_schedule_the_conv_and_its_epilogue():
     assert funcs and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in funcs.values()), list(funcs)
     conv = next(f.script() for name, f in funcs.items() if "conv2d" in name)
     assert "T.parallel" in conv and "T.vectorized(T.int64(7))" in conv and "T.unroll(T.int64(8))" in conv
+
+
+@pytest.mark.parametrize(("name", "packed"), [("matmul_packed_weight", True), ("matmul_3d", False)])
+def test_matmul_packs_only_a_large_weight_read_by_several_row_tiles(name, packed):
+    op, x_shape, w_shape, attrs = CASES[name]
+    functions = _scheduled_functions(_model(op, x_shape, w_shape, attrs))
+    matmul = next(f.script() for name, f in functions.items() if "matmul" in name)
+    assert ('T.sblock("w_global")' in matmul) == packed, matmul
 
 
 @pytest.mark.parametrize(("extent", "lanes"), [(112, 16), (56, 14), (196, 14), (49, 7), (7, 7), (17, 1), (1, 1)])
@@ -159,7 +168,8 @@ def test_reductions_after_elementwise_ops_are_scheduled_and_exact():
     [
         ("znver3", 14, 256, 4, (7, 16)),  # AVX2: 14 of 16 ymm accumulate; 7 pixels reuse each weight vector
         ("znver3", 24, 7, 4, (8, 7)),  # NCHW rows of width 7: 8 channels x 7 lanes
-        ("znver3", 32, 4096, 8, (8, 16)),  # a matmul: 8 rows stream the weights half as often, all 16 ymm
+        ("znver3", 32, 4096, 4, (4, 16)),  # 6 rows do not divide 32; 8 x 16 would spill (16 ymm accumulators)
+        ("znver3", 2040, 64, 4, (6, 16)),  # 12 accumulators: the fewest loads per FMA within 14 ymm
         ("skylake-avx512", 14, 256, 4, (7, 32)),  # AVX-512: 14 of 32 zmm
         ("skylake-avx512", 56, 64, 4, (4, 64)),  # 16 zmm, 4 rows: fewer loads per FMA than 8 x 32
     ],
