@@ -10,8 +10,9 @@ held to one thread), and the bandwidth bound: the layer's packed weight bytes re
 numpy reduces an array of the same size (warm, like the kernels' weights between runs).
 
 Each thread count runs in its own process (``TVM_NUM_THREADS`` and onnxruntime's intra-op
-threads; numpy and the bound stay on one thread); everything is timed through Python, and the
-table shows the median with the min-max spread.
+threads; numpy and the bound stay on one thread); everything is timed through Python, one call of
+each candidate per round (``lpbq_tvm.bench.time_interleaved``: a slow phase of a shared host hits
+them all alike), and the table shows the median with the min-max spread.
 
     python benchmarks/bench_kernels.py [--quick]      # needs the test extra (onnxruntime)
 """
@@ -39,7 +40,7 @@ def worker(threads: int, quick: bool) -> None:
 
     import lpbq_tvm
     from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
-    from lpbq_tvm.bench import time_ms
+    from lpbq_tvm.bench import time_interleaved
     from lpbq_tvm.export import export_onnx
 
     repeat = 10 if quick else 40
@@ -59,14 +60,14 @@ def worker(threads: int, quick: bool) -> None:
             sim = QuantizationSimModel(model)
             set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
             sim.compute_encodings(lambda s, data: s.run(data), x)
-            rows = {}
+            candidates = {}
             for mode in ("weight-only", "w4a8", "fp32"):
                 compiled = lpbq_tvm.compile(sim, mode=mode)
-                rows[f"lpbq_tvm {mode}"] = time_ms(functools.partial(compiled.run, x), repeat)
+                candidates[f"lpbq_tvm {mode}"] = functools.partial(compiled.run, x)
                 if mode == "w4a8":
                     weight_bytes = compiled.weight_bytes.total
-            rows["numpy fp32"] = time_ms(functools.partial(np.matmul, x["x"], weight), repeat)
-            rows["bound"] = read_time(weight_bytes, repeat)
+            candidates["numpy fp32"] = functools.partial(np.matmul, x["x"], weight)
+            candidates["bound"] = weight_read(weight_bytes)
 
             def session(proto, **config):
                 options = ort.SessionOptions()
@@ -76,27 +77,35 @@ def worker(threads: int, quick: bool) -> None:
                     options.add_session_config_entry(key, value)
                 return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
-            rows["onnxruntime fp32"] = time_ms(functools.partial(session(model).run, None, x), repeat)
+            candidates["onnxruntime fp32"] = functools.partial(session(model).run, None, x)
             with tempfile.TemporaryDirectory() as scratch:
                 export_onnx(sim, f"{scratch}/m.onnx", "ort", sample_inputs=x)
                 exported = onnx.load(f"{scratch}/m.onnx")
             for level in (0, 4):
                 nbits = session(exported, **{"session.qdq_matmulnbits_accuracy_level": str(level)})
-                rows[f"onnxruntime MatMulNBits acc{level}"] = time_ms(functools.partial(nbits.run, None, x), repeat)
-            timings = {name: [t.median_ms, t.min_ms, t.max_ms] for name, t in rows.items()}
+                candidates[f"onnxruntime MatMulNBits acc{level}"] = functools.partial(nbits.run, None, x)
+            timings = time_interleaved(candidates, repeat)
+            timings = {name: [t.median_ms, t.min_ms, t.max_ms] for name, t in timings.items()}
             print("ROW " + json.dumps({"shape": f"{n}x{k}", "M": m, "threads": threads, **timings}), flush=True)
 
 
-def read_time(nbytes: int, repeat: int):
-    """How long numpy takes to read ``nbytes`` (the faster of two reductions, array kept warm)."""
+def weight_read(nbytes: int):
+    """A read of ``nbytes`` kept warm: numpy's faster reduction of such an array (timed once here)."""
+    import time
+
     import numpy as np
 
-    from lpbq_tvm.bench import time_ms
-
     array = np.ones(-(-nbytes // 8), dtype=np.uint64)
-    float_view = array.view(np.float32)
-    reads = (functools.partial(np.bitwise_or.reduce, array), functools.partial(np.max, float_view))
-    return min((time_ms(read, 5 * repeat) for read in reads), key=lambda t: t.median_ms)
+    reads = (functools.partial(np.bitwise_or.reduce, array), functools.partial(np.max, array.view(np.float32)))
+
+    def seconds(read):
+        read()
+        start = time.perf_counter()
+        for _ in range(20):
+            read()
+        return time.perf_counter() - start
+
+    return min(reads, key=seconds)
 
 
 def main() -> None:

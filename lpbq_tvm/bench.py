@@ -1,7 +1,9 @@
 """Model benchmark: onnxruntime fp32, TVM fp32 and TVM LPBQ per mode, side by side in one process.
 
-Latency is the median (and spread: min / max) of repeated runs after one warm-up; compile time
-and weight bytes come with it. Set the thread count before TVM runs anything: TVM's pool reads
+Latency is the median (and spread: min / max) of repeated runs after one warm-up; the candidates
+run in turn, one call each per round (:func:`time_interleaved`), so a slow phase of a shared host
+hits all of them alike instead of whichever ran during it. Compile time and weight bytes come
+with it. Set the thread count before TVM runs anything: TVM's pool reads
 ``TVM_NUM_THREADS`` when it starts (:func:`set_threads`).
 
 :func:`benchmark_remote` times the same TVM builds on a device of a TVM RPC tracker instead
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Timing", "ModelBenchmark", "set_threads", "time_ms", "benchmark_model", "benchmark_remote"]
+__all__ = ["Timing", "ModelBenchmark", "set_threads", "time_interleaved", "benchmark_model", "benchmark_remote"]
 
 
 @dataclass(frozen=True)
@@ -39,18 +41,27 @@ class ModelBenchmark:
     weight_bytes: dict[str, int]
 
 
+_ONNXRUNTIME = "onnxruntime fp32"  # its key among the interleaved candidates
+
+
 def set_threads(threads: int) -> None:
     os.environ["TVM_NUM_THREADS"] = str(threads)
 
 
-def time_ms(function: Callable[[], object], repeat: int) -> Timing:
-    function()  # warm up
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        samples.append(1e3 * (time.perf_counter() - start))
-    return Timing(statistics.median(samples), min(samples), max(samples))
+def time_interleaved(functions: Mapping[str, Callable[[], object]], repeat: int) -> dict[str, Timing]:
+    """Each function's latency over ``repeat`` rounds; a round calls every function once, starting
+    one further along the list each round, so no candidate always follows the same other one."""
+    names = list(functions)
+    for name in names:
+        functions[name]()  # warm up
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeat):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            functions[name]()
+            samples[name].append(1e3 * (time.perf_counter() - start))
+    return {name: Timing(statistics.median(s), min(s), max(s)) for name, s in samples.items()}
 
 
 def _compile_all(sim, modes: Sequence[str], target: str = "cpu") -> tuple[dict, dict[str, float]]:
@@ -76,10 +87,12 @@ def benchmark_model(
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     session = ort.InferenceSession(sim.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    runs = {mode: (lambda m=model: m.run(inputs)) for mode, model in compiled.items()}
+    timings = time_interleaved({**runs, _ONNXRUNTIME: lambda: session.run(None, dict(inputs))}, repeat)
     return ModelBenchmark(
         threads=threads,
-        onnxruntime_fp32=time_ms(lambda: session.run(None, dict(inputs)), repeat),
-        tvm={mode: time_ms(lambda m=model: m.run(inputs), repeat) for mode, model in compiled.items()},
+        onnxruntime_fp32=timings.pop(_ONNXRUNTIME),
+        tvm=timings,
         compile_seconds=seconds,
         weight_bytes={mode: model.weight_bytes.total for mode, model in compiled.items()},
     )
