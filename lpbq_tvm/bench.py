@@ -1,8 +1,8 @@
 """Model benchmark: onnxruntime fp32, TVM fp32 and TVM LPBQ per mode, side by side in one process.
 
-Latency is the median (and spread: min / max) of repeated runs after one warm-up; the candidates
-run in turn, one call each per round (:func:`time_interleaved`), so a slow phase of a shared host
-hits all of them alike instead of whichever ran during it. Compile time and weight bytes come
+Latency is the median (and spread: min / max) of warm runs; the candidates run in turn, one timed
+call each per round (:func:`time_interleaved`), so a slow phase of a shared host hits all of them
+alike instead of whichever ran during it. Compile time and weight bytes come
 with it. Set the thread count before TVM runs anything: TVM's pool reads
 ``TVM_NUM_THREADS`` when it starts (:func:`set_threads`).
 
@@ -49,15 +49,16 @@ def set_threads(threads: int) -> None:
 
 
 def time_interleaved(functions: Mapping[str, Callable[[], object]], repeat: int) -> dict[str, Timing]:
-    """Each function's latency over ``repeat`` rounds; a round calls every function once, starting
-    one further along the list each round, so no candidate always follows the same other one."""
+    """Each function's latency over ``repeat`` rounds. A round calls every function in turn, starting
+    one further along the list each round; each timed call follows an untimed one of the same
+    function, so it runs warm (its data in cache, its thread pool awake), as a loop over the same
+    layer would, instead of after another candidate has evicted its weights or kept the cores busy."""
     names = list(functions)
-    for name in names:
-        functions[name]()  # warm up
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repeat):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            functions[name]()
             start = time.perf_counter()
             functions[name]()
             samples[name].append(1e3 * (time.perf_counter() - start))
