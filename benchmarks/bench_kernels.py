@@ -10,9 +10,9 @@ held to one thread), and the bandwidth bound: the layer's packed weight bytes re
 numpy reduces an array of the same size (warm, like the kernels' weights between runs).
 
 Each thread count runs in its own process (``TVM_NUM_THREADS`` and onnxruntime's intra-op
-threads; numpy and the bound stay on one thread); everything is timed through Python, one warm call
-of each candidate per round (``lpbq_tvm.bench.time_interleaved``: a slow phase of a shared host hits
-them all alike), and the table shows the median with the min-max spread.
+threads; numpy and the bound stay on one thread); everything is timed through Python, in rounds of
+a few warm calls per candidate (``lpbq_tvm.bench.time_interleaved``: a slow phase of a shared host
+hits them all alike), and the table shows the median with the min-max spread.
 
     python benchmarks/bench_kernels.py [--quick]      # needs the test extra (onnxruntime)
 """

@@ -1,8 +1,8 @@
 """Model benchmark: onnxruntime fp32, TVM fp32 and TVM LPBQ per mode, side by side in one process.
 
-Latency is the median (and spread: min / max) of warm runs; the candidates run in turn, one timed
-call each per round (:func:`time_interleaved`), so a slow phase of a shared host hits all of them
-alike instead of whichever ran during it. Compile time and weight bytes come
+Latency is the median (and spread: min / max) of warm runs; the candidates run in turn, a few calls
+each per round (:func:`time_interleaved`), so a slow phase of a shared host hits all of them alike
+instead of whichever ran during it. Compile time and weight bytes come
 with it. Set the thread count before TVM runs anything: TVM's pool reads
 ``TVM_NUM_THREADS`` when it starts (:func:`set_threads`).
 
@@ -48,20 +48,28 @@ def set_threads(threads: int) -> None:
     os.environ["TVM_NUM_THREADS"] = str(threads)
 
 
-def time_interleaved(functions: Mapping[str, Callable[[], object]], repeat: int) -> dict[str, Timing]:
-    """Each function's latency over ``repeat`` rounds. A round calls every function in turn, starting
-    one further along the list each round; each timed call follows an untimed one of the same
-    function, so it runs warm (its data in cache, its thread pool awake), as a loop over the same
-    layer would, instead of after another candidate has evicted its weights or kept the cores busy."""
+SETTLE_SECONDS = 0.05  # before each burst: the thread pools the previous candidate left spinning go idle
+
+
+def time_interleaved(functions: Mapping[str, Callable[[], object]], repeat: int, burst: int = 5) -> dict[str, Timing]:
+    """Each function's latency over about ``repeat`` calls, taken in rounds: a round runs every
+    function in turn, starting one further along the list each round, for one untimed call and
+    then ``burst`` timed ones. A slow phase of a shared host thus hits every candidate alike, while
+    each timed call runs warm (its weights back in cache, its thread pool awake), as a loop over the
+    same layer would. Each burst starts ``SETTLE_SECONDS`` after the previous one: with two threads
+    on two cores, a candidate timed while another runtime's pool still spins waited for a core
+    (4096² M = 1, 0.65 ms kernels took 8 ms)."""
     names = list(functions)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeat):
+    for round_index in range(max(1, round(repeat / burst))):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            time.sleep(SETTLE_SECONDS)
             functions[name]()
-            start = time.perf_counter()
-            functions[name]()
-            samples[name].append(1e3 * (time.perf_counter() - start))
+            for _ in range(burst):
+                start = time.perf_counter()
+                functions[name]()
+                samples[name].append(1e3 * (time.perf_counter() - start))
     return {name: Timing(statistics.median(s), min(s), max(s)) for name, s in samples.items()}
 
 

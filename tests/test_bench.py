@@ -1,16 +1,16 @@
-"""Interleaved timing: every candidate runs warm once per round, each round starting one further along."""
+"""Interleaved timing: every candidate runs a warm burst per round, each round starting one further along."""
 
 from __future__ import annotations
 
+import lpbq_tvm.bench
 from lpbq_tvm.bench import time_interleaved
 
 
-def test_candidates_take_turns_and_rotate_the_order():
+def test_candidates_take_turns_and_rotate_the_order(monkeypatch):
+    monkeypatch.setattr(lpbq_tvm.bench, "SETTLE_SECONDS", 0.0)
     calls = []
     functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    timings = time_interleaved(functions, repeat=4)
-    rounds = [calls[i : i + 6 : 2] for i in range(0, len(calls), 6)]
-    assert calls[::2] == calls[1::2]  # each timed call follows an untimed warm-up of the same function
-    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    timings = time_interleaved(functions, repeat=8, burst=2)  # 4 rounds of 1 untimed + 2 timed calls each
+    assert calls == [name for order in ("abc", "bca", "cab", "abc") for name in order for _ in range(3)]
     assert set(timings) == set("abc")
     assert all(0 <= t.min_ms <= t.median_ms <= t.max_ms for t in timings.values())
