@@ -25,11 +25,12 @@ which vectorise (LLVM calls libm once per element otherwise: 5.6 vs 0.33 ns per 
 error is within 4 ulp of 1.0 (tanh, erf) and 2 ulp relative (exp), a contract the tests check.
 
 Other blocks of a :class:`RegisterTiled` function (padding, weight expansion from packed codes,
-activation codes, epilogues) keep their own stage, parallel and vectorised. Epilogues are not
-fused into the write-back on purpose: a multiply and an add in one expression become one FMA
-under LLVM, which the LPBQ integer epilogue must not (DESIGN.md §3: it matches the reference's
-two roundings bit for bit). Integer accumulation (W4A8 / W4A16) is scheduled the same way;
-integer sums do not depend on their order.
+activation codes) keep their own stage, parallel and vectorised. An fp32 epilogue (bias,
+activation) is computed inline into its last block, one pass over the output; a generic LPBQ
+kernel's keeps one stage per operator, and no epilogue is fused into the write-back: a multiply
+and an add in one expression become one FMA under LLVM, which the LPBQ integer epilogue must not
+(DESIGN.md §3: it matches the reference's two roundings bit for bit). Integer accumulation
+(W4A8 / W4A16) is scheduled the same way; integer sums do not depend on their order.
 """
 
 from __future__ import annotations
@@ -98,10 +99,34 @@ class RegisterTiled(dlight.ScheduleRule):
             sch.vectorize(xi)
             sch.vectorize(sch.get_loops(local)[-1])
         sch.decompose_reduction(main, reduction[0])
-        for block in blocks:
-            if not sch.get(block).same_as(sch.get(main)):
-                _parallel_elementwise(sch, block)
+        position = next(i for i, block in enumerate(blocks) if sch.get(block).same_as(sch.get(main)))
+        names = [sch.get(block).name_hint for i, block in enumerate(blocks) if i != position]
+        if not any(name.startswith(LPBQ_BLOCK_PREFIX) for name in names):
+            _inline_epilogue(sch, blocks[position + 1 :])
+        for name in names:
+            try:
+                block = sch.get_sblock(name)
+            except s_tir.ScheduleError:  # inlined
+                continue
+            _parallel_elementwise(sch, block)
         return sch
+
+
+LPBQ_BLOCK_PREFIX = "lpbq_"  # blocks of the generic LPBQ kernels (passes/lpbq_kernels.py)
+
+
+def _inline_epilogue(sch: s_tir.Schedule, epilogue) -> None:
+    """The elementwise chain after the reduction (bias, activation, ...) computed inline into its
+    last block: one pass over the output instead of one per operator (magika's GELU after its
+    2048 x 64 matmul: 9 passes). Not in the generic LPBQ kernels, whose epilogue must keep its
+    separate roundings (a multiply and an add inlined into one expression become one FMA)."""
+    outputs = {sch.get(block) for block in sch.get_output_blocks(sch.get_sblock("root"))}
+    for block in epilogue:
+        if sch.get(block) not in outputs:
+            try:
+                sch.compute_inline(block)
+            except s_tir.ScheduleError:
+                continue
 
 
 PACK_BYTES = 1 << 20  # a matmul's weight above this (more than L2 keeps) is packed strip by strip

@@ -92,6 +92,21 @@ def test_matmul_packs_only_a_large_weight_read_by_several_row_tiles(name, packed
     assert ('T.sblock("w_global")' in matmul) == packed, matmul
 
 
+@pytest.mark.parametrize("prefix", ["", "lpbq_"])
+def test_epilogue_runs_in_one_pass_except_in_lpbq_kernels(prefix):
+    """``(x @ w) · 2 + 1``: the multiply is computed inline into the add (one pass over the output),
+    unless the blocks are a generic LPBQ kernel's, whose multiply and add must round separately."""
+    from tvm import te
+
+    x, w = te.placeholder((8, 16), "float32", "x"), te.placeholder((16, 32), "float32", "w")
+    i = te.reduce_axis((0, 16), "i")
+    acc = te.compute((8, 32), lambda m, n: te.sum(x[m, i] * w[i, n], axis=i), name=f"{prefix}acc")
+    scaled = te.compute((8, 32), lambda m, n: acc[m, n] * 2.0, name=f"{prefix}scaled")
+    out = te.compute((8, 32), lambda m, n: scaled[m, n] + 1.0, name=f"{prefix}out")
+    sch = RegisterTiled().apply(te.create_prim_func([x, w, out]), get_target("cpu").tvm_target(), False)
+    assert (f'T.sblock("{prefix}scaled")' in sch.mod["main"].script()) == bool(prefix)
+
+
 @pytest.mark.parametrize(("extent", "lanes"), [(112, 16), (56, 14), (196, 14), (49, 7), (7, 7), (17, 1), (1, 1)])
 def test_vector_lanes_divide_the_extent(extent, lanes):
     assert _vector_lanes(extent) == lanes
