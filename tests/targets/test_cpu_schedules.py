@@ -107,6 +107,58 @@ def test_epilogue_runs_in_one_pass_except_in_lpbq_kernels(prefix):
     assert (f'T.sblock("{prefix}scaled")' in sch.mod["main"].script()) == bool(prefix)
 
 
+def test_conv_batch_norm_and_activation_run_as_one_function():
+    """Depthwise conv -> BatchNormalization -> HardSwish: the batch norm is decomposed into elementwise
+    ops (its tuple dropped), so all three fuse into one function and run as one pass over the output;
+    checked against float64 numpy with the bound of each step's float32 error."""
+    rng = np.random.default_rng(4)
+    c, u = 8, UNIT_ROUNDOFF
+    weight = rng.standard_normal((c, 1, 3, 3))
+    gamma, beta, mean, var = rng.random(c) + 0.5, rng.standard_normal(c), rng.standard_normal(c), rng.random(c) + 0.5
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["z"], group=c, pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["z", "g", "b", "m", "v"], ["n"]),
+        helper.make_node("HardSwish", ["n"], ["y"]),
+    ]
+    params = {"w": weight, "g": gamma, "b": beta, "m": mean, "v": var}
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 10, 10])],
+        [numpy_helper.from_array(a.astype(np.float32), name) for name, a in params.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert [name for name in _scheduled_functions(model) if "conv2d" in name or "clip" in name] == [
+        "fused_conv2d_subtract_divide_multiply_add1_add2_tir_clip_divide1_multiply1"
+    ]
+    x = rng.standard_normal((1, c, 10, 10)).astype(np.float32)
+    imported = import_onnx(model)
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+
+    w32, xpad = (
+        weight.astype(np.float32).astype(np.float64),
+        np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1))),
+    )
+    z = sum(
+        xpad[:, :, i : i + 10, j : j + 10] * w32[:, 0, i, j][None, :, None, None] for i in range(3) for j in range(3)
+    )
+    per_channel = [a.astype(np.float32).astype(np.float64)[None, :, None, None] for a in (gamma, beta, mean, var)]
+    g, b, m, v = per_channel
+    n = (z - m) / np.sqrt(v + 1e-5) * g + b
+    expected = n * np.clip(n + 3, 0, 6) / 6
+    # conv: 9 terms in any order; batch norm: its gain times that, plus one rounding per op of at most
+    # u times that op's result; HardSwish: slope at most 1.5, plus its own three roundings.
+    conv_error = 2 * 13 * u * 9 * np.abs(x).max() * np.abs(w32).max()
+    gain = np.abs(g / np.sqrt(v + 1e-5)).max()
+    centered = np.abs(z).max() + np.abs(m).max()
+    scaled = centered / np.sqrt(v + 1e-5).min()
+    norm_error = gain * conv_error + u * (centered + scaled + scaled * np.abs(g).max() + np.abs(n).max())
+    bound = 1.5 * norm_error + u * (3 * (np.abs(n).max() + 3) + 2 * np.abs(expected).max())
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
+
+
 @pytest.mark.parametrize(("extent", "lanes"), [(112, 16), (56, 14), (196, 14), (49, 7), (7, 7), (17, 1), (1, 1)])
 def test_vector_lanes_divide_the_extent(extent, lanes):
     assert _vector_lanes(extent) == lanes
