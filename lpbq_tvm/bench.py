@@ -2,9 +2,9 @@
 
 Latency is the median (and spread: min / max) of warm runs; the candidates run in turn, a few calls
 each per round (:func:`time_interleaved`), so a slow phase of a shared host hits all of them alike
-instead of whichever ran during it. Compile time and weight bytes come
-with it. Set the thread count before TVM runs anything: TVM's pool reads
-``TVM_NUM_THREADS`` when it starts (:func:`set_threads`).
+instead of whichever ran during it. Compile time and weight bytes come with it. Set the thread
+count before TVM runs anything: TVM's pool reads ``TVM_NUM_THREADS`` when it starts
+(:func:`set_threads`).
 
 :func:`benchmark_remote` times the same TVM builds on a device of a TVM RPC tracker instead
 (bundles uploaded by :func:`lpbq_tvm.remote.run_remote`, timed there by TVM's time evaluator);

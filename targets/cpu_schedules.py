@@ -39,7 +39,8 @@ and an add in one expression become one FMA under LLVM, which the LPBQ integer e
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight
@@ -162,14 +163,17 @@ def _strips_outer(sch, main, local, before, fo, xo, reduction, fi, xi, reused: b
 
 
 def _bytes(buffer) -> int:
-    return int(np.prod([int(d) for d in buffer.shape])) * tvm.DataType(buffer.dtype).bits // 8
+    return math.prod(int(d) for d in buffer.shape) * tvm.DataType(buffer.dtype).bits // 8
 
 
-def _register_tile(rows: int, width: int, target: tvm.target.Target, reuse: int = 4) -> tuple[int, int]:
+REUSE_ROWS = 4  # rows a register tile prefers to have: each reuses the streamed v-wide operand once more
+
+
+def _register_tile(rows: int, width: int, target: tvm.target.Target) -> tuple[int, int]:
     """``(ft, v)``: ``ft`` rows (a divisor of ``rows`` up to 8, so a tile never straddles a row) x ``v``
     lanes (a divisor of ``width``) of accumulators within 24 of the 32 zmm registers (AVX-512) or 14 of
     the 16 ymm (AVX2). Preferred, in order: at least 7 accumulators (FMA latency x ports), at least
-    ``reuse`` rows (each reuses the streamed ``v``-wide operand, e.g. a weight row, once more), then
+    ``REUSE_ROWS`` rows (each reuses the streamed ``v``-wide operand, e.g. a weight row, once more), then
     the fewest loads per FMA. Filling every register costs more than it saves: a matmul of 2048 x
     257 x 64 takes 1.39 ms at 8 x 16 (16 ymm accumulators, spilled) and 0.89 ms at 4 x 16."""
     avx512 = codegen.target_has_features("avx512f", target)
@@ -182,7 +186,7 @@ def _register_tile(rows: int, width: int, target: tvm.target.Target, reuse: int 
         for ft in (8, 7, 6, 5, 4, 3, 2, 1):
             if rows % ft == 0 and ft * vectors <= registers:
                 accumulators = ft * vectors
-                tiles.append((min(accumulators, 7), min(ft, reuse), -(ft + vectors) / accumulators, ft, v))
+                tiles.append((min(accumulators, 7), min(ft, REUSE_ROWS), -(ft + vectors) / accumulators, ft, v))
     ft, v = max(tiles)[-2:]
     return ft, v
 

@@ -231,18 +231,18 @@ def test_reductions_after_elementwise_ops_are_scheduled_and_exact():
 
 
 @pytest.mark.parametrize(
-    ("cpu", "rows", "width", "reuse", "tile"),
+    ("cpu", "rows", "width", "tile"),
     [
-        ("znver3", 14, 256, 4, (7, 16)),  # AVX2: 14 of 16 ymm accumulate; 7 pixels reuse each weight vector
-        ("znver3", 24, 7, 4, (8, 7)),  # NCHW rows of width 7: 8 channels x 7 lanes
-        ("znver3", 32, 4096, 4, (4, 16)),  # 6 rows do not divide 32; 8 x 16 would spill (16 ymm accumulators)
-        ("znver3", 2040, 64, 4, (6, 16)),  # 12 accumulators: the fewest loads per FMA within 14 ymm
-        ("skylake-avx512", 14, 256, 4, (7, 32)),  # AVX-512: 14 of 32 zmm
-        ("skylake-avx512", 56, 64, 4, (4, 64)),  # 16 zmm, 4 rows: fewer loads per FMA than 8 x 32
+        ("znver3", 14, 256, (7, 16)),  # AVX2: 14 of 16 ymm accumulate; 7 pixels reuse each weight vector
+        ("znver3", 24, 7, (8, 7)),  # NCHW rows of width 7: 8 channels x 7 lanes
+        ("znver3", 32, 4096, (4, 16)),  # 6 rows do not divide 32; 8 x 16 would spill (16 ymm accumulators)
+        ("znver3", 2040, 64, (6, 16)),  # 12 accumulators: the fewest loads per FMA within 14 ymm
+        ("skylake-avx512", 14, 256, (7, 32)),  # AVX-512: 14 of 32 zmm
+        ("skylake-avx512", 56, 64, (4, 64)),  # 16 zmm, 4 rows: fewer loads per FMA than 8 x 32
     ],
 )
-def test_register_tile_fits_the_register_file(cpu, rows, width, reuse, tile):
-    assert _register_tile(rows, width, tvm.target.Target({"kind": "llvm", "mcpu": cpu}), reuse) == tile
+def test_register_tile_fits_the_register_file(cpu, rows, width, tile):
+    assert _register_tile(rows, width, tvm.target.Target({"kind": "llvm", "mcpu": cpu})) == tile
 
 
 @pytest.mark.parametrize(
