@@ -49,23 +49,28 @@ def set_threads(threads: int) -> None:
 
 
 SETTLE_SECONDS = 0.05  # before each burst: the thread pools the previous candidate left spinning go idle
+WARM_SECONDS = 0.01  # untimed calls before each burst, at least one: the core is back at speed after the pause
 
 
 def time_interleaved(functions: Mapping[str, Callable[[], object]], repeat: int, burst: int = 5) -> dict[str, Timing]:
     """Each function's latency over about ``repeat`` calls, taken in rounds: a round runs every
-    function in turn, starting one further along the list each round, for one untimed call and
-    then ``burst`` timed ones. A slow phase of a shared host thus hits every candidate alike, while
-    each timed call runs warm (its weights back in cache, its thread pool awake), as a loop over the
-    same layer would. Each burst starts ``SETTLE_SECONDS`` after the previous one: with two threads
-    on two cores, a candidate timed while another runtime's pool still spins waited for a core
-    (4096² M = 1, 0.65 ms kernels took 8 ms)."""
+    function in turn, starting one further along the list each round, for untimed calls over
+    ``WARM_SECONDS`` (at least one) and then ``burst`` timed ones. A slow phase of a shared host thus
+    hits every candidate alike, while each timed call runs warm (its weights back in cache, its
+    thread pool awake, the core at speed), as a loop over the same layer would. Each burst starts
+    ``SETTLE_SECONDS`` after the previous one: with two threads on two cores, a candidate timed
+    while another runtime's pool still spins waited for a core (4096² M = 1, 0.65 ms kernels took
+    8 ms); after such a pause one untimed call was not enough for a 0.15 ms model (timed 2x slower)."""
     names = list(functions)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(max(1, round(repeat / burst))):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             time.sleep(SETTLE_SECONDS)
+            warm_until = time.perf_counter() + WARM_SECONDS
             functions[name]()
+            while time.perf_counter() < warm_until:
+                functions[name]()
             for _ in range(burst):
                 start = time.perf_counter()
                 functions[name]()
