@@ -144,8 +144,7 @@ def test_conv_batch_norm_and_activation_run_as_one_function():
     z = sum(
         xpad[:, :, i : i + 10, j : j + 10] * w32[:, 0, i, j][None, :, None, None] for i in range(3) for j in range(3)
     )
-    per_channel = [a.astype(np.float32).astype(np.float64)[None, :, None, None] for a in (gamma, beta, mean, var)]
-    g, b, m, v = per_channel
+    g, b, m, v = (a.astype(np.float32).astype(np.float64)[None, :, None, None] for a in (gamma, beta, mean, var))
     n = (z - m) / np.sqrt(v + 1e-5) * g + b
     expected = n * np.clip(n + 3, 0, 6) / 6
     # conv: 9 terms in any order; batch norm: its gain times that, plus one rounding per op of at most
