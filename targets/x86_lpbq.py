@@ -13,8 +13,8 @@ Three kernels, each a scheduled ``tvm.tirx.PrimFunc`` named ``main`` (attrs ``op
   numpy doing the same float32 operations (:func:`lpbq_tvm.reference.dense_int`);
 * :func:`w4a16_dense` — the same with uint16 codes (``clamp(…, 0, 65535)``), whose sum can pass int32:
   each code runs as two byte-plane rows of the W4A8 kernel, ``xq = 256 · hi + lo``, and
-  ``acc = 256 · Σ hi · w + Σ lo · w − zx · wsum`` is formed in int64 — bit-exact against int64
-  accumulation.
+  ``acc = 256 · Σ hi · w + Σ lo · w − zx · wsum`` is formed exactly in float64 (integers below 2^53) —
+  bit-exact against int64 accumulation.
 
 All read a *repacked* copy of the canonical packed storage of :mod:`lpbq_tvm.packing`
 (``q_packed`` uint8 ``[N, K/2]``: ``q[n, 2j]`` low nibble, ``q[n, 2j+1]`` high nibble of byte j,
@@ -689,7 +689,8 @@ def w4a16_dense(
     ``acc = Σ_i (xq − zx) · q · k`` can pass int32 (65535 · 128 · K from K = 256), so each code is split
     into byte planes, ``xq = 256 · hi + lo``, that run as two rows of the uint8 kernel (each plane's
     sum fits int32 for K ≤ 65536); ``acc = 256 · Σ hi·w + Σ lo·w − zx · wsum`` is then formed in
-    int64. Bit-exact against int64 accumulation (:func:`lpbq_tvm.reference.dense_int`).
+    float64, exactly (every term is an integer below 2^53). Bit-exact against int64 accumulation
+    (:func:`lpbq_tvm.reference.dense_int`).
     """
     return _integer_dense(M, N, K, B, sx, zx, 16, False, target, intrinsic, fold_k)
 
@@ -814,13 +815,16 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
             name="Acc",
         )
 
-    def exact_acc(m, n):  # Σ (xq − zx) · w: int32 for one plane, int64 from the byte planes
+    def exact_acc(m, n):
+        """Σ (xq − zx) · w: int32 for one plane. From the byte planes it passes int32, so it is formed in
+        float64, where every term and sum is an integer below 2^53 and so exact: rounding it to float32
+        equals rounding the int64 sum (AVX2 has no vector int64 -> float conversion; float64 vectorizes)."""
         if planes == 1:
             return acc[m, n // LANES, n % LANES] - wsum[n] * zx
-        total = tirx.const(0, "int64")
+        total = tirx.const(0.0, "float64")
         for p in range(planes):
-            total = total * 256 + acc[planes * m + p, n // LANES, n % LANES].astype("int64")
-        return total - wsum[n].astype("int64") * zx
+            total = total * 256.0 + acc[planes * m + p, n // LANES, n % LANES].astype("float64")
+        return total - wsum[n].astype("float64") * float(zx)
 
     scaled = te.compute((M, N), lambda m, n: (exact_acc(m, n).astype("float32") * sx_c) * s[n], name="scaled")
     if bias is not None:
