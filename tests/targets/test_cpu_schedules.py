@@ -11,7 +11,7 @@ import pytest
 import tvm
 from model_builders import UNIT_ROUNDOFF, ort_run
 from onnx import TensorProto, helper, numpy_helper
-from tvm import relax, tirx
+from tvm import relax, s_tir, tirx
 from tvm.relax.backend.cpu_generic import pipeline
 from tvm.s_tir import dlight
 
@@ -244,31 +244,37 @@ def test_register_tile_fits_the_register_file(cpu, rows, width, tile):
     assert _register_tile(rows, width, tvm.target.Target({"kind": "llvm", "mcpu": cpu})) == tile
 
 
-@pytest.mark.parametrize(
-    ("x_shape", "w_shape", "groups", "padding"),
-    [
-        ((1, 7, 7, 64), (1, 1, 64, 48), 1, 0),
-        ((1, 9, 9, 8), (3, 3, 8, 16), 1, 1),
-        ((1, 10, 10, 16), (5, 5, 1, 16), 16, 2),
-    ],
-    ids=["pointwise", "3x3", "depthwise"],
-)
-def test_nhwc_convs_tile_pixels_and_match_numpy(x_shape, w_shape, groups, padding):
-    """An NHWC conv's register tile takes its rows from the pixels of an image row (x), its lanes from
-    the channels; the result is a dot product per output in another order (bound as above)."""
+def _nhwc_conv(x_shape, w_shape, groups, padding) -> tvm.IRModule:
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, "float32"))
     w = relax.Var("w", relax.TensorType(w_shape, "float32"))
     with bb.function("main", [x, w]):
         conv = relax.op.nn.conv2d(x, w, padding=[padding] * 4, groups=groups, data_layout="NHWC", kernel_layout="HWIO")
         bb.emit_func_output(bb.emit(conv))
+    return bb.get()
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "groups", "padding"),
+    [
+        ((1, 7, 7, 64), (1, 1, 64, 48), 1, 0),
+        ((1, 9, 9, 8), (3, 3, 8, 16), 1, 1),
+        ((1, 10, 10, 16), (5, 5, 1, 16), 16, 2),
+        ((1, 20, 20, 3), (3, 3, 3, 8), 1, 1),
+    ],
+    ids=["pointwise", "3x3", "depthwise", "3_channels"],
+)
+def test_nhwc_convs_tile_pixels_and_match_numpy(x_shape, w_shape, groups, padding):
+    """An NHWC conv's register tile takes its rows from the pixels of an image row (x), its lanes from
+    the channels; the result is a dot product per output in another order (bound as above)."""
+    mod = _nhwc_conv(x_shape, w_shape, groups, padding)
     target = get_target("cpu").tvm_target()
-    scheduled = cpu_pipeline(target)(bb.get())
+    scheduled = cpu_pipeline(target)(mod)
     conv_tir = next(f.script() for gv, f in scheduled.functions_items() if "conv2d" in gv.name_hint)
     assert "for xx_1 in T.unroll" in conv_tir and "for ff_1 in T.vectorized" in conv_tir
     rng = np.random.default_rng(2)
     xv, wv = rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal(w_shape).astype(np.float32)
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
     actual = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(wv)).numpy()
     kh, kw, cin, cout = w_shape
     padded = np.pad(xv.astype(np.float64), [(0, 0), (padding, padding), (padding, padding), (0, 0)])
@@ -280,3 +286,15 @@ def test_nhwc_convs_tile_pixels_and_match_numpy(x_shape, w_shape, groups, paddin
     terms = kh * kw * cin
     bound = 2 * (terms + 4) * UNIT_ROUNDOFF * terms * np.abs(xv).max() * np.abs(wv).max()
     np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
+
+
+def test_a_short_innermost_loop_is_fused_with_the_one_outside_it():
+    """Padding a 3-channel NHWC image: the channel loop (3) is fused with the pixels of the row, so the
+    parallel loop runs over the 22 padded rows instead of 22 x 22 pixels, and each vector is longer
+    than 3 lanes (11, the largest divisor of 22 x 3 up to 16)."""
+    scheduled = cpu_pipeline(get_target("cpu").tvm_target())(_nhwc_conv((1, 20, 20, 3), (3, 3, 3, 8), 1, 1))
+    conv = next(f for gv, f in scheduled.functions_items() if "conv2d" in gv.name_hint)
+    sch = s_tir.Schedule(conv)
+    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("pad_temp"))]
+    kinds = [(int(loop.extent), tirx.ForKind(int(loop.kind))) for loop in loops]
+    assert kinds == [(22, tirx.ForKind.PARALLEL), (6, tirx.ForKind.SERIAL), (11, tirx.ForKind.VECTORIZED)], kinds
