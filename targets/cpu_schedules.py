@@ -75,7 +75,10 @@ class RegisterTiled(dlight.ScheduleRule):
         kind = _kind(sch, main)
         if kind is None:
             return None
-        local = sch.cache_write(main, 0, "local")
+        # The accumulator tile in "global" scope: TVM 0.27 puts a "local" buffer on the heap (one
+        # TVMBackendAllocWorkspace call per tile, in the parallel loop), a "global" one below 1 KiB on
+        # the stack, where LLVM keeps it in registers (a 112 x 112 x 16 depthwise conv: 0.34 -> 0.21 ms).
+        local = sch.cache_write(main, 0, "global")
         loops = sch.get_loops(main)
         reductions = sum(int(i.iter_type) == _REDUCE for i in sch.get(main).iter_vars)
         spatial, reduction = loops[: len(loops) - reductions], loops[len(loops) - reductions :]
@@ -132,6 +135,14 @@ def _inline_epilogue(sch: s_tir.Schedule, epilogue) -> None:
                 sch.compute_inline(block)
             except s_tir.ScheduleError:
                 continue
+    import os
+    if os.environ.get("EXP_RCI"):
+        for out in sch.get_output_blocks(sch.get_sblock("root")):
+            if any(sch.get(out).same_as(o) for o in outputs):
+                try:
+                    sch.reverse_compute_inline(out)
+                except s_tir.ScheduleError as e:
+                    print("rci failed", str(e)[:300])
 
 
 PACK_BYTES = 1 << 20  # a matmul's weight above this (more than L2 keeps) is packed strip by strip
