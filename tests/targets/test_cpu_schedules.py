@@ -298,3 +298,18 @@ def test_a_short_innermost_loop_is_fused_with_the_one_outside_it():
     loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("pad_temp"))]
     kinds = [(int(loop.extent), tirx.ForKind(int(loop.kind))) for loop in loops]
     assert kinds == [(22, tirx.ForKind.PARALLEL), (6, tirx.ForKind.SERIAL), (11, tirx.ForKind.VECTORIZED)], kinds
+
+
+def test_register_tiles_are_not_heap_allocated_per_tile():
+    """TVM 0.27 allocates a local-scope buffer with TVMBackendAllocWorkspace: a local accumulator tile
+    cost one allocation per tile inside the parallel loop (and lived in memory, not registers). No
+    parallel task of a depthwise conv allocates."""
+    import re
+
+    target = get_target("cpu").tvm_target()
+    executable = tvm.compile(
+        _nhwc_conv((1, 14, 14, 16), (3, 3, 1, 16), 16, 1), target, relax_pipeline=cpu_pipeline(target)
+    )
+    llvm_ir = executable.mod.imports[0].inspect_source("ll")
+    tasks = [f for f in re.split(r"\ndefine ", llvm_ir) if "@__tvm_parallel_lambda" in f.split("\n")[0]]
+    assert tasks and not any("TVMBackendAllocWorkspace" in task for task in tasks)
