@@ -135,14 +135,6 @@ def _inline_epilogue(sch: s_tir.Schedule, epilogue) -> None:
                 sch.compute_inline(block)
             except s_tir.ScheduleError:
                 continue
-    import os
-    if os.environ.get("EXP_RCI"):
-        for out in sch.get_output_blocks(sch.get_sblock("root")):
-            if any(sch.get(out).same_as(o) for o in outputs):
-                try:
-                    sch.reverse_compute_inline(out)
-                except s_tir.ScheduleError as e:
-                    print("rci failed", str(e)[:300])
 
 
 PACK_BYTES = 1 << 20  # a matmul's weight above this (more than L2 keeps) is packed strip by strip
