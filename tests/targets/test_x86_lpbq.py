@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
+from tvm.s_tir import Schedule
 from tvm.target import codegen
 
 from lpbq_tvm import reference
@@ -143,6 +144,25 @@ def test_weight_only_row_tails(M):
     x = rng.standard_normal((M, K)).astype(np.float32)
     qw, kw = fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
     got = _run(tvm.compile(fk.weight_only_dense(M, N, K, B), TARGET), [x, qw, kw, s], M, N)
+    assert np.all(np.abs(got - reference_weight_only(x, q, k, s, B)) <= _weight_only_tolerance(x, q, k, s, B, None))
+
+
+@pytest.mark.parametrize(("M", "whole_tile"), [(24, False), (32, True)])
+def test_weight_only_gemm_decodes_a_large_tile_whole_for_many_rows(M, whole_tile):
+    """K = 640, a 160 KiB tile of decoded floats: 32 rows share one decode of the whole tile (its loop
+    runs over all of K), 24 rows decode it block by block (a loop over the blocks outside); both
+    compute the same products."""
+    N, K, B = 100, 640, 64
+    func = fk.weight_only_dense(M, N, K, B, use_lut=False)
+    sch = Schedule(func)
+    decode_loops = [int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("W"))]
+    assert decode_loops[1:] == ([K // 8, 8, 64] if whole_tile else [K // B, B // 8, 8, 64])
+    rng = np.random.default_rng(M)
+    q, k = _weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    qw, kw = fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    got = _run(tvm.compile(func, TARGET), [x, qw, kw, s], M, N)
     assert np.all(np.abs(got - reference_weight_only(x, q, k, s, B)) <= _weight_only_tolerance(x, q, k, s, B, None))
 
 
