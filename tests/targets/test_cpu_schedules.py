@@ -244,41 +244,45 @@ def test_register_tile_fits_the_register_file(cpu, rows, width, tile):
     assert _register_tile(rows, width, tvm.target.Target({"kind": "llvm", "mcpu": cpu})) == tile
 
 
-def _nhwc_conv(x_shape, w_shape, groups, padding) -> tvm.IRModule:
+def _nhwc_conv(x_shape, w_shape, groups, padding, stride=1) -> tvm.IRModule:
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, "float32"))
     w = relax.Var("w", relax.TensorType(w_shape, "float32"))
     with bb.function("main", [x, w]):
-        conv = relax.op.nn.conv2d(x, w, padding=[padding] * 4, groups=groups, data_layout="NHWC", kernel_layout="HWIO")
+        conv = relax.op.nn.conv2d(x, w, stride, [padding] * 4, groups=groups, data_layout="NHWC", kernel_layout="HWIO")
         bb.emit_func_output(bb.emit(conv))
     return bb.get()
 
 
 @pytest.mark.parametrize(
-    ("x_shape", "w_shape", "groups", "padding"),
+    ("x_shape", "w_shape", "groups", "padding", "stride"),
     [
-        ((1, 7, 7, 64), (1, 1, 64, 48), 1, 0),
-        ((1, 9, 9, 8), (3, 3, 8, 16), 1, 1),
-        ((1, 10, 10, 16), (5, 5, 1, 16), 16, 2),
-        ((1, 20, 20, 3), (3, 3, 3, 8), 1, 1),
+        ((1, 7, 7, 64), (1, 1, 64, 48), 1, 0, 1),
+        ((1, 9, 9, 8), (3, 3, 8, 16), 1, 1, 1),
+        ((1, 10, 10, 16), (5, 5, 1, 16), 16, 2, 1),
+        ((1, 20, 20, 3), (3, 3, 3, 8), 1, 1, 1),
+        ((1, 13, 13, 16), (3, 3, 1, 16), 16, 1, 2),
+        ((1, 20, 20, 3), (3, 3, 3, 8), 1, 1, 2),
     ],
-    ids=["pointwise", "3x3", "depthwise", "3_channels"],
+    ids=["pointwise", "3x3", "depthwise", "3_channels", "depthwise_stride2", "3_channels_stride2"],
 )
-def test_nhwc_convs_tile_pixels_and_match_numpy(x_shape, w_shape, groups, padding):
+def test_nhwc_convs_tile_pixels_and_match_numpy(x_shape, w_shape, groups, padding, stride):
     """An NHWC conv's register tile takes its rows from the pixels of an image row (x), its lanes from
-    the channels; the result is a dot product per output in another order (bound as above)."""
-    mod = _nhwc_conv(x_shape, w_shape, groups, padding)
+    the channels; the result is a dot product per output in another order (bound as above). A strided
+    conv reads its padding in place, an unstrided one from a padded copy."""
+    mod = _nhwc_conv(x_shape, w_shape, groups, padding, stride)
     target = get_target("cpu").tvm_target()
     scheduled = cpu_pipeline(target)(mod)
     conv_tir = next(f.script() for gv, f in scheduled.functions_items() if "conv2d" in gv.name_hint)
     assert "for xx_1 in T.unroll" in conv_tir and "for ff_1 in T.vectorized" in conv_tir
+    assert ('T.sblock("pad_temp")' in conv_tir) == (padding > 0 and stride == 1)
     rng = np.random.default_rng(2)
     xv, wv = rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal(w_shape).astype(np.float32)
     vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
     actual = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(wv)).numpy()
     kh, kw, cin, cout = w_shape
     padded = np.pad(xv.astype(np.float64), [(0, 0), (padding, padding), (padding, padding), (0, 0)])
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))  # n y x c kh kw
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
     if groups == 1:
         expected = np.einsum("nyxcij,ijcf->nyxf", windows, wv.astype(np.float64))
     else:
