@@ -580,7 +580,7 @@ def _weight_only_gemm(M, N, K, B, with_bias, width):
     fill 4 zmm registers per row with AVX-512; with 16 ymm registers, 16 lanes = 2 per row).
 
     Up to ``WHOLE_TILE_BYTES`` (``LARGE_TILE_BYTES`` from ``LARGE_TILE_ROWS`` rows: a 64 x 576 x 128 conv
-    0.21 -> 0.15 ms, 32 x 768 x 3072 3.3 -> 2.9 ms; at 8 rows the block-wise decode is faster) the whole
+    0.141 -> 0.115 ms, 32 x 768 x 3072 2.74 -> 2.49 ms; at 8 rows the block-wise decode is faster) the whole
     tile [K, 64] is decoded once and row groups are the outer loop
     (loops t, mo, chunk, b, r, mi, lane: the accumulators stay in registers over all of K, and each
     group's output is written right away); above, one block [B, 64] at a time (loops t, b, chunk, mo,
