@@ -4,6 +4,7 @@ on the shapes that select each of their branches (width-1 conv, 1x1 stride-1 con
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import onnx
@@ -308,8 +309,6 @@ def test_register_tiles_are_not_heap_allocated_per_tile():
     """TVM 0.27 allocates a local-scope buffer with TVMBackendAllocWorkspace: a local accumulator tile
     cost one allocation per tile inside the parallel loop (and lived in memory, not registers). No
     parallel task of a depthwise conv allocates."""
-    import re
-
     target = get_target("cpu").tvm_target()
     executable = tvm.compile(
         _nhwc_conv((1, 14, 14, 16), (3, 3, 1, 16), 16, 1), target, relax_pipeline=cpu_pipeline(target)
