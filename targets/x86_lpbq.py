@@ -464,6 +464,7 @@ def _signed_nibble(word, h):
 
 LUT_ROWS = 4  # rows sharing one in-register decode in the GEMV schedule (x 4 tiles = 16 FMA chains)
 GEMV_MAX_M = 16  # with the LUT intrinsic: GEMV schedule up to this M, GEMM above (measured crossover 16..32)
+GEMV_LANES = 16  # channels per LUT intrinsic call (a zmm of floats), the GEMV's channel chunk
 
 
 def weight_only_dense(
@@ -513,7 +514,7 @@ def _wo_output(M, N, acc, s, bias):
 def _weight_only_gemv(M, N, K, B, with_bias, use_lut):
     """Per (64-channel tile, block b): ``P = Σ x · q`` (float, q decoded in registers), ``Acc += P · k``."""
     nt, x, qw, kw, s, bias = _wo_inputs(M, N, K, B, with_bias)
-    nb, lanes = K // B, _lanes(N, 16)
+    nb, lanes = K // B, _lanes(N, GEMV_LANES)
     gg = te.reduce_axis((0, B // 8), "gg")
     hh = te.reduce_axis((0, 8), "hh")
     p = te.compute(
@@ -551,7 +552,7 @@ def _weight_only_gemv(M, N, K, B, with_bias, use_lut):
     sch.reverse_compute_at(blk_y, t)
     inner = sch.get_loops(blk_p)[depth:]  # (m,) lane, gg, hh — compute_at drops a unit m loop
     rows, (p_lane, p_g, p_h) = inner[:-3], inner[-3:]
-    p_tile, p_c = sch.split(p_lane, [None, 16])
+    p_tile, p_c = sch.split(p_lane, [None, GEMV_LANES])
     if use_lut:  # (c16, h8) = one LUT intrinsic; rows x 4 tiles FMA chains, decode shared by the rows
         sch.reorder(p_g, *rows, p_tile, p_c, p_h)
     else:
