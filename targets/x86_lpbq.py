@@ -13,8 +13,8 @@ Three kernels, each a scheduled ``tvm.tirx.PrimFunc`` named ``main`` (attrs ``op
   numpy doing the same float32 operations (:func:`lpbq_tvm.reference.dense_int`);
 * :func:`w4a16_dense` — the same with uint16 codes (``clamp(…, 0, 65535)``), whose sum can pass int32:
   each code runs as two byte-plane rows of the W4A8 kernel, ``xq = 256 · hi + lo``, and
-  ``acc = 256 · Σ hi · w + Σ lo · w − zx · wsum`` is formed exactly in float64 (integers below 2^53) —
-  bit-exact against int64 accumulation.
+  ``acc = 256 · Σ hi · w + Σ lo · w − zx · wsum`` is formed exactly: modulo 2^32 up to K = 256 (where
+  it fits int32), in float64 above (integers below 2^53) — bit-exact against int64 accumulation.
 
 All read a *repacked* copy of the canonical packed storage of :mod:`lpbq_tvm.packing`
 (``q_packed`` uint8 ``[N, K/2]``: ``q[n, 2j]`` low nibble, ``q[n, 2j+1]`` high nibble of byte j,
@@ -62,6 +62,7 @@ __all__ = [
 
 LANES = 64  # output channels per tile (innermost in the repacked weights)
 MAX_K = 65536  # the integer kernels' uint8 · int8 sums fit int32 up to here (255 · 128 · K)
+PLANES_INT32_MAX_K = (2**31 - 1) // (65535 * 128)  # = 256: W4A16's Σ (xq − zx) · q · k fits int32 up to here
 
 
 def default_target() -> tvm.target.Target:
@@ -702,9 +703,10 @@ def w4a16_dense(
 
     ``acc = Σ_i (xq − zx) · q · k`` can pass int32 (65535 · 128 · K from K = 256), so each code is split
     into byte planes, ``xq = 256 · hi + lo``, that run as two rows of the uint8 kernel (each plane's
-    sum fits int32 for K ≤ 65536); ``acc = 256 · Σ hi·w + Σ lo·w − zx · wsum`` is then formed in
-    float64, exactly (every term is an integer below 2^53). Bit-exact against int64 accumulation
-    (:func:`lpbq_tvm.reference.dense_int`).
+    sum fits int32 for K ≤ 65536); ``acc = 256 · Σ hi·w + Σ lo·w − zx · wsum`` is then formed exactly:
+    for K ≤ ``PLANES_INT32_MAX_K`` (256) it fits int32 and is formed modulo 2^32 (one vector convert
+    to float32 per output), above in float64 (every term is an integer below 2^53). Bit-exact against
+    int64 accumulation (:func:`lpbq_tvm.reference.dense_int`).
     """
     return _integer_dense(M, N, K, B, sx, zx, 16, False, target, intrinsic, fold_k)
 
@@ -831,15 +833,19 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
         )
 
     def exact_acc(m, n):
-        """Σ (xq − zx) · w: int32 for one plane. From the byte planes it passes int32, so it is formed in
-        float64, where every term and sum is an integer below 2^53 and so exact: rounding it to float32
-        equals rounding the int64 sum (AVX2 has no vector int64 -> float conversion; float64 vectorizes)."""
+        """Σ (xq − zx) · w: int32 for one plane. From the byte planes it fits int32 up to K =
+        PLANES_INT32_MAX_K, so it is formed modulo 2^32 (in uint32, where wrapping is defined): the
+        exact value. Above, it is formed in float64, where every term and sum is an integer below
+        2^53 and so exact: rounding it to float32 equals rounding the int64 sum (AVX2 has no vector
+        int64 -> float conversion; float64 vectorizes)."""
         if planes == 1:
             return acc[m, n // LANES, n % LANES] - wsum[n] * zx
-        total = tirx.const(0.0, "float64")
+        wide = "uint32" if K <= PLANES_INT32_MAX_K else "float64"
+        total = tirx.const(0, wide)
         for p in range(planes):
-            total = total * 256.0 + acc[planes * m + p, n // LANES, n % LANES].astype("float64")
-        return total - wsum[n].astype("float64") * float(zx)
+            total = total * tirx.const(256, wide) + acc[planes * m + p, n // LANES, n % LANES].astype(wide)
+        total = total - wsum[n].astype(wide) * tirx.const(zx, wide)
+        return total.astype("int32") if wide == "uint32" else total
 
     scaled = te.compute((M, N), lambda m, n: (exact_acc(m, n).astype("float32") * sx_c) * s[n], name="scaled")
     if bias is not None:

@@ -259,10 +259,12 @@ def test_w4a16_bit_exact(M, N, K, B):
 
 @pytest.mark.parametrize("M", [2, 16])  # nibble and fold-k schemes (2 byte-plane rows per row)
 @pytest.mark.parametrize("zx", [0, 65535])
-def test_w4a16_accumulator_beyond_int32(M, zx):
-    """q = −8, k = 16 and saturated uint16 codes over K = 2048: |acc| = 65535 · 128 · 2048 ≈ 1.7e10,
-    past int32 (the reason W4A16 accumulates in int64); each byte plane's sum stays within int32."""
-    N, K, B = 16, 2048, 64
+@pytest.mark.parametrize("K", [fk.PLANES_INT32_MAX_K, 2048])
+def test_w4a16_extreme_accumulator(M, zx, K):
+    """q = −8, k = 16 and saturated uint16 codes: |acc| = 65535 · 128 · K, at K = 256 within 2^15 of
+    int32's limit (the planes are combined modulo 2^32), at K = 2048 ≈ 1.7e10, past int32 (the reason
+    W4A16 accumulates in int64; combined in float64); each byte plane's sum stays within int32."""
+    N, B = 16, 64
     q, k = np.full((N, K), -8), np.full((N, K // B), 16)
     x = np.full((M, K), 1e9 if zx == 0 else -1e9, np.float32)
     s = np.full(N, 0.5, np.float32)
@@ -270,7 +272,8 @@ def test_w4a16_accumulator_beyond_int32(M, zx):
     lib = _compile(("w4a16", M, N, K, B, 0.5, zx), lambda: fk.w4a16_dense(M, N, K, B, 0.5, zx))
     got = _run(lib, [x, qw, kw, wsum, s], M, N)
     ref = reference_w4a8(x, q, k, s, B, 0.5, zx, bitwidth=16)
-    assert abs(float(got[0, 0]) / 0.25) > 2**31 and np.array_equal(got.view(np.int32), ref.view(np.int32))
+    assert np.float32(abs(float(got[0, 0]) / 0.25)) == np.float32(65535 * 128 * K)
+    assert np.array_equal(got.view(np.int32), ref.view(np.int32))
 
 
 def test_integer_kernels_reject_what_they_cannot_hold():
@@ -429,10 +432,10 @@ def test_relax_call_tir(M):
 @pytest.mark.parametrize("M", [1, 7, 32])
 def test_matches_project_unscheduled_kernels(M):
     """W4A8 bit-identical to dense_kernel(integer=...); weight-only within tolerance of dense_kernel."""
-    kernels = pytest.importorskip("passes.lpbq_kernels")
     from tvm import te
 
     from lpbq_tvm.calibration import ActivationEncoding
+    from lpbq_tvm.passes import lpbq_kernels as kernels
 
     N, K, B, sx, zx = 100, 256, 64, 0.0371, 100
     rng = np.random.default_rng(M + 11)
