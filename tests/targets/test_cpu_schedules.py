@@ -18,6 +18,7 @@ from tvm.s_tir import dlight
 
 from lpbq_tvm.compiler import build
 from lpbq_tvm.frontend import import_onnx
+from lpbq_tvm.passes.channels_last import ChannelsLast
 from lpbq_tvm.targets import get_target
 from lpbq_tvm.targets.cpu_schedules import Elementwise, RegisterTiled, _register_tile, _vector_lanes, cpu_pipeline
 
@@ -110,8 +111,8 @@ def test_epilogue_runs_in_one_pass_except_in_lpbq_kernels(prefix):
 
 def test_conv_batch_norm_and_activation_run_as_one_function():
     """Depthwise conv -> BatchNormalization -> HardSwish: the batch norm is decomposed into elementwise
-    ops (its tuple dropped), so all three fuse into one function and run as one pass over the output,
-    dividing nowhere (by the reciprocals of the folded ``sqrt(var + eps)`` and of 6); checked against
+    ops (its tuple dropped), so all three fuse into one function, the epilogue applied as each register
+    tile is stored, dividing nowhere (by the reciprocals of the folded ``sqrt(var + eps)`` and of 6); checked against
     float64 numpy with the bound of each step's float32 error."""
     rng = np.random.default_rng(4)
     c, u = 8, UNIT_ROUNDOFF
@@ -137,6 +138,14 @@ def test_conv_batch_norm_and_activation_run_as_one_function():
         "fused_conv2d_subtract_multiply_multiply_add_add1_tir_clip_multiply1_multiply2"
     ]
     assert not any(" / " in f.script() for f in functions.values())
+    # the epilogue is computed as each register tile is written back: no block of its own
+    (conv,) = (f.script() for name, f in functions.items() if "conv2d" in name)
+    assert re.findall(r'T\.sblock\("(\w+)"\)', conv)[1:] == [
+        "pad_temp",
+        "group_conv2d_nchw_init",
+        "group_conv2d_nchw_update",
+        "group_conv2d_nchw_intermediate_global",
+    ]
     x = rng.standard_normal((1, c, 10, 10)).astype(np.float32)
     imported = import_onnx(model)
     actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
@@ -320,3 +329,43 @@ def test_register_tiles_are_not_heap_allocated_per_tile():
     llvm_ir = executable.mod.imports[0].inspect_source("ll")
     tasks = [f for f in re.split(r"\ndefine ", llvm_ir) if "@__tvm_parallel_lambda" in f.split("\n")[0]]
     assert tasks and not any("TVMBackendAllocWorkspace" in task for task in tasks)
+
+
+def test_an_epilogue_that_broadcasts_the_conv_output_stays_a_pass_of_its_own():
+    """Squeeze-excite, ``h · hardsigmoid(conv1x1(relu(avgpool(h))))`` with ``h = conv1x1(x)``, batch 2:
+    the epilogue reads the excite conv's [2, 1, 1, C] output at every pixel of h, so it cannot run in
+    that conv's write-back (TVM 0.27 fails inside reverse_compute_inline on it); it compiles and
+    matches onnxruntime."""
+    rng = np.random.default_rng(5)
+    c = 16
+    w0, w1 = (rng.standard_normal((c, c, 1, 1)).astype(np.float32) for _ in range(2))
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["h"]),
+        helper.make_node("GlobalAveragePool", ["h"], ["a"]),
+        helper.make_node("Relu", ["a"], ["p"]),
+        helper.make_node("Conv", ["p", "w1"], ["z"]),
+        helper.make_node("HardSigmoid", ["z"], ["g"]),
+        helper.make_node("Mul", ["h", "g"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, c, 7, 7])],
+        [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.standard_normal((2, c, 7, 7)).astype(np.float32)
+    imported = import_onnx(model)
+    nhwc = ChannelsLast()(imported.mod)  # as the cpu target compiles it: convs tile pixels x channels
+    actual = build(nhwc, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+    # h: a c-term dot product in another order; its mean over 49 pixels (within 50u) and the excite
+    # conv likewise; HardSigmoid's slope 0.2 and two roundings; the product with h and its rounding
+    u, w_max = UNIT_ROUNDOFF, max(np.abs(w0).max(), np.abs(w1).max())
+    h_max = c * w_max * np.abs(x).max()
+    h_error = 2 * c * u * h_max
+    pooled_error = h_error + 50 * u * h_max
+    excite_error = c * w_max * pooled_error + 2 * c * u * c * w_max * h_max
+    bound = h_max * (0.2 * excite_error + 2 * u) + h_error + u * h_max
+    np.testing.assert_allclose(actual, ort_run(model, {"x": x})["y"], rtol=0, atol=bound)
