@@ -147,12 +147,14 @@ def test_weight_only_row_tails(M):
     assert np.all(np.abs(got - reference_weight_only(x, q, k, s, B)) <= _weight_only_tolerance(x, q, k, s, B, None))
 
 
-@pytest.mark.parametrize(("M", "whole_tile"), [(24, False), (32, True)])
-def test_weight_only_gemm_decodes_a_large_tile_whole_for_many_rows(M, whole_tile):
+@pytest.mark.parametrize(
+    ("M", "K", "whole_tile"), [(24, 640, False), (32, 640, True), (32, 1280, True), (32, 1344, False)]
+)
+def test_weight_only_gemm_decodes_a_large_tile_whole_for_many_rows(M, K, whole_tile):
     """K = 640, a 160 KiB tile of decoded floats: 32 rows share one decode of the whole tile (its loop
-    runs over all of K), 24 rows decode it block by block (a loop over the blocks outside); both
-    compute the same products."""
-    N, K, B = 100, 640, 64
+    runs over all of K), 24 rows decode it block by block (a loop over the blocks outside); up to
+    K = 1280 (320 KiB) the same, above it block by block. All compute the same products."""
+    N, B = 100, 64
     func = fk.weight_only_dense(M, N, K, B, use_lut=False)
     sch = Schedule(func)
     decode_loops = [int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("W"))]
