@@ -170,6 +170,8 @@ def _inline_epilogue(sch: s_tir.Schedule, epilogue) -> None:
     epilogue must keep its separate roundings (a multiply and an add inlined into one expression
     become one FMA)."""
     outputs = {sch.get(block) for block in sch.get_output_blocks(sch.get_sblock("root"))}
+    # taken before inlining: inlining a producer rewrites its consumers, whose statements then no
+    # longer compare equal to those in `outputs`
     last = [block for block in epilogue if sch.get(block) in outputs]
     for block in epilogue:
         if sch.get(block) not in outputs:
