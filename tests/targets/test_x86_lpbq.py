@@ -148,17 +148,23 @@ def test_weight_only_row_tails(M):
 
 
 @pytest.mark.parametrize(
-    ("M", "K", "whole_tile"), [(24, 640, False), (32, 640, True), (32, 1280, True), (32, 1344, False)]
+    ("K", "B", "decode_loops"),
+    [
+        (512, 64, [512 // 8, 8, 64]),  # a 128 KiB tile: decoded whole, its loop runs over all of K
+        (768, 64, [3, 256 // 8, 8, 64]),  # 12 blocks: 3 panels of 4 blocks (256 k positions)
+        (640, 64, [5, 128 // 8, 8, 64]),  # 10 blocks: 4 does not divide them, 2 does
+        (640, 16, [4, 160 // 8, 8, 64]),  # 40 blocks of 16: panels of 10
+        (1024, 512, [2, 512 // 8, 8, 64]),  # a block longer than a panel: one block per panel
+    ],
 )
-def test_weight_only_gemm_decodes_a_large_tile_whole_for_many_rows(M, K, whole_tile):
-    """K = 640, a 160 KiB tile of decoded floats: 32 rows share one decode of the whole tile (its loop
-    runs over all of K), 24 rows decode it block by block (a loop over the blocks outside); up to
-    K = 1280 (320 KiB) the same, above it block by block. All compute the same products."""
-    N, B = 100, 64
+def test_weight_only_gemm_decodes_a_large_tile_panel_by_panel(K, B, decode_loops):
+    """Above 128 KiB of decoded floats per 64-channel tile, the tile is decoded in panels of whole
+    blocks (a loop over the panels outside), as many blocks as divide K within 256 k positions.
+    All compute the same products."""
+    M, N = 32, 100
     func = fk.weight_only_dense(M, N, K, B, use_lut=False)
     sch = Schedule(func)
-    decode_loops = [int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("W"))]
-    assert decode_loops[1:] == ([K // 8, 8, 64] if whole_tile else [K // B, B // 8, 8, 64])
+    assert [int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("W"))][1:] == decode_loops
     rng = np.random.default_rng(M)
     q, k = _weights(N, K, B, rng)
     s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
