@@ -1,7 +1,11 @@
 """Hand-scheduled LPBQ dense kernels for x86 CPUs (AVX-512 / VNNI; AVX2 and plain fallbacks), for the cpu target.
 
-Three kernels, each a scheduled ``tvm.tirx.PrimFunc`` named ``main`` (attrs ``op_pattern = 8``,
-``tirx.is_scheduled = True``) that ``tvm.compile`` builds as is and ``relax.call_tir`` can call:
+Three kernels, each a scheduled ``tvm.tirx.PrimFunc`` named ``main`` (attr ``tirx.is_scheduled``) that
+``tvm.compile`` builds as is and ``relax.call_tir`` can call. The weight-only kernel is
+out-elementwise-fusable (``op_pattern = 4``, its output block marked ``FUSABLE_OUTPUT``): the
+elementwise ops after it (batch norm, activation) fuse into its function and are computed as each
+output tile is written. The integer kernels are opaque (``op_pattern = 8``): their bias add must stay
+a rounding of its own, which an epilogue inlined into one expression with it would fuse into an FMA.
 
 * :func:`weight_only_dense` — ``y[m, n] = s[n] · Σ_i x[m, i] · float(q[n, i] · k[n, i // B]) (+ bias[n])``,
   float32 activations and accumulation; differs from exact arithmetic by float32 rounding only
@@ -382,8 +386,16 @@ def _block_dot_intrinsic(instructions: str, groups: int) -> str:
     return name
 
 
-def _finish(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    return func.with_attrs({"op_pattern": 8, "tirx.is_scheduled": True})
+FUSABLE_OUTPUT = "lpbq_fusable_output"  # block annotation: the output block an epilogue may be inlined into
+
+
+def _finish(sch: Schedule, fusable_output=None) -> tirx.PrimFunc:
+    """The scheduled function: opaque to ``FuseOps`` (8), or, with its ``fusable_output`` block marked,
+    out-elementwise-fusable (4): the elementwise ops after it join its function and are inlined into
+    that block (``cpu_schedules.KernelEpilogue``)."""
+    if fusable_output is not None:
+        sch.annotate(fusable_output, FUSABLE_OUTPUT, 1)
+    return sch.mod["main"].with_attrs({"op_pattern": 8 if fusable_output is None else 4, "tirx.is_scheduled": True})
 
 
 def _micro_rows(M: int) -> int:
@@ -569,7 +581,7 @@ def _weight_only_gemv(M, N, K, B, with_bias, use_lut):
     for loop in (*rows, p_tile):
         sch.unroll(loop)
     sch.decompose_reduction(blk_acc, b)
-    return _finish(sch.mod["main"])
+    return _finish(sch, blk_y)
 
 
 WHOLE_TILE_BYTES = 128 * 1024  # decoded float q·k of a whole channel tile up to this size (K <= 512): L2-resident
@@ -633,7 +645,7 @@ def _weight_only_gemm(M, N, K, B, with_bias, width):
     sch.vectorize(sch.get_loops(blk_y)[-1])
     sch.parallel(t)
     sch.decompose_reduction(blk_acc, b)
-    return _finish(sch.mod["main"])
+    return _finish(sch, blk_y)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -872,7 +884,7 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
         y_n = sch.get_loops(sch.get_sblock("y"))[-1]
         width = next(w for w in (16, 8, 4, 2, 1) if N % w == 0)
         sch.vectorize(sch.split(y_n, [None, width])[1])
-    return _finish(sch.mod["main"])
+    return _finish(sch)
 
 
 def _row_tile(M: int, planes: int = 1) -> int:

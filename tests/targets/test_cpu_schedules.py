@@ -10,13 +10,16 @@ import numpy as np
 import onnx
 import pytest
 import tvm
-from model_builders import UNIT_ROUNDOFF, ort_run
+from model_builders import UNIT_ROUNDOFF, assert_float_close, ort_run, simulation_bound
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax, s_tir, tirx
 from tvm.relax.backend.cpu_generic import pipeline
+from tvm.relax.frontend import detach_params
 from tvm.s_tir import dlight
 
-from lpbq_tvm.compiler import build
+import lpbq_tvm
+from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+from lpbq_tvm.compiler import build, lower
 from lpbq_tvm.frontend import import_onnx
 from lpbq_tvm.passes.channels_last import ChannelsLast
 from lpbq_tvm.targets import get_target
@@ -369,3 +372,34 @@ def test_an_epilogue_that_broadcasts_the_conv_output_stays_a_pass_of_its_own():
     excite_error = c * w_max * pooled_error + 2 * c * u * c * w_max * h_max
     bound = h_max * (0.2 * excite_error + 2 * u) + h_error + u * h_max
     np.testing.assert_allclose(actual, ort_run(model, {"x": x})["y"], rtol=0, atol=bound)
+
+
+def test_an_lpbq_conv_and_its_activation_run_as_one_function():
+    """A 1x1 conv, LPBQ weight-only (the x86 dense kernel over its NHWC pixels), then ReLU: the reshape
+    back to the conv's layout moves below the ReLU (SinkReshape), which fuses into the kernel's
+    function (NarrowFusedEpilogues, FuseTIR) and is computed in the kernel's output block
+    (KernelEpilogue), with no block of its own. Within the summation-order bound of ``sim.run``."""
+    rng = np.random.default_rng(5)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["z"]), helper.make_node("Relu", ["z"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 5, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48, 5, 7])],
+        [
+            numpy_helper.from_array(rng.standard_normal((48, 64, 1, 1)).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.standard_normal(48).astype(np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sim = QuantizationSimModel(model)
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=32)
+    sim.compute_encodings()
+    detached, _ = detach_params(lower(sim, "cpu", "weight-only"))
+    mod = cpu_pipeline(get_target("cpu").tvm_target())(detached)
+    (kernel,) = (f.script() for gv, f in mod.functions_items() if "lpbq_dense_x86" in gv.name_hint)
+    assert re.findall(r'T\.sblock\("(\w+)"\)', kernel)[1:] == ["W", "Acc_init", "Acc_update", "y"]
+    assert "T.max(" in kernel  # the ReLU, in the output block
+    x = {"x": rng.standard_normal((1, 64, 5, 7)).astype(np.float32)}
+    actual = lpbq_tvm.compile(sim, "cpu", "weight-only").run(x)["y"]
+    assert_float_close(actual, sim.run(x)["y"], simulation_bound(sim, x, terms=[64]))

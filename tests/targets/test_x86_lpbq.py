@@ -376,15 +376,27 @@ def test_weight_only_instruction_sets(cpu, M, B):
         assert np.all(np.abs(got - ref) <= _weight_only_tolerance(x, q, k, s, B, None))
 
 
-def test_kernel_attributes():
-    for func in (
-        fk.weight_only_dense(1, 64, 64, 64),
-        fk.weight_only_dense(8, 64, 64, 64),
-        fk.w4a8_dense(1, 64, 64, 64, 0.1, 0),
-        fk.w4a16_dense(1, 64, 64, 64, 0.1, 0),
-    ):
-        assert int(func.attrs["op_pattern"]) == 8
-        assert bool(func.attrs["tirx.is_scheduled"])
+@pytest.mark.parametrize(
+    ("func", "fusable"),
+    [
+        (fk.weight_only_dense(1, 64, 64, 64), True),  # GEMV
+        (fk.weight_only_dense(32, 64, 64, 64), True),  # GEMM
+        (fk.w4a8_dense(1, 64, 64, 64, 0.1, 0), False),
+        (fk.w4a16_dense(1, 64, 64, 64, 0.1, 0), False),
+    ],
+)
+def test_kernel_attributes(func, fusable):
+    """Scheduled; weight-only out-elementwise-fusable (4) with its output block marked, the integer
+    kernels opaque (8): their separate bias rounding must not meet an inlined epilogue."""
+    assert bool(func.attrs["tirx.is_scheduled"])
+    assert int(func.attrs["op_pattern"]) == (4 if fusable else 8)
+    sch = Schedule(func)
+    marked = [
+        sch.get(block).name_hint
+        for block in sch.get_child_blocks(sch.get_sblock("root"))
+        if fk.FUSABLE_OUTPUT in sch.get(block).annotations
+    ]
+    assert marked == (["y"] if fusable else [])
 
 
 # ------------------------------------------------------------------------------------------------

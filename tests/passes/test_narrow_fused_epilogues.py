@@ -1,0 +1,66 @@
+"""NarrowFusedEpilogues: the ops FuseOps grouped with a scheduled int32 kernel get int32 copies, so
+FuseTIR can merge the group; the same op outside such a group keeps its int64 original."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+
+from lpbq_tvm.packing import pack_nibbles
+from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
+from lpbq_tvm.targets import x86_lpbq
+from lpbq_tvm.targets.cpu import tvm_target
+
+M, N, K, B = 32, 64, 64, 32
+
+
+def _grouped(narrow: bool) -> tvm.IRModule:
+    """``relu(kernel(x))`` and ``relu(x)``, legalized and grouped by FuseOps, [narrowed]."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((M, K), "float32"))
+    qw = relax.Var("qw", relax.TensorType((1, K // 8, 64), "uint32"))
+    kw = relax.Var("kw", relax.TensorType((1, 1, 64), "uint8"))
+    s = relax.Var("s", relax.TensorType((N,), "float32"))
+    with bb.function("main", [x, qw, kw, s]):
+        with bb.dataflow():
+            kernel = x86_lpbq.weight_only_dense(M, N, K, B, target=tvm_target()).without_attr("global_symbol")
+            kernel = bb.add_func(kernel, "kernel")
+            y = bb.emit(relax.call_tir(kernel, [x, qw, kw, s], relax.TensorType((M, N), "float32")))
+            out = bb.emit_output(relax.Tuple([bb.emit(relax.op.nn.relu(y)), bb.emit(relax.op.nn.relu(x))]))
+        bb.emit_func_output(out)
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps()]
+    return tvm.transform.Sequential(passes + ([NarrowFusedEpilogues()] if narrow else []))(bb.get())
+
+
+def _int64_indexed(func: tirx.PrimFunc) -> bool:
+    return "T.int64(" in func.script()
+
+
+def test_fuse_tir_merges_the_kernel_and_its_narrowed_epilogue():
+    grouped = _grouped(narrow=True)
+    assert not _int64_indexed(grouped["relu_int32"])
+    assert _int64_indexed(grouped["relu"])  # relu(x), outside the group
+    fused = relax.transform.FuseTIR()(grouped)
+    (merged,) = (f for gv, f in fused.functions_items() if gv.name_hint.startswith("fused_kernel"))
+    assert "T.max(" in merged.script()
+
+    rng = np.random.default_rng(0)
+    q, k = rng.integers(-8, 8, (N, K)), rng.integers(1, 17, (N, K // B))
+    qw, kw = x86_lpbq.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    s = rng.uniform(0.5, 1.5, N).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.compile(fused, target=tvm_target()), tvm.cpu())
+    kernel_relu, x_relu = vm["main"](*(tvm.runtime.tensor(a) for a in (x, qw, kw, s)))
+    np.testing.assert_array_equal(x_relu.numpy(), np.maximum(x, 0))
+    w = (q * np.repeat(k, B, axis=1)).T
+    reference = (x.astype(np.float64) @ w) * s
+    # K products summed in float32 in some order, then scaled: (K + 2) roundings of the magnitudes
+    bound = (K + 2) * 2.0**-24 * (np.abs(x) @ np.abs(w)) * s
+    assert (np.abs(kernel_relu.numpy() - np.maximum(reference, 0)) <= bound).all()
+
+
+def test_without_it_fuse_tir_rejects_the_group():
+    with pytest.raises(tvm.error.InternalError, match="Inconsistent buffers"):
+        relax.transform.FuseTIR()(_grouped(narrow=False))
