@@ -30,7 +30,7 @@ class NarrowFusedEpilogues:
             if isinstance(func, relax.Function) and func.attrs is not None and "Primitive" in func.attrs
         ]
         builder = relax.BlockBuilder(mod)
-        narrowed: dict[tirx.GlobalVar, tvm.ir.GlobalVar] = {}
+        narrowed: dict[tvm.ir.GlobalVar, tvm.ir.GlobalVar] = {}
         rewritten = {}
         for gvar, func in groups:
             callees = [call.args[0] for call in _tir_calls(func)]
