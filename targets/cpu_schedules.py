@@ -426,9 +426,10 @@ def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
 
 
 def cpu_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with fast math, batch norms decomposed and divisions by constants turned into
-    multiplications before legalization, and :class:`RegisterTiled`, :class:`Elementwise` and
-    dlight's CPU ``Reduction`` applied after it;
+    """TVM's CPU pipeline with fast math, batch norms decomposed, divisions by constants turned into
+    multiplications and reshapes sunk below elementwise ops before legalization, ops fused after a
+    scheduled kernel narrowed to its int32 indices before ``FuseTIR``, and :class:`KernelEpilogue`,
+    :class:`RegisterTiled`, :class:`Elementwise` and dlight's CPU ``Reduction`` applied after it;
     with a MetaSchedule ``database`` (entered as a context around the build), its tuned schedules
     first, the rules for the rest."""
     from tvm.relax.backend.cpu_generic import pipeline
