@@ -62,11 +62,11 @@ from tvm.target import codegen
 from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
 from lpbq_tvm.passes.reciprocal_division import ReciprocalDivision
 from lpbq_tvm.passes.sink_reshape import SinkReshape
-from lpbq_tvm.targets.x86_lpbq import FUSABLE_OUTPUT
 
 __all__ = ["Elementwise", "KernelEpilogue", "RegisterTiled", "cpu_pipeline"]
 
 _REDUCE = 2  # tirx.IterVar.CommReduce
+FUSABLE_OUTPUT = "lpbq_fusable_output"  # block annotation of a scheduled kernel: KernelEpilogue inlines into it
 
 
 def _largest_divisor(extent: int, choices: tuple[int, ...]) -> int:
@@ -288,7 +288,7 @@ def _kind(sch: s_tir.Schedule, block) -> str | None:
 
 class KernelEpilogue(dlight.ScheduleRule):
     """A scheduled kernel fused with the elementwise ops after it (``FuseOps`` on a kernel whose output
-    block is marked :data:`~lpbq_tvm.targets.x86_lpbq.FUSABLE_OUTPUT`, then
+    block is marked :data:`FUSABLE_OUTPUT`, then
     :class:`~lpbq_tvm.passes.narrow_fused_epilogues.NarrowFusedEpilogues` and ``FuseTIR``): the ops
     inlined into one expression computed in that block, as each output tile is written
     (:func:`_inline_epilogue`); an op that cannot be inlined keeps its own pass, parallel and

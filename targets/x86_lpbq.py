@@ -2,7 +2,7 @@
 
 Three kernels, each a scheduled ``tvm.tirx.PrimFunc`` named ``main`` (attr ``tirx.is_scheduled``) that
 ``tvm.compile`` builds as is and ``relax.call_tir`` can call. The weight-only kernel is
-out-elementwise-fusable (``op_pattern = 4``, its output block marked ``FUSABLE_OUTPUT``): the
+out-elementwise-fusable (``op_pattern = 4``, its output block marked ``cpu_schedules.FUSABLE_OUTPUT``): the
 elementwise ops after it (batch norm, activation) fuse into its function and are computed as each
 output tile is written. The integer kernels are opaque (``op_pattern = 8``): their bias add must stay
 a rounding of its own, which an epilogue inlined into one expression with it would fuse into an FMA.
@@ -50,6 +50,8 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
+
+from lpbq_tvm.targets.cpu_schedules import FUSABLE_OUTPUT
 
 __all__ = [
     "LANES",
@@ -384,9 +386,6 @@ def _block_dot_intrinsic(instructions: str, groups: int) -> str:
 
     TensorIntrin.register(name, desc, impl)
     return name
-
-
-FUSABLE_OUTPUT = "lpbq_fusable_output"  # block annotation: the output block an epilogue may be inlined into
 
 
 def _finish(sch: Schedule, fusable_output=None) -> tirx.PrimFunc:

@@ -17,6 +17,7 @@ from lpbq_tvm import reference
 from lpbq_tvm.calibration import ActivationEncoding
 from lpbq_tvm.packing import pack_nibbles
 from lpbq_tvm.targets import x86_lpbq as fk
+from lpbq_tvm.targets.cpu_schedules import FUSABLE_OUTPUT
 
 
 def reference_weight_only(x, q, k, s, B, bias=None):
@@ -394,7 +395,7 @@ def test_kernel_attributes(func, fusable):
     marked = [
         sch.get(block).name_hint
         for block in sch.get_child_blocks(sch.get_sblock("root"))
-        if fk.FUSABLE_OUTPUT in sch.get(block).annotations
+        if FUSABLE_OUTPUT in sch.get(block).annotations
     ]
     assert marked == (["y"] if fusable else [])
 
