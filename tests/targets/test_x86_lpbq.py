@@ -192,6 +192,20 @@ def test_a_layer_of_one_partial_tile_computes_only_its_channels(kernel):
         assert int(acc.shape[-1]) == lanes
 
 
+@pytest.mark.parametrize("K", [256, 768])  # decoded whole; in 3 panels
+def test_weight_only_gemm_decodes_every_code_exactly(K):
+    """The GEMM's decoded weights are exactly q·k: identity rows of x read them out one by one, so
+    y = float32(q·k · s) bit for bit, for every nibble position of a dword and every code -8..7."""
+    N, B = 100, 64
+    rng = np.random.default_rng(K)
+    q, k = _weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = np.eye(K, dtype=np.float32)
+    qw, kw = fk.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    got = _run(tvm.compile(fk.weight_only_dense(K, N, K, B, use_lut=False), TARGET), [x, qw, kw, s], K, N)
+    assert np.array_equal(got, (q * np.repeat(k, B, axis=1)).T.astype(np.float32) * s)
+
+
 def test_weight_only_zero_codes_exact():
     """All-zero codes give exactly 0 (signed decode, no offset cancellation)."""
     M, N, K, B = 1, 100, 128, 64
