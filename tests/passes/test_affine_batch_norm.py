@@ -1,0 +1,98 @@
+"""AffineBatchNorm: inference batch norms with constant parameters become ``x * a + b`` per channel,
+within the error bound the module states; a batch norm with a run-time parameter stays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import relax as R
+
+from lpbq_tvm.compiler import build
+from lpbq_tvm.passes.affine_batch_norm import AffineBatchNorm
+
+EPS = 1e-3
+RNG = np.random.default_rng(0)
+GAMMA, BETA, MEAN = (RNG.standard_normal(8).astype(np.float32) for _ in range(3))
+VAR = RNG.uniform(0.01, 4, 8).astype(np.float32)
+
+
+def _module(axis: int, shape: tuple[int, ...], center: bool = True, scale: bool = True) -> tvm.IRModule:
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(x: R.Tensor(shape, "float32")):
+            with R.dataflow():
+                normalized = R.nn.batch_norm(
+                    x,
+                    R.const(GAMMA),
+                    R.const(BETA),
+                    R.const(MEAN),
+                    R.const(VAR),
+                    axis=axis,
+                    epsilon=EPS,
+                    center=center,
+                    scale=scale,
+                    training=False,
+                )
+                out = R.nn.relu(normalized[0])
+                R.output(out)
+            return out
+
+    return Module
+
+
+def _calls(mod: tvm.IRModule, name: str) -> list[relax.Call]:
+    found = []
+    relax.analysis.post_order_visit(
+        mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) and e.op.name == name else None
+    )
+    return found
+
+
+def _exact(x: np.ndarray, axis: int, center: bool = True, scale: bool = True) -> np.ndarray:
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    g, b, m, v = (p.astype(np.float64).reshape(shape) for p in (GAMMA, BETA, MEAN, VAR))
+    return (x - m) / np.sqrt(v + np.float32(EPS)) * (g if scale else 1) + (b if center else 0)
+
+
+@pytest.mark.parametrize(("axis", "shape", "const_shape"), [(3, (2, 5, 5, 8), (8,)), (1, (2, 8, 5, 5), (8, 1, 1))])
+def test_a_batch_norm_becomes_one_scale_and_one_shift_rounded_from_float64(axis, shape, const_shape):
+    rewritten = AffineBatchNorm()(_module(axis, shape))
+    assert not _calls(rewritten, "relax.nn.batch_norm")
+    (multiply,), (add,) = _calls(rewritten, "relax.multiply"), _calls(rewritten, "relax.add")
+    scale = GAMMA.astype(np.float64) / np.sqrt(VAR.astype(np.float64) + np.float32(EPS))
+    shift = BETA.astype(np.float64) - MEAN.astype(np.float64) * scale
+    np.testing.assert_array_equal(multiply.args[1].value.numpy(), scale.astype(np.float32).reshape(const_shape))
+    np.testing.assert_array_equal(add.args[1].value.numpy(), shift.astype(np.float32).reshape(const_shape))
+
+
+def test_a_batch_norm_with_a_run_time_parameter_stays():
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(x: R.Tensor((2, 8), "float32"), gamma: R.Tensor((8,), "float32")):
+            with R.dataflow():
+                normalized = R.nn.batch_norm(
+                    x, gamma, R.const(BETA), R.const(MEAN), R.const(VAR), axis=1, epsilon=EPS, training=False
+                )
+                out = normalized[0]
+                R.output(out)
+            return out
+
+    assert len(_calls(AffineBatchNorm()(Module), "relax.nn.batch_norm")) == 1
+
+
+@pytest.mark.parametrize(("center", "scale"), [(True, True), (False, True), (True, False)])
+def test_compiled_batch_norms_are_within_the_stated_bound_of_the_exact_ones(center, scale):
+    """``x * a + b`` with ``a``, ``b`` rounded once: within ``2^-24 (2 |x a| + |b| + |y|)`` of the
+    exact batch norm (ReLU after it does not widen the error)."""
+    x = (RNG.standard_normal((2, 5, 5, 8)) * 10.0 ** RNG.integers(-2, 3, (2, 5, 5, 8))).astype(np.float32)
+    out = build(_module(3, x.shape, center, scale)).run({"x": x})["output0"].astype(np.float64)
+    exact = _exact(x.astype(np.float64), 3, center, scale)
+    scale_ = (GAMMA if scale else 1) / np.sqrt(VAR.astype(np.float64) + np.float32(EPS))
+    shift = (BETA if center else 0) - MEAN * scale_
+    bound = 2.0**-24 * (2 * np.abs(x * scale_) + np.abs(shift) + np.abs(exact))
+    assert np.all(np.abs(out - np.maximum(exact, 0)) <= bound * (1 + 2.0**-20))  # (+ second-order terms)
