@@ -2,8 +2,8 @@
 
 Match: ``nn.batch_norm(x, gamma, beta, mean, var)`` (not training) whose four parameters are
 constants. Rewrite: ``x * a + b`` per channel along its axis, with ``a = gamma / sqrt(var + eps)``
-and ``b = beta - mean * a`` computed in float64 and rounded once to float32; the moving statistics
-it also returns stay as they are.
+and ``b = beta - mean * a`` computed in float64 and rounded once to the data's dtype; the moving
+statistics it also returns stay as they are.
 
 ``DecomposeOpsForInference`` would give ``(x - mean) * (1 / sqrt(var + eps)) * gamma + beta``:
 four operations on every element, which ``FoldConstant`` cannot merge. Two are left here, and in a
@@ -38,17 +38,16 @@ class AffineBatchNorm:
 
 
 def _scale_and_shift(call: relax.Call) -> tuple[np.ndarray, np.ndarray] | None:
-    """float32 ``(a, b)`` of an inference batch norm with constant parameters, shaped to broadcast
-    along its axis; None for any other batch norm."""
-    attrs = call.attrs
-    if attrs.training or not all(isinstance(arg, tvm.ir.expr.Constant) for arg in call.args[1:]):
+    """``(a, b)`` of an inference batch norm with constant parameters, in its dtype, shaped to
+    broadcast along its axis; None for any other batch norm (or data of unknown rank)."""
+    attrs, data = call.attrs, call.args[0].ty
+    if attrs.training or data.ndim < 1 or not all(isinstance(arg, tvm.ir.expr.Constant) for arg in call.args[1:]):
         return None
     gamma, beta, mean, var = (arg.value.numpy().astype(np.float64) for arg in call.args[1:])
     scale = (gamma if attrs.scale else 1.0) / np.sqrt(var + float(attrs.epsilon))
     shift = (beta if attrs.center else 0.0) - mean * scale
-    ndim = call.args[0].ty.ndim
-    shape = (-1,) + (1,) * (ndim - 1 - int(attrs.axis) % ndim)
-    return scale.astype(np.float32).reshape(shape), shift.astype(np.float32).reshape(shape)
+    shape = (-1,) + (1,) * (data.ndim - 1 - int(attrs.axis) % data.ndim)
+    return scale.astype(str(data.dtype)).reshape(shape), shift.astype(str(data.dtype)).reshape(shape)
 
 
 @relax.expr_functor.mutator

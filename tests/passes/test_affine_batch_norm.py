@@ -18,18 +18,20 @@ GAMMA, BETA, MEAN = (RNG.standard_normal(8).astype(np.float32) for _ in range(3)
 VAR = RNG.uniform(0.01, 4, 8).astype(np.float32)
 
 
-def _module(axis: int, shape: tuple[int, ...], center: bool = True, scale: bool = True) -> tvm.IRModule:
+def _module(axis: int, shape: tuple, center: bool = True, scale: bool = True, dtype: str = "float32"):
+    gamma, beta, mean, var = (p.astype(dtype) for p in (GAMMA, BETA, MEAN, VAR))
+
     @tvm.script.ir_module
     class Module:
         @R.function
-        def main(x: R.Tensor(shape, "float32")):
+        def main(x: R.Tensor(shape, dtype)):
             with R.dataflow():
                 normalized = R.nn.batch_norm(
                     x,
-                    R.const(GAMMA),
-                    R.const(BETA),
-                    R.const(MEAN),
-                    R.const(VAR),
+                    R.const(gamma),
+                    R.const(beta),
+                    R.const(mean),
+                    R.const(var),
                     axis=axis,
                     epsilon=EPS,
                     center=center,
@@ -67,6 +69,13 @@ def test_a_batch_norm_becomes_one_scale_and_one_shift_rounded_from_float64(axis,
     shift = BETA.astype(np.float64) - MEAN.astype(np.float64) * scale
     np.testing.assert_array_equal(multiply.args[1].value.numpy(), scale.astype(np.float32).reshape(const_shape))
     np.testing.assert_array_equal(add.args[1].value.numpy(), shift.astype(np.float32).reshape(const_shape))
+
+
+def test_the_scale_and_shift_take_the_data_dtype():
+    rewritten = AffineBatchNorm()(_module(3, (2, 5, 5, 8), dtype="float16"))
+    (multiply,), (add,) = _calls(rewritten, "relax.multiply"), _calls(rewritten, "relax.add")
+    assert multiply.args[1].value.numpy().dtype == add.args[1].value.numpy().dtype == np.float16
+    assert str(rewritten["main"].ret_ty.dtype) == "float16"
 
 
 def test_a_batch_norm_with_a_run_time_parameter_stays():
