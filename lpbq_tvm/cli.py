@@ -643,14 +643,17 @@ def _run_bench(args: argparse.Namespace, console: Console) -> int:
             result = benchmark_model(sim, inputs, modes, args.repeat, args.threads)
     threads = f"{args.threads} thread(s)" if result.threads else "the device's threads"
     table = Table(title=f"{Path(args.model).name} on {where}: median of {args.repeat} runs, {threads}")
-    for column in ("runtime", "median ms", "min ms", "max ms", "vs TVM fp32", "compile s", "weight KiB"):
+    ratios = ("vs TVM fp32", "vs onnxruntime fp32")
+    for column in ("runtime", "median ms", "min ms", "max ms", *ratios, "compile s", "weight KiB"):
         table.add_column(column, justify="left" if column == "runtime" else "right")
     base = result.tvm["fp32"].median_ms
+    ort = result.onnxruntime_fp32.median_ms if result.onnxruntime_fp32 else None
     args.result.update(
         device=where,
         threads=result.threads,
         onnxruntime_fp32=vars(result.onnxruntime_fp32) if result.onnxruntime_fp32 else None,
         tvm={mode: vars(t) for mode, t in result.tvm.items()},
+        tvm_vs_onnxruntime_fp32={mode: t.median_ms / ort for mode, t in result.tvm.items()} if ort else None,
         compile_seconds=result.compile_seconds,
         weight_bytes=result.weight_bytes,
     )
@@ -666,6 +669,7 @@ def _run_bench(args: argparse.Namespace, console: Console) -> int:
             f"{timing.min_ms:.3f}",
             f"{timing.max_ms:.3f}",
             f"{timing.median_ms / base:.2f}x",
+            f"{timing.median_ms / ort:.2f}x" if ort else "",
             seconds,
             kib,
         )

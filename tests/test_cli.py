@@ -172,6 +172,8 @@ def test_json_results_and_bench(tmp_path, capsys):
     timings = json.loads(capsys.readouterr().out)
     assert set(timings["tvm"]) == {"fp32", "weight-only", "w4a8", "w4a16"}
     assert all(t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in timings["tvm"].values())
+    ort = timings["onnxruntime_fp32"]["median_ms"]
+    assert timings["tvm_vs_onnxruntime_fp32"] == {mode: t["median_ms"] / ort for mode, t in timings["tvm"].items()}
 
 
 def test_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
