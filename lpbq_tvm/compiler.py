@@ -167,10 +167,10 @@ class CompiledModel:
         return self._vm
 
     def _input_tensors(self, inputs: Mapping[str, np.ndarray]) -> list[tvm.runtime.Tensor]:
-        expected = {info.name: info for info in self.inputs}
-        unknown = sorted(set(inputs) - set(expected))
-        missing = [name for name in expected if name not in inputs]
-        if unknown or missing:
+        expected = [info.name for info in self.inputs]
+        if inputs.keys() != set(expected):
+            unknown = sorted(set(inputs) - set(expected))
+            missing = [name for name in expected if name not in inputs]
             described = ", ".join(f"{i.name} {list(i.shape)} {i.dtype}" for i in self.inputs)
             msg = f"inputs must be exactly: {described}"
             msg += f"; missing {', '.join(missing)}" if missing else ""
@@ -179,7 +179,7 @@ class CompiledModel:
         self._machine()
         for info, view in zip(self.inputs, self._views, strict=True):
             value = np.asarray(inputs[info.name])
-            if value.shape != info.shape or value.dtype != np.dtype(info.dtype):
+            if value.shape != view.shape or value.dtype != view.dtype:
                 msg = (
                     f"input '{info.name}' must be {info.dtype} of shape {list(info.shape)}, "
                     f"got {value.dtype} of shape {list(value.shape)}"
