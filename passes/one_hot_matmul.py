@@ -41,6 +41,14 @@ def _rewrite(func: relax.Function) -> relax.Function:
     return relax.analysis.remove_all_unused(rewritten) if rewriter.replaced else rewritten
 
 
+def _dim(expr: relax.Expr, axis: int) -> int | None:
+    """The length of ``expr``'s tensor axis ``axis`` when it is a known integer, else None."""
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not -len(shape) <= axis < len(shape) or not isinstance(shape[axis], tvm.tirx.IntImm):
+        return None
+    return int(shape[axis])
+
+
 def _arange_length(expr: relax.Expr, ndim: int) -> int | None:
     """``n`` if ``expr`` is the integer constant ``[0, 1, ..., n - 1]`` along its last axis (any
     others of length 1, at most ``ndim`` axes), else None."""
@@ -71,7 +79,7 @@ class _Rewriter(relax.PyExprMutator):
         if equal is None:
             return None
         for x, classes in (equal.args, equal.args[::-1]):
-            if not str(x.ty.dtype).startswith(("int", "uint")) or int(x.ty.shape[-1]) != 1:
+            if _dim(x, -1) != 1 or not str(x.ty.dtype).startswith(("int", "uint")):
                 continue
             n = _arange_length(classes, x.ty.ndim)
             if n is not None:
@@ -84,7 +92,7 @@ class _Rewriter(relax.PyExprMutator):
             return call
         found = self._one_hot_indices(call.args[0])
         weight = call.args[1]
-        if found is None or weight.ty.ndim != 2 or int(weight.ty.shape[0]) != found[1]:
+        if found is None or weight.ty.ndim != 2 or _dim(weight, 0) != found[1]:
             return call
         x, n = found
         self.replaced = True

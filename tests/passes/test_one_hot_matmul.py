@@ -1,5 +1,6 @@
 """OneHotMatMul: ``matmul(astype(equal(x, arange(n))), w)`` becomes a row lookup of ``w`` that equals the
-matmul bit for bit, zero rows for indices outside ``0..n-1``; other equal-matmuls stay."""
+matmul bit for bit, zero rows for indices outside ``0..n-1``; the batch axis may be symbolic; other
+equal-matmuls stay."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from lpbq_tvm.passes.one_hot_matmul import OneHotMatMul
 N, F = 9, 5
 
 
-def _module(classes: np.ndarray, x_dtype: str = "int32") -> tvm.IRModule:
+def _module(classes: np.ndarray, x_dtype: str = "int32", w_rows: int | str = N, batch: int | str = "b") -> tvm.IRModule:
     @tvm.script.ir_module
     class Module:
         @R.function
-        def main(x: R.Tensor((2, 6, 1), x_dtype), w: R.Tensor((N, F), "float32")):
+        def main(x: R.Tensor((batch, 6, 1), x_dtype), w: R.Tensor((w_rows, F), "float32")):
             with R.dataflow():
                 one_hot = R.astype(R.equal(x, R.const(classes)), "float32")
                 out = R.matmul(one_hot, w)
@@ -46,7 +47,7 @@ def test_a_one_hot_matmul_becomes_a_lookup_equal_to_the_matmul(classes):
     x = rng.integers(-2, N + 3, (2, 6, 1)).astype(np.int32)  # some outside 0..N-1: all-zero one-hot rows
     x[0, :3, 0] = [-1, N, N + 2]
     w = rng.standard_normal((N, F)).astype(np.float32)
-    got = build(_module(classes)).run({"x": x, "w": w})["output0"]
+    got = build(_module(classes, batch=2)).run({"x": x, "w": w})["output0"]
     one_hot = (x == ARANGE).astype(np.float32)
     np.testing.assert_array_equal(got, one_hot @ w)
     assert not got[0, :3].any()
@@ -59,3 +60,7 @@ def test_a_one_hot_matmul_becomes_a_lookup_equal_to_the_matmul(classes):
 )
 def test_other_comparisons_stay_a_matmul(classes, x_dtype):
     assert {"relax.matmul", "relax.equal"} <= _ops(OneHotMatMul()(_module(classes, x_dtype)))
+
+
+def test_a_weight_of_unknown_rows_stays_a_matmul():
+    assert "relax.matmul" in _ops(OneHotMatMul()(_module(ARANGE, w_rows="n")))
