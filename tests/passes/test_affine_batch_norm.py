@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from tvm import relax
+from relax_calls import relax_calls
 from tvm.script import relax as R
 
 from lpbq_tvm.compiler import build
@@ -45,14 +45,6 @@ def _module(axis: int, shape: tuple, center: bool = True, scale: bool = True, dt
     return Module
 
 
-def _calls(mod: tvm.IRModule, name: str) -> list[relax.Call]:
-    found = []
-    relax.analysis.post_order_visit(
-        mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) and e.op.name == name else None
-    )
-    return found
-
-
 def _exact(x: np.ndarray, axis: int, center: bool = True, scale: bool = True) -> np.ndarray:
     shape = [1] * x.ndim
     shape[axis] = -1
@@ -63,8 +55,8 @@ def _exact(x: np.ndarray, axis: int, center: bool = True, scale: bool = True) ->
 @pytest.mark.parametrize(("axis", "shape", "const_shape"), [(3, (2, 5, 5, 8), (8,)), (1, (2, 8, 5, 5), (8, 1, 1))])
 def test_a_batch_norm_becomes_one_scale_and_one_shift_rounded_from_float64(axis, shape, const_shape):
     rewritten = AffineBatchNorm()(_module(axis, shape))
-    assert not _calls(rewritten, "relax.nn.batch_norm")
-    (multiply,), (add,) = _calls(rewritten, "relax.multiply"), _calls(rewritten, "relax.add")
+    assert not relax_calls(rewritten, "relax.nn.batch_norm")
+    (multiply,), (add,) = relax_calls(rewritten, "relax.multiply"), relax_calls(rewritten, "relax.add")
     scale = GAMMA.astype(np.float64) / np.sqrt(VAR.astype(np.float64) + np.float32(EPS))
     shift = BETA.astype(np.float64) - MEAN.astype(np.float64) * scale
     np.testing.assert_array_equal(multiply.args[1].value.numpy(), scale.astype(np.float32).reshape(const_shape))
@@ -73,7 +65,7 @@ def test_a_batch_norm_becomes_one_scale_and_one_shift_rounded_from_float64(axis,
 
 def test_the_scale_and_shift_take_the_data_dtype():
     rewritten = AffineBatchNorm()(_module(3, (2, 5, 5, 8), dtype="float16"))
-    (multiply,), (add,) = _calls(rewritten, "relax.multiply"), _calls(rewritten, "relax.add")
+    (multiply,), (add,) = relax_calls(rewritten, "relax.multiply"), relax_calls(rewritten, "relax.add")
     assert multiply.args[1].value.numpy().dtype == add.args[1].value.numpy().dtype == np.float16
     assert str(rewritten["main"].ret_ty.dtype) == "float16"
 
@@ -91,7 +83,7 @@ def test_a_batch_norm_with_a_run_time_parameter_stays():
                 R.output(out)
             return out
 
-    assert len(_calls(AffineBatchNorm()(Module), "relax.nn.batch_norm")) == 1
+    assert len(relax_calls(AffineBatchNorm()(Module), "relax.nn.batch_norm")) == 1
 
 
 @pytest.mark.parametrize(("center", "scale"), [(True, True), (False, True), (True, False)])

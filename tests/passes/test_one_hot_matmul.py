@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from tvm import relax
+from relax_calls import relax_calls
 from tvm.script import relax as R
 
 from lpbq_tvm.compiler import build
@@ -31,9 +31,7 @@ def _module(classes: np.ndarray, x_dtype: str = "int32", w_rows: int | str = N, 
 
 
 def _ops(mod: tvm.IRModule) -> set[str]:
-    found = set()
-    relax.analysis.post_order_visit(mod["main"], lambda e: found.add(e.op.name) if isinstance(e, relax.Call) else None)
-    return found
+    return {call.op.name for call in relax_calls(mod)}
 
 
 ARANGE = np.arange(N, dtype=np.int32)

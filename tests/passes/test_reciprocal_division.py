@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+from relax_calls import relax_calls
 from tvm import relax
 from tvm.script import relax as R
 
@@ -30,28 +31,20 @@ def _module(divisor: np.ndarray) -> tvm.IRModule:
     return Module
 
 
-def _calls(mod: tvm.IRModule, name: str) -> list[relax.Call]:
-    found = []
-    relax.analysis.post_order_visit(
-        mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) and e.op.name == name else None
-    )
-    return found
-
-
 def test_a_division_by_a_constant_becomes_a_multiplication_by_its_float32_reciprocal():
     rewritten = ReciprocalDivision()(_module(DIVISOR))
-    multiplies = _calls(rewritten, "relax.multiply")
+    multiplies = relax_calls(rewritten, "relax.multiply")
     reciprocals = sorted((m.args[1].value.numpy() for m in multiplies), key=np.size)
     np.testing.assert_array_equal(reciprocals[0], np.float32(1) / np.float32(6))
     np.testing.assert_array_equal(reciprocals[1], np.float32(1) / DIVISOR)
-    (division,) = _calls(rewritten, "relax.divide")  # by the variable y
+    (division,) = relax_calls(rewritten, "relax.divide")  # by the variable y
     assert isinstance(division.args[1], relax.Var)
 
 
 def test_a_divisor_without_a_finite_reciprocal_stays_a_division():
     for divisor in (np.array([2.0, 0.0, 1.0, 1.0], np.float32), np.array([1e-39, 1, 1, 1], np.float32)):
         rewritten = ReciprocalDivision()(_module(divisor))
-        assert len(_calls(rewritten, "relax.divide")) == 2 and len(_calls(rewritten, "relax.multiply")) == 1
+        assert len(relax_calls(rewritten, "relax.divide")) == 2 and len(relax_calls(rewritten, "relax.multiply")) == 1
 
 
 def test_compiled_quotients_are_within_the_stated_bound_of_the_exact_ones():
