@@ -15,10 +15,13 @@ a rounding of its own, which an epilogue inlined into one expression with it wou
   a reciprocal), ``acc = Σ_i (xq − zx) · (q · k)`` in int32 (computed as ``Σ xq · w − zx · wsum``),
   ``y = float32(acc) · sx · s[n]``, then ``+ bias[n]`` as a separate loop nest: bit-exact against
   numpy doing the same float32 operations (:func:`lpbq_tvm.reference.dense_int`);
-* :func:`w4a16_dense` — the same with uint16 codes (``clamp(…, 0, 65535)``), whose sum can pass int32:
-  each code runs as two byte-plane rows of the W4A8 kernel, ``xq = 256 · hi + lo``, and
-  ``acc = 256 · Σ hi · w + Σ lo · w − zx · wsum`` is formed exactly: modulo 2^32 up to K = 256 (where
-  it fits int32), in float64 above (integers below 2^53) — bit-exact against int64 accumulation.
+* :func:`w4a16_dense` — the same with uint16 codes (``clamp(…, 0, 65535)``), whose sum can pass int32,
+  bit-exact against int64 accumulation in two schemes. *Planes*: each code runs as two byte-plane rows
+  of the W4A8 kernel, ``xq = 256 · hi + lo``, and ``acc = 256 · Σ hi · w + Σ lo · w − zx · wsum`` is
+  formed exactly: modulo 2^32 up to K = 256 (where it fits int32), in float64 above (integers below
+  2^53). *Float* (chosen on Zen 1, :func:`w4a16_scheme`): float32 FMAs over sub-blocks of up to 64
+  k-positions, whose sums of centred codes times q stay integers of at most 2^24 (exact), combined
+  with the block scales in float64.
 
 All read a *repacked* copy of the canonical packed storage of :mod:`lpbq_tvm.packing`
 (``q_packed`` uint8 ``[N, K/2]``: ``q[n, 2j]`` low nibble, ``q[n, 2j+1]`` high nibble of byte j,
@@ -61,6 +64,7 @@ __all__ = [
     "weight_only_dense",
     "w4a8_dense",
     "w4a16_dense",
+    "w4a16_scheme",
     "VNNI_INTRIN",
     "VNNI_NIBBLE_INTRIN",
     "LUT_INTRIN",
@@ -723,28 +727,89 @@ def w4a16_dense(
     target: tvm.target.Target | None = None,
     intrinsic: str | None = "auto",
     fold_k: bool | None = None,
+    scheme: str = "auto",
 ) -> tirx.PrimFunc:
-    """Scheduled W4A16 kernel ``main(x, qw, kw, wsum, s, y)``: :func:`w4a8_dense`'s arguments, schemes
-    and intrinsics, with ``x`` quantized to uint16 codes (``zx`` in 0..65535), and no bias (the caller
-    adds it: LLVM contracts an in-kernel add with the scale product into an FMA, which rounds differently).
+    """Scheduled W4A16 kernel ``main(x, qw, kw, wsum, s, y)``: :func:`w4a8_dense`'s arguments, with ``x``
+    quantized to uint16 codes (``zx`` in 0..65535), and no bias (the caller adds it: LLVM contracts an
+    in-kernel add with the scale product into an FMA, which rounds differently). Bit-exact against int64
+    accumulation (:func:`lpbq_tvm.reference.dense_int`) in both schemes:
 
-    ``acc = Σ_i (xq − zx) · q · k`` can pass int32 (65535 · 128 · K from K = 256), so each code is split
-    into byte planes, ``xq = 256 · hi + lo``, that run as two rows of the uint8 kernel (each plane's
-    sum fits int32 for K ≤ 65536); ``acc = 256 · Σ hi·w + Σ lo·w − zx · wsum`` is then formed exactly:
-    for K ≤ ``PLANES_INT32_MAX_K`` (256) it fits int32 and is formed modulo 2^32 (one vector convert
-    to float32 per output), above in float64 (every term is an integer below 2^53). Bit-exact against
-    int64 accumulation (:func:`lpbq_tvm.reference.dense_int`).
+    * ``"planes"`` (``intrinsic`` and ``fold_k`` choose among :func:`w4a8_dense`'s variants):
+      ``acc = Σ_i (xq − zx) · q · k`` can pass int32 (65535 · 128 · K from K = 256), so each code is
+      split into byte planes, ``xq = 256 · hi + lo``, that run as two rows of the uint8 kernel (each
+      plane's sum fits int32 for K ≤ 65536); ``acc = 256 · Σ hi·w + Σ lo·w − zx · wsum`` is then formed
+      exactly: for K ≤ ``PLANES_INT32_MAX_K`` (256) it fits int32 and is formed modulo 2^32 (one vector
+      convert to float32 per output), above in float64 (every term is an integer below 2^53);
+    * ``"float"``: float32 FMAs on sums short enough to be exact (:func:`_w4a16_float_gemm`);
+    * ``"auto"``: :func:`w4a16_scheme`.
     """
-    return _integer_dense(M, N, K, B, sx, zx, 16, False, target, intrinsic, fold_k)
+    if scheme == "auto":
+        scheme = w4a16_scheme(M, K, B, target)
+    if scheme == "planes":
+        return _integer_dense(M, N, K, B, sx, zx, 16, False, target, intrinsic, fold_k)
+    if scheme != "float":
+        msg = f"scheme must be 'auto', 'planes' or 'float', got {scheme!r}"
+        raise ValueError(msg)
+    _check_integer(N, K, B, zx, 65535)
+    avx512 = codegen.target_has_features("avx512f", target or default_target())
+    return _w4a16_float_gemm(M, N, K, B, sx, int(zx), LANES if avx512 else 16)
+
+
+FLOAT_SCHEME_CPUS = ("znver1",)  # LLVM CPU names where float32 FMAs match pmaddubsw per MAC
+FLOAT_SCHEME_MIN_M = 32  # rows from which its decode of a whole tile, shared by all rows, pays
+
+
+def w4a16_scheme(M: int, K: int, B: int, target: tvm.target.Target | None = None) -> str:
+    """``"float"`` on a ``FLOAT_SCHEME_CPUS`` target from ``FLOAT_SCHEME_MIN_M`` rows, where its
+    per-sub-block float64 step is rare enough (sub-blocks of 32 k-positions or more, or at most 4 of
+    them); ``"planes"`` otherwise.
+
+    Zen 1 runs vector integer multiplies on one pipe at 128 bits (two pmaddubsw per ymm, 32 MACs per
+    2 cycles), so the two byte planes cost 8 MACs per cycle, as many as float32 FMAs on its two FMA
+    pipes; then the float scheme's lighter epilogue decides. Measured there, float / planes time
+    (1 thread): 32x768x3072 B64 0.91, 508x512x1280 B64 0.84, 64x128x576 B64 0.80, 196x256x256 B32
+    0.90, 12544x32x16 B16 0.66, 3136x64x32 B16 0.85, but 196x256x256 B16 1.06 (a float64 step per 16
+    k-positions) and 2.3-3.5 at M = 1-2 (the decoded tile serves one row). Where pmaddubsw issues at
+    full width on two pipes (Intel since Haswell) the planes do twice the MACs per cycle of FMAs, and
+    VNNI more still.
+    """
+    cpu = str((target or default_target()).attrs.get("mcpu", ""))
+    sub = _sub_block(B)
+    steps_rare = sub >= 32 or 4 * sub >= K
+    return "float" if cpu in FLOAT_SCHEME_CPUS and M >= FLOAT_SCHEME_MIN_M and steps_rare else "planes"
+
+
+def _check_integer(N: int, K: int, B: int, zx: int, qmax: int) -> None:
+    _check_shape(N, K, B)
+    if not 0 <= int(zx) <= qmax:
+        msg = f"zero point must lie in 0..{qmax}, got {zx}"
+        raise ValueError(msg)
+
+
+def _integer_inputs(M, N, K, B):
+    """(NT, x, qw, kw, wsum, s): the integer kernels' inputs (:func:`repack_w4a8`'s layout)."""
+    nt, nbh = _ceil_div(N, LANES), _ceil_div(K // B, 2)
+    return (
+        nt,
+        te.placeholder((M, K), "float32", "x"),
+        te.placeholder((nt, K // 8, LANES), "uint32", "qw"),
+        te.placeholder((nt, nbh, LANES), "uint8", "kw"),
+        te.placeholder((N,), "int32", "wsum"),
+        te.placeholder((N,), "float32", "s"),
+    )
+
+
+def _code(value, sx_c, zx: int, qmax: int):
+    """The activation code ``np.clip(np.rint(value / sx) + zx, 0, qmax)`` in float32 (a division, not a
+    reciprocal: bit-exact with the reference)."""
+    code = tirx.nearbyint(value / sx_c) + tirx.const(float(zx), "float32")
+    return tirx.max(tirx.min(code, tirx.const(float(qmax), "float32")), tirx.const(0.0, "float32"))
 
 
 def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_k) -> tirx.PrimFunc:
     """:func:`w4a8_dense` (``bits = 8``) and :func:`w4a16_dense` (16: two byte-plane rows per row)."""
-    _check_shape(N, K, B)
     qmax = (1 << bits) - 1
-    if not 0 <= int(zx) <= qmax:
-        msg = f"zero point must lie in 0..{qmax}, got {zx}"
-        raise ValueError(msg)
+    _check_integer(N, K, B, zx, qmax)
     if K > MAX_K:
         msg = f"the uint8 · int8 sums fit int32 up to K = {MAX_K} (255 · 128 · K), got K={K}"
         raise ValueError(msg)
@@ -765,21 +830,16 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
     if not (fold_k or block_dot) and B == 8:
         msg = "the nibble scheme needs blocks of two dwords or more (B >= 16), got B=8: use fold_k"
         raise ValueError(msg)
-    nt, nb, nbh = _ceil_div(N, LANES), K // B, _ceil_div(K // B, 2)
+    nb = K // B
     lanes = _lanes(N, NIBBLE_LANES)
     zx = int(zx)
     sx_c = tirx.const(float(np.float32(sx)), "float32")
 
-    x = te.placeholder((M, K), "float32", "x")
-    qw = te.placeholder((nt, K // 8, LANES), "uint32", "qw")
-    kw = te.placeholder((nt, nbh, LANES), "uint8", "kw")
-    wsum = te.placeholder((N,), "int32", "wsum")
-    s = te.placeholder((N,), "float32", "s")
+    nt, x, qw, kw, wsum, s = _integer_inputs(M, N, K, B)
     bias = te.placeholder((N,), "float32", "bias") if with_bias else None
 
-    def quantize(r, i):  # exactly np.clip(np.rint(x / sx) + zx, 0, qmax) in float32, then byte plane r % planes
-        code = tirx.nearbyint(x[r // planes, i] / sx_c) + tirx.const(float(zx), "float32")
-        code = tirx.max(tirx.min(code, tirx.const(float(qmax), "float32")), tirx.const(0.0, "float32"))
+    def quantize(r, i):  # the code of x[r // planes, i], then its byte plane r % planes
+        code = _code(x[r // planes, i], sx_c, zx, qmax)
         if planes == 1:
             return code.astype("uint8")
         shift = (planes - 1 - r % planes) * 8  # high byte first
@@ -892,6 +952,95 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
         y_n = sch.get_loops(sch.get_sblock("y"))[-1]
         width = next(w for w in (16, 8, 4, 2, 1) if N % w == 0)
         sch.vectorize(sch.split(y_n, [None, width])[1])
+    return _finish(sch)
+
+
+FLOAT_SUB_BLOCK = 64  # k-positions per exact float32 partial sum: 64 · 32768 · 8 = 2^24
+CODE_CENTER = 32768  # subtracted from uint16 codes in the float scheme: |xq − 32768| <= 2^15
+
+
+def _sub_block(B: int) -> int:
+    """k-positions per exact float32 sum of the float scheme: the largest divisor of B up to 64."""
+    return max(d for d in range(1, FLOAT_SUB_BLOCK + 1) if B % d == 0)
+
+
+def _w4a16_float_gemm(M, N, K, B, sx, zx, width) -> tirx.PrimFunc:
+    """W4A16 on float32 FMAs, exactly: with centred codes ``xc = xq − CODE_CENTER`` and q in −8..7 every
+    product is an integer of magnitude <= 2^18, so a float32 sum of up to ``FLOAT_SUB_BLOCK`` of them
+    (a sub-block: the largest divisor of B up to 64) is an integer of magnitude <= 2^24, which float32
+    holds exactly, in any order. Per sub-block ``P = Σ xc · q`` (q decoded to float from the W4A8 layout:
+    xor 0x8 per nibble turns offset binary into two's complement), then ``Acc += float64(P) · k`` and
+    ``acc = Acc + (CODE_CENTER − zx) · wsum`` in float64 (integers below 2^53: exact). The loops are the
+    weight-only GEMM's (:func:`_weight_only_gemm`): q of a 64-channel tile (or panel) decoded once to a
+    local buffer for all rows, ``mi x width`` register tiles of P, Acc in a local [rows, 64] buffer."""
+    nt, x, qw, kw, wsum, s = _integer_inputs(M, N, K, B)
+    lanes = _lanes(N, width)
+    sub = _sub_block(B)
+    sx_c = tirx.const(float(np.float32(sx)), "float32")
+    xc = te.compute(
+        (M, K), lambda m, i: _code(x[m, i], sx_c, zx, 65535) - tirx.const(float(CODE_CENTER), "float32"), name="xc"
+    )
+
+    def weight(t, i, lane):  # q at k-position 8g + 4hh + j: nibble 2j + hh of the dword
+        r = i % 8
+        word = qw[t, i // 8, lane] ^ tirx.const(0x88888888, "uint32")
+        return _top_nibble(word, 2 * (r % 4) + r // 4).astype("float32") * tirx.const(2.0**-28, "float32")
+
+    w = te.compute((nt, K, lanes), weight, name="W")
+    r = te.reduce_axis((0, sub), "r")
+    p = te.compute(
+        (M, nt, K // sub, lanes),
+        lambda m, t, h, lane: te.sum(xc[m, h * sub + r] * w[t, h * sub + r, lane], axis=r),
+        name="P",
+    )
+    h = te.reduce_axis((0, K // sub), "h")
+    acc = te.compute(
+        (M, nt, lanes),
+        lambda m, t, lane: te.sum(
+            p[m, t, h, lane].astype("float64") * _k_value(kw, t, (h * sub) // B, "float64")(lane), axis=h
+        ),
+        name="Acc",
+    )
+    center = tirx.const(float(CODE_CENTER - int(zx)), "float64")
+    scaled = te.compute(
+        (M, N),
+        lambda m, n: (
+            (acc[m, n // LANES, n % LANES] + wsum[n].astype("float64") * center).astype("float32") * sx_c * s[n]
+        ),
+        name="scaled",
+    )
+    sch = Schedule(te.create_prim_func([x, qw, kw, wsum, s, scaled]))
+
+    blk_w, blk_p, blk_acc, blk_y = (sch.get_sblock(name) for name in ("W", "P", "Acc", "scaled"))
+    m, t, lane, hh = sch.get_loops(blk_acc)
+    mo, mi = sch.split(m, [None, _micro_rows(M)])
+    chunk, lane = sch.split(lane, [None, width])
+    if K * lanes * 4 <= WHOLE_TILE_BYTES:
+        sch.reorder(t, mo, chunk, hh, mi, lane)
+        sch.compute_at(blk_p, hh)
+        sch.compute_at(blk_w, t)
+        sch.reverse_compute_at(blk_y, mo)
+        acc_init = hh
+    else:
+        panel, hh = sch.split(hh, [None, _panel(K, B) // sub])
+        sch.reorder(t, panel, chunk, mo, hh, mi, lane)
+        sch.compute_at(blk_p, hh)
+        sch.compute_at(blk_w, panel)
+        sch.reverse_compute_at(blk_y, t)
+        acc_init = panel
+    for blk in (blk_w, blk_p, blk_acc):
+        sch.set_scope(blk, 0, "local")
+    *p_rows, p_lane, p_r = sch.get_loops(blk_p)[len(sch.get_loops(blk_acc)) - 2 :]  # compute_at drops a unit mi
+    sch.reorder(p_r, *p_rows, p_lane)
+    w_r, w_lane = sch.get_loops(blk_w)[-2:]
+    sch.unroll(sch.split(w_r, [None, 8])[1])  # constant shift per nibble
+    for loop in (w_lane, p_lane, lane, sch.get_loops(blk_y)[-1]):
+        sch.vectorize(loop)
+    for loop in (*p_rows, mi):
+        sch.unroll(loop)
+    sch.parallel(t)
+    sch.decompose_reduction(blk_p, p_r)
+    sch.decompose_reduction(blk_acc, acc_init)
     return _finish(sch)
 
 

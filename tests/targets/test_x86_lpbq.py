@@ -266,42 +266,73 @@ def test_w4a8_extreme_accumulator(zx):
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
 
 
+@pytest.mark.parametrize("scheme", ["planes", "float"])
 @pytest.mark.parametrize("M", [1, 3, 8, 32])
 @pytest.mark.parametrize("N, K, B", SHAPES)
-def test_w4a16_bit_exact(M, N, K, B):
+def test_w4a16_bit_exact(M, N, K, B, scheme):
     rng = np.random.default_rng(M * 5 + N + K * 3 + B)
     sx, zx = (2.0**-10, 32768) if (M + B) % 2 else (3.7e-4, (0, 1717, 65535)[(N + K) % 3])
     q, k = _weights(N, K, B, rng)
     s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
     x = _activations(M, K, sx, zx, rng, qmax=65535)
     qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    lib = _compile(("w4a16", M, N, K, B, sx, zx), lambda: fk.w4a16_dense(M, N, K, B, sx, zx))
+    lib = _compile(("w4a16", M, N, K, B, sx, zx, scheme), lambda: fk.w4a16_dense(M, N, K, B, sx, zx, scheme=scheme))
     got = _run(lib, [x, qw, kw, wsum, s], M, N)
     assert np.array_equal(got.view(np.int32), reference_w4a8(x, q, k, s, B, sx, zx, bitwidth=16).view(np.int32))
 
 
-@pytest.mark.parametrize("M", [2, 16])  # nibble and fold-k schemes (2 byte-plane rows per row)
+@pytest.mark.parametrize(("M", "scheme"), [(2, "planes"), (16, "planes"), (2, "float"), (49, "float")])
 @pytest.mark.parametrize("zx", [0, 65535])
 @pytest.mark.parametrize("K", [fk.PLANES_INT32_MAX_K, 2048])
-def test_w4a16_extreme_accumulator(M, zx, K):
+def test_w4a16_extreme_accumulator(M, scheme, zx, K):
     """q = −8, k = 16 and saturated uint16 codes: |acc| = 65535 · 128 · K, at K = 256 within 2^15 of
     int32's limit (the planes are combined modulo 2^32), at K = 2048 ≈ 1.7e10, past int32 (the reason
-    W4A16 accumulates in int64; combined in float64); each byte plane's sum stays within int32."""
+    W4A16 accumulates in int64; combined in float64); each byte plane's sum stays within int32. In the
+    float scheme, codes 0 (centred: −2^15) make each 64-long float32 sum exactly 2^24, its exact limit
+    (49 rows: register tiles of 4 with a tail of 1)."""
     N, B = 16, 64
     q, k = np.full((N, K), -8), np.full((N, K // B), 16)
     x = np.full((M, K), 1e9 if zx == 0 else -1e9, np.float32)
     s = np.full(N, 0.5, np.float32)
     qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    lib = _compile(("w4a16", M, N, K, B, 0.5, zx), lambda: fk.w4a16_dense(M, N, K, B, 0.5, zx))
+    lib = _compile(("w4a16", M, N, K, B, 0.5, zx, scheme), lambda: fk.w4a16_dense(M, N, K, B, 0.5, zx, scheme=scheme))
     got = _run(lib, [x, qw, kw, wsum, s], M, N)
     ref = reference_w4a8(x, q, k, s, B, 0.5, zx, bitwidth=16)
     assert np.float32(abs(float(got[0, 0]) / 0.25)) == np.float32(65535 * 128 * K)
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
 
 
+ZEN1, HASWELL = (tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2}) for cpu in ("znver1", "haswell"))
+
+
+@pytest.mark.parametrize(
+    ("M", "K", "B", "target", "scheme"),
+    [
+        (32, 3072, 64, ZEN1, "float"),
+        (49, 256, 32, ZEN1, "float"),  # sub-blocks of 32
+        (12544, 16, 16, ZEN1, "float"),  # one sub-block of 16
+        (196, 256, 16, ZEN1, "planes"),  # 16 float64 steps of 16 k-positions each
+        (16, 3072, 64, ZEN1, "planes"),  # too few rows to share the decoded tile
+        (32, 3072, 64, HASWELL, "planes"),  # pmaddubsw at full width on two ports
+    ],
+)
+def test_w4a16_scheme_by_cpu_and_shape(M, K, B, target, scheme):
+    """Zen 1 takes the float scheme where measured faster, other CPUs the byte planes; the code built
+    is the scheme's: float32 FMAs, or pmaddubsw."""
+    assert fk.w4a16_scheme(M, K, B, target) == scheme
+    asm = tvm.compile(fk.w4a16_dense(M, 48, K, B, 0.1, 7, target=target), target).mod.inspect_source("asm")
+    if scheme == "float":
+        assert "vfmadd231ps" in asm and "pmaddubsw" not in asm
+    else:
+        assert "pmaddubsw" in asm
+
+
 def test_integer_kernels_reject_what_they_cannot_hold():
-    with pytest.raises(ValueError, match="zero point must lie in 0..65535, got 65536"):
-        fk.w4a16_dense(1, 64, 64, 64, 0.1, 65536)
+    for scheme in ("planes", "float"):
+        with pytest.raises(ValueError, match="zero point must lie in 0..65535, got 65536"):
+            fk.w4a16_dense(1, 64, 64, 64, 0.1, 65536, scheme=scheme)
+    with pytest.raises(ValueError, match="scheme must be 'auto', 'planes' or 'float', got 'int16'"):
+        fk.w4a16_dense(1, 64, 64, 64, 0.1, 0, scheme="int16")
     with pytest.raises(ValueError, match="zero point must lie in 0..255, got 256"):
         fk.w4a8_dense(1, 64, 64, 64, 0.1, 256)
     with pytest.raises(ValueError, match=r"fit int32 up to K = 65536 .* got K=65600"):
