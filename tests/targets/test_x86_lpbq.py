@@ -281,16 +281,19 @@ def test_w4a16_bit_exact(M, N, K, B, scheme):
     assert np.array_equal(got.view(np.int32), reference_w4a8(x, q, k, s, B, sx, zx, bitwidth=16).view(np.int32))
 
 
-@pytest.mark.parametrize(("M", "scheme"), [(2, "planes"), (16, "planes"), (2, "float"), (49, "float")])
+@pytest.mark.parametrize(
+    ("M", "scheme", "B"),
+    [(2, "planes", 64), (16, "planes", 64), (2, "float", 64), (49, "float", 64), (49, "float", 16)],
+)
 @pytest.mark.parametrize("zx", [0, 65535])
 @pytest.mark.parametrize("K", [fk.PLANES_INT32_MAX_K, 2048])
-def test_w4a16_extreme_accumulator(M, scheme, zx, K):
+def test_w4a16_extreme_accumulator(M, scheme, B, zx, K):
     """q = −8, k = 16 and saturated uint16 codes: |acc| = 65535 · 128 · K, at K = 256 within 2^15 of
     int32's limit (the planes are combined modulo 2^32), at K = 2048 ≈ 1.7e10, past int32 (the reason
     W4A16 accumulates in int64; combined in float64); each byte plane's sum stays within int32. In the
-    float scheme, codes 0 (centred: −2^15) make each 64-long float32 sum exactly 2^24, its exact limit
-    (49 rows: register tiles of 4 with a tail of 1)."""
-    N, B = 16, 64
+    float scheme, codes 0 (centred: −2^15) make each 64-long float32 sum exactly 2^24, its exact limit,
+    and each int32 sum over 256 k-positions 2^30 (49 rows: register tiles of 4 with a tail of 1)."""
+    N = 16
     q, k = np.full((N, K), -8), np.full((N, K // B), 16)
     x = np.full((M, K), 1e9 if zx == 0 else -1e9, np.float32)
     s = np.full(N, 0.5, np.float32)
@@ -309,17 +312,16 @@ ZEN1, HASWELL = (tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2}
     ("M", "K", "B", "target", "scheme"),
     [
         (32, 3072, 64, ZEN1, "float"),
-        (49, 256, 32, ZEN1, "float"),  # sub-blocks of 32
-        (12544, 16, 16, ZEN1, "float"),  # one sub-block of 16
-        (196, 256, 16, ZEN1, "planes"),  # 16 float64 steps of 16 k-positions each
+        (49, 256, 32, ZEN1, "float"),
+        (196, 256, 16, ZEN1, "float"),
         (16, 3072, 64, ZEN1, "planes"),  # too few rows to share the decoded tile
         (32, 3072, 64, HASWELL, "planes"),  # pmaddubsw at full width on two ports
     ],
 )
-def test_w4a16_scheme_by_cpu_and_shape(M, K, B, target, scheme):
-    """Zen 1 takes the float scheme where measured faster, other CPUs the byte planes; the code built
-    is the scheme's: float32 FMAs, or pmaddubsw."""
-    assert fk.w4a16_scheme(M, K, B, target) == scheme
+def test_w4a16_scheme_by_cpu_and_rows(M, K, B, target, scheme):
+    """Zen 1 takes the float scheme from 32 rows, other CPUs the byte planes; the code built is the
+    scheme's: float32 FMAs, or pmaddubsw."""
+    assert fk.w4a16_scheme(M, target) == scheme
     asm = tvm.compile(fk.w4a16_dense(M, 48, K, B, 0.1, 7, target=target), target).mod.inspect_source("asm")
     if scheme == "float":
         assert "vfmadd231ps" in asm and "pmaddubsw" not in asm
