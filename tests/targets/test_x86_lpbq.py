@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 from tvm.s_tir import Schedule
 from tvm.target import codegen
 
@@ -327,6 +327,36 @@ def test_w4a16_scheme_by_cpu_and_rows(M, K, B, target, scheme):
         assert "vfmadd231ps" in asm and "pmaddubsw" not in asm
     else:
         assert "pmaddubsw" in asm
+
+
+KERNELS_BY_OUTPUT_BLOCK = {
+    "weight-only": (lambda M, N, target: fk.weight_only_dense(M, N, 256, 64, target=target), "y"),
+    "w4a8": (lambda M, N, target: fk.w4a8_dense(M, N, 256, 64, 0.1, 3, target=target), "scaled"),
+    "w4a16 planes": (
+        lambda M, N, target: fk.w4a16_dense(M, N, 256, 64, 0.1, 3, target=target, scheme="planes"),
+        "scaled",
+    ),
+    "w4a16 float": (
+        lambda M, N, target: fk.w4a16_dense(M, N, 256, 64, 0.1, 3, target=target, scheme="float"),
+        "scaled",
+    ),
+}
+
+
+@pytest.mark.parametrize("kernel", KERNELS_BY_OUTPUT_BLOCK)
+def test_a_layer_of_one_tile_runs_its_row_groups_in_parallel(kernel):
+    """On 2 cores: 32 channels (one tile) split the row groups of their 64 rows into 8 parallel parts,
+    each a serial loop over its groups; 256 channels run their 4 tiles in parallel. Either way the
+    results are those of the tests above, which run on all the host's cores."""
+    make, output = KERNELS_BY_OUTPUT_BLOCK[kernel]
+    for N, expected in (
+        (32, [(1, tirx.ForKind.SERIAL), (8, tirx.ForKind.PARALLEL)]),
+        (256, [(4, tirx.ForKind.PARALLEL)]),
+    ):
+        sch = Schedule(make(64, N, HASWELL))
+        loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(output))]
+        kinds = [(int(loop.extent), tirx.ForKind(int(loop.kind))) for loop in loops]
+        assert kinds[: len(expected)] == expected, kinds
 
 
 def test_integer_kernels_reject_what_they_cannot_hold():
