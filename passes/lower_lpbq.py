@@ -226,16 +226,13 @@ class _Lowering:
             arrays = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
             encoding_x = integer.input_encoding
             kernel = x86_lpbq.w4a16_dense if encoding_x.bitwidth > 8 else x86_lpbq.w4a8_dense
-            # The bias is added by its own operator: inside the kernel, LLVM may promote the small
-            # scaled buffer to registers and fuse the add into an FMA, which rounds differently.
-            func = kernel(rows, channels, depth, block, encoding_x.scale, encoding_x.zero_point, target=self.target)
-        vector_bias = relax.op.reshape(bias, [channels]) if bias is not None else None
-        fused_bias = vector_bias if integer is None else None
+            func = kernel(
+                rows, channels, depth, block, encoding_x.scale, encoding_x.zero_point, bias is not None, self.target
+            )
         args = [x, *self.weight_args(key, weight, arrays)]
-        args += [fused_bias] if fused_bias is not None else []
+        args += [relax.op.reshape(bias, [channels])] if bias is not None else []
         gvar = bb.add_func(func.without_attr("global_symbol"), "lpbq_dense_x86")  # named by its GlobalVar
-        call = relax.call_tir(gvar, args, relax.TensorType((rows, channels), "float32"))
-        return call if bias is None or fused_bias is not None else relax.op.add(call, vector_bias)
+        return relax.call_tir(gvar, args, relax.TensorType((rows, channels), "float32"))
 
     def conv_as_dense(
         self, bb: relax.BlockBuilder, key: str, candidate: Candidate, bias, integer: IntegerArithmetic | None

@@ -4,8 +4,9 @@ Three kernels, each a scheduled ``tvm.tirx.PrimFunc`` named ``main`` (attr ``tir
 ``tvm.compile`` builds as is and ``relax.call_tir`` can call. The weight-only kernel is
 out-elementwise-fusable (``op_pattern = 4``, its output block marked ``cpu_schedules.FUSABLE_OUTPUT``): the
 elementwise ops after it (batch norm, activation) fuse into its function and are computed as each
-output tile is written. The integer kernels are opaque (``op_pattern = 8``): their bias add must stay
-a rounding of its own, which an epilogue inlined into one expression with it would fuse into an FMA.
+output tile is written. The integer kernels are too: their scaled accumulator passes an arithmetic
+fence (:func:`_rounded`) before the bias add and the fused epilogue, so LLVM cannot contract the scale
+product with the add that follows into an FMA, and the bias add stays a rounding of its own.
 
 * :func:`weight_only_dense` — ``y[m, n] = s[n] · Σ_i x[m, i] · float(q[n, i] · k[n, i // B]) (+ bias[n])``,
   float32 activations and accumulation; differs from exact arithmetic by float32 rounding only
@@ -13,8 +14,8 @@ a rounding of its own, which an epilogue inlined into one expression with it wou
   there is no offset cancellation and all-zero codes give exactly 0);
 * :func:`w4a8_dense` — ``xq = clamp(round_half_even(x / sx) + zx, 0, 255)`` in-kernel (division, not
   a reciprocal), ``acc = Σ_i (xq − zx) · (q · k)`` in int32 (computed as ``Σ xq · w − zx · wsum``),
-  ``y = float32(acc) · sx · s[n]``, then ``+ bias[n]`` as a separate loop nest: bit-exact against
-  numpy doing the same float32 operations (:func:`lpbq_tvm.reference.dense_int`);
+  ``y = float32(acc) · sx · s[n]``, then ``+ bias[n]``, each rounded: bit-exact against numpy doing
+  the same float32 operations (:func:`lpbq_tvm.reference.dense_int`);
 * :func:`w4a16_dense` — the same with uint16 codes (``clamp(…, 0, 65535)``), whose sum can pass int32,
   bit-exact against int64 accumulation in two schemes. *Planes*: each code runs as two byte-plane rows
   of the W4A8 kernel, ``xq = 256 · hi + lo``, and ``acc = 256 · Σ hi · w + Σ lo · w − zx · wsum`` is
@@ -743,15 +744,15 @@ def w4a16_dense(
     B: int,
     sx: float,
     zx: int,
+    with_bias: bool = False,
     target: tvm.target.Target | None = None,
     intrinsic: str | None = "auto",
     fold_k: bool | None = None,
     scheme: str = "auto",
 ) -> tirx.PrimFunc:
-    """Scheduled W4A16 kernel ``main(x, qw, kw, wsum, s, y)``: :func:`w4a8_dense`'s arguments, with ``x``
-    quantized to uint16 codes (``zx`` in 0..65535), and no bias (the caller adds it: LLVM contracts an
-    in-kernel add with the scale product into an FMA, which rounds differently). Bit-exact against int64
-    accumulation (:func:`lpbq_tvm.reference.dense_int`) in both schemes:
+    """Scheduled W4A16 kernel ``main(x, qw, kw, wsum, s, [bias], y)``: :func:`w4a8_dense`'s arguments,
+    with ``x`` quantized to uint16 codes (``zx`` in 0..65535). Bit-exact against int64 accumulation
+    (:func:`lpbq_tvm.reference.dense_int`) in both schemes:
 
     * ``"planes"`` (``intrinsic`` and ``fold_k`` choose among :func:`w4a8_dense`'s variants):
       ``acc = Σ_i (xq − zx) · q · k`` can pass int32 (65535 · 128 · K from K = 256), so each code is
@@ -765,13 +766,13 @@ def w4a16_dense(
     if scheme == "auto":
         scheme = w4a16_scheme(M, target)
     if scheme == "planes":
-        return _integer_dense(M, N, K, B, sx, zx, 16, False, target, intrinsic, fold_k)
+        return _integer_dense(M, N, K, B, sx, zx, 16, with_bias, target, intrinsic, fold_k)
     if scheme != "float":
         msg = f"scheme must be 'auto', 'planes' or 'float', got {scheme!r}"
         raise ValueError(msg)
     _check_integer(N, K, B, zx, 65535)
     avx512 = codegen.target_has_features("avx512f", target or default_target())
-    return _w4a16_float_gemm(M, N, K, B, sx, int(zx), LANES if avx512 else 16, target)
+    return _w4a16_float_gemm(M, N, K, B, sx, int(zx), with_bias, LANES if avx512 else 16, target)
 
 
 FLOAT_SCHEME_CPUS = ("znver1",)  # LLVM CPU names where float32 FMAs match pmaddubsw per MAC
@@ -791,6 +792,23 @@ def w4a16_scheme(M: int, target: tvm.target.Target | None = None) -> str:
     """
     cpu = str((target or default_target()).attrs.get("mcpu", ""))
     return "float" if cpu in FLOAT_SCHEME_CPUS and M >= FLOAT_SCHEME_MIN_M else "planes"
+
+
+def _rounded(value):
+    """``value``, rounded on its own: behind an ``llvm.arithmetic.fence``, which LLVM does not contract
+    into an FMA with the add after it (the bias, a fused batch norm)."""
+    return tirx.call_llvm_pure_intrin(value.ty.dtype, "llvm.arithmetic.fence", value)
+
+
+def _integer_output(M, N, acc, sx_c, s, bias):
+    """``y = float32(acc) · sx · s[n] (+ bias[n])`` with the reference's roundings: each product, then
+    the bias add (:func:`_rounded`); ``acc(m, n)`` is the exact accumulator as float32."""
+
+    def value(m, n):
+        scaled = _rounded(acc(m, n) * sx_c * s[n])
+        return scaled + bias[n] if bias is not None else scaled
+
+    return te.compute((M, N), value, name="y")
 
 
 PARALLEL_CODE_ROWS = 64  # activation-code stages of this many rows or more run parallel over rows
@@ -960,13 +978,8 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
         total = total - wsum[n].astype(wide) * tirx.const(zx, wide)
         return total.astype("int32") if wide == "uint32" else total
 
-    scaled = te.compute((M, N), lambda m, n: (exact_acc(m, n).astype("float32") * sx_c) * s[n], name="scaled")
-    if bias is not None:
-        out = te.compute((M, N), lambda m, n: scaled[m, n] + bias[n], name="y")
-        args = [x, qw, kw, wsum, s, bias, out]
-    else:
-        args = [x, qw, kw, wsum, s, scaled]
-    sch = Schedule(te.create_prim_func(args))
+    y = _integer_output(M, N, lambda m, n: exact_acc(m, n).astype("float32"), sx_c, s, bias)
+    sch = Schedule(te.create_prim_func([x, qw, kw, wsum, s] + ([bias] if bias is not None else []) + [y]))
     _schedule_codes(sch, "xq")
     if fold_k:
         _schedule_w4a8_fold(sch, rows, VNNI_INTRIN if intrinsic else None, target)
@@ -974,11 +987,7 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
         _schedule_block_dot(sch, rows, intrinsic, planes, B, target)
     else:
         _schedule_w4a8_nibble(sch, rows, intrinsic == "vnni", planes, target)
-    if bias is not None:  # the bias add stays a separate loop nest over global `scaled`: no FMA contraction
-        y_n = sch.get_loops(sch.get_sblock("y"))[-1]
-        width = next(w for w in (16, 8, 4, 2, 1) if N % w == 0)
-        sch.vectorize(sch.split(y_n, [None, width])[1])
-    return _finish(sch)
+    return _finish(sch, sch.get_sblock("y"))
 
 
 FLOAT_SUB_BLOCK = 64  # k-positions per exact float32 partial sum: 64 · 32768 · 8 = 2^24
@@ -991,7 +1000,7 @@ def _sub_block(B: int) -> int:
     return max(d for d in range(1, FLOAT_SUB_BLOCK + 1) if B % d == 0)
 
 
-def _w4a16_float_gemm(M, N, K, B, sx, zx, width, target) -> tirx.PrimFunc:
+def _w4a16_float_gemm(M, N, K, B, sx, zx, with_bias, width, target) -> tirx.PrimFunc:
     """W4A16 on float32 FMAs, exactly, in three levels. With centred codes ``xc = xq − CODE_CENTER`` and
     q in −8..7 every product is an integer of magnitude <= 2^18, so a float32 sum of up to
     ``FLOAT_SUB_BLOCK`` of them (a sub-block: the largest divisor of B up to 64) is an integer of
@@ -1034,16 +1043,18 @@ def _w4a16_float_gemm(M, N, K, B, sx, zx, width, target) -> tirx.PrimFunc:
     g = te.reduce_axis((0, spans), "g")
     acc = te.compute((M, nt, lanes), lambda m, t, lane: te.sum(q[m, t, g, lane].astype("float64"), axis=g), name="Acc")
     center = tirx.const(float(CODE_CENTER - int(zx)), "float64")
-    scaled = te.compute(
-        (M, N),
-        lambda m, n: (
-            (acc[m, n // LANES, n % LANES] + wsum[n].astype("float64") * center).astype("float32") * sx_c * s[n]
-        ),
-        name="scaled",
+    bias = te.placeholder((N,), "float32", "bias") if with_bias else None
+    y = _integer_output(
+        M,
+        N,
+        lambda m, n: (acc[m, n // LANES, n % LANES] + wsum[n].astype("float64") * center).astype("float32"),
+        sx_c,
+        s,
+        bias,
     )
-    sch = Schedule(te.create_prim_func([x, qw, kw, wsum, s, scaled]))
+    sch = Schedule(te.create_prim_func([x, qw, kw, wsum, s] + ([bias] if bias is not None else []) + [y]))
     _schedule_codes(sch, "xc")
-    blk_w, blk_p, blk_q, blk_acc, blk_y = (sch.get_sblock(name) for name in ("W", "P", "Q", "Acc", "scaled"))
+    blk_w, blk_p, blk_q, blk_acc, blk_y = (sch.get_sblock(name) for name in ("W", "P", "Q", "Acc", "y"))
     m, t, lane, span = sch.get_loops(blk_acc)
     mo, mi = sch.split(m, [None, _micro_rows(M)])
     chunk, lane = sch.split(lane, [None, width])
@@ -1072,7 +1083,7 @@ def _w4a16_float_gemm(M, N, K, B, sx, zx, width, target) -> tirx.PrimFunc:
     sch.decompose_reduction(blk_p, p_r)
     sch.decompose_reduction(blk_q, q_h)
     sch.decompose_reduction(blk_acc, span)
-    return _finish(sch)
+    return _finish(sch, blk_y)
 
 
 def _row_tile(M: int, planes: int = 1) -> int:
@@ -1084,11 +1095,11 @@ def _row_tile(M: int, planes: int = 1) -> int:
 
 
 def _epilogue_at(sch, loop):
-    """``scaled = float(Acc − zx·wsum) · sx · s`` per iteration of ``loop`` (a channel tile or a row
+    """``y = float(Acc − zx·wsum) · sx · s (+ bias)`` per iteration of ``loop`` (a channel tile or a row
     group), 64 lanes vectorized."""
-    blk_sc = sch.get_sblock("scaled")
-    sch.reverse_compute_at(blk_sc, loop)
-    sch.vectorize(sch.get_loops(blk_sc)[-1])
+    blk_y = sch.get_sblock("y")
+    sch.reverse_compute_at(blk_y, loop)
+    sch.vectorize(sch.get_loops(blk_y)[-1])
 
 
 def _tensorize_or_vectorize(sch, blk, c, j, g, intrinsic, unroll):
