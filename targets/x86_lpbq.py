@@ -21,8 +21,8 @@ product with the add that follows into an FMA, and the bias add stays a rounding
   of the W4A8 kernel, ``xq = 256 · hi + lo``, and ``acc = 256 · Σ hi · w + Σ lo · w − zx · wsum`` is
   formed exactly: modulo 2^32 up to K = 256 (where it fits int32), in float64 above (integers below
   2^53). *Float* (chosen on Zen 1, :func:`w4a16_scheme`): float32 FMAs over sub-blocks of up to 64
-  k-positions, whose sums of centred codes times q stay integers of at most 2^24 (exact), combined
-  with the block scales in float64.
+  k-positions, whose sums of centred codes times q stay integers of at most 2^24 (exact), scaled by
+  the block's k in int32 over up to 256 k-positions, then summed in float64.
 
 All read a *repacked* copy of the canonical packed storage of :mod:`lpbq_tvm.packing`
 (``q_packed`` uint8 ``[N, K/2]``: ``q[n, 2j]`` low nibble, ``q[n, 2j+1]`` high nibble of byte j,
