@@ -393,13 +393,12 @@ def _block_dot_intrinsic(instructions: str, groups: int) -> str:
     return name
 
 
-def _finish(sch: Schedule, fusable_output=None) -> tirx.PrimFunc:
-    """The scheduled function: opaque to ``FuseOps`` (8), or, with its ``fusable_output`` block marked,
-    out-elementwise-fusable (4): the elementwise ops after it join its function and are inlined into
-    that block (``cpu_schedules.KernelEpilogue``)."""
-    if fusable_output is not None:
-        sch.annotate(fusable_output, FUSABLE_OUTPUT, 1)
-    return sch.mod["main"].with_attrs({"op_pattern": 8 if fusable_output is None else 4, "tirx.is_scheduled": True})
+def _finish(sch: Schedule, output) -> tirx.PrimFunc:
+    """The scheduled function, out-elementwise-fusable (``op_pattern = 4``) with its ``output`` block
+    marked: the elementwise ops after it join its function and are inlined into that block
+    (``cpu_schedules.KernelEpilogue``)."""
+    sch.annotate(output, FUSABLE_OUTPUT, 1)
+    return sch.mod["main"].with_attrs({"op_pattern": 4, "tirx.is_scheduled": True})
 
 
 def _parallel(sch: Schedule, tiles, row_groups, target) -> None:
