@@ -829,8 +829,8 @@ def _check_integer(N: int, K: int, B: int, zx: int, qmax: int) -> None:
         raise ValueError(msg)
 
 
-def _integer_inputs(M, N, K, B):
-    """(NT, x, qw, kw, wsum, s): the integer kernels' inputs (:func:`repack_w4a8`'s layout)."""
+def _integer_inputs(M, N, K, B, with_bias):
+    """(NT, x, qw, kw, wsum, s, bias or None): the integer kernels' inputs (:func:`repack_w4a8`'s layout)."""
     nt, nbh = _ceil_div(N, LANES), _ceil_div(K // B, 2)
     return (
         nt,
@@ -839,6 +839,7 @@ def _integer_inputs(M, N, K, B):
         te.placeholder((nt, nbh, LANES), "uint8", "kw"),
         te.placeholder((N,), "int32", "wsum"),
         te.placeholder((N,), "float32", "s"),
+        te.placeholder((N,), "float32", "bias") if with_bias else None,
     )
 
 
@@ -878,8 +879,7 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
     zx = int(zx)
     sx_c = tirx.const(float(np.float32(sx)), "float32")
 
-    nt, x, qw, kw, wsum, s = _integer_inputs(M, N, K, B)
-    bias = te.placeholder((N,), "float32", "bias") if with_bias else None
+    nt, x, qw, kw, wsum, s, bias = _integer_inputs(M, N, K, B, with_bias)
 
     def quantize(r, i):  # the code of x[r // planes, i], then its byte plane r % planes
         code = _code(x[r // planes, i], sx_c, zx, qmax)
@@ -978,7 +978,7 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
         return total.astype("int32") if wide == "uint32" else total
 
     y = _integer_output(M, N, lambda m, n: exact_acc(m, n).astype("float32"), sx_c, s, bias)
-    sch = Schedule(te.create_prim_func([x, qw, kw, wsum, s] + ([bias] if bias is not None else []) + [y]))
+    sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, bias, y) if t is not None]))
     _schedule_codes(sch, "xq")
     if fold_k:
         _schedule_w4a8_fold(sch, rows, VNNI_INTRIN if intrinsic else None, target)
@@ -1010,7 +1010,7 @@ def _w4a16_float_gemm(M, N, K, B, sx, zx, with_bias, width, target) -> tirx.Prim
     2^53: exact). The loops are the weight-only GEMM's (:func:`_weight_only_gemm`): q of a 64-channel
     tile (or of a span) decoded once to a local buffer for all rows, ``mi x width`` register tiles of
     P. An int32 rather than a float64 step per sub-block: 3-13% faster on Zen 1 (B = 64 and B = 16)."""
-    nt, x, qw, kw, wsum, s = _integer_inputs(M, N, K, B)
+    nt, x, qw, kw, wsum, s, bias = _integer_inputs(M, N, K, B, with_bias)
     lanes = _lanes(N, width)
     sub = _sub_block(B)
     per_span = max(d for d in range(1, INT32_SPAN // sub + 1) if (K // sub) % d == 0)  # sub-blocks
@@ -1042,7 +1042,6 @@ def _w4a16_float_gemm(M, N, K, B, sx, zx, with_bias, width, target) -> tirx.Prim
     g = te.reduce_axis((0, spans), "g")
     acc = te.compute((M, nt, lanes), lambda m, t, lane: te.sum(q[m, t, g, lane].astype("float64"), axis=g), name="Acc")
     center = tirx.const(float(CODE_CENTER - int(zx)), "float64")
-    bias = te.placeholder((N,), "float32", "bias") if with_bias else None
     y = _integer_output(
         M,
         N,
@@ -1051,7 +1050,7 @@ def _w4a16_float_gemm(M, N, K, B, sx, zx, with_bias, width, target) -> tirx.Prim
         s,
         bias,
     )
-    sch = Schedule(te.create_prim_func([x, qw, kw, wsum, s] + ([bias] if bias is not None else []) + [y]))
+    sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, bias, y) if t is not None]))
     _schedule_codes(sch, "xc")
     blk_w, blk_p, blk_q, blk_acc, blk_y = (sch.get_sblock(name) for name in ("W", "P", "Q", "Acc", "y"))
     m, t, lane, span = sch.get_loops(blk_acc)
