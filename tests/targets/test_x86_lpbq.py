@@ -266,7 +266,7 @@ def test_w4a8_extreme_accumulator(zx):
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
 
 
-@pytest.mark.parametrize("scheme", ["planes", "float"])
+@pytest.mark.parametrize("scheme", ["planes", "madd"])
 @pytest.mark.parametrize("M", [1, 3, 8, 32])
 @pytest.mark.parametrize("N, K, B", SHAPES)
 def test_w4a16_bit_exact(M, N, K, B, scheme):
@@ -289,16 +289,16 @@ def test_w4a16_bit_exact(M, N, K, B, scheme):
 
 @pytest.mark.parametrize(
     ("M", "scheme", "B"),
-    [(2, "planes", 64), (16, "planes", 64), (2, "float", 64), (49, "float", 64), (49, "float", 16)],
+    [(2, "planes", 64), (16, "planes", 64), (2, "madd", 64), (49, "madd", 64), (49, "madd", 16)],
 )
 @pytest.mark.parametrize("zx", [0, 65535])
-@pytest.mark.parametrize("K", [fk.PLANES_INT32_MAX_K, 2048])
+@pytest.mark.parametrize("K", [fk.W4A16_INT32_MAX_K, 2048])
 def test_w4a16_extreme_accumulator(M, scheme, B, zx, K):
     """q = −8, k = 16 and saturated uint16 codes: |acc| = 65535 · 128 · K, at K = 256 within 2^15 of
     int32's limit (the planes are combined modulo 2^32), at K = 2048 ≈ 1.7e10, past int32 (the reason
     W4A16 accumulates in int64; combined in float64); each byte plane's sum stays within int32. In the
-    float scheme, codes 0 (centred: −2^15) make each 64-long float32 sum exactly 2^24, its exact limit,
-    and each int32 sum over 256 k-positions 2^30 (49 rows: register tiles of 4 with a tail of 1)."""
+    madd scheme, codes 0 (centred: −2^15) times q·k = −128 make every product 2^22 and each int32 sum
+    over 256 k-positions 2^30 (49 rows: padded to register tiles of 4)."""
     N = 16
     q, k = np.full((N, K), -8), np.full((N, K // B), 16)
     x = np.full((M, K), 1e9 if zx == 0 else -1e9, np.float32)
@@ -317,20 +317,20 @@ ZEN1, HASWELL = (tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2}
 @pytest.mark.parametrize(
     ("M", "K", "B", "target", "scheme"),
     [
-        (32, 3072, 64, ZEN1, "float"),
-        (49, 256, 32, ZEN1, "float"),
-        (196, 256, 16, ZEN1, "float"),
-        (16, 3072, 64, ZEN1, "planes"),  # too few rows to share the decoded tile
+        (16, 3072, 64, ZEN1, "madd"),
+        (49, 256, 32, ZEN1, "madd"),
+        (196, 256, 16, ZEN1, "madd"),
+        (8, 3072, 64, ZEN1, "planes"),  # too few rows to share the decoded tile
         (32, 3072, 64, HASWELL, "planes"),  # pmaddubsw at full width on two ports
     ],
 )
 def test_w4a16_scheme_by_cpu_and_rows(M, K, B, target, scheme):
-    """Zen 1 takes the float scheme from 32 rows, other CPUs the byte planes; the code built is the
-    scheme's: float32 FMAs, or pmaddubsw."""
+    """Zen 1 takes the madd scheme from 16 rows, other CPUs the byte planes; the code built is the
+    scheme's: pmaddwd alone, or pmaddubsw."""
     assert fk.w4a16_scheme(M, target) == scheme
     asm = tvm.compile(fk.w4a16_dense(M, 48, K, B, 0.1, 7, target=target), target).mod.inspect_source("asm")
-    if scheme == "float":
-        assert "vfmadd231ps" in asm and "pmaddubsw" not in asm
+    if scheme == "madd":
+        assert "vpmaddwd" in asm and "pmaddubsw" not in asm
     else:
         assert "pmaddubsw" in asm
 
@@ -339,7 +339,7 @@ KERNELS = {
     "weight-only": lambda M, N, target: fk.weight_only_dense(M, N, 256, 64, target=target),
     "w4a8": lambda M, N, target: fk.w4a8_dense(M, N, 256, 64, 0.1, 3, target=target),
     "w4a16 planes": lambda M, N, target: fk.w4a16_dense(M, N, 256, 64, 0.1, 3, target=target, scheme="planes"),
-    "w4a16 float": lambda M, N, target: fk.w4a16_dense(M, N, 256, 64, 0.1, 3, target=target, scheme="float"),
+    "w4a16 madd": lambda M, N, target: fk.w4a16_dense(M, N, 256, 64, 0.1, 3, target=target, scheme="madd"),
 }
 
 
@@ -359,7 +359,7 @@ def test_a_layer_of_one_tile_runs_its_row_groups_in_parallel(kernel):
         assert kinds[: len(expected)] == expected, kinds
 
 
-@pytest.mark.parametrize(("kernel", "codes"), [("w4a8", "xq"), ("w4a16 planes", "xq"), ("w4a16 float", "xc")])
+@pytest.mark.parametrize(("kernel", "codes"), [("w4a8", "xq"), ("w4a16 planes", "xq"), ("w4a16 madd", "xc")])
 def test_activation_codes_are_computed_in_parallel_from_64_rows(kernel, codes):
     make = KERNELS[kernel]
     for M, kind in ((16, tirx.ForKind.SERIAL), (fk.PARALLEL_CODE_ROWS, tirx.ForKind.PARALLEL)):
@@ -368,11 +368,11 @@ def test_activation_codes_are_computed_in_parallel_from_64_rows(kernel, codes):
 
 
 def test_integer_kernels_reject_what_they_cannot_hold():
-    for scheme in ("planes", "float"):
+    for scheme in ("planes", "madd"):
         with pytest.raises(ValueError, match="zero point must lie in 0..65535, got 65536"):
             fk.w4a16_dense(1, 64, 64, 64, 0.1, 65536, scheme=scheme)
-    with pytest.raises(ValueError, match="scheme must be 'auto', 'planes' or 'float', got 'int16'"):
-        fk.w4a16_dense(1, 64, 64, 64, 0.1, 0, scheme="int16")
+    with pytest.raises(ValueError, match="scheme must be 'auto', 'planes' or 'madd', got 'float'"):
+        fk.w4a16_dense(1, 64, 64, 64, 0.1, 0, scheme="float")
     with pytest.raises(ValueError, match="zero point must lie in 0..255, got 256"):
         fk.w4a8_dense(1, 64, 64, 64, 0.1, 256)
     with pytest.raises(ValueError, match=r"fit int32 up to K = 65536 .* got K=65600"):
@@ -416,6 +416,18 @@ def test_integer_blocks_of_one_two_and_three_dwords(cpu, options, instruction, B
             fk.w4a8_dense(3, 72, 24, 8, 0.1, 0, target=tvm.target.Target({"kind": "llvm", "mcpu": cpu}), **options)
         return
     _check_integer_kernel(cpu, options, instruction, 3, 16 if B == 16 else 8, N=72, K=3 * B, B=B)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "instruction"), [("skylake-avx512", "vpmaddwd %zmm"), ("haswell", "vpmaddwd %ymm"), ("x86-64", None)]
+)
+@pytest.mark.parametrize("M", [3, 32])
+@pytest.mark.parametrize("K", [192, 384])
+def test_w4a16_madd_instruction_sets(cpu, instruction, M, K):
+    """The madd scheme tensorizes pmaddwd on zmm (AVX512BW) or ymm (AVX2), and is plain vector code on
+    x86-64; bit-exact where the host can run it, with acc formed modulo 2^32 (K = 192) or in float64
+    from two int32 spans (K = 384)."""
+    _check_integer_kernel(cpu, dict(scheme="madd"), instruction, M, 16, N=100, K=K, B=64)
 
 
 def _check_integer_kernel(cpu, options, instruction, M, bits, N, K, B):
