@@ -303,7 +303,16 @@ _BLOCK_DOT_INSTRUCTIONS = {
     "avx512bw": ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512", 16),
     "avx2": ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd", 8),
 }
+DECODED_MIN_ROWS = 16  # block-dot kernels of this many rows decode the tile's signed bytes once
 BLOCK_DOT_GROUPS = 4  # dwords of 8 k-positions per int16 sum: 2 · 4 pmaddubsw · (2 · 255 · 8) = 32640 < 2^15
+
+
+def _signed_bytes(nibbles):
+    """A uint32 dword of four offset-binary nibbles (u = q + 8, one per byte) -> the dword of their
+    two's complement bytes q: setting bit 7 and subtracting 8 per byte cannot borrow across bytes
+    (0x80 + u − 8 >= 0x78), and clearing bit 7 again (xor) leaves u − 8 modulo 256."""
+    high = tirx.const(0x80808080, "uint32")
+    return ((nibbles | high) - tirx.const(0x08080808, "uint32")) ^ high
 
 
 def _block_dot_groups(B: int) -> int:
@@ -311,9 +320,11 @@ def _block_dot_groups(B: int) -> int:
     return next(d for d in (BLOCK_DOT_GROUPS, 2, 1) if (B // 8) % d == 0)
 
 
-def _block_dot_intrinsic(instructions: str, groups: int) -> str:
+def _block_dot_intrinsic(instructions: str, groups: int, decoded: bool = False) -> str:
     """The tensor intrinsic ``C[n] += k[n] · Σ_{g, j} A[8g + j] · q[g, n, j]`` over ``8 · groups``
-    k-positions of one block (q = nibble − 8, signed), registered on first use.
+    k-positions of one block (q signed, −8..7), registered on first use. ``q`` is decoded in registers
+    from the weights' nibble dwords ``Q[g, n]`` (and, shift, subtract), or with ``decoded`` read from
+    a local buffer ``Q[g, hh, n]`` of the signed bytes of k-positions ``8g + 4hh + j``.
 
     pmaddubsw sums u8 · s8 pairs into int16 (|pair| <= 2 · 255 · 8 = 4080), ``2 · groups`` of them add
     in int16 without overflow, and one pmaddwd with (k, k) int16 pairs scales by the block's k while
@@ -321,27 +332,33 @@ def _block_dot_intrinsic(instructions: str, groups: int) -> str:
     and no per-block epilogue.
     """
     maddubs, maddwd, n = _BLOCK_DOT_INSTRUCTIONS[instructions]
-    name = f"lpbq_block_dot_{n}x{8 * groups}_{instructions}"
+    name = f"lpbq_block_dot_{n}x{8 * groups}_{instructions}{'_decoded' if decoded else ''}"
     if TensorIntrin.get(name, allow_missing=True) is not None:
         return name
     mask = 0x0F0F0F0F
+    q_shape, q_dtype, q_scope = ((groups, 2, n), "int32", "local") if decoded else ((groups, n), "uint32", "global")
 
-    def code(word, j):  # signed byte j of a dword of offset-binary nibbles
-        return T.cast(T.cast(T.cast(word, "int32") >> j * 8, "int8"), "int32") - 8
+    def q_region(Q):
+        return Q[0:groups, 0:2, 0:n] if decoded else Q[0:groups, 0:n]
+
+    def code(Q, i, g, hh, j):  # signed q at k-position 8g + 4hh + j of channel i
+        if decoded:
+            return _byte(Q[g, hh, i], j)
+        nibbles = T.bitwise_and(T.shift_right(Q[g, i], T.uint32(4)) if hh else Q[g, i], T.uint32(mask))
+        return _byte(T.cast(nibbles, "int32"), j) - 8
 
     def update(A, Q, Kb, i, g, j):  # (the product at k-positions 8g + j and 8g + 4 + j) · k
-        lo = code(T.bitwise_and(Q[g, i], T.uint32(mask)), j)
-        hi = code(T.bitwise_and(T.shift_right(Q[g, i], T.uint32(4)), T.uint32(mask)), j)
-        return (T.cast(A[g * 8 + j], "int32") * lo + T.cast(A[g * 8 + 4 + j], "int32") * hi) * T.cast(Kb[i], "int32")
+        products = T.cast(A[g * 8 + j], "int32") * code(Q, i, g, 0, j)
+        return (products + T.cast(A[g * 8 + 4 + j], "int32") * code(Q, i, g, 1, j)) * T.cast(Kb[i], "int32")
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, q: T.handle, kb: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (8 * groups,), "uint8", offset_factor=1)
-        Q = T.match_buffer(q, (groups, n), "uint32", offset_factor=1)
+        Q = T.match_buffer(q, q_shape, q_dtype, offset_factor=1, scope=q_scope)
         Kb = T.match_buffer(kb, (n,), "uint8", offset_factor=1, scope="local")
         C = T.match_buffer(c, (n,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:n], A[0 : 8 * groups], Q[0:groups, 0:n], Kb[0:n])
+            T.reads(C[0:n], A[0 : 8 * groups], q_region(Q), Kb[0:n])
             T.writes(C[0:n])
             if groups == 1:  # the kernel's unit loop binds no block iterator
                 for i, _, kk in T.grid(n, 1, 4):
@@ -354,20 +371,26 @@ def _block_dot_intrinsic(instructions: str, groups: int) -> str:
                         vi, vg, vk = T.axis.remap("SRR", [i, g, kk])
                         C[vi] = C[vi] + update(A, Q, Kb, vi, vg, vk)
 
+    def signed(Q, g, hh):  # the signed bytes of one load, int8 x 4n
+        if decoded:
+            return T.reinterpret(Q.vload([g, hh, 0], f"int32x{n}"), dtype=f"int8x{4 * n}")
+        word = Q.vload([g, 0], f"uint32x{n}")
+        nibbles = T.bitwise_and(
+            T.shift_right(word, T.broadcast(T.uint32(4), n)) if hh else word, T.broadcast(T.uint32(mask), n)
+        )
+        return T.reinterpret(nibbles, dtype=f"int8x{4 * n}") - T.broadcast(T.int8(8), 4 * n)
+
     def products(A, Q):  # Σ of 2 · groups pmaddubsw results, int16 x 2n
         total = None
         for g in range(groups):
-            word = Q.vload([g, 0], f"uint32x{n}")
             for hh in range(2):
-                nibbles = T.bitwise_and(
-                    T.shift_right(word, T.broadcast(T.uint32(4), n)) if hh else word, T.broadcast(T.uint32(mask), n)
-                )
-                signed = T.reinterpret(nibbles, dtype=f"int8x{4 * n}") - T.broadcast(T.int8(8), 4 * n)
                 a = T.reinterpret(
                     T.broadcast(T.reinterpret(A.vload([8 * g + 4 * hh], "uint8x4"), dtype="int32"), n),
                     dtype=f"uint8x{4 * n}",
                 )
-                term = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), a, signed, dtype=f"int16x{2 * n}")
+                term = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(maddubs), a, signed(Q, g, hh), dtype=f"int16x{2 * n}"
+                )
                 total = term if total is None else total + term
         return total
 
@@ -375,15 +398,16 @@ def _block_dot_intrinsic(instructions: str, groups: int) -> str:
         k = T.cast(Kb.vload([0], f"uint8x{n}"), f"int32x{n}")
         return T.reinterpret(T.bitwise_or(k, T.shift_left(k, T.broadcast(16, n))), dtype=f"int16x{2 * n}")
 
+    q_strides = [T.int32(), T.int32(), 1] if decoded else [T.int32(), 1]
+
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, q: T.handle, kb: T.handle, c: T.handle) -> None:
-        s0 = T.int32()
         A = T.match_buffer(a, (8 * groups,), "uint8", offset_factor=1)
-        Q = T.match_buffer(q, (groups, n), "uint32", offset_factor=1, strides=[s0, 1])
+        Q = T.match_buffer(q, q_shape, q_dtype, offset_factor=1, strides=q_strides, scope=q_scope)
         Kb = T.match_buffer(kb, (n,), "uint8", offset_factor=1, scope="local")
         C = T.match_buffer(c, (n,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:n], A[0 : 8 * groups], Q[0:groups, 0:n], Kb[0:n])
+            T.reads(C[0:n], A[0 : 8 * groups], q_region(Q), Kb[0:n])
             T.writes(C[0:n])
             C[T.ramp(T.int32(0), 1, n)] = C.vload([0], dtype=f"int32x{n}") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(maddwd), products(A, Q), k_pairs(Kb), dtype=f"int32x{n}"
@@ -976,8 +1000,19 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
         go, gi = te.reduce_axis((0, K // (8 * groups)), "go"), te.reduce_axis((0, groups), "gi")
         g = go * groups + gi
 
+        decoded = rows >= DECODED_MIN_ROWS
+        if decoded:  # the tile's signed bytes, once for all row groups
+            wq = te.compute(
+                (nt, K // 8, 2, lanes),
+                lambda t, g, hh, lane: tirx.Select(
+                    hh == 0, _signed_bytes(nibbles(qw[t, g, lane], 0)), _signed_bytes(nibbles(qw[t, g, lane], 1))
+                ).astype("int32"),
+                name="Wq",
+            )
+
         def signed_term(m, t, lane, hh):
-            q = _byte(nibbles(qw[t, g, lane], hh).astype("int32"), jj) - 8
+            encoded = nibbles(qw[t, g, lane], hh).astype("int32")
+            q = _byte(wq[t, g, hh, lane], jj) if decoded else _byte(encoded, jj) - 8
             return xq[m, 8 * g + 4 * hh + jj].astype("int32") * q
 
         acc = te.compute(
@@ -1032,7 +1067,7 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
     if fold_k:
         _schedule_w4a8_fold(sch, rows, VNNI_INTRIN if intrinsic else None, target)
     elif block_dot:
-        _schedule_block_dot(sch, rows, intrinsic, planes, B, target)
+        _schedule_block_dot(sch, rows, intrinsic, planes, B, decoded, target)
     else:
         _schedule_w4a8_nibble(sch, rows, intrinsic == "vnni", planes, target)
     return _finish(sch, sch.get_sblock("y"))
@@ -1212,17 +1247,19 @@ def _schedule_w4a8_nibble(sch, M, vnni, planes, target):
     sch.decompose_reduction(blk_acc, b)
 
 
-def _schedule_block_dot(sch, M, instructions, planes, B, target):
-    """loops (t ∥, [kb], mo, [chunk, go | go, chunk], mi, (c, gi, jj) = one block-dot intrinsic), then
-    the epilogue of the ``mi`` rows.
+def _schedule_block_dot(sch, M, instructions, planes, B, decoded, target):
+    """loops (t ∥, [kb, (Wq)], mo, [chunk, go | go, chunk], mi, (c, gi, jj) = one block-dot intrinsic),
+    then the epilogue of the ``mi`` rows.
 
     ``mi`` rows share each weight load; their int32 accumulators and int16 partial sums stay in
     registers. With one row group (GEMV) the channel chunks are inside the K loop, so the streamed
     weights are read contiguously once; with several, each chunk runs over all of K (its
-    accumulators never leave registers) and the tile's weights are re-read from cache.
+    accumulators never leave registers) and the tile's weights are re-read from cache. ``decoded``
+    (``Wq``): the tile's signed bytes are decoded once to a local buffer (K · 64 bytes) rather than in
+    registers per row group (:func:`_block_dot_intrinsic`).
     """
     width = _BLOCK_DOT_INSTRUCTIONS[instructions][2]
-    blk_kb, blk_acc = sch.get_sblock("kb"), sch.get_sblock("Acc")
+    blk_acc = sch.get_sblock("Acc")
     m, t, lane, go, gi, jj = sch.get_loops(blk_acc)
     mi = _row_tile(M, planes)
     mo, m_in = sch.split(m, [None, mi])
@@ -1231,14 +1268,16 @@ def _schedule_block_dot(sch, M, instructions, planes, B, target):
         sch.reorder(t, mo, chunk, go, m_in, c, gi, jj)
     else:
         sch.reorder(t, mo, go, chunk, m_in, c, gi, jj)
-    sch.compute_at(blk_kb, t)
-    sch.set_scope(blk_kb, 0, "local")
-    sch.vectorize(sch.get_loops(blk_kb)[-1])
+    for name in ("kb", "Wq") if decoded else ("kb",):
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, t)
+        sch.set_scope(blk, 0, "local")
+        sch.vectorize(sch.get_loops(blk)[-1])
     sch.set_scope(blk_acc, 0, "local")
     _epilogue_at(sch, mo)
     _parallel(sch, t, mo, target)
     sch.decompose_reduction(blk_acc, go)
-    sch.tensorize(c, _block_dot_intrinsic(instructions, _block_dot_groups(B)))
+    sch.tensorize(c, _block_dot_intrinsic(instructions, _block_dot_groups(B), decoded))
     sch.unroll(m_in)
 
 

@@ -6,6 +6,8 @@ W4A8 / W4A16: bit-exact (np.array_equal on the int32 views of the float32 output
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import tvm
@@ -253,9 +255,10 @@ def test_w4a8_bit_exact(M, N, K, B):
 
 
 @pytest.mark.parametrize("zx", [0, 255])
-def test_w4a8_extreme_accumulator(zx):
+@pytest.mark.parametrize("M", [3, fk.DECODED_MIN_ROWS])  # weights decoded in registers / once per tile
+def test_w4a8_extreme_accumulator(zx, M):
     """q = −8, k = 16 everywhere and fully saturated x: the largest |acc| the format allows."""
-    M, N, K, B = 3, 100, 512, 128
+    N, K, B = 100, 512, 128
     q, k = np.full((N, K), -8), np.full((N, K // B), 16)
     x = np.where(np.arange(K) % 2, 1e9, -1e9).astype(np.float32)[None].repeat(M, 0)
     s = np.full(N, 0.5, np.float32)
@@ -428,6 +431,17 @@ def test_w4a16_madd_instruction_sets(cpu, instruction, M, K):
     x86-64; bit-exact where the host can run it, with acc formed modulo 2^32 (K = 192) or in float64
     from two int32 spans (K = 384)."""
     _check_integer_kernel(cpu, dict(scheme="madd"), instruction, M, 16, N=100, K=K, B=64)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_block_dot_decodes_the_tile_once_from_16_rows(bits):
+    """From DECODED_MIN_ROWS rows of the uint8 kernel (a W4A16 row is two) the block-dot kernel
+    decodes a tile's signed bytes once into a local buffer; below, in registers per row group. Both
+    are bit-exact in the tests above (M = 1, 3, 8 below; 32 above)."""
+    for M, decoded in ((fk.DECODED_MIN_ROWS * 8 // bits - 1, False), (fk.DECODED_MIN_ROWS * 8 // bits, True)):
+        make = fk.w4a8_dense if bits == 8 else functools.partial(fk.w4a16_dense, scheme="planes")
+        script = make(M, 64, 256, 64, 0.1, 3, target=HASWELL).script()
+        assert ('T.sblock("Wq")' in script) == decoded, M
 
 
 def _check_integer_kernel(cpu, options, instruction, M, bits, N, K, B):
