@@ -1010,10 +1010,13 @@ def _integer_dense(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold_
                 name="Wq",
             )
 
+        def signed_q(t, lane, hh):  # q at k-position 8g + 4hh + jj
+            if decoded:
+                return _byte(wq[t, g, hh, lane], jj)
+            return _byte(nibbles(qw[t, g, lane], hh).astype("int32"), jj) - 8
+
         def signed_term(m, t, lane, hh):
-            encoded = nibbles(qw[t, g, lane], hh).astype("int32")
-            q = _byte(wq[t, g, hh, lane], jj) if decoded else _byte(encoded, jj) - 8
-            return xq[m, 8 * g + 4 * hh + jj].astype("int32") * q
+            return xq[m, 8 * g + 4 * hh + jj].astype("int32") * signed_q(t, lane, hh)
 
         acc = te.compute(
             (rows, nt, lanes),
@@ -1115,7 +1118,8 @@ def _w4a16_madd_gemm(M, N, K, B, sx, zx, with_bias, target) -> tirx.PrimFunc:
         """``q·k`` at k-positions 2p and 2p + 1 as the low and high int16 of a dword. In the W4A8 layout
         k-position 8g + 4hh + j is nibble 2j + hh of dword g; xor 0x8 per nibble gives two's complement."""
         word = qw[t, p // 4, lane] ^ tirx.const(0x88888888, "uint32")
-        low, high = ((2 * (p % 4) + h) % 4 * 2 + (2 * (p % 4) + h) // 4 for h in (0, 1))
+        r = 2 * (p % 4)  # the pair's k-positions in the dword: r and r + 1
+        low, high = (2 * (i % 4) + i // 4 for i in (r, r + 1))
         k = _k_value(kw, t, (2 * p) // B, "int32")(lane)
         low_qk = (_top_nibble(word, low) >> 28) * k & tirx.const(0xFFFF, "int32")
         return low_qk | (_top_nibble(word, high) >> 12) * k  # (q · 2^16) · k: the high half
