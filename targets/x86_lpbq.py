@@ -1080,12 +1080,6 @@ INT32_SPAN = 256  # k-positions per int32 sum of the madd scheme: 256 · 2^15 ·
 CODE_CENTER = 32768  # subtracted from uint16 codes in the madd scheme: xq − 32768 is an int16
 
 
-def _madd_instructions(target: tvm.target.Target | None) -> str | None:
-    """``"avx512bw"`` / ``"avx2"``: the pmaddwd the madd scheme tensorizes with, or None (plain vector code)."""
-    target = target or default_target()
-    return next((f for f in ("avx512bw", "avx2") if codegen.target_has_features(f, target)), None)
-
-
 def _w4a16_madd_gemm(M, N, K, B, sx, zx, with_bias, target) -> tirx.PrimFunc:
     """W4A16 on pmaddwd, exactly: with centred codes ``xc = xq − CODE_CENTER`` (an int16) and ``q·k``
     (an int16, |q·k| <= 128) every product is an integer of magnitude <= 2^22, so an int32 sum
@@ -1097,7 +1091,8 @@ def _w4a16_madd_gemm(M, N, K, B, sx, zx, with_bias, target) -> tirx.PrimFunc:
     weight-only GEMM's (:func:`_weight_only_gemm`): ``q·k`` of a 64-channel tile (or of a span) decoded
     once to a local buffer of int16 pairs for all rows, ``mi x width`` register tiles of Q; the rows
     are padded to whole register tiles (tensorize takes no predicate)."""
-    instructions = _madd_instructions(target)
+    instructions = _dot_intrinsic(target)  # the pmaddwd of its instruction set (VNNI implies AVX512BW)
+    instructions = "avx512bw" if instructions == "vnni" else instructions
     n = _BLOCK_DOT_INSTRUCTIONS[instructions][2] if instructions else 16  # lanes per pmaddwd
     width = 4 * n if instructions == "avx512bw" else 2 * n
     nt, x, qw, kw, wsum, s, bias = _integer_inputs(M, N, K, B, with_bias)
