@@ -151,22 +151,25 @@ def test_weight_only_row_tails(M):
 
 
 @pytest.mark.parametrize(
-    ("K", "B", "decode_loops"),
+    ("K", "B", "dword_loops"),
     [
-        (512, 64, [512 // 8, 8, 64]),  # a 128 KiB tile: decoded whole, its loop runs over all of K
-        (768, 64, [3, 256 // 8, 8, 64]),  # 12 blocks: 3 panels of 4 blocks (256 k positions)
-        (640, 64, [5, 128 // 8, 8, 64]),  # 10 blocks: 4 does not divide them, 2 does
-        (640, 16, [4, 160 // 8, 8, 64]),  # 40 blocks of 16: panels of 10
-        (1024, 512, [2, 512 // 8, 8, 64]),  # a block longer than a panel: one block per panel
+        (512, 64, [512 // 8]),  # a 128 KiB tile: decoded whole, its loop runs over all of K
+        (768, 64, [3, 256 // 8]),  # 12 blocks: 3 panels of 4 blocks (256 k positions)
+        (640, 64, [5, 128 // 8]),  # 10 blocks: 4 does not divide them, 2 does
+        (640, 16, [4, 160 // 8]),  # 40 blocks of 16: panels of 10
+        (1024, 512, [2, 512 // 8]),  # a block longer than a panel: one block per panel
     ],
 )
-def test_weight_only_gemm_decodes_a_large_tile_panel_by_panel(K, B, decode_loops):
+def test_weight_only_gemm_decodes_a_large_tile_panel_by_panel(K, B, dword_loops):
     """Above 128 KiB of decoded floats per 64-channel tile, the tile is decoded in panels of whole
-    blocks (a loop over the panels outside), as many blocks as divide K within 256 k positions.
-    All compute the same products."""
+    blocks (a loop over the panels outside), as many blocks as divide K within 256 k positions; each
+    panel dword by dword, a vector register of channels at a time, its 8 nibbles unrolled. All
+    compute the same products."""
     M, N = 32, 100
     func = fk.weight_only_dense(M, N, K, B, use_lut=False)
     sch = Schedule(func)
+    v = fk._register_dwords(None)
+    decode_loops = [*dword_loops, 64 // v, 8, v]
     assert [int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("W"))][1:] == decode_loops
     rng = np.random.default_rng(M)
     q, k = _weights(N, K, B, rng)
