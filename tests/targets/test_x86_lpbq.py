@@ -304,7 +304,7 @@ def test_w4a16_extreme_accumulator(M, scheme, B, zx, K):
     int32's limit (the planes are combined modulo 2^32), at K = 2048 ≈ 1.7e10, past int32 (the reason
     W4A16 accumulates in int64; combined in float64); each byte plane's sum stays within int32. In the
     madd scheme, codes 0 (centred: −2^15) times q·k = −128 make every product 2^22 and each int32 sum
-    over 256 k-positions 2^30 (49 rows: padded to register tiles of 4)."""
+    over 256 k-positions 2^30 (49 rows: 7 parallel parts of 7 one-row register tiles)."""
     N = 16
     q, k = np.full((N, K), -8), np.full((N, K // B), 16)
     x = np.full((M, K), 1e9 if zx == 0 else -1e9, np.float32)
@@ -434,6 +434,20 @@ def test_w4a16_madd_instruction_sets(cpu, instruction, M, K):
     x86-64; bit-exact where the host can run it, with acc formed modulo 2^32 (K = 192) or in float64
     from two int32 spans (K = 384)."""
     _check_integer_kernel(cpu, dict(scheme="madd"), instruction, M, 16, N=100, K=K, B=64)
+
+
+def test_w4a16_madd_register_tile_is_one_row_of_the_whole_tile():
+    """The madd scheme's register tile is one row by all of a tile's lanes: each row's output is
+    written right after its own Q (loops: tiles, rows, then the 64 lanes vectorized), for any row count
+    (no padding to a multiple of a row tile)."""
+    for M in (49, 64):
+        sch = Schedule(fk.w4a16_dense(M, 256, 256, 64, 0.1, 3, target=ZEN1, scheme="madd"))
+        loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("y"))]
+        assert [(int(loop.extent), tirx.ForKind(int(loop.kind))) for loop in loops] == [
+            (4, tirx.ForKind.PARALLEL),
+            (M, tirx.ForKind.SERIAL),
+            (64, tirx.ForKind.VECTORIZED),
+        ]
 
 
 @pytest.mark.parametrize("bits", [8, 16])
