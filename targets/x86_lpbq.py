@@ -697,6 +697,19 @@ def _register_dwords(target) -> int:
     return 16 if codegen.target_has_features("avx512f", target or default_target()) else 8
 
 
+def _decode_by_register(sch: Schedule, block, per_dword: int, target) -> None:
+    """A tile decode's last two loops (values, lanes) as (dwords, register chunks, the ``per_dword``
+    values of a dword unrolled, one register of lanes vectorized): each loaded register of dwords
+    becomes ``per_dword`` registers of values with constant shifts, and only those are live (the
+    spills of decoding all 64 lanes at once: :func:`_weight_only_gemm`)."""
+    values, lanes = sch.get_loops(block)[-2:]
+    dwords, value = sch.split(values, [None, per_dword])
+    chunk, lanes = sch.split(lanes, [None, _register_dwords(target)])
+    sch.reorder(dwords, chunk, value, lanes)
+    sch.unroll(value)
+    sch.vectorize(lanes)
+
+
 def _weight_only_gemm(M, N, K, B, with_bias, width, target):
     """Decode ``q·k`` of a 64-channel tile to local floats, then (mi x ``width``) register tiles (64 lanes
     fill 4 zmm registers per row with AVX-512; with 16 ymm registers, 16 lanes = 2 per row).
@@ -744,12 +757,7 @@ def _weight_only_gemm(M, N, K, B, with_bias, width, target):
         sch.reverse_compute_at(blk_y, t)
     sch.set_scope(blk_w, 0, "local")
     sch.set_scope(blk_acc, 0, "local")
-    w_r, w_lane = sch.get_loops(blk_w)[-2:]
-    w_g, w_h = sch.split(w_r, [None, 8])
-    w_chunk, w_lane = sch.split(w_lane, [None, _register_dwords(target)])
-    sch.reorder(w_g, w_chunk, w_h, w_lane)  # a register of dwords at a time, decoded into 8 of floats
-    sch.vectorize(w_lane)
-    sch.unroll(w_h)  # constant shift per nibble
+    _decode_by_register(sch, blk_w, 8, target)  # 8 nibbles of floats per dword
     sch.unroll(mi)
     sch.vectorize(lane)
     sch.vectorize(sch.get_loops(blk_y)[-1])
@@ -1181,12 +1189,8 @@ def _w4a16_madd_gemm(M, N, K, B, sx, zx, with_bias, target) -> tirx.PrimFunc:
     sch.reverse_compute_at(blk_y, m if whole else t)
     for blk in (blk_w, blk_q, blk_offset, blk_acc):
         sch.set_scope(blk, 0, "local")
-    w_p, w_lane = sch.get_loops(blk_w)[-2:]
-    w_g, w_pair = sch.split(w_p, [None, 4])
-    w_chunk, w_lane = sch.split(w_lane, [None, _register_dwords(target)])
-    sch.reorder(w_g, w_chunk, w_pair, w_lane)  # a register of dwords at a time, decoded into 4 of pairs
-    sch.unroll(w_pair)  # constant shifts per pair of a dword
-    for loop in (w_lane, sch.get_loops(blk_offset)[-1], lane, sch.get_loops(blk_y)[-1]):
+    _decode_by_register(sch, blk_w, 4, target)  # 4 int16 pairs per dword
+    for loop in (sch.get_loops(blk_offset)[-1], lane, sch.get_loops(blk_y)[-1]):
         sch.vectorize(loop)
     _parallel(sch, t, m if whole else None, target)
     sch.decompose_reduction(blk_acc, span_loop)
