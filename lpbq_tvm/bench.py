@@ -48,7 +48,7 @@ def set_threads(threads: int) -> None:
     os.environ["TVM_NUM_THREADS"] = str(threads)
 
 
-SETTLE_SECONDS = 0.05  # before each burst: the thread pools the previous candidate left spinning go idle
+SETTLE_SECONDS = 0.15  # before each burst: the thread pools the previous candidate left spinning go idle
 WARM_SECONDS = 0.01  # untimed calls before each burst, at least one: the core is back at speed after the pause
 
 
@@ -60,7 +60,10 @@ def time_interleaved(functions: Mapping[str, Callable[[], object]], repeat: int,
     thread pool awake, the core at speed), as a loop over the same layer would. Each burst starts
     ``SETTLE_SECONDS`` after the previous one: with two threads on two cores, a candidate timed
     while another runtime's pool still spins waited for a core (4096² M = 1, 0.65 ms kernels took
-    8 ms); after such a pause one untimed call was not enough for a 0.15 ms model (timed 2x slower)."""
+    8 ms); after such a pause one untimed call was not enough for a 0.15 ms model (timed 2x slower).
+    After its last call TVM's worker spins for 80-100 ms and onnxruntime's for 50-60 ms (CPU time
+    of each thread, Zen 1, 2 threads): with 50 ms, onnxruntime ran the example at 2 threads in
+    0.28 ms instead of its 0.16 in a process of its own, and 0.16 with 150 ms."""
     names = list(functions)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(max(1, round(repeat / burst))):
