@@ -304,6 +304,7 @@ _BLOCK_DOT_INSTRUCTIONS = {
     "avx2": ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd", 8),
 }
 DECODED_MIN_ROWS = 16  # block-dot kernels of this many rows decode the tile's signed bytes once
+PREFETCH_ROWS = 32  # dword rows of nibbles (256 bytes at 64 lanes) a streaming block-dot GEMV prefetches ahead
 BLOCK_DOT_GROUPS = 4  # dwords of 8 k-positions per int16 sum: 2 · 4 pmaddubsw · (2 · 255 · 8) = 32640 < 2^15
 
 
@@ -320,7 +321,7 @@ def _block_dot_groups(B: int) -> int:
     return next(d for d in (BLOCK_DOT_GROUPS, 2, 1) if (B // 8) % d == 0)
 
 
-def _block_dot_intrinsic(instructions: str, groups: int, decoded: bool = False) -> str:
+def _block_dot_intrinsic(instructions: str, groups: int, decoded: bool = False, prefetch: bool = False) -> str:
     """The tensor intrinsic ``C[n] += k[n] · Σ_{g, j} A[8g + j] · q[g, n, j]`` over ``8 · groups``
     k-positions of one block (q signed, −8..7), registered on first use. ``q`` is decoded in registers
     from the weights' nibble dwords ``Q[g, n]`` (and, shift, subtract), or with ``decoded`` read from
@@ -330,9 +331,17 @@ def _block_dot_intrinsic(instructions: str, groups: int, decoded: bool = False) 
     in int16 without overflow, and one pmaddwd with (k, k) int16 pairs scales by the block's k while
     widening to int32: per 64 MACs two multiplies plus 1/groups, against three in the nibble scheme,
     and no per-block epilogue.
+
+    With ``prefetch`` (the nibbles streamed once, by a single row group), a call also prefetches its
+    lanes ``PREFETCH_ROWS`` dword rows (8 KiB) ahead: with the hardware prefetcher alone, the GEMV
+    waited on memory (Zen 1, one thread, 4096 x 4096: M = 1 1.44 -> 1.01 ms, B = 32 1.74 -> 1.10,
+    M = 4 3.15 -> 2.90; two threads, M = 1 1.60 -> 0.67; W4A16 M = 1 1.85 -> 1.67; layers that fit
+    in cache within 4%, mostly faster). Where row groups re-read a tile from cache it only cost
+    (3 x 4 rows: +2%).
     """
     maddubs, maddwd, n = _BLOCK_DOT_INSTRUCTIONS[instructions]
-    name = f"lpbq_block_dot_{n}x{8 * groups}_{instructions}{'_decoded' if decoded else ''}"
+    variant = ("_decoded" if decoded else "") + ("_prefetch" if prefetch else "")
+    name = f"lpbq_block_dot_{n}x{8 * groups}_{instructions}{variant}"
     if TensorIntrin.get(name, allow_missing=True) is not None:
         return name
     mask = 0x0F0F0F0F
@@ -409,6 +418,11 @@ def _block_dot_intrinsic(instructions: str, groups: int, decoded: bool = False) 
         with T.sblock("root"):
             T.reads(C[0:n], A[0 : 8 * groups], q_region(Q), Kb[0:n])
             T.writes(C[0:n])
+            if prefetch:
+                for g in T.unroll(groups):  # llvm.prefetch(address, read, keep in all levels, data)
+                    T.evaluate(
+                        T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(Q[PREFETCH_ROWS + g, 0]), 0, 3, 1)
+                    )
             C[T.ramp(T.int32(0), 1, n)] = C.vload([0], dtype=f"int32x{n}") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(maddwd), products(A, Q), k_pairs(Kb), dtype=f"int32x{n}"
             )
@@ -1270,7 +1284,7 @@ def _schedule_block_dot(sch, M, instructions, planes, B, decoded, target):
 
     ``mi`` rows share each weight load; their int32 accumulators and int16 partial sums stay in
     registers. With one row group (GEMV) the channel chunks are inside the K loop, so the streamed
-    weights are read contiguously once; with several, each chunk runs over all of K (its
+    weights are read contiguously once (and prefetched); with several, each chunk runs over all of K (its
     accumulators never leave registers) and the tile's weights are re-read from cache. ``decoded``
     (``Wq``): the tile's signed bytes are decoded once to a local buffer (K · 64 bytes) rather than in
     registers per row group (:func:`_block_dot_intrinsic`).
@@ -1294,7 +1308,9 @@ def _schedule_block_dot(sch, M, instructions, planes, B, decoded, target):
     _epilogue_at(sch, mo)
     _parallel(sch, t, mo, target)
     sch.decompose_reduction(blk_acc, go)
-    sch.tensorize(c, _block_dot_intrinsic(instructions, _block_dot_groups(B), decoded))
+    sch.tensorize(
+        c, _block_dot_intrinsic(instructions, _block_dot_groups(B), decoded, prefetch=not decoded and mi == M)
+    )
     sch.unroll(m_in)
 
 

@@ -461,6 +461,18 @@ def test_block_dot_decodes_the_tile_once_from_16_rows(bits):
         assert ('T.sblock("Wq")' in script) == decoded, M
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_block_dot_gemv_prefetches_the_streamed_nibbles(bits):
+    """A block-dot kernel of one row group (its rows read the nibbles once, streamed) prefetches them
+    PREFETCH_ROWS dword rows ahead; with several row groups (the tile re-read from cache) or a
+    decoded tile it does not. Bit-exactness of both is checked above."""
+    make = fk.w4a8_dense if bits == 8 else functools.partial(fk.w4a16_dense, scheme="planes")
+    rows_per_m = bits // 8
+    for M, prefetched in ((1, True), (fk.NIBBLE_ROWS // rows_per_m, True), (12, False), (fk.DECODED_MIN_ROWS, False)):
+        script = make(M, 64, 256, 64, 0.1, 3, target=HASWELL).script()
+        assert ("llvm.prefetch" in script) == prefetched, M
+
+
 def _check_integer_kernel(cpu, options, instruction, M, bits, N, K, B):
     target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2})
     qmax = (1 << bits) - 1
