@@ -336,7 +336,7 @@ def _block_dot_intrinsic(instructions: str, groups: int, decoded: bool = False, 
     lanes ``PREFETCH_ROWS`` dword rows (8 KiB) ahead: with the hardware prefetcher alone, the GEMV
     waited on memory (Zen 1, one thread, 4096 x 4096: M = 1 1.44 -> 1.01 ms, B = 32 1.74 -> 1.10,
     M = 4 3.15 -> 2.90; two threads, M = 1 1.60 -> 0.67; W4A16 M = 1 1.85 -> 1.67; layers that fit
-    in cache within 4%, mostly faster). Where row groups re-read a tile from cache it only cost
+    in cache 0.91-1.02 of the time). Where row groups re-read a tile from cache it only cost
     (3 x 4 rows: +2%).
     """
     maddubs, maddwd, n = _BLOCK_DOT_INSTRUCTIONS[instructions]

@@ -468,7 +468,12 @@ def test_block_dot_gemv_prefetches_the_streamed_nibbles(bits):
     decoded tile it does not. Bit-exactness of both is checked above."""
     make = fk.w4a8_dense if bits == 8 else functools.partial(fk.w4a16_dense, scheme="planes")
     rows_per_m = bits // 8
-    for M, prefetched in ((1, True), (fk.NIBBLE_ROWS // rows_per_m, True), (12, False), (fk.DECODED_MIN_ROWS, False)):
+    for M, prefetched in (
+        (1, True),
+        (fk.NIBBLE_ROWS // rows_per_m, True),
+        (12 // rows_per_m, False),
+        (fk.DECODED_MIN_ROWS, False),
+    ):
         script = make(M, 64, 256, 64, 0.1, 3, target=HASWELL).script()
         assert ("llvm.prefetch" in script) == prefetched, M
 
