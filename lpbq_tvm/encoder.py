@@ -9,7 +9,7 @@ small integer multiple of one float scale per output channel::
 so ``q * k`` is an integer on a per-channel grid of ``decompressed_bw`` bits: the layer runs on a
 per-channel int8 kernel while storage stays near 4 bits per weight.
 
-The arithmetic is bit-exact with aimet_onnx 2.42.0 (see DESIGN.md §2): block deltas, the
+The arithmetic is bit-exact with aimet_onnx 2.42.0 (see docs/design.md §2): block deltas, the
 per-channel scale and the integer block scales in float64 (``k`` rounds half to even), the
 quantisation itself in float32 (``q`` rounds half away from zero after the ``+2**(bitwidth-1)``
 shift). Worked example, Gemm transB=1 weight ``W[64, 256]``, block_size 64::
@@ -430,7 +430,7 @@ def encode_lpbq(
 
 
 def weight_axes(op_type: str, weight_ndim: int, attributes: Mapping[str, Any] | None = None) -> tuple[int, int]:
-    """``(channel_axis, block_axis)`` of the weight of an ONNX ``op_type`` (DESIGN.md §2).
+    """``(channel_axis, block_axis)`` of the weight of an ONNX ``op_type`` (docs/design.md §2).
 
     Gemm: ``transB=1`` -> (0, 1), ``transB=0`` -> (1, 0). MatMul with a constant second input
     ``[.., in, out]`` -> (ndim-1, ndim-2). Conv ``[out, in/groups, *kernel]`` -> (0, 1) for any

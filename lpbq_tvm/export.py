@@ -40,7 +40,7 @@ from lpbq_tvm.compiler import atomic_write
 __all__ = ["ExportReport", "FORMATS", "LSB_TOLERANCE", "export_onnx", "export_encodings"]
 
 FORMATS = ("ort", "ort-nbits", "qnn")
-# Output codes of onnxruntime's float QDQ evaluation vs the integer simulation (DESIGN.md §5):
+# Output codes of onnxruntime's float QDQ evaluation vs the integer simulation (docs/design.md §5):
 # one LSB of rounding difference per requantization, plus, at 16 bits, onnxruntime's own float32
 # summation error, which over a K-term dot product (K·2^-24·Σ|x||w|) reaches a uint16 LSB of the
 # output range for K in the thousands (magika's conv, K = 1280: measured 2 LSB).
@@ -191,7 +191,7 @@ def export_encodings(sim, path: str | PathLike, version: str = "1.0.0", *, overw
     report.checks["read back"] = f"{len(entries)} entries, LPBQ entries equal the encoder's"
     biased = sorted(layer.node_name for name, layer in sim.layers.items() if name in sim.encodings and layer.has_bias)
     if version == "2.0.0" and biased:
-        # DESIGN.md §5: a 2.0.0 file switches Qualcomm's converter to its newer quantizer, which
+        # docs/design.md §5: a 2.0.0 file switches Qualcomm's converter to its newer quantizer, which
         # wants int32 bias encodings; this file (like 1.0.0) carries none.
         report.checks["note"] = (
             f"{len(biased)} LPBQ layers have a bias ({', '.join(biased[:3])}{', ...' if len(biased) > 3 else ''}) "

@@ -2,7 +2,7 @@
 
 Candidate layers are Gemm, MatMul and Conv nodes with a constant weight, one that is an
 initializer or the output of a ``Constant`` node. For each candidate this gives the node name,
-op type, attributes, weight tensor name and value, and the (channel_axis, block_axis) of DESIGN.md §2.
+op type, attributes, weight tensor name and value, and the (channel_axis, block_axis) of docs/design.md §2.
 
 Activation tensors are the float32 values computed from the inputs, the ones calibration observes
 and the QNN export quantizes: the float graph inputs and every node output that a node or the

@@ -1,4 +1,4 @@
-"""Packed 4-bit storage of an LPBQ weight (DESIGN.md §3) and its exact inverse.
+"""Packed 4-bit storage of an LPBQ weight (docs/design.md §3) and its exact inverse.
 
 Codes of up to 4 bits are stored as nibbles (below); 5- to 8-bit codes, such as an int8
 per-channel layer (bitwidth 8, ``k`` = 1, one block per channel), as one int8 byte each

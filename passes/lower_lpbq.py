@@ -6,7 +6,7 @@ output channels, whose weight has an entry in ``"lpbq.encodings"`` (written by E
 
 Rewrite: ``R.call_tir`` to a TIR kernel of :mod:`lpbq_kernels` (``lpbq_dense`` / ``lpbq_conv``,
 marked opaque so fusion leaves it alone) taking ``x``, the packed ``q`` and ``k - 1`` nibbles,
-the fp32 per-channel scale ``s`` and, when the graph adds one, the bias (DESIGN.md §3). For a
+the fp32 per-channel scale ``s`` and, when the graph adds one, the bias (docs/design.md §3). For a
 parameter weight the fp32 parameter is removed once unused and three parameters
 ``<weight>.lpbq_q`` (uint8), ``<weight>.lpbq_k`` (uint8), ``<weight>.lpbq_s`` (float32) are
 appended, their values added to the ``"params"`` attribute; a constant weight becomes packed
@@ -14,7 +14,7 @@ constants. The function records ``"lpbq.lowered"`` (weight key -> node, mode, pa
 names) and drops ``"lpbq.encodings"``: the packed arrays are now the only copy of the weight.
 Layers without an encoding stay fp32.
 
-Modes (DESIGN.md §3): ``"weight-only"`` (fp32 activations; ``y = s[c] · Σ x · float(q · k)``),
+Modes (docs/design.md §3): ``"weight-only"`` (fp32 activations; ``y = s[c] · Σ x · float(q · k)``),
 ``"w4a8"`` / ``"w4a16"`` (activation quantized per tensor to uint8 / uint16 from its calibrated
 range in ``"lpbq.activation_ranges"``, integer accumulation in int32 / int64, fp32 epilogue).
 With ``requantize_outputs=True`` (HTP semantics) each integer layer's output is also quantized

@@ -9,7 +9,7 @@ Every kernel reads the packed storage of :mod:`lpbq_tvm.packing` directly:
 
 (``code_bits=8``: ``q`` int8 bytes ``[C, L]``, for int8 per-channel layers whose ``k`` is 1)
 and forms the int8 per-channel weight ``q · k`` in-kernel (it never exists in memory outside one
-kernel invocation). Arithmetic (DESIGN.md §3):
+kernel invocation). Arithmetic (docs/design.md §3):
 
 * weight-only: ``acc = Σ x · float(q · k)`` in float32, ``y = acc · s[c] (+ bias[c])``;
 * integer (:class:`IntegerArithmetic`, W4A8 / W4A16): ``xq = clamp(round_half_even(x / sx) + zx)``,
@@ -51,7 +51,7 @@ def _nibble(packed: te.Tensor, row, index):
 
 
 def _int_weight(q: te.Tensor, k: te.Tensor, row, index, block, code_bits: int):
-    """``q[row, index] * k[row, block]`` as int32 (the int8 per-channel weight of DESIGN.md §3)."""
+    """``q[row, index] * k[row, block]`` as int32 (the int8 per-channel weight of docs/design.md §3)."""
     if code_bits == 8:
         return q[row, index].astype("int8").astype("int32") * (_nibble(k, row, block) + 1)
     code = (_nibble(q, row, index) ^ 8) - 8  # sign-extend the 4-bit two's complement code

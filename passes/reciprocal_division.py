@@ -12,7 +12,7 @@ from the correctly rounded ``x / c`` by at most ``3 · 2^-24`` relative (under 2
 contract ``FastMathTransform`` makes for ``exp`` and ``tanh`` in the same pipeline. A divisor whose
 reciprocal is not a finite float32 (0, or below 2^-128) stays a division. Integer arithmetic is
 not Relax arithmetic on this path: the LPBQ kernels quantize activations in TIR (``x / sx``, a true
-division, DESIGN.md §3) and ``quantize`` ops are legalized after this pass, so neither is touched.
+division, docs/design.md §3) and ``quantize`` ops are legalized after this pass, so neither is touched.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ padding in place, and an unpadded one its input (:func:`_inline_padding`). An fp
 activation) is computed inline as the register tile is written back, with no pass of its own over
 the output; a generic LPBQ kernel's keeps one stage per operator, outside the write-back: a
 multiply and an add in one expression become one FMA under LLVM, which the LPBQ integer epilogue
-must not (DESIGN.md §3: it matches the reference's two roundings bit for bit). Integer accumulation
+must not (docs/design.md §3: it matches the reference's two roundings bit for bit). Integer accumulation
 (W4A8 / W4A16) is scheduled the same way; integer sums do not depend on their order.
 """
 

@@ -3,7 +3,7 @@
 It compiles the graph the QNN export writes (:meth:`QuantizationSimModel.qdq_module`): the prepared
 model with ``Q -> DQ`` after every activation tensor (or, with ``quantize_all_activations=False``,
 after the LPBQ layers' inputs and outputs only), its calibrated uint8 / uint16 encodings imported as
-Relax ``quantize`` / ``dequantize``. Per LPBQ layer (DESIGN.md §3, §5): the input quantized per tensor
+Relax ``quantize`` / ``dequantize``. Per LPBQ layer (docs/design.md §3, §5): the input quantized per tensor
 (round half to even, clamp; exact on an input the graph has quantized already); the int4 LPBQ
 weight expanded to the int8 per-channel weight ``q · k``; integer accumulation (int32 / int64); the
 float epilogue ``acc · sx · s[c] + bias``, a Gemm's product first requantized to its ``pre_bias``

@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden reference vectors of ../shared/golden (DESIGN.md §2); slow tests first."""
+"""Shared fixtures: the golden reference vectors of ``tests/data/golden`` (docs/design.md §2); slow tests first."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-GOLDEN_DIR = Path(os.environ.get("LPBQ_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+# LPBQ_GOLDEN_DIR points the tests at another set of vectors (e.g. freshly computed with aimet_onnx).
+GOLDEN_DIR = Path(os.environ.get("LPBQ_GOLDEN_DIR", Path(__file__).resolve().parent / "data" / "golden"))
 
 
 def golden_cases() -> list[str]:
     """Case names; an empty or missing folder is an error, never zero silent tests."""
     cases = sorted(path.stem for path in GOLDEN_DIR.glob("*.json"))
     if not cases:
-        msg = f"no golden vectors in {GOLDEN_DIR} (set LPBQ_GOLDEN_DIR to the shared/golden folder)"
+        msg = f"no golden vectors in {GOLDEN_DIR} (LPBQ_GOLDEN_DIR overrides tests/data/golden)"
         raise FileNotFoundError(msg)
     return cases
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -55,7 +56,11 @@ def test_report_contents(report_dir):
 def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     _, directory = report_dir
     chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is installed by .ci/run"
+    if chromium is None:
+        missing = "needs Chromium, which pip cannot install: apt-get install chromium (Debian / Ubuntu)"
+        if os.environ.get("CI"):  # .ci/run installs it: absent there, the check must not vanish
+            pytest.fail(missing)
+        pytest.skip(missing)
     common = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(
         [*common, "--dump-dom", (directory / "index.html").as_uri()], capture_output=True, text=True, timeout=120

@@ -1,6 +1,6 @@
 """Pre-flight check of a QDQ ONNX model for Qualcomm's QNN toolchain: LPBQ problems per node, with the fix.
 
-Finds, before a user meets an opaque converter or runtime failure (DESIGN.md §5):
+Finds, before a user meets an opaque converter or runtime failure (docs/design.md §5):
 
 * opset below 21 (blocked ``DequantizeLinear`` and INT4 need it);
 * a blocked weight ``DequantizeLinear`` whose codes are not symmetric INT4 with all-zero INT4

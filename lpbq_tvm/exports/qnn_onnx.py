@@ -8,7 +8,7 @@ written by its node as ``t/float`` and ``t`` is the dequantized value, so every 
 the graph output, sees the quantized one; a graph input ``x`` is read as ``x/dq``. Each tensor
 gets one pair; integer and bool tensors and constants are left alone.
 
-:func:`export_qnn_onnx` then rewrites each LPBQ MatMul / Gemm (DESIGN.md §5; Gemm is written as
+:func:`export_qnn_onnx` then rewrites each LPBQ MatMul / Gemm (docs/design.md §5; Gemm is written as
 MatMul + Add, since the QNN Gemm fusion drops biases and misreads transB=0)::
 
     k: UINT8 [nb, N] (1..16)   s: FLOAT [N]   zk: UINT8 [N] = 0

@@ -143,7 +143,7 @@ def _qdq_pairs(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, onnx.N
 def test_qnn_export_puts_one_qdq_pair_on_every_float_activation(gated_sim):
     """Each float activation goes through exactly one Q -> DQ with its calibrated uint16 encoding and is
     read only through it; the bool gate and the int64 label stay as they were; the LPBQ MatMuls keep
-    the pattern of DESIGN.md §5 (the pre-flight check passes)."""
+    the pattern of docs/design.md §5 (the pre-flight check passes)."""
     sim, _ = gated_sim
     encodings = sim.tensor_activation_encodings(16)
     exported = export_qnn_onnx(sim.model, sim.encodings, sim.layer_activation_encodings(16), encodings)

@@ -1,7 +1,7 @@
 """The QNN export on Qualcomm's own HTP runtime (the onnxruntime-qnn simulator), CPU fallback disabled.
 
 Compares output codes with the htp-sim target: within 2 LSB for uint8 activations and within 1
-LSB per requantization for uint16 (DESIGN.md §5): 1 for a MatMul, 2 for a Gemm with bias, whose
+LSB per requantization for uint16 (docs/design.md §5): 1 for a MatMul, 2 for a Gemm with bias, whose
 product is requantized before the bias add too. Over several uint16 layers the differences
 compound, and the HTP's 16-bit Conv rounds with a bias of about -0.15 code that a following
 average pool accumulates; those are not fair uint16 comparisons. Every activation is quantized
