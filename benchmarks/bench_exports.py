@@ -20,7 +20,7 @@ from rich.table import Table
 import lpbq_tvm
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.examples import build_example_model
-from lpbq_tvm.export import export_encodings, export_onnx
+from lpbq_tvm.export import export
 
 
 def _models(scratch: Path):
@@ -61,13 +61,13 @@ def main() -> None:
             sim = QuantizationSimModel(path)
             set_grouped_blockwise_quantization_for_weights(sim, **settings)
             sim.compute_encodings(lambda s, x: s.run(x), sim.random_inputs())
-            sizes = [export_onnx(sim, scratch / f"{name}.ort.onnx", "ort").bytes]
+            sizes = [export(sim, scratch / f"{name}.ort.onnx", "ort-onnx").bytes]
             sizes += [
-                export_onnx(sim, scratch / f"{name}.qnn{b}.onnx", "qnn", activation_bitwidth=b).bytes for b in (8, 16)
+                export(sim, scratch / f"{name}.qnn{b}.onnx", "qnn-onnx", activation_bitwidth=b).bytes for b in (8, 16)
             ]
             bundle = lpbq_tvm.compile(sim).export_bundle(scratch / f"{name}.bundle")
             sizes.append(sum(p.stat().st_size for p in bundle.iterdir()))
-            sizes.append(export_encodings(sim, scratch / f"{name}.encodings").bytes)
+            sizes.append(export(sim, scratch / f"{name}.encodings", "aimet-json").bytes)
             rows = sim.report()
             weights = sum(int(np.prod(r.shape)) for r in rows)
             bits = (

@@ -11,7 +11,7 @@ numpy reduces an array of the same size (warm, like the kernels' weights between
 
 Each thread count runs in its own process (``TVM_NUM_THREADS`` and onnxruntime's intra-op
 threads; numpy and the bound stay on one thread); everything is timed through Python, in rounds of
-a few warm calls per candidate (``lpbq_tvm.bench.time_interleaved``: a slow phase of a shared host
+a few warm calls per candidate (``lpbq_tvm.timing.time_interleaved``: a slow phase of a shared host
 hits them all alike), and the table shows the median with the min-max spread.
 
     python benchmarks/bench_kernels.py [--quick]      # needs the test extra (onnxruntime)
@@ -40,8 +40,8 @@ def worker(threads: int, quick: bool) -> None:
 
     import lpbq_tvm
     from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
-    from lpbq_tvm.bench import time_interleaved
-    from lpbq_tvm.export import export_onnx
+    from lpbq_tvm.export import export
+    from lpbq_tvm.timing import time_interleaved
 
     repeat = 10 if quick else 40
     rng = np.random.default_rng(0)
@@ -79,7 +79,7 @@ def worker(threads: int, quick: bool) -> None:
 
             candidates["onnxruntime fp32"] = functools.partial(session(model).run, None, x)
             with tempfile.TemporaryDirectory() as scratch:
-                export_onnx(sim, f"{scratch}/m.onnx", "ort", sample_inputs=x)
+                export(sim, f"{scratch}/m.onnx", "ort-onnx", sample_inputs=x)
                 exported = onnx.load(f"{scratch}/m.onnx")
             for level in (0, 4):
                 nbits = session(exported, **{"session.qdq_matmulnbits_accuracy_level": str(level)})
@@ -93,7 +93,7 @@ def weight_read(nbytes: int):
     """A read of ``nbytes`` kept warm: the faster of two numpy reductions of such an array."""
     import numpy as np
 
-    from lpbq_tvm.bench import time_interleaved
+    from lpbq_tvm.timing import time_interleaved
 
     array = np.ones(-(-nbytes // 8), dtype=np.uint64)
     reads = {

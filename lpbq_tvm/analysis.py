@@ -14,8 +14,9 @@ per-channel weights (the weight-only simulation of that mix). The accuracy of a 
   int8 layer, largest first, returns to 4 bits if the target still holds, until none can. The
   result is **1-minimal**: returning any single int8 layer to 4 bits breaks the target on the
   calibration data. (Not necessarily the global optimum, which needs a search over subsets.)
-  The choice is applied to the sim (:meth:`QuantizationSimModel.set_int8_per_channel`), which is
-  then encoded and calibrated again on the same batches.
+  The sim is not changed: :meth:`QuantizationSimModel.apply_precision` applies a choice (int8 per
+  channel for its layers, then encodings and calibration again on the same batches), as
+  ``compute_encodings`` does under a precision budget.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def select_precision(
     ratio: float | None = None,
     held_out: Batches | None = None,
 ) -> PrecisionChoice:
-    """Choose the int8 layers (see the module docstring), apply them to ``sim`` and recalibrate it."""
+    """Choose the int8 layers of ``sim`` (see the module docstring) on ``batches``; ``sim`` is not changed."""
     if (target_cosine is None) == (ratio is None):
         raise ValueError("give exactly one budget: target_cosine (e.g. 0.99) or ratio (e.g. 0.9)")
     if target_cosine is not None and not 0.0 < target_cosine <= 1.0:
@@ -226,8 +227,6 @@ def select_precision(
         held_out_cosine = evaluator.cosine(evaluator.run(evaluator.mix(int8), held_out), reference)
     nodes = tuple(row.node for row in ranking if row.weight in int8)
     logger.info("precision selection: int8 %s; cosine %.5f, %.1f%% at 4 bits", nodes or "none", cosine, 100 * share)
-    sim.set_int8_per_channel(nodes)
-    sim.compute_encodings(lambda s, data: [s.run(batch) for batch in data], list(batches))
     return PrecisionChoice(nodes, cosine, held_out_cosine, share, bits, all_lpbq, all_int8, rule)
 
 

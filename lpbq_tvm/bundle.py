@@ -1,15 +1,24 @@
-"""Load and run a deployment bundle (``lpbq-tvm compile`` / ``CompiledModel.export_bundle``) on this machine.
+"""Deployment bundles: written from a compiled model, checked and loaded back, and the input check both share.
 
-The manifest is checked first: every file's sha256, and that the bundle's target runs here (an
-``aarch64`` bundle belongs on the board). Inputs are checked against the manifest's names,
-shapes and dtypes before they reach the Relax VM.
+A bundle is a directory (``lpbq-tvm compile``, :meth:`~lpbq_tvm.compiler.CompiledModel.export_bundle`)::
+
+    bundle/
+      model.so | model.tar   the library (a .tar of objects for cross targets)
+      params.bin             the weight parameters (tvm.runtime.save_param_dict), in call order
+      manifest.json          target, mode, inputs/outputs, parameters, quantization, versions,
+                             and the sha256 of every other file
+
+It is filled in a temporary sibling directory renamed into place: a failed build leaves nothing.
+Reading one checks every file against its sha256 and that its target runs here (an ``aarch64``
+bundle belongs on the board); inputs are checked against the manifest before they reach the VM.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from importlib import metadata
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -18,31 +27,83 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from lpbq_tvm.compiler import MANIFEST_FILE, PARAMS_FILE
+from lpbq_tvm.frontend import TensorInfo
+from lpbq_tvm.io import atomic_directory, sha256
 from lpbq_tvm.targets import get_target
 
-__all__ = ["LoadedBundle", "check_inputs", "load_bundle", "read_manifest"]
+__all__ = [
+    "MANIFEST_FILE",
+    "PARAMS_FILE",
+    "LoadedBundle",
+    "check_inputs",
+    "load_bundle",
+    "manifest",
+    "read_manifest",
+    "tensor_infos",
+    "write_bundle",
+]
+
+PARAMS_FILE = "params.bin"
+MANIFEST_FILE = "manifest.json"
 
 
-class LoadedBundle:
-    """A bundle's library, parameters and manifest, ready to run."""
-
-    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
-        self.directory = directory
-        self.manifest = manifest
-        device = get_target(manifest["target"]).device()
-        if device is None:
-            msg = f"{directory}: the bundle was built for {manifest['target']!r}, which does not run on this machine"
+def check_inputs(expected: Sequence[TensorInfo], inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The inputs in call order, as contiguous arrays, checked against names, shapes and dtypes."""
+    names = [info.name for info in expected]
+    if inputs.keys() != set(names):
+        unknown = sorted(set(inputs) - set(names))
+        missing = [name for name in names if name not in inputs]
+        described = ", ".join(f"{i.name} {list(i.shape)} {i.dtype}" for i in expected)
+        msg = f"inputs must be exactly: {described}"
+        msg += f"; missing {', '.join(missing)}" if missing else ""
+        msg += f"; unknown {', '.join(unknown)}" if unknown else ""
+        raise ValueError(msg)
+    values = []
+    for info in expected:
+        value = np.ascontiguousarray(inputs[info.name])
+        if value.shape != tuple(info.shape) or str(value.dtype) != info.dtype:
+            msg = (
+                f"input '{info.name}' must be {info.dtype} of shape {list(info.shape)}, "
+                f"got {value.dtype} of shape {list(value.shape)}"
+            )
             raise ValueError(msg)
-        params = tvm.runtime.load_param_dict((directory / PARAMS_FILE).read_bytes())
-        self.params = [params[p["name"]] for p in manifest["params"]]
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(directory / manifest["library"])), device)
+        values.append(value)
+    return values
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tensors = [tvm.runtime.tensor(value) for value in check_inputs(self.manifest, inputs)]
-        result = self._vm["main"](*tensors, *self.params)
-        values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        return {info["name"]: value.numpy() for info, value in zip(self.manifest["outputs"], values, strict=True)}
+
+def manifest(compiled) -> dict[str, Any]:
+    """What a bundle's manifest.json holds for a :class:`~lpbq_tvm.compiler.CompiledModel`, without the file hashes."""
+    versions = {name: metadata.version(name) for name in ("lpbq-tvm", "apache-tvm", "onnx", "numpy")}
+    return {
+        "target": compiled.target,
+        "tvm_target": json.loads(str(get_target(compiled.target).tvm_target())),
+        "mode": compiled.mode,
+        "inputs": [asdict(info) for info in compiled.inputs],
+        "outputs": [asdict(info) for info in compiled.outputs],
+        "params": [
+            {"name": name, "shape": [int(d) for d in param.shape], "dtype": str(param.dtype)}
+            for name, param in zip(compiled.param_names, compiled.params, strict=True)
+        ],
+        "quantization": compiled.lowered,
+        "weight_bytes": asdict(compiled.weight_bytes),
+        "versions": versions,
+    }
+
+
+def write_bundle(compiled, directory: str | PathLike, *, overwrite: bool = False) -> Path:
+    """Write the library, parameters and manifest of ``compiled`` into ``directory`` (module docstring)."""
+    library_name = get_target(compiled.target).library_name
+
+    def fill(staging: Path) -> None:
+        compiled.executable.export_library(str(staging / library_name))
+        params = dict(zip(compiled.param_names, compiled.params, strict=True))
+        (staging / PARAMS_FILE).write_bytes(tvm.runtime.save_param_dict(params))
+        content = manifest(compiled)
+        content["library"] = library_name
+        content["files"] = {name: sha256(staging / name) for name in (library_name, PARAMS_FILE)}
+        (staging / MANIFEST_FILE).write_text(json.dumps(content, indent=2) + "\n")
+
+    return atomic_directory(directory, fill, overwrite=overwrite)
 
 
 def read_manifest(directory: str | PathLike) -> dict[str, Any]:
@@ -52,31 +113,42 @@ def read_manifest(directory: str | PathLike) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise ValueError(f"{directory}: not a bundle (no {MANIFEST_FILE})")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
+        content = json.loads(manifest_path.read_text())
+        files = content["files"]
     except (json.JSONDecodeError, KeyError) as error:
         raise ValueError(f"{manifest_path}: unreadable manifest ({error})") from error
     for name, digest in files.items():
         path = directory / name
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        if not path.is_file() or sha256(path) != digest:
             raise ValueError(f"{directory}: {name} is missing or does not match the manifest's sha256")
-    return manifest
+    return content
 
 
-def check_inputs(manifest: dict[str, Any], inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """The inputs in call order, checked against the manifest's names, shapes and dtypes."""
-    expected = manifest["inputs"]
-    if sorted(inputs) != sorted(info["name"] for info in expected):
-        names = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in expected)
-        raise ValueError(f"inputs must be exactly: {names}; got {', '.join(sorted(inputs)) or 'none'}")
-    values = []
-    for info in expected:
-        value = np.ascontiguousarray(inputs[info["name"]])
-        if list(value.shape) != info["shape"] or str(value.dtype) != info["dtype"]:
-            got = f"{value.dtype} {list(value.shape)}"
-            raise ValueError(f"input '{info['name']}' must be {info['dtype']} {info['shape']}, got {got}")
-        values.append(value)
-    return values
+def tensor_infos(entries: Sequence[Mapping[str, Any]]) -> list[TensorInfo]:
+    """A manifest's ``inputs`` or ``outputs`` as :class:`~lpbq_tvm.frontend.TensorInfo`."""
+    return [TensorInfo(entry["name"], tuple(entry["shape"]), entry["dtype"]) for entry in entries]
+
+
+class LoadedBundle:
+    """A bundle's library, parameters and manifest, ready to run here."""
+
+    def __init__(self, directory: Path, content: dict[str, Any]) -> None:
+        self.directory = directory
+        self.manifest = content
+        self.inputs = tensor_infos(content["inputs"])
+        device = get_target(content["target"]).device()
+        if device is None:
+            msg = f"{directory}: the bundle was built for {content['target']!r}, which does not run on this machine"
+            raise ValueError(msg)
+        params = tvm.runtime.load_param_dict((directory / PARAMS_FILE).read_bytes())
+        self.params = [params[p["name"]] for p in content["params"]]
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(directory / content["library"])), device)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = [tvm.runtime.tensor(value) for value in check_inputs(self.inputs, inputs)]
+        result = self._vm["main"](*tensors, *self.params)
+        values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+        return {info["name"]: value.numpy() for info, value in zip(self.manifest["outputs"], values, strict=True)}
 
 
 def load_bundle(directory: str | PathLike) -> LoadedBundle:

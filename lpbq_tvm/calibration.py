@@ -18,7 +18,6 @@ round(-63.75) = -64, so 0.0 -> 64, 3.0 -> 255, -1.0 -> 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -58,26 +57,6 @@ class ActivationEncoding:
         return ((codes.astype(np.int32) - self.zero_point).astype(np.float32) * np.float32(self.scale)).astype(
             np.float32
         )
-
-    def aimet_entry(self, name: str, version: str = "1.0.0") -> dict[str, Any]:
-        """The AIMET activation-encoding entry (1.0.0: lists of one; 2.0.0: y_scale / y_zero_point)."""
-        if version == "1.0.0":
-            return {
-                "name": name,
-                "dtype": "INT",
-                "enc_type": "PER_TENSOR",
-                "bw": self.bitwidth,
-                "is_sym": False,
-                "scale": [self.scale],
-                "offset": [self.offset],
-            }
-        if version == "2.0.0":
-            entry = {"name": name, "output_dtype": self.dtype, "y_scale": self.scale}
-            if self.zero_point:
-                entry["y_zero_point"] = self.zero_point
-            return entry
-        msg = f"unknown AIMET encoding version {version!r}; known: '1.0.0', '2.0.0'"
-        raise ValueError(msg)
 
 
 def activation_encoding(minimum: float, maximum: float, bitwidth: int) -> ActivationEncoding:

@@ -1,27 +1,17 @@
-"""Compile a Relax module for a target, run it, and package it: the object ``lpbq_tvm.compile`` returns.
+"""Compile a quantization simulation for a target, and the object ``lpbq_tvm.compile`` returns.
 
-``build(mod, target)`` detaches the weight values from ``main`` (its ``"params"`` attribute),
-compiles with ``tvm.compile`` and wraps the executable in a :class:`CompiledModel` that runs on
-named numpy inputs (when the target runs on this machine), reports its weight bytes and writes a
-deployment bundle::
-
-    bundle/
-      model.so | model.tar   the library (a .tar of objects for cross targets)
-      params.bin             the weight parameters (tvm.runtime.save_param_dict), in call order
-      manifest.json          target, mode, inputs/outputs, parameters, quantization, versions,
-                             and the sha256 of every other file
+:func:`lower` turns a :class:`~lpbq_tvm.quantsim.QuantizationSimModel` into the Relax module a
+target builds (the fp32 model, or the LPBQ-lowered one with the target's kernels); :func:`build`
+detaches the weight values from ``main`` (its ``"params"`` attribute), compiles with the target's
+Relax pipeline and wraps the executable in a :class:`CompiledModel`, which runs on named numpy
+inputs (where the target runs on this machine), reports its weight bytes and writes a deployment
+bundle (:mod:`lpbq_tvm.bundle`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from importlib import metadata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -31,75 +21,16 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend import detach_params
 
+from lpbq_tvm.attrs import LOWERED_ATTR, num_inputs
+from lpbq_tvm.bundle import check_inputs, write_bundle
 from lpbq_tvm.frontend import TensorInfo
-from lpbq_tvm.passes.lower_lpbq import LOWERED_ATTR
+from lpbq_tvm.io import atomic_write
+from lpbq_tvm.modes import FLOAT_MODE, activation_bits, is_integer
+from lpbq_tvm.passes.channels_last import ChannelsLast
+from lpbq_tvm.passes.lower_lpbq import LowerLPBQ
 from lpbq_tvm.targets import get_target
-from lpbq_tvm.targets.cpu_schedules import cpu_pipeline
 
-__all__ = [
-    "CompiledModel",
-    "atomic_write",
-    "build",
-    "compile",
-    "lower",
-    "tuning_database",
-    "PARAMS_FILE",
-    "MANIFEST_FILE",
-]
-
-PARAMS_FILE = "params.bin"
-MANIFEST_FILE = "manifest.json"
-
-
-def _writable(path: str | PathLike, overwrite: bool) -> Path:
-    """``path`` if it may be written: not existing (or ``overwrite``), and never a symlink."""
-    path = Path(path)
-    if path.is_symlink():
-        raise FileExistsError(f"{path} is a symbolic link; refusing to write through it")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as error:  # a file where a folder of the path should be
-        raise NotADirectoryError(f"cannot write {path}: {error.filename} is not a directory") from error
-    return path
-
-
-def atomic_write(path: str | PathLike, write: Callable[[str], Any], *, overwrite: bool = False) -> Path:
-    """Call ``write(tmp_path)`` then rename the file into ``path``; never clobbers unless asked."""
-    path = _writable(path, overwrite)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def atomic_directory(path: str | PathLike, fill: Callable[[Path], Any], *, overwrite: bool = False) -> Path:
-    """Fill a temporary sibling directory, then rename it to ``path``: a failure leaves nothing behind."""
-    path = _writable(path, overwrite)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        fill(staging)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = ["CompiledModel", "WeightBytes", "build", "compile", "lower", "tuning_database"]
 
 
 @dataclass(frozen=True)
@@ -166,76 +97,27 @@ class CompiledModel:
             self._views = [np.from_dlpack(buffer) for buffer in self._buffers]  # numpy views of their memory
         return self._vm
 
-    def _input_tensors(self, inputs: Mapping[str, np.ndarray]) -> list[tvm.runtime.Tensor]:
-        expected = [info.name for info in self.inputs]
-        if inputs.keys() != set(expected):
-            unknown = sorted(set(inputs) - set(expected))
-            missing = [name for name in expected if name not in inputs]
-            described = ", ".join(f"{i.name} {list(i.shape)} {i.dtype}" for i in self.inputs)
-            msg = f"inputs must be exactly: {described}"
-            msg += f"; missing {', '.join(missing)}" if missing else ""
-            msg += f"; unknown {', '.join(unknown)}" if unknown else ""
-            raise ValueError(msg)
-        self._machine()
-        for info, view in zip(self.inputs, self._views, strict=True):
-            value = np.asarray(inputs[info.name])
-            if value.shape != view.shape or value.dtype != view.dtype:
-                msg = (
-                    f"input '{info.name}' must be {info.dtype} of shape {list(info.shape)}, "
-                    f"got {value.dtype} of shape {list(value.shape)}"
-                )
-                raise ValueError(msg)
-            # Copied into aligned buffers kept across runs: raw numpy memory may be misaligned, and a
-            # fresh tensor per run costs more than the kernels of a small layer. Through a numpy view of
-            # each buffer: np.copyto takes 0.5 us for 6 KB here, Tensor.copyfrom 6 us.
-            np.copyto(view, value)
-        return self._buffers
-
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name (dtypes and shapes must match ``inputs``). Not for
         concurrent use from several threads: the input buffers are shared between runs."""
-        tensors = self._input_tensors(inputs)
-        result = self._main(*tensors, *self.params)
-        values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        # Copies (the VM may reuse an output's memory in the next run), via DLPack: 0.7 vs 8 us for Tensor.numpy()
-        return {info.name: np.from_dlpack(value).copy() for info, value in zip(self.outputs, values, strict=True)}
+        values = check_inputs(self.inputs, inputs)
+        self._machine()
+        # Copied into aligned buffers kept across runs, through numpy views of their memory: raw numpy
+        # memory may be misaligned, and a fresh tensor per run costs more than a small layer's kernels.
+        for value, view in zip(values, self._views, strict=True):
+            np.copyto(view, value)
+        result = self._main(*self._buffers, *self.params)
+        returned = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+        # Copies (the VM may reuse an output's memory in the next run), through DLPack.
+        return {info.name: np.from_dlpack(value).copy() for info, value in zip(self.outputs, returned, strict=True)}
 
     def export_library(self, path: str | PathLike, *, overwrite: bool = False) -> Path:
         """Write the executable as a library (``.so``, or ``.tar`` of objects); weights are not inside."""
         return atomic_write(path, self.executable.export_library, overwrite=overwrite)
 
-    def manifest(self) -> dict[str, Any]:
-        """What a bundle's manifest.json holds, without the file hashes."""
-        versions = {name: metadata.version(name) for name in ("lpbq-tvm", "apache-tvm", "onnx", "numpy")}
-        return {
-            "target": self.target,
-            "tvm_target": json.loads(str(get_target(self.target).tvm_target())),
-            "mode": self.mode,
-            "inputs": [asdict(info) for info in self.inputs],
-            "outputs": [asdict(info) for info in self.outputs],
-            "params": [
-                {"name": name, "shape": [int(d) for d in param.shape], "dtype": str(param.dtype)}
-                for name, param in zip(self.param_names, self.params, strict=True)
-            ],
-            "quantization": {key: _plain(entry) for key, entry in self.lowered.items()},
-            "weight_bytes": asdict(self.weight_bytes),
-            "versions": versions,
-        }
-
     def export_bundle(self, directory: str | PathLike, *, overwrite: bool = False) -> Path:
-        """Write library, parameters and manifest into ``directory`` (see the module docstring)."""
-        library_name = get_target(self.target).LIBRARY_NAME
-
-        def fill(staging: Path) -> None:
-            self.executable.export_library(str(staging / library_name))
-            params = {name: param for name, param in zip(self.param_names, self.params, strict=True)}
-            (staging / PARAMS_FILE).write_bytes(tvm.runtime.save_param_dict(params))
-            manifest = self.manifest()
-            manifest["library"] = library_name
-            manifest["files"] = {name: _sha256(staging / name) for name in (library_name, PARAMS_FILE)}
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-
-        return atomic_directory(directory, fill, overwrite=overwrite)
+        """Write library, parameters and manifest into ``directory`` (:mod:`lpbq_tvm.bundle`)."""
+        return write_bundle(self, directory, overwrite=overwrite)
 
 
 def _plain(value: Any) -> Any:
@@ -254,15 +136,18 @@ def build(
     target: str = "cpu",
     inputs: Sequence[TensorInfo] | None = None,
     outputs: Sequence[TensorInfo] | None = None,
-    mode: str = "fp32",
+    mode: str = FLOAT_MODE,
     tuning_db: str | PathLike | None = None,
+    pipeline: str | tvm.transform.Pass | None = None,
 ) -> CompiledModel:
     """Compile ``mod["main"]`` for ``target``; input/output infos default to the function's own.
 
+    ``pipeline``: the Relax pipeline to compile with, by default the target's own; a pass test gives
+    another (e.g. TVM's ``"default"``) so that the pass under test is the only rewrite applied.
     ``tuning_db``: a MetaSchedule database directory written by :func:`lpbq_tvm.tuning.tune`; its
-    schedules replace the default ones for the kernels it holds."""
+    schedules replace the target pipeline's own for the kernels it holds."""
     main = mod["main"]
-    num_input = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
+    num_input = num_inputs(main)
     lowered = _plain(main.attrs[LOWERED_ATTR]) if LOWERED_ATTR in (main.attrs or {}) else {}
     if inputs is None:
         inputs = [
@@ -275,13 +160,18 @@ def build(
         ]
     detached, params = detach_params(mod)
     param_names = [p.name for p in main.params[num_input:]]
-    tvm_target = get_target(target).tvm_target()
+    target_kind = get_target(target)
+    tvm_target = target_kind.tvm_target()
     if tuning_db is None:
-        executable = tvm.compile(detached, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+        executable = tvm.compile(
+            detached, target=tvm_target, relax_pipeline=pipeline or target_kind.pipeline(tvm_target)
+        )
     else:
         database = tuning_database(tuning_db)
         with database:
-            executable = tvm.compile(detached, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, database))
+            executable = tvm.compile(
+                detached, target=tvm_target, relax_pipeline=pipeline or target_kind.pipeline(tvm_target, database)
+            )
     return CompiledModel(executable, list(params.get("main", [])), param_names, inputs, outputs, target, mode, lowered)
 
 
@@ -300,33 +190,29 @@ def lower(
     sim, target: str = "cpu", mode: str = "weight-only", *, quantize_all_activations: bool = True
 ) -> tvm.IRModule:
     """The Relax module :func:`compile` builds: the float model (``"fp32"``) or the LPBQ-lowered one,
-    its 2-D convs in NHWC where the target wants channels last."""
-    from lpbq_tvm.passes.channels_last import ChannelsLast
-    from lpbq_tvm.passes.lower_lpbq import MODES, LowerLPBQ
-
-    target_module = get_target(target)
-    if not quantize_all_activations and not target_module.REQUANTIZE_OUTPUTS:
+    its 2-D convs in NHWC where the target wants channels last, its LPBQ layers on the target's kernels."""
+    target_kind = get_target(target)
+    if not quantize_all_activations and not target_kind.requantize_outputs:
         msg = f"quantize_all_activations=False selects an htp-sim graph; target {target!r} has no such choice"
         raise ValueError(msg)
-    layout = ChannelsLast() if target_module.CHANNELS_LAST else tvm.transform.Sequential([])
-    if mode == "fp32":
+    layout = ChannelsLast() if target_kind.channels_last else tvm.transform.Sequential([])
+    if mode == FLOAT_MODE:
         return layout(sim.float_module)
-    if mode not in target_module.MODES:
-        msg = f"target {target!r} builds modes {', '.join(target_module.MODES)} (and fp32), not {mode!r}"
+    if mode not in target_kind.modes:
+        msg = f"target {target!r} builds modes {', '.join(target_kind.modes)} (and fp32), not {mode!r}"
         raise ValueError(msg)
-    if not sim.has_encodings:
-        sim.compute_encodings()
-    if mode != "weight-only" and not sim.is_calibrated:
+    module = sim.encoded_module  # raises, naming the call to make, before compute_encodings
+    if is_integer(mode) and not sim.is_calibrated:
         msg = (
             f"mode {mode} quantizes activations and needs their ranges: run "
             "sim.compute_encodings(callback, args) with a callback that feeds calibration data through sim.run"
         )
         raise ValueError(msg)
-    if target_module.REQUANTIZE_OUTPUTS:  # HTP semantics: the graph of the QNN export
-        module = sim.qdq_module(MODES[mode], quantize_all_activations)
-    else:
-        module = sim.encoded_module
-    return LowerLPBQ(mode, target_module.REQUANTIZE_OUTPUTS, target_module.tvm_target())(layout(module))
+    if target_kind.requantize_outputs:  # HTP semantics: the graph of the QNN export
+        module = sim.qdq_module(activation_bits(mode), quantize_all_activations)
+    tvm_target = target_kind.tvm_target()
+    lowering = LowerLPBQ(mode, target_kind.requantize_outputs, target_kind.kernel_provider(tvm_target))
+    return lowering(layout(module))
 
 
 def compile(  # noqa: A001 - public API name
@@ -339,13 +225,13 @@ def compile(  # noqa: A001 - public API name
 ) -> CompiledModel:
     """Compile a :class:`~lpbq_tvm.quantsim.QuantizationSimModel` for ``target``.
 
-    Modes: ``"weight-only"`` (fp32 activations, 4-bit packed-weight kernels), ``"w4a8"`` /
-    ``"w4a16"`` (integer kernels; need calibrated activation ranges from
+    Modes (:mod:`lpbq_tvm.modes`): ``"weight-only"`` (fp32 activations, 4-bit packed-weight
+    kernels), ``"w4a8"`` / ``"w4a16"`` (integer kernels; need calibrated activation ranges from
     ``sim.compute_encodings(callback, args)``) and ``"fp32"`` (the unquantized model, for
-    comparisons). Targets: see :mod:`lpbq_tvm.targets` (``"cpu"``, ``"aarch64"``, ``"htp-sim"``).
+    comparisons). Targets: :data:`lpbq_tvm.targets.TARGETS` (``"cpu"``, ``"aarch64"``, ``"htp-sim"``).
     ``htp-sim`` compiles the graph of the QNN export, every activation through ``Q -> DQ``; with
     ``quantize_all_activations=False`` only the LPBQ layers' inputs and outputs, as the export of
-    that option. Weights are encoded first if ``sim.compute_encodings`` has not run. ``tuning_db``:
+    that option. Every mode but fp32 needs ``sim.compute_encodings`` to have run. ``tuning_db``:
     see :func:`build`.
     """
     module = lower(sim, target, mode, quantize_all_activations=quantize_all_activations)

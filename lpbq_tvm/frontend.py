@@ -17,7 +17,8 @@ Graph preparation, in order (each step names the node or input it rejects):
    attention mask) are clamped to +-1e4: ``exp(-1e4)`` is still 0 in a softmax, while the HTP's
    fp16 float ops and calibrated ranges stay finite;
 6. ``tvm.relax.frontend.onnx.from_onnx``. ONNX node names do not survive the import; the
-   ``"lpbq.onnx_nodes"`` attribute of ``main`` maps each weight parameter to its node and op type.
+   ``"lpbq.onnx_nodes"`` attribute of ``main`` (:mod:`lpbq_tvm.attrs`) maps each weight parameter to its
+   node and op type.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
+from lpbq_tvm.attrs import ONNX_NODES_ATTR
 from lpbq_tvm.onnx_layers import WeightLayer, find_weight_layers
 
 __all__ = ["ModelImportError", "TensorInfo", "ImportedModel", "Preparation", "load_onnx", "prepare_onnx", "import_onnx"]
@@ -377,6 +379,6 @@ def import_onnx(
         name: {"node": layer.node_name, "op_type": layer.op_type, "has_bias": layer.has_bias}
         for name, layer in layers.items()
     }
-    main = mod["main"].with_attr("lpbq.onnx_nodes", onnx_nodes)
+    main = mod["main"].with_attr(ONNX_NODES_ATTR, onnx_nodes)
     mod.update_func(mod.get_global_var("main"), main)
     return ImportedModel(prepared, mod, inputs, outputs, layers, preparation.changes)

@@ -30,9 +30,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from lpbq_tvm.attrs import ACTIVATION_RANGES_ATTR, ENCODINGS_ATTR, SKIPPED_ATTR, WEIGHTS_ATTR, function_attr
 from lpbq_tvm.calibration import ActivationEncoding, ChannelEnergyObserver, RangeObserver, activation_encoding
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding
 from lpbq_tvm.frontend import ImportedModel, import_onnx
+from lpbq_tvm.io import atomic_write
 from lpbq_tvm.onnx_layers import activation_tensors
 from lpbq_tvm.packing import bits_per_weight
 
@@ -93,7 +95,6 @@ class QuantizationSimModel:
         self._activation_ranges: dict[str, tuple[float, float]] = {}
         self._budget: dict[str, float] = {}
         self._recorded: list[dict[str, np.ndarray]] | None = None
-        self._selecting = False
         self.precision_choice = None  # analysis.PrecisionChoice once a budget has chosen int8 layers
         self.quant_scheme = quant_scheme
         self.percentile = percentile
@@ -200,8 +201,6 @@ class QuantizationSimModel:
         per output channel (``k`` = 1, one block per channel). They run on the same kernels and
         export as AIMET per-channel entries and int8 ``DequantizeLinear``; the rest stay LPBQ.
         Encodings (and calibration) must be computed again afterwards."""
-        from lpbq_tvm.passes._layers import WEIGHTS_ATTR, function_attr
-
         main = self._annotated["main"]
         weights = function_attr(main, WEIGHTS_ATTR)
         by_node = {str(entry["node"]): key for key, entry in weights.items()}
@@ -220,8 +219,6 @@ class QuantizationSimModel:
 
     def _check_fits_some_layer(self, annotated, config: LPBQConfig, op_types, excluded_nodes) -> None:
         """A configuration that no selected layer can take is a mistake, not a silent no-op."""
-        from lpbq_tvm.passes._layers import WEIGHTS_ATTR, function_attr
-
         selected = [
             layer
             for layer in self._imported.layers.values()
@@ -243,43 +240,55 @@ class QuantizationSimModel:
         before its bias.
 
         Layers with ``encoder="mse-act"`` need the callback: it first runs on the float model to
-        measure each layer's input energy per channel, which weighs the encoder's error.
+        measure each layer's input energy per channel, which weighs the encoder's error. With a
+        precision budget (:meth:`set_precision_budget`) the int8 layers are then chosen on the
+        batches the callback ran (:func:`lpbq_tvm.analysis.select_precision`) and applied
+        (:meth:`apply_precision`), once per configuration.
         """
+        if self._budget and forward_pass_callback is None:
+            raise ValueError("the precision budget is measured on calibration data: pass a callback")
+        choose = bool(self._budget) and self.precision_choice is None
+        batches = self._encode_and_calibrate(forward_pass_callback, forward_pass_callback_args, record=choose)
+        if choose:
+            from lpbq_tvm.analysis import select_precision
+
+            self.apply_precision(select_precision(self, batches, **self._budget), batches)
+
+    def apply_precision(self, choice, batches: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Keep ``choice``'s layers (a :class:`~lpbq_tvm.analysis.PrecisionChoice`) at int8 per channel,
+        then encode again and recalibrate on ``batches``; the choice becomes :attr:`precision_choice`."""
+        self.set_int8_per_channel(choice.int8_nodes)
+        self._encode_and_calibrate(lambda sim, data: [sim.run(batch) for batch in data], list(batches))
+        self.precision_choice = choice
+
+    def _encode_and_calibrate(self, callback: Callable | None, args: Any, record: bool = False):
+        """:meth:`compute_encodings` without the precision choice; with ``record``, the batches the
+        callback ran through :meth:`run`."""
         from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, attach_input_importance
         from lpbq_tvm.passes.lower_lpbq import attach_activation_ranges
 
-        if self._budget and forward_pass_callback is None:
-            raise ValueError("the precision budget is measured on calibration data: pass a callback")
         self._encoded, self._activation_ranges, annotated = None, {}, self._annotated
         activation_aware = self._activation_aware_layers()
         if activation_aware:
-            if forward_pass_callback is None:
+            if callback is None:
                 nodes = ", ".join(sorted(activation_aware.values()))
                 raise ValueError(f"encoder mse-act weighs errors by calibration data: pass a callback ({nodes})")
             energies = {key: ChannelEnergyObserver(axis) for key, axis in self._input_channel_axes(activation_aware)}
             observers = {self._layer_input(key): [observer] for key, observer in energies.items()}
-            self._observe(observers, forward_pass_callback, forward_pass_callback_args)
+            self._observe(observers, callback, args)
             annotated = attach_input_importance(annotated, {k: o.mean_square() for k, o in energies.items()})
         self._encoded = EncodeLPBQ()(annotated)
-        skipped = [row for row in self.report() if row.status == "skipped"]
-        if skipped:
-            logger.warning(
-                "%d of %d layers not quantized with LPBQ (see sim.report()): %s",
-                len(skipped),
-                len(self._imported.layers),
-                "; ".join(f"{row.node}: {row.reason}" for row in skipped),
-            )
-        if forward_pass_callback is None:
-            return
+        self._warn_skipped()
+        if callback is None:
+            return None
         ranges = {name: RangeObserver(self.quant_scheme, self.percentile) for name in activation_tensors(self.model)}
         pre_bias = {key: RangeObserver(self.quant_scheme, self.percentile) for key in self._pre_bias_tensors()}
         observers = {name: [observer] for name, observer in ranges.items()}
         for key, (output, bias) in self._pre_bias_tensors().items():
             observers[output].append(_Shifted(pre_bias[key], -bias))
-        choose = bool(self._budget) and self.precision_choice is None and not self._selecting
-        self._recorded = [] if choose else None  # the batches the callback runs, for the selection
+        self._recorded = [] if record else None
         try:
-            self._observe(observers, forward_pass_callback, forward_pass_callback_args)
+            self._observe(observers, callback, args)
         finally:
             batches, self._recorded = self._recorded, None
         self._activation_ranges = {name: observer.range() for name, observer in ranges.items()}
@@ -290,14 +299,17 @@ class QuantizationSimModel:
         for key, observer in pre_bias.items():
             layer_ranges[key]["pre_bias"] = observer.range()
         self._encoded = attach_activation_ranges(self._encoded, layer_ranges)
-        if choose:
-            from lpbq_tvm.analysis import select_precision
+        return batches
 
-            self._selecting = True  # the selection recalibrates; that pass does not choose again
-            try:
-                self.precision_choice = select_precision(self, batches, **self._budget)
-            finally:
-                self._selecting = False
+    def _warn_skipped(self) -> None:
+        skipped = [row for row in self.report() if row.status == "skipped"]
+        if skipped:
+            logger.warning(
+                "%d of %d layers not quantized with LPBQ (see sim.report()): %s",
+                len(skipped),
+                len(self._imported.layers),
+                "; ".join(f"{row.node}: {row.reason}" for row in skipped),
+            )
 
     def _observe(self, observers: dict[str, list], callback: Callable, args: Any) -> None:
         """Run the callback with ``observers`` (tensor name -> observers) fed by every ``sim.run``."""
@@ -310,8 +322,6 @@ class QuantizationSimModel:
             self._observers, self._session = None, None
 
     def _activation_aware_layers(self) -> dict[str, str]:
-        from lpbq_tvm.passes._layers import WEIGHTS_ATTR, function_attr
-
         annotations = function_attr(self._annotated["main"], WEIGHTS_ATTR)
         return {key: str(a["node"]) for key, a in annotations.items() if str(a.get("encoder")) == "mse-act"}
 
@@ -337,8 +347,6 @@ class QuantizationSimModel:
 
     def layer_activation_encodings(self, bitwidth: int) -> dict[str, dict[str, ActivationEncoding]]:
         """Per LPBQ layer (weight name): its ``input``, ``output`` and (Gemm with bias) ``pre_bias`` encodings."""
-        from lpbq_tvm.passes._layers import ACTIVATION_RANGES_ATTR, function_attr
-
         ranges = function_attr(self.encoded_module["main"], ACTIVATION_RANGES_ATTR)
         return {
             str(key): {str(where): activation_encoding(*bounds, bitwidth) for where, bounds in entry.items()}
@@ -388,7 +396,11 @@ class QuantizationSimModel:
 
     def _require_encodings(self) -> None:
         if self._encoded is None:
-            raise RuntimeError("no encodings yet: call sim.compute_encodings() first")
+            msg = (
+                "no encodings yet: call sim.compute_encodings() first (with a calibration callback for the "
+                "integer modes and the QNN export)"
+            )
+            raise RuntimeError(msg)
 
     @property
     def encodings(self) -> dict[str, LPBQEncoding]:
@@ -399,8 +411,6 @@ class QuantizationSimModel:
 
     def report(self) -> list[LayerReport]:
         """One row per Gemm / MatMul / Conv weight, in graph order."""
-        from lpbq_tvm.passes._layers import ENCODINGS_ATTR, SKIPPED_ATTR, function_attr
-
         main = (self._encoded or self._annotated)["main"]
         skipped = function_attr(main, SKIPPED_ATTR)
         stored = function_attr(main, ENCODINGS_ATTR)
@@ -468,8 +478,8 @@ class QuantizationSimModel:
 
         During ``compute_encodings``' callback it also feeds the calibration observers.
         """
-        if self._encoded is None and self._observers is None:
-            raise RuntimeError("no encodings yet: call sim.compute_encodings() first")
+        if self._observers is None:
+            self._require_encodings()
         session = self._simulation_session()
         names = [output.name for output in session.get_outputs()]
         results = dict(zip(names, session.run(names, dict(inputs)), strict=True))
@@ -496,8 +506,6 @@ class QuantizationSimModel:
         self, path: str | PathLike, filename_prefix: str, *, version: str = "1.0.0", overwrite: bool = False
     ) -> tuple[Path, Path]:
         """Write ``<prefix>.onnx`` (the prepared fp32 model) and ``<prefix>.encodings`` (AIMET JSON ``version``)."""
-        from lpbq_tvm.compiler import atomic_write
-
         directory = Path(path)
         encodings_text = json.dumps(self.aimet_encodings(version), indent=2)
         onnx_path = atomic_write(

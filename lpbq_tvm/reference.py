@@ -1,4 +1,4 @@
-"""Numpy reference of the integer LPBQ kernels (docs/design.md §3), the semantics the TVM kernels must match bit for bit.
+"""Numpy reference of the integer LPBQ kernels (docs/design.md §3): the semantics the TVM kernels match bit for bit.
 
 For a layer with LPBQ weight codes ``q`` (int4), block scales ``k`` (1..16), channel scales ``s``
 and an input activation encoding (``sx``, zero point ``zx``, uint8 or uint16)::

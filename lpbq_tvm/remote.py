@@ -23,11 +23,10 @@ import numpy as np
 import tvm
 from tvm import relax, rpc
 
-from lpbq_tvm.bench import Timing
-from lpbq_tvm.bundle import check_inputs, read_manifest
-from lpbq_tvm.compiler import PARAMS_FILE
+from lpbq_tvm.bundle import PARAMS_FILE, check_inputs, read_manifest, tensor_infos
+from lpbq_tvm.timing import Timing
 
-__all__ = ["RemoteRun", "run_remote"]
+__all__ = ["RemoteRun", "parse_address", "run_remote"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class RemoteRun:
     device: str  # the key and tracker the device came from
 
 
-def _parse(address: str) -> tuple[str, int]:
+def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"RPC tracker address {address!r} is not HOST:PORT")
@@ -80,9 +79,9 @@ def run_remote(
     """Run ``bundle`` on a device of the tracker; see the module docstring."""
     directory = Path(bundle)
     manifest = read_manifest(directory)
-    values = check_inputs(manifest, inputs)
+    values = check_inputs(tensor_infos(manifest["inputs"]), inputs)
     address = tracker
-    host, port = _parse(tracker)
+    host, port = parse_address(tracker)
     try:
         socket.create_connection((host, port), timeout=min(timeout, 10.0)).close()  # fail fast, not after retries
         session_tracker = rpc.connect_tracker(host, port)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lpbq_tvm.io import atomic_directory
 from lpbq_tvm.packing import encoding_nbytes
 from lpbq_tvm.quantsim import LayerReport, QuantizationSimModel
 
@@ -71,15 +72,14 @@ def build_report(
     sensitivity: Sequence = (),
 ) -> ModelReport:
     """Compile fp32 and each mode for the host CPU, run ``inputs`` and summarise (see the module docstring)."""
-    import lpbq_tvm
+    from lpbq_tvm.compiler import compile as compile_model
 
-    if not sim.has_encodings:
-        sim.compute_encodings()
+    encodings = sim.encodings  # raises, naming the call to make, before compute_encodings
     rows = sim.report()
     layers = {row.weight: row for row in rows}
     fp32_bytes = sum(int(np.prod(row.shape)) * 4 for row in rows)
     lpbq_bytes, quantized = 0, 0
-    for weight, encoding in sim.encodings.items():
+    for weight, encoding in encodings.items():
         lpbq_bytes += encoding_nbytes(encoding)
         quantized += int(np.prod(layers[weight].shape)) if not encoding.is_per_channel else 0
     lpbq_bytes += sum(int(np.prod(row.shape)) * 4 for row in rows if row.status == "skipped")
@@ -87,10 +87,10 @@ def build_report(
     report = ModelReport(name, rows, fp32_bytes, lpbq_bytes, quantized / total if total else 0.0)
     report.sensitivity = list(sensitivity)
     report.precision = sim.precision_choice
-    reference = lpbq_tvm.compile(sim, mode="fp32")
+    reference = compile_model(sim, mode="fp32")
     expected = [reference.run(batch) for batch in inputs]
     for mode in modes:
-        compiled = lpbq_tvm.compile(sim, mode=mode)
+        compiled = compile_model(sim, mode=mode)
         actual = [compiled.run(batch) for batch in inputs]
         for output in expected[0]:
             report.agreements.append(
@@ -274,8 +274,6 @@ def _markdown(report: ModelReport, pngs: Mapping[str, bytes]) -> str:
 
 def write_report(report: ModelReport, directory: str | PathLike, *, overwrite: bool = False) -> Path:
     """``index.html``, ``report.md`` and the plot PNGs in ``directory`` (written whole or not at all)."""
-    from lpbq_tvm.compiler import atomic_directory
-
     pngs = _plots(report)
 
     def fill(staging: Path) -> None:

@@ -62,9 +62,9 @@ def tune(
         raise ValueError(f"nothing to tune in {mode} for {target}: every kernel is hand-scheduled")
     runner = "local"
     if rpc is not None:
-        from lpbq_tvm.remote import _parse
+        from lpbq_tvm.remote import parse_address
 
-        host, port = _parse(rpc[0])
+        host, port = parse_address(rpc[0])
         config = ms.runner.RPCConfig(host, port, rpc[1], session_timeout_sec=int(timeout))
         runner = ms.runner.RPCRunner(rpc_config=config, max_workers=_servers(rpc[0], rpc[1]))
     builder = ms.builder.LocalBuilder(f_build=_build)
@@ -111,9 +111,9 @@ def _servers(tracker: str, key: str) -> int:
     """How many servers the tracker lists under ``key`` (at least 1): one measuring worker each."""
     from tvm import rpc
 
-    from lpbq_tvm.remote import _parse
+    from lpbq_tvm.remote import parse_address
 
-    host, port = _parse(tracker)
+    host, port = parse_address(tracker)
     summary = rpc.connect_tracker(host, port).summary()
     queue = summary.get("queue_info", {}).get(key, {})
     return max(1, int(queue.get("free", 0)) + int(queue.get("pending", 0)))

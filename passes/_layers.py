@@ -4,7 +4,7 @@
 as ``matmul(x, w)``, Conv as ``nn.conv1d`` / ``nn.conv2d`` (after ChannelsLast, an NHWC conv2d of
 ``permute_dims(w)`` in HWIO); a bias follows as ``add(layer, b)``.
 The weight of a candidate is a function parameter or a constant. The function attributes that
-carry LPBQ state between passes are named here, so every pass spells them the same way.
+carry LPBQ state between passes are named in :mod:`lpbq_tvm.attrs`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, wildcard
 
-# Function attributes, all maps keyed by weight key (a parameter name or "constant<i>").
-ONNX_NODES_ATTR = "lpbq.onnx_nodes"  # {key: {"node", "op_type", "has_bias"}}, by lpbq_tvm.frontend
-WEIGHTS_ATTR = "lpbq.weights"  # {key: annotation}, written by AnnotateLPBQ
-SKIPPED_ATTR = "lpbq.skipped"  # {key: {"node", "op_type", "reason"}}, written by AnnotateLPBQ
-ENCODINGS_ATTR = "lpbq.encodings"  # {key: {"s", "k", "q"}}, written by EncodeLPBQ
-IMPORTANCE_ATTR = "lpbq.input_importance"  # {key: float32 [input channels]}, for encoder mse-act
-ACTIVATION_RANGES_ATTR = "lpbq.activation_ranges"  # {key: {"input": [min, max], "output": [...]}}
-PARAMS_ATTR = "params"  # values of the parameters after "num_input", as from_onnx writes them
+from lpbq_tvm.attrs import PARAMS_ATTR, num_inputs
 
 
 class LayerPatterns:
@@ -108,7 +101,7 @@ def weight_value(key: str, annotation: dict[str, Any], func: relax.Function) -> 
     """The value of an annotated weight: its constant, or its entry in the ``params`` attribute."""
     if "constant" in annotation:
         return annotation["constant"].value.numpy()
-    num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else 0
+    num_input = num_inputs(func)
     names = [param.name for param in func.params]
     values = func.attrs[PARAMS_ATTR] if func.attrs and PARAMS_ATTR in func.attrs else None
     if values is None or key not in names[num_input:]:
@@ -134,10 +127,3 @@ def map_relax_functions(mod: tvm.IRModule, transform) -> tvm.IRModule:
     for gvar, func in updates.items():
         mod.update_func(gvar, func)
     return mod
-
-
-def function_attr(func: relax.Function, name: str) -> dict[str, Any]:
-    """A map-valued function attribute as a plain dict (empty when absent)."""
-    if func.attrs is None or name not in func.attrs:
-        return {}
-    return {str(key): value for key, value in func.attrs[name].items()}

@@ -28,18 +28,9 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import rewrite_call
 
+from lpbq_tvm.attrs import ONNX_NODES_ATTR, SKIPPED_ATTR, WEIGHTS_ATTR, function_attr
 from lpbq_tvm.encoder import LPBQConfig, check_lpbq_weight
-from lpbq_tvm.passes._layers import (
-    ONNX_NODES_ATTR,
-    SKIPPED_ATTR,
-    WEIGHTS_ATTR,
-    Candidate,
-    LayerPatterns,
-    function_attr,
-    map_relax_functions,
-    match_candidate,
-    weight_key,
-)
+from lpbq_tvm.passes._layers import Candidate, LayerPatterns, map_relax_functions, match_candidate, weight_key
 
 __all__ = ["AnnotateLPBQ", "SUPPORTED_OP_TYPES"]
 

@@ -28,7 +28,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from lpbq_tvm.passes._layers import ENCODINGS_ATTR, PARAMS_ATTR, function_attr, map_relax_functions
+from lpbq_tvm.attrs import ENCODINGS_ATTR, PARAMS_ATTR, function_attr
+from lpbq_tvm.passes._layers import map_relax_functions
 
 __all__ = ["ChannelsLast"]
 

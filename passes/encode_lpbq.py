@@ -21,15 +21,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from lpbq_tvm.attrs import ENCODINGS_ATTR, IMPORTANCE_ATTR, WEIGHTS_ATTR, function_attr
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding, encode_lpbq, sqnr_db
-from lpbq_tvm.passes._layers import (
-    ENCODINGS_ATTR,
-    IMPORTANCE_ATTR,
-    WEIGHTS_ATTR,
-    function_attr,
-    map_relax_functions,
-    weight_value,
-)
+from lpbq_tvm.passes._layers import map_relax_functions, weight_value
 
 __all__ = ["EncodeLPBQ", "attach_input_importance", "read_encodings"]
 

@@ -4,8 +4,8 @@ Match: the layers of AnnotateLPBQ (``matmul`` with a plain or permuted weight, `
 ``nn.conv2d``), optionally followed by ``add(layer, bias)`` with a bias that varies only along the
 output channels, whose weight has an entry in ``"lpbq.encodings"`` (written by EncodeLPBQ).
 
-Rewrite: ``R.call_tir`` to a TIR kernel of :mod:`lpbq_kernels` (``lpbq_dense`` / ``lpbq_conv``,
-marked opaque so fusion leaves it alone) taking ``x``, the packed ``q`` and ``k - 1`` nibbles,
+Rewrite: ``R.call_tir`` to a generic kernel of :mod:`lpbq_tvm.kernels.generic` (``lpbq_dense`` /
+``lpbq_conv``, marked opaque so fusion leaves it alone) taking ``x``, the packed ``q`` and ``k - 1`` nibbles,
 the fp32 per-channel scale ``s`` and, when the graph adds one, the bias (docs/design.md §3). For a
 parameter weight the fp32 parameter is removed once unused and three parameters
 ``<weight>.lpbq_q`` (uint8), ``<weight>.lpbq_k`` (uint8), ``<weight>.lpbq_s`` (float32) are
@@ -23,47 +23,45 @@ node itself adds it (``has_bias`` of ``"lpbq.onnx_nodes"``), so requantization s
 ONNX tensor holds, and a Gemm's product is first requantized to its ``"pre_bias"`` range, as in
 the QNN export's ``MatMul -> Q -> DQ -> Add(bias) -> Q -> DQ``.
 
-With an x86 ``target`` and no output requantization, dense layers use the hand-scheduled kernels
-of :mod:`lpbq_tvm.targets.x86_lpbq` instead (``lpbq_dense_x86``), whose parameters are the packed
-weights repacked for them (``<weight>.lpbq_qw`` / ``lpbq_kw`` [/ ``lpbq_wsum``] / ``lpbq_s``); so
-do ungrouped NCHW / NCW convolutions, as a dense layer over their im2col columns (a 1x1 stride-1
-conv's columns are its pixels: two transposes).
+With a ``kernels`` provider (a target's, :mod:`lpbq_tvm.kernels.interface`), each 2-D dense layer
+with fp32 activations is first offered to it as a :class:`~lpbq_tvm.kernels.interface.DenseLayer`;
+so is each ungrouped NCW / NCHW / NHWC convolution, as a dense layer over its tap-major im2col
+columns (a 1x1 stride-1 conv's columns are its pixels: no im2col, at most two transposes). Where
+the provider answers with a kernel, the layer calls it with the weight arrays it asked for, as
+parameters ``<weight>.<suffix>``; otherwise the generic kernel runs.
 
 Run it after EncodeLPBQ, before ``tvm.compile``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx, topi
+from tvm import relax
 from tvm.relax.dpl import rewrite_call
 
-from lpbq_tvm.calibration import activation_encoding
-from lpbq_tvm.encoder import LPBQEncoding
-from lpbq_tvm.packing import pack
-from lpbq_tvm.passes._layers import (
+from lpbq_tvm.attrs import (
     ACTIVATION_RANGES_ATTR,
     ENCODINGS_ATTR,
+    LOWERED_ATTR,
     PARAMS_ATTR,
     WEIGHTS_ATTR,
-    Candidate,
-    LayerPatterns,
     function_attr,
-    match_candidate,
-    weight_key,
+    num_inputs,
 )
+from lpbq_tvm.calibration import activation_encoding
+from lpbq_tvm.encoder import LPBQEncoding
+from lpbq_tvm.kernels.generic import conv_kernel, dense_kernel, im2col, tap_major, transposed_around
+from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic, KernelProvider
+from lpbq_tvm.modes import activation_bits
+from lpbq_tvm.packing import pack
+from lpbq_tvm.passes._layers import Candidate, LayerPatterns, match_candidate, weight_key
 from lpbq_tvm.passes.encode_lpbq import read_encodings
-from lpbq_tvm.passes.lpbq_kernels import IntegerArithmetic, conv_kernel, dense_kernel
 
-__all__ = ["LowerLPBQ", "LOWERED_ATTR", "MODES", "attach_activation_ranges"]
+__all__ = ["LowerLPBQ", "attach_activation_ranges"]
 
-LOWERED_ATTR = "lpbq.lowered"
-# Lowering mode -> activation bitwidth (None: fp32 activations).
-MODES = {"weight-only": None, "w4a8": 8, "w4a16": 16}
 _PACKED_SUFFIXES = ("lpbq_q", "lpbq_k", "lpbq_s")
 
 
@@ -95,12 +93,6 @@ def _shared_values(func: relax.Function) -> list[relax.Expr]:
     return [binding.value for block in func.body.blocks for binding in block.bindings if reads.get(binding.var, 0) > 1]
 
 
-def _is_x86(target: tvm.target.Target) -> bool:
-    """An LLVM target for x86-64 (the host's, unless another ``mtriple`` is named)."""
-    triple = str(target.attrs.get("mtriple", "")) or tvm.target.codegen.llvm_get_system_triple()
-    return target.kind.name == "llvm" and triple.startswith("x86_64")
-
-
 def attach_activation_ranges(
     mod: tvm.IRModule, ranges: dict[str, dict[str, tuple[float, float]]], function: str = "main"
 ) -> tvm.IRModule:
@@ -114,54 +106,11 @@ def attach_activation_ranges(
     return mod
 
 
-def _im2col(x: te.Tensor, kernel, strides, padding, dilation, out_spatial, channels_last: bool) -> te.Tensor:
-    """Tap-major columns of a conv input (NC[H]W, or NHWC with ``channels_last``), ``[N, *O, *kernel, C]``
-    (the caller reshapes them to ``[N·prod(O), R·C]``): ``x[n, c, o·stride + r·dilation - pad]``, 0 in
-    the padding."""
-    n, c = (x.shape[0], x.shape[-1]) if channels_last else x.shape[:2]
-    sizes = x.shape[1:-1] if channels_last else x.shape[2:]
-    rank = len(kernel)
-
-    def value(b, *indices):
-        outs, taps, channel = indices[:rank], indices[rank : 2 * rank], indices[2 * rank]
-        where = [o * st + r * d - p for o, r, st, d, p in zip(outs, taps, strides, dilation, padding, strict=True)]
-        inside = tirx.all(*[tirx.all(i >= 0, i < size) for i, size in zip(where, sizes, strict=True)])
-        read = x[(b, *where, channel)] if channels_last else x[(b, channel, *where)]
-        return tirx.if_then_else(inside, read, tirx.const(0.0, x.dtype))
-
-    return te.compute((n, *out_spatial, *kernel, c), value, name="im2col")
-
-
-def _transposed_around(kernel, x: te.Tensor, *operands: te.Tensor) -> te.Tensor:
-    """A channels-first conv ``kernel`` on NHWC ``x`` (and an NHWC bias), its output back in NHWC: an
-    NHWC conv (ChannelsLast) that has no dense form, e.g. a grouped one."""
-    *weights, bias = operands if len(operands) == 4 else (*operands, None)
-    nchw = topi.transpose(x, [0, 3, 1, 2])
-    extra = [] if bias is None else [topi.reshape(bias, [1, int(bias.shape[-1]), 1, 1])]
-    return topi.transpose(kernel(nchw, *weights, *extra), [0, 2, 3, 1])
-
-
-def _tap_major(encoding: LPBQEncoding) -> LPBQEncoding:
-    """A conv weight's encoding ``[Cout, Cin, *kernel]`` as a dense ``[Cout, R·Cin]`` one whose columns
-    run tap-major: each tap's input channels are contiguous, in the blocks of the original, with the
-    original ``k`` repeated per tap. Same codes and scales, so the same arithmetic; identity for 1x1."""
-    channels, inputs = encoding.shape[:2]
-    taps = int(np.prod(encoding.shape[2:]))
-    codes = np.moveaxis(encoding.int_weight.reshape(channels, inputs, taps), 2, 1).reshape(channels, taps * inputs)
-    return dataclasses.replace(
-        encoding,
-        channel_axis=0,
-        block_axis=1,
-        int_weight=codes,
-        per_block_int_scale=np.tile(encoding.per_block_int_scale, (1, taps)),
-    )
-
-
 class _Lowering:
     """The state of lowering one function: its encodings and the packed parameters it gains."""
 
     def __init__(
-        self, func: relax.Function, mode: str, requantize_outputs: bool, target: tvm.target.Target | None
+        self, func: relax.Function, mode: str, requantize_outputs: bool, kernels: KernelProvider | None
     ) -> None:
         self.func = func
         self.mode = mode
@@ -169,9 +118,9 @@ class _Lowering:
         self.ranges = function_attr(func, ACTIVATION_RANGES_ATTR)
         self.annotations = function_attr(func, WEIGHTS_ATTR)
         self.encodings: dict[str, LPBQEncoding] = read_encodings(func)
-        self.target = target
+        self.kernels = kernels
         self.packed: dict[str, tuple[list[np.ndarray], list[relax.Expr]]] = {}
-        self.kernels: list[relax.GlobalVar] = []
+        self.generic: list[relax.GlobalVar] = []
 
     def weight_args(self, key: str, weight: relax.Expr, arrays: dict[str, np.ndarray]) -> list[relax.Expr]:
         """Operands for ``arrays`` (suffix -> value): new parameters ``<key>.<suffix>``, or constants."""
@@ -186,7 +135,7 @@ class _Lowering:
             self.packed[key] = (list(arrays.values()), args)
         return self.packed[key][1]
 
-    def fast_dense(
+    def scheduled_dense(
         self,
         bb: relax.BlockBuilder,
         key: str,
@@ -197,54 +146,36 @@ class _Lowering:
         integer: IntegerArithmetic | None,
         encoding: LPBQEncoding | None = None,
     ) -> relax.Expr | None:
-        """A scheduled x86 kernel call (:mod:`lpbq_tvm.targets.x86_lpbq`) where one applies, else None.
-
-        Applies to 2-D fp32 activations ``x`` of ``x_shape``, in every mode without requantization,
-        4-bit codes, block sizes that are multiples of 8, K up to ``x86_lpbq.MAX_K`` and a bias of N elements;
-        the weights (``encoding``, by default the layer's own) are repacked for it.
-        """
-        from lpbq_tvm.targets import x86_lpbq
-
+        """A call of the kernel the provider chooses for this dense layer (2-D fp32 activations ``x`` of
+        ``x_shape``, a bias of one value per channel, the weight as ``encoding``, by default the layer's
+        own), or None where it has none."""
         encoding = encoding or self.encodings[key]
-        if self.target is None or integer is not None and integer.output_encoding:
-            return None
-        if len(x_shape) != 2 or encoding.bitwidth > 4:  # int8 per-channel layers take the generic kernel
+        if self.kernels is None or len(x_shape) != 2:
             return None
         rows, depth, channels = int(x_shape[0]), int(x_shape[1]), encoding.num_channels
-        block = encoding.block_size
-        if block % 8 or depth > x86_lpbq.MAX_K:
-            return None
         if bias is not None and int(np.prod([int(d) for d in bias.ty.shape])) != channels:
             return None
-        packed = pack(encoding)
-        if integer is None:
-            qw, kw = x86_lpbq.repack_weight_only(packed.q, packed.k, channels, depth, block)
-            arrays = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_s": packed.scale}
-            func = x86_lpbq.weight_only_dense(rows, channels, depth, block, bias is not None, self.target)
-        else:
-            qw, kw, wsum = x86_lpbq.repack_w4a8(packed.q, packed.k, channels, depth, block)
-            arrays = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
-            encoding_x = integer.input_encoding
-            kernel = x86_lpbq.w4a16_dense if encoding_x.bitwidth > 8 else x86_lpbq.w4a8_dense
-            func = kernel(
-                rows, channels, depth, block, encoding_x.scale, encoding_x.zero_point, bias is not None, self.target
-            )
-        args = [x, *self.weight_args(key, weight, arrays)]
+        choice = self.kernels(DenseLayer(rows, depth, encoding, bias is not None, integer))
+        if choice is None:
+            return None
+        args = [x, *self.weight_args(key, weight, choice.weights)]
         args += [relax.op.reshape(bias, [channels])] if bias is not None else []
-        gvar = bb.add_func(func.without_attr("global_symbol"), "lpbq_dense_x86")  # named by its GlobalVar
+        gvar = bb.add_func(choice.func.without_attr("global_symbol"), choice.name)  # named by its GlobalVar
         return relax.call_tir(gvar, args, relax.TensorType((rows, channels), "float32"))
 
     def conv_as_dense(
         self, bb: relax.BlockBuilder, key: str, candidate: Candidate, bias, integer: IntegerArithmetic | None
     ) -> relax.Expr | None:
-        """An ungrouped conv (NCW, NCHW or NHWC) as the x86 dense kernel over its im2col columns, where
-        :meth:`fast_dense` applies: ``[N·prod(O), R·C]`` columns (R kernel taps, tap-major so each row
-        copies whole channel vectors), the dense kernel on the weight in the same order
-        (:func:`_tap_major`), then the output in the conv's layout. A 1x1 stride-1 unpadded conv's
-        columns are its pixels: the input itself in NHWC, a transpose otherwise."""
+        """An ungrouped conv (NCW, NCHW or NHWC) as a scheduled dense kernel over its im2col columns,
+        where :meth:`scheduled_dense` finds one: ``[N·prod(O), R·C]`` columns (R kernel taps, tap-major
+        so each row copies whole channel vectors), the weight in the same order (``tap_major``), then the
+        output in the conv's layout. A 1x1 stride-1 unpadded conv's columns are its pixels: the input
+        itself in NHWC, a transpose otherwise."""
         attrs = candidate.call.attrs
         layout = str(attrs.data_layout)
-        if layout not in ("NCHW", "NCW", "NHWC") or int(attrs.groups) != 1 or candidate.x.ty.dtype != "float32":
+        if self.kernels is None or layout not in ("NCHW", "NCW", "NHWC") or int(attrs.groups) != 1:
+            return None
+        if candidate.x.ty.dtype != "float32":
             return None
         channels_last = candidate.channels_last
         try:
@@ -254,7 +185,7 @@ class _Lowering:
             return None
         n, c = (shape[0], shape[-1]) if channels_last else shape[:2]
         out_spatial = out_shape[1:-1] if channels_last else out_shape[2:]
-        encoding = _tap_major(self.encodings[key])
+        encoding = tap_major(self.encodings[key])
         kernel = list(self.encodings[key].shape[2:])
         strides, dilation = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
         padding = [int(v) for v in attrs.padding]
@@ -262,8 +193,8 @@ class _Lowering:
         if all(v == 1 for v in [*kernel, *strides]) and not any(padding):
             pixels = candidate.x if channels_last else relax.op.permute_dims(candidate.x, [0, *range(2, rank + 2), 1])
         else:
-            im2col = functools.partial(
-                _im2col,
+            columns_of = functools.partial(
+                im2col,
                 kernel=kernel,
                 strides=strides,
                 padding=padding[:rank],
@@ -271,9 +202,9 @@ class _Lowering:
                 out_spatial=out_spatial,
                 channels_last=channels_last,
             )
-            pixels = bb.call_te(im2col, candidate.x, primfunc_name_hint="lpbq_im2col")
+            pixels = bb.call_te(columns_of, candidate.x, primfunc_name_hint="lpbq_im2col")
         columns = relax.op.reshape(pixels, [rows, depth])
-        dense = self.fast_dense(bb, key, columns, (rows, depth), candidate.weight, bias, integer, encoding)
+        dense = self.scheduled_dense(bb, key, columns, (rows, depth), candidate.weight, bias, integer, encoding)
         if dense is None:
             return None
         outputs = relax.op.reshape(dense, [n, *out_spatial, encoding.num_channels])
@@ -281,7 +212,7 @@ class _Lowering:
 
     def integer_arithmetic(self, key: str, node: str) -> IntegerArithmetic | None:
         """The integer settings of layer ``key`` in this mode (None in weight-only mode)."""
-        bitwidth = MODES[self.mode]
+        bitwidth = activation_bits(self.mode)
         if bitwidth is None:
             return None
         ranges = self.ranges.get(key)
@@ -321,11 +252,11 @@ class _Lowering:
         if candidate.kind == "dense":
             shape = tuple(int(d) for d in candidate.x.ty.shape) if candidate.x.ty.shape is not None else ()
             if candidate.x.ty.dtype == "float32":
-                fast = self.fast_dense(bb, key, candidate.x, shape, candidate.weight, bias, integer)
-                if fast is not None:
-                    return fast
-        elif (fast := self.conv_as_dense(bb, key, candidate, bias, integer)) is not None:
-            return fast
+                scheduled = self.scheduled_dense(bb, key, candidate.x, shape, candidate.weight, bias, integer)
+                if scheduled is not None:
+                    return scheduled
+        elif (scheduled := self.conv_as_dense(bb, key, candidate, bias, integer)) is not None:
+            return scheduled
         packed = pack(encoding)
         q, k, s = self.weight_args(
             key, candidate.weight, dict(zip(_PACKED_SUFFIXES, (packed.q, packed.k, packed.scale), strict=True))
@@ -354,11 +285,11 @@ class _Lowering:
                 integer=integer,
             )
             if channels_last:
-                kernel = functools.partial(_transposed_around, kernel)
+                kernel = functools.partial(transposed_around, kernel)
             name = "lpbq_conv"
         # Non-tensor settings are bound with partial: call_te would try to convert them to TE.
         call = bb.call_te(kernel, *operands, primfunc_name_hint=name)
-        self.kernels.append(call.args[0])
+        self.generic.append(call.args[0])
         return call
 
 
@@ -367,35 +298,32 @@ class LowerLPBQ:
     """Lower encoded LPBQ layers to packed-weight kernels; see the module docstring."""
 
     def __init__(
-        self, mode: str = "weight-only", requantize_outputs: bool = False, target: tvm.target.Target | None = None
+        self, mode: str = "weight-only", requantize_outputs: bool = False, kernels: KernelProvider | None = None
     ) -> None:
-        if mode not in MODES:
-            msg = f"unknown LPBQ lowering mode {mode!r}; known: {', '.join(MODES)}"
-            raise ValueError(msg)
-        if requantize_outputs and MODES[mode] is None:
+        if activation_bits(mode) is None and requantize_outputs:
             msg = f"requantize_outputs needs an integer mode (w4a8, w4a16), not {mode!r}"
             raise ValueError(msg)
         self.mode = mode
         self.requantize_outputs = requantize_outputs
-        self.target = target if target is not None and _is_x86(target) else None
+        self.kernels = kernels
         self.patterns = LayerPatterns()
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        targets = [
+        encoded = [
             (gvar, func)
             for gvar, func in mod.functions_items()
             if isinstance(func, relax.Function) and function_attr(func, ENCODINGS_ATTR)
         ]
-        if not targets:
+        if not encoded:
             return mod
         bb = relax.BlockBuilder(mod.clone())
-        kernels = []
-        for gvar, func in targets:
-            lowering = _Lowering(func, self.mode, self.requantize_outputs, self.target)
+        generic = []
+        for gvar, func in encoded:
+            lowering = _Lowering(func, self.mode, self.requantize_outputs, self.kernels)
             bb.update_func(gvar, self._rewrite(bb, func, lowering))
-            kernels += lowering.kernels
+            generic += lowering.generic
         lowered = bb.get()
-        for kernel in kernels:
+        for kernel in generic:
             lowered.update_func(kernel, lowered[kernel].with_attr("op_pattern", 8))
         return relax.transform.DeadCodeElimination()(lowered)
 
@@ -430,7 +358,7 @@ class LowerLPBQ:
     def _replace_params(func: relax.Function, lowering: _Lowering) -> relax.Function:
         """Drop fp32 weight parameters no longer used, append the packed ones and their values."""
         used = {var.name for var in relax.analysis.free_vars(func.body)}
-        num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(func.params)
+        num_input = num_inputs(func)
         values = list(func.attrs[PARAMS_ATTR]) if PARAMS_ATTR in func.attrs else None
         params, kept_values = list(func.params[:num_input]), []
         for index, param in enumerate(func.params[num_input:]):

@@ -1,25 +1,24 @@
 """Compilation targets of lpbq_tvm, installed as ``lpbq_tvm.targets``: one module per target.
 
-Each target module has ``NAME``, ``MODES`` (the lowering modes it builds), ``REQUANTIZE_OUTPUTS``
-(HTP style: compile the QNN export's Q/DQ graph, LPBQ layers requantizing their outputs),
-``CHANNELS_LAST`` (whether 2-D convs run in NHWC, :mod:`lpbq_tvm.passes.channels_last`),
-``LIBRARY_NAME`` (the library file of a bundle), ``tvm_target()`` (the ``tvm.target.Target`` to
-compile for) and ``device()`` (where its artifacts run in this process, or None).
+Each module defines a :class:`~lpbq_tvm.targets.base.Target` subclass (:mod:`~lpbq_tvm.targets.base`
+says what a target decides); :data:`TARGETS` holds one instance of each, by name, and the CLI's
+``--target`` choices are its keys.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from lpbq_tvm.targets.aarch64 import AArch64
+from lpbq_tvm.targets.base import Target
+from lpbq_tvm.targets.cpu import CPU
+from lpbq_tvm.targets.htp_sim import HTPSim
 
-from lpbq_tvm.targets import aarch64, cpu, htp_sim
+__all__ = ["TARGETS", "Target", "get_target"]
 
-__all__ = ["TARGETS", "get_target"]
-
-TARGETS: dict[str, ModuleType] = {module.NAME: module for module in (cpu, aarch64, htp_sim)}
+TARGETS: dict[str, Target] = {target.name: target for target in (CPU(), AArch64(), HTPSim())}
 
 
-def get_target(name: str) -> ModuleType:
-    """The target module called ``name``; ``ValueError`` lists the known names otherwise."""
+def get_target(name: str) -> Target:
+    """The target called ``name``; ``ValueError`` lists the known names otherwise."""
     try:
         return TARGETS[name]
     except KeyError:

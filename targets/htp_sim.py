@@ -17,20 +17,16 @@ codes, not floats: within one LSB per requantization of onnxruntime's run of the
 
 from __future__ import annotations
 
-import tvm
+from lpbq_tvm.targets.cpu import CPU
 
-from lpbq_tvm.targets import cpu
-
-NAME = "htp-sim"
-MODES = ("w4a8", "w4a16")
-CHANNELS_LAST = False  # the graph of the QNN export, as exported
-REQUANTIZE_OUTPUTS = True
-LIBRARY_NAME = cpu.LIBRARY_NAME
+__all__ = ["HTPSim"]
 
 
-def tvm_target() -> tvm.target.Target:
-    return cpu.tvm_target()
+class HTPSim(CPU):
+    """The host CPU target, compiling the QNN export's graph with requantized LPBQ outputs."""
 
-
-def device() -> tvm.runtime.Device | None:
-    return cpu.device()
+    name = "htp-sim"
+    modes = ("w4a8", "w4a16")
+    channels_last = False  # the graph of the QNN export, as exported
+    requantize_outputs = True
+    kernel_families = ()  # requantized layers take the generic kernels

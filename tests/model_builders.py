@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnxruntime as ort
+import tvm
+from ir import prim_funcs
 from onnx import TensorProto, helper, numpy_helper
+from tvm import relax, tirx
+
+from lpbq_tvm.frontend import import_onnx
+from lpbq_tvm.targets import get_target
 
 UNIT_ROUNDOFF = 2.0**-24  # float32
 
@@ -283,3 +289,55 @@ def minmax_encodings(sim, batches: Sequence[dict[str, np.ndarray]], names: Seque
 
     values = tensor_values(dequantized_weights_model(sim), batches, names)
     return {name: activation_encoding(float(v.min()), float(v.max()), bitwidth) for name, v in values.items()}
+
+
+def epilogue_model(op: str, x_shape, w_shape, attrs=None):
+    """``y = hardswish(op(x, w) + 0.5)``: the op, then an elementwise epilogue of its own function."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node(op, ["x", "w"], ["z"], name="layer", **(attrs or {})),
+        helper.make_node("Add", ["z", "half"], ["a"]),
+        helper.make_node("HardSwish", ["a"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(len(x_shape))])],
+        [
+            numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "w"),
+            numpy_helper.from_array(np.float32(0.5), "half"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def unary_model(ops: list[str], shape) -> onnx.ModelProto:
+    nodes = [helper.make_node(op, ["x"], [f"y_{op.lower()}"], name=op) for op in ops]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info(f"y_{op.lower()}", TensorProto.FLOAT, list(shape)) for op in ops],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def nhwc_conv(x_shape, w_shape, groups, padding, stride=1) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    w = relax.Var("w", relax.TensorType(w_shape, "float32"))
+    with bb.function("main", [x, w]):
+        conv = relax.op.nn.conv2d(x, w, stride, [padding] * 4, groups=groups, data_layout="NHWC", kernel_layout="HWIO")
+        bb.emit_func_output(bb.emit(conv))
+    return bb.get()
+
+
+def cpu_scheduled(model: onnx.ModelProto | tvm.IRModule) -> dict[str, tirx.PrimFunc]:
+    """The kernels the cpu target's pipeline compiles for ``model`` (ONNX, imported first, or Relax), by name."""
+    mod = import_onnx(model).mod if isinstance(model, onnx.ModelProto) else model
+    return prim_funcs(get_target("cpu").pipeline()(mod))

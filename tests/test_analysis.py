@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lpbq_tvm
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.analysis import select_precision, sensitivity
-from lpbq_tvm.export import export_encodings, export_onnx
+from lpbq_tvm.export import export
 
 LAYERS = ("first", "fragile", "last")
 
@@ -89,6 +89,7 @@ def test_target_cosine_is_met_and_the_choice_is_one_minimal():
     assert all_lpbq < target  # the budget is not met without a choice
     sim = _sim()
     choice = select_precision(sim, calibration, target_cosine=target, held_out=_batches(2, 7))
+    sim.apply_precision(choice, calibration)
     assert choice.int8_nodes and "fragile" in choice.int8_nodes
     assert {row.node for row in sim.report() if row.status == "int8"} == set(choice.int8_nodes)
     assert _simulated_cosine(sim, calibration) == pytest.approx(choice.cosine, abs=1e-6)
@@ -133,16 +134,17 @@ def test_mixed_model_compiles_and_exports(tmp_path):
     calibration = _batches(3, 1)
     sim = _sim()
     choice = select_precision(sim, calibration, target_cosine=0.99)
+    sim.apply_precision(choice, calibration)
     x = calibration[0]
     simulated = sim.run(x)["y"]
     np.testing.assert_allclose(
         lpbq_tvm.compile(sim).run(x)["y"], simulated, rtol=0, atol=1e-4 * np.abs(simulated).max()
     )
-    for fmt, bits in (("ort", 8), ("qnn", 8), ("qnn", 16)):
-        report = export_onnx(sim, tmp_path / f"mixed.{fmt}{bits}.onnx", fmt, activation_bitwidth=bits, sample_inputs=x)
+    for fmt, bits in (("ort-onnx", 8), ("qnn-onnx", 8), ("qnn-onnx", 16)):
+        report = export(sim, tmp_path / f"mixed.{fmt}{bits}.onnx", fmt, activation_bitwidth=bits, sample_inputs=x)
         assert "onnx checker" in report.checks
     for version in ("1.0.0", "2.0.0"):
-        export_encodings(sim, tmp_path / f"mixed.{version}.encodings", version)
+        export(sim, tmp_path / f"mixed.{version}.encodings", "aimet-json", encoding_version=version)
     entries = json.loads((tmp_path / "mixed.1.0.0.encodings").read_text())["param_encodings"]
     kinds = {entry["name"].removesuffix(".w"): entry["enc_type"] for entry in entries}
     assert kinds == {name: "PER_CHANNEL" if name in choice.int8_nodes else "LPBQ" for name in LAYERS}

@@ -55,26 +55,6 @@ def test_percentile_clips_an_outlier():
     assert percentile.encoding(8).scale < minmax.encoding(8).scale / 20
 
 
-def test_aimet_entries():
-    encoding = activation_encoding(-1.0, 3.0, 8)
-    assert encoding.aimet_entry("t") == {
-        "name": "t",
-        "dtype": "INT",
-        "enc_type": "PER_TENSOR",
-        "bw": 8,
-        "is_sym": False,
-        "scale": [encoding.scale],
-        "offset": [-64],
-    }
-    assert encoding.aimet_entry("t", "2.0.0") == {
-        "name": "t",
-        "output_dtype": "uint8",
-        "y_scale": encoding.scale,
-        "y_zero_point": 64,
-    }
-    assert "y_zero_point" not in activation_encoding(0.0, 1.0, 8).aimet_entry("t", "2.0.0")
-
-
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -178,14 +178,14 @@ def test_json_results_and_bench(tmp_path, capsys):
 
 def test_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
     """Ctrl-C while the bundle is being written: exit 130, and neither the bundle nor its staging folder remain."""
-    import lpbq_tvm.compiler
+    import lpbq_tvm.bundle
 
     model, _ = _example_files(tmp_path)
 
-    def interrupt(self):  # the user presses Ctrl-C while the bundle's files are being written
+    def interrupt(compiled):  # the user presses Ctrl-C while the bundle's files are being written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lpbq_tvm.compiler.CompiledModel, "manifest", interrupt)
+    monkeypatch.setattr(lpbq_tvm.bundle, "manifest", interrupt)
     assert main(["compile", str(model), "-o", str(tmp_path / "bundle")]) == 130
     assert "interrupted; no partial output was left" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "example.onnx"]

@@ -13,7 +13,7 @@ from tvm import relax
 
 import lpbq_tvm
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
-from lpbq_tvm.compiler import MANIFEST_FILE, PARAMS_FILE
+from lpbq_tvm.bundle import MANIFEST_FILE, PARAMS_FILE
 from lpbq_tvm.examples import build_example_model
 
 EM_AARCH64, EM_X86_64 = 183, 62

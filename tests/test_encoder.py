@@ -35,21 +35,6 @@ def test_golden_vectors_bit_exact(golden_case, load_golden):
     np.testing.assert_array_equal(encoding.int_weight, expected["int_weight"])
 
 
-def test_golden_aimet_entries(golden_case, load_golden):
-    """AIMET param entries 1.0.0 and 2.0.0 equal aimet_onnx's, field for field (or its refusal)."""
-    meta, expected = load_golden(golden_case)
-    encoding = _encode_golden(meta, expected["weight"])
-    name = f"{golden_case}.weight"
-    assert encoding.aimet_entry(name) == meta["encoding_1.0.0"]
-    reference_v2 = meta["encoding_2.0.0"]
-    if "error" in reference_v2:
-        assert "decompressed_bitwidth != 2 * bitwidth" in reference_v2["error"]
-        with pytest.raises(ValueError, match=r"decompressed_bw 6 != 2 \* bitwidth 4 .* 2\.0\.0"):
-            encoding.aimet_entry(name, "2.0.0")
-    else:
-        assert encoding.aimet_entry(name, "2.0.0") == reference_v2
-
-
 def test_worked_example_by_hand():
     """One 2x4 weight, block size 2, whose encoding is computed by hand."""
     weight = np.array([[0.7, -0.1, 0.07, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=np.float32)

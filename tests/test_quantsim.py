@@ -20,6 +20,7 @@ import lpbq_tvm
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.encoder import encode_lpbq
 from lpbq_tvm.examples import build_example_model
+from lpbq_tvm.exports.aimet_json import param_entry
 from lpbq_tvm.packing import packed_nbytes
 
 
@@ -95,6 +96,7 @@ def test_bits_per_weight_of_a_4096_wide_layer():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     sim = QuantizationSimModel(model)
     set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
+    sim.compute_encodings()
     compiled = lpbq_tvm.compile(sim)
     assert compiled.weight_bytes.float == 0
     assert compiled.weight_bytes.lpbq_packed == 256 * (2048 + 32 + 4)
@@ -157,7 +159,7 @@ def test_export_writes_model_and_aimet_encodings(encoded_sim, tmp_path):
     by_name = {entry["name"]: entry for entry in encodings["param_encodings"]}
     assert sorted(by_name) == ["conv.weight", "fc1.weight", "fc2.weight"]
     for name, encoding in encoded_sim.encodings.items():
-        assert by_name[name] == encoding.aimet_entry(name)
+        assert by_name[name] == param_entry(name, encoding)
     import onnx
 
     assert {i.name for i in onnx.load(onnx_path).graph.initializer} >= set(by_name)

@@ -152,6 +152,7 @@ def test_tuning_on_the_tracker_is_reused_by_compile(tracker, tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
     from lpbq_tvm.compiler import lower, tuning_database
+    from lpbq_tvm.targets import get_target
     from lpbq_tvm.tuning import _servers, tune
 
     sim = QuantizationSimModel(build_example_model())
@@ -191,9 +192,7 @@ def test_tuning_on_the_tracker_is_reused_by_compile(tracker, tmp_path):
 
     task = next(
         t
-        for t in ms.relax_integration.extract_tasks(
-            detach_params(lower(sim))[0], lpbq_tvm.compiler.get_target("cpu").tvm_target()
-        )
+        for t in ms.relax_integration.extract_tasks(detach_params(lower(sim))[0], get_target("cpu").tvm_target())
         if t.task_name == "lpbq_im2col"
     )
     assert database.has_workload(task.dispatched[0])

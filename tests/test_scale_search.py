@@ -10,6 +10,7 @@ from test_encoder import lpbq_problems
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.encoder import encode_lpbq
 from lpbq_tvm.examples import build_example_model
+from lpbq_tvm.exports.aimet_json import param_entry
 from lpbq_tvm.packing import pack, unpack
 
 
@@ -51,7 +52,7 @@ def test_mse_improves_gaussian_weights_and_is_deterministic():
     np.testing.assert_array_equal(first.float_scale, second.float_scale)
     aimet = encode_lpbq(weight, 1, 0)
     assert _group_errors(weight, first).sum() < 0.9 * _group_errors(weight, aimet).sum()  # > 0.45 dB better
-    assert first.config.encoder == "mse" and first.aimet_entry("w")["enc_type"] == "LPBQ"
+    assert first.config.encoder == "mse" and param_entry("w", first)["enc_type"] == "LPBQ"
 
 
 def test_mse_act_minimises_the_weighted_error():

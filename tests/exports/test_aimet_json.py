@@ -11,9 +11,49 @@ from model_builders import gated_softmax_model, minmax_encodings
 from onnx import TensorProto, helper, numpy_helper
 
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+from lpbq_tvm.calibration import activation_encoding
+from lpbq_tvm.encoder import encode_lpbq
 from lpbq_tvm.examples import build_example_model
-from lpbq_tvm.export import export_encodings
-from lpbq_tvm.exports.aimet_json import per_channel_int8_entry, read_encodings_file
+from lpbq_tvm.export import export
+from lpbq_tvm.exports.aimet_json import activation_entry, param_entry, per_channel_int8_entry, read_encodings_file
+
+
+def test_golden_aimet_entries(golden_case, load_golden):
+    """AIMET param entries 1.0.0 and 2.0.0 equal aimet_onnx's, field for field (or its refusal)."""
+    meta, expected = load_golden(golden_case)
+    settings = ("bitwidth", "decompressed_bw", "block_size", "block_grouping")
+    encoding = encode_lpbq(
+        expected["weight"], meta["channel_axis"], meta["block_axis"], **{k: meta[k] for k in settings}
+    )
+    name = f"{golden_case}.weight"
+    assert param_entry(name, encoding) == meta["encoding_1.0.0"]
+    reference_v2 = meta["encoding_2.0.0"]
+    if "error" in reference_v2:
+        assert "decompressed_bitwidth != 2 * bitwidth" in reference_v2["error"]
+        with pytest.raises(ValueError, match=r"decompressed_bw 6 != 2 \* bitwidth 4 .* 2\.0\.0"):
+            param_entry(name, encoding, "2.0.0")
+    else:
+        assert param_entry(name, encoding, "2.0.0") == reference_v2
+
+
+def test_activation_entries():
+    encoding = activation_encoding(-1.0, 3.0, 8)
+    assert activation_entry("t", encoding) == {
+        "name": "t",
+        "dtype": "INT",
+        "enc_type": "PER_TENSOR",
+        "bw": 8,
+        "is_sym": False,
+        "scale": [encoding.scale],
+        "offset": [-64],
+    }
+    assert activation_entry("t", encoding, "2.0.0") == {
+        "name": "t",
+        "output_dtype": "uint8",
+        "y_scale": encoding.scale,
+        "y_zero_point": 64,
+    }
+    assert "y_zero_point" not in activation_entry("t", activation_encoding(0.0, 1.0, 8), "2.0.0")
 
 
 def _golden_model(case: str, meta: dict, weight: np.ndarray):
@@ -52,14 +92,14 @@ def test_golden_entries_through_a_model(golden_case, load_golden, tmp_path):
     )
     sim.compute_encodings()
     name = f"{golden_case}.weight"
-    export_encodings(sim, tmp_path / "v1.encodings")
+    export(sim, tmp_path / "v1.encodings", "aimet-json")
     assert read_encodings_file(tmp_path / "v1.encodings")[name] == meta["encoding_1.0.0"]
     if "error" in meta["encoding_2.0.0"]:
         with pytest.raises(ValueError, match=r"cannot be exported to the 2\.0\.0 encoding format"):
-            export_encodings(sim, tmp_path / "v2.encodings", "2.0.0")
+            export(sim, tmp_path / "v2.encodings", "aimet-json", encoding_version="2.0.0")
         assert not (tmp_path / "v2.encodings").exists()
     else:
-        export_encodings(sim, tmp_path / "v2.encodings", "2.0.0")
+        export(sim, tmp_path / "v2.encodings", "aimet-json", encoding_version="2.0.0")
         assert read_encodings_file(tmp_path / "v2.encodings")[name] == meta["encoding_2.0.0"]
 
 
@@ -74,7 +114,7 @@ def calibrated_sim():
 
 
 def test_version_1_file_layout(calibrated_sim, tmp_path):
-    export_encodings(calibrated_sim, tmp_path / "model.encodings")
+    export(calibrated_sim, tmp_path / "model.encodings", "aimet-json")
     data = json.loads((tmp_path / "model.encodings").read_text())
     assert list(data) == ["version", "activation_encodings", "param_encodings", "excluded_layers", "quantizer_args"]
     params = {entry["name"]: entry for entry in data["param_encodings"]}
@@ -89,9 +129,11 @@ def test_version_1_file_layout(calibrated_sim, tmp_path):
 
 
 def test_version_2_file_layout(calibrated_sim, tmp_path):
-    report = export_encodings(calibrated_sim, tmp_path / "model.encodings", "2.0.0")
+    report = export(calibrated_sim, tmp_path / "model.encodings", "aimet-json", encoding_version="2.0.0")
     assert "int32 bias encodings" in report.checks["note"] and "fc1" in report.checks["note"]  # the QNN trap
-    assert "note" not in export_encodings(calibrated_sim, tmp_path / "v1.encodings", "1.0.0").checks
+    assert (
+        "note" not in export(calibrated_sim, tmp_path / "v1.encodings", "aimet-json", encoding_version="1.0.0").checks
+    )
     data = json.loads((tmp_path / "model.encodings").read_text())
     assert list(data) == ["version", "encodings"] and data["version"] == "2.0.0"
     entries = {entry["name"]: entry for entry in data["encodings"]}
@@ -114,9 +156,9 @@ def test_no_overwrite_and_dead_channels_are_reported(tmp_path):
     assert {row.node: row.dead_channels for row in sim.report()} == {"conv": 0, "fc1": 2, "fc2": 0}
     scale = sim.encodings["fc1.weight"].per_channel_scale
     assert scale[3] == scale[7] == scale.min() == 1.1920928955078125e-07 / 16  # AIMET's minimum scale
-    export_encodings(sim, tmp_path / "a.encodings")
+    export(sim, tmp_path / "a.encodings", "aimet-json")
     with pytest.raises(FileExistsError):
-        export_encodings(sim, tmp_path / "a.encodings")
+        export(sim, tmp_path / "a.encodings", "aimet-json")
 
 
 @pytest.mark.parametrize("version", ["1.0.0", "2.0.0"])
@@ -127,7 +169,7 @@ def test_every_calibrated_activation_is_listed(version, tmp_path):
     sim = QuantizationSimModel(gated_softmax_model(), default_activation_bw=16)
     set_grouped_blockwise_quantization_for_weights(sim)
     sim.compute_encodings(lambda s, data: [s.run(batch) for batch in data], batches)
-    export_encodings(sim, tmp_path / "model.encodings", version)
+    export(sim, tmp_path / "model.encodings", "aimet-json", encoding_version=version)
     data = json.loads((tmp_path / "model.encodings").read_text())
     if version == "1.0.0":
         assert {entry["bw"] for entry in data["activation_encodings"]} == {16}

@@ -16,7 +16,7 @@ import lpbq_tvm
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.compiler import lower
 from lpbq_tvm.examples import build_example_model
-from lpbq_tvm.export import LSB_TOLERANCE, export_onnx
+from lpbq_tvm.export import LSB_TOLERANCE, export
 from lpbq_tvm.exports._onnx_graph import session
 from lpbq_tvm.exports.qnn_check import check_qnn
 from lpbq_tvm.exports.qnn_onnx import export_qnn_onnx, quantize_activations
@@ -105,8 +105,8 @@ def test_qnn_export_agrees_with_htp_sim(example_sim, tmp_path, bits, everything,
     finer scale; with only the LPBQ layers' inputs and outputs it stays within 1."""
     sim, data = example_sim
     path = tmp_path / "model.onnx"
-    report = export_onnx(
-        sim, path, "qnn", activation_bitwidth=bits, quantize_all_activations=everything, sample_inputs=data[1]
+    report = export(
+        sim, path, "qnn-onnx", activation_bitwidth=bits, quantize_all_activations=everything, sample_inputs=data[1]
     )
     onnx.checker.check_model(onnx.load(path), full_check=True)
     exported = session(onnx.load(path), optimize=False)
@@ -190,7 +190,7 @@ def test_htp_sim_compiles_the_graph_the_qnn_export_writes(gated_sim, tmp_path, b
     sim, data = gated_sim
     path = tmp_path / "model.onnx"
     options = {"activation_bitwidth": bits, "quantize_all_activations": everything}
-    export_onnx(sim, path, "qnn", sample_inputs=data[0], **options)
+    export(sim, path, "qnn-onnx", sample_inputs=data[0], **options)
     exported = onnx.load(path)
     lowered = lower(sim, "htp-sim", f"w4a{bits}", quantize_all_activations=everything)
     assert _relax_quantize_calls(lowered) == len(_qdq_pairs(exported.graph)) == (5 if everything else 4)
@@ -219,10 +219,10 @@ def test_quantize_activations_refuses_conflicts_and_unknown_tensors(gated_sim):
 
 def test_ort_export_fuses_to_matmulnbits_and_reimports(example_sim, tmp_path):
     sim, data = example_sim
-    report = export_onnx(sim, tmp_path / "ort.onnx", "ort", sample_inputs=data[0])
+    report = export(sim, tmp_path / "ort.onnx", "ort-onnx", sample_inputs=data[0])
     assert report.checks["onnxruntime"].startswith("2 MatMulNBits")
     with pytest.raises(FileExistsError):
-        export_onnx(sim, tmp_path / "ort.onnx", "ort")
+        export(sim, tmp_path / "ort.onnx", "ort-onnx")
     # A user can chain tools: the export imports back, and re-quantizing its weights changes nothing.
     again = QuantizationSimModel(tmp_path / "ort.onnx")
     set_grouped_blockwise_quantization_for_weights(again)
@@ -242,7 +242,7 @@ def test_qnn_export_needs_calibration(tmp_path):
     set_grouped_blockwise_quantization_for_weights(sim)
     sim.compute_encodings()
     with pytest.raises(ValueError, match="the QNN export quantizes activations: calibrate"):
-        export_onnx(sim, tmp_path / "m.onnx", "qnn")
+        export(sim, tmp_path / "m.onnx", "qnn-onnx")
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -259,7 +259,7 @@ def test_matmulnbits_written_directly(tmp_path, trans_b):
     sim = QuantizationSimModel(model)
     set_grouped_blockwise_quantization_for_weights(sim, block_size=32)
     sim.compute_encodings()
-    report = export_onnx(sim, tmp_path / "fc.onnx", "ort-nbits")
+    report = export(sim, tmp_path / "fc.onnx", "ort-nbits-onnx")
     assert report.checks["onnxruntime"].startswith("1 MatMulNBits")
     exported = onnx.load(tmp_path / "fc.onnx")
     assert {(o.domain, o.version) for o in exported.opset_import} == {("", 17), ("com.microsoft", 1)}
@@ -278,5 +278,5 @@ def test_matmulnbits_written_directly(tmp_path, trans_b):
     set_grouped_blockwise_quantization_for_weights(bad, block_size=8)
     bad.compute_encodings()
     with pytest.raises(ValueError, match="fc: MatMulNBits needs a power-of-two block size >= 16, got 8"):
-        export_onnx(bad, tmp_path / "bad.onnx", "ort-nbits")
+        export(bad, tmp_path / "bad.onnx", "ort-nbits-onnx")
     assert not (tmp_path / "bad.onnx").exists()

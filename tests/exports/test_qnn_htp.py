@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lpbq_tvm
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.examples import build_example_model
-from lpbq_tvm.export import export_onnx
+from lpbq_tvm.export import export
 from lpbq_tvm.exports._onnx_graph import session
 from lpbq_tvm.exports.qnn_htp import run_on_htp
 
@@ -64,7 +64,7 @@ def test_htp_runs_the_lpbq_fusion_and_matches_htp_sim(name, bits, tolerance, tmp
     set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
     sim.compute_encodings(lambda s, batches: [s.run(b) for b in batches], data)
     path = tmp_path / "model.qnn.onnx"
-    export_onnx(sim, path, "qnn", activation_bitwidth=bits, sample_inputs=data[0])
+    export(sim, path, "qnn-onnx", activation_bitwidth=bits, sample_inputs=data[0])
 
     run = run_on_htp(path, data[0])
     assert run.outputs is not None, run.reasons
@@ -90,7 +90,7 @@ def test_masked_softmax_at_uint16_is_within_the_htp_softmax_rounding(tmp_path):
     sim = QuantizationSimModel(masked_softmax_model())
     set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
     sim.compute_encodings(lambda s, batches: [s.run(b) for b in batches], data)
-    export_onnx(sim, tmp_path / "model.qnn.onnx", "qnn", activation_bitwidth=16, sample_inputs=data[0])
+    export(sim, tmp_path / "model.qnn.onnx", "qnn-onnx", activation_bitwidth=16, sample_inputs=data[0])
     probed = onnx.load(tmp_path / "model.qnn.onnx")  # the softmax output (a DQ output) as a second output
     probed.graph.output.extend([onnx.ValueInfoProto(name="probs")])
     onnx.save(probed, tmp_path / "probed.onnx")

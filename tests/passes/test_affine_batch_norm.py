@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from relax_calls import relax_calls
+from ir import relax_calls
 from tvm.script import relax as R
 
 from lpbq_tvm.compiler import build

@@ -1,10 +1,12 @@
-"""LowerLPBQ with an x86 target: 2-D dense layers and ungrouped convolutions (through im2col), channels
-first or, after ChannelsLast, NHWC, take the scheduled kernels and compute the same results."""
+"""LowerLPBQ with the cpu target's kernel provider (the x86 family on this host): 2-D dense layers and ungrouped
+convolutions (through im2col), channels first or, after ChannelsLast, NHWC, take the scheduled kernels and compute
+the same results as the generic ones."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from ir import kernels_called
 from model_builders import (
     LAYER_CASES,
     LayerCase,
@@ -15,7 +17,6 @@ from model_builders import (
     with_weight,
 )
 from onnx import TensorProto, helper, numpy_helper
-from tvm import relax
 
 from lpbq_tvm.compiler import build
 from lpbq_tvm.encoder import LPBQConfig
@@ -24,7 +25,9 @@ from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
 from lpbq_tvm.passes.channels_last import ChannelsLast
 from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
 from lpbq_tvm.passes.lower_lpbq import LowerLPBQ, attach_activation_ranges
-from lpbq_tvm.targets import aarch64, cpu
+from lpbq_tvm.targets import get_target
+
+CPU_KERNELS = get_target("cpu").kernel_provider()
 
 DENSE_2D = [case for case in LAYER_CASES if case.op_type != "Conv" and len(case.x_shape) == 2]
 CONVS = [
@@ -39,17 +42,6 @@ CONVS = [
 def _encoded(case):
     mod = EncodeLPBQ()(AnnotateLPBQ(LPBQConfig(block_size=32))(import_onnx(layer_model(case, seed=4)).mod))
     return attach_activation_ranges(mod, {"w": {"input": (-1.5, 2.0)}})
-
-
-def _kernels(mod) -> list[str]:
-    names = []
-    relax.analysis.post_order_visit(
-        mod["main"].body,
-        lambda e: (
-            names.append(e.args[0].name_hint) if isinstance(e, relax.Call) and e.op.name == "relax.call_tir" else None
-        ),
-    )
-    return names
 
 
 CONVS_2D = [case for case in CONVS if len(case.x_shape) == 4]
@@ -70,11 +62,11 @@ def _channels_last(mod):
 )
 def test_integer_scheduled_kernel_equals_the_generic_one_bit_for_bit(case, layout, mode):
     encoded = _encoded(case)
-    fast = LowerLPBQ(mode, target=cpu.tvm_target())(_channels_last(encoded) if layout == "NHWC" else encoded)
+    fast = LowerLPBQ(mode, kernels=CPU_KERNELS)(_channels_last(encoded) if layout == "NHWC" else encoded)
     generic = LowerLPBQ(mode)(encoded)
     generic_name = "lpbq_conv" if case.op_type == "Conv" else "lpbq_dense"
-    assert _kernels(fast)[-1:] == ["lpbq_dense_x86"] and _kernels(generic) == [generic_name]
-    assert set(_kernels(fast)) <= {"lpbq_im2col", "lpbq_dense_x86"}
+    assert kernels_called(fast)[-1:] == ["lpbq_dense_x86"] and kernels_called(generic) == [generic_name]
+    assert set(kernels_called(fast)) <= {"lpbq_im2col", "lpbq_dense_x86"}
     x = {"x": (np.random.default_rng(1).standard_normal(case.x_shape) * 2).astype(np.float32)}
     (a,) = build(fast).run(x).values()
     (b,) = build(generic).run(x).values()
@@ -88,8 +80,11 @@ def test_integer_scheduled_kernel_equals_the_generic_one_bit_for_bit(case, layou
 )
 def test_weight_only_scheduled_kernel_within_the_float_bound(case, layout):
     encoded = _encoded(case)
-    fast = LowerLPBQ("weight-only", target=cpu.tvm_target())(_channels_last(encoded) if layout == "NHWC" else encoded)
-    assert _kernels(fast)[-1:] == ["lpbq_dense_x86"] and set(_kernels(fast)) <= {"lpbq_im2col", "lpbq_dense_x86"}
+    fast = LowerLPBQ("weight-only", kernels=CPU_KERNELS)(_channels_last(encoded) if layout == "NHWC" else encoded)
+    assert kernels_called(fast)[-1:] == ["lpbq_dense_x86"] and set(kernels_called(fast)) <= {
+        "lpbq_im2col",
+        "lpbq_dense_x86",
+    }
     assert {p.name for p in fast["main"].params} >= {"w.lpbq_qw", "w.lpbq_kw", "w.lpbq_s"}
     x = np.random.default_rng(2).standard_normal(case.x_shape).astype(np.float32)
     (actual,) = build(fast).run({"x": x}).values()
@@ -102,13 +97,14 @@ def test_other_layers_and_targets_keep_the_generic_kernels():
     """3-D activations, grouped convs, requantized outputs (htp-sim) and non-x86 targets are not scheduled
     here."""
     matmul_3d = next(case for case in LAYER_CASES if len(case.x_shape) == 3)
-    assert _kernels(LowerLPBQ("w4a8", target=cpu.tvm_target())(_encoded(matmul_3d))) == ["lpbq_dense"]
+    assert kernels_called(LowerLPBQ("w4a8", kernels=CPU_KERNELS)(_encoded(matmul_3d))) == ["lpbq_dense"]
     grouped = next(case for case in LAYER_CASES if "group" in case.attrs)
-    assert _kernels(LowerLPBQ("w4a8", target=cpu.tvm_target())(_encoded(grouped))) == ["lpbq_conv"]
+    assert kernels_called(LowerLPBQ("w4a8", kernels=CPU_KERNELS)(_encoded(grouped))) == ["lpbq_conv"]
     encoded = _encoded(next(case for case in DENSE_2D if not case.bias))
     requantized = attach_activation_ranges(encoded, {"w": {"input": (-1.5, 2.0), "output": (-4.0, 4.0)}})
-    assert _kernels(LowerLPBQ("w4a16", True, cpu.tvm_target())(requantized)) == ["lpbq_dense"]
-    assert _kernels(LowerLPBQ("weight-only", target=aarch64.tvm_target())(encoded)) == ["lpbq_dense"]
+    assert kernels_called(LowerLPBQ("w4a16", True, CPU_KERNELS)(requantized)) == ["lpbq_dense"]
+    aarch64 = get_target("aarch64").kernel_provider()
+    assert kernels_called(LowerLPBQ("weight-only", kernels=aarch64)(encoded)) == ["lpbq_dense"]
 
 
 def test_a_layer_output_read_twice_is_not_taken_for_a_bias():
@@ -135,8 +131,8 @@ def test_a_layer_output_read_twice_is_not_taken_for_a_bias():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     encoded = EncodeLPBQ()(AnnotateLPBQ(LPBQConfig(block_size=32))(import_onnx(model).mod))
-    lowered = LowerLPBQ("weight-only", target=cpu.tvm_target())(encoded)
-    assert [name for name in _kernels(lowered) if name.startswith("lpbq")] == ["lpbq_dense_x86"]  # once
+    lowered = LowerLPBQ("weight-only", kernels=CPU_KERNELS)(encoded)
+    assert [name for name in kernels_called(lowered) if name.startswith("lpbq")] == ["lpbq_dense_x86"]  # once
     assert "w" not in {p.name for p in lowered["main"].params}
     x = rng.standard_normal((1, 64, 4, 4)).astype(np.float32)
     qdq = read_encodings(encoded["main"])["w"].qdq_weight
@@ -156,8 +152,8 @@ def test_a_grouped_conv_in_nhwc_runs_the_generic_kernel_between_transposes():
     generic kernel runs between two transposes and computes exactly what it computes without them."""
     grouped = next(case for case in LAYER_CASES if "group" in case.attrs)
     encoded = _encoded(grouped)
-    nhwc = LowerLPBQ("w4a8", target=cpu.tvm_target())(_channels_last(encoded))
-    assert _kernels(nhwc) == ["lpbq_conv"]
+    nhwc = LowerLPBQ("w4a8", kernels=CPU_KERNELS)(_channels_last(encoded))
+    assert kernels_called(nhwc) == ["lpbq_conv"]
     x = {"x": (np.random.default_rng(5).standard_normal(grouped.x_shape) * 2).astype(np.float32)}
     (a,) = build(nhwc).run(x).values()
     (b,) = build(LowerLPBQ("w4a8")(encoded)).run(x).values()

@@ -8,10 +8,10 @@ import pytest
 import tvm
 from tvm import relax, tirx
 
+from lpbq_tvm.kernels import x86
 from lpbq_tvm.packing import pack_nibbles
 from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
-from lpbq_tvm.targets import x86_lpbq
-from lpbq_tvm.targets.cpu import tvm_target
+from lpbq_tvm.targets import get_target
 
 M, N, K, B = 32, 64, 64, 32
 
@@ -25,7 +25,9 @@ def _grouped(narrow: bool) -> tvm.IRModule:
     s = relax.Var("s", relax.TensorType((N,), "float32"))
     with bb.function("main", [x, qw, kw, s]):
         with bb.dataflow():
-            kernel = x86_lpbq.weight_only_dense(M, N, K, B, target=tvm_target()).without_attr("global_symbol")
+            kernel = x86.weight_only_dense(M, N, K, B, target=get_target("cpu").tvm_target()).without_attr(
+                "global_symbol"
+            )
             kernel = bb.add_func(kernel, "kernel")
             y = bb.emit(relax.call_tir(kernel, [x, qw, kw, s], relax.TensorType((M, N), "float32")))
             out = bb.emit_output(relax.Tuple([bb.emit(relax.op.nn.relu(y)), bb.emit(relax.op.nn.relu(x))]))
@@ -48,10 +50,10 @@ def test_fuse_tir_merges_the_kernel_and_its_narrowed_epilogue():
 
     rng = np.random.default_rng(0)
     q, k = rng.integers(-8, 8, (N, K)), rng.integers(1, 17, (N, K // B))
-    qw, kw = x86_lpbq.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    qw, kw = x86.repack_weight_only(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
     x = rng.standard_normal((M, K)).astype(np.float32)
     s = rng.uniform(0.5, 1.5, N).astype(np.float32)
-    vm = relax.VirtualMachine(tvm.compile(fused, target=tvm_target()), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(fused, target=get_target("cpu").tvm_target()), tvm.cpu())
     kernel_relu, x_relu = vm["main"](*(tvm.runtime.tensor(a) for a in (x, qw, kw, s)))
     np.testing.assert_array_equal(x_relu.numpy(), np.maximum(x, 0))
     w = (q * np.repeat(k, B, axis=1)).T

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from relax_calls import relax_calls
+from ir import relax_calls
 from tvm import relax
 from tvm.script import relax as R
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import lpbq_tvm.bench
-from lpbq_tvm.bench import time_interleaved
+import lpbq_tvm.timing
+from lpbq_tvm.timing import time_interleaved
 
 
 def test_candidates_take_turns_and_rotate_the_order(monkeypatch):
-    monkeypatch.setattr(lpbq_tvm.bench, "SETTLE_SECONDS", 0.0)
-    monkeypatch.setattr(lpbq_tvm.bench, "WARM_SECONDS", 0.0)  # one untimed call per burst
+    monkeypatch.setattr(lpbq_tvm.timing, "SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(lpbq_tvm.timing, "WARM_SECONDS", 0.0)  # one untimed call per burst
     calls = []
     functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     timings = time_interleaved(functions, repeat=8, burst=2)  # 4 rounds of 1 untimed + 2 timed calls each

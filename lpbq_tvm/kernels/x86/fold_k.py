@@ -1,0 +1,64 @@
+"""The fold-k scheme of the x86 uint8 kernel: ``q·k`` of a tile decoded once, one VNNI accumulation over K.
+
+The int8 weight ``q·k`` of a whole 64-channel tile (K · 64 bytes) is decoded once, then every row
+accumulates it with ``vpdpbusd`` in int32, with no per-block step. Taken with VNNI from
+``Tuning.fold_k_min_rows`` rows, and for B = 8 where the nibble scheme cannot run. ``q·k`` reaches
+−128, which pmaddubsw would saturate on: this scheme needs VNNI or plain vector code.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from lpbq_tvm.kernels.x86.decode import byte, k_value, nibbles
+from lpbq_tvm.kernels.x86.integer import Problem
+from lpbq_tvm.kernels.x86.intrinsics import VNNI_INTRIN
+from lpbq_tvm.kernels.x86.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
+
+__all__ = ["accumulate", "schedule"]
+
+
+def accumulate(p: Problem) -> te.Tensor:
+    B, xq, qw, kw = p.B, p.xq, p.qw, p.kw
+
+    # byte j of Wd = int8 q·k: u·k <= 240 per byte (no carries between bytes); + (128 − 8k) per
+    # byte gives q·k + 128 in 0..240 (no carries); ^ 0x80 per byte = two's complement q·k.
+    def decode(t, g, hh, lane):
+        kv = k_value(kw, t, (g * 8) // B, "uint32")(lane)
+        offset = (tirx.const(128, "uint32") - kv * tirx.const(8, "uint32")) * tirx.const(0x01010101, "uint32")
+        word = (nibbles(qw[t, g, lane], hh) * kv + offset) ^ tirx.const(0x80808080, "uint32")
+        return word.astype("int32")
+
+    wd = te.compute(
+        (p.tiles, p.K // 8, 2, p.lanes),
+        lambda t, g, hh, lane: tirx.Select(hh == 0, decode(t, g, 0, lane), decode(t, g, 1, lane)),
+        name="Wd",
+    )
+    g, h, jj = te.reduce_axis((0, p.K // 8), "g"), te.reduce_axis((0, 2), "h"), te.reduce_axis((0, 4), "jj")
+    return te.compute(
+        (p.rows, p.tiles, p.lanes),
+        lambda m, t, lane: te.sum(
+            xq[m, 8 * g + 4 * h + jj].astype("int32") * byte(wd[t, g, h, lane], jj), axis=[g, h, jj]
+        ),
+        name="Acc",
+    )
+
+
+def schedule(sch: Schedule, p: Problem) -> None:
+    """loops (t ∥, [decode int8 q·k of the tile], mo, g, h, mi, tile4, (c16, j4) = vpdpbusd): Acc in registers."""
+    blk_wd, blk_acc = sch.get_sblock("Wd"), sch.get_sblock("Acc")
+    m, t, lane, g, h, j = sch.get_loops(blk_acc)
+    mo, mi = sch.split(m, [None, row_tile(p.rows, p.tune.nibble_rows)])
+    tile, c = sch.split(lane, [None, 16])
+    sch.reorder(t, mo, g, h, mi, tile, c, j)
+    sch.compute_at(blk_wd, t)
+    sch.set_scope(blk_wd, 0, "local")
+    sch.set_scope(blk_acc, 0, "local")
+    epilogue_at(sch, t)
+    wd_g, wd_h, wd_lane = sch.get_loops(blk_wd)[-3:]
+    sch.vectorize(wd_lane)
+    sch.unroll(wd_h)
+    parallel(sch, t, mo, p.target)
+    intrinsic = VNNI_INTRIN if p.intrinsic else None
+    tensorize_or_vectorize(sch, blk_acc, c, j, g, intrinsic, [h, mi, tile])

@@ -1,0 +1,167 @@
+"""What the x86 integer kernels (W4A8, W4A16) share: inputs, activation codes, the exact accumulator, the output.
+
+Every integer kernel computes ``main(x, qw, kw, wsum, s, [bias], y)``: ``x`` float32 ``[M, K]`` is
+quantized in-kernel, ``xq = clamp(round_half_even(x / sx) + zx, 0, qmax)`` (a true division, as the
+reference), ``acc = Σ_i (xq − zx) · (q · k)`` exactly, ``y = float32(acc) · sx · s[n]``, then
+``+ bias[n]``, each rounded on its own: bit-exact with :func:`lpbq_tvm.reference.dense_int`.
+``qw`` / ``kw`` / ``wsum`` are the integer layout of :mod:`~lpbq_tvm.kernels.x86.repack`.
+
+A uint16 code runs as two *byte planes*, ``xq = 256 · hi + lo``: two rows of the uint8 kernel,
+each plane's sum exact in int32 (255 · 128 · K fits up to ``MAX_K``). :func:`build_byte_planes`
+builds such a kernel around one of the uint8 schemes (:mod:`~lpbq_tvm.kernels.x86.nibble`,
+:mod:`~lpbq_tvm.kernels.x86.block_dot`, :mod:`~lpbq_tvm.kernels.x86.fold_k`), each a module with
+``accumulate(problem)`` (the int32 ``Acc [rows, NT, lanes]`` of ``Σ xq · q · k``) and
+``schedule(sch, problem)``.
+
+The output passes an ``llvm.arithmetic.fence`` (:func:`rounded`) before the bias add: LLVM may not
+contract the scale product with the add that follows into one FMA, so the kernel keeps the
+reference's two roundings even when a fused batch norm or activation joins its output block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from lpbq_tvm.kernels.x86.intrinsics import NIBBLE_LANES
+from lpbq_tvm.kernels.x86.repack import LANES, check_shape
+from lpbq_tvm.kernels.x86.schedule import finish, schedule_codes
+from lpbq_tvm.kernels.x86.schedule import lanes as tile_lanes
+from lpbq_tvm.kernels.x86.tuning import Tuning
+
+__all__ = [
+    "MAX_K",
+    "W4A16_INT32_MAX_K",
+    "Problem",
+    "build_byte_planes",
+    "check_integer",
+    "code",
+    "integer_inputs",
+    "integer_output",
+]
+
+MAX_K = 65536  # a byte plane's uint8 · int8 sums fit int32 up to here (255 · 128 · K)
+W4A16_INT32_MAX_K = (2**31 - 1) // (65535 * 128)  # = 256: W4A16's Σ (xq − zx) · q · k fits int32 up to here
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A uint8 kernel of byte-plane rows being built: its shape, settings and input tensors."""
+
+    M: int
+    N: int
+    K: int
+    B: int
+    planes: int  # byte planes per code: 1 (uint8), 2 (uint16)
+    intrinsic: str | None  # "vnni", "avx512bw", "avx2" or None
+    target: tvm.target.Target
+    tune: Tuning
+    lanes: int  # lanes computed per channel tile
+    xq: te.Tensor  # uint8 [rows, K]: plane p of row m is row planes · m + p
+    qw: te.Tensor
+    kw: te.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.planes * self.M
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.N // LANES)
+
+
+def check_integer(N: int, K: int, B: int, zx: int, qmax: int) -> None:
+    check_shape(N, K, B)
+    if not 0 <= int(zx) <= qmax:
+        msg = f"zero point must lie in 0..{qmax}, got {zx}"
+        raise ValueError(msg)
+
+
+def integer_inputs(M, N, K, B, with_bias):
+    """(x, qw, kw, wsum, s, bias or None): the integer kernels' inputs."""
+    nt, nbh = -(-N // LANES), -(-(K // B) // 2)
+    return (
+        te.placeholder((M, K), "float32", "x"),
+        te.placeholder((nt, K // 8, LANES), "uint32", "qw"),
+        te.placeholder((nt, nbh, LANES), "uint8", "kw"),
+        te.placeholder((N,), "int32", "wsum"),
+        te.placeholder((N,), "float32", "s"),
+        te.placeholder((N,), "float32", "bias") if with_bias else None,
+    )
+
+
+def code(value, sx_c, zx: int, qmax: int):
+    """The activation code ``np.clip(np.rint(value / sx) + zx, 0, qmax)`` in float32 (a division, not a
+    reciprocal: bit-exact with the reference)."""
+    quantized = tirx.nearbyint(value / sx_c) + tirx.const(float(zx), "float32")
+    return tirx.max(tirx.min(quantized, tirx.const(float(qmax), "float32")), tirx.const(0.0, "float32"))
+
+
+def rounded(value):
+    """``value``, rounded on its own: behind an ``llvm.arithmetic.fence``, which LLVM does not contract
+    into an FMA with the add after it (the bias, a fused batch norm)."""
+    return tirx.call_llvm_pure_intrin(value.ty.dtype, "llvm.arithmetic.fence", value)
+
+
+def integer_output(M, N, acc, sx_c, s, bias):
+    """``y = float32(acc) · sx · s[n] (+ bias[n])`` with the reference's roundings: each product, then
+    the bias add (:func:`rounded`); ``acc(m, n)`` is the exact accumulator as float32."""
+
+    def value(m, n):
+        scaled = rounded(acc(m, n) * sx_c * s[n])
+        return scaled + bias[n] if bias is not None else scaled
+
+    return te.compute((M, N), value, name="y")
+
+
+def _byte_plane_codes(x, planes: int, K: int, sx_c, zx: int, qmax: int) -> te.Tensor:
+    """The uint8 rows of the codes: the code of ``x[r // planes, i]``, byte plane ``r % planes`` (high first)."""
+
+    def quantize(r, i):
+        value = code(x[r // planes, i], sx_c, zx, qmax)
+        if planes == 1:
+            return value.astype("uint8")
+        shift = (planes - 1 - r % planes) * 8
+        return ((value.astype("int32") >> shift) & 255).astype("uint8")
+
+    return te.compute((planes * int(x.shape[0]), K), quantize, name="xq")
+
+
+def _exact_acc(acc, wsum, m, n, planes: int, K: int, zx: int):
+    """``Σ (xq − zx) · w`` of output (m, n) from the planes' int32 sums. One plane: int32. From two it
+    fits int32 up to K = ``W4A16_INT32_MAX_K``, so it is formed modulo 2^32 (in uint32, where wrapping
+    is defined): the exact value. Above, in float64, where every term and sum is an integer below
+    2^53 and so exact: rounding it to float32 equals rounding the int64 sum (AVX2 has no vector
+    int64 -> float conversion; float64 vectorizes)."""
+    if planes == 1:
+        return acc[m, n // LANES, n % LANES] - wsum[n] * zx
+    wide = "uint32" if K <= W4A16_INT32_MAX_K else "float64"
+    total = tirx.const(0, wide)
+    for p in range(planes):
+        total = total * tirx.const(256, wide) + acc[planes * m + p, n // LANES, n % LANES].astype(wide)
+    total = total - wsum[n].astype(wide) * tirx.const(zx, wide)
+    return total.astype("int32") if wide == "uint32" else total
+
+
+def build_byte_planes(
+    M, N, K, B, sx, zx: int, bits: int, with_bias: bool, target, tune: Tuning, intrinsic, scheme: ModuleType
+) -> tvm.tirx.PrimFunc:
+    """The integer kernel of ``bits``-bit codes (8: one plane, 16: two) around a uint8 ``scheme``; each
+    channel tile computes the lanes of 16-channel chunks its channels need."""
+    planes, qmax = bits // 8, (1 << bits) - 1
+    lanes = tile_lanes(N, NIBBLE_LANES)
+    x, qw, kw, wsum, s, bias = integer_inputs(M, N, K, B, with_bias)
+    sx_c = tirx.const(float(np.float32(sx)), "float32")
+    xq = _byte_plane_codes(x, planes, K, sx_c, zx, qmax)
+    problem = Problem(M, N, K, B, planes, intrinsic, target, tune, lanes, xq, qw, kw)
+    acc = scheme.accumulate(problem)
+    y = integer_output(M, N, lambda m, n: _exact_acc(acc, wsum, m, n, planes, K, zx).astype("float32"), sx_c, s, bias)
+    sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, bias, y) if t is not None]))
+    schedule_codes(sch, "xq", tune.parallel_code_rows)
+    scheme.schedule(sch, problem)
+    return finish(sch, sch.get_sblock("y"))

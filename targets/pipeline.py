@@ -1,0 +1,70 @@
+"""The Relax pipeline every CPU target compiles with: TVM's CPU pipeline plus the project's rewrites and rules.
+
+Before legalization (each a pass of :mod:`lpbq_tvm.passes`): a matmul of a one-hot encoding
+becomes a row lookup (``OneHotMatMul``, exact); ``tanh`` / ``erf`` / ``exp`` / ``softmax`` take
+TVM's vectorisable polynomial forms (``FastMathTransform``: within 4 ulp of 1.0 for tanh and erf,
+2 ulp relative for exp, a contract the tests check; LLVM would otherwise call libm once per
+element); a batch norm with constant statistics becomes one scale and one shift
+(``AffineBatchNorm``), any other is decomposed (``DecomposeOpsForInference``), and
+``CanonicalizeBindings`` drops the tuple either leaves, which would stop ``FuseOps`` from fusing a
+conv, its batch norm and its activation; constants are folded and a division by a constant becomes
+a multiplication by its reciprocal (``ReciprocalDivision``, within 3 · 2^-24 relative); a reshape
+is sunk below the elementwise ops after it (``SinkReshape``), so a dense kernel's epilogue follows
+it directly.
+
+After ``FuseOps``, the ops fused behind a scheduled kernel get its int32 indices
+(``NarrowFusedEpilogues``) so ``FuseTIR`` can merge them; then, with a MetaSchedule database, its
+tuned schedules, and the schedule rules of :mod:`lpbq_tvm.kernels.schedule_rules` for the rest,
+their register tiles sized to the target's :class:`~lpbq_tvm.kernels.schedule_rules.RegisterFile`.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight
+
+from lpbq_tvm.kernels.schedule_rules import Elementwise, KernelEpilogue, RegisterFile, RegisterTiled
+from lpbq_tvm.passes.affine_batch_norm import AffineBatchNorm
+from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
+from lpbq_tvm.passes.one_hot_matmul import OneHotMatMul
+from lpbq_tvm.passes.reciprocal_division import ReciprocalDivision
+from lpbq_tvm.passes.sink_reshape import SinkReshape
+
+__all__ = ["cpu_pipeline"]
+
+
+def cpu_pipeline(target: tvm.target.Target, registers: RegisterFile, database=None) -> tvm.transform.Pass:
+    """The pipeline of the module docstring for ``target``; with a MetaSchedule ``database`` (entered as
+    a context around the build), its tuned schedules first, the rules for the rest."""
+    from tvm.relax.backend.cpu_generic import pipeline
+
+    @tvm.transform.module_pass(opt_level=0, name="LPBQCPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            passes = [
+                *pipeline.library_dispatch_passes(target),
+                OneHotMatMul(),
+                relax.transform.FastMathTransform(),
+                AffineBatchNorm(),
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.transform.FoldConstant(),
+                ReciprocalDivision(),
+                SinkReshape(),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                NarrowFusedEpilogues(),
+                relax.transform.FuseTIR(),
+                *([relax.transform.MetaScheduleApplyDatabase()] if database is not None else []),
+                dlight.ApplyDefaultSchedule(
+                    KernelEpilogue(), RegisterTiled(registers), Elementwise(), dlight.cpu.Reduction()
+                ),
+                *pipeline.dataflow_lower_passes(target),
+                *pipeline.finalize_passes(target),
+            ]
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline

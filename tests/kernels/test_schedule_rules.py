@@ -1,0 +1,256 @@
+"""The schedule rules (RegisterTiled, Elementwise, KernelEpilogue): applied where they should be, correct on
+the shapes that select each of their branches (width-1 conv, 1x1 stride-1 conv, tails, matmul, NHWC)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+from ir import block_names, prim_funcs
+from model_builders import UNIT_ROUNDOFF, cpu_scheduled, epilogue_model, nhwc_conv, ort_run
+from onnx import TensorProto, helper, numpy_helper
+from tvm import relax, s_tir, tirx
+from tvm.relax.backend.cpu_generic import pipeline
+from tvm.s_tir import dlight
+
+from lpbq_tvm.compiler import build
+from lpbq_tvm.frontend import import_onnx
+from lpbq_tvm.kernels.interface import SEPARATE_ROUNDING
+from lpbq_tvm.kernels.schedule_rules import Elementwise, RegisterTiled, _vector_lanes, register_tile
+from lpbq_tvm.kernels.x86.isa import register_file as x86_register_file
+from lpbq_tvm.passes.channels_last import ChannelsLast
+from lpbq_tvm.targets import get_target
+from lpbq_tvm.targets.aarch64 import NEON
+
+CPU = get_target("cpu")
+
+
+CASES = {
+    "conv3x3_width7_tail": ("Conv", (1, 16, 7, 7), (24, 16, 3, 3), {"pads": [1, 1, 1, 1]}),
+    "conv1x1_56_wide": ("Conv", (1, 32, 8, 56), (40, 32, 1, 1), {}),
+    "conv_width1_column": ("Conv", (2, 8, 50, 1), (12, 8, 5, 1), {"strides": [2, 1]}),
+    "conv1d": ("Conv", (1, 8, 33), (6, 8, 3), {}),
+    "depthwise": ("Conv", (1, 12, 10, 10), (12, 1, 3, 3), {"group": 12, "pads": [1, 1, 1, 1]}),
+    "matmul_3d": ("MatMul", (2, 9, 40), (40, 30), {}),
+    "matmul_packed_weight": ("MatMul", (16, 320), (320, 1024), {}),  # 1.3 MB weight, 4 row tiles
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_scheduled_ops_match_onnxruntime(name):
+    op, x_shape, w_shape, attrs = CASES[name]
+    model = epilogue_model(op, x_shape, w_shape, attrs)
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
+    imported = import_onnx(model)
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+    expected = ort_run(model, {"x": x})["y"]
+    # A dot product of K terms in another order: |error| <= 2(K+4)u sum|x||w| <= 2(K+4)u K max|x| max|w|,
+    # then hardswish, whose slope is at most 1.5.
+    terms = int(np.prod(w_shape[1:])) if op == "Conv" else w_shape[0]
+    weight = numpy_helper.to_array(model.graph.initializer[0])
+    bound = 1.5 * 2 * (terms + 4) * UNIT_ROUNDOFF * terms * np.abs(x).max() * np.abs(weight).max()
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
+
+
+def test_rules_schedule_the_conv_and_its_epilogue():
+    op, x_shape, w_shape, attrs = CASES["conv3x3_width7_tail"]
+    target = CPU.tvm_target()
+    with target:
+        mod = tvm.transform.Sequential(
+            [
+                *pipeline.legalize_passes(target),
+                dlight.ApplyDefaultSchedule(RegisterTiled(CPU.register_file(target)), Elementwise()),
+            ]
+        )(import_onnx(epilogue_model(op, x_shape, w_shape, attrs)).mod)
+    funcs = prim_funcs(mod)
+    assert funcs and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in funcs.values()), list(funcs)
+    conv = next(f.script() for name, f in funcs.items() if "conv2d" in name)
+    assert "T.parallel" in conv and "T.vectorized(T.int64(7))" in conv and "T.unroll(T.int64(8))" in conv
+
+
+@pytest.mark.parametrize(("name", "packed"), [("matmul_packed_weight", True), ("matmul_3d", False)])
+def test_matmul_packs_only_a_large_weight_read_by_several_row_tiles(name, packed):
+    op, x_shape, w_shape, attrs = CASES[name]
+    functions = cpu_scheduled(epilogue_model(op, x_shape, w_shape, attrs))
+    matmul = next(f.script() for name, f in functions.items() if "matmul" in name)
+    assert ('T.sblock("w_global")' in matmul) == packed, matmul
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_epilogue_runs_in_one_pass_unless_its_roundings_are_separate(separate):
+    """``(x @ w) · 2 + 1``: the multiply is computed inline into the add (one pass over the output),
+    unless the blocks are marked SEPARATE_ROUNDING (a generic LPBQ kernel's epilogue), whose multiply
+    and add must round separately."""
+    from tvm import te
+
+    marked = {SEPARATE_ROUNDING: 1} if separate else {}
+    x, w = te.placeholder((8, 16), "float32", "x"), te.placeholder((16, 32), "float32", "w")
+    i = te.reduce_axis((0, 16), "i")
+    acc = te.compute((8, 32), lambda m, n: te.sum(x[m, i] * w[i, n], axis=i), name="acc")
+    scaled = te.compute((8, 32), lambda m, n: acc[m, n] * 2.0, name="scaled", attrs=marked)
+    out = te.compute((8, 32), lambda m, n: scaled[m, n] + 1.0, name="out", attrs=marked)
+    target = CPU.tvm_target()
+    sch = RegisterTiled(CPU.register_file(target)).apply(te.create_prim_func([x, w, out]), target, False)
+    assert ("scaled" in block_names(sch.mod["main"])) == separate
+
+
+@pytest.mark.parametrize(("extent", "lanes"), [(112, 16), (56, 14), (196, 14), (49, 7), (7, 7), (17, 1), (1, 1)])
+def test_vector_lanes_divide_the_extent(extent, lanes):
+    assert _vector_lanes(extent) == lanes
+
+
+ZEN3, SKYLAKE = (
+    x86_register_file(tvm.target.Target({"kind": "llvm", "mcpu": c})) for c in ("znver3", "skylake-avx512")
+)
+
+
+@pytest.mark.parametrize(
+    ("registers", "rows", "width", "tile"),
+    [
+        (ZEN3, 14, 256, (7, 16)),  # AVX2: 14 of 16 ymm accumulate; 7 pixels reuse each weight vector
+        (ZEN3, 24, 7, (8, 7)),  # NCHW rows of width 7: 8 channels x 7 lanes
+        (ZEN3, 32, 4096, (4, 16)),  # 6 rows do not divide 32; 8 x 16 would spill (16 ymm accumulators)
+        (ZEN3, 2040, 64, (6, 16)),  # 12 accumulators: the fewest loads per FMA within 14 ymm
+        (SKYLAKE, 14, 256, (7, 32)),  # AVX-512: 14 of 32 zmm
+        (SKYLAKE, 56, 64, (4, 64)),  # 16 zmm, 4 rows: fewer loads per FMA than 8 x 32
+        (NEON, 14, 256, (7, 8)),  # NEON: 7 rows x 2 q-registers of 4 floats, within 24 of 32
+    ],
+    ids=str,
+)
+def test_register_tile_fits_the_register_file(registers, rows, width, tile):
+    assert register_tile(rows, width, registers) == tile
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "groups", "padding", "stride"),
+    [
+        ((1, 7, 7, 64), (1, 1, 64, 48), 1, 0, 1),
+        ((1, 9, 9, 8), (3, 3, 8, 16), 1, 1, 1),
+        ((1, 10, 10, 16), (5, 5, 1, 16), 16, 2, 1),
+        ((1, 20, 20, 3), (3, 3, 3, 8), 1, 1, 1),
+        ((1, 13, 13, 16), (3, 3, 1, 16), 16, 1, 2),
+        ((1, 20, 20, 3), (3, 3, 3, 8), 1, 1, 2),
+    ],
+    ids=["pointwise", "3x3", "depthwise", "3_channels", "depthwise_stride2", "3_channels_stride2"],
+)
+def test_nhwc_convs_tile_pixels_and_match_numpy(x_shape, w_shape, groups, padding, stride):
+    """An NHWC conv's register tile takes its rows from the pixels of an image row (x), its lanes from
+    the channels; the result is a dot product per output in another order (bound as above). A strided
+    conv reads its padding in place, an unstrided one from a padded copy."""
+    mod = nhwc_conv(x_shape, w_shape, groups, padding, stride)
+    target = CPU.tvm_target()
+    scheduled = CPU.pipeline(target)(mod)
+    conv_tir = next(f.script() for name, f in prim_funcs(scheduled).items() if "conv2d" in name)
+    assert "for xx_1 in T.unroll" in conv_tir and "for ff_1 in T.vectorized" in conv_tir
+    assert ('T.sblock("pad_temp")' in conv_tir) == (padding > 0 and stride == 1)
+    rng = np.random.default_rng(2)
+    xv, wv = rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal(w_shape).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=CPU.pipeline(target)), tvm.cpu())
+    actual = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(wv)).numpy()
+    kh, kw, cin, cout = w_shape
+    padded = np.pad(xv.astype(np.float64), [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
+    if groups == 1:
+        expected = np.einsum("nyxcij,ijcf->nyxf", windows, wv.astype(np.float64))
+    else:
+        expected = np.einsum("nyxcij,ijc->nyxc", windows, wv[:, :, 0, :].astype(np.float64))
+    terms = kh * kw * cin
+    bound = 2 * (terms + 4) * UNIT_ROUNDOFF * terms * np.abs(xv).max() * np.abs(wv).max()
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
+
+
+def test_a_short_innermost_loop_is_fused_with_the_one_outside_it():
+    """Padding a 3-channel NHWC image: the channel loop (3) is fused with the pixels of the row, so the
+    parallel loop runs over the 22 padded rows instead of 22 x 22 pixels, and each vector is longer
+    than 3 lanes (11, the largest divisor of 22 x 3 up to 16)."""
+    scheduled = CPU.pipeline()(nhwc_conv((1, 20, 20, 3), (3, 3, 3, 8), 1, 1))
+    conv = next(f for name, f in prim_funcs(scheduled).items() if "conv2d" in name)
+    sch = s_tir.Schedule(conv)
+    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("pad_temp"))]
+    kinds = [(int(loop.extent), tirx.ForKind(int(loop.kind))) for loop in loops]
+    assert kinds == [(22, tirx.ForKind.PARALLEL), (6, tirx.ForKind.SERIAL), (11, tirx.ForKind.VECTORIZED)], kinds
+
+
+def test_register_tiles_are_not_heap_allocated_per_tile():
+    """TVM 0.27 allocates a local-scope buffer with TVMBackendAllocWorkspace: a local accumulator tile
+    cost one allocation per tile inside the parallel loop (and lived in memory, not registers). No
+    parallel task of a depthwise conv allocates."""
+    target = CPU.tvm_target()
+    executable = tvm.compile(
+        nhwc_conv((1, 14, 14, 16), (3, 3, 1, 16), 16, 1), target, relax_pipeline=CPU.pipeline(target)
+    )
+    llvm_ir = executable.mod.imports[0].inspect_source("ll")
+    tasks = [f for f in re.split(r"\ndefine ", llvm_ir) if "@__tvm_parallel_lambda" in f.split("\n")[0]]
+    assert tasks and not any("TVMBackendAllocWorkspace" in task for task in tasks)
+
+
+def test_an_epilogue_that_broadcasts_the_conv_output_stays_a_pass_of_its_own():
+    """Squeeze-excite, ``h · hardsigmoid(conv1x1(relu(avgpool(h))))`` with ``h = conv1x1(x)``, batch 2:
+    the epilogue reads the excite conv's [2, 1, 1, C] output at every pixel of h, so it cannot run in
+    that conv's write-back (TVM 0.27 fails inside reverse_compute_inline on it); it compiles and
+    matches onnxruntime."""
+    rng = np.random.default_rng(5)
+    c = 16
+    w0, w1 = (rng.standard_normal((c, c, 1, 1)).astype(np.float32) for _ in range(2))
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["h"]),
+        helper.make_node("GlobalAveragePool", ["h"], ["a"]),
+        helper.make_node("Relu", ["a"], ["p"]),
+        helper.make_node("Conv", ["p", "w1"], ["z"]),
+        helper.make_node("HardSigmoid", ["z"], ["g"]),
+        helper.make_node("Mul", ["h", "g"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, c, 7, 7])],
+        [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.standard_normal((2, c, 7, 7)).astype(np.float32)
+    imported = import_onnx(model)
+    nhwc = ChannelsLast()(imported.mod)  # as the cpu target compiles it: convs tile pixels x channels
+    actual = build(nhwc, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+    # h: a c-term dot product in another order; its mean over 49 pixels (within 50u) and the excite
+    # conv likewise; HardSigmoid's slope 0.2 and two roundings; the product with h and its rounding
+    u, w_max = UNIT_ROUNDOFF, max(np.abs(w0).max(), np.abs(w1).max())
+    h_max = c * w_max * np.abs(x).max()
+    h_error = 2 * c * u * h_max
+    pooled_error = h_error + 50 * u * h_max
+    excite_error = c * w_max * pooled_error + 2 * c * u * c * w_max * h_max
+    bound = h_max * (0.2 * excite_error + 2 * u) + h_error + u * h_max
+    np.testing.assert_allclose(actual, ort_run(model, {"x": x})["y"], rtol=0, atol=bound)
+
+
+def test_reductions_after_elementwise_ops_are_scheduled_and_exact():
+    """``max(x · tanh(x), axis=-1)`` (magika's pooling): one fused function with a reduction, scheduled
+    with the activation as its own vectorised stage and the maximum parallel over the rows it keeps;
+    the maximum itself is exact, so the result equals onnxruntime's up to the elementwise part: tanh's
+    bound above times |x|, plus the rounding of the product."""
+    shape = (1, 64, 508)
+    nodes = [
+        helper.make_node("Tanh", ["x"], ["t"]),
+        helper.make_node("Mul", ["x", "t"], ["g"]),
+        helper.make_node("ReduceMax", ["g"], ["y"], keepdims=0, axes=[-1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = (np.random.default_rng(3).standard_normal(shape) * 2).astype(np.float32)
+    functions = cpu_scheduled(model)
+    assert functions and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in functions.values())
+    pooling = next(f.script() for name, f in functions.items() if "max" in name)
+    assert "fast_tanh" in pooling and "T.vectorized" in pooling and "T.parallel(T.int64(64))" in pooling
+    imported = import_onnx(model)
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+    bound = np.abs(x).max() * 2.0**-21 + np.abs(ort_run(model, {"x": x})["y"]).max() * UNIT_ROUNDOFF
+    np.testing.assert_allclose(actual, ort_run(model, {"x": x})["y"], rtol=0, atol=bound)
