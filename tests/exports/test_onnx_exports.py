@@ -7,10 +7,9 @@ from collections import defaultdict
 import numpy as np
 import onnx
 import pytest
-import tvm
+from ir import relax_calls
 from model_builders import gated_softmax_model
 from onnx import TensorProto, helper, numpy_helper
-from tvm import relax
 
 import lpbq_tvm
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
@@ -171,17 +170,6 @@ def test_qnn_export_puts_one_qdq_pair_on_every_float_activation(gated_sim):
     assert list(lpbq_only) == ["x", "h", "probs", "y"]  # the inputs and outputs of fc1 and fc2
 
 
-def _relax_quantize_calls(mod) -> int:
-    quantize, calls = tvm.ir.Op.get("relax.quantize"), []
-
-    def visit(expr) -> None:
-        if isinstance(expr, relax.Call) and expr.op.same_as(quantize):
-            calls.append(expr)
-
-    relax.analysis.post_order_visit(mod["main"].body, visit)
-    return len(calls)
-
-
 @pytest.mark.parametrize(("bits", "everything"), [(8, True), (16, True), (16, False)])
 def test_htp_sim_compiles_the_graph_the_qnn_export_writes(gated_sim, tmp_path, bits, everything):
     """htp-sim quantizes what the export quantizes (one relax quantize per Q -> DQ pair; the LPBQ
@@ -193,7 +181,7 @@ def test_htp_sim_compiles_the_graph_the_qnn_export_writes(gated_sim, tmp_path, b
     export(sim, path, "qnn-onnx", sample_inputs=data[0], **options)
     exported = onnx.load(path)
     lowered = lower(sim, "htp-sim", f"w4a{bits}", quantize_all_activations=everything)
-    assert _relax_quantize_calls(lowered) == len(_qdq_pairs(exported.graph)) == (5 if everything else 4)
+    assert len(relax_calls(lowered, "relax.quantize")) == len(_qdq_pairs(exported.graph)) == (5 if everything else 4)
     simulated = lpbq_tvm.compile(sim, "htp-sim", f"w4a{bits}", quantize_all_activations=everything)
     ort_session = session(exported, optimize=False)
     encoding = sim.tensor_activation_encodings(bits)["y"]

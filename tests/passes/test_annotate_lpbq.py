@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from ir import constants
 from model_builders import DEPTHWISE_CASE, LAYER_CASES, constant_weight_module, layer_model
-from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.script import relax as R
 
@@ -85,11 +85,7 @@ def test_constant_weight_is_annotated_and_keeps_the_constant():
     annotated = AnnotateLPBQ()(module)
     (key,) = _attr(annotated, "lpbq.weights")
     assert key == "constant0"
-    constants = []
-    relax.analysis.post_order_visit(
-        module["main"].body, lambda e: constants.append(e) if isinstance(e, tvm.ir.GenericConst) else None
-    )
-    assert annotated["main"].attrs["lpbq.weights"][key]["constant"].same_as(constants[0])
+    assert annotated["main"].attrs["lpbq.weights"][key]["constant"].same_as(constants(module["main"].body)[0])
     assert _attr(annotated, "lpbq.weights")[key]["op_type"] == "MatMul"
 
 

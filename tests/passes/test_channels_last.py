@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from model_builders import UNIT_ROUNDOFF, LayerCase, layer_model
 from onnx import TensorProto, helper, numpy_helper
+from tvm.script import ir as I
+from tvm.script import relax as R
 
 from lpbq_tvm.compiler import build
 from lpbq_tvm.encoder import LPBQConfig
@@ -14,6 +17,51 @@ from lpbq_tvm.passes.channels_last import ChannelsLast
 from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ
 
 C, H = 8, 10
+PLAIN = "default_build"  # TVM's lowering alone: the pass under test is the only rewrite applied
+
+
+def test_a_conv_and_the_clip_after_it_run_in_nhwc_between_two_transposes():
+    """The input is transposed once, the OIHW weight read through ``permute_dims`` to HWIO (a parameter
+    without a value: nothing to store permuted), the clip stays in NHWC, the output is transposed back."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4, 6, 6), "float32"), w: R.Tensor((8, 4, 3, 3), "float32")):
+            with R.dataflow():
+                h = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
+                out = R.clip(h, 0, 6)
+                R.output(out)
+            return out
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 4, 6, 6), "float32"), w: R.Tensor((8, 4, 3, 3), "float32")):
+            with R.dataflow():
+                nhwc = R.permute_dims(x, axes=[0, 2, 3, 1])
+                hwio = R.permute_dims(w, axes=[2, 3, 1, 0])
+                h = R.nn.conv2d(nhwc, hwio, padding=[1, 1, 1, 1], data_layout="NHWC", kernel_layout="HWIO")
+                clipped = R.clip(h, 0, 6)
+                out = R.permute_dims(clipped, axes=[0, 3, 1, 2])
+                R.output(out)
+            return out
+
+    tvm.ir.assert_structural_equal(ChannelsLast()(Before), Expected)
+
+
+def test_a_module_without_a_conv2d_is_left_unchanged():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4, 6), "float32"), w: R.Tensor((8, 4, 3), "float32")):
+            with R.dataflow():
+                h = R.nn.conv1d(x, w, padding=[1, 1])
+                out = R.clip(h, 0, 6)
+                R.output(out)
+            return out
+
+    tvm.ir.assert_structural_equal(ChannelsLast()(Before), Before)
 
 
 def _conv_clip_depthwise():
@@ -51,8 +99,9 @@ def test_only_the_model_input_and_output_are_transposed_and_results_agree():
     shapes = {p.name: tuple(int(d) for d in p.ty.shape) for p in converted["main"].params}
     assert shapes["w1"] == (3, 3, C, C) and shapes["w2"] == (3, 3, 1, C)  # stored in HWIO
     x = np.random.default_rng(1).standard_normal((1, C, H, H)).astype(np.float32)
-    channels_last = build(converted, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
-    channels_first = build(import_onnx(model).mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})
+    infos = {"inputs": imported.inputs, "outputs": imported.outputs, "pipeline": PLAIN}
+    channels_last = build(converted, **infos).run({"x": x})["y"]
+    channels_first = build(import_onnx(model).mod, **infos).run({"x": x})
     # Both sum the same products in other orders: conv1 (K1 terms) within 2(K1+4)u·K1·max|x|·max|w1|,
     # carried through hardswish (slope (2h + 3) / 6 <= 1.5, and |hardswish(h)| <= |h|) and the depthwise
     # conv (9 taps), plus its own reordering.

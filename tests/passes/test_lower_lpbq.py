@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from ir import called, constants
 from model_builders import (
     DEPTHWISE_CASE,
     LAYER_CASES,
@@ -15,7 +16,6 @@ from model_builders import (
     ort_run,
     with_weight,
 )
-from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 from lpbq_tvm.compiler import build
@@ -34,28 +34,12 @@ def _pipeline(mod):
     )(mod)
 
 
-def _calls(func: relax.Function) -> list[str]:
-    """Names of the operators and TIR functions that ``func`` calls, in order."""
-    names = []
-
-    def visit(expr):
-        if isinstance(expr, relax.Call):
-            if expr.op.name == "relax.call_tir":
-                names.append(expr.args[0].name_hint)
-            else:
-                names.append(expr.op.name)
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return names
-
-
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
 def test_layer_becomes_one_packed_kernel(case):
     mod = from_onnx(layer_model(case), keep_params_in_input=True)
     lowered = _pipeline(mod)
     main = lowered["main"]
-    print(main.script())
-    calls = _calls(main)
+    calls = called(main)
     kernel = "lpbq_conv" if case.op_type == "Conv" else "lpbq_dense"
     assert calls.count(kernel) == 1
     assert not {"relax.matmul", "relax.nn.conv1d", "relax.nn.conv2d", "relax.permute_dims"} & set(calls)
@@ -102,7 +86,7 @@ def test_kernel_matches_dequantized_reference(case):
 def test_depthwise_conv_stays_fp32():
     mod = from_onnx(layer_model(DEPTHWISE_CASE), keep_params_in_input=True)
     lowered = _pipeline(mod)
-    assert "relax.nn.conv2d" in _calls(lowered["main"])
+    assert "relax.nn.conv2d" in called(lowered["main"])
     assert "w" in {p.name for p in lowered["main"].params}
 
 
@@ -121,12 +105,8 @@ def test_constant_weight_becomes_packed_constants():
     value = np.random.default_rng(0).standard_normal((128, 16)).astype(np.float32)
     Before = constant_weight_module(value)
     lowered = _pipeline(Before)
-    assert _calls(lowered["main"]) == ["lpbq_dense"]
-    constants = []
-    relax.analysis.post_order_visit(
-        lowered["main"].body, lambda e: constants.append(e) if isinstance(e, tvm.ir.GenericConst) else None
-    )
-    assert sorted(str(c.value.dtype) for c in constants) == ["float32", "uint8", "uint8"]
+    assert called(lowered["main"]) == ["lpbq_dense"]
+    assert sorted(str(c.value.dtype) for c in constants(lowered["main"].body)) == ["float32", "uint8", "uint8"]
     x = np.random.default_rng(1).standard_normal((2, 128)).astype(np.float32)
     (actual,) = build(lowered).run({"x": x}).values()
     encoding = read_encodings(EncodeLPBQ()(AnnotateLPBQ(LPBQConfig(block_size=BLOCK_SIZE))(Before))["main"])
