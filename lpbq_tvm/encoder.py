@@ -269,6 +269,42 @@ def _group_error(blocks, float_scale, int_scale, bitwidth, group, importance) ->
     return per_block.reshape(per_block.shape[0], -1, group).sum(axis=2)
 
 
+def _float32_weight(weight: np.ndarray, where: str) -> np.ndarray:
+    """``weight`` as float32; ``ValueError`` for a non-float or non-finite weight."""
+    if not np.issubdtype(weight.dtype, np.floating):
+        msg = f"{where}LPBQ quantizes float weights, got dtype {weight.dtype} for shape {weight.shape}"
+        raise ValueError(msg)
+    weight = weight.astype(np.float32, copy=False)
+    if not np.isfinite(weight).all():
+        msg = f"{where}weight shape {weight.shape} contains non-finite values (NaN or Inf)"
+        raise ValueError(msg)
+    return weight
+
+
+def _element_weights(importance, blocks_shape: tuple[int, ...], block_size: int, where: str) -> np.ndarray:
+    """The ``mse-act`` error weight of every element of ``blocks`` ``[C, nb, B * R]``: its input
+    channel's importance, repeated over the ``R`` kernel positions of that channel."""
+    _, num_blocks, block_elements = blocks_shape
+    importance = np.asarray(importance, dtype=np.float32)
+    if importance.shape != (num_blocks * block_size,) or not np.isfinite(importance).all() or (importance < 0).any():
+        msg = f"{where}importance must be {num_blocks * block_size} finite non-negative values"
+        raise ValueError(msg)
+    per_element = block_elements // block_size  # kernel positions per input channel
+    return np.repeat(importance.reshape(num_blocks, block_size), per_element, axis=1)[None]
+
+
+def _better_of_search(blocks, delta, float_scale, int_scale, config: LPBQConfig, group: int, weights):
+    """Per group, the searched scales (:func:`lpbq_tvm.scale_search.search_scales`) where their error
+    is smaller than AIMET's, else AIMET's own: never worse on any group."""
+    searched_s, searched_k = search_scales(
+        blocks, delta, float_scale, int_scale, config.bitwidth, config.max_int_scale, group, weights
+    )
+    better = _group_error(blocks, searched_s, searched_k, config.bitwidth, group, weights) < _group_error(
+        blocks, float_scale, int_scale, config.bitwidth, group, weights
+    )
+    return np.where(better, searched_s, float_scale), np.where(np.repeat(better, group, axis=1), searched_k, int_scale)
+
+
 def encode_lpbq(
     weight: np.ndarray,
     channel_axis: int,
@@ -299,13 +335,7 @@ def encode_lpbq(
     if (encoder == "mse-act") != (importance is not None):
         msg = f"{where}encoder 'mse-act' needs an importance per input channel, and only it takes one"
         raise ValueError(msg)
-    if not np.issubdtype(weight.dtype, np.floating):
-        msg = f"{where}LPBQ quantizes float weights, got dtype {weight.dtype} for shape {weight.shape}"
-        raise ValueError(msg)
-    weight = weight.astype(np.float32, copy=False)
-    if not np.isfinite(weight).all():
-        msg = f"{where}weight shape {weight.shape} contains non-finite values (NaN or Inf)"
-        raise ValueError(msg)
+    weight = _float32_weight(weight, where)
 
     canonical = _to_canonical(weight, channel_axis, block_axis)
     num_channels = weight.shape[channel_axis]
@@ -325,27 +355,9 @@ def encode_lpbq(
     int_scale = int_scale.reshape(num_channels, num_blocks)
 
     if encoder != "aimet":
-        weights = None
-        if importance is not None:
-            importance = np.asarray(importance, dtype=np.float32)
-            if (
-                importance.shape != (weight.shape[block_axis],)
-                or not np.isfinite(importance).all()
-                or (importance < 0).any()
-            ):
-                msg = f"{where}importance must be {weight.shape[block_axis]} finite non-negative values"
-                raise ValueError(msg)
-            per_element = blocks.shape[2] // block_size  # kernel positions per input channel
-            weights = np.repeat(importance.reshape(num_blocks, block_size), per_element, axis=1)[None]
+        weights = None if importance is None else _element_weights(importance, blocks.shape, block_size, where)
         blocks = np.ascontiguousarray(blocks)  # the search streams over it many times
-        searched_s, searched_k = search_scales(
-            blocks, delta, float_scale, int_scale, bitwidth, config.max_int_scale, group, weights
-        )
-        better = _group_error(blocks, searched_s, searched_k, bitwidth, group, weights) < _group_error(
-            blocks, float_scale, int_scale, bitwidth, group, weights
-        )
-        float_scale = np.where(better, searched_s, float_scale)
-        int_scale = np.where(np.repeat(better, group, axis=1), searched_k, int_scale)
+        float_scale, int_scale = _better_of_search(blocks, delta, float_scale, int_scale, config, group, weights)
 
     scale32 = (int_scale * np.repeat(float_scale, group, axis=1)).astype(np.float32)[..., None]
     int_weight = _quantize_codes(blocks, scale32, bitwidth).astype(np.int8).reshape(canonical.shape)

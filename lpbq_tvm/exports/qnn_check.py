@@ -39,109 +39,91 @@ def _attributes(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+class _Graph:
+    """Who produces and who reads each tensor of a graph, and its initializers."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.producers = {output: node for node in graph.node for output in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(self.initializers[name]) if name in self.initializers else None
+
+
 def check_qnn(model: onnx.ModelProto) -> list[Finding]:
     """Every problem of ``model`` for the QNN LPBQ path; an empty list means none was found."""
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    graph = _Graph(model.graph)
     findings = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 21:
         findings.append(Finding("<model>", f"opset {opset} < 21", "export with opset 21 (lpbq-tvm does)"))
-
-    def constant(name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(initializers[name]) if name in initializers else None
-
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or "block_size" not in _attributes(node):
-            continue
-        name = node.name or node.output[0]
-        block_size = _attributes(node)["block_size"]
-        codes = initializers.get(node.input[0])
-        if codes is None or codes.data_type != TensorProto.INT4:
-            findings.append(
-                Finding(
-                    name, "blocked weight codes are not a constant INT4 tensor", "store q as INT4 (symmetric, -8..7)"
-                )
-            )
-        elif codes.dims[0] % block_size:
-            findings.append(
-                Finding(
-                    name,
-                    f"block size {block_size} does not divide the {codes.dims[0]} input channels",
-                    "choose a block size that divides every LPBQ layer's input channels",
-                )
-            )
-        zero = constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if zero is None or initializers[node.input[2]].data_type != TensorProto.INT4 or zero.any():
-            findings.append(
-                Finding(
-                    name,
-                    "missing or non-zero INT4 zero point",
-                    "add an all-zero INT4 zero point shaped like the block scale",
-                )
-            )
-        scale_node = producers.get(node.input[1])
-        if scale_node is None or scale_node.op_type != "DequantizeLinear":
-            findings.append(
-                Finding(
-                    name,
-                    "the block scale is a float tensor, not k · s",
-                    "write it as DequantizeLinear(k: UINT8, s: FLOAT, 0, axis=1) (LPBQ)",
-                )
-            )
-        else:
-            k = initializers.get(scale_node.input[0])
-            if k is None or k.data_type != TensorProto.UINT8:
-                findings.append(Finding(name, "the per-block integer scale k is not UINT8", "store k as UINT8"))
-            elif not (numpy_helper.to_array(k).min() >= 1 and numpy_helper.to_array(k).max() <= 16):
-                findings.append(
-                    Finding(
-                        name,
-                        "k outside 1..16 (the runtime does not check it)",
-                        "re-encode with decompressed_bw = 2 * bitwidth",
-                    )
-                )
-        for consumer in consumers.get(node.output[0], []):
-            cname = consumer.name or consumer.output[0]
-            if consumer.op_type == "Gemm":
-                findings.append(
-                    Finding(
-                        cname,
-                        "LPBQ weight feeds a Gemm: QNN's Gemm fusion drops the bias and misreads transB=0",
-                        "rewrite as MatMul + Add (lpbq-tvm's export does)",
-                    )
-                )
-            elif consumer.op_type == "Conv":
-                activation = producers.get(consumer.input[0])
-                zero = constant(activation.input[2]) if activation is not None and len(activation.input) > 2 else None
-                wide = (
-                    activation is not None
-                    and activation.op_type == "DequantizeLinear"
-                    and (zero is not None and zero.dtype == np.uint16)
-                )
-                one_by_one = codes is not None and all(d == 1 for d in codes.dims[2:])
-                if not (one_by_one and wide):
-                    findings.append(
-                        Finding(
-                            cname,
-                            "LPBQ Conv runs on the HTP only as 1x1 with uint16 activations",
-                            "export the Conv as int8 per channel (lpbq-tvm's default)",
-                        )
-                    )
-            elif consumer.op_type == "MatMul":
-                findings += _check_matmul(consumer, producers, consumers, initializers)
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and "block_size" in _attributes(node):
+            findings += _check_blocked_weight(node, graph)
+            for consumer in graph.consumers.get(node.output[0], []):
+                findings += _check_consumer(consumer, graph, graph.initializers.get(node.input[0]))
     return findings
 
 
-def _check_matmul(node, producers, consumers, initializers) -> list[Finding]:
+def _check_blocked_weight(node: onnx.NodeProto, graph: _Graph) -> list[Finding]:
+    """The codes, zero point and block scale of a blocked weight ``DequantizeLinear``."""
+    name, block_size = node.name or node.output[0], _attributes(node)["block_size"]
+    findings = []
+    codes = graph.initializers.get(node.input[0])
+    if codes is None or codes.data_type != TensorProto.INT4:
+        fix = "store q as INT4 (symmetric, -8..7)"
+        findings.append(Finding(name, "blocked weight codes are not a constant INT4 tensor", fix))
+    elif codes.dims[0] % block_size:
+        problem = f"block size {block_size} does not divide the {codes.dims[0]} input channels"
+        findings.append(Finding(name, problem, "choose a block size that divides every LPBQ layer's input channels"))
+    zero = graph.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if zero is None or graph.initializers[node.input[2]].data_type != TensorProto.INT4 or zero.any():
+        fix = "add an all-zero INT4 zero point shaped like the block scale"
+        findings.append(Finding(name, "missing or non-zero INT4 zero point", fix))
+    scale_node = graph.producers.get(node.input[1])
+    if scale_node is None or scale_node.op_type != "DequantizeLinear":
+        fix = "write it as DequantizeLinear(k: UINT8, s: FLOAT, 0, axis=1) (LPBQ)"
+        findings.append(Finding(name, "the block scale is a float tensor, not k · s", fix))
+        return findings
+    k = graph.initializers.get(scale_node.input[0])
+    if k is None or k.data_type != TensorProto.UINT8:
+        findings.append(Finding(name, "the per-block integer scale k is not UINT8", "store k as UINT8"))
+    elif not (numpy_helper.to_array(k).min() >= 1 and numpy_helper.to_array(k).max() <= 16):
+        fix = "re-encode with decompressed_bw = 2 * bitwidth"
+        findings.append(Finding(name, "k outside 1..16 (the runtime does not check it)", fix))
+    return findings
+
+
+def _check_consumer(consumer: onnx.NodeProto, graph: _Graph, codes) -> list[Finding]:
+    """The layer an LPBQ weight feeds: no Gemm, a Conv only as the HTP runs it, a MatMul quantized around."""
+    name = consumer.name or consumer.output[0]
+    if consumer.op_type == "Gemm":
+        problem = "LPBQ weight feeds a Gemm: QNN's Gemm fusion drops the bias and misreads transB=0"
+        return [Finding(name, problem, "rewrite as MatMul + Add (lpbq-tvm's export does)")]
+    if consumer.op_type == "Conv":
+        activation = graph.producers.get(consumer.input[0])
+        zero = graph.constant(activation.input[2]) if activation is not None and len(activation.input) > 2 else None
+        wide = activation is not None and activation.op_type == "DequantizeLinear"
+        wide = wide and zero is not None and zero.dtype == np.uint16
+        one_by_one = codes is not None and all(d == 1 for d in codes.dims[2:])
+        if one_by_one and wide:
+            return []
+        problem = "LPBQ Conv runs on the HTP only as 1x1 with uint16 activations"
+        return [Finding(name, problem, "export the Conv as int8 per channel (lpbq-tvm's default)")]
+    if consumer.op_type == "MatMul":
+        return _check_matmul(consumer, graph)
+    return []
+
+
+def _check_matmul(node: onnx.NodeProto, graph: _Graph) -> list[Finding]:
     name = node.name or node.output[0]
     findings = []
-    activation = producers.get(node.input[0])
+    initializers, consumers = graph.initializers, graph.consumers
+    activation = graph.producers.get(node.input[0])
     if activation is None or activation.op_type != "DequantizeLinear":
         findings.append(
             Finding(

@@ -161,6 +161,25 @@ def export_qnn_onnx(
     """``activations``: weight name -> {"input", "output"[, "pre_bias"]} encodings of that layer;
     ``tensors``: encodings of the other activations to quantize, by tensor name (all of them, as
     ``sim.tensor_activation_encodings(bits)`` gives; default none: only the LPBQ layers' inputs and outputs)."""
+    _check_exportable(encodings, activations)
+    source = quantize_activations(model, activations, tensors)
+
+    def rewrite(node: onnx.NodeProto, encoding: LPBQEncoding, inits: list) -> list[onnx.NodeProto]:
+        # The input is dequantized and the output quantized already (step one); see the module docstring.
+        layer_encodings, bias = activations[node.input[1]], bias_array(source, node)
+        if node.op_type == "Conv" or encoding.is_per_channel:
+            return _int8_layer(node, encoding, layer_encodings, bias, inits)
+        return _lpbq_matmul(node, encoding, layer_encodings, bias, inits)
+
+    exported = rewrite_layers(source, encodings, rewrite)
+    onnx.checker.check_model(exported, full_check=True)
+    findings = check_qnn(exported)
+    if findings:
+        raise ValueError("the QNN export fails the pre-flight check: " + "; ".join(map(str, findings)))
+    return exported
+
+
+def _check_exportable(encodings: Mapping[str, LPBQEncoding], activations: Mapping[str, Mapping]) -> None:
     for name, encoding in encodings.items():
         lpbq = encoding.bitwidth == 4 and encoding.decompressed_bw == 8
         if not (lpbq or encoding.is_per_channel and encoding.bitwidth == 8) or encoding.float_scale.shape[1] != 1:
@@ -172,65 +191,59 @@ def export_qnn_onnx(
         if name not in activations:
             msg = f"{name}: no calibrated activation encodings; run sim.compute_encodings(callback, args) first"
             raise ValueError(msg)
-    source = quantize_activations(model, activations, tensors)
 
-    def rewrite(node: onnx.NodeProto, encoding: LPBQEncoding, inits: list) -> list[onnx.NodeProto]:
-        # The input is dequantized and the output quantized already (step one); see the module docstring.
-        weight, x, output = node.input[1], node.input[0], node.output[0]
-        encs = activations[weight]
-        nodes, bias = [], bias_array(source, node)
-        s = encoding.per_channel_scale.astype(np.float32)
-        if node.op_type == "Conv" or encoding.is_per_channel:
-            nodes.append(int8_weight_dq(node, encoding, inits))
-            conv = onnx.NodeProto()
-            conv.CopyFrom(node)
-            conv.input[1] = f"{weight}.dq"
-            if bias is not None:
-                sx_s = np.float32(encs["input"].scale) * s
-                bias_nodes, bias_name = _conv_bias_dq(node.input[2], bias, sx_s, inits, node.name)
-                nodes += bias_nodes
-                conv.input[2] = bias_name
-            return [*nodes, conv]
-        if node.op_type == "Gemm":
-            gemm_attributes(node)
-        q, k = kn_codes(encoding)
-        channels, blocks = encoding.num_channels, encoding.num_blocks
-        inits += [
-            numpy_helper.from_array(k.astype(np.uint8), f"{weight}.k"),
-            numpy_helper.from_array(s, f"{weight}.scale"),
-            numpy_helper.from_array(np.zeros(channels, np.uint8), f"{weight}.k_zero_point"),
-            int4_tensor(f"{weight}.int4", q),
-            int4_tensor(f"{weight}.int4_zero_point", np.zeros((blocks, channels), np.int8)),
-        ]
-        product = output if bias is None else f"{output}/matmul"
-        nodes += [
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{weight}.k", f"{weight}.scale", f"{weight}.k_zero_point"],
-                [f"{weight}.block_scale"],
-                name=f"{node.name}/scale_dq",
-                axis=1,
-            ),
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{weight}.int4", f"{weight}.block_scale", f"{weight}.int4_zero_point"],
-                [f"{weight}.dq"],
-                name=f"{node.name}/weight_dq",
-                axis=0,
-                block_size=encoding.block_size,
-            ),
-            helper.make_node("MatMul", [x, f"{weight}.dq"], [product], name=f"{node.name}/matmul"),
-        ]
-        if bias is None:
-            return nodes
-        pre_nodes, pre = _QDQBuilder(inits).qdq(product, encs["pre_bias"], f"{node.name}/pre_bias")
-        bias_nodes, bias_name = _add_bias_dq(node.input[2], bias, inits, node.name)
-        add = helper.make_node("Add", [pre, bias_name], [output], name=f"{node.name}/bias")
-        return nodes + pre_nodes + bias_nodes + [add]
 
-    exported = rewrite_layers(source, encodings, rewrite)
-    onnx.checker.check_model(exported, full_check=True)
-    findings = check_qnn(exported)
-    if findings:
-        raise ValueError("the QNN export fails the pre-flight check: " + "; ".join(map(str, findings)))
-    return exported
+def _int8_layer(node, encoding: LPBQEncoding, encodings, bias, inits: list) -> list[onnx.NodeProto]:
+    """A Conv, or an int8 per-channel layer, with its exact int8 per-channel weight (and INT32 bias)."""
+    weight = node.input[1]
+    layer = onnx.NodeProto()
+    layer.CopyFrom(node)
+    layer.input[1] = f"{weight}.dq"
+    nodes = [int8_weight_dq(node, encoding, inits)]
+    if bias is not None:
+        sx_s = np.float32(encodings["input"].scale) * encoding.per_channel_scale.astype(np.float32)
+        bias_nodes, bias_name = _conv_bias_dq(node.input[2], bias, sx_s, inits, node.name)
+        nodes += bias_nodes
+        layer.input[2] = bias_name
+    return [*nodes, layer]
+
+
+def _lpbq_matmul(node, encoding: LPBQEncoding, encodings, bias, inits: list) -> list[onnx.NodeProto]:
+    """An LPBQ MatMul or Gemm as ``DQ(k) -> DQ(q: INT4, block_size) -> MatMul`` [``-> Q/DQ -> Add(bias)``]."""
+    weight, x, output = node.input[1], node.input[0], node.output[0]
+    if node.op_type == "Gemm":
+        gemm_attributes(node)
+    q, k = kn_codes(encoding)
+    channels, blocks = encoding.num_channels, encoding.num_blocks
+    inits += [
+        numpy_helper.from_array(k.astype(np.uint8), f"{weight}.k"),
+        numpy_helper.from_array(encoding.per_channel_scale.astype(np.float32), f"{weight}.scale"),
+        numpy_helper.from_array(np.zeros(channels, np.uint8), f"{weight}.k_zero_point"),
+        int4_tensor(f"{weight}.int4", q),
+        int4_tensor(f"{weight}.int4_zero_point", np.zeros((blocks, channels), np.int8)),
+    ]
+    product = output if bias is None else f"{output}/matmul"
+    nodes = [
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{weight}.k", f"{weight}.scale", f"{weight}.k_zero_point"],
+            [f"{weight}.block_scale"],
+            name=f"{node.name}/scale_dq",
+            axis=1,
+        ),
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{weight}.int4", f"{weight}.block_scale", f"{weight}.int4_zero_point"],
+            [f"{weight}.dq"],
+            name=f"{node.name}/weight_dq",
+            axis=0,
+            block_size=encoding.block_size,
+        ),
+        helper.make_node("MatMul", [x, f"{weight}.dq"], [product], name=f"{node.name}/matmul"),
+    ]
+    if bias is None:
+        return nodes
+    pre_nodes, pre = _QDQBuilder(inits).qdq(product, encodings["pre_bias"], f"{node.name}/pre_bias")
+    bias_nodes, bias_name = _add_bias_dq(node.input[2], bias, inits, node.name)
+    add = helper.make_node("Add", [pre, bias_name], [output], name=f"{node.name}/bias")
+    return nodes + pre_nodes + bias_nodes + [add]
