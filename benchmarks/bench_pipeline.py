@@ -18,7 +18,9 @@ import importlib.resources
 import importlib.util
 from pathlib import Path
 
-MODES = ("weight-only", "w4a8", "w4a16")
+from lpbq_tvm.modes import LPBQ_MODES
+
+MODES = tuple(LPBQ_MODES)
 
 
 def _models():

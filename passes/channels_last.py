@@ -28,7 +28,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from lpbq_tvm.attrs import ENCODINGS_ATTR, PARAMS_ATTR, function_attr
+from lpbq_tvm.attrs import ENCODINGS_ATTR, PARAMS_ATTR, function_attr, num_inputs
 from lpbq_tvm.passes._layers import map_relax_functions
 
 __all__ = ["ChannelsLast"]
@@ -62,7 +62,7 @@ def _store_permuted_weights(func: relax.Function) -> relax.Function:
     """Parameters read only through one ``permute_dims`` become parameters holding the permuted value."""
     if func.attrs is None or PARAMS_ATTR not in func.attrs:
         return func
-    num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(func.params)
+    num_input = num_inputs(func)
     values = dict(zip(func.params[num_input:], func.attrs[PARAMS_ATTR], strict=True))
     encoded = set(function_attr(func, ENCODINGS_ATTR))
     reads: dict[relax.Var, list[relax.Expr]] = {}

@@ -30,8 +30,7 @@ from tvm.s_tir import Schedule
 
 from lpbq_tvm.kernels.x86.intrinsics import NIBBLE_LANES
 from lpbq_tvm.kernels.x86.repack import LANES, check_shape
-from lpbq_tvm.kernels.x86.schedule import finish, schedule_codes
-from lpbq_tvm.kernels.x86.schedule import lanes as tile_lanes
+from lpbq_tvm.kernels.x86.schedule import finish, schedule_codes, tile_lanes
 from lpbq_tvm.kernels.x86.tuning import Tuning
 
 __all__ = [

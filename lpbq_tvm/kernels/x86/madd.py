@@ -31,10 +31,10 @@ from lpbq_tvm.kernels.x86.repack import LANES
 from lpbq_tvm.kernels.x86.schedule import (
     decode_by_register,
     finish,
-    lanes,
     parallel,
     schedule_codes,
     tensorize_or_vectorize,
+    tile_lanes,
 )
 from lpbq_tvm.kernels.x86.tuning import tuning
 
@@ -50,7 +50,7 @@ def w4a16_madd_dense(M, N, K, B, sx, zx: int, with_bias, target) -> tirx.PrimFun
     instructions = "avx512bw" if instructions == "vnni" else instructions
     n = BLOCK_DOT_INSTRUCTIONS[instructions][2] if instructions else 16  # lanes per pmaddwd
     x, qw, kw, wsum, s, bias = integer_inputs(M, N, K, B, with_bias)
-    width = lanes(N, n)
+    width = tile_lanes(N, n)
     sx_c = tirx.const(float(np.float32(sx)), "float32")
     center = tirx.const(float(CODE_CENTER), "float32")
     xc = te.compute(

@@ -13,16 +13,16 @@ __all__ = [
     "decode_by_register",
     "epilogue_at",
     "finish",
-    "lanes",
     "micro_rows",
     "parallel",
     "row_tile",
     "schedule_codes",
     "tensorize_or_vectorize",
+    "tile_lanes",
 ]
 
 
-def lanes(N: int, multiple: int) -> int:
+def tile_lanes(N: int, multiple: int) -> int:
     """Lanes a kernel computes per channel tile: all 64, or with one tile only the first N rounded up to
     ``multiple`` (the vector width), so that a layer of 32 channels does not compute 32 padded ones."""
     return min(LANES, -(-N // multiple) * multiple)

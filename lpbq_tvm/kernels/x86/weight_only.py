@@ -24,7 +24,7 @@ from tvm.target import codegen
 from lpbq_tvm.kernels.x86.decode import k_value, signed_nibble, top_nibble
 from lpbq_tvm.kernels.x86.intrinsics import LUT_INTRIN
 from lpbq_tvm.kernels.x86.repack import LANES, check_shape
-from lpbq_tvm.kernels.x86.schedule import decode_by_register, finish, lanes, micro_rows, parallel
+from lpbq_tvm.kernels.x86.schedule import decode_by_register, finish, micro_rows, parallel, tile_lanes
 from lpbq_tvm.kernels.x86.tuning import tuning
 
 __all__ = ["weight_only_dense"]
@@ -81,7 +81,7 @@ def _prim_func(x, qw, kw, s, bias, y) -> Schedule:
 def _weight_only_gemv(M, N, K, B, with_bias, use_lut, lut_rows):
     """Per (64-channel tile, block b): ``P = Σ x · q`` (float, q decoded in registers), ``Acc += P · k``."""
     nt, x, qw, kw, s, bias = _inputs(M, N, K, B, with_bias)
-    nb, width = K // B, lanes(N, GEMV_LANES)
+    nb, width = K // B, tile_lanes(N, GEMV_LANES)
     gg = te.reduce_axis((0, B // 8), "gg")
     hh = te.reduce_axis((0, 8), "hh")
     p = te.compute(
@@ -152,7 +152,7 @@ def _weight_only_gemm(M, N, K, B, with_bias, width, target):
     lane), accumulating all M rows of the tile in a local [M, 64] buffer."""
     tune = tuning(target)
     nt, x, qw, kw, s, bias = _inputs(M, N, K, B, with_bias)
-    tile = lanes(N, width)
+    tile = tile_lanes(N, width)
 
     def weight(t, i, lane):  # q · k: exact (|q·k| <= 128)
         return top_nibble(qw[t, i // 8, lane], i % 8).astype("float32") * (
