@@ -106,3 +106,13 @@ def test_runs_return_their_own_arrays_and_read_inputs_at_call_time(sim):
     view = np.empty((2, *x.shape), x.dtype)[1]  # a view into a larger array, not at its start
     view[...] = x
     np.testing.assert_array_equal(compiled.run({"x": view})["y"], kept)
+
+
+def test_compile_asks_for_encodings_instead_of_computing_them():
+    """Every LPBQ mode needs sim.compute_encodings() to have run, and says so; fp32 does not."""
+    fresh = QuantizationSimModel(build_example_model())
+    set_grouped_blockwise_quantization_for_weights(fresh)
+    with pytest.raises(RuntimeError, match=r"no encodings yet: call sim.compute_encodings\(\) first"):
+        lpbq_tvm.compile(fresh, mode="weight-only")
+    assert not fresh.has_encodings
+    assert lpbq_tvm.compile(fresh, mode="fp32").weight_bytes.lpbq_packed == 0
