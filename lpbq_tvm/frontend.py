@@ -234,6 +234,22 @@ def _fold_constant_dequantize(graph: onnx.GraphProto, tensors: dict[str, onnx.Te
     return nodes
 
 
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs an ``If`` / ``Loop`` / ``Scan`` node holds (its branches, its body)."""
+    graphs = []
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attribute.graphs)
+    return graphs
+
+
+def _nested_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes inside the subgraphs of ``graph``'s nodes, at any depth (not ``graph``'s own)."""
+    return [inner for node in graph.node for sub in _subgraphs(node) for inner in [*sub.node, *_nested_nodes(sub)]]
+
+
 def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
     """Float Gemm/MatMul/Conv weights become initializers; every other constant a Constant node.
 
@@ -253,7 +269,8 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
         for name in tensors
         if name in consumers and tensors[name].data_type == onnx.TensorProto.FLOAT and len(tensors[name].dims) >= 2
     ]
-    used = {name for node in nodes for name in node.input} | {output.name for output in graph.output}
+    # A subgraph reads the outer scope by name: what its nodes read is used too.
+    used = {name for node in [*nodes, *_nested_nodes(graph)] for name in node.input} | {o.name for o in graph.output}
     constants = [
         helper.make_node("Constant", [], [name], name=f"{name}/constant", value=tensor)
         for name, tensor in tensors.items()
@@ -263,10 +280,21 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
     graph.initializer.extend(tensors[name] for name in weights)
     del graph.node[:]
     graph.node.extend(constants + nodes)
-    inputs = [vi for vi in graph.input if vi.name not in tensors or vi.name in weights]
+    # Initializers listed as graph inputs too (IR < 4, keep_initializers_as_inputs exports) are weights
+    # or constants here, not inputs: from IR 4 on an initializer need not be an input.
+    inputs = [vi for vi in graph.input if vi.name not in tensors]
+    changes = [f"{len(weights)} Gemm/MatMul/Conv weights kept as parameters, {len(constants)} other constants inlined"]
+    if len(inputs) < len(graph.input):
+        changes.append(
+            f"{len(graph.input) - len(inputs)} initializers listed as graph inputs are constants, not inputs"
+        )
+        model.ir_version = max(model.ir_version, 4)
     del graph.input[:]
     graph.input.extend(inputs)
-    changes = [f"{len(weights)} Gemm/MatMul/Conv weights kept as parameters, {len(constants)} other constants inlined"]
+    nested = [n.name or n.output[0] for n in _nested_nodes(graph) if n.op_type in ("Gemm", "MatMul", "Conv")]
+    if nested:
+        listed = ", ".join(nested[:5]) + (", ..." if len(nested) > 5 else "")
+        changes.append(f"{len(nested)} Gemm/MatMul/Conv layers inside If / Loop subgraphs stay fp32: {listed}")
     if folded:
         changes.insert(0, f"{folded} DequantizeLinear nodes of constants folded into float weights")
     return changes
@@ -300,7 +328,7 @@ def _check_supported_ops(model: onnx.ModelProto) -> None:
 
     supported = set(_get_convert_map()) | {"Constant", "If"}
     unsupported: dict[str, list[str]] = {}
-    for index, node in enumerate(model.graph.node):
+    for index, node in enumerate([*model.graph.node, *_nested_nodes(model.graph)]):
         if node.op_type not in supported or node.domain not in ("", "ai.onnx"):
             unsupported.setdefault(f"{node.domain + '.' if node.domain else ''}{node.op_type}", []).append(
                 node.name or f"#{index}"
@@ -379,6 +407,37 @@ def import_onnx(
         name: {"node": layer.node_name, "op_type": layer.op_type, "has_bias": layer.has_bias}
         for name, layer in layers.items()
     }
-    main = mod["main"].with_attr(ONNX_NODES_ATTR, onnx_nodes)
-    mod.update_func(mod.get_global_var("main"), main)
+    main = _with_onnx_weight_names(mod["main"], [init.name for init in prepared.graph.initializer])
+    mod.update_func(mod.get_global_var("main"), main.with_attr(ONNX_NODES_ATTR, onnx_nodes))
     return ImportedModel(prepared, mod, inputs, outputs, layers, preparation.changes)
+
+
+def _with_onnx_weight_names(func, initializers: Sequence[str]):
+    """``func`` with each weight parameter named as its ONNX initializer.
+
+    ``from_onnx`` drops an ``onnx::`` prefix from parameter names (PyTorch names unnamed weights
+    ``onnx::MatMul_666``); everything downstream (the node table, encodings, exports) speaks ONNX
+    names, so the parameters take them back."""
+    from tvm import relax
+
+    from lpbq_tvm.attrs import num_inputs
+
+    by_relax_name = {name.removeprefix("onnx::"): name for name in initializers}
+    weights = func.params[num_inputs(func) :]
+    renamed = {
+        param: relax.Var(by_relax_name[param.name], param.ty)
+        for param in weights
+        if by_relax_name.get(param.name, param.name) != param.name
+    }
+    if not renamed:
+        return func
+
+    @relax.expr_functor.mutator
+    class Rename(relax.PyExprMutator):
+        def visit_var_(self, var):
+            return renamed.get(var, var)
+
+        def visit_var_def_(self, var):
+            return renamed.get(var, var)
+
+    return Rename().visit_expr(func)

@@ -9,8 +9,10 @@ node, op type, channel / block axis and the LPBQ config) and ``"lpbq.skipped"`` 
 node, op type and the reason: excluded by the user, op type not selected, not divisible by the
 block size, depthwise, unsupported layout, ...). Weight keys are parameter names, or
 ``constant<i>`` for constants (the entry then holds the constant). Node names and ONNX op types
-come from the ``"lpbq.onnx_nodes"`` attribute that :mod:`lpbq_tvm.frontend` writes; without it
-the parameter name and the Relax form (permuted weight -> Gemm) stand in.
+come from the ``"lpbq.onnx_nodes"`` attribute that :mod:`lpbq_tvm.frontend` writes, and where it is
+present only its weights are candidates (a layer inside an ``If`` branch, which TVM imports inline,
+is not one; the frontend lists those as staying fp32); without it the parameter name and the Relax
+form (permuted weight -> Gemm) stand in.
 
 Applying the pass again merges: a later application wins for the layers whose op type it
 selects and leaves the others as they were. With ``strict=True`` a selected layer that cannot
@@ -101,12 +103,15 @@ class AnnotateLPBQ:
         if not candidates:
             return func
         onnx_nodes = function_attr(func, ONNX_NODES_ATTR)
+        from_node_table = func.attrs is not None and ONNX_NODES_ATTR in func.attrs
         weights = function_attr(func, WEIGHTS_ATTR)
         skipped = function_attr(func, SKIPPED_ATTR)
         for candidate in candidates:
             key = weight_key(candidate.weight, {**weights, **skipped})
             if key is None:
                 key = f"constant{sum(k.startswith('constant') for k in {**weights, **skipped})}"
+            if from_node_table and key not in onnx_nodes:
+                continue  # not a layer of the ONNX graph's own (e.g. one inside an If branch, imported inline)
             origin = onnx_nodes.get(key, {})
             node = str(origin.get("node", key))
             op_type = str(origin.get("op_type", candidate.op_type))

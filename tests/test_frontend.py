@@ -216,3 +216,151 @@ def test_attention_mask_sentinels_are_clamped_without_changing_the_result():
     # another order: |error| <= 2(K+4)u * max|w|.
     bound = 2 * (64 + 4) * 2.0**-24 * np.abs(numpy_helper.to_array(model.graph.initializer[0])).max()
     np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
+
+
+def _torch_style_block(hidden: int = 64) -> onnx.ModelProto:
+    """Two linear layers as PyTorch exports them: MatMul weights named ``onnx::MatMul_<n>`` (which TVM's
+    importer renames), nodes named ``/encoder/layer.0/...``, the bias added by a separate Add, and
+    symbolic ``batch`` / ``seq`` dims."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "input"
+    for i, name in enumerate(("query", "key")):
+        prefix, weight = f"/encoder/layer.0/attention/self/{name}", f"onnx::MatMul_{666 + i}"
+        bias = f"encoder.layer.0.attention.self.{name}.bias"
+        inits += [
+            numpy_helper.from_array((rng.standard_normal((hidden, hidden)) / 8).astype(np.float32), weight),
+            numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), bias),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [x, weight], [f"{prefix}/MatMul_output_0"], name=f"{prefix}/MatMul"),
+            helper.make_node(
+                "Add", [bias, f"{prefix}/MatMul_output_0"], [f"{prefix}/Add_output_0"], name=f"{prefix}/Add"
+            ),
+        ]
+        x = f"{prefix}/Add_output_0"
+    dims = ["batch", "seq", hidden]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, dims)],
+        inits,
+    )
+
+
+def test_weights_keep_their_onnx_names_through_import():
+    """A weight TVM's importer would rename (``onnx::MatMul_666`` -> ``MatMul_666``) keeps its ONNX name,
+    so it is found, selected, encoded and calibrated as the layer it is, and compiles."""
+    from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+    from lpbq_tvm.compiler import compile as compile_model
+
+    model = _torch_style_block()
+    x = {"input": np.random.default_rng(1).standard_normal((2, 8, 64)).astype(np.float32)}
+    sim = QuantizationSimModel(model, input_shapes={"input": [2, 8, 64]})
+    assert {p.name for p in sim.float_module["main"].params} == {"input", "onnx::MatMul_666", "onnx::MatMul_667"}
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("Gemm", "MatMul", "Conv"), block_size=64)
+    sim.compute_encodings(lambda s, data: s.run(data), x)
+    assert [(row.node, row.status) for row in sim.report()] == [
+        ("/encoder/layer.0/attention/self/query/MatMul", "lpbq"),
+        ("/encoder/layer.0/attention/self/key/MatMul", "lpbq"),
+    ]
+    assert set(sim.layer_activation_encodings(8)) == {"onnx::MatMul_666", "onnx::MatMul_667"}
+    (actual,) = compile_model(sim, "cpu", "w4a8").run(x).values()
+    assert actual.shape == (2, 8, 64) and np.isfinite(actual).all()
+
+
+def _weights_in_branches() -> onnx.ModelProto:
+    """``If(sum(x) > 0)``: the then-branch multiplies by an outer-scope weight and pads with an outer
+    integer constant, the else-branch by a weight of its own."""
+    rng = np.random.default_rng(0)
+    hidden = 64
+    then_branch = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w_outer"], ["t0"], name="then_matmul"),
+            helper.make_node("Pad", ["t0", "pads"], ["then_out"], name="then_pad"),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [1, hidden])],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_inner"], ["else_out"], name="else_matmul")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [1, hidden])],
+        [numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32), "w_inner")],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["y"], then_branch=then_branch, else_branch=else_branch),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])],
+        [
+            numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32), "w_outer"),
+            numpy_helper.from_array(np.zeros(4, np.int64), "pads"),
+            numpy_helper.from_array(np.float32(0), "zero"),
+        ],
+        opset=18,
+    )
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["then", "else"])
+def test_weights_inside_if_branches_import_and_stay_fp32(sign):
+    """Constants read only inside a branch stay in scope; the branch layers are listed as staying fp32
+    (TVM imports If branches inline), and every mode computes what onnxruntime does."""
+    from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+    from lpbq_tvm.compiler import compile as compile_model
+
+    model = _weights_in_branches()
+    x = {"x": sign * np.abs(np.random.default_rng(2).standard_normal((1, 64))).astype(np.float32)}
+    sim = QuantizationSimModel(model)
+    assert "2 Gemm/MatMul/Conv layers inside If / Loop subgraphs stay fp32: else_matmul, then_matmul" in sim.preparation
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
+    sim.compute_encodings()
+    expected = ort_run(model, x)["y"]
+    for mode in ("fp32", "weight-only"):
+        (actual,) = compile_model(sim, "cpu", mode).run(x).values()
+        # one 64-term dot product in another order: 2 (64 + 4) u sum |x||w| <= 2 (64 + 4) u K max|x| max|w|
+        largest = max(np.abs(numpy_helper.to_array(init)).max() for init in _branch_weights(model))
+        bound = 2 * (64 + 4) * 2.0**-24 * 64 * np.abs(x["x"]).max() * largest
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
+
+
+def _branch_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The float matrices of the model and of its If branches."""
+    graphs = [model.graph, *(a.g for node in model.graph.node for a in node.attribute if a.type == a.GRAPH)]
+    return [init for graph in graphs for init in graph.initializer if len(init.dims) == 2]
+
+
+def test_initializers_listed_as_graph_inputs_are_weights_not_inputs():
+    """IR 3 (and keep_initializers_as_inputs exports) list every initializer among the graph inputs."""
+    from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
+    from lpbq_tvm.compiler import compile as compile_model
+
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal(32).astype(np.float32)
+    model = _model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc")],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 32]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [32]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+        opset=11,
+    )
+    model.ir_version = 3
+    sim = QuantizationSimModel(model)
+    assert [info.name for info in sim.inputs] == ["x"]
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=32)
+    sim.compute_encodings()
+    x = {"x": rng.standard_normal((2, 64)).astype(np.float32)}
+    (actual,) = compile_model(sim, "cpu", "fp32").run(x).values()
+    # 64-term dot products in another order, then the bias add
+    bound = 2 * (64 + 4) * 2.0**-24 * (np.abs(x["x"]) @ np.abs(weight) + np.abs(bias))
+    assert (np.abs(actual - (x["x"] @ weight + bias)) <= bound).all()
+    assert [row.status for row in sim.report()] == ["lpbq"]
