@@ -12,9 +12,16 @@ vectorise over channels. TVM 0.27 has no layout rule for ``clip`` (ONNX's Clip, 
 would send every activation back to NCHW between convs; the pass registers the unary elementwise
 rule for it.
 
-Where TVM's ConvertLayout fails on a model (its 0.27 rules for squeeze and friends reject some
-conv outputs, e.g. magika's), the module is returned unchanged, channels-first, and the reason
-logged: the LPBQ kernels handle both layouts.
+The pass applies only where it is sound, and otherwise returns the module unchanged,
+channels-first, with the reason logged (the LPBQ kernels handle both layouts):
+
+* a module without a 2-D conv is left alone (TVM's ConvertLayout has nothing to gain there, and
+  its 0.27 rules crash the process on some rank-0 ops);
+* ``conv2d_transpose`` stays NCHW / IOHW (TVM 0.27 lowers no other layout of it), and ops whose
+  0.27 layout rule computes wrong numbers run in their original layout (``layer_norm``: the rule
+  moves the normalized axes but not gamma and beta, wrong for a norm over more than one axis);
+* where ConvertLayout fails (its 0.27 rules for squeeze and friends reject some conv outputs, e.g.
+  magika's), or leaves an op in a layout ``LegalizeOps`` cannot lower, the rewrite is not applied.
 
 Run it before LowerLPBQ (which lowers NHWC LPBQ convs) and after EncodeLPBQ (which keys weights by
 the parameters the convs read, as imported).
@@ -22,6 +29,7 @@ the parameters the convs read, as imported).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -34,6 +42,9 @@ from lpbq_tvm.passes._layers import map_relax_functions
 __all__ = ["ChannelsLast"]
 
 _LAYOUT_RULE = "FRelaxInferLayout"
+_DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
+_WRONG_LAYOUT_RULES = ("relax.nn.layer_norm",)  # TVM 0.27's rules that give wrong numbers: not used
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _log = logging.getLogger(__name__)
 
 
@@ -48,14 +59,57 @@ class ChannelsLast:
     """NCHW 2-D convolutions and the ops between them to NHWC; see the module docstring."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if not _calls(mod, _CONV2D):
+            return mod
         _register_clip_layout_rule()
         try:
-            converted = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+            with _without_layout_rules(_WRONG_LAYOUT_RULES):
+                converted = relax.transform.ConvertLayout(_DESIRED_LAYOUTS)(mod)
         except tvm.error.InternalError as error:  # e.g. 0.27's squeeze rule on a conv output of rank 3
             reason = str(error).strip().splitlines()[-1]
             _log.info("ChannelsLast: TVM's ConvertLayout failed (%s); the convs stay channels-first", reason)
             return mod
+        unlowered = _unlowered_ops(converted) - _unlowered_ops(mod)
+        if unlowered:
+            ops = ", ".join(sorted(unlowered))
+            _log.info("ChannelsLast: %s would stay in a layout TVM cannot lower; the convs stay channels-first", ops)
+            return mod
         return relax.transform.CanonicalizeBindings()(map_relax_functions(converted, _store_permuted_weights))
+
+
+def _calls(mod: tvm.IRModule, op: tvm.ir.Op | None = None) -> set[str]:
+    """The operators the Relax functions of ``mod`` call (only ``op``, where given), by name."""
+    found: set[str] = set()
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and (op is None or expr.op.same_as(op)):
+            found.add(expr.op.name)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def _unlowered_ops(mod: tvm.IRModule) -> set[str]:
+    """The operators ``LegalizeOps`` leaves in ``mod``: those it cannot lower (in the layout they are in)."""
+    return _calls(relax.transform.LegalizeOps()(mod))
+
+
+@contextlib.contextmanager
+def _without_layout_rules(ops: tuple[str, ...]):
+    """Within the block, ``ops`` have no layout rule, so ConvertLayout keeps them in their original layout."""
+    saved = {}
+    for name in ops:
+        op = tvm.ir.Op.get(name)
+        if op.get_attr(_LAYOUT_RULE) is not None:
+            saved[op] = op.get_attr(_LAYOUT_RULE)
+            op.reset_attr(_LAYOUT_RULE)
+    try:
+        yield
+    finally:
+        for op, rule in saved.items():
+            op.set_attr(_LAYOUT_RULE, rule)
 
 
 def _store_permuted_weights(func: relax.Function) -> relax.Function:
