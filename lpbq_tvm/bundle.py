@@ -60,7 +60,7 @@ def check_inputs(expected: Sequence[TensorInfo], inputs: Mapping[str, np.ndarray
         raise ValueError(msg)
     values = []
     for info in expected:
-        value = np.ascontiguousarray(inputs[info.name])
+        value = np.asarray(inputs[info.name], order="C")  # (ascontiguousarray would make a scalar 1-D)
         if value.shape != tuple(info.shape) or str(value.dtype) != info.dtype:
             msg = (
                 f"input '{info.name}' must be {info.dtype} of shape {list(info.shape)}, "

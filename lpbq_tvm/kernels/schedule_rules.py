@@ -393,10 +393,11 @@ def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
     innermost loop shorter than ``MIN_INNER`` is fused with the one outside it first (padding a
     224 x 224 x 3 image would otherwise run 224 · 224 parallel iterations of 3-lane vectors). A
     transposing block is tiled instead: ``tile x lanes`` squares, so each square reads whole cache
-    lines of the source along ``j`` while it writes vectors along ``w``."""
-    if _reduces(sch, block):
-        return
+    lines of the source along ``j`` while it writes vectors along ``w``. A scalar (rank-0) block has no
+    loop to schedule."""
     loops = sch.get_loops(block)
+    if _reduces(sch, block) or not loops:
+        return
     if (transposing := _transposing_read(sch, block)) is not None:
         j, w = transposing
         jo, ji = sch.split(loops[j], [None, _largest_divisor(int(sch.get(loops[j]).extent), (16, 8, 4, 2))])

@@ -254,3 +254,24 @@ def test_reductions_after_elementwise_ops_are_scheduled_and_exact():
     actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
     bound = np.abs(x).max() * 2.0**-21 + np.abs(ort_run(model, {"x": x})["y"]).max() * UNIT_ROUNDOFF
     np.testing.assert_allclose(actual, ort_run(model, {"x": x})["y"], rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("op", ["Greater", "Max"])
+def test_scalar_functions_are_left_as_they_are(op):
+    """A rank-0 elementwise function (a scalar comparison, as an If condition is) has no loop to
+    parallelise or vectorise; it compiles and computes what it says (exactly: no rounding is involved)."""
+    out_type = TensorProto.BOOL if op == "Greater" else TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", "three"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", out_type, [])],
+        [numpy_helper.from_array(np.float32(3.0), "three")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    imported = import_onnx(model)
+    compiled = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs)
+    for value in (-2.5, 3.0, 7.25):
+        expected = value > 3.0 if op == "Greater" else max(value, 3.0)
+        assert compiled.run({"x": np.float32(value)})["y"] == expected
