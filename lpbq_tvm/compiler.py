@@ -131,6 +131,11 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _static(dim) -> int | None:
+    """A Relax shape dimension as an int, or None where it is symbolic."""
+    return int(dim) if isinstance(dim, tvm.tirx.IntImm) else None
+
+
 def build(
     mod: tvm.IRModule,
     target: str = "cpu",
@@ -156,7 +161,7 @@ def build(
     if outputs is None:
         returned = main.ret_ty.fields if isinstance(main.ret_ty, relax.TupleType) else [main.ret_ty]
         outputs = [
-            TensorInfo(f"output{i}", tuple(int(d) for d in t.shape), str(t.dtype)) for i, t in enumerate(returned)
+            TensorInfo(f"output{i}", tuple(_static(d) for d in t.shape), str(t.dtype)) for i, t in enumerate(returned)
         ]
     detached, params = detach_params(mod)
     param_names = [p.name for p in main.params[num_input:]]

@@ -2,10 +2,13 @@
 
 Graph preparation, in order (each step names the node or input it rejects):
 
-1. read and check the model (``onnx.checker``);
+1. read the model and run ``onnx.checker``: a graph that reads a tensor nothing defines is
+   refused; anything else the checker finds (a value_info without a shape, a contrib op without its
+   opset import, an op version it does not know) is reported and the import goes on;
 2. pin dynamic input dimensions: ``input_shapes[name]`` when given, else a dynamic *leading*
    dimension becomes 1 (batch 1); any other dynamic dimension needs an override;
-3. ONNX shape inference and constant folding (``onnxscript.optimizer.fold_constants``, which keeps
+3. ONNX shape inference (non-strict where an op has no shape function) and constant folding
+   (``onnxscript.optimizer.fold_constants``, which keeps
    node and weight names), so that shape sub-graphs such as ``Shape -> Slice -> Concat`` feeding a
    ``Reshape`` become constants the importer can read;
 4. ``DequantizeLinear`` of constants (a quantized export, e.g. INT4 weights) is folded into float
@@ -49,8 +52,11 @@ class ModelImportError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """A model input or output. Inputs have static shapes (pinned on import); an output's size that
+    depends on the data (NonZero, Unique, ...) is None."""
+
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
     dtype: str
 
 
@@ -88,17 +94,24 @@ def _external_data_files(proto: onnx.ModelProto, base: Path, where: str) -> None
             raise ModelImportError(f"{where}: external data file {location!r} of tensor '{tensor.name}' is missing")
 
 
-def load_onnx(model: str | PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Read and check a model; ``ModelImportError`` names the file and what is wrong with it.
+def _origin(model: str | PathLike | onnx.ModelProto) -> tuple[str, Path | None]:
+    """How messages name ``model``, and its path (None for an in-memory model)."""
+    if isinstance(model, onnx.ModelProto):
+        return "the given ONNX model", None
+    return f"ONNX model '{Path(model)}'", Path(model)
+
+
+def load_onnx(model: str | PathLike | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
+    """Read a model, with its external data; ``ModelImportError`` names the file and what is wrong with it.
 
     External data is read only from files inside the model's folder (no ``..``, absolute paths or
-    symlinks leading out); models over 2 GB are checked from their path, as protobuf requires.
+    symlinks leading out). With ``check``, the ONNX checker must pass too (run from the path for a
+    model over 2 GB, as protobuf requires); :func:`prepare_onnx` is more lenient (:func:`_check`).
     """
-    if isinstance(model, onnx.ModelProto):
-        proto, where, path = model, "the given ONNX model", None
+    where, path = _origin(model)
+    if path is None:
+        proto = model
     else:
-        path = Path(model)
-        where = f"ONNX model '{path}'"
         if path.is_dir():
             raise ModelImportError(f"cannot read {where}: it is a directory")
         if not path.is_file():
@@ -109,17 +122,50 @@ def load_onnx(model: str | PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise ModelImportError(f"cannot read {where}: not a valid ONNX file ({error})") from error
     if not proto.graph.node:
         raise ModelImportError(f"{where} has an empty graph")
-    try:
-        if path is not None:
-            _external_data_files(proto, path.parent, where)
-            onnx.checker.check_model(str(path))  # from the path: works past protobuf's 2 GB limit
-            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-        else:
-            onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ModelImportError(f"{where} fails the ONNX checker: {first_line}") from error
+    if check and (message := _checker_message(model)) is not None:
+        raise ModelImportError(f"{where} fails the ONNX checker: {message}")
+    if path is not None:
+        _external_data_files(proto, path.parent, where)
+        onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
     return proto
+
+
+def _checker_message(model: str | PathLike | onnx.ModelProto) -> str | None:
+    """The first line of what the ONNX checker finds wrong with ``model``, or None."""
+    _, path = _origin(model)
+    try:
+        onnx.checker.check_model(str(path) if path is not None else model)  # a path works past 2 GB
+    except onnx.checker.ValidationError as error:
+        return str(error).strip().splitlines()[0]
+    return None
+
+
+def _check(model: str | PathLike | onnx.ModelProto, proto: onnx.ModelProto) -> list[str]:
+    """The ONNX checker, strict only where it protects: a graph that reads a tensor nothing defines is
+    refused; what else the checker finds (a value_info without a shape, a contrib domain without an
+    opset import, an op version it does not know) is reported and the model imported anyway, as
+    TVM's importer may well take it."""
+    message = _checker_message(model)
+    if message is None:
+        return []
+    where, _ = _origin(model)
+    if (undefined := _undefined_input(proto.graph, set())) is not None:
+        raise ModelImportError(f"{where} fails the ONNX checker: {message} (tensor '{undefined}' is never defined)")
+    return [f"the ONNX checker reports: {message}; imported anyway"]
+
+
+def _undefined_input(graph: onnx.GraphProto, outer: set[str]) -> str | None:
+    """A tensor some node of ``graph`` (or of its subgraphs) reads before anything defines it, or None."""
+    defined = outer | {vi.name for vi in graph.input} | {init.name for init in graph.initializer} | {""}
+    for node in graph.node:
+        missing = [name for name in node.input if name not in defined]
+        if missing:
+            return missing[0]
+        for sub in _subgraphs(node):
+            if (inner := _undefined_input(sub, defined)) is not None:
+                return inner
+        defined |= set(node.output)
+    return None
 
 
 def _value_info_shape(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
@@ -323,13 +369,16 @@ def _clamp_mask_constants(model: onnx.ModelProto) -> list[str]:
     return changes
 
 
+_IMPORTED_DOMAINS = ("", "ai.onnx", "com.microsoft")  # whose ops TVM's importer converts by name
+
+
 def _check_supported_ops(model: onnx.ModelProto) -> None:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     supported = set(_get_convert_map()) | {"Constant", "If"}
     unsupported: dict[str, list[str]] = {}
     for index, node in enumerate([*model.graph.node, *_nested_nodes(model.graph)]):
-        if node.op_type not in supported or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in supported or node.domain not in _IMPORTED_DOMAINS:
             unsupported.setdefault(f"{node.domain + '.' if node.domain else ''}{node.op_type}", []).append(
                 node.name or f"#{index}"
             )
@@ -339,6 +388,44 @@ def _check_supported_ops(model: onnx.ModelProto) -> None:
             for op, names in sorted(unsupported.items())
         )
         raise ModelImportError(f"TVM's ONNX importer does not support: {listed}")
+
+
+def _import_used_domains(model: onnx.ModelProto) -> list[str]:
+    """An opset import for every domain the nodes use (exporters leave out ``com.microsoft``'s)."""
+    imported = {opset.domain for opset in model.opset_import}
+    used = {node.domain for node in [*model.graph.node, *_nested_nodes(model.graph)]} - {"ai.onnx"}
+    missing = sorted(used - imported - ({""} if "ai.onnx" in imported else set()))
+    for domain in missing:
+        model.opset_import.append(helper.make_opsetid(domain, 1))
+    return [f"opset import added for domain '{domain}' (version 1)" for domain in missing]
+
+
+def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The model with its shapes inferred from the pinned inputs, and what could not be inferred.
+
+    Value infos and output shapes are inferred anew; an op without (or with a failing) ONNX shape
+    function stops strict inference, and non-strict inference infers what it can; an output whose
+    shape nothing infers keeps the one the model declared. TVM's importer infers its own shapes."""
+    declared = {
+        output.name: onnx.TypeProto.FromString(output.type.SerializeToString()) for output in model.graph.output
+    }
+    del model.graph.value_info[:]
+    for output in model.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    changes = []
+    try:
+        model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except (shape_inference.InferenceError, onnx.checker.ValidationError) as error:
+        reason = str(error).strip().splitlines()[-1]
+        changes.append(f"ONNX shape inference stopped short ({reason}); shapes left to TVM's importer")
+        try:
+            model = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        except (shape_inference.InferenceError, onnx.checker.ValidationError) as again:
+            changes.append(f"non-strict ONNX shape inference failed too ({str(again).strip().splitlines()[-1]})")
+    for output in model.graph.output:
+        if not output.type.tensor_type.HasField("shape"):
+            output.type.CopyFrom(declared[output.name])
+    return model, changes
 
 
 @dataclass(frozen=True, eq=False)
@@ -355,17 +442,15 @@ def prepare_onnx(
     """Steps 1-5 of the module docstring on a copy (the input is not modified)."""
     import onnxscript.optimizer
 
+    original = load_onnx(model, check=False)
+    checker = _check(model, original)
     prepared = onnx.ModelProto()
-    prepared.CopyFrom(load_onnx(model))
-    changes = _pin_input_shapes(prepared, input_shapes or {})
+    prepared.CopyFrom(original)
+    changes = checker + _pin_input_shapes(prepared, input_shapes or {})
+    changes += _import_used_domains(prepared)
     nodes_before = len(prepared.graph.node)
-    del prepared.graph.value_info[:]
-    for output in prepared.graph.output:  # recomputed from the pinned inputs
-        output.type.tensor_type.ClearField("shape")
-    try:
-        prepared = shape_inference.infer_shapes(prepared, strict_mode=True, data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
-        raise ModelImportError(f"ONNX shape inference failed: {str(error).strip().splitlines()[-1]}") from error
+    prepared, inferred = _infer_shapes(prepared)
+    changes += inferred
     onnxscript.optimizer.fold_constants(prepared)
     onnxscript.optimizer.remove_unused_nodes(prepared)
     if len(prepared.graph.node) != nodes_before:
@@ -373,13 +458,15 @@ def prepare_onnx(
     changes += _weights_as_only_initializers(prepared)
     changes += _clamp_mask_constants(prepared)
     _check_supported_ops(prepared)
-    onnx.checker.check_model(prepared)
+    if not checker and (message := _checker_message(prepared)) is not None:  # the input passed: our own doing
+        raise ModelImportError(f"graph preparation produced an invalid model ({message}); please report it")
     return Preparation(prepared, tuple(changes))
 
 
 def _tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo:
     dtype = helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type)
-    return TensorInfo(value_info.name, tuple(int(d) for d in _value_info_shape(value_info)), str(np.dtype(dtype)))
+    dims = tuple(d if isinstance(d, int) and d > 0 else None for d in _value_info_shape(value_info))
+    return TensorInfo(value_info.name, dims, str(np.dtype(dtype)))
 
 
 def import_onnx(

@@ -103,6 +103,85 @@ def test_checker_failure_is_reported():
         import_onnx(model)
 
 
+def _unary_model(node: onnx.NodeProto, output_shape, opsets, initializers=()) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
+        list(initializers),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(domain, v) for domain, v in opsets])
+    model.ir_version = 8
+    return model
+
+
+U = 2.0**-24  # float32 unit roundoff
+
+CHECKER_FINDINGS = {
+    # an output without a type: exact
+    "untyped output": (
+        _unary_model(helper.make_node("Relu", ["x"], ["y"]), None, [("", 17)]),
+        lambda x: 0.0,
+    ),
+    # onnxruntime's contrib Gelu, its opset import left out by the exporter: x/2 (1 + erf(x/sqrt 2))
+    # with both erfs within 4 ulp of 1.0 (TVM's polynomial, the C library), then 3 roundings each side
+    "contrib op without its opset import": (
+        _unary_model(helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft"), [2, 16], [("", 17)]),
+        lambda x: np.abs(x) / 2 * 8 * U + 2 * 3 * U * np.abs(x),
+    ),
+    # LayerNormalization (opset 17) under opset 14: TVM imports it by name. 16-term means and
+    # variance in another order: (16 + 4) u relative each side, on values up to max|x - mean| / std
+    "op newer than the model's opset": (
+        _unary_model(
+            helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=-1),
+            [2, 16],
+            [("", 14)],
+            [
+                numpy_helper.from_array(np.ones(16, np.float32), "s"),
+                numpy_helper.from_array(np.zeros(16, np.float32), "b"),
+            ],
+        ),
+        lambda x: 2 * (16 + 4) * U * (np.abs(x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)).max(),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKER_FINDINGS))
+def test_checker_findings_that_do_not_stop_the_importer_are_reported(case):
+    """What the ONNX checker finds in a graph whose tensors are all defined is reported, not fatal:
+    exporters leave such things behind and TVM's importer takes them."""
+    model, error_bound = CHECKER_FINDINGS[case]
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    imported = import_onnx(model)
+    assert imported.preparation[0].startswith("the ONNX checker reports: ")
+    assert imported.preparation[0].endswith("; imported anyway")
+    if case == "contrib op without its opset import":
+        assert "opset import added for domain 'com.microsoft' (version 1)" in imported.preparation
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+    expected = ort_run(model, {"x": x})["y"]
+    assert (np.abs(actual - expected) <= error_bound(x)).all()
+
+
+def test_outputs_sized_by_the_data_have_no_static_shape():
+    """NonZero and Unique: the output size is known only when the model runs."""
+    x = {"x": np.array([[0, 1, 0, 2], [3, 0, 0, 3]], np.float32)}
+    for node, output in [
+        (helper.make_node("NonZero", ["x"], ["y"]), helper.make_tensor_value_info("y", TensorProto.INT64, [2, "n"])),
+        (
+            helper.make_node("Unique", ["x"], ["y"], sorted=1),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"]),
+        ),
+    ]:
+        model = _model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])], [output])
+        imported = import_onnx(model)
+        assert None in imported.outputs[0].shape
+        actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run(x)["y"]
+        np.testing.assert_array_equal(actual, ort_run(model, x)["y"])
+
+
 def test_unsupported_ops_are_all_named():
     nodes = [
         helper.make_node("Det", ["x"], ["d"], name="det_node"),
