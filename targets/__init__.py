@@ -7,6 +7,7 @@ says what a target decides); :data:`TARGETS` holds one instance of each, by name
 
 from __future__ import annotations
 
+from lpbq_tvm.targets import llvm_math  # noqa: F401  (registers TVM lowering rules)
 from lpbq_tvm.targets.aarch64 import AArch64
 from lpbq_tvm.targets.base import Target
 from lpbq_tvm.targets.cpu import CPU
