@@ -1,7 +1,8 @@
 """The Relax pipeline every CPU target compiles with: TVM's CPU pipeline plus the project's rewrites and rules.
 
 Before legalization (each a pass of :mod:`lpbq_tvm.passes`): a matmul of a one-hot encoding
-becomes a row lookup (``OneHotMatMul``, exact); ``tanh`` / ``erf`` / ``exp`` / ``softmax`` take
+becomes a row lookup (``OneHotMatMul``, exact); float16 functions and sums that lose precision in
+float16 arithmetic are computed in float32 (``WidenFloat16Math``); ``tanh`` / ``erf`` / ``exp`` / ``softmax`` take
 TVM's vectorisable polynomial forms (``FastMathTransform``: within 4 ulp of 1.0 for tanh and erf,
 2 ulp relative for exp, a contract the tests check; LLVM would otherwise call libm once per
 element); a batch norm with constant statistics becomes one scale and one shift
@@ -30,6 +31,7 @@ from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
 from lpbq_tvm.passes.one_hot_matmul import OneHotMatMul
 from lpbq_tvm.passes.reciprocal_division import ReciprocalDivision
 from lpbq_tvm.passes.sink_reshape import SinkReshape
+from lpbq_tvm.passes.widen_float16_math import WidenFloat16Math
 
 __all__ = ["cpu_pipeline"]
 
@@ -45,6 +47,7 @@ def cpu_pipeline(target: tvm.target.Target, registers: RegisterFile, database=No
             passes = [
                 *pipeline.library_dispatch_passes(target),
                 OneHotMatMul(),
+                WidenFloat16Math(),
                 relax.transform.FastMathTransform(),
                 AffineBatchNorm(),
                 relax.transform.DecomposeOpsForInference(),
