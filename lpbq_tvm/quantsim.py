@@ -33,7 +33,7 @@ from onnx import numpy_helper
 from lpbq_tvm.attrs import ACTIVATION_RANGES_ATTR, ENCODINGS_ATTR, SKIPPED_ATTR, WEIGHTS_ATTR, function_attr
 from lpbq_tvm.calibration import ActivationEncoding, ChannelEnergyObserver, RangeObserver, activation_encoding
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding
-from lpbq_tvm.frontend import ImportedModel, import_onnx
+from lpbq_tvm.frontend import ImportedModel, import_onnx, random_inputs
 from lpbq_tvm.io import atomic_write
 from lpbq_tvm.onnx_layers import activation_tensors
 from lpbq_tvm.packing import bits_per_weight
@@ -107,15 +107,7 @@ class QuantizationSimModel:
 
     def random_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Seeded random inputs of the model's shapes: N(0, 1) floats, integers 0..1."""
-        rng = np.random.default_rng(seed)
-        return {
-            info.name: (
-                rng.integers(0, 2, info.shape)
-                if np.issubdtype(np.dtype(info.dtype), np.integer)
-                else rng.standard_normal(info.shape)
-            ).astype(info.dtype)
-            for info in self.inputs
-        }
+        return random_inputs(self.inputs, seed)
 
     @property
     def preparation(self) -> tuple[str, ...]:

@@ -297,6 +297,31 @@ def test_attention_mask_sentinels_are_clamped_without_changing_the_result():
     np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
 
 
+def test_a_mask_clamp_that_would_change_the_outputs_is_not_applied():
+    """Where a mask is compared with -inf (the fully-masked-row guard of ONNX's Attention function),
+    clamping it changes the model: onnxruntime shows it, so the constant is kept and the reason given."""
+    mask = np.triu(np.full((4, 8), -np.inf, np.float32), 1)
+    nodes = [
+        helper.make_node("Constant", [], ["mask"], value=numpy_helper.from_array(mask, "mask")),
+        helper.make_node("Add", ["x", "mask"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+        helper.make_node("IsInf", ["masked"], ["hidden"], detect_positive=0),
+        helper.make_node("Where", ["hidden", "minus_one", "probs"], ["y"]),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+        [numpy_helper.from_array(np.float32(-1), "minus_one")],
+    )
+    preparation = prepare_onnx(model)
+    assert "1 mask constant(s) kept as they are: clamping them changes output 'y' in onnxruntime (by up to 1)" in (
+        preparation.changes
+    )
+    x = {"x": np.random.default_rng(1).standard_normal((1, 4, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(ort_run(preparation.model, x)["y"], ort_run(model, x)["y"])
+
+
 def _torch_style_block(hidden: int = 64) -> onnx.ModelProto:
     """Two linear layers as PyTorch exports them: MatMul weights named ``onnx::MatMul_<n>`` (which TVM's
     importer renames), nodes named ``/encoder/layer.0/...``, the bias added by a separate Add, and
