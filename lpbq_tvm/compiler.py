@@ -16,6 +16,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import tvm
 from tvm import relax
@@ -94,7 +95,7 @@ class CompiledModel:
             self._vm = relax.VirtualMachine(self.executable, device)
             self._main = self._vm["main"]
             self._buffers = [tvm.runtime.empty(info.shape, info.dtype, device) for info in self.inputs]
-            self._views = [np.from_dlpack(buffer) for buffer in self._buffers]  # numpy views of their memory
+            self._views = [_numpy_view(buffer) for buffer in self._buffers]
         return self._vm
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -108,8 +109,8 @@ class CompiledModel:
             np.copyto(view, value)
         result = self._main(*self._buffers, *self.params)
         returned = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        # Copies (the VM may reuse an output's memory in the next run), through DLPack.
-        return {info.name: np.from_dlpack(value).copy() for info, value in zip(self.outputs, returned, strict=True)}
+        # Copies (the VM may reuse an output's memory in the next run).
+        return {info.name: _numpy_view(value).copy() for info, value in zip(self.outputs, returned, strict=True)}
 
     def export_library(self, path: str | PathLike, *, overwrite: bool = False) -> Path:
         """Write the executable as a library (``.so``, or ``.tar`` of objects); weights are not inside."""
@@ -118,6 +119,16 @@ class CompiledModel:
     def export_bundle(self, directory: str | PathLike, *, overwrite: bool = False) -> Path:
         """Write library, parameters and manifest into ``directory`` (:mod:`lpbq_tvm.bundle`)."""
         return write_bundle(self, directory, overwrite=overwrite)
+
+
+def _numpy_view(tensor: tvm.runtime.Tensor) -> np.ndarray:
+    """A numpy array over ``tensor``'s memory (DLPack). numpy's DLPack has no bfloat16 or float8: those
+    are viewed as unsigned integers of their width and reinterpreted as ml_dtypes' types, which is
+    what numpy (and onnxruntime) use for them."""
+    if str(tensor.dtype).startswith(("bfloat", "float8")):
+        dtype = np.dtype(getattr(ml_dtypes, str(tensor.dtype)))
+        return np.from_dlpack(tensor._create_view(tensor.shape, f"uint{8 * dtype.itemsize}")).view(dtype)
+    return np.from_dlpack(tensor)
 
 
 def _plain(value: Any) -> Any:

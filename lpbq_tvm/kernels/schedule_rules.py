@@ -347,6 +347,11 @@ def _parallel_reduction(sch: s_tir.Schedule, block) -> None:
         sch.parallel(sch.fuse(*loops[:first]))
 
 
+def _touches_float8(sch: s_tir.Schedule, block) -> bool:
+    stmt = sch.get(block)
+    return any(str(region.source.dtype).startswith("float8") for region in [*stmt.reads, *stmt.writes])
+
+
 def _reduces(sch: s_tir.Schedule, block) -> bool:
     return any(int(i.iter_type) == _REDUCE for i in sch.get(block).iter_vars)
 
@@ -394,10 +399,12 @@ def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
     224 x 224 x 3 image would otherwise run 224 · 224 parallel iterations of 3-lane vectors). A
     transposing block is tiled instead: ``tile x lanes`` squares, so each square reads whole cache
     lines of the source along ``j`` while it writes vectors along ``w``. A scalar (rank-0) block has no
-    loop to schedule."""
+    loop to schedule; a block on float8 data is not vectorised (TVM emulates float8 one value at a
+    time, with a select its vectorised form does not have)."""
     loops = sch.get_loops(block)
     if _reduces(sch, block) or not loops:
         return
+    vectorize = sch.vectorize if not _touches_float8(sch, block) else lambda _loop: None
     if (transposing := _transposing_read(sch, block)) is not None:
         j, w = transposing
         jo, ji = sch.split(loops[j], [None, _largest_divisor(int(sch.get(loops[j]).extent), (16, 8, 4, 2))])
@@ -406,7 +413,7 @@ def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
         sch.reorder(*others, jo, wo, ji, wi)
         sch.parallel(sch.fuse(*others, jo))
         sch.unroll(ji)
-        sch.vectorize(wi)
+        vectorize(wi)
         return
     while len(loops) >= 3 and int(sch.get(loops[-1]).extent) < MIN_INNER:
         loops = [*loops[:-2], sch.fuse(*loops[-2:])]
@@ -416,4 +423,4 @@ def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
     lanes = _vector_lanes(int(sch.get(inner).extent))
     if lanes > 1:
         _, vector = sch.split(inner, [None, lanes])
-        sch.vectorize(vector)
+        vectorize(vector)
