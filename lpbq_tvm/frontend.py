@@ -457,22 +457,68 @@ def _float8_warning(model: onnx.ModelProto) -> list[str]:
 _IMPORTED_DOMAINS = ("", "ai.onnx", "com.microsoft")  # whose ops TVM's importer converts by name
 
 
+# Layers another tool has quantized already: integer kernels, or 4-bit / 8-bit weight formats.
+_QUANTIZED_LAYER_OPS = frozenset(
+    {
+        "ConvInteger",
+        "MatMulInteger",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "QAttention",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "MatMulIntegerToFloat",
+        "MatMulNBits",
+        "GatherBlockQuantized",
+    }
+)
+
+
+def _is_quantized(node: onnx.NodeProto) -> bool:
+    return node.op_type in _QUANTIZED_LAYER_OPS or node.op_type.startswith("QLinear")
+
+
 def _check_supported_ops(model: onnx.ModelProto) -> None:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     supported = set(_get_convert_map()) | {"Constant", "If"}
     unsupported: dict[str, list[str]] = {}
+    quantized = set()
     for index, node in enumerate([*model.graph.node, *_nested_nodes(model.graph)]):
         if node.op_type not in supported or node.domain not in _IMPORTED_DOMAINS:
-            unsupported.setdefault(f"{node.domain + '.' if node.domain else ''}{node.op_type}", []).append(
-                node.name or f"#{index}"
-            )
+            op = f"{node.domain + '.' if node.domain else ''}{node.op_type}"
+            unsupported.setdefault(op, []).append(node.name or f"#{index}")
+            if _is_quantized(node):
+                quantized.add(op)
     if unsupported:
         listed = "; ".join(
             f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
             for op, names in sorted(unsupported.items())
         )
-        raise ModelImportError(f"TVM's ONNX importer does not support: {listed}")
+        hint = (
+            f". The model is already quantized ({', '.join(sorted(quantized))}): lpbq_tvm quantizes float "
+            "models, so give it the float model this one was made from"
+            if quantized
+            else ""
+        )
+        raise ModelImportError(f"TVM's ONNX importer does not support: {listed}{hint}")
+
+
+def _quantized_layers(model: onnx.ModelProto) -> list[str]:
+    """A note on the layers another tool quantized (that TVM imports, e.g. ``MatMulInteger``): they run
+    as the model defines them, in integer arithmetic, and are no LPBQ candidates."""
+    layers: dict[str, list[str]] = {}
+    for node in [*model.graph.node, *_nested_nodes(model.graph)]:
+        if _is_quantized(node):
+            layers.setdefault(node.op_type, []).append(node.name or node.output[0])
+    if not layers:
+        return []
+    listed = "; ".join(
+        f"{op}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" for op, names in layers.items()
+    )
+    count = sum(len(names) for names in layers.values())
+    return [f"{count} layers already quantized by another tool run as the model defines them, not LPBQ ({listed})"]
 
 
 def _import_used_domains(model: onnx.ModelProto) -> list[str]:
@@ -544,6 +590,7 @@ def prepare_onnx(
     changes += _clamp_mask_constants(prepared)
     changes += _float8_warning(prepared)
     _check_supported_ops(prepared)
+    changes += _quantized_layers(prepared)
     if not checker and (message := _checker_message(prepared)) is not None:  # the input passed: our own doing
         raise ModelImportError(f"graph preparation produced an invalid model ({message}); please report it")
     return Preparation(prepared, tuple(changes))

@@ -468,3 +468,74 @@ def test_initializers_listed_as_graph_inputs_are_weights_not_inputs():
     bound = 2 * (64 + 4) * 2.0**-24 * (np.abs(x["x"]) @ np.abs(weight) + np.abs(bias))
     assert (np.abs(actual - (x["x"] @ weight + bias)) <= bound).all()
     assert [row.status for row in sim.report()] == ["lpbq"]
+
+
+def _quantized_by_onnxruntime(tmp_path, quant_format: str) -> str:
+    """Two MatMuls quantized by onnxruntime's quantization tool: dynamically (``MatMulInteger``) or
+    statically in the QOperator format (``QLinearMatMul``)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+
+    rng = np.random.default_rng(0)
+    model = _model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+        [
+            numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), "w1"),
+            numpy_helper.from_array((rng.standard_normal((64, 32)) / 8).astype(np.float32), "w2"),
+        ],
+    )
+    onnx.save(model, tmp_path / "float.onnx")
+    quantized = str(tmp_path / f"{quant_format}.onnx")
+    if quant_format == "dynamic":
+        quantize_dynamic(tmp_path / "float.onnx", quantized)
+    else:
+
+        class Batches(CalibrationDataReader):
+            def __init__(self):
+                self.batches = iter([{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(2)])
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        quantize_static(tmp_path / "float.onnx", quantized, Batches(), quant_format=QuantFormat.QOperator)
+    return quantized
+
+
+def test_layers_quantized_by_another_tool_run_as_they_are_and_are_reported(tmp_path):
+    """MatMulInteger (TVM imports it): compiled as the model defines it and reported as not LPBQ.
+
+    Per layer the integers are exact; the float parts differ: the activation scale (max - min) / 255
+    (TVM multiplies by a float32 reciprocal: 3 u relative, ReciprocalDivision) and the rescale
+    ``acc · sx · sw`` (two roundings each side): 7 u relative per layer, 14 u for the two, as long as
+    the second layer's rounding of ``r / sx`` keeps its integers, which it does unless a value lies
+    within that distance of a rounding tie (none does here; one would move it by ``sx · sw · |w|``)."""
+    from lpbq_tvm import QuantizationSimModel
+    from lpbq_tvm.compiler import compile as compile_model
+
+    path = _quantized_by_onnxruntime(tmp_path, "dynamic")
+    sim = QuantizationSimModel(path)
+    assert (
+        "2 layers already quantized by another tool run as the model defines them, not LPBQ "
+        "(MatMulInteger: fc1_quant, fc2_quant)" in sim.preparation
+    )
+    assert sim.report() == []
+    x = {"x": np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)}
+    (actual,) = compile_model(sim, "cpu", "fp32").run(x).values()
+    expected = ort_run(onnx.load(path), x)["y"]
+    assert (np.abs(actual - expected) <= 2 * 7 * 2.0**-24 * np.abs(expected)).all()
+
+
+def test_quantized_layers_tvm_cannot_import_are_refused_in_one_line(tmp_path):
+    path = _quantized_by_onnxruntime(tmp_path, "qoperator")
+    with pytest.raises(ModelImportError) as error:
+        import_onnx(path)
+    assert str(error.value) == (
+        "TVM's ONNX importer does not support: QLinearMatMul (nodes: fc1_quant, fc2_quant). The model is "
+        "already quantized (QLinearMatMul): lpbq_tvm quantizes float models, so give it the float model this "
+        "one was made from"
+    )
