@@ -7,7 +7,8 @@ Graph preparation, in order (each step names the node or input it rejects):
    opset import, an op version it does not know) is reported and the import goes on;
 2. pin dynamic input dimensions: ``input_shapes[name]`` when given, else a dynamic *leading*
    dimension becomes 1 (batch 1); any other dynamic dimension needs an override;
-3. ONNX shape inference (non-strict where an op has no shape function) and constant folding
+3. ONNX shape inference (non-strict where an op has no shape function; run on a copy whose large
+   weights are graph inputs, so a model over 2 GB never has to be one protobuf) and constant folding
    (``onnxscript.optimizer.fold_constants``, which keeps
    node and weight names), so that shape sub-graphs such as ``Shape -> Slice -> Concat`` feeding a
    ``Reshape`` become constants the importer can read;
@@ -29,6 +30,9 @@ Graph preparation, in order (each step names the node or input it rejects):
 from __future__ import annotations
 
 import logging
+import math
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import helper, numpy_helper, shape_inference
 
 from lpbq_tvm.attrs import ONNX_NODES_ATTR
@@ -142,10 +147,11 @@ def load_onnx(model: str | PathLike | onnx.ModelProto, *, check: bool = True) ->
 
 
 def _checker_message(model: str | PathLike | onnx.ModelProto) -> str | None:
-    """The first line of what the ONNX checker finds wrong with ``model``, or None."""
+    """The first line of what the ONNX checker finds wrong with ``model``, or None. A path is checked
+    from the file (which works past protobuf's 2 GB limit), a model in memory as its :func:`_skeleton`."""
     _, path = _origin(model)
     try:
-        onnx.checker.check_model(str(path) if path is not None else model)  # a path works past 2 GB
+        onnx.checker.check_model(str(path) if path is not None else _skeleton(model))
     except onnx.checker.ValidationError as error:
         return str(error).strip().splitlines()[0]
     return None
@@ -333,8 +339,15 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
         for name, tensor in tensors.items()
         if name not in weights and name in used
     ]
-    del graph.initializer[:]
-    graph.initializer.extend(tensors[name] for name in weights)
+    # Removed and added one by one: copying a weight message would serialize it, which fails past 2 GB.
+    kept_names = set(weights)
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in kept_names:
+            del graph.initializer[index]
+    kept = {init.name for init in graph.initializer}
+    for name in weights:
+        if name not in kept:
+            graph.initializer.add().CopyFrom(tensors[name])
     del graph.node[:]
     graph.node.extend(constants + nodes)
     # Initializers listed as graph inputs too (IR < 4, keep_initializers_as_inputs exports) are weights
@@ -364,50 +377,52 @@ MASK_VALUE = 1e4
 def _clamp_mask_constants(model: onnx.ModelProto) -> list[str]:
     """Step 5 of the module docstring, on the Constant nodes left by step 4, kept only if onnxruntime
     computes the same outputs with and without it. Returns what changed, or why nothing did."""
-    clamped = onnx.ModelProto()
-    clamped.CopyFrom(model)
-    changes = []
-    for node in clamped.graph.node:
-        if node.op_type != "Constant" or node.attribute[0].t.data_type != onnx.TensorProto.FLOAT:
+    clamps = []  # (the constant's tensor, its clamped value, what changed)
+    for node in model.graph.node:
+        tensor = node.attribute[0].t if node.op_type == "Constant" else None
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
             continue
-        value = numpy_helper.to_array(node.attribute[0].t)
+        value = numpy_helper.to_array(tensor)
         sentinels = np.abs(value) >= MASK_SENTINEL
         if sentinels.any():
             extreme = value[sentinels][np.argmax(np.abs(value[sentinels]))]
-            value = np.where(sentinels, np.sign(value) * MASK_VALUE, value).astype(np.float32)
-            node.attribute[0].t.CopyFrom(numpy_helper.from_array(value, node.attribute[0].t.name))
-            changes.append(
-                f"constant '{node.output[0]}': {int(sentinels.sum())} mask values (up to {extreme:.3g}) "
-                f"clamped to +-{MASK_VALUE:g}"
+            clamped = np.where(sentinels, np.sign(value) * MASK_VALUE, value).astype(np.float32)
+            note = f"constant '{node.output[0]}': {int(sentinels.sum())} mask values (up to {extreme:.3g}) "
+            clamps.append(
+                (tensor, numpy_helper.from_array(clamped, tensor.name), note + f"clamped to +-{MASK_VALUE:g}")
             )
-    if not changes:
+    if not clamps:
         return []
-    if (difference := _output_difference(model, clamped)) is not None:
-        return [f"{len(changes)} mask constant(s) kept as they are: clamping them {difference}"]
-    model.CopyFrom(clamped)
-    return changes
+    originals = [onnx.TensorProto.FromString(tensor.SerializeToString()) for tensor, _, _ in clamps]
+    try:
+        before = model.SerializeToString()
+        for tensor, clamped, _ in clamps:
+            tensor.CopyFrom(clamped)
+        inputs = [_tensor_info(vi) for vi in _graph_inputs(model)]
+        difference = _output_difference(before, model.SerializeToString(), inputs, [o.name for o in model.graph.output])
+    except EncodeError:
+        difference = "could not be verified: onnxruntime takes no model over 2 GB from memory"
+    if difference is None:
+        return [note for _, _, note in clamps]
+    for (tensor, _, _), original in zip(clamps, originals, strict=True):
+        tensor.CopyFrom(original)
+    return [f"{len(clamps)} mask constant(s) kept as they are: clamping them {difference}"]
 
 
-def _output_difference(model: onnx.ModelProto, changed: onnx.ModelProto, seeds: Sequence[int] = (0, 1)) -> str | None:
-    """How ``changed`` computes other outputs than ``model`` in onnxruntime, bit for bit, on seeded
-    random inputs (:func:`random_inputs`); None if it computes the same."""
+def _output_difference(
+    model: bytes, changed: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[str], seeds: Sequence[int] = (0, 1)
+) -> str | None:
+    """How the serialized model ``changed`` computes other ``outputs`` than ``model`` in onnxruntime, bit
+    for bit, on seeded random ``inputs`` (:func:`random_inputs`); None if it computes the same."""
     import onnxruntime as ort
 
-    if model.ByteSize() >= 2**31:
-        return "could not be verified (onnxruntime is given a model over 2 GB from memory)"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        sessions = [
-            ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            for m in (model, changed)
-        ]
-        infos = [_tensor_info(vi) for vi in _graph_inputs(model)]
+        sessions = [ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]) for m in (model, changed)]
         for seed in seeds:
-            feed = random_inputs(infos, seed)
-            for name, before, after in zip(
-                [o.name for o in model.graph.output], *(s.run(None, feed) for s in sessions), strict=True
-            ):
+            feed = random_inputs(inputs, seed)
+            for name, before, after in zip(outputs, *(s.run(outputs, feed) for s in sessions), strict=True):
                 if not np.array_equal(before, after, equal_nan=True):
                     delta = np.abs(before.astype(np.float64) - after.astype(np.float64))
                     return f"changes output '{name}' in onnxruntime (by up to {np.nanmax(delta):.3g})"
@@ -531,32 +546,74 @@ def _import_used_domains(model: onnx.ModelProto) -> list[str]:
     return [f"opset import added for domain '{domain}' (version 1)" for domain in missing]
 
 
-def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """The model with its shapes inferred from the pinned inputs, and what could not be inferred.
+def _infer_shapes(model: onnx.ModelProto) -> list[str]:
+    """Infer the model's shapes from the pinned inputs, in place; returns what could not be inferred.
 
-    Value infos and output shapes are inferred anew; an op without (or with a failing) ONNX shape
-    function stops strict inference, and non-strict inference infers what it can; an output whose
-    shape nothing infers keeps the one the model declared. TVM's importer infers its own shapes."""
-    declared = {
-        output.name: onnx.TypeProto.FromString(output.type.SerializeToString()) for output in model.graph.output
-    }
-    del model.graph.value_info[:]
-    for output in model.graph.output:
+    Value infos and output shapes are inferred anew, on the model's :func:`_skeleton`; an op without
+    (or with a failing) ONNX shape function stops strict inference, and non-strict inference infers
+    what it can; an output whose shape nothing infers keeps the one the model declared. TVM's
+    importer infers its own shapes."""
+    skeleton = _skeleton(model)
+    del skeleton.graph.value_info[:]
+    for output in skeleton.graph.output:
         output.type.tensor_type.ClearField("shape")
     changes = []
     try:
-        model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        inferred = shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
     except (shape_inference.InferenceError, onnx.checker.ValidationError) as error:
-        reason = str(error).strip().splitlines()[-1]
-        changes.append(f"ONNX shape inference stopped short ({reason}); shapes left to TVM's importer")
+        changes.append(f"ONNX shape inference stopped short ({_last_line(error)}); shapes left to TVM's importer")
         try:
-            model = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+            inferred = shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
         except (shape_inference.InferenceError, onnx.checker.ValidationError) as again:
-            changes.append(f"non-strict ONNX shape inference failed too ({str(again).strip().splitlines()[-1]})")
-    for output in model.graph.output:
-        if not output.type.tensor_type.HasField("shape"):
-            output.type.CopyFrom(declared[output.name])
-    return model, changes
+            changes.append(f"non-strict ONNX shape inference failed too ({_last_line(again)})")
+            inferred = skeleton
+    graph = model.graph
+    del graph.value_info[:]
+    graph.value_info.extend(inferred.graph.value_info)
+    del graph.node[:]  # their subgraphs' value infos too
+    graph.node.extend(inferred.graph.node)
+    for output, result in zip(graph.output, inferred.graph.output, strict=True):
+        if result.type.tensor_type.HasField("shape"):
+            output.type.CopyFrom(result.type)
+    return changes
+
+
+def _last_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[-1]
+
+
+SKELETON_TENSOR_ELEMENTS = 1024
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers over :data:`SKELETON_TENSOR_ELEMENTS` are graph inputs of
+    their type and shape instead. ONNX shape inference and the checker read the data of small
+    shape-like tensors only, and the copy stays below
+    protobuf's 2 GB limit (they serialize what they are given) however large the weights."""
+    skeleton = _copy_except(model, "graph")
+    skeleton.graph.CopyFrom(_copy_except(model.graph, "initializer"))
+    inputs = {vi.name for vi in model.graph.input}
+    for tensor in model.graph.initializer:
+        if math.prod(tensor.dims) <= SKELETON_TENSOR_ELEMENTS:
+            skeleton.graph.initializer.append(tensor)
+        elif tensor.name not in inputs:  # (IR < 4 lists initializers as inputs already)
+            skeleton.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return skeleton
+
+
+def _copy_except(message, excluded: str):
+    """A copy of a protobuf ``message`` without its field ``excluded`` (never copied, however large)."""
+    copy = type(message)()
+    for field, value in message.ListFields():
+        if field.name == excluded:
+            continue
+        if field.is_repeated:
+            getattr(copy, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
 
 
 @dataclass(frozen=True, eq=False)
@@ -572,18 +629,23 @@ def prepare_onnx(
 ) -> Preparation:
     """Steps 1-5 of the module docstring on a copy (the input is not modified)."""
     import onnxscript.optimizer
+    from onnxscript import ir
 
-    original = load_onnx(model, check=False)
-    checker = _check(model, original)
-    prepared = onnx.ModelProto()
-    prepared.CopyFrom(original)
+    prepared = load_onnx(model, check=False)
+    checker = _check(model, prepared)
+    if isinstance(model, onnx.ModelProto):  # the caller's: prepared on a copy (a file is read afresh)
+        prepared = onnx.ModelProto()
+        prepared.CopyFrom(model)
     changes = checker + _pin_input_shapes(prepared, input_shapes or {})
     changes += _import_used_domains(prepared)
     nodes_before = len(prepared.graph.node)
-    prepared, inferred = _infer_shapes(prepared)
-    changes += inferred
-    onnxscript.optimizer.fold_constants(prepared)
-    onnxscript.optimizer.remove_unused_nodes(prepared)
+    changes += _infer_shapes(prepared)
+    folded = ir.serde.deserialize_model(prepared)  # one round trip (each API call on a proto makes two)
+    del prepared
+    onnxscript.optimizer.fold_constants(folded)
+    onnxscript.optimizer.remove_unused_nodes(folded)
+    prepared = ir.serde.serialize_model(folded)
+    del folded
     if len(prepared.graph.node) != nodes_before:
         changes.append(f"constant folding: {nodes_before} -> {len(prepared.graph.node)} nodes")
     changes += _weights_as_only_initializers(prepared)
@@ -613,13 +675,17 @@ def import_onnx(
     inputs = tuple(_tensor_info(vi) for vi in _graph_inputs(prepared))
     outputs = tuple(_tensor_info(vi) for vi in prepared.graph.output)
     try:
-        mod = from_onnx(
-            prepared,
-            shape_dict={info.name: list(info.shape) for info in inputs},
-            dtype_dict={info.name: info.dtype for info in inputs},
-            keep_params_in_input=True,
-            sanitize_input_names=False,
-        )
+        with warnings.catch_warnings():  # what its own checker call says, preparation has reported already
+            for message in (_checker_message(prepared), "Failed to serialize proto"):  # (the latter: over 2 GB)
+                if message is not None:
+                    warnings.filterwarnings("ignore", re.escape(message), UserWarning)
+            mod = from_onnx(
+                prepared,
+                shape_dict={info.name: list(info.shape) for info in inputs},
+                dtype_dict={info.name: info.dtype for info in inputs},
+                keep_params_in_input=True,
+                sanitize_input_names=False,
+            )
     except Exception as error:  # the importer raises many types; report the first line
         raise ModelImportError(f"TVM's ONNX importer failed: {str(error).strip().splitlines()[-1]}") from error
     layers = {layer.weight_name: layer for layer in find_weight_layers(prepared)}

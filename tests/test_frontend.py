@@ -248,10 +248,9 @@ def test_preparation_reports_what_it_changed():
 
 
 @pytest.mark.slow
-def test_model_over_2gb_with_external_data_loads(tmp_path):
-    """Protobuf cannot serialize 2 GB: the checker must read the path, the data must come from the side file."""
-    from lpbq_tvm.frontend import load_onnx
-
+def test_model_over_2gb_with_external_data_imports(tmp_path):
+    """Protobuf cannot serialize 2 GB: the checker reads the path, the data comes from the side file,
+    and shape inference, folding and TVM's importer never see the weights as one protobuf."""
     rows = (2**31 + 2**26) // (4 * 4096)  # a little over 2 GiB of float32
     nbytes = rows * 4096 * 4
     with (tmp_path / "model.data").open("wb") as data:  # sparse: zeros, then the last value 3.0
@@ -263,14 +262,20 @@ def test_model_over_2gb_with_external_data_loads(tmp_path):
     for key, value in (("location", "model.data"), ("offset", "0"), ("length", str(nbytes))):
         weight.external_data.add(key=key, value=value)
     model = _model(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])],
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4096])],
         [weight],
     )
     (tmp_path / "big.onnx").write_bytes(model.SerializeToString())
-    loaded = numpy_helper.to_array(load_onnx(tmp_path / "big.onnx").graph.initializer[0])
+    imported = import_onnx(tmp_path / "big.onnx")
+    assert [(i.name, i.shape) for i in imported.inputs] == [("x", (1, rows))]
+    assert [(o.name, o.shape) for o in imported.outputs] == [("y", (1, 4096))]
+    assert imported.preparation[1] == "1 Gemm/MatMul/Conv weights kept as parameters, 0 other constants inlined"
+    loaded = numpy_helper.to_array(imported.onnx_model.graph.initializer[0])
     assert loaded.shape == (rows, 4096) and loaded[-1, -1] == 3.0 and not loaded[0].any()
+    (param,) = imported.mod["main"].params[1:]
+    assert param.name == "w" and [int(d) for d in param.ty.shape] == [rows, 4096]
 
 
 def test_attention_mask_sentinels_are_clamped_without_changing_the_result():
