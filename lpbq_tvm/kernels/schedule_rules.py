@@ -38,6 +38,7 @@ change with ``benchmarks/bench_pipeline.py``.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -48,7 +49,9 @@ from tvm.s_tir import dlight
 
 from lpbq_tvm.kernels.interface import FUSABLE_OUTPUT, SEPARATE_ROUNDING
 
-__all__ = ["Elementwise", "KernelEpilogue", "RegisterFile", "RegisterTiled", "register_tile"]
+__all__ = ["Elementwise", "Fallible", "KernelEpilogue", "RegisterFile", "RegisterTiled", "register_tile"]
+
+logger = logging.getLogger(__name__)
 
 _REDUCE = 2  # tirx.IterVar.CommReduce
 
@@ -334,6 +337,23 @@ class Elementwise(dlight.ScheduleRule):
             else:
                 _parallel_elementwise(sch, block)
         return sch
+
+
+class Fallible(dlight.ScheduleRule):
+    """Another rule whose schedule errors leave the function to the next rule (or unscheduled, to
+    TVM's plain loops) instead of failing the build: TVM's own dlight rules assume more than they
+    check (``dlight.cpu.Reduction`` calls ``compute_at`` on a second output block, as an average
+    pool fused with a dropout's mask has, and fails)."""
+
+    def __init__(self, rule: dlight.ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except s_tir.ScheduleError as error:
+            logger.debug("%s does not apply: %s", type(self.rule).__name__, str(error).strip().splitlines()[-1])
+            return None
 
 
 def _parallel_reduction(sch: s_tir.Schedule, block) -> None:

@@ -128,3 +128,29 @@ def test_an_lpbq_conv_and_its_activation_run_as_one_function():
     x = {"x": rng.standard_normal((1, 64, 5, 7)).astype(np.float32)}
     actual = compile_model(sim, "cpu", "weight-only").run(x)["y"]
     assert_float_close(actual, sim.run(x)["y"], simulation_bound(sim, x, terms=[64]))
+
+
+def test_a_function_tvms_reduction_rule_cannot_schedule_still_compiles():
+    """AveragePool -> Dropout whose mask nothing reads (Inception v1's head): one fused function with a
+    second output block, on which dlight's CPU reduction rule fails in ``compute_at``; the pipeline
+    leaves that function to TVM's plain loops."""
+    nodes = [
+        helper.make_node("AveragePool", ["x"], ["pooled"], kernel_shape=[7, 7], pads=[0, 0, 1, 1]),
+        helper.make_node("Dropout", ["pooled"], ["dropped", "mask"], ratio=0.4),
+        helper.make_node("Relu", ["dropped"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 1, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    x = np.random.default_rng(0).standard_normal((1, 64, 6, 6)).astype(np.float32)
+    (y,) = compile_model(QuantizationSimModel(model), "cpu", "fp32").run({"x": x}).values()
+    # the padded 7 x 7 window averages the 36 values (ONNX excludes pads by default): a 36-term sum
+    # in another order, then the division by 36, 2 (36 + 1) u of sum |x| / 36
+    exact = np.maximum(x.astype(np.float64).mean(axis=(2, 3), keepdims=True), 0)
+    bound = 2 * (36 + 1) * UNIT_ROUNDOFF * np.abs(x).mean(axis=(2, 3), keepdims=True)
+    assert (np.abs(y - exact) <= bound).all()
