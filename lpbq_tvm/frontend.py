@@ -313,6 +313,22 @@ def _nested_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return [inner for node in graph.node for sub in _subgraphs(node) for inner in [*sub.node, *_nested_nodes(sub)]]
 
 
+def _initializers_are_not_inputs(model: onnx.ModelProto) -> list[str]:
+    """Initializers listed as graph inputs too (IR < 4, ``keep_initializers_as_inputs`` exports) are
+    weights or constants here, not inputs that a caller may override: from IR 4 on an initializer
+    need not be an input, and constant folding leaves what reads an input alone."""
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [vi for vi in graph.input if vi.name not in initializers]
+    if len(inputs) == len(graph.input):
+        return []
+    count = len(graph.input) - len(inputs)
+    del graph.input[:]
+    graph.input.extend(inputs)
+    model.ir_version = max(model.ir_version, 4)
+    return [f"{count} initializers listed as graph inputs are constants, not inputs"]
+
+
 def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
     """Float Gemm/MatMul/Conv weights become initializers; every other constant a Constant node.
 
@@ -350,17 +366,7 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
             graph.initializer.add().CopyFrom(tensors[name])
     del graph.node[:]
     graph.node.extend(constants + nodes)
-    # Initializers listed as graph inputs too (IR < 4, keep_initializers_as_inputs exports) are weights
-    # or constants here, not inputs: from IR 4 on an initializer need not be an input.
-    inputs = [vi for vi in graph.input if vi.name not in tensors]
     changes = [f"{len(weights)} Gemm/MatMul/Conv weights kept as parameters, {len(constants)} other constants inlined"]
-    if len(inputs) < len(graph.input):
-        changes.append(
-            f"{len(graph.input) - len(inputs)} initializers listed as graph inputs are constants, not inputs"
-        )
-        model.ir_version = max(model.ir_version, 4)
-    del graph.input[:]
-    graph.input.extend(inputs)
     nested = [n.name or n.output[0] for n in _nested_nodes(graph) if n.op_type in ("Gemm", "MatMul", "Conv")]
     if nested:
         listed = ", ".join(nested[:5]) + (", ..." if len(nested) > 5 else "")
@@ -583,6 +589,7 @@ def _last_line(error: Exception) -> str:
 
 
 SKELETON_TENSOR_ELEMENTS = 1024
+FOLD_SIZE_LIMIT = 2**31 // 4  # elements: a float32 tensor up to 2 GiB
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -636,13 +643,23 @@ def prepare_onnx(
     if isinstance(model, onnx.ModelProto):  # the caller's: prepared on a copy (a file is read afresh)
         prepared = onnx.ModelProto()
         prepared.CopyFrom(model)
-    changes = checker + _pin_input_shapes(prepared, input_shapes or {})
+    changes = checker + _initializers_are_not_inputs(prepared)
+    changes += _pin_input_shapes(prepared, input_shapes or {})
     changes += _import_used_domains(prepared)
     nodes_before = len(prepared.graph.node)
     changes += _infer_shapes(prepared)
     folded = ir.serde.deserialize_model(prepared)  # one round trip (each API call on a proto makes two)
+    # Weights computed from constants (a Transpose or a Cast of an fp16 weight, a ConstantOfShape,
+    # which onnxscript keeps by default) fold whatever their size, so that they are weights;
+    # onnxscript's limits (8192 elements in, 512 x 512 out) would leave them computed at run time.
+    parameters = {name for n in prepared.graph.node if n.op_type in ("Gemm", "MatMul", "Conv") for name in n.input[1:]}
+    onnxscript.optimizer.fold_constants(
+        folded,
+        input_size_limit=FOLD_SIZE_LIMIT,
+        output_size_limit=FOLD_SIZE_LIMIT,
+        should_fold=lambda node: True if any(out.name in parameters for out in node.outputs) else None,
+    )
     del prepared
-    onnxscript.optimizer.fold_constants(folded)
     onnxscript.optimizer.remove_unused_nodes(folded)
     prepared = ir.serde.serialize_model(folded)
     del folded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,6 +18,8 @@ from lpbq_tvm.frontend import import_onnx
 from lpbq_tvm.targets import get_target
 
 UNIT_ROUNDOFF = 2.0**-24  # float32
+# The classic CNN graphs the onnx wheel ships (weights as ConstantOfShape fills), e.g. light_resnet50.onnx.
+LIGHT_CNN_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: cases are module-level constants

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from model_builders import LAYER_CASES, layer_model, masked_softmax_model, ort_run
+from model_builders import LAYER_CASES, LIGHT_CNN_DIR, layer_model, masked_softmax_model, ort_run
 from onnx import TensorProto, helper, numpy_helper
 
 from lpbq_tvm.compiler import build
@@ -544,3 +544,12 @@ def test_quantized_layers_tvm_cannot_import_are_refused_in_one_line(tmp_path):
         "already quantized (QLinearMatMul): lpbq_tvm quantizes float models, so give it the float model this "
         "one was made from"
     )
+
+
+def test_weights_computed_from_constants_fold_into_weights():
+    """AlexNet as the onnx wheel ships it (IR 3): every weight and bias is a ConstantOfShape of a shape
+    listed among the graph inputs. Those inputs are constants, so the fills fold, beyond onnxscript's
+    size limits and its choice to keep ConstantOfShape, and the 8 layers get weights LPBQ can encode."""
+    changes = prepare_onnx(LIGHT_CNN_DIR / "light_bvlc_alexnet.onnx").changes
+    assert changes[0] == "17 initializers listed as graph inputs are constants, not inputs"
+    assert "8 Gemm/MatMul/Conv weights kept as parameters, 9 other constants inlined" in changes
