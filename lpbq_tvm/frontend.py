@@ -29,6 +29,8 @@ Graph preparation, in order (each step names the node or input it rejects):
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import re
@@ -691,10 +693,11 @@ def import_onnx(
     prepared = preparation.model
     inputs = tuple(_tensor_info(vi) for vi in _graph_inputs(prepared))
     outputs = tuple(_tensor_info(vi) for vi in prepared.graph.output)
+    printed = io.StringIO()  # the importer prints the op it failed on, then raises
     try:
-        with warnings.catch_warnings():  # what its own checker call says, preparation has reported already
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
             for message in (_checker_message(prepared), "Failed to serialize proto"):  # (the latter: over 2 GB)
-                if message is not None:
+                if message is not None:  # what its own checker call says, preparation has reported already
                     warnings.filterwarnings("ignore", re.escape(message), UserWarning)
             mod = from_onnx(
                 prepared,
@@ -703,8 +706,10 @@ def import_onnx(
                 keep_params_in_input=True,
                 sanitize_input_names=False,
             )
-    except Exception as error:  # the importer raises many types; report the first line
-        raise ModelImportError(f"TVM's ONNX importer failed: {str(error).strip().splitlines()[-1]}") from error
+    except Exception as error:  # the importer raises many types; report the op and the last line
+        raise ModelImportError(
+            f"TVM's ONNX importer failed{_failed_op(prepared, printed.getvalue())}: {_last_line(error)}"
+        ) from error
     layers = {layer.weight_name: layer for layer in find_weight_layers(prepared)}
     onnx_nodes = {
         name: {"node": layer.node_name, "op_type": layer.op_type, "has_bias": layer.has_bias}
@@ -713,6 +718,16 @@ def import_onnx(
     main = _with_onnx_weight_names(mod["main"], [init.name for init in prepared.graph.initializer])
     mod.update_func(mod.get_global_var("main"), main.with_attr(ONNX_NODES_ATTR, onnx_nodes))
     return ImportedModel(prepared, mod, inputs, outputs, layers, preparation.changes)
+
+
+def _failed_op(model: onnx.ModelProto, printed: str) -> str:
+    """`` on <op> (nodes: ...)`` from what TVM's importer printed before raising, or nothing."""
+    match = re.search(r"Error converting operator (\w+)", printed)
+    if match is None:
+        return ""
+    op = match.group(1)
+    nodes = [node.name or node.output[0] for node in model.graph.node if node.op_type == op]
+    return f" on {op} (nodes: {', '.join(nodes[:5])}{', ...' if len(nodes) > 5 else ''})"
 
 
 def _with_onnx_weight_names(func, initializers: Sequence[str]):

@@ -553,3 +553,17 @@ def test_weights_computed_from_constants_fold_into_weights():
     changes = prepare_onnx(LIGHT_CNN_DIR / "light_bvlc_alexnet.onnx").changes
     assert changes[0] == "17 initializers listed as graph inputs are constants, not inputs"
     assert "8 Gemm/MatMul/Conv weights kept as parameters, 9 other constants inlined" in changes
+
+
+def test_an_importer_failure_names_the_op_and_keeps_the_console_quiet(capsys):
+    """TVM's importer prints the op it failed on and raises something bare; the refusal says both."""
+    model = _model(
+        [helper.make_node("Upsample", ["x", "scales"], ["y"], name="up", mode="nearest")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")],
+        opset=9,
+    )
+    with pytest.raises(ModelImportError, match=r"^TVM's ONNX importer failed on Upsample \(nodes: up\): \S"):
+        import_onnx(model)
+    assert capsys.readouterr().out == ""
