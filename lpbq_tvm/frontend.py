@@ -687,6 +687,7 @@ def import_onnx(
     model: str | PathLike | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> ImportedModel:
     """Prepare ``model`` and import it into Relax; see the module docstring."""
+    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     preparation = prepare_onnx(model, input_shapes)
@@ -716,8 +717,34 @@ def import_onnx(
         for name, layer in layers.items()
     }
     main = _with_onnx_weight_names(mod["main"], [init.name for init in prepared.graph.initializer])
+    main, cast = _with_declared_output_dtypes(main, outputs)
     mod.update_func(mod.get_global_var("main"), main.with_attr(ONNX_NODES_ATTR, onnx_nodes))
-    return ImportedModel(prepared, mod, inputs, outputs, layers, preparation.changes)
+    changes = (*preparation.changes, *cast)
+    return ImportedModel(prepared, relax.transform.Normalize()(mod), inputs, outputs, layers, changes)
+
+
+def _with_declared_output_dtypes(func, outputs: Sequence[TensorInfo]):
+    """``func`` returning each output in the dtype the model declares, and a note per cast: TVM's
+    importer can change one (its OneHot returns float64 for float32 values)."""
+    from tvm import relax
+
+    returned = func.body.body
+    types = list(returned.ty.fields) if isinstance(returned.ty, relax.TupleType) else [returned.ty]
+    notes, fields, declared = [], [], []
+    for index, (info, ty) in enumerate(zip(outputs, types, strict=True)):
+        field = relax.TupleGetItem(returned, index) if isinstance(returned.ty, relax.TupleType) else returned
+        if str(ty.dtype) != info.dtype:
+            notes.append(f"output '{info.name}': TVM's importer computes {ty.dtype}; cast to the declared {info.dtype}")
+            field, ty = relax.op.astype(field, info.dtype), relax.TensorType(ty.shape, info.dtype)
+        fields.append(field)
+        declared.append(ty)
+    if not notes:
+        return func, []
+    if isinstance(returned.ty, relax.TupleType):
+        body, ret_ty = relax.SeqExpr(func.body.blocks, relax.Tuple(fields)), relax.TupleType(declared)
+    else:
+        body, ret_ty = relax.SeqExpr(func.body.blocks, fields[0]), declared[0]
+    return relax.Function(func.params, body, ret_ty, is_pure=func.is_pure, attrs=func.attrs), notes
 
 
 def _failed_op(model: onnx.ModelProto, printed: str) -> str:

@@ -567,3 +567,20 @@ def test_an_importer_failure_names_the_op_and_keeps_the_console_quiet(capsys):
     with pytest.raises(ModelImportError, match=r"^TVM's ONNX importer failed on Upsample \(nodes: up\): \S"):
         import_onnx(model)
     assert capsys.readouterr().out == ""
+
+
+def test_outputs_keep_the_dtype_the_model_declares():
+    """TVM's OneHot returns float64 for float32 on/off values; the output is cast back and it is said."""
+    model = _model(
+        [helper.make_node("OneHot", ["indices", "depth", "values"], ["y"], axis=-1)],
+        [helper.make_tensor_value_info("indices", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [
+            numpy_helper.from_array(np.array(4, np.int64), "depth"),
+            numpy_helper.from_array(np.array([0.0, 1.0], np.float32), "values"),
+        ],
+    )
+    imported = import_onnx(model)
+    assert "output 'y': TVM's importer computes float64; cast to the declared float32" in imported.preparation
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"indices": np.array([0, 3, 1])})
+    np.testing.assert_array_equal(actual["y"], np.eye(4, dtype=np.float32)[[0, 3, 1]])

@@ -419,11 +419,12 @@ def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
     224 x 224 x 3 image would otherwise run 224 · 224 parallel iterations of 3-lane vectors). A
     transposing block is tiled instead: ``tile x lanes`` squares, so each square reads whole cache
     lines of the source along ``j`` while it writes vectors along ``w``. A scalar (rank-0) block has no
-    loop to schedule; a block on float8 data is not vectorised (TVM emulates float8 one value at a
-    time, with a select its vectorised form does not have)."""
+    loop to schedule, nor does a block whose sizes are known only at run time; a block on float8 data
+    is not vectorised (TVM emulates float8 one value at a time, with a select its vectorised form
+    does not have)."""
     loops = sch.get_loops(block)
-    if _reduces(sch, block) or not loops:
-        return
+    if _reduces(sch, block) or not loops or not all(isinstance(sch.get(loop).extent, tirx.IntImm) for loop in loops):
+        return  # (a size known only at run time, as after NonZero or Compress, stays TVM's plain loop)
     vectorize = sch.vectorize if not _touches_float8(sch, block) else lambda _loop: None
     if (transposing := _transposing_read(sch, block)) is not None:
         j, w = transposing
