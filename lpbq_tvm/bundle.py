@@ -1,4 +1,5 @@
-"""Deployment bundles: written from a compiled model, checked and loaded back, and the input check both share.
+"""Deployment bundles: written from a compiled model, checked and loaded back, and the input check and
+output conversion every runner of ``main`` shares (in process, from a bundle, over RPC).
 
 A bundle is a directory (``lpbq-tvm compile``, :meth:`~lpbq_tvm.compiler.CompiledModel.export_bundle`)::
 
@@ -23,6 +24,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import tvm
 from tvm import relax
@@ -38,6 +40,8 @@ __all__ = [
     "check_inputs",
     "load_bundle",
     "manifest",
+    "numpy_view",
+    "outputs_by_name",
     "read_manifest",
     "tensor_infos",
     "write_bundle",
@@ -126,7 +130,30 @@ def read_manifest(directory: str | PathLike) -> dict[str, Any]:
 
 def tensor_infos(entries: Sequence[Mapping[str, Any]]) -> list[TensorInfo]:
     """A manifest's ``inputs`` or ``outputs`` as :class:`~lpbq_tvm.frontend.TensorInfo`."""
-    return [TensorInfo(entry["name"], tuple(entry["shape"]), entry["dtype"]) for entry in entries]
+    return [
+        TensorInfo(entry["name"], tuple(entry["shape"]), entry["dtype"], entry.get("sequence", False))
+        for entry in entries
+    ]
+
+
+def numpy_view(tensor: tvm.runtime.Tensor) -> np.ndarray:
+    """A numpy array over ``tensor``'s memory (DLPack). numpy's DLPack has no bfloat16 or float8: those
+    are viewed as unsigned integers of their width and reinterpreted as ml_dtypes' types, which is
+    what numpy (and onnxruntime) use for them."""
+    if str(tensor.dtype).startswith(("bfloat", "float8")):
+        dtype = np.dtype(getattr(ml_dtypes, str(tensor.dtype)))
+        return np.from_dlpack(tensor._create_view(tensor.shape, f"uint{8 * dtype.itemsize}")).view(dtype)
+    return np.from_dlpack(tensor)
+
+
+def outputs_by_name(result, outputs: Sequence[TensorInfo]) -> dict[str, np.ndarray | list[np.ndarray]]:
+    """What ``main`` returned, as numpy copies by output name (the VM may reuse an output's memory in
+    the next run); a sequence output as a list of arrays."""
+    values = [result] if len(outputs) == 1 else list(result)
+    return {
+        info.name: [numpy_view(item).copy() for item in value] if info.sequence else numpy_view(value).copy()
+        for info, value in zip(outputs, values, strict=True)
+    }
 
 
 class LoadedBundle:
@@ -146,9 +173,7 @@ class LoadedBundle:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = [tvm.runtime.tensor(value) for value in check_inputs(self.inputs, inputs)]
-        result = self._vm["main"](*tensors, *self.params)
-        values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        return {info["name"]: value.numpy() for info, value in zip(self.manifest["outputs"], values, strict=True)}
+        return outputs_by_name(self._vm["main"](*tensors, *self.params), tensor_infos(self.manifest["outputs"]))
 
 
 def load_bundle(directory: str | PathLike) -> LoadedBundle:

@@ -16,14 +16,13 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.frontend import detach_params
 
 from lpbq_tvm.attrs import LOWERED_ATTR, num_inputs
-from lpbq_tvm.bundle import check_inputs, write_bundle
+from lpbq_tvm.bundle import check_inputs, numpy_view, outputs_by_name, write_bundle
 from lpbq_tvm.frontend import TensorInfo
 from lpbq_tvm.io import atomic_write
 from lpbq_tvm.modes import FLOAT_MODE, activation_bits, is_integer
@@ -95,22 +94,19 @@ class CompiledModel:
             self._vm = relax.VirtualMachine(self.executable, device)
             self._main = self._vm["main"]
             self._buffers = [tvm.runtime.empty(info.shape, info.dtype, device) for info in self.inputs]
-            self._views = [_numpy_view(buffer) for buffer in self._buffers]
+            self._views = [numpy_view(buffer) for buffer in self._buffers]
         return self._vm
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name for inputs by name (dtypes and shapes must match ``inputs``). Not for
-        concurrent use from several threads: the input buffers are shared between runs."""
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | list[np.ndarray]]:
+        """Outputs by name for inputs by name (dtypes and shapes must match ``inputs``; a sequence output
+        is a list). Not for concurrent use from several threads: the input buffers are shared between runs."""
         values = check_inputs(self.inputs, inputs)
         self._machine()
         # Copied into aligned buffers kept across runs, through numpy views of their memory: raw numpy
         # memory may be misaligned, and a fresh tensor per run costs more than a small layer's kernels.
         for value, view in zip(values, self._views, strict=True):
             np.copyto(view, value)
-        result = self._main(*self._buffers, *self.params)
-        returned = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        # Copies (the VM may reuse an output's memory in the next run).
-        return {info.name: _numpy_view(value).copy() for info, value in zip(self.outputs, returned, strict=True)}
+        return outputs_by_name(self._main(*self._buffers, *self.params), self.outputs)
 
     def export_library(self, path: str | PathLike, *, overwrite: bool = False) -> Path:
         """Write the executable as a library (``.so``, or ``.tar`` of objects); weights are not inside."""
@@ -119,16 +115,6 @@ class CompiledModel:
     def export_bundle(self, directory: str | PathLike, *, overwrite: bool = False) -> Path:
         """Write library, parameters and manifest into ``directory`` (:mod:`lpbq_tvm.bundle`)."""
         return write_bundle(self, directory, overwrite=overwrite)
-
-
-def _numpy_view(tensor: tvm.runtime.Tensor) -> np.ndarray:
-    """A numpy array over ``tensor``'s memory (DLPack). numpy's DLPack has no bfloat16 or float8: those
-    are viewed as unsigned integers of their width and reinterpreted as ml_dtypes' types, which is
-    what numpy (and onnxruntime) use for them."""
-    if str(tensor.dtype).startswith(("bfloat", "float8")):
-        dtype = np.dtype(getattr(ml_dtypes, str(tensor.dtype)))
-        return np.from_dlpack(tensor._create_view(tensor.shape, f"uint{8 * dtype.itemsize}")).view(dtype)
-    return np.from_dlpack(tensor)
 
 
 def _plain(value: Any) -> Any:

@@ -71,11 +71,13 @@ class ModelImportError(ValueError):
 @dataclass(frozen=True)
 class TensorInfo:
     """A model input or output. Inputs have static shapes (pinned on import); an output's size that
-    depends on the data (NonZero, Unique, ...) is None."""
+    depends on the data (NonZero, Unique, ...) is None. A ``sequence`` output (SequenceConstruct,
+    SplitToSequence) is a list of tensors of this dtype (and shape, where all have the same)."""
 
     name: str
     shape: tuple[int | None, ...]
     dtype: str
+    sequence: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -378,6 +380,39 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
     return changes
 
 
+def _repair_folded_nodes(model: onnx.ModelProto) -> None:
+    """What onnxscript's rewrite of sequence ops leaves for the model's opset to hold, in place:
+    ``ConcatFromSequence(new_axis=1)`` becomes an ``Unsqueeze`` whose axes are a 0-d constant (TVM's
+    importer needs 1-D axes), ``SplitToSequence`` a ``Split`` with ``num_outputs``, an attribute
+    from opset 18 on (before it: the sizes as an input, computed here from the inferred shape)."""
+    constants = {node.output[0]: node.attribute[0].t for node in model.graph.node if node.op_type == "Constant"}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    shapes = {vi.name: _value_info_shape(vi) for vi in [*model.graph.value_info, *model.graph.input]}
+    for node in list(model.graph.node):
+        if node.op_type in ("Unsqueeze", "Squeeze") and len(node.input) > 1 and node.input[1] in constants:
+            axes = constants[node.input[1]]
+            if not axes.dims:
+                axes.dims.append(1)
+        elif node.op_type == "Split" and opset < 18:
+            _split_sizes_as_input(model, node, shapes.get(node.input[0]))
+
+
+def _split_sizes_as_input(model: onnx.ModelProto, node: onnx.NodeProto, shape: list | None) -> None:
+    """A ``Split`` with opset 18's ``num_outputs`` (equal chunks of ceil(dim / n), the last smaller)
+    given its sizes as the input earlier opsets read instead, when the split dimension is known."""
+    count = next((a for a in node.attribute if a.name == "num_outputs"), None)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    dim = shape[axis] if count is not None and shape and -len(shape) <= axis < len(shape) else None
+    if not isinstance(dim, int) or len(node.input) > 1:
+        return
+    chunk = -(-dim // count.i)
+    sizes = np.array([min(chunk, dim - i * chunk) for i in range(count.i)], np.int64)
+    name = f"{node.output[0]}/split_sizes"
+    model.graph.node.insert(0, helper.make_node("Constant", [], [name], value=numpy_helper.from_array(sizes, name)))
+    node.input.append(name)
+    node.attribute.remove(count)
+
+
 MASK_SENTINEL = 1e30
 MASK_VALUE = 1e4
 
@@ -508,10 +543,10 @@ def _check_supported_ops(model: onnx.ModelProto) -> None:
     supported = set(_get_convert_map()) | {"Constant", "If"}
     unsupported: dict[str, list[str]] = {}
     quantized = set()
-    for index, node in enumerate([*model.graph.node, *_nested_nodes(model.graph)]):
+    for node in [*model.graph.node, *_nested_nodes(model.graph)]:
         if node.op_type not in supported or node.domain not in _IMPORTED_DOMAINS:
             op = f"{node.domain + '.' if node.domain else ''}{node.op_type}"
-            unsupported.setdefault(op, []).append(node.name or f"#{index}")
+            unsupported.setdefault(op, []).append(node.name or node.output[0])
             if _is_quantized(node):
                 quantized.add(op)
     if unsupported:
@@ -668,6 +703,7 @@ def prepare_onnx(
     if len(prepared.graph.node) != nodes_before:
         changes.append(f"constant folding: {nodes_before} -> {len(prepared.graph.node)} nodes")
     changes += _weights_as_only_initializers(prepared)
+    _repair_folded_nodes(prepared)
     changes += _clamp_mask_constants(prepared)
     changes += _float8_warning(prepared)
     _check_supported_ops(prepared)
@@ -678,9 +714,13 @@ def prepare_onnx(
 
 
 def _tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo:
-    dtype = helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type)
-    dims = tuple(d if isinstance(d, int) and d > 0 else None for d in _value_info_shape(value_info))
-    return TensorInfo(value_info.name, dims, str(np.dtype(dtype)))
+    sequence = value_info.type.HasField("sequence_type")
+    tensor = value_info.type.sequence_type.elem_type.tensor_type if sequence else value_info.type.tensor_type
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+    dims = tuple(
+        d.dim_value if d.HasField("dim_value") else None for d in (tensor.shape.dim if tensor.HasField("shape") else ())
+    )
+    return TensorInfo(value_info.name, dims, str(np.dtype(dtype)), sequence)
 
 
 def import_onnx(
@@ -729,21 +769,22 @@ def _with_declared_output_dtypes(func, outputs: Sequence[TensorInfo]):
     from tvm import relax
 
     returned = func.body.body
-    types = list(returned.ty.fields) if isinstance(returned.ty, relax.TupleType) else [returned.ty]
+    single = len(outputs) == 1  # (one output that is a sequence is a tuple too)
+    types = [returned.ty] if single else list(returned.ty.fields)
     notes, fields, declared = [], [], []
     for index, (info, ty) in enumerate(zip(outputs, types, strict=True)):
-        field = relax.TupleGetItem(returned, index) if isinstance(returned.ty, relax.TupleType) else returned
-        if str(ty.dtype) != info.dtype:
+        field = returned if single else relax.TupleGetItem(returned, index)
+        if not info.sequence and str(ty.dtype) != info.dtype:
             notes.append(f"output '{info.name}': TVM's importer computes {ty.dtype}; cast to the declared {info.dtype}")
             field, ty = relax.op.astype(field, info.dtype), relax.TensorType(ty.shape, info.dtype)
         fields.append(field)
         declared.append(ty)
     if not notes:
         return func, []
-    if isinstance(returned.ty, relax.TupleType):
-        body, ret_ty = relax.SeqExpr(func.body.blocks, relax.Tuple(fields)), relax.TupleType(declared)
-    else:
+    if single:
         body, ret_ty = relax.SeqExpr(func.body.blocks, fields[0]), declared[0]
+    else:
+        body, ret_ty = relax.SeqExpr(func.body.blocks, relax.Tuple(fields)), relax.TupleType(declared)
     return relax.Function(func.params, body, ret_ty, is_pure=func.is_pure, attrs=func.attrs), notes
 
 

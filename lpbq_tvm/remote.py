@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 from tvm import relax, rpc
 
-from lpbq_tvm.bundle import PARAMS_FILE, check_inputs, read_manifest, tensor_infos
+from lpbq_tvm.bundle import PARAMS_FILE, check_inputs, outputs_by_name, read_manifest, tensor_infos
 from lpbq_tvm.timing import Timing
 
 __all__ = ["RemoteRun", "parse_address", "run_remote"]
@@ -117,6 +117,5 @@ def run_remote(
     result = machine["main"](*arguments)
     timer = machine.time_evaluator("main", device, number=1, repeat=repeat)
     times = [1e3 * t for t in timer(*arguments).results]
-    values_out = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-    outputs = {info["name"]: value.numpy() for info, value in zip(manifest["outputs"], values_out, strict=True)}
+    outputs = outputs_by_name(result, tensor_infos(manifest["outputs"]))
     return RemoteRun(outputs, Timing(float(np.median(times)), min(times), max(times)), f"{key} via {address}")

@@ -52,7 +52,7 @@ def cpu_pipeline(target: tvm.target.Target, registers: RegisterFile, database=No
                 AffineBatchNorm(),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
-                relax.transform.FoldConstant(),
+                _unless_ill_formed(relax.transform.FoldConstant()),
                 ReciprocalDivision(),
                 SinkReshape(),
                 relax.transform.LegalizeOps(),
@@ -71,3 +71,27 @@ def cpu_pipeline(target: tvm.target.Target, registers: RegisterFile, database=No
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
+
+
+def _unless_ill_formed(inner: tvm.transform.Pass) -> tvm.transform.Pass:
+    """``inner``, or no change where its result calls a function the module does not define: TVM's
+    ``FoldConstant`` before legalization legalizes a ``dynamic_strided_slice`` (a Slice with run-time
+    bounds) into a call of a ``shape_func`` it does not add to the module, which nothing can compile."""
+
+    @tvm.transform.module_pass(opt_level=0, name=f"UnlessIllFormed{inner.info.name}")
+    def _guarded(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        result = inner(mod)
+        return mod if _calls_undefined_function(result) else result
+
+    return _guarded
+
+
+def _calls_undefined_function(mod: tvm.IRModule) -> bool:
+    defined = set(mod.get_global_vars())
+    undefined = []
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(
+                func, lambda e: undefined.append(e) if isinstance(e, tvm.ir.GlobalVar) and e not in defined else None
+            )
+    return bool(undefined)

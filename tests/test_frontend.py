@@ -584,3 +584,18 @@ def test_outputs_keep_the_dtype_the_model_declares():
     assert "output 'y': TVM's importer computes float64; cast to the declared float32" in imported.preparation
     actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"indices": np.array([0, 3, 1])})
     np.testing.assert_array_equal(actual["y"], np.eye(4, dtype=np.float32)[[0, 3, 1]])
+
+
+def test_an_input_pinned_to_size_zero_runs_empty():
+    """input_shapes may pin a dimension to 0 (an empty batch): it stays 0, not unknown (TVM's importer
+    crashed the process on the None it used to become)."""
+    model = _model(
+        [helper.make_node("Concat", ["a", "b"], ["y"], axis=1)],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 1]) for name in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+    )
+    imported = import_onnx(model, {"a": [0, 1], "b": [0, 1]})
+    assert [info.shape for info in imported.inputs] == [(0, 1), (0, 1)]
+    empty = np.zeros((0, 1), np.float32)
+    y = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"a": empty, "b": empty})["y"]
+    assert y.shape == (0, 2)

@@ -139,9 +139,15 @@ def build(case: OpCase) -> onnx.ModelProto:
 
     untyped = model_with([onnx.ValueInfoProto(name=name) for name in case.outputs])
     results = ort_run(untyped, dict(case.inputs))
-    return model_with(
-        [helper.make_tensor_value_info(n, _onnx_type(results[n]), results[n].shape) for n in case.outputs]
-    )
+    return model_with([_value_info(name, results[name]) for name in case.outputs])
+
+
+def _value_info(name: str, value: np.ndarray | list[np.ndarray]) -> onnx.ValueInfoProto:
+    if isinstance(value, list):  # a sequence: its elements' type, their shapes where they agree
+        shapes = {item.shape for item in value}
+        shape = next(iter(shapes)) if len(shapes) == 1 else None
+        return helper.make_tensor_sequence_value_info(name, _onnx_type(value[0]), shape)
+    return helper.make_tensor_value_info(name, _onnx_type(value), value.shape)
 
 
 def _onnx_type(value: np.ndarray) -> int:
@@ -161,6 +167,12 @@ def check(case: OpCase) -> None:
     sim = QuantizationSimModel(model)
     actual = lpbq_tvm.compile(sim, "cpu", "fp32").run(dict(case.inputs))
     for name in case.outputs:
+        if isinstance(expected[name], list):  # a sequence: its elements, exactly
+            assert len(actual[name]) == len(expected[name]), name
+            for index, (item, reference) in enumerate(zip(actual[name], expected[name], strict=True)):
+                assert item.dtype == reference.dtype and item.shape == reference.shape, (name, index)
+                np.testing.assert_array_equal(item, reference, err_msg=f"{name}[{index}]")
+            continue
         assert actual[name].dtype == expected[name].dtype and actual[name].shape == expected[name].shape, (
             f"{name}: {actual[name].dtype}{list(actual[name].shape)}, "
             f"onnxruntime {expected[name].dtype}{list(expected[name].shape)}"
@@ -173,7 +185,8 @@ def check(case: OpCase) -> None:
         expected = truth
     bounds = (case.bound or exact)(Run(case.inputs, case.constants, expected, model))
     for name in case.outputs:
-        _assert_within(name, actual[name], expected[name], bounds[name])
+        if not isinstance(expected[name], list):
+            _assert_within(name, actual[name], expected[name], bounds[name])
     if case.lpbq:
         set_grouped_blockwise_quantization_for_weights(sim, block_size=case.block_size)
         sim.compute_encodings(lambda s, batch: s.run(batch), dict(case.inputs))

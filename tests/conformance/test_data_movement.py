@@ -40,6 +40,11 @@ CASES = [
         constants={"starts": _i64(-1, 0), "ends": _i64(-5, 5), "axes": _i64(3, 2), "steps": _i64(-2, 3)},
     ),
     _case("slice_clamped_ends", "Slice", constants={"starts": _i64(1), "ends": _i64(1000), "axes": _i64(1)}),
+    _case(
+        "slice_bounds_known_at_run_time",
+        "Slice",
+        inputs={"x": X, "starts": _i64(0, 1), "ends": _i64(2, 4), "axes": _i64(0, 2), "steps": _i64(1, 2)},
+    ),
     _case("gather_axis1", "Gather", constants={"indices": _i64(2, 0, 2)}, axis=1),
     _case(
         "gather_negative_indices_2d", "Gather", constants={"indices": np.array([[-1, 0], [1, -2]], np.int64)}, axis=3
