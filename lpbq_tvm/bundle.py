@@ -151,9 +151,18 @@ def outputs_by_name(result, outputs: Sequence[TensorInfo]) -> dict[str, np.ndarr
     the next run); a sequence output as a list of arrays."""
     values = [result] if len(outputs) == 1 else list(result)
     return {
-        info.name: [numpy_view(item).copy() for item in value] if info.sequence else numpy_view(value).copy()
+        info.name: [_copy(item) for item in value] if info.sequence else _copy(value)
         for info, value in zip(outputs, values, strict=True)
     }
+
+
+def _copy(tensor: tvm.runtime.Tensor) -> np.ndarray:
+    """A numpy copy: through DLPack for host memory, over the wire for a remote tensor."""
+    return (
+        numpy_view(tensor).copy()
+        if tensor.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        else tensor.numpy()
+    )
 
 
 class LoadedBundle:

@@ -16,10 +16,14 @@ The pass applies only where it is sound, and otherwise returns the module unchan
 channels-first, with the reason logged (the LPBQ kernels handle both layouts):
 
 * a module without a 2-D conv is left alone (TVM's ConvertLayout has nothing to gain there, and
-  its 0.27 rules crash the process on some rank-0 ops);
+  its 0.27 rules crash the process on some rank-0 ops), and so is one with a float16 (or other
+  non-float32) conv: the kernels that want NHWC are float32, and 0.27 types a converted float16
+  conv that feeds a batch norm as float32, which then fails to compile;
 * ``conv2d_transpose`` stays NCHW / IOHW (TVM 0.27 lowers no other layout of it), and ops whose
-  0.27 layout rule computes wrong numbers run in their original layout (``layer_norm``: the rule
-  moves the normalized axes but not gamma and beta, wrong for a norm over more than one axis);
+  0.27 layout rule is wrong run in their original layout (``layer_norm``: the rule moves the
+  normalized axes but not gamma and beta, wrong for a norm over more than one axis; ``stack``: on
+  rank-0 inputs, as ONNX's Max / Min of scalars imports, it fails, or after a ``broadcast_to``
+  divides by zero and kills the process);
 * where ConvertLayout fails (its 0.27 rules for squeeze and friends reject some conv outputs, e.g.
   magika's), or leaves an op in a layout ``LegalizeOps`` cannot lower, the rewrite is not applied.
 
@@ -43,7 +47,8 @@ __all__ = ["ChannelsLast"]
 
 _LAYOUT_RULE = "FRelaxInferLayout"
 _DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
-_WRONG_LAYOUT_RULES = ("relax.nn.layer_norm",)  # TVM 0.27's rules that give wrong numbers: not used
+# TVM 0.27's layout rules that give wrong numbers or crash: not used
+_WRONG_LAYOUT_RULES = ("relax.nn.layer_norm", "relax.stack")
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _log = logging.getLogger(__name__)
 
@@ -59,17 +64,17 @@ class ChannelsLast:
     """NCHW 2-D convolutions and the ops between them to NHWC; see the module docstring."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        if not _calls(mod, _CONV2D):
+        if not _calls(mod, _CONV2D) or _convs_of_other_dtypes(mod):
             return mod
         _register_clip_layout_rule()
         try:
             with _without_layout_rules(_WRONG_LAYOUT_RULES):
                 converted = relax.transform.ConvertLayout(_DESIRED_LAYOUTS)(mod)
+            unlowered = _unlowered_ops(converted) - _unlowered_ops(mod)
         except tvm.error.InternalError as error:  # e.g. 0.27's squeeze rule on a conv output of rank 3
             reason = str(error).strip().splitlines()[-1]
-            _log.info("ChannelsLast: TVM's ConvertLayout failed (%s); the convs stay channels-first", reason)
+            _log.info("ChannelsLast: TVM's ConvertLayout failed (%s); the convs stay channels-first", reason[:200])
             return mod
-        unlowered = _unlowered_ops(converted) - _unlowered_ops(mod)
         if unlowered:
             ops = ", ".join(sorted(unlowered))
             _log.info("ChannelsLast: %s would stay in a layout TVM cannot lower; the convs stay channels-first", ops)
@@ -89,6 +94,20 @@ def _calls(mod: tvm.IRModule, op: tvm.ir.Op | None = None) -> set[str]:
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
     return found
+
+
+def _convs_of_other_dtypes(mod: tvm.IRModule) -> bool:
+    """Whether a 2-D conv of ``mod`` computes in another dtype than float32."""
+    dtypes: set[str] = set()
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.same_as(_CONV2D):
+            dtypes.add(str(expr.args[0].ty.dtype))
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(dtypes - {"float32"})
 
 
 def _unlowered_ops(mod: tvm.IRModule) -> set[str]:

@@ -44,8 +44,8 @@ def test_aarch64_bundle_holds_aarch64_objects_and_a_complete_manifest(sim, tmp_p
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     assert manifest["target"] == "aarch64" and manifest["mode"] == "w4a8"
     assert manifest["tvm_target"]["mtriple"] == "aarch64-linux-gnu"
-    assert manifest["inputs"] == [{"name": "x", "shape": [1, 64, 8, 8], "dtype": "float32"}]
-    assert manifest["outputs"] == [{"name": "y", "shape": [1, 64], "dtype": "float32"}]
+    assert manifest["inputs"] == [{"name": "x", "shape": [1, 64, 8, 8], "dtype": "float32", "sequence": False}]
+    assert manifest["outputs"] == [{"name": "y", "shape": [1, 64], "dtype": "float32", "sequence": False}]
     assert {p["name"] for p in manifest["params"]} == set(compiled.param_names)
     assert set(manifest["quantization"]) == {"conv.weight", "fc1.weight", "fc2.weight"}
     assert set(manifest["versions"]) == {"lpbq-tvm", "apache-tvm", "onnx", "numpy"}
