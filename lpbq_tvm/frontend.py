@@ -1,83 +1,51 @@
 """Import an ONNX model into a Relax IRModule whose only parameters are the LPBQ candidate weights.
 
-Graph preparation, in order (each step names the node or input it rejects):
-
-1. read the model and run ``onnx.checker``: a graph that reads a tensor nothing defines is
-   refused; anything else the checker finds (a value_info without a shape, a contrib op without its
-   opset import, an op version it does not know) is reported and the import goes on;
-2. pin dynamic input dimensions: ``input_shapes[name]`` when given, else a dynamic *leading*
-   dimension becomes 1 (batch 1); any other dynamic dimension needs an override;
-3. ONNX shape inference (non-strict where an op has no shape function; run on a copy whose large
-   weights are graph inputs, so a model over 2 GB never has to be one protobuf) and constant folding
-   (``onnxscript.optimizer.fold_constants``, which keeps
-   node and weight names), so that shape sub-graphs such as ``Shape -> Slice -> Concat`` feeding a
-   ``Reshape`` become constants the importer can read;
-4. ``DequantizeLinear`` of constants (a quantized export, e.g. INT4 weights) is folded into float
-   constants; every ``Constant`` node and every initializer that is not the float weight of a
-   Gemm / MatMul / Conv becomes a ``Constant`` with a tensor value; the weights stay initializers, so
-   ``from_onnx(keep_params_in_input=True)`` lifts exactly them to parameters (lifting int64 shape
-   tensors as parameters breaks compilation);
-5. float constants holding mask sentinels (magnitude >= 1e30 or infinite, e.g. the -3.4e38 of an
-   attention mask) are clamped to +-1e4: ``exp(-1e4)`` is still 0 in a softmax, while the HTP's
-   fp16 float ops and calibrated ranges stay finite. The clamp is kept only if onnxruntime computes
-   the same outputs, bit for bit, with and without it on two sets of seeded random inputs (it does
-   not where a mask is compared with -inf, or with fully masked rows that the inputs happen to hold);
-6. ``tvm.relax.frontend.onnx.from_onnx``. ONNX node names do not survive the import; the
-   ``"lpbq.onnx_nodes"`` attribute of ``main`` (:mod:`lpbq_tvm.attrs`) maps each weight parameter to its
-   node and op type.
+The last step of the frontend: :mod:`lpbq_tvm.onnx_model` reads and checks the model,
+:mod:`lpbq_tvm.preparation` prepares it (shapes pinned and inferred, constants folded, weights as
+the only initializers; its docstring lists the steps), then ``tvm.relax.frontend.onnx.from_onnx``
+imports it. An importer failure names the op it failed on. ONNX node names do not survive the
+import; the ``"lpbq.onnx_nodes"`` attribute of ``main`` (:mod:`lpbq_tvm.attrs`) maps each weight
+parameter to its node and op type, weight parameters keep their ONNX names, and each output keeps
+the dtype the model declares (TVM's importer changes some).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import logging
-import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
 
-import numpy as np
 import onnx
-from google.protobuf.message import EncodeError
-from onnx import helper, numpy_helper, shape_inference
 
 from lpbq_tvm.attrs import ONNX_NODES_ATTR
 from lpbq_tvm.onnx_layers import WeightLayer, find_weight_layers
+from lpbq_tvm.onnx_model import (
+    ModelImportError,
+    TensorInfo,
+    checker_message,
+    graph_inputs,
+    last_line,
+    load_onnx,
+    random_inputs,
+    tensor_info,
+)
+from lpbq_tvm.preparation import MASK_VALUE, Preparation, prepare_onnx
 
 __all__ = [
-    "ModelImportError",
-    "TensorInfo",
+    "MASK_VALUE",
     "ImportedModel",
+    "ModelImportError",
     "Preparation",
+    "TensorInfo",
+    "import_onnx",
     "load_onnx",
     "prepare_onnx",
-    "import_onnx",
     "random_inputs",
 ]
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_BATCH = 1
-
-
-class ModelImportError(ValueError):
-    """The ONNX model cannot be read, checked, pinned or imported; the message says which part."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A model input or output. Inputs have static shapes (pinned on import); an output's size that
-    depends on the data (NonZero, Unique, ...) is None. A ``sequence`` output (SequenceConstruct,
-    SplitToSequence) is a list of tensors of this dtype (and shape, where all have the same)."""
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: str
-    sequence: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,633 +64,6 @@ class ImportedModel:
     preparation: tuple[str, ...] = ()  # what graph preparation changed, one line each
 
 
-def _external_data_files(proto: onnx.ModelProto, base: Path, where: str) -> None:
-    """Refuse external-data locations that leave the model's folder (``..``, absolute, symlinks)."""
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
-
-    root = base.resolve()
-    for tensor in _get_all_tensors(proto):
-        if not uses_external_data(tensor):
-            continue
-        location = ExternalDataInfo(tensor).location
-        candidate = Path(location)
-        resolved = (root / candidate).resolve()
-        if candidate.is_absolute() or ".." in candidate.parts or not resolved.is_relative_to(root):
-            msg = f"{where}: external data of tensor '{tensor.name}' points outside the model's folder ({location!r})"
-            raise ModelImportError(msg)
-        if not resolved.is_file():
-            raise ModelImportError(f"{where}: external data file {location!r} of tensor '{tensor.name}' is missing")
-
-
-def _origin(model: str | PathLike | onnx.ModelProto) -> tuple[str, Path | None]:
-    """How messages name ``model``, and its path (None for an in-memory model)."""
-    if isinstance(model, onnx.ModelProto):
-        return "the given ONNX model", None
-    return f"ONNX model '{Path(model)}'", Path(model)
-
-
-def load_onnx(model: str | PathLike | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
-    """Read a model, with its external data; ``ModelImportError`` names the file and what is wrong with it.
-
-    External data is read only from files inside the model's folder (no ``..``, absolute paths or
-    symlinks leading out). With ``check``, the ONNX checker must pass too (run from the path for a
-    model over 2 GB, as protobuf requires); :func:`prepare_onnx` is more lenient (:func:`_check`).
-    """
-    where, path = _origin(model)
-    if path is None:
-        proto = model
-    else:
-        if path.is_dir():
-            raise ModelImportError(f"cannot read {where}: it is a directory")
-        if not path.is_file():
-            raise ModelImportError(f"cannot read {where}: no such file")
-        try:
-            proto = onnx.load(path, load_external_data=False)
-        except Exception as error:  # protobuf raises its own DecodeError types
-            raise ModelImportError(f"cannot read {where}: not a valid ONNX file ({error})") from error
-    if not proto.graph.node:
-        raise ModelImportError(f"{where} has an empty graph")
-    if check and (message := _checker_message(model)) is not None:
-        raise ModelImportError(f"{where} fails the ONNX checker: {message}")
-    if path is not None:
-        _external_data_files(proto, path.parent, where)
-        onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    return proto
-
-
-def _checker_message(model: str | PathLike | onnx.ModelProto) -> str | None:
-    """The first line of what the ONNX checker finds wrong with ``model``, or None. A path is checked
-    from the file (which works past protobuf's 2 GB limit), a model in memory as its :func:`_skeleton`."""
-    _, path = _origin(model)
-    try:
-        onnx.checker.check_model(str(path) if path is not None else _skeleton(model))
-    except onnx.checker.ValidationError as error:
-        return str(error).strip().splitlines()[0]
-    return None
-
-
-def _check(model: str | PathLike | onnx.ModelProto, proto: onnx.ModelProto) -> list[str]:
-    """The ONNX checker, strict only where it protects: a graph that reads a tensor nothing defines is
-    refused; what else the checker finds (a value_info without a shape, a contrib domain without an
-    opset import, an op version it does not know) is reported and the model imported anyway, as
-    TVM's importer may well take it."""
-    message = _checker_message(model)
-    if message is None:
-        return []
-    where, _ = _origin(model)
-    if (undefined := _undefined_input(proto.graph, set())) is not None:
-        raise ModelImportError(f"{where} fails the ONNX checker: {message} (tensor '{undefined}' is never defined)")
-    return [f"the ONNX checker reports: {message}; imported anyway"]
-
-
-def _undefined_input(graph: onnx.GraphProto, outer: set[str]) -> str | None:
-    """A tensor some node of ``graph`` (or of its subgraphs) reads before anything defines it, or None."""
-    defined = outer | {vi.name for vi in graph.input} | {init.name for init in graph.initializer} | {""}
-    for node in graph.node:
-        missing = [name for name in node.input if name not in defined]
-        if missing:
-            return missing[0]
-        for sub in _subgraphs(node):
-            if (inner := _undefined_input(sub, defined)) is not None:
-                return inner
-        defined |= set(node.output)
-    return None
-
-
-def _value_info_shape(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
-    dims = value_info.type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
-
-
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    initializers = {init.name for init in model.graph.initializer}
-    return [vi for vi in model.graph.input if vi.name not in initializers]
-
-
-def _pin_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> list[str]:
-    """Give every graph input a static shape, in place; returns what changed, one line per input."""
-    changes = []
-    inputs = _graph_inputs(model)
-    unknown = sorted(set(input_shapes) - {vi.name for vi in inputs})
-    if unknown:
-        known = ", ".join(vi.name for vi in inputs)
-        raise ModelImportError(f"input_shapes names unknown input(s) {', '.join(unknown)}; the model's inputs: {known}")
-    for value_info in inputs:
-        dims = _value_info_shape(value_info)
-        override = input_shapes.get(value_info.name)
-        if override is not None:
-            override = [int(d) for d in override]
-            if len(override) != len(dims) or any(
-                isinstance(dim, int) and dim and dim != new for dim, new in zip(dims, override, strict=True)
-            ):
-                raise ModelImportError(
-                    f"input '{value_info.name}' has shape {dims}; the override {override} does not match it"
-                )
-            pinned = override
-        else:
-            pinned = []
-            for axis, dim in enumerate(dims):
-                if isinstance(dim, int) and dim > 0:
-                    pinned.append(dim)
-                elif axis == 0:
-                    logger.info(
-                        "input '%s': dynamic batch dimension %r pinned to %d", value_info.name, dim, DEFAULT_BATCH
-                    )
-                    pinned.append(DEFAULT_BATCH)
-                else:
-                    raise ModelImportError(
-                        f"input '{value_info.name}' of shape {dims} has dynamic dimension {axis} ({dim!r}); "
-                        f"give its size, e.g. input_shapes={{'{value_info.name}': [...]}} (CLI: --input-shape)"
-                    )
-        if pinned != dims:
-            changes.append(f"input '{value_info.name}': shape {dims} pinned to {pinned}")
-        shape = value_info.type.tensor_type.shape
-        del shape.dim[:]
-        for size in pinned:
-            shape.dim.add().dim_value = size
-    return changes
-
-
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
-    """The tensor of a ``Constant`` node, whichever of its value attributes it uses."""
-    (attribute,) = node.attribute
-    value = helper.get_attribute_value(attribute)
-    if attribute.name == "value":
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(value)
-    else:
-        dtype = {
-            "value_int": np.int64,
-            "value_ints": np.int64,
-            "value_float": np.float32,
-            "value_floats": np.float32,
-        }.get(attribute.name)
-        if dtype is None:
-            raise ModelImportError(f"Constant node '{node.name}' uses unsupported attribute {attribute.name}")
-        tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype))
-    tensor.name = node.output[0]
-    return tensor
-
-
-def _dequantize(value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int, block_size: int):
-    """ONNX DequantizeLinear (per tensor, per axis or blocked along ``axis``) in numpy."""
-    zero_point = np.zeros_like(scale, dtype=np.int32) if zero_point is None else zero_point.astype(np.int32)
-    if scale.ndim and block_size:
-        scale = np.repeat(scale, block_size, axis=axis)
-        zero_point = np.repeat(zero_point, block_size, axis=axis)
-    elif scale.ndim:
-        shape = [1] * value.ndim
-        shape[axis] = -1
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    return ((value.astype(np.int32) - zero_point) * scale).astype(np.float32)
-
-
-def _fold_constant_dequantize(graph: onnx.GraphProto, tensors: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
-    """Replace DequantizeLinear of constants (e.g. INT4 weights of an exported model) by float constants.
-
-    TVM's importer rejects blocked DequantizeLinear; folded, a quantized model imports like a float one.
-    Returns the remaining nodes; folded values are added to ``tensors``.
-    """
-    nodes = []
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear" and all(name in tensors for name in node.input if name):
-            values = [numpy_helper.to_array(tensors[name]) if name else None for name in node.input]
-            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            value = _dequantize(
-                values[0],
-                values[1].astype(np.float32),
-                values[2] if len(values) > 2 else None,
-                attributes.get("axis", 1) % max(values[0].ndim, 1),
-                attributes.get("block_size", 0),
-            )
-            tensors[node.output[0]] = numpy_helper.from_array(value, node.output[0])
-        else:
-            nodes.append(node)
-    return nodes
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs an ``If`` / ``Loop`` / ``Scan`` node holds (its branches, its body)."""
-    graphs = []
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attribute.g)
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attribute.graphs)
-    return graphs
-
-
-def _nested_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The nodes inside the subgraphs of ``graph``'s nodes, at any depth (not ``graph``'s own)."""
-    return [inner for node in graph.node for sub in _subgraphs(node) for inner in [*sub.node, *_nested_nodes(sub)]]
-
-
-def _initializers_are_not_inputs(model: onnx.ModelProto) -> list[str]:
-    """Initializers listed as graph inputs too (IR < 4, ``keep_initializers_as_inputs`` exports) are
-    weights or constants here, not inputs that a caller may override: from IR 4 on an initializer
-    need not be an input, and constant folding leaves what reads an input alone."""
-    graph = model.graph
-    initializers = {init.name for init in graph.initializer}
-    inputs = [vi for vi in graph.input if vi.name not in initializers]
-    if len(inputs) == len(graph.input):
-        return []
-    count = len(graph.input) - len(inputs)
-    del graph.input[:]
-    graph.input.extend(inputs)
-    model.ir_version = max(model.ir_version, 4)
-    return [f"{count} initializers listed as graph inputs are constants, not inputs"]
-
-
-def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
-    """Float Gemm/MatMul/Conv weights become initializers; every other constant a Constant node.
-
-    Returns what changed."""
-    graph = model.graph
-    tensors = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            tensors[node.output[0]] = _constant_value(node)
-    before = len(graph.node)
-    nodes = _fold_constant_dequantize(graph, tensors)
-    folded = before - len(nodes)
-    nodes = [node for node in nodes if node.op_type != "Constant"]
-    consumers = {node.input[1] for node in nodes if node.op_type in ("Gemm", "MatMul", "Conv") and len(node.input) > 1}
-    weights = [
-        name
-        for name in tensors
-        if name in consumers and tensors[name].data_type == onnx.TensorProto.FLOAT and len(tensors[name].dims) >= 2
-    ]
-    # A subgraph reads the outer scope by name: what its nodes read is used too.
-    used = {name for node in [*nodes, *_nested_nodes(graph)] for name in node.input} | {o.name for o in graph.output}
-    constants = [
-        helper.make_node("Constant", [], [name], name=f"{name}/constant", value=tensor)
-        for name, tensor in tensors.items()
-        if name not in weights and name in used
-    ]
-    # Removed and added one by one: copying a weight message would serialize it, which fails past 2 GB.
-    kept_names = set(weights)
-    for index in reversed(range(len(graph.initializer))):
-        if graph.initializer[index].name not in kept_names:
-            del graph.initializer[index]
-    kept = {init.name for init in graph.initializer}
-    for name in weights:
-        if name not in kept:
-            graph.initializer.add().CopyFrom(tensors[name])
-    del graph.node[:]
-    graph.node.extend(constants + nodes)
-    changes = [f"{len(weights)} Gemm/MatMul/Conv weights kept as parameters, {len(constants)} other constants inlined"]
-    nested = [n.name or n.output[0] for n in _nested_nodes(graph) if n.op_type in ("Gemm", "MatMul", "Conv")]
-    if nested:
-        listed = ", ".join(nested[:5]) + (", ..." if len(nested) > 5 else "")
-        changes.append(f"{len(nested)} Gemm/MatMul/Conv layers inside If / Loop subgraphs stay fp32: {listed}")
-    if folded:
-        changes.insert(0, f"{folded} DequantizeLinear nodes of constants folded into float weights")
-    return changes
-
-
-def _repair_folded_nodes(model: onnx.ModelProto) -> None:
-    """What onnxscript's rewrite of sequence ops leaves for the model's opset to hold, in place:
-    ``ConcatFromSequence(new_axis=1)`` becomes an ``Unsqueeze`` whose axes are a 0-d constant (TVM's
-    importer needs 1-D axes), ``SplitToSequence`` a ``Split`` with ``num_outputs``, an attribute
-    from opset 18 on (before it: the sizes as an input, computed here from the inferred shape)."""
-    constants = {node.output[0]: node.attribute[0].t for node in model.graph.node if node.op_type == "Constant"}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    shapes = {vi.name: _value_info_shape(vi) for vi in [*model.graph.value_info, *model.graph.input]}
-    for node in list(model.graph.node):
-        if node.op_type in ("Unsqueeze", "Squeeze") and len(node.input) > 1 and node.input[1] in constants:
-            axes = constants[node.input[1]]
-            if not axes.dims:
-                axes.dims.append(1)
-        elif node.op_type == "Split" and opset < 18:
-            _split_sizes_as_input(model, node, shapes.get(node.input[0]))
-
-
-def _split_sizes_as_input(model: onnx.ModelProto, node: onnx.NodeProto, shape: list | None) -> None:
-    """A ``Split`` with opset 18's ``num_outputs`` (equal chunks of ceil(dim / n), the last smaller)
-    given its sizes as the input earlier opsets read instead, when the split dimension is known."""
-    count = next((a for a in node.attribute if a.name == "num_outputs"), None)
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    dim = shape[axis] if count is not None and shape and -len(shape) <= axis < len(shape) else None
-    if not isinstance(dim, int) or len(node.input) > 1:
-        return
-    chunk = -(-dim // count.i)
-    sizes = np.array([min(chunk, dim - i * chunk) for i in range(count.i)], np.int64)
-    name = f"{node.output[0]}/split_sizes"
-    model.graph.node.insert(0, helper.make_node("Constant", [], [name], value=numpy_helper.from_array(sizes, name)))
-    node.input.append(name)
-    node.attribute.remove(count)
-
-
-MASK_SENTINEL = 1e30
-MASK_VALUE = 1e4
-
-
-def _clamp_mask_constants(model: onnx.ModelProto) -> list[str]:
-    """Step 5 of the module docstring, on the Constant nodes left by step 4, kept only if onnxruntime
-    computes the same outputs with and without it. Returns what changed, or why nothing did."""
-    clamps = []  # (the constant's tensor, its clamped value, what changed)
-    for node in model.graph.node:
-        tensor = node.attribute[0].t if node.op_type == "Constant" else None
-        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
-            continue
-        value = numpy_helper.to_array(tensor)
-        sentinels = np.abs(value) >= MASK_SENTINEL
-        if sentinels.any():
-            extreme = value[sentinels][np.argmax(np.abs(value[sentinels]))]
-            clamped = np.where(sentinels, np.sign(value) * MASK_VALUE, value).astype(np.float32)
-            note = f"constant '{node.output[0]}': {int(sentinels.sum())} mask values (up to {extreme:.3g}) "
-            clamps.append(
-                (tensor, numpy_helper.from_array(clamped, tensor.name), note + f"clamped to +-{MASK_VALUE:g}")
-            )
-    if not clamps:
-        return []
-    originals = [onnx.TensorProto.FromString(tensor.SerializeToString()) for tensor, _, _ in clamps]
-    try:
-        before = model.SerializeToString()
-        for tensor, clamped, _ in clamps:
-            tensor.CopyFrom(clamped)
-        inputs = [_tensor_info(vi) for vi in _graph_inputs(model)]
-        difference = _output_difference(before, model.SerializeToString(), inputs, [o.name for o in model.graph.output])
-    except EncodeError:
-        difference = "could not be verified: onnxruntime takes no model over 2 GB from memory"
-    if difference is None:
-        return [note for _, _, note in clamps]
-    for (tensor, _, _), original in zip(clamps, originals, strict=True):
-        tensor.CopyFrom(original)
-    return [f"{len(clamps)} mask constant(s) kept as they are: clamping them {difference}"]
-
-
-def _output_difference(
-    model: bytes, changed: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[str], seeds: Sequence[int] = (0, 1)
-) -> str | None:
-    """How the serialized model ``changed`` computes other ``outputs`` than ``model`` in onnxruntime, bit
-    for bit, on seeded random ``inputs`` (:func:`random_inputs`); None if it computes the same."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        sessions = [ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]) for m in (model, changed)]
-        for seed in seeds:
-            feed = random_inputs(inputs, seed)
-            for name, before, after in zip(outputs, *(s.run(outputs, feed) for s in sessions), strict=True):
-                if not np.array_equal(before, after, equal_nan=True):
-                    delta = np.abs(before.astype(np.float64) - after.astype(np.float64))
-                    return f"changes output '{name}' in onnxruntime (by up to {np.nanmax(delta):.3g})"
-    except Exception as error:  # noqa: BLE001 - any failure means the rewrite is unproven
-        return f"could not be verified in onnxruntime ({str(error).strip().splitlines()[0][:200]})"
-    return None
-
-
-def random_inputs(inputs: Sequence[TensorInfo], seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random values for ``inputs``: N(0, 1) floats, integers and booleans 0 or 1 (valid ids,
-    masks and flags)."""
-    rng = np.random.default_rng(seed)
-    values = {}
-    for info in inputs:
-        dtype = np.dtype(info.dtype)
-        discrete = np.issubdtype(dtype, np.integer) or dtype == np.bool_
-        values[info.name] = (rng.integers(0, 2, info.shape) if discrete else rng.standard_normal(info.shape)).astype(
-            dtype
-        )
-    return values
-
-
-_FLOAT8 = {value for name, value in onnx.TensorProto.DataType.items() if name.startswith("FLOAT8")}
-
-
-def _float8_warning(model: onnx.ModelProto) -> list[str]:
-    """A warning where the model holds float8 tensors: TVM 0.27 converts values below float8's smallest
-    normal number (2^-6 in e4m3, 2^-14 in e5m2) wrongly, to and from float32, even exact ones."""
-    graph = model.graph
-    typed = [*graph.input, *graph.output, *graph.value_info]
-    names = [vi.name for vi in typed if vi.type.tensor_type.elem_type in _FLOAT8]
-    names += [
-        node.output[0]
-        for node in [*graph.node, *_nested_nodes(graph)]
-        if node.op_type == "Cast" and any(a.name == "to" and a.i in _FLOAT8 for a in node.attribute)
-    ]
-    names = list(dict.fromkeys(names))
-    if not names:
-        return []
-    listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    return [
-        f"warning: float8 tensors ({listed}): TVM converts float8 subnormals wrongly (magnitudes below "
-        "2^-6 in e4m3, 2^-14 in e5m2); such values will differ from onnxruntime"
-    ]
-
-
-_IMPORTED_DOMAINS = ("", "ai.onnx", "com.microsoft")  # whose ops TVM's importer converts by name
-
-
-# Layers another tool has quantized already: integer kernels, or 4-bit / 8-bit weight formats.
-_QUANTIZED_LAYER_OPS = frozenset(
-    {
-        "ConvInteger",
-        "MatMulInteger",
-        "QLinearConv",
-        "QLinearMatMul",
-        "QGemm",
-        "QAttention",
-        "DynamicQuantizeMatMul",
-        "DynamicQuantizeLSTM",
-        "MatMulIntegerToFloat",
-        "MatMulNBits",
-        "GatherBlockQuantized",
-    }
-)
-
-
-def _is_quantized(node: onnx.NodeProto) -> bool:
-    return node.op_type in _QUANTIZED_LAYER_OPS or node.op_type.startswith("QLinear")
-
-
-def _check_supported_ops(model: onnx.ModelProto) -> None:
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
-
-    supported = set(_get_convert_map()) | {"Constant", "If"}
-    unsupported: dict[str, list[str]] = {}
-    quantized = set()
-    for node in [*model.graph.node, *_nested_nodes(model.graph)]:
-        if node.op_type not in supported or node.domain not in _IMPORTED_DOMAINS:
-            op = f"{node.domain + '.' if node.domain else ''}{node.op_type}"
-            unsupported.setdefault(op, []).append(node.name or node.output[0])
-            if _is_quantized(node):
-                quantized.add(op)
-    if unsupported:
-        listed = "; ".join(
-            f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
-            for op, names in sorted(unsupported.items())
-        )
-        hint = (
-            f". The model is already quantized ({', '.join(sorted(quantized))}): lpbq_tvm quantizes float "
-            "models, so give it the float model this one was made from"
-            if quantized
-            else ""
-        )
-        raise ModelImportError(f"TVM's ONNX importer does not support: {listed}{hint}")
-
-
-def _quantized_layers(model: onnx.ModelProto) -> list[str]:
-    """A note on the layers another tool quantized (that TVM imports, e.g. ``MatMulInteger``): they run
-    as the model defines them, in integer arithmetic, and are no LPBQ candidates."""
-    layers: dict[str, list[str]] = {}
-    for node in [*model.graph.node, *_nested_nodes(model.graph)]:
-        if _is_quantized(node):
-            layers.setdefault(node.op_type, []).append(node.name or node.output[0])
-    if not layers:
-        return []
-    listed = "; ".join(
-        f"{op}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" for op, names in layers.items()
-    )
-    count = sum(len(names) for names in layers.values())
-    return [f"{count} layers already quantized by another tool run as the model defines them, not LPBQ ({listed})"]
-
-
-def _import_used_domains(model: onnx.ModelProto) -> list[str]:
-    """An opset import for every domain the nodes use (exporters leave out ``com.microsoft``'s)."""
-    imported = {opset.domain for opset in model.opset_import}
-    used = {node.domain for node in [*model.graph.node, *_nested_nodes(model.graph)]} - {"ai.onnx"}
-    missing = sorted(used - imported - ({""} if "ai.onnx" in imported else set()))
-    for domain in missing:
-        model.opset_import.append(helper.make_opsetid(domain, 1))
-    return [f"opset import added for domain '{domain}' (version 1)" for domain in missing]
-
-
-def _infer_shapes(model: onnx.ModelProto) -> list[str]:
-    """Infer the model's shapes from the pinned inputs, in place; returns what could not be inferred.
-
-    Value infos and output shapes are inferred anew, on the model's :func:`_skeleton`; an op without
-    (or with a failing) ONNX shape function stops strict inference, and non-strict inference infers
-    what it can; an output whose shape nothing infers keeps the one the model declared. TVM's
-    importer infers its own shapes."""
-    skeleton = _skeleton(model)
-    del skeleton.graph.value_info[:]
-    for output in skeleton.graph.output:
-        output.type.tensor_type.ClearField("shape")
-    changes = []
-    try:
-        inferred = shape_inference.infer_shapes(skeleton, strict_mode=True, data_prop=True)
-    except (shape_inference.InferenceError, onnx.checker.ValidationError) as error:
-        changes.append(f"ONNX shape inference stopped short ({_last_line(error)}); shapes left to TVM's importer")
-        try:
-            inferred = shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-        except (shape_inference.InferenceError, onnx.checker.ValidationError) as again:
-            changes.append(f"non-strict ONNX shape inference failed too ({_last_line(again)})")
-            inferred = skeleton
-    graph = model.graph
-    del graph.value_info[:]
-    graph.value_info.extend(inferred.graph.value_info)
-    del graph.node[:]  # their subgraphs' value infos too
-    graph.node.extend(inferred.graph.node)
-    for output, result in zip(graph.output, inferred.graph.output, strict=True):
-        if result.type.tensor_type.HasField("shape"):
-            output.type.CopyFrom(result.type)
-    return changes
-
-
-def _last_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[-1]
-
-
-SKELETON_TENSOR_ELEMENTS = 1024
-FOLD_SIZE_LIMIT = 2**31 // 4  # elements: a float32 tensor up to 2 GiB
-
-
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers over :data:`SKELETON_TENSOR_ELEMENTS` are graph inputs of
-    their type and shape instead. ONNX shape inference and the checker read the data of small
-    shape-like tensors only, and the copy stays below
-    protobuf's 2 GB limit (they serialize what they are given) however large the weights."""
-    skeleton = _copy_except(model, "graph")
-    skeleton.graph.CopyFrom(_copy_except(model.graph, "initializer"))
-    inputs = {vi.name for vi in model.graph.input}
-    for tensor in model.graph.initializer:
-        if math.prod(tensor.dims) <= SKELETON_TENSOR_ELEMENTS:
-            skeleton.graph.initializer.append(tensor)
-        elif tensor.name not in inputs:  # (IR < 4 lists initializers as inputs already)
-            skeleton.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    return skeleton
-
-
-def _copy_except(message, excluded: str):
-    """A copy of a protobuf ``message`` without its field ``excluded`` (never copied, however large)."""
-    copy = type(message)()
-    for field, value in message.ListFields():
-        if field.name == excluded:
-            continue
-        if field.is_repeated:
-            getattr(copy, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(copy, field.name).CopyFrom(value)
-        else:
-            setattr(copy, field.name, value)
-    return copy
-
-
-@dataclass(frozen=True, eq=False)
-class Preparation:
-    """A prepared model and, one line each, what preparation changed."""
-
-    model: onnx.ModelProto
-    changes: tuple[str, ...]
-
-
-def prepare_onnx(
-    model: str | PathLike | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
-) -> Preparation:
-    """Steps 1-5 of the module docstring on a copy (the input is not modified)."""
-    import onnxscript.optimizer
-    from onnxscript import ir
-
-    prepared = load_onnx(model, check=False)
-    checker = _check(model, prepared)
-    if isinstance(model, onnx.ModelProto):  # the caller's: prepared on a copy (a file is read afresh)
-        prepared = onnx.ModelProto()
-        prepared.CopyFrom(model)
-    changes = checker + _initializers_are_not_inputs(prepared)
-    changes += _pin_input_shapes(prepared, input_shapes or {})
-    changes += _import_used_domains(prepared)
-    nodes_before = len(prepared.graph.node)
-    changes += _infer_shapes(prepared)
-    folded = ir.serde.deserialize_model(prepared)  # one round trip (each API call on a proto makes two)
-    # Weights computed from constants (a Transpose or a Cast of an fp16 weight, a ConstantOfShape,
-    # which onnxscript keeps by default) fold whatever their size, so that they are weights;
-    # onnxscript's limits (8192 elements in, 512 x 512 out) would leave them computed at run time.
-    parameters = {name for n in prepared.graph.node if n.op_type in ("Gemm", "MatMul", "Conv") for name in n.input[1:]}
-    onnxscript.optimizer.fold_constants(
-        folded,
-        input_size_limit=FOLD_SIZE_LIMIT,
-        output_size_limit=FOLD_SIZE_LIMIT,
-        should_fold=lambda node: True if any(out.name in parameters for out in node.outputs) else None,
-    )
-    del prepared
-    onnxscript.optimizer.remove_unused_nodes(folded)
-    prepared = ir.serde.serialize_model(folded)
-    del folded
-    if len(prepared.graph.node) != nodes_before:
-        changes.append(f"constant folding: {nodes_before} -> {len(prepared.graph.node)} nodes")
-    changes += _weights_as_only_initializers(prepared)
-    _repair_folded_nodes(prepared)
-    changes += _clamp_mask_constants(prepared)
-    changes += _float8_warning(prepared)
-    _check_supported_ops(prepared)
-    changes += _quantized_layers(prepared)
-    if not checker and (message := _checker_message(prepared)) is not None:  # the input passed: our own doing
-        raise ModelImportError(f"graph preparation produced an invalid model ({message}); please report it")
-    return Preparation(prepared, tuple(changes))
-
-
-def _tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo:
-    sequence = value_info.type.HasField("sequence_type")
-    tensor = value_info.type.sequence_type.elem_type.tensor_type if sequence else value_info.type.tensor_type
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-    dims = tuple(
-        d.dim_value if d.HasField("dim_value") else None for d in (tensor.shape.dim if tensor.HasField("shape") else ())
-    )
-    return TensorInfo(value_info.name, dims, str(np.dtype(dtype)), sequence)
-
-
 def import_onnx(
     model: str | PathLike | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> ImportedModel:
@@ -732,12 +73,12 @@ def import_onnx(
 
     preparation = prepare_onnx(model, input_shapes)
     prepared = preparation.model
-    inputs = tuple(_tensor_info(vi) for vi in _graph_inputs(prepared))
-    outputs = tuple(_tensor_info(vi) for vi in prepared.graph.output)
+    inputs = tuple(tensor_info(vi) for vi in graph_inputs(prepared))
+    outputs = tuple(tensor_info(vi) for vi in prepared.graph.output)
     printed = io.StringIO()  # the importer prints the op it failed on, then raises
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
-            for message in (_checker_message(prepared), "Failed to serialize proto"):  # (the latter: over 2 GB)
+            for message in (checker_message(prepared), "Failed to serialize proto"):  # (the latter: over 2 GB)
                 if message is not None:  # what its own checker call says, preparation has reported already
                     warnings.filterwarnings("ignore", re.escape(message), UserWarning)
             mod = from_onnx(
@@ -749,7 +90,7 @@ def import_onnx(
             )
     except Exception as error:  # the importer raises many types; report the op and the last line
         raise ModelImportError(
-            f"TVM's ONNX importer failed{_failed_op(prepared, printed.getvalue())}: {_last_line(error)}"
+            f"TVM's ONNX importer failed{_failed_op(prepared, printed.getvalue())}: {last_line(error)}"
         ) from error
     layers = {layer.weight_name: layer for layer in find_weight_layers(prepared)}
     onnx_nodes = {
