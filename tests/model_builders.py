@@ -163,6 +163,18 @@ def assert_float_close(actual: np.ndarray, reference: np.ndarray, bound: np.ndar
     assert (error <= allowed).all(), f"error {error[worst]:.3g} > bound {allowed[worst]:.3g} at {worst}"
 
 
+def absolute_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every float initializer replaced by its absolute value: run on absolute
+    inputs, a linear model computes the sum of the magnitudes of the terms of each output."""
+    absolute = onnx.ModelProto()
+    absolute.CopyFrom(model)
+    for init in absolute.graph.initializer:
+        value = numpy_helper.to_array(init)
+        if np.issubdtype(value.dtype, np.floating):
+            init.CopyFrom(numpy_helper.from_array(np.abs(value), init.name))
+    return absolute
+
+
 def abs_network_bound(model: onnx.ModelProto, inputs: dict[str, np.ndarray], terms: Sequence[int]) -> np.ndarray:
     """Float32 error bound for two evaluations of a network of linear layers with ReLU / pooling.
 
@@ -172,13 +184,7 @@ def abs_network_bound(model: onnx.ModelProto, inputs: dict[str, np.ndarray], ter
     and magnitudes forward alike, so the output error is bounded by that sum times the absolute
     network's output.
     """
-    absolute = onnx.ModelProto()
-    absolute.CopyFrom(model)
-    for init in absolute.graph.initializer:
-        value = numpy_helper.to_array(init)
-        if np.issubdtype(value.dtype, np.floating):
-            init.CopyFrom(numpy_helper.from_array(np.abs(value), init.name))
-    (magnitude,) = ort_run(absolute, {name: np.abs(value) for name, value in inputs.items()}).values()
+    (magnitude,) = ort_run(absolute_model(model), {name: np.abs(v) for name, v in inputs.items()}).values()
     return 2 * sum(t + 4 for t in terms) * UNIT_ROUNDOFF * magnitude
 
 

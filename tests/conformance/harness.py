@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import pytest
-from model_builders import UNIT_ROUNDOFF, ort_run
+from model_builders import UNIT_ROUNDOFF, absolute_model, ort_run
 from onnx import helper, numpy_helper
 
 import lpbq_tvm
@@ -105,23 +105,13 @@ def dot(terms: int, extra_roundings: int = 0) -> ErrorBound:
     + 4 + extra_roundings) u`` times the absolute model's output."""
 
     def bound(run: Run) -> dict[str, np.ndarray]:
-        magnitude = ort_run(_absolute(run.model), {name: np.abs(value) for name, value in run.inputs.items()})
+        magnitude = ort_run(absolute_model(run.model), {name: np.abs(value) for name, value in run.inputs.items()})
         return {
             name: 2 * (terms + 4 + extra_roundings) * UNIT_ROUNDOFF * np.abs(magnitude[name]).astype(np.float64)
             for name in run.expected
         }
 
     return bound
-
-
-def _absolute(model: onnx.ModelProto) -> onnx.ModelProto:
-    absolute = onnx.ModelProto()
-    absolute.CopyFrom(model)
-    for init in absolute.graph.initializer:
-        value = numpy_helper.to_array(init)
-        if np.issubdtype(value.dtype, np.floating):
-            init.CopyFrom(numpy_helper.from_array(np.abs(value), init.name))
-    return absolute
 
 
 def build(case: OpCase) -> onnx.ModelProto:
