@@ -4,7 +4,8 @@ output conversion every runner of ``main`` shares (in process, from a bundle, ov
 A bundle is a directory (``lpbq-tvm compile``, :meth:`~lpbq_tvm.compiler.CompiledModel.export_bundle`)::
 
     bundle/
-      model.so | model.tar   the library (a .tar of objects for cross targets)
+      model.so | model.tar   the library (a .tar of objects for a cross target without its linker)
+      cpu_features.so        aarch64: a probe of the board's CPU features, run before the library
       params.bin             the weight parameters (tvm.runtime.save_param_dict), in call order
       manifest.json          target, mode, inputs/outputs, parameters, quantization, versions,
                              and the sha256 of every other file
@@ -96,15 +97,12 @@ def manifest(compiled) -> dict[str, Any]:
 
 def write_bundle(compiled, directory: str | PathLike, *, overwrite: bool = False) -> Path:
     """Write the library, parameters and manifest of ``compiled`` into ``directory`` (module docstring)."""
-    library_name = get_target(compiled.target).library_name
 
     def fill(staging: Path) -> None:
-        compiled.executable.export_library(str(staging / library_name))
+        content = manifest(compiled) | get_target(compiled.target).write_library(compiled.executable, staging)
         params = dict(zip(compiled.param_names, compiled.params, strict=True))
         (staging / PARAMS_FILE).write_bytes(tvm.runtime.save_param_dict(params))
-        content = manifest(compiled)
-        content["library"] = library_name
-        content["files"] = {name: sha256(staging / name) for name in (library_name, PARAMS_FILE)}
+        content["files"] = {path.name: sha256(path) for path in sorted(staging.iterdir())}
         (staging / MANIFEST_FILE).write_text(json.dumps(content, indent=2) + "\n")
 
     return atomic_directory(directory, fill, overwrite=overwrite)

@@ -10,6 +10,7 @@ bundle (:mod:`lpbq_tvm.bundle`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -109,8 +110,11 @@ class CompiledModel:
         return outputs_by_name(self._main(*self._buffers, *self.params), self.outputs)
 
     def export_library(self, path: str | PathLike, *, overwrite: bool = False) -> Path:
-        """Write the executable as a library (``.so``, or ``.tar`` of objects); weights are not inside."""
-        return atomic_write(path, self.executable.export_library, overwrite=overwrite)
+        """Write the executable as a library (``.so`` linked for the target, or ``.tar`` of objects); weights are
+        not inside."""
+        linker = None if str(path).endswith(".tar") else get_target(self.target).linker()
+        write = functools.partial(self.executable.export_library, fcompile=linker)
+        return atomic_write(path, write, overwrite=overwrite)
 
     def export_bundle(self, directory: str | PathLike, *, overwrite: bool = False) -> Path:
         """Write library, parameters and manifest into ``directory`` (:mod:`lpbq_tvm.bundle`)."""

@@ -2,7 +2,8 @@
 
 ``run_remote(bundle, "host:port", key, inputs)`` asks the tracker for a device registered under
 ``key`` (waiting at most ``timeout`` seconds for a free one), checks that the device's
-architecture matches the bundle's target when the device can tell, uploads the library, loads it
+architecture matches the bundle's target when the device can tell and that its CPU has the features
+the library was built for (:meth:`~lpbq_tvm.targets.base.Target.check_device`), uploads the library, loads it
 in the Relax VM there, copies the parameters and inputs over, runs and times ``main`` and brings
 the outputs back. Nothing is written locally.
 
@@ -24,6 +25,7 @@ import tvm
 from tvm import relax, rpc
 
 from lpbq_tvm.bundle import PARAMS_FILE, check_inputs, outputs_by_name, read_manifest, tensor_infos
+from lpbq_tvm.targets import get_target
 from lpbq_tvm.timing import Timing
 
 __all__ = ["RemoteRun", "parse_address", "run_remote"]
@@ -103,6 +105,7 @@ def run_remote(
             f"{key!r} is {_architecture(remote_triple)}"
         )
         raise ValueError(msg)
+    get_target(manifest["target"]).check_device(remote, directory, manifest)
     library = directory / manifest["library"]
     try:
         remote.upload(str(library))

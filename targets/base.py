@@ -10,7 +10,9 @@ Its parts, each a one-line decision in the subclass:
   them takes runs the generic kernel;
 * :meth:`Target.pipeline` — the Relax pipeline (by default :func:`~lpbq_tvm.targets.pipeline.cpu_pipeline`);
 * :meth:`Target.device` — where its artifacts run in this process (None: on their device);
-* ``modes`` it builds, ``library_name`` of its bundle, ``channels_last`` (2-D convs in NHWC,
+* :meth:`Target.linker`, :meth:`Target.write_library` — how its bundle's library is linked and written;
+* :meth:`Target.check_device` — what to check on a device (over RPC) before loading the library there;
+* ``modes`` it builds, ``channels_last`` (2-D convs in NHWC,
   :mod:`lpbq_tvm.passes.channels_last`) and ``requantize_outputs`` (HTP style: compile the QNN
   export's Q/DQ graph, LPBQ layers requantizing their outputs).
 """
@@ -18,8 +20,9 @@ Its parts, each a one-line decision in the subclass:
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from types import ModuleType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import tvm
 
@@ -36,7 +39,6 @@ class Target:
 
     name: ClassVar[str]
     modes: ClassVar[tuple[str, ...]] = tuple(LPBQ_MODES)
-    library_name: ClassVar[str] = "model.so"
     channels_last: ClassVar[bool] = False
     requantize_outputs: ClassVar[bool] = False
     kernel_families: ClassVar[tuple[ModuleType, ...]] = ()
@@ -50,6 +52,20 @@ class Target:
     def device(self) -> tvm.runtime.Device | None:
         """Where artifacts of this target run in this process (None: they do not run here)."""
         return None
+
+    def linker(self):
+        """What links this target's shared libraries (``export_library``'s ``fcompile``; None: the host's compiler)."""
+        return None
+
+    def write_library(self, executable, directory: Path) -> dict[str, Any]:
+        """Write ``executable`` into the bundle ``directory``; the manifest entries that describe what was
+        written (``library``: the file name, and whatever :meth:`check_device` reads)."""
+        executable.export_library(str(directory / "model.so"), fcompile=self.linker())
+        return {"library": "model.so"}
+
+    def check_device(self, session, directory: Path, manifest: dict[str, Any]) -> None:
+        """Raise ``ValueError`` when the device of the RPC ``session`` cannot run the bundle in ``directory``
+        (called before its library is loaded there). Nothing to check by default."""
 
     def pipeline(self, tvm_target: tvm.target.Target | None = None, database=None) -> tvm.transform.Pass:
         """The Relax pipeline to compile with (``database``: MetaSchedule's tuned schedules, applied first)."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,16 @@ from lpbq_tvm.bundle import MANIFEST_FILE, PARAMS_FILE
 from lpbq_tvm.examples import build_example_model
 
 EM_AARCH64, EM_X86_64 = 183, 62
+ET_DYN = 3  # a shared object
+
+
+def require_cross_linker() -> None:
+    """The cross linker comes with tools/arm64_device.sh setup, which CI runs: skip without it, except in CI."""
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        missing = "needs aarch64-linux-gnu-g++: run tools/arm64_device.sh setup (or install g++-aarch64-linux-gnu)"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
 
 
 @pytest.fixture(scope="module")
@@ -33,26 +46,54 @@ def _elf_machine(blob: bytes) -> int:
     return int.from_bytes(blob[18:20], "little")
 
 
-def test_aarch64_bundle_holds_aarch64_objects_and_a_complete_manifest(sim, tmp_path):
+def test_aarch64_bundle_holds_a_linked_library_a_feature_probe_and_a_complete_manifest(sim, tmp_path):
+    require_cross_linker()
     compiled = lpbq_tvm.compile(sim, target="aarch64", mode="w4a8")
     bundle = compiled.export_bundle(tmp_path / "bundle")
-    assert sorted(p.name for p in bundle.iterdir()) == sorted([MANIFEST_FILE, PARAMS_FILE, "model.tar"])
-    with tarfile.open(bundle / "model.tar") as archive:
-        objects = [m for m in archive.getmembers() if m.name.endswith(".o")]
-        assert objects
-        assert {_elf_machine(archive.extractfile(m).read()) for m in objects} == {EM_AARCH64}
+    files = [MANIFEST_FILE, PARAMS_FILE, "model.so", "cpu_features.so"]
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(files)
+    for library in ("model.so", "cpu_features.so"):
+        blob = (bundle / library).read_bytes()
+        assert _elf_machine(blob) == EM_AARCH64 and int.from_bytes(blob[16:18], "little") == ET_DYN
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
-    assert manifest["target"] == "aarch64" and manifest["mode"] == "w4a8"
+    assert manifest["target"] == "aarch64" and manifest["mode"] == "w4a8" and manifest["library"] == "model.so"
+    assert manifest["cpu_features"] == {"probe": "cpu_features.so", "requires": ["neon", "dotprod"]}
     assert manifest["tvm_target"]["mtriple"] == "aarch64-linux-gnu"
     assert manifest["inputs"] == [{"name": "x", "shape": [1, 64, 8, 8], "dtype": "float32", "sequence": False}]
     assert manifest["outputs"] == [{"name": "y", "shape": [1, 64], "dtype": "float32", "sequence": False}]
     assert {p["name"] for p in manifest["params"]} == set(compiled.param_names)
     assert set(manifest["quantization"]) == {"conv.weight", "fc1.weight", "fc2.weight"}
     assert set(manifest["versions"]) == {"lpbq-tvm", "apache-tvm", "onnx", "numpy"}
+    assert set(manifest["files"]) == {PARAMS_FILE, "model.so", "cpu_features.so"}
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == digest
     with pytest.raises(RuntimeError, match="built for target 'aarch64', which does not run on this machine"):
         compiled.run({"x": np.zeros((1, 64, 8, 8), np.float32)})
+
+
+def test_aarch64_bundle_without_the_cross_linker_holds_objects(sim, tmp_path, monkeypatch, caplog):
+    """No aarch64-linux-gnu-g++ on PATH: a .tar of aarch64 objects to link on the board, and a warning."""
+    compiled = lpbq_tvm.compile(sim, target="aarch64", mode="w4a8")
+    tools = tmp_path / "bin"  # PATH's programs but the aarch64 toolchain (TVM writes the .tar with tar)
+    tools.mkdir()
+    for folder in reversed(os.environ["PATH"].split(os.pathsep)):
+        for program in Path(folder).glob("*") if Path(folder).is_dir() else []:
+            if not program.name.startswith("aarch64-"):
+                (tools / program.name).unlink(missing_ok=True)
+                (tools / program.name).symlink_to(program)
+    monkeypatch.setenv("PATH", str(tools))
+    bundle = compiled.export_bundle(tmp_path / "bundle")
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([MANIFEST_FILE, PARAMS_FILE, "model.tar"])
+    assert "aarch64-linux-gnu-g++ not found: the bundle holds model.tar" in caplog.text
+    with tarfile.open(bundle / "model.tar") as archive:
+        objects = [m for m in archive.getmembers() if m.name.endswith(".o")]
+        assert objects
+        assert {_elf_machine(archive.extractfile(m).read()) for m in objects} == {EM_AARCH64}
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    assert manifest["library"] == "model.tar" and "cpu_features" not in manifest
+    with pytest.raises(RuntimeError, match=r"linking an aarch64 shared library needs aarch64-linux-gnu-g\+\+"):
+        compiled.export_library(tmp_path / "model.so")
+    assert compiled.export_library(tmp_path / "model.tar").is_file()
 
 
 def test_host_bundle_loads_and_runs_like_the_compiled_model(sim, tmp_path):
@@ -83,7 +124,7 @@ def test_existing_bundle_is_not_overwritten(sim, tmp_path):
 def test_failed_bundle_leaves_nothing(sim, tmp_path, monkeypatch):
     compiled = lpbq_tvm.compile(sim, target="aarch64", mode="weight-only")
 
-    def broken_export(path):
+    def broken_export(path, **options):
         raise OSError("disk full")
 
     monkeypatch.setattr(compiled.executable, "export_library", broken_export, raising=False)
