@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# An emulated aarch64 Linux device on this x86-64 machine: qemu user mode, an arm64 Debian rootfs with
+# Python and TVM's runtime, and the cross toolchain that links aarch64 bundles. Needs root (apt, chroot,
+# binfmt). See docs/aarch64.md.
+#
+#   tools/arm64_device.sh setup                    install the tools and build the rootfs (once; cached)
+#   tools/arm64_device.sh python ARGS...           run the device's python3 (files under /srv/work of the rootfs)
+#   tools/arm64_device.sh rpc-server --tracker HOST:PORT --key KEY [--port PORT]
+#                                                  a TVM RPC server on the device, on 127.0.0.1, registered
+#                                                  with the tracker (runs until killed)
+#
+# QEMU_CPU picks the emulated CPU (default max: NEON, dotprod, i8mm, SVE; cortex-a76: dotprod, no i8mm;
+# cortex-a53: neither). The rootfs lives in $LPBQ_ARM64_ROOT (default ~/.cache/lpbq_tvm/arm64-<tvm version>).
+set -euo pipefail
+
+# The board runs the TVM the project pins (pyproject.toml): the versions that compile its libraries.
+read -r tvm_version ffi_version < <(python3 - "$(dirname "$0")/../pyproject.toml" <<'PY'
+import sys, tomllib
+pins = dict(d.split("==") for d in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"] if "==" in d)
+print(pins["apache-tvm"], pins["apache-tvm-ffi"])
+PY
+)
+root=${LPBQ_ARM64_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/lpbq_tvm/arm64-$tvm_version}
+packages=(qemu-user-static qemu-user binfmt-support crossbuild-essential-arm64 mmdebstrap)
+
+install_tools() {
+  local missing=()
+  for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+# The arm64 side: Debian 12's python3 (3.11, as the wheels) unpacked without running any package script
+# (nothing emulated), and the aarch64 wheels of the same TVM the host compiles with, runtime library only.
+build_rootfs() {
+  [ -f "$root/.complete" ] && return
+  echo "building the arm64 rootfs in $root" >&2
+  rm -rf "$root" "$root.partial"
+  mkdir -p "$(dirname "$root")"
+  mmdebstrap --quiet --arch=arm64 --variant=extract --include=python3,libstdc++6,zlib1g bookworm "$root.partial"
+  local wheels
+  wheels=$(mktemp -d)
+  local platform=(--only-binary=:all: --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64
+    --platform manylinux_2_17_aarch64 --python-version 3.11 --implementation cp)
+  python3 -m pip download --quiet --no-deps "${platform[@]}" -d "$wheels" "apache-tvm==$tvm_version" \
+    "apache-tvm-ffi==$ffi_version" numpy ml_dtypes typing_extensions cloudpickle psutil
+  python3 -m pip install --quiet --no-deps --no-compile "${platform[@]}" --target "$root.partial/srv/site" "$wheels"/*.whl
+  rm -rf "$wheels" "$root.partial/srv/site/tvm/lib/libtvm_compiler.so"  # the device loads the runtime only
+  mkdir -p "$root.partial/srv/work" "$root.partial/proc"
+  touch "$root.partial/.complete"
+  mv "$root.partial" "$root"
+}
+
+# binfmt lets an emulated process start another one (TVM's RPC server forks a worker that runs python3).
+enable_binfmt() {
+  mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  update-binfmts --enable qemu-aarch64 2>/dev/null || true
+  [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || { echo "binfmt for qemu-aarch64 is not available" >&2; exit 1; }
+}
+
+device_python() {
+  mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
+  exec env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/srv/work PYTHONPATH=/srv/site TVM_USE_RUNTIME_LIB=1 \
+    QEMU_CPU="${QEMU_CPU:-max}" chroot "$root" /usr/bin/python3 "$@"
+}
+
+command=${1:-}
+shift || true
+case "$command" in
+  setup)
+    install_tools
+    build_rootfs
+    enable_binfmt
+    echo "$root"
+    ;;
+  python)
+    device_python "$@"
+    ;;
+  rpc-server)
+    tracker="" key="" port=9190
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --tracker) tracker=$2; shift 2 ;;
+        --key) key=$2; shift 2 ;;
+        --port) port=$2; shift 2 ;;
+        *) echo "rpc-server: unknown argument $1" >&2; exit 2 ;;
+      esac
+    done
+    [ -n "$tracker" ] && [ -n "$key" ] || { echo "rpc-server needs --tracker HOST:PORT and --key KEY" >&2; exit 2; }
+    device_python -m tvm.exec.rpc_server --host 127.0.0.1 --port "$port" --port-end "$((port + 100))" \
+      --tracker "$tracker" --key "$key"
+    ;;
+  *)
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+    ;;
+esac
