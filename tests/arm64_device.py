@@ -8,6 +8,7 @@ where they fail: CI installs them, so their absence there is a failure, not a re
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -77,6 +78,13 @@ class Session:
         host, port = tracker.rsplit(":", 1)
         self.remote = rpc.connect_tracker(host, int(port)).request(key, session_timeout=0)
         self.scratch = scratch
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.remote  # closes the connection: the server serves the next session
+        gc.collect()
 
     def run(self, compiled, inputs: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
         """The outputs of ``compiled`` on the device for each input dict, in output order."""

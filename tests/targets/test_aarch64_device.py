@@ -41,9 +41,12 @@ def tracker():
         yield address
 
 
-@pytest.fixture(scope="module")
-def session(tracker, tmp_path_factory):
-    return Session(tracker, "arm64", tmp_path_factory.mktemp("libraries"))
+@pytest.fixture
+def session(tracker, tmp_path):
+    """A session on the ``arm64`` server for one test: a server serves one session at a time, and the
+    tests that go through ``lpbq-tvm run --rpc`` ask the tracker for it too."""
+    with Session(tracker, "arm64", tmp_path) as session:
+        yield session
 
 
 def test_missing_features_reads_the_hwcap_bits():
