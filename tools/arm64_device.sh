@@ -8,6 +8,10 @@
 #   tools/arm64_device.sh rpc-server --tracker HOST:PORT --key KEY [--port PORT]
 #                                                  a TVM RPC server on the device, on 127.0.0.1, registered
 #                                                  with the tracker (runs until killed)
+#   tools/arm64_device.sh count COUNTS ARGS...     the device's python3 ARGS under the instruction-counting
+#                                                  plugin (tools/qemu_insn_count.c), its counts written to
+#                                                  COUNTS (a path inside the rootfs); onnxruntime importable
+#   tools/arm64_device.sh root                     print the rootfs directory (the device's / )
 #
 # QEMU_CPU picks the emulated CPU (default max: NEON, dotprod, i8mm, SVE; cortex-a76: dotprod, no i8mm;
 # cortex-a53: neither). The rootfs lives in $LPBQ_ARM64_ROOT (default ~/.cache/lpbq_tvm/arm64-<tvm version>).
@@ -20,8 +24,12 @@ pins = dict(d.split("==") for d in tomllib.load(open(sys.argv[1], "rb"))["projec
 print(pins["apache-tvm"], pins["apache-tvm-ffi"])
 PY
 )
+# The benchmark's onnxruntime: the host's version when it has one.
+ort_version=$(python3 -c "import importlib.metadata as m; print('==' + m.version('onnxruntime'))" 2>/dev/null || true)
+contents="python3 tvm $tvm_version ffi $ffi_version onnxruntime$ort_version"  # a rootfs of other contents is rebuilt
 root=${LPBQ_ARM64_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/lpbq_tvm/arm64-$tvm_version}
-packages=(qemu-user-static qemu-user binfmt-support crossbuild-essential-arm64 mmdebstrap)
+packages=(qemu-user-static qemu-user binfmt-support crossbuild-essential-arm64 mmdebstrap gcc)
+here=$(cd "$(dirname "$0")" && pwd)
 
 install_tools() {
   local missing=()
@@ -38,7 +46,7 @@ install_tools() {
 # The arm64 side: Debian 12's python3 (3.11, as the wheels) unpacked without running any package script
 # (nothing emulated), and the aarch64 wheels of the same TVM the host compiles with, runtime library only.
 build_rootfs() {
-  [ -f "$root/.complete" ] && return
+  [ "$(cat "$root/.complete" 2>/dev/null)" = "$contents" ] && return
   echo "building the arm64 rootfs in $root" >&2
   rm -rf "$root" "$root.partial"
   mkdir -p "$(dirname "$root")"
@@ -50,10 +58,24 @@ build_rootfs() {
   python3 -m pip download --quiet --no-deps "${platform[@]}" -d "$wheels" "apache-tvm==$tvm_version" \
     "apache-tvm-ffi==$ffi_version" numpy ml_dtypes typing_extensions cloudpickle psutil
   python3 -m pip install --quiet --no-deps --no-compile "${platform[@]}" --target "$root.partial/srv/site" "$wheels"/*.whl
-  rm -rf "$wheels" "$root.partial/srv/site/tvm/lib/libtvm_compiler.so"  # the device loads the runtime only
+  rm -rf "$wheels"/* "$root.partial/srv/site/tvm/lib/libtvm_compiler.so"  # the device loads the runtime only
+  # onnxruntime (the benchmark's reference), apart: only the counting runs put it on the path.
+  python3 -m pip download --quiet --no-deps "${platform[@]}" -d "$wheels" "onnxruntime$ort_version"
+  python3 -m pip install --quiet --no-deps --no-compile "${platform[@]}" --target "$root.partial/srv/ort" "$wheels"/*.whl
+  rm -rf "$wheels"
   mkdir -p "$root.partial/srv/work" "$root.partial/proc"
-  touch "$root.partial/.complete"
+  echo "$contents" > "$root.partial/.complete"
   mv "$root.partial" "$root"
+}
+
+# The dynamic qemu (the static one takes no plugins) with its x86-64 libraries and loader, and the plugin,
+# inside the rootfs: the counting runs start it in the chroot through that loader.
+install_counter() {
+  local qemu="$root/srv/qemu"
+  mkdir -p "$qemu/lib"
+  cp /usr/bin/qemu-aarch64 "$qemu/"
+  ldd /usr/bin/qemu-aarch64 | awk '/=>/ {print $3} /ld-linux/ {print $1}' | xargs -I{} cp -L {} "$qemu/lib/"
+  gcc -O2 -Wall -shared -fPIC -fvisibility=hidden -o "$qemu/qemu_insn_count.so" "$here/qemu_insn_count.c"
 }
 
 # binfmt lets an emulated process start another one (TVM's RPC server forks a worker that runs python3).
@@ -69,14 +91,32 @@ device_python() {
     QEMU_CPU="${QEMU_CPU:-max}" chroot "$root" /usr/bin/python3 "$@"
 }
 
+counted_python() {
+  local counts=$1
+  shift
+  mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
+  exec env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin QEMU_CPU="${QEMU_CPU:-max}" chroot "$root" \
+    /srv/qemu/lib/ld-linux-x86-64.so.2 --library-path /srv/qemu/lib /srv/qemu/qemu-aarch64 \
+    -plugin "/srv/qemu/qemu_insn_count.so,out=$counts" -E HOME=/srv/work -E PYTHONPATH=/srv/site:/srv/ort \
+    -E TVM_USE_RUNTIME_LIB=1 /usr/bin/python3 "$@"
+}
+
 command=${1:-}
 shift || true
 case "$command" in
   setup)
     install_tools
     build_rootfs
+    install_counter
     enable_binfmt
     echo "$root"
+    ;;
+  root)
+    echo "$root"
+    ;;
+  count)
+    [ $# -ge 2 ] || { echo "count needs COUNTS and the python arguments" >&2; exit 2; }
+    counted_python "$@"
     ;;
   python)
     device_python "$@"
@@ -96,7 +136,7 @@ case "$command" in
       --tracker "$tracker" --key "$key"
     ;;
   *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
     exit 2
     ;;
 esac
