@@ -48,7 +48,7 @@ install_tools() {
 build_rootfs() {
   [ "$(cat "$root/.complete" 2>/dev/null)" = "$contents" ] && return
   echo "building the arm64 rootfs in $root" >&2
-  rm -rf "$root" "$root.partial"
+  rm -rf --one-file-system "$root" "$root.partial"
   mkdir -p "$(dirname "$root")"
   mmdebstrap --quiet --arch=arm64 --variant=extract --include=python3,libstdc++6,zlib1g bookworm "$root.partial"
   local wheels
@@ -85,18 +85,22 @@ enable_binfmt() {
   [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || { echo "binfmt for qemu-aarch64 is not available" >&2; exit 1; }
 }
 
+# Run a command of the rootfs in a chroot, with /proc mounted in a mount namespace of its own: the mount
+# ends with the process and is never seen from outside (nor by a rebuild's rm).
+in_device() {
+  exec env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin QEMU_CPU="${QEMU_CPU:-max}" "$@"
+}
+
 device_python() {
-  mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
-  exec env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/srv/work PYTHONPATH=/srv/site TVM_USE_RUNTIME_LIB=1 \
-    QEMU_CPU="${QEMU_CPU:-max}" chroot "$root" /usr/bin/python3 "$@"
+  in_device HOME=/srv/work PYTHONPATH=/srv/site TVM_USE_RUNTIME_LIB=1 unshare --mount --propagation private -- \
+    /bin/sh -c 'mount -t proc proc "$0/proc" && exec chroot "$0" /usr/bin/python3 "$@"' "$root" "$@"
 }
 
 counted_python() {
   local counts=$1
   shift
-  mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
-  exec env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin QEMU_CPU="${QEMU_CPU:-max}" chroot "$root" \
-    /srv/qemu/lib/ld-linux-x86-64.so.2 --library-path /srv/qemu/lib /srv/qemu/qemu-aarch64 \
+  in_device unshare --mount --propagation private -- /bin/sh -c 'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"' \
+    "$root" /srv/qemu/lib/ld-linux-x86-64.so.2 --library-path /srv/qemu/lib /srv/qemu/qemu-aarch64 \
     -plugin "/srv/qemu/qemu_insn_count.so,out=$counts" -E HOME=/srv/work -E PYTHONPATH=/srv/site:/srv/ort \
     -E TVM_USE_RUNTIME_LIB=1 /usr/bin/python3 "$@"
 }
