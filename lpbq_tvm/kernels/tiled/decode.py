@@ -1,4 +1,4 @@
-"""Expressions that decode the x86 weight layouts (:mod:`~lpbq_tvm.kernels.x86.repack`) in a kernel.
+"""Expressions that decode the tiled weight layouts (:mod:`~lpbq_tvm.kernels.tiled.repack`) in a kernel.
 
 They take TE or TIR expressions alike, so the tensor intrinsics' descriptions use them too.
 """

@@ -1,14 +1,14 @@
-"""What the x86 integer kernels (W4A8, W4A16) share: inputs, activation codes, the exact accumulator, the output.
+"""What the integer kernels (W4A8, W4A16) of the CPU families share: inputs, codes, the exact accumulator, output.
 
 Every integer kernel computes ``main(x, qw, kw, wsum, s, [bias], y)``: ``x`` float32 ``[M, K]`` is
 quantized in-kernel, ``xq = clamp(round_half_even(x / sx) + zx, 0, qmax)`` (a true division, as the
 reference), ``acc = Σ_i (xq − zx) · (q · k)`` exactly, ``y = float32(acc) · sx · s[n]``, then
 ``+ bias[n]``, each rounded on its own: bit-exact with :func:`lpbq_tvm.reference.dense_int`.
-``qw`` / ``kw`` / ``wsum`` are the integer layout of :mod:`~lpbq_tvm.kernels.x86.repack`.
+``qw`` / ``kw`` / ``wsum`` are the integer layout of :mod:`~lpbq_tvm.kernels.tiled.repack`.
 
 A uint16 code runs as two *byte planes*, ``xq = 256 · hi + lo``: two rows of the uint8 kernel,
 each plane's sum exact in int32 (255 · 128 · K fits up to ``MAX_K``). :func:`build_byte_planes`
-builds such a kernel around one of the uint8 schemes (:mod:`~lpbq_tvm.kernels.x86.nibble`,
+builds such a kernel around one of the uint8 schemes (:mod:`~lpbq_tvm.kernels.tiled.nibble`,
 :mod:`~lpbq_tvm.kernels.x86.block_dot`, :mod:`~lpbq_tvm.kernels.x86.fold_k`), each a module with
 ``accumulate(problem)`` (the int32 ``Acc [rows, NT, lanes]`` of ``Σ xq · q · k``) and
 ``schedule(sch, problem)``.
@@ -22,20 +22,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.kernels.x86.intrinsics import NIBBLE_LANES
-from lpbq_tvm.kernels.x86.repack import LANES, check_shape
-from lpbq_tvm.kernels.x86.schedule import finish, schedule_codes, tile_lanes
-from lpbq_tvm.kernels.x86.tuning import Tuning
+from lpbq_tvm.kernels.tiled.repack import LANES, check_shape
+from lpbq_tvm.kernels.tiled.schedule import finish, schedule_codes, tile_lanes
 
 __all__ = [
     "MAX_K",
     "W4A16_INT32_MAX_K",
+    "DotInstructions",
     "Problem",
     "build_byte_planes",
     "check_integer",
@@ -49,6 +49,15 @@ W4A16_INT32_MAX_K = (2**31 - 1) // (65535 * 128)  # = 256: W4A16's Σ (xq − zx
 
 
 @dataclass(frozen=True)
+class DotInstructions:
+    """A kernel family's dot-product instructions, as the schemes see them."""
+
+    name: str | None  # the family's name for them ("vnni", "avx2", "udot", ...) or None: plain vector code
+    lanes: int  # int32 lanes of one instruction: the channels the nibble scheme's intrinsic computes
+    nibble_intrinsic: str | None = None  # the nibble scheme's tensor intrinsic (None: vectorized loops)
+
+
+@dataclass(frozen=True)
 class Problem:
     """A uint8 kernel of byte-plane rows being built: its shape, settings and input tensors."""
 
@@ -57,9 +66,9 @@ class Problem:
     K: int
     B: int
     planes: int  # byte planes per code: 1 (uint8), 2 (uint16)
-    intrinsic: str | None  # "vnni", "avx512bw", "avx2" or None
+    dot: DotInstructions
     target: tvm.target.Target
-    tune: Tuning
+    tune: Any  # the family's tuning: nibble_rows, parallel_code_rows and what its schemes read
     lanes: int  # lanes computed per channel tile
     xq: te.Tensor  # uint8 [rows, K]: plane p of row m is row planes · m + p
     qw: te.Tensor
@@ -148,16 +157,16 @@ def _exact_acc(acc, wsum, m, n, planes: int, K: int, zx: int):
 
 
 def build_byte_planes(
-    M, N, K, B, sx, zx: int, bits: int, with_bias: bool, target, tune: Tuning, intrinsic, scheme: ModuleType
+    M, N, K, B, sx, zx: int, bits: int, with_bias: bool, target, tune, dot: DotInstructions, scheme: ModuleType
 ) -> tvm.tirx.PrimFunc:
     """The integer kernel of ``bits``-bit codes (8: one plane, 16: two) around a uint8 ``scheme``; each
     channel tile computes the lanes of 16-channel chunks its channels need."""
     planes, qmax = bits // 8, (1 << bits) - 1
-    lanes = tile_lanes(N, NIBBLE_LANES)
+    lanes = tile_lanes(N, dot.lanes)
     x, qw, kw, wsum, s, bias = integer_inputs(M, N, K, B, with_bias)
     sx_c = tirx.const(float(np.float32(sx)), "float32")
     xq = _byte_plane_codes(x, planes, K, sx_c, zx, qmax)
-    problem = Problem(M, N, K, B, planes, intrinsic, target, tune, lanes, xq, qw, kw)
+    problem = Problem(M, N, K, B, planes, dot, target, tune, lanes, xq, qw, kw)
     acc = scheme.accumulate(problem)
     y = integer_output(M, N, lambda m, n: _exact_acc(acc, wsum, m, n, planes, K, zx).astype("float32"), sx_c, s, bias)
     sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, bias, y) if t is not None]))

@@ -1,10 +1,9 @@
-"""The nibble scheme of the x86 uint8 kernel: VNNI on the nibbles as stored, a per-block correction.
+"""The nibble scheme of the uint8 kernel: dot products on the nibbles as stored, a per-block correction.
 
-Per block b and 64-channel tile, ``Pi = Σ xq · u`` with ``u = q + 8`` decoded in registers by the
-VNNI nibble intrinsic (two ``vpdpbusd`` per load of 16 dwords), then
-``Acc += k_b · (Pi − 8 Σ_b xq)``. Without a tensor intrinsic, the same loops as plain vector code.
-Taken with VNNI below ``Tuning.fold_k_min_rows`` rows, and where no intrinsic applies; it needs
-blocks of two dwords or more (B >= 16).
+Per block b and 64-channel tile, ``Pi = Σ xq · u`` with ``u = q + 8`` (0..15) decoded in registers by
+the family's nibble intrinsic (``DotInstructions.nibble_intrinsic``: x86 two ``vpdpbusd`` per load of
+16 dwords, aarch64 two ``udot`` per load of 4), then ``Acc += k_b · (Pi − 8 Σ_b xq)``. Without a
+tensor intrinsic, the same loops as plain vector code. It needs blocks of two dwords or more (B >= 16).
 """
 
 from __future__ import annotations
@@ -12,10 +11,9 @@ from __future__ import annotations
 from tvm import te
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.kernels.x86.decode import byte, k_value, nibbles
-from lpbq_tvm.kernels.x86.integer import Problem
-from lpbq_tvm.kernels.x86.intrinsics import NIBBLE_LANES, VNNI_NIBBLE_INTRIN
-from lpbq_tvm.kernels.x86.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
+from lpbq_tvm.kernels.tiled.decode import byte, k_value, nibbles
+from lpbq_tvm.kernels.tiled.integer import Problem
+from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
 
 __all__ = ["accumulate", "schedule"]
 
@@ -71,10 +69,9 @@ def schedule(sch: Schedule, p: Problem) -> None:
     epilogue_at(sch, outer)
     inner = sch.get_loops(blk_pi)[depth:]  # (m,) lane, gg, jj — compute_at drops a unit m loop
     rows, (p_lane, p_g, p_j) = inner[:-3], inner[-3:]
-    p_tile, p_c = sch.split(p_lane, [None, NIBBLE_LANES])
+    p_tile, p_c = sch.split(p_lane, [None, p.dot.lanes])
     sch.reorder(p_g, *rows, p_tile, p_c, p_j)
     sch.vectorize(lane)
     parallel(sch, t, mo if mi < M else None, p.target)
-    intrinsic = VNNI_NIBBLE_INTRIN if p.intrinsic == "vnni" else None
-    tensorize_or_vectorize(sch, blk_pi, p_c, p_j, p_g, intrinsic, [*rows, p_tile])
+    tensorize_or_vectorize(sch, blk_pi, p_c, p_j, p_g, p.dot.nibble_intrinsic, [*rows, p_tile])
     sch.decompose_reduction(blk_acc, b)

@@ -1,4 +1,4 @@
-"""The x86 kernels' weight layouts: the canonical packed storage repacked once, at conversion time.
+"""The tiled weight layouts of the CPU kernels: the canonical packed storage repacked once, at conversion time.
 
 Output channels are tiled by ``LANES = 64`` and padded with zero codes (k = 1). With
 ``NT = ceil(N / 64)``, ``nb = K / B``, ``nbh = ceil(nb / 2)`` and channel ``n = 64 t + lane``:

@@ -1,4 +1,4 @@
-"""Schedule steps the x86 kernels share: tiles and row groups, parallel loops, decodes, the output block."""
+"""Schedule steps the tiled-layout kernels share: tiles and row groups, parallel loops, decodes, the output block."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 
 from lpbq_tvm.kernels.interface import FUSABLE_OUTPUT
-from lpbq_tvm.kernels.x86.isa import register_dwords
-from lpbq_tvm.kernels.x86.repack import LANES
+from lpbq_tvm.kernels.tiled.repack import LANES
 
 __all__ = [
     "decode_by_register",
@@ -93,14 +92,14 @@ def tensorize_or_vectorize(sch: Schedule, blk, c, j, g, intrinsic: str | None, u
         sch.unroll(loop)
 
 
-def decode_by_register(sch: Schedule, block, per_dword: int, target) -> None:
+def decode_by_register(sch: Schedule, block, per_dword: int, register_lanes: int) -> None:
     """A tile decode's last two loops (values, lanes) as (dwords, register chunks, the ``per_dword``
     values of a dword unrolled, one register of lanes vectorized): each loaded register of dwords
     becomes ``per_dword`` registers of values with constant shifts, and only those are live (decoding
     all 64 lanes of a value at once, LLVM keeps 64 decoded registers live and spills them)."""
     values, lane = sch.get_loops(block)[-2:]
     dwords, value = sch.split(values, [None, per_dword])
-    chunk, lane = sch.split(lane, [None, register_dwords(target)])
+    chunk, lane = sch.split(lane, [None, register_lanes])
     sch.reorder(dwords, chunk, value, lane)
     sch.unroll(value)
     sch.vectorize(lane)

@@ -17,8 +17,8 @@ the reference's separate roundings behind an arithmetic fence (:func:`.integer.r
 and the choice among the schemes.
 """
 
+from lpbq_tvm.kernels.tiled.repack import repack_w4a8, repack_weight_only
 from lpbq_tvm.kernels.x86.dense import dense_kernel, w4a8_dense, w4a16_dense, w4a16_scheme
-from lpbq_tvm.kernels.x86.repack import repack_w4a8, repack_weight_only
 from lpbq_tvm.kernels.x86.weight_only import weight_only_dense
 
 __all__ = [

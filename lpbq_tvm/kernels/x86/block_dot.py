@@ -13,11 +13,11 @@ from __future__ import annotations
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.kernels.x86.decode import byte, k_value, nibbles, signed_bytes
-from lpbq_tvm.kernels.x86.integer import Problem
+from lpbq_tvm.kernels.tiled.decode import byte, k_value, nibbles, signed_bytes
+from lpbq_tvm.kernels.tiled.integer import Problem
+from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile
 from lpbq_tvm.kernels.x86.intrinsics import block_dot_groups, block_dot_intrinsic
 from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS
-from lpbq_tvm.kernels.x86.schedule import epilogue_at, parallel, row_tile
 
 __all__ = ["accumulate", "schedule"]
 
@@ -71,7 +71,7 @@ def schedule(sch: Schedule, p: Problem) -> None:
     (its accumulators never leave registers) and the tile's weights are re-read from cache.
     """
     M, decoded = p.rows, _decoded(p)
-    width = BLOCK_DOT_INSTRUCTIONS[p.intrinsic][2]
+    width = BLOCK_DOT_INSTRUCTIONS[p.dot.name][2]
     blk_acc = sch.get_sblock("Acc")
     m, t, lane, go, gi, jj = sch.get_loops(blk_acc)
     mi = row_tile(M, p.tune.nibble_rows, p.planes)
@@ -91,6 +91,6 @@ def schedule(sch: Schedule, p: Problem) -> None:
     parallel(sch, t, mo, p.target)
     sch.decompose_reduction(blk_acc, go)
     streamed = not decoded and mi == M
-    intrinsic = block_dot_intrinsic(p.intrinsic, block_dot_groups(p.B), decoded, p.tune.prefetch_rows * streamed)
+    intrinsic = block_dot_intrinsic(p.dot.name, block_dot_groups(p.B), decoded, p.tune.prefetch_rows * streamed)
     sch.tensorize(c, intrinsic)
     sch.unroll(m_in)

@@ -19,11 +19,13 @@ import tvm
 from tvm import tirx
 
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice
-from lpbq_tvm.kernels.x86 import block_dot, fold_k, nibble
-from lpbq_tvm.kernels.x86.integer import MAX_K, build_byte_planes, check_integer
+from lpbq_tvm.kernels.tiled import nibble
+from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer
+from lpbq_tvm.kernels.tiled.repack import repack_w4a8, repack_weight_only
+from lpbq_tvm.kernels.x86 import block_dot, fold_k
+from lpbq_tvm.kernels.x86.intrinsics import NIBBLE_LANES, VNNI_NIBBLE_INTRIN
 from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS, dot_instructions, is_x86
 from lpbq_tvm.kernels.x86.madd import w4a16_madd_dense
-from lpbq_tvm.kernels.x86.repack import repack_w4a8, repack_weight_only
 from lpbq_tvm.kernels.x86.tuning import tuning
 from lpbq_tvm.kernels.x86.weight_only import weight_only_dense
 from lpbq_tvm.packing import pack
@@ -70,7 +72,7 @@ def w4a8_dense(
     intrinsic: str | None = "auto",
     fold_k: bool | None = None,
 ) -> tirx.PrimFunc:
-    """Scheduled W4A8 kernel ``main(x, qw, kw, wsum, s, [bias], y)`` (:mod:`~lpbq_tvm.kernels.x86.integer`).
+    """Scheduled W4A8 kernel ``main(x, qw, kw, wsum, s, [bias], y)`` (:mod:`~lpbq_tvm.kernels.tiled.integer`).
 
     ``intrinsic``: ``"auto"`` (from ``target``'s features), ``"vnni"`` (vpdpbusd), ``"avx512bw"``
     (pmaddubsw + pmaddwd on zmm), ``"avx2"`` (the same on ymm) or None (no tensor intrinsic: plain
@@ -138,4 +140,6 @@ def _byte_planes(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold) -
         msg = "the nibble scheme needs blocks of two dwords or more (B >= 16), got B=8: use fold_k"
         raise ValueError(msg)
     scheme = _SCHEMES["fold-k" if fold else "block-dot" if block else "nibble"]
-    return build_byte_planes(M, N, K, B, sx, int(zx), bits, with_bias, target, tune, intrinsic, scheme)
+    nibble_intrinsic = VNNI_NIBBLE_INTRIN if intrinsic == "vnni" and scheme is nibble else None
+    dot = DotInstructions(intrinsic, NIBBLE_LANES, nibble_intrinsic)
+    return build_byte_planes(M, N, K, B, sx, int(zx), bits, with_bias, target, tune, dot, scheme)

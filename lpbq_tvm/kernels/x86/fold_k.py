@@ -11,10 +11,10 @@ from __future__ import annotations
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.kernels.x86.decode import byte, k_value, nibbles
-from lpbq_tvm.kernels.x86.integer import Problem
+from lpbq_tvm.kernels.tiled.decode import byte, k_value, nibbles
+from lpbq_tvm.kernels.tiled.integer import Problem
+from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
 from lpbq_tvm.kernels.x86.intrinsics import VNNI_INTRIN
-from lpbq_tvm.kernels.x86.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
 
 __all__ = ["accumulate", "schedule"]
 
@@ -60,5 +60,5 @@ def schedule(sch: Schedule, p: Problem) -> None:
     sch.vectorize(wd_lane)
     sch.unroll(wd_h)
     parallel(sch, t, mo, p.target)
-    intrinsic = VNNI_INTRIN if p.intrinsic else None
+    intrinsic = VNNI_INTRIN if p.dot.name else None
     tensorize_or_vectorize(sch, blk_acc, c, j, g, intrinsic, [h, mi, tile])

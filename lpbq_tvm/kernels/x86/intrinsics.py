@@ -20,7 +20,7 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from lpbq_tvm.kernels.x86.decode import byte
+from lpbq_tvm.kernels.tiled.decode import byte
 from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS
 
 __all__ = [

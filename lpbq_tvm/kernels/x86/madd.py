@@ -23,12 +23,10 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.kernels.x86.decode import k_value, top_nibble
-from lpbq_tvm.kernels.x86.integer import W4A16_INT32_MAX_K, code, integer_inputs, integer_output
-from lpbq_tvm.kernels.x86.intrinsics import madd_intrinsic
-from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS, dot_instructions
-from lpbq_tvm.kernels.x86.repack import LANES
-from lpbq_tvm.kernels.x86.schedule import (
+from lpbq_tvm.kernels.tiled.decode import k_value, top_nibble
+from lpbq_tvm.kernels.tiled.integer import W4A16_INT32_MAX_K, code, integer_inputs, integer_output
+from lpbq_tvm.kernels.tiled.repack import LANES
+from lpbq_tvm.kernels.tiled.schedule import (
     decode_by_register,
     finish,
     parallel,
@@ -36,6 +34,8 @@ from lpbq_tvm.kernels.x86.schedule import (
     tensorize_or_vectorize,
     tile_lanes,
 )
+from lpbq_tvm.kernels.x86.intrinsics import madd_intrinsic
+from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS, dot_instructions, register_dwords
 from lpbq_tvm.kernels.x86.tuning import tuning
 
 __all__ = ["w4a16_madd_dense"]
@@ -131,7 +131,7 @@ def _schedule(sch: Schedule, K: int, width: int, n: int, instructions: str | Non
     sch.reverse_compute_at(blk_y, m if whole else t)
     for blk in (blk_w, blk_q, blk_offset, blk_acc):
         sch.set_scope(blk, 0, "local")
-    decode_by_register(sch, blk_w, 4, target)  # 4 int16 pairs per dword
+    decode_by_register(sch, blk_w, 4, register_dwords(target))  # 4 int16 pairs per dword
     for loop in (sch.get_loops(blk_offset)[-1], lane, sch.get_loops(blk_y)[-1]):
         sch.vectorize(loop)
     parallel(sch, t, m if whole else None, target)

@@ -3,7 +3,7 @@
 float32 activations and accumulation; it differs from exact arithmetic by float32 rounding only
 (reassociation: per block ``P_b = Σ x · q``, then ``Σ_b P_b · k_b``; codes are decoded signed, so
 there is no offset cancellation and all-zero codes give exactly 0). It reads the weight-only layout
-of :mod:`~lpbq_tvm.kernels.x86.repack` and has two schedules, by M:
+of :mod:`~lpbq_tvm.kernels.tiled.repack` and has two schedules, by M:
 
 * GEMV (up to ``Tuning.gemv_max_m`` rows with AVX-512, else M = 1): nibbles decoded in registers
   (the vpermps LUT intrinsic with AVX-512, plain vector code otherwise), the decode shared by row
@@ -21,10 +21,11 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 from tvm.target import codegen
 
-from lpbq_tvm.kernels.x86.decode import k_value, signed_nibble, top_nibble
+from lpbq_tvm.kernels.tiled.decode import k_value, signed_nibble, top_nibble
+from lpbq_tvm.kernels.tiled.repack import LANES, check_shape
+from lpbq_tvm.kernels.tiled.schedule import decode_by_register, finish, micro_rows, parallel, tile_lanes
 from lpbq_tvm.kernels.x86.intrinsics import LUT_INTRIN
-from lpbq_tvm.kernels.x86.repack import LANES, check_shape
-from lpbq_tvm.kernels.x86.schedule import decode_by_register, finish, micro_rows, parallel, tile_lanes
+from lpbq_tvm.kernels.x86.isa import register_dwords
 from lpbq_tvm.kernels.x86.tuning import tuning
 
 __all__ = ["weight_only_dense"]
@@ -44,7 +45,7 @@ def weight_only_dense(
 ) -> tirx.PrimFunc:
     """Scheduled weight-only kernel ``main(x, qw, kw, s, [bias], y)``.
 
-    ``x`` float32 [M, K], ``qw`` / ``kw`` from :func:`~lpbq_tvm.kernels.x86.repack.repack_weight_only`,
+    ``x`` float32 [M, K], ``qw`` / ``kw`` from :func:`~lpbq_tvm.kernels.tiled.repack.repack_weight_only`,
     ``s`` / ``bias`` float32 [N], ``y`` float32 [M, N]. Without AVX-512F (or with ``use_lut=False``)
     the GEMV schedule is used for M = 1 only, as plain vector code.
     """
@@ -180,7 +181,7 @@ def _weight_only_gemm(M, N, K, B, with_bias, width, target):
         sch.reverse_compute_at(blk_y, t)
     sch.set_scope(blk_w, 0, "local")
     sch.set_scope(blk_acc, 0, "local")
-    decode_by_register(sch, blk_w, 8, target)  # 8 nibbles of floats per dword
+    decode_by_register(sch, blk_w, 8, register_dwords(target))  # 8 nibbles of floats per dword
     sch.unroll(mi)
     sch.vectorize(lane)
     sch.vectorize(sch.get_loops(blk_y)[-1])

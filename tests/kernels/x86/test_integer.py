@@ -8,23 +8,13 @@ import functools
 import numpy as np
 import pytest
 import tvm
+from kernel_cases import SHAPES, activations, reference_w4a8, weights
 from tvm import tirx
 from tvm.s_tir import Schedule
-from x86_cases import (
-    HASWELL,
-    SHAPES,
-    TARGET,
-    ZEN1,
-    activations,
-    check_integer_kernel,
-    compiled,
-    reference_w4a8,
-    run,
-    weights,
-)
+from x86_cases import HASWELL, TARGET, ZEN1, check_integer_kernel, compiled, run
 
 from lpbq_tvm.kernels import x86 as fk
-from lpbq_tvm.kernels.x86.integer import W4A16_INT32_MAX_K
+from lpbq_tvm.kernels.tiled.integer import W4A16_INT32_MAX_K
 from lpbq_tvm.kernels.x86.tuning import tuning
 from lpbq_tvm.packing import pack_nibbles
 

@@ -6,20 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from kernel_cases import activations, reference_w4a8, reference_weight_only, weight_only_tolerance, weights
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
-from x86_cases import (
-    DEV,
-    HASWELL,
-    KERNELS,
-    TARGET,
-    activations,
-    reference_w4a8,
-    reference_weight_only,
-    run,
-    weight_only_tolerance,
-    weights,
-)
+from x86_cases import DEV, HASWELL, KERNELS, TARGET, run
 
 from lpbq_tvm.kernels import x86 as fk
 from lpbq_tvm.kernels.interface import FUSABLE_OUTPUT, IntegerArithmetic

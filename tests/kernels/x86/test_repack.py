@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from x86_cases import (
-    TARGET,
-    weights,
-)
+from kernel_cases import weights
+from x86_cases import TARGET
 
 from lpbq_tvm.kernels import x86 as fk
 from lpbq_tvm.kernels.x86.tuning import tuning

@@ -5,17 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from kernel_cases import SHAPES, reference_weight_only, weight_only_tolerance, weights
 from tvm.s_tir import Schedule
-from x86_cases import (
-    SHAPES,
-    TARGET,
-    compiled,
-    host_runs,
-    reference_weight_only,
-    run,
-    weight_only_tolerance,
-    weights,
-)
+from x86_cases import TARGET, compiled, host_runs, run
 
 from lpbq_tvm.kernels import x86 as fk
 from lpbq_tvm.kernels.x86.isa import register_dwords
