@@ -10,8 +10,9 @@ A library built for ``+dotprod`` dies of SIGILL on a CPU without it. So the bund
 ``cpu_features.so``, a probe built for plain NEON that returns the board's ``AT_HWCAP`` /
 ``AT_HWCAP2``; :meth:`AArch64.check_device` runs it on the board first and names what is missing.
 
-LPBQ layers take the generic kernels, convs stay channels-first, and the schedule rules tile for
-NEON's 32 registers of 4 floats.
+Integer LPBQ layers (W4A8, W4A16) take the ``udot`` kernels of :mod:`lpbq_tvm.kernels.aarch64`, the
+others the generic kernels; convs stay channels-first, and the schedule rules tile for NEON's 32
+registers of 4 floats.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import tvm
 from tvm.script import tirx as T
 from tvm.support import cc
 
+from lpbq_tvm.kernels import aarch64
 from lpbq_tvm.kernels.schedule_rules import RegisterFile
 from lpbq_tvm.targets.base import Target
 
@@ -68,6 +70,7 @@ def missing_features(required: list[str], hwcaps: tuple[int, int]) -> list[str]:
 
 class AArch64(Target):
     name = "aarch64"
+    kernel_families = (aarch64,)
 
     def tvm_target(self) -> tvm.target.Target:
         return tvm.target.Target({"kind": "llvm", "mtriple": TRIPLE, "mattr": list(MATTR)})

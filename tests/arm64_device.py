@@ -86,13 +86,24 @@ class Session:
         del self.remote  # closes the connection: the server serves the next session
         gc.collect()
 
+    def _upload(self, module) -> tvm.runtime.Module:
+        library = self.scratch / f"lib{len(list(self.scratch.iterdir()))}.so"
+        module.export_library(str(library), fcompile=get_target("aarch64").linker())
+        self.remote.upload(str(library))
+        return self.remote.load_module(library.name)
+
+    def call(self, func: tvm.tirx.PrimFunc, target, arrays: list[np.ndarray], out_shape) -> np.ndarray:
+        """``func(*arrays, out)`` built for ``target`` and run on the device: ``out`` float32 of ``out_shape``."""
+        kernel = self._upload(tvm.compile(tvm.IRModule({"main": func}), target))["main"]
+        device = self.remote.cpu()
+        out = tvm.runtime.empty(tuple(out_shape), "float32", device)
+        kernel(*[tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays], out)
+        return out.numpy()
+
     def run(self, compiled, inputs: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
         """The outputs of ``compiled`` on the device for each input dict, in output order."""
-        library = self.scratch / f"lib{len(list(self.scratch.iterdir()))}.so"
-        compiled.executable.export_library(str(library), fcompile=get_target(compiled.target).linker())
-        self.remote.upload(str(library))
         device = self.remote.cpu()
-        machine = relax.VirtualMachine(self.remote.load_module(library.name), device)
+        machine = relax.VirtualMachine(self._upload(compiled.executable), device)
         params = [tvm.runtime.tensor(param.numpy(), device) for param in compiled.params]
         results = []
         for values in inputs:

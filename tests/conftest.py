@@ -32,6 +32,17 @@ def load_golden():
     return load
 
 
+@pytest.fixture(scope="session")
+def arm64_tracker():
+    """The emulated aarch64 boards of tests/arm64_device.py behind a tracker on 127.0.0.1: its address.
+    Tests that use it carry ``pytest.mark.xdist_group("arm64-device")``, so one worker starts them."""
+    from arm64_device import emulated_devices, require_device
+
+    require_device()
+    with emulated_devices() as address:
+        yield address
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test asking for ``golden_case`` runs once per golden vector."""
     if "golden_case" in metafunc.fixturenames:

@@ -32,6 +32,8 @@ ALLOWED = {
 }
 # Kernels a pass may use: the seam and the generic family, never an ISA's kernels.
 PASS_KERNELS = ("lpbq_tvm.kernels", "lpbq_tvm.kernels.interface", "lpbq_tvm.kernels.generic")
+# The kernel families, one per instruction set.
+FAMILIES = ("lpbq_tvm.kernels.x86", "lpbq_tvm.kernels.aarch64")
 # Modules that must import without TVM (the reference arithmetic, and cheap file writing).
 WITHOUT_TVM = [f"lpbq_tvm.{name}" for name in ("encoder", "scale_search", "packing", "calibration", "reference")] + [
     f"lpbq_tvm.{name}" for name in ("modes", "attrs", "io")
@@ -82,7 +84,8 @@ def _layer(module: str) -> str:
 
 
 def test_the_package_is_found_whole():
-    assert {"lpbq_tvm.passes.lower_lpbq", "lpbq_tvm.targets.base", "lpbq_tvm.kernels.x86.dense"} <= MODULES.keys()
+    expected = {"lpbq_tvm.passes.lower_lpbq", "lpbq_tvm.targets.base", "lpbq_tvm.kernels.tiled.nibble", *FAMILIES}
+    assert expected <= MODULES.keys()
     assert Path(lpbq_tvm.__file__).parent in {path.parent for path in MODULES.values()}
 
 
@@ -98,6 +101,16 @@ def test_imports_run_one_way(module):
     if layer == "passes":
         kernels = sorted(m for m in GRAPH[module] if m.startswith("lpbq_tvm.kernels") and m not in PASS_KERNELS)
         assert not kernels, f"{module} imports an ISA's kernels: {kernels}"
+    if module.startswith("lpbq_tvm.kernels."):  # a family uses the shared kernels, never another family's
+        family = _family(module)
+        others = sorted(m for m in GRAPH[module] if _family(m) not in (None, family))
+        assert not others, f"{module} imports another kernel family: {others}"
+
+
+def _family(module: str) -> str | None:
+    """The kernel family (ISA) a module belongs to, None outside the families (the seam, the generic and
+    the shared tiled kernels, the schedule rules)."""
+    return next((f for f in FAMILIES if module == f or module.startswith(f + ".")), None)
 
 
 @pytest.mark.parametrize("module", WITHOUT_TVM)

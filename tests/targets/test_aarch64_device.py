@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import real_model_inputs
-from arm64_device import Session, emulated_devices, require_device
+from arm64_device import Session
 from integer_layers import compiled_layer, reference_output, saturating_activations
 from model_builders import (
     EXAMPLE_TERMS,
@@ -34,11 +34,9 @@ pytestmark = pytest.mark.xdist_group("arm64-device")
 MODES = ("fp32", "weight-only", "w4a8", "w4a16")
 
 
-@pytest.fixture(scope="module")
-def tracker():
-    require_device()
-    with emulated_devices() as address:
-        yield address
+@pytest.fixture
+def tracker(arm64_tracker):
+    return arm64_tracker
 
 
 @pytest.fixture

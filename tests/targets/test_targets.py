@@ -12,6 +12,7 @@ from model_builders import LAYER_CASES, layer_model
 from lpbq_tvm.calibration import activation_encoding
 from lpbq_tvm.encoder import LPBQConfig
 from lpbq_tvm.frontend import import_onnx
+from lpbq_tvm.kernels import aarch64
 from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic
 from lpbq_tvm.kernels.x86 import dense_kernel
 from lpbq_tvm.kernels.x86.isa import register_file
@@ -45,16 +46,18 @@ def test_each_target_tiles_for_its_own_registers():
     assert (NEON.lanes, NEON.registers) == (4, 32)  # 32 q-registers of 4 floats
 
 
-def test_the_cpu_provider_asks_the_x86_family_and_others_have_none():
-    """On an x86-64 host the cpu target's provider answers with the family's kernel and its weights; the
-    family declines an aarch64 target itself, and aarch64 / htp-sim have no scheduled kernels."""
+def test_each_provider_asks_its_family():
+    """On an x86-64 host the cpu target's provider answers with the x86 family's kernel and its weights;
+    the x86 family declines an aarch64 target itself; aarch64 asks its own family (which takes integer
+    layers, tests/kernels/aarch64), and htp-sim has no scheduled kernels."""
     layer = _dense_layer()
     choice = get_target("cpu").kernel_provider()(layer)
     assert choice is not None and choice.name == "lpbq_dense_x86"
     assert list(choice.weights) == ["lpbq_qw", "lpbq_kw", "lpbq_s"]
     assert bool(choice.func.attrs["tirx.is_scheduled"])
     assert dense_kernel(layer, get_target("aarch64").tvm_target()) is None
-    assert get_target("aarch64").kernel_provider() is None and get_target("htp-sim").kernel_provider() is None
+    assert get_target("aarch64").kernel_provider()(layer) is None  # weight-only: the generic kernel
+    assert get_target("aarch64").kernel_families == (aarch64,) and get_target("htp-sim").kernel_provider() is None
 
 
 def test_the_x86_family_declines_what_it_cannot_compute():

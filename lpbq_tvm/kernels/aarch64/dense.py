@@ -1,0 +1,78 @@
+"""The aarch64 family's dense kernels and its choice among them: W4A8 and W4A16 with ``udot``.
+
+:func:`dense_kernel` answers the target's kernel provider (:mod:`lpbq_tvm.kernels.interface`): for
+an integer layer of 4-bit codes, blocks of whole dword pairs (``B % 16 == 0``), ``K`` up to
+``MAX_K`` and no output requantization, on an aarch64 target with the dot-product extension
+(``+dotprod``), the nibble scheme of :mod:`lpbq_tvm.kernels.tiled` with the ``udot`` intrinsic
+(:mod:`.intrinsics`), W4A16 as two byte planes of it; None otherwise (weight-only, int8 per-channel
+layers, requantized outputs, a CPU without dotprod), and the generic kernel runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import tirx
+from tvm.target import codegen
+
+from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, UDOT_NIBBLE_INTRIN
+from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice
+from lpbq_tvm.kernels.tiled import nibble
+from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer
+from lpbq_tvm.kernels.tiled.repack import repack_w4a8
+from lpbq_tvm.packing import pack
+
+__all__ = ["Tuning", "dense_kernel", "integer_dense", "is_aarch64"]
+
+KERNEL_NAME = "lpbq_dense_aarch64"
+UDOT = DotInstructions("udot", UDOT_LANES, UDOT_NIBBLE_INTRIN)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The aarch64 kernels' choices that change speed only (re-measure with ``benchmarks/bench_aarch64.py``)."""
+
+    # Rows per register tile of the nibble scheme: x 16 udot accumulators of a 64-channel tile, within
+    # NEON's 32 registers.
+    nibble_rows: int = 1
+    # The activation-code stage runs parallel from this many rows.
+    parallel_code_rows: int = 64
+
+
+def is_aarch64(target: tvm.target.Target) -> bool:
+    """An LLVM target for 64-bit Arm (its ``mtriple``, or the host's)."""
+    triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
+    return target.kind.name == "llvm" and triple.startswith("aarch64")
+
+
+def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice | None:
+    """The scheduled kernel for ``layer`` on ``target`` and its weights (``lpbq_qw``, ``lpbq_kw``,
+    ``lpbq_wsum``, ``lpbq_s``), or None where this family does not serve it (module docstring)."""
+    integer, encoding = layer.integer, layer.encoding
+    if not is_aarch64(target) or not codegen.target_has_features("dotprod", target):
+        return None
+    if integer is None or integer.output_encoding is not None:
+        return None
+    if encoding.bitwidth > 4 or encoding.block_size % 16 or layer.depth > MAX_K:
+        return None
+    packed = pack(encoding)
+    qw, kw, wsum = repack_w4a8(packed.q, packed.k, layer.channels, layer.depth, encoding.block_size)
+    x = integer.input_encoding
+    func = integer_dense(
+        layer.rows, layer.channels, layer.depth, encoding.block_size, x.scale, x.zero_point, x.bitwidth,
+        layer.has_bias, target=target,
+    )  # fmt: skip
+    return KernelChoice(func, {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}, KERNEL_NAME)
+
+
+def integer_dense(
+    M: int, N: int, K: int, B: int, sx: float, zx: int, bits: int, with_bias: bool = False, *, target
+) -> tirx.PrimFunc:
+    """Scheduled W4A8 (``bits = 8``) or W4A16 (16) kernel ``main(x, qw, kw, wsum, s, [bias], y)``
+    (:mod:`lpbq_tvm.kernels.tiled.integer`) with the ``udot`` nibble intrinsic."""
+    check_integer(N, K, B, zx, (1 << bits) - 1)
+    if B % 16 or K > MAX_K:
+        msg = f"the udot nibble kernel needs B % 16 == 0 and K <= {MAX_K}; got K={K}, B={B}"
+        raise ValueError(msg)
+    return build_byte_planes(M, N, K, B, sx, int(zx), bits, with_bias, target, Tuning(), UDOT, nibble)

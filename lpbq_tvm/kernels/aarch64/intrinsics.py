@@ -1,0 +1,81 @@
+"""The aarch64 tensor intrinsics of the LPBQ kernels: one NEON instruction sequence per call, registered by name.
+
+* :data:`UDOT_NIBBLE_INTRIN` — ``C[4] (int32) += Σ_j A[j] · lo_j(Q[i]) + A[4 + j] · hi_j(Q[i])``, where
+  dword ``Q[i]`` (the W4A8 layout of :mod:`lpbq_tvm.kernels.tiled.repack`, read as stored) holds the
+  offset-binary nibbles ``u = q + 8`` of channel i: k-position j in the low, 4 + j in the high nibble
+  of byte j. One 16-byte load is decoded in registers (``and``, ``ushr`` on bytes) into the two
+  operands of two ``udot`` (Armv8.2 dot product, unsigned: codes 0..255 times u 0..15), each with the
+  four activation codes of its half broadcast.
+
+Tensor intrinsics are registered globally by name: a variant that differs in its code must differ in
+its name.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+from lpbq_tvm.kernels.tiled.decode import byte, nibbles
+
+__all__ = ["UDOT_LANES", "UDOT_NIBBLE_INTRIN"]
+
+UDOT_NIBBLE_INTRIN = "lpbq_udot_4x8_nibbles_neon"
+UDOT_LANES = 4  # int32 lanes of one udot (a 128-bit register)
+UDOT = "llvm.aarch64.neon.udot.v4i32.v16i8"
+
+
+def _make_nibble_intrinsic():
+    n = UDOT_LANES
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((8,), "uint8", offset_factor=1),
+        Q: T.Buffer((n,), "uint32", offset_factor=1),
+        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:8], Q[0:n])
+            T.writes(C[0:n])
+            for i in T.serial(0, n):
+                for kk in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, kk])
+                        C[vi] = C[vi] + (
+                            T.cast(A[vk], "int32") * byte(T.cast(nibbles(Q[vi], 0), "int32"), vk)
+                            + T.cast(A[vk + 4], "int32") * byte(T.cast(nibbles(Q[vi], 1), "int32"), vk)
+                        )
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((8,), "uint8", offset_factor=1),
+        Q: T.Buffer((n,), "uint32", offset_factor=1),
+        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:8], Q[0:n])
+            T.writes(C[0:n])
+            q = T.reinterpret(Q.vload([0], f"uint32x{n}"), dtype=f"uint8x{4 * n}")
+            lo = T.bitwise_and(q, T.broadcast(T.uint8(15), 4 * n))
+            hi = T.shift_right(q, T.broadcast(T.uint8(4), 4 * n))
+            a_lo = T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
+            )
+            a_hi = T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([4], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
+            )
+            C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(UDOT),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(UDOT), C.vload([0], dtype=f"int32x{n}"), lo, a_lo, dtype=f"int32x{n}"
+                ),
+                hi,
+                a_hi,
+                dtype=f"int32x{n}",
+            )
+
+    if TensorIntrin.get(UDOT_NIBBLE_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(UDOT_NIBBLE_INTRIN, desc, impl)
+
+
+_make_nibble_intrinsic()

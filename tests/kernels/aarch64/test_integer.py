@@ -1,0 +1,82 @@
+"""The aarch64 W4A8 / W4A16 kernels (udot): bit-exact on the emulated board over odd shapes, saturating
+inputs and extreme accumulators; chosen only where the target has the dot product."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from arm64_device import Session
+from kernel_cases import SHAPES, activations, reference_w4a8, weights
+
+from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.encoder import encode_lpbq
+from lpbq_tvm.kernels.aarch64 import dense_kernel, integer_dense
+from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic
+from lpbq_tvm.kernels.tiled.repack import repack_w4a8
+from lpbq_tvm.packing import pack_nibbles
+from lpbq_tvm.targets import get_target
+
+DOTPROD = get_target("aarch64").tvm_target()
+PLAIN_NEON = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+pytestmark = pytest.mark.xdist_group("arm64-device")
+
+
+@pytest.fixture
+def board(arm64_tracker, tmp_path):
+    with Session(arm64_tracker, "arm64", tmp_path) as session:
+        yield session
+
+
+def _case(M, N, K, B, bits, rng, extreme=False):
+    qmax = (1 << bits) - 1
+    sx, zx = (0.25, qmax // 2 + 1) if (M + B) % 2 else (0.0371 * 255 / qmax, (0, 17, qmax)[(N + K) % 3])
+    if extreme:  # q = -8, k = 16 everywhere and fully saturated x: the largest |acc| the format allows
+        q, k = np.full((N, K), -8), np.full((N, K // B), 16)
+        x = np.where(np.arange(K) % 2, 1e9, -1e9).astype(np.float32)[None].repeat(M, 0)
+    else:
+        q, k = weights(N, K, B, rng)
+        x = activations(M, K, sx, zx, rng, qmax)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32) if (M + N + K // B) % 2 else None
+    return q, k, s, x, bias, sx, zx
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("N, K, B", SHAPES)
+def test_integer_kernel_is_bit_exact_on_the_board(board, M, N, K, B, bits):
+    _check(board, M, N, K, B, bits, np.random.default_rng(M * 7 + N + K * 3 + B + bits))
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_extreme_accumulators_are_exact_on_the_board(board, bits):
+    _check(board, 2, 100, 512, 128, bits, np.random.default_rng(bits), extreme=True)
+
+
+def _check(board, M, N, K, B, bits, rng, extreme=False):
+    q, k, s, x, bias, sx, zx = _case(M, N, K, B, bits, rng, extreme)
+    func = integer_dense(M, N, K, B, sx, zx, bits, bias is not None, target=DOTPROD)
+    weights_ = repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    got = board.call(func, DOTPROD, [x, *weights_, s, *([bias] if bias is not None else [])], (M, N))
+    expected = reference_w4a8(x, q, k, s, B, sx, zx, bias, bitwidth=bits)
+    np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
+
+
+def test_the_kernel_runs_on_udot():
+    asm = tvm.compile(integer_dense(1, 64, 256, 64, 0.1, 3, 8, target=DOTPROD), DOTPROD).mod.inspect_source("asm")
+    assert "udot" in asm
+
+
+def test_the_family_serves_integer_layers_on_cpus_with_the_dot_product():
+    rng = np.random.default_rng(0)
+    encoding = encode_lpbq(rng.standard_normal((64, 256)).astype(np.float32), channel_axis=0, block_axis=1)
+    integer = IntegerArithmetic(ActivationEncoding(8, 0.1, -3))
+    layer = DenseLayer(rows=1, depth=256, encoding=encoding, has_bias=False, integer=integer)
+    choice = dense_kernel(layer, DOTPROD)
+    assert choice is not None and set(choice.weights) == {"lpbq_qw", "lpbq_kw", "lpbq_wsum", "lpbq_s"}
+    assert dense_kernel(layer, PLAIN_NEON) is None  # no udot: the generic kernel
+    assert dense_kernel(DenseLayer(1, 256, encoding, False, None), DOTPROD) is None  # weight-only
+    requantized = IntegerArithmetic(integer.input_encoding, ActivationEncoding(8, 0.2, -100))
+    assert dense_kernel(DenseLayer(1, 256, encoding, False, requantized), DOTPROD) is None
+    assert dense_kernel(layer, get_target("cpu").tvm_target()) is None
