@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
 import subprocess
 import time
 from contextlib import contextmanager
@@ -56,7 +57,12 @@ def emulated_devices(timeout: float = 240.0):
             port = str(20000 + 100 * index)
             command = ["bash", str(SCRIPT), "rpc-server", "--tracker", address, "--key", key, "--port", port]
             env = os.environ | {"QEMU_CPU": cpu}
-            servers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            # A session of its own: the server's worker processes are stopped with it (killpg below).
+            servers.append(
+                subprocess.Popen(
+                    command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+                )
+            )
         client = rpc.connect_tracker("127.0.0.1", tracker.port)
         deadline = time.monotonic() + timeout
         while not set(CPUS) <= set(client.summary()["queue_info"]):
@@ -66,7 +72,7 @@ def emulated_devices(timeout: float = 240.0):
         yield address
     finally:
         for server in servers:
-            server.terminate()
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
         tracker.terminate()
 

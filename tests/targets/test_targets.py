@@ -48,15 +48,15 @@ def test_each_target_tiles_for_its_own_registers():
 
 def test_each_provider_asks_its_family():
     """On an x86-64 host the cpu target's provider answers with the x86 family's kernel and its weights;
-    the x86 family declines an aarch64 target itself; aarch64 asks its own family (which takes integer
-    layers, tests/kernels/aarch64), and htp-sim has no scheduled kernels."""
+    the x86 family declines an aarch64 target itself; aarch64 asks its own family (tests/kernels/aarch64),
+    and htp-sim has no scheduled kernels."""
     layer = _dense_layer()
     choice = get_target("cpu").kernel_provider()(layer)
     assert choice is not None and choice.name == "lpbq_dense_x86"
     assert list(choice.weights) == ["lpbq_qw", "lpbq_kw", "lpbq_s"]
     assert bool(choice.func.attrs["tirx.is_scheduled"])
     assert dense_kernel(layer, get_target("aarch64").tvm_target()) is None
-    assert get_target("aarch64").kernel_provider()(layer) is None  # weight-only: the generic kernel
+    assert get_target("aarch64").kernel_provider()(layer).name == "lpbq_dense_aarch64"
     assert get_target("aarch64").kernel_families == (aarch64,) and get_target("htp-sim").kernel_provider() is None
 
 

@@ -1,14 +1,15 @@
-"""Hand-scheduled LPBQ dense kernels for aarch64 (NEON with the Armv8.2 dot product).
+"""Hand-scheduled LPBQ dense kernels for aarch64 (NEON, and the Armv8.2 dot product for the integer modes).
 
-W4A8 and W4A16 (:mod:`.dense`): the nibble scheme of :mod:`lpbq_tvm.kernels.tiled` over the tiled
-W4A8 layout, its ``Σ xq · u`` per block computed by ``udot`` on the nibbles as stored
+Weight-only (:mod:`.dense`): the shared kernel of :mod:`lpbq_tvm.kernels.tiled.weight_only` as NEON
+code. W4A8 and W4A16: the nibble scheme of :mod:`lpbq_tvm.kernels.tiled` over the tiled W4A8
+layout, its ``Σ xq · u`` per block computed by ``udot`` on the nibbles as stored
 (:mod:`.intrinsics`), W4A16 as two byte planes; bit-exact with :mod:`lpbq_tvm.reference` (checked on
-the emulated board, ``tests/kernels/aarch64``). Weight-only layers, requantized outputs and CPUs
+the emulated board, ``tests/kernels/aarch64``). Requantized outputs and integer layers on CPUs
 without ``dotprod`` take the generic kernels.
 
 :func:`dense_kernel` is the family's entry for a target's kernel provider.
 """
 
-from lpbq_tvm.kernels.aarch64.dense import dense_kernel, integer_dense
+from lpbq_tvm.kernels.aarch64.dense import dense_kernel, integer_dense, weight_only_dense
 
-__all__ = ["dense_kernel", "integer_dense"]
+__all__ = ["dense_kernel", "integer_dense", "weight_only_dense"]

@@ -1,11 +1,17 @@
-"""The aarch64 family's dense kernels and its choice among them: W4A8 and W4A16 with ``udot``.
+"""The aarch64 family's dense kernels and its choice among them: weight-only, and W4A8 / W4A16 with ``udot``.
 
-:func:`dense_kernel` answers the target's kernel provider (:mod:`lpbq_tvm.kernels.interface`): for
-an integer layer of 4-bit codes, blocks of whole dword pairs (``B % 16 == 0``), ``K`` up to
-``MAX_K`` and no output requantization, on an aarch64 target with the dot-product extension
-(``+dotprod``), the nibble scheme of :mod:`lpbq_tvm.kernels.tiled` with the ``udot`` intrinsic
-(:mod:`.intrinsics`), W4A16 as two byte planes of it; None otherwise (weight-only, int8 per-channel
-layers, requantized outputs, a CPU without dotprod), and the generic kernel runs.
+:func:`dense_kernel` answers the target's kernel provider (:mod:`lpbq_tvm.kernels.interface`) on an
+aarch64 target, for layers of 4-bit codes in blocks of whole dword pairs (``B % 16 == 0``):
+
+* weight-only: the shared kernel of :mod:`lpbq_tvm.kernels.tiled.weight_only`, its GEMV (M = 1,
+  nibbles decoded in registers as plain NEON code) or its GEMM (``float(q·k)`` of a tile decoded
+  once, register tiles of 16 lanes);
+* W4A8 / W4A16 without output requantization, on a CPU with the dot product (``+dotprod``): the
+  nibble scheme of :mod:`lpbq_tvm.kernels.tiled` with the ``udot`` intrinsic (:mod:`.intrinsics`),
+  W4A16 as two byte planes of it, ``K`` up to ``MAX_K``.
+
+None otherwise (int8 per-channel layers, requantized outputs, integer layers on a CPU without
+dotprod), and the generic kernel runs.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, UDOT_NIBBLE_INTRIN
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice
 from lpbq_tvm.kernels.tiled import nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer
-from lpbq_tvm.kernels.tiled.repack import repack_w4a8
+from lpbq_tvm.kernels.tiled.repack import repack_w4a8, repack_weight_only
+from lpbq_tvm.kernels.tiled.weight_only import weight_only_gemm, weight_only_gemv
 from lpbq_tvm.packing import pack
 
-__all__ = ["Tuning", "dense_kernel", "integer_dense", "is_aarch64"]
+__all__ = ["Tuning", "dense_kernel", "integer_dense", "is_aarch64", "weight_only_dense"]
 
 KERNEL_NAME = "lpbq_dense_aarch64"
 UDOT = DotInstructions("udot", UDOT_LANES, UDOT_NIBBLE_INTRIN)
@@ -38,6 +45,14 @@ class Tuning:
     nibble_rows: int = 1
     # The activation-code stage runs parallel from this many rows.
     parallel_code_rows: int = 64
+    # Weight-only GEMM: the decoded float q·k of a whole 64-channel tile stays cache-resident up to
+    # this size; above it, panels of whole blocks up to ``panel_k`` k-positions.
+    whole_tile_bytes: int = 128 * 1024
+    panel_k: int = 256
+
+
+NEON_FLOATS = 4  # floats per NEON register
+GEMM_WIDTH = 16  # lanes of a weight-only GEMM register tile: 4 NEON registers per row
 
 
 def is_aarch64(target: tvm.target.Target) -> bool:
@@ -50,20 +65,36 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
     """The scheduled kernel for ``layer`` on ``target`` and its weights (``lpbq_qw``, ``lpbq_kw``,
     ``lpbq_wsum``, ``lpbq_s``), or None where this family does not serve it (module docstring)."""
     integer, encoding = layer.integer, layer.encoding
-    if not is_aarch64(target) or not codegen.target_has_features("dotprod", target):
-        return None
-    if integer is None or integer.output_encoding is not None:
-        return None
-    if encoding.bitwidth > 4 or encoding.block_size % 16 or layer.depth > MAX_K:
+    if not is_aarch64(target) or encoding.bitwidth > 4 or encoding.block_size % 16:
         return None
     packed = pack(encoding)
-    qw, kw, wsum = repack_w4a8(packed.q, packed.k, layer.channels, layer.depth, encoding.block_size)
+    rows, channels, depth, block = layer.rows, layer.channels, layer.depth, encoding.block_size
+    if integer is None:
+        qw, kw = repack_weight_only(packed.q, packed.k, channels, depth, block)
+        func = weight_only_dense(rows, channels, depth, block, layer.has_bias, target=target)
+        return KernelChoice(func, {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_s": packed.scale}, KERNEL_NAME)
+    dotprod = codegen.target_has_features("dotprod", target)
+    if not dotprod or integer.output_encoding is not None or depth > MAX_K:
+        return None
+    qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
     x = integer.input_encoding
     func = integer_dense(
         layer.rows, layer.channels, layer.depth, encoding.block_size, x.scale, x.zero_point, x.bitwidth,
         layer.has_bias, target=target,
     )  # fmt: skip
     return KernelChoice(func, {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}, KERNEL_NAME)
+
+
+def weight_only_dense(M: int, N: int, K: int, B: int, with_bias: bool = False, *, target) -> tirx.PrimFunc:
+    """Scheduled weight-only kernel ``main(x, qw, kw, s, [bias], y)`` (:mod:`lpbq_tvm.kernels.tiled.weight_only`):
+    the GEMV at M = 1, else the GEMM."""
+    tune = Tuning()
+    if M == 1:
+        return weight_only_gemv(M, N, K, B, with_bias, chunk=GEMM_WIDTH, lut_intrinsic=None, lut_rows=1)
+    return weight_only_gemm(
+        M, N, K, B, with_bias, width=GEMM_WIDTH, register_lanes=NEON_FLOATS,
+        whole_tile_bytes=tune.whole_tile_bytes, panel_k=tune.panel_k, target=target,
+    )  # fmt: skip
 
 
 def integer_dense(

@@ -68,7 +68,7 @@ def test_the_kernel_runs_on_udot():
     assert "udot" in asm
 
 
-def test_the_family_serves_integer_layers_on_cpus_with_the_dot_product():
+def test_the_family_serves_weight_only_layers_and_integer_ones_on_cpus_with_the_dot_product():
     rng = np.random.default_rng(0)
     encoding = encode_lpbq(rng.standard_normal((64, 256)).astype(np.float32), channel_axis=0, block_axis=1)
     integer = IntegerArithmetic(ActivationEncoding(8, 0.1, -3))
@@ -76,7 +76,9 @@ def test_the_family_serves_integer_layers_on_cpus_with_the_dot_product():
     choice = dense_kernel(layer, DOTPROD)
     assert choice is not None and set(choice.weights) == {"lpbq_qw", "lpbq_kw", "lpbq_wsum", "lpbq_s"}
     assert dense_kernel(layer, PLAIN_NEON) is None  # no udot: the generic kernel
-    assert dense_kernel(DenseLayer(1, 256, encoding, False, None), DOTPROD) is None  # weight-only
+    weight_only = DenseLayer(1, 256, encoding, False, None)  # plain NEON is enough
+    for target in (DOTPROD, PLAIN_NEON):
+        assert set(dense_kernel(weight_only, target).weights) == {"lpbq_qw", "lpbq_kw", "lpbq_s"}
     requantized = IntegerArithmetic(integer.input_encoding, ActivationEncoding(8, 0.2, -100))
     assert dense_kernel(DenseLayer(1, 256, encoding, False, requantized), DOTPROD) is None
     assert dense_kernel(layer, get_target("cpu").tvm_target()) is None
