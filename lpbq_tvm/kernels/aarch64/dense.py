@@ -49,6 +49,8 @@ class Tuning:
     # this size; above it, panels of whole blocks up to ``panel_k`` k-positions.
     whole_tile_bytes: int = 128 * 1024
     panel_k: int = 256
+    # Weight-only GEMM: k-steps unrolled around a register tile (x then loads as vectors).
+    gemm_k_unroll: int = 4
 
 
 NEON_FLOATS = 4  # floats per NEON register
@@ -93,7 +95,7 @@ def weight_only_dense(M: int, N: int, K: int, B: int, with_bias: bool = False, *
         return weight_only_gemv(M, N, K, B, with_bias, chunk=GEMM_WIDTH, lut_intrinsic=None, lut_rows=1)
     return weight_only_gemm(
         M, N, K, B, with_bias, width=GEMM_WIDTH, register_lanes=NEON_FLOATS,
-        whole_tile_bytes=tune.whole_tile_bytes, panel_k=tune.panel_k, target=target,
+        whole_tile_bytes=tune.whole_tile_bytes, panel_k=tune.panel_k, target=target, k_unroll=tune.gemm_k_unroll,
     )  # fmt: skip
 
 

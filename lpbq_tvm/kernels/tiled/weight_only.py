@@ -112,7 +112,7 @@ def _panel(K: int, B: int, panel_k: int) -> int:
 
 
 def weight_only_gemm(
-    M, N, K, B, with_bias, *, width: int, register_lanes: int, whole_tile_bytes: int, panel_k: int, target
+    M, N, K, B, with_bias, *, width: int, register_lanes: int, whole_tile_bytes: int, panel_k: int, target, k_unroll=1
 ) -> tirx.PrimFunc:
     """Decode ``q·k`` of a 64-channel tile to local floats, then (mi x ``width``) register tiles.
 
@@ -120,7 +120,8 @@ def weight_only_gemm(
     chunk, b, r, mi, lane: the accumulators stay in registers over all of K, and each group's output
     is written right away). Above, one panel of whole blocks at a time (loops t, p, chunk, mo, r, mi,
     lane), accumulating all M rows of the tile in a local [M, 64] buffer. ``register_lanes``: floats
-    per vector register (the decode's unit); ``target``: its cores (parallel loops)."""
+    per vector register (the decode's unit); ``target``: its cores (parallel loops); ``k_unroll``:
+    k-steps unrolled around each register tile (a divisor of B)."""
     check_shape(N, K, B)
     nt, x, qw, kw, s, bias = _inputs(M, N, K, B, with_bias)
     tile = tile_lanes(N, width)
@@ -152,6 +153,10 @@ def weight_only_gemm(
     sch.set_scope(blk_w, 0, "local")
     sch.set_scope(blk_acc, 0, "local")
     decode_by_register(sch, blk_w, 8, register_lanes)  # 8 nibbles of floats per dword
+    if k_unroll > 1:  # k-steps unrolled around the register tile (LLVM then loads x as vectors)
+        r_outer, r_inner = sch.split(r, [None, k_unroll])
+        sch.reorder(r_outer, r_inner, mi, lane)
+        sch.unroll(r_inner)
     sch.unroll(mi)
     sch.vectorize(lane)
     sch.vectorize(sch.get_loops(blk_y)[-1])
