@@ -143,3 +143,20 @@ def test_real_models_run_on_the_device_like_the_x86_build(session, model):
             error = np.abs(actual - expected).max()
             assert error <= reordering_bound(sim, expected), (mode, name, error)
             assert (actual.argmax(-1) == expected.argmax(-1)).all(), (mode, name)
+
+
+def test_cli_bench_times_every_mode_on_the_board(tracker, tmp_path, capsys):
+    """``lpbq-tvm bench --target aarch64 --rpc``: each build compiled here, timed on the board."""
+    import json
+
+    import onnx
+
+    onnx.save(build_example_model(), tmp_path / "example.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((2, 1, 64, 8, 8)).astype(np.float32))
+    command = ["--json", "bench", str(tmp_path / "example.onnx"), "--calib", str(tmp_path / "calib.npz")]
+    assert main([*command, "--target", "aarch64", "--rpc", tracker, "--key", "arm64", "--repeat", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["device"] == f"a 'arm64' device of {tracker}" and result["onnxruntime_fp32"] is None
+    assert set(result["tvm"]) == set(MODES)
+    assert all(0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in result["tvm"].values())
