@@ -38,6 +38,7 @@ from lpbq_tvm.export import export
 SHAPES = ((4096, 4096), (768, 3072))  # (N, K)
 BATCHES = (1, 32)
 DEVICE = Path(__file__).resolve().parents[1] / "tools" / "arm64_device.sh"
+BOARD_RUN = DEVICE.with_name("board_run.py")  # what runs on the board
 ORT_LIBRARY = "onnxruntime_pybind11_state"
 CANDIDATES = (
     "lpbq_tvm weight-only",
@@ -65,7 +66,7 @@ class Board:
         )
         self.host = Path(tempfile.mkdtemp(prefix="bench-", dir=root / "srv" / "work"))
         self.device = Path("/srv/work") / self.host.name
-        shutil.copy(Path(__file__).with_name("aarch64_calls.py"), self.host)
+        shutil.copy(BOARD_RUN, self.host)
 
     def instructions(self, kind: str, path: str, calls: int, config: tuple[str, ...] = ()) -> float:
         """Instructions per call inside the kernel's library: (count at 1 + calls - count at 1) / calls."""
@@ -75,8 +76,9 @@ class Board:
     def _count(self, kind: str, path: str, calls: int, config: tuple[str, ...]) -> int:
         library = ORT_LIBRARY if kind == "ort" else f"{self.device / path}/model.so"
         command = ["bash", str(DEVICE), "count", str(self.device / "counts.txt")]
-        command += [str(self.device / "aarch64_calls.py"), kind, str(self.device / path)]
-        command += [str(self.device / "inputs.npz"), str(calls), str(self.device / "maps.txt"), *config]
+        command += [str(self.device / BOARD_RUN.name), kind, str(self.device / path), str(self.device / "inputs.npz")]
+        command += ["--calls", str(calls), "--maps", str(self.device / "maps.txt")]
+        command += ["--config", *config] if config else []
         done = subprocess.run(command, capture_output=True, text=True)  # onnxruntime's cpuinfo complains of /sys
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")

@@ -33,12 +33,20 @@ def load_golden():
 
 
 @pytest.fixture(scope="session")
-def arm64_tracker():
-    """The emulated aarch64 boards of tests/arm64_device.py behind a tracker on 127.0.0.1: its address.
-    Tests that use it carry ``pytest.mark.xdist_group("arm64-device")``, so one worker starts them."""
-    from arm64_device import emulated_devices, require_device
+def arm64_device():
+    """tools/arm64_device.sh, once its emulated aarch64 board is installed (tests/arm64_device.py)."""
+    from arm64_device import SCRIPT, require_device
 
     require_device()
+    return SCRIPT
+
+
+@pytest.fixture(scope="session")
+def arm64_tracker(arm64_device):
+    """The emulated aarch64 boards of tests/arm64_device.py behind a tracker on 127.0.0.1: its address.
+    Tests that use it carry ``pytest.mark.xdist_group("arm64-device")``, so one worker starts them."""
+    from arm64_device import emulated_devices
+
     with emulated_devices() as address:
         yield address
 

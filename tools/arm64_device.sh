@@ -4,6 +4,9 @@
 # binfmt). See docs/aarch64.md.
 #
 #   tools/arm64_device.sh setup                    install the tools and build the rootfs (once; cached)
+#   tools/arm64_device.sh run BUNDLE INPUTS.npz OUTPUTS.npz
+#                                                  run an aarch64 bundle on the device directly (no RPC):
+#                                                  its outputs by name (tools/board_run.py on the device)
 #   tools/arm64_device.sh python ARGS...           run the device's python3 (files under /srv/work of the rootfs)
 #   tools/arm64_device.sh rpc-server --tracker HOST:PORT --key KEY [--port PORT]
 #                                                  a TVM RPC server on the device, on 127.0.0.1, registered
@@ -117,6 +120,18 @@ case "$command" in
     ;;
   root)
     echo "$root"
+    ;;
+  run)
+    [ $# -eq 3 ] || { echo "run needs BUNDLE INPUTS.npz OUTPUTS.npz" >&2; exit 2; }
+    [ -f "$1/manifest.json" ] || { echo "run: $1 is not a bundle (no manifest.json)" >&2; exit 2; }
+    job=$(mktemp -d "$root/srv/work/run-XXXXXX")
+    trap 'rm -rf "$job"' EXIT
+    cp -r "$1" "$job/bundle"
+    cp "$2" "$job/inputs.npz"
+    cp "$here/board_run.py" "$job/"
+    inside=/srv/work/$(basename "$job")
+    (device_python "$inside/board_run.py" tvm "$inside/bundle" "$inside/inputs.npz" --outputs "$inside/outputs.npz")
+    cp "$job/outputs.npz" "$3"
     ;;
   count)
     [ $# -ge 2 ] || { echo "count needs COUNTS and the python arguments" >&2; exit 2; }

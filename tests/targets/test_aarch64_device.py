@@ -8,6 +8,8 @@ and ``arm64-a53`` (Cortex-A53: NEON only). The tests share them, so they run on 
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 import real_model_inputs
@@ -160,3 +162,15 @@ def test_cli_bench_times_every_mode_on_the_board(tracker, tmp_path, capsys):
     assert result["device"] == f"a 'arm64' device of {tracker}" and result["onnxruntime_fp32"] is None
     assert set(result["tvm"]) == set(MODES)
     assert all(0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in result["tvm"].values())
+
+
+def test_a_bundle_runs_directly_on_the_board(arm64_device, example, tmp_path):
+    """No RPC: ``tools/arm64_device.sh run`` loads the bundle on the emulated board with TVM's runtime alone."""
+    sim, folder = example
+    bundle = lpbq_tvm.compile(sim, "aarch64", "w4a8").export_bundle(tmp_path / "bundle")
+    command = ["bash", str(arm64_device), "run", str(bundle), str(folder / "inputs.npz"), str(tmp_path / "out.npz")]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    with np.load(tmp_path / "out.npz") as saved, np.load(folder / "inputs.npz") as inputs:
+        board, inputs = saved["y"], dict(inputs)
+    host = lpbq_tvm.compile(sim, "cpu", "w4a8").run(inputs)["y"]
+    np.testing.assert_array_equal(board.view(np.int32), host.view(np.int32))
