@@ -18,8 +18,8 @@ def test_demo_quantizes_compiles_and_reports(capsys, monkeypatch):
     for layer, op in (("conv", "Conv"), ("fc1", "Gemm"), ("fc2", "MatMul")):
         assert layer in out and op in out
     assert "128×64×3×3" in out and "4.069" in out and out.count("LPBQ B64") == 3
-    # 491,520 fp32 weight bytes vs 64,256 in the x86 kernels' layouts: 63,744 packed (the aarch64 build
-    # below) + 512 for the conv's k, stored once per kernel tap for its tap-major im2col columns
+    # 491,520 fp32 weight bytes vs 64,256 in the kernels' tiled layouts: 63,744 packed + 512 for the
+    # conv's k, stored once per kernel tap for its tap-major im2col columns
     assert "7.6x smaller" in out
 
 
@@ -168,7 +168,7 @@ def test_json_results_and_bench(tmp_path, capsys):
     assert main(["--json", "compile", str(model), "--target", "aarch64", "-o", str(tmp_path / "b")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["exit_code"] == 0 and result["files"] == AARCH64_BUNDLE
-    assert result["weight_bytes"] == {"lpbq_packed": 63744, "float": 0}
+    assert result["weight_bytes"] == {"lpbq_packed": 64256, "float": 0}  # the aarch64 kernels' tiled layout
     assert main(["--json", "compile", str(model), "-o", str(tmp_path / "b")]) == 3
     assert json.loads(capsys.readouterr().out) == {
         "exit_code": 3,

@@ -1,11 +1,11 @@
 """Hand-scheduled LPBQ dense kernels for aarch64 (NEON, and the Armv8.2 dot product for the integer modes).
 
 Weight-only (:mod:`.dense`): the shared kernel of :mod:`lpbq_tvm.kernels.tiled.weight_only` as NEON
-code. W4A8 and W4A16: the nibble scheme of :mod:`lpbq_tvm.kernels.tiled` over the tiled W4A8
-layout, its ``Σ xq · u`` per block computed by ``udot`` on the nibbles as stored
-(:mod:`.intrinsics`), W4A16 as two byte planes; bit-exact with :mod:`lpbq_tvm.reference` (checked on
-the emulated board, ``tests/kernels/aarch64``). Requantized outputs and integer layers on CPUs
-without ``dotprod`` take the generic kernels.
+code. W4A8 and W4A16: below four rows the nibble scheme of :mod:`lpbq_tvm.kernels.tiled`, its
+``Σ xq · u`` per block computed by ``udot`` on the nibbles as stored (:mod:`.intrinsics`); from four
+rows :mod:`.fold_k`, a tile's ``q·k`` decoded once and ``sdot`` over K; W4A16 as two byte planes.
+Bit-exact with :mod:`lpbq_tvm.reference` (checked on the emulated board, ``tests/kernels/aarch64``).
+Requantized outputs and integer layers on CPUs without ``dotprod`` take the generic kernels.
 
 :func:`dense_kernel` is the family's entry for a target's kernel provider.
 """

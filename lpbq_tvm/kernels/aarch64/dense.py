@@ -6,9 +6,10 @@ aarch64 target, for layers of 4-bit codes in blocks of whole dword pairs (``B % 
 * weight-only: the shared kernel of :mod:`lpbq_tvm.kernels.tiled.weight_only`, its GEMV (M = 1,
   nibbles decoded in registers as plain NEON code) or its GEMM (``float(q·k)`` of a tile decoded
   once, register tiles of 16 lanes);
-* W4A8 / W4A16 without output requantization, on a CPU with the dot product (``+dotprod``): the
-  nibble scheme of :mod:`lpbq_tvm.kernels.tiled` with the ``udot`` intrinsic (:mod:`.intrinsics`),
-  W4A16 as two byte planes of it, ``K`` up to ``MAX_K``.
+* W4A8 / W4A16 without output requantization, on a CPU with the dot product (``+dotprod``): below
+  ``Tuning.fold_k_min_rows`` rows of the uint8 kernel the nibble scheme of :mod:`lpbq_tvm.kernels.tiled`
+  with the ``udot`` intrinsic (:mod:`.intrinsics`), from there :mod:`.fold_k` (``sdot`` over a tile
+  decoded once); W4A16 as two byte planes, ``K`` up to ``MAX_K``.
 
 None otherwise (int8 per-channel layers, requantized outputs, integer layers on a CPU without
 dotprod), and the generic kernel runs.
@@ -22,6 +23,7 @@ import tvm
 from tvm import tirx
 from tvm.target import codegen
 
+from lpbq_tvm.kernels.aarch64 import fold_k
 from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, UDOT_NIBBLE_INTRIN
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice
 from lpbq_tvm.kernels.tiled import nibble
@@ -43,6 +45,10 @@ class Tuning:
     # Rows per register tile of the nibble scheme: x 16 udot accumulators of a 64-channel tile, within
     # NEON's 32 registers.
     nibble_rows: int = 1
+    # The fold-k scheme (a tile's q·k decoded once) from this many rows of the uint8 kernel, and its
+    # rows per register tile (x 4 sdot accumulators of 16 lanes).
+    fold_k_min_rows: int = 4
+    fold_rows: int = 4
     # The activation-code stage runs parallel from this many rows.
     parallel_code_rows: int = 64
     # Weight-only GEMM: the decoded float q·k of a whole 64-channel tile stays cache-resident up to
@@ -108,4 +114,6 @@ def integer_dense(
     if B % 16 or K > MAX_K:
         msg = f"the udot nibble kernel needs B % 16 == 0 and K <= {MAX_K}; got K={K}, B={B}"
         raise ValueError(msg)
-    return build_byte_planes(M, N, K, B, sx, int(zx), bits, with_bias, target, Tuning(), UDOT, nibble)
+    tune = Tuning()
+    folded = bits // 8 * M >= tune.fold_k_min_rows
+    return build_byte_planes(M, N, K, B, sx, int(zx), bits, with_bias, target, tune, UDOT, fold_k if folded else nibble)

@@ -5,7 +5,9 @@
   offset-binary nibbles ``u = q + 8`` of channel i: k-position j in the low, 4 + j in the high nibble
   of byte j. One 16-byte load is decoded in registers (``and``, ``ushr`` on bytes) into the two
   operands of two ``udot`` (Armv8.2 dot product, unsigned: codes 0..255 times u 0..15), each with the
-  four activation codes of its half broadcast.
+  four activation codes of its half broadcast;
+* :data:`SDOT_TILE_INTRIN` — ``C[4] (int32) += Σ_j (A[j] − 128) · B[i] byte j`` over a decoded local
+  tile of signed ``q·k`` bytes: one ``sdot``, the codes made signed by one ``eor`` (the fold-k scheme).
 
 Tensor intrinsics are registered globally by name: a variant that differs in its code must differ in
 its name.
@@ -18,7 +20,7 @@ from tvm.script import tirx as T
 
 from lpbq_tvm.kernels.tiled.decode import byte, nibbles
 
-__all__ = ["UDOT_LANES", "UDOT_NIBBLE_INTRIN"]
+__all__ = ["SDOT_TILE_INTRIN", "UDOT_LANES", "UDOT_NIBBLE_INTRIN"]
 
 UDOT_NIBBLE_INTRIN = "lpbq_udot_4x8_nibbles_neon"
 UDOT_LANES = 4  # int32 lanes of one udot (a 128-bit register)
@@ -79,3 +81,52 @@ def _make_nibble_intrinsic():
 
 
 _make_nibble_intrinsic()
+
+
+SDOT_TILE_INTRIN = "lpbq_sdot_4x4_offset_codes_local_neon"
+SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+
+
+def _make_tile_intrinsic():
+    # C[i] += Σ_j (A[j] − 128) · signed byte j of B[i]: one sdot of four activation codes made signed
+    # (xor 0x80 per byte, shared by every lane) and four lanes of a decoded local int8 tile.
+    n = UDOT_LANES
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:4], B[0:n])
+            T.writes(C[0:n])
+            for i in T.serial(0, n):
+                for kk in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, kk])
+                        C[vi] = C[vi] + (T.cast(A[vk], "int32") - 128) * byte(B[vi], vk)
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:4], B[0:n])
+            T.writes(C[0:n])
+            codes = T.bitwise_xor(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), T.int32(-2139062144))
+            C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(SDOT),
+                C.vload([0], dtype=f"int32x{n}"),
+                T.reinterpret(B.vload([0], f"int32x{n}"), dtype=f"int8x{4 * n}"),
+                T.reinterpret(T.broadcast(codes, n), dtype=f"int8x{4 * n}"),
+                dtype=f"int32x{n}",
+            )
+
+    if TensorIntrin.get(SDOT_TILE_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(SDOT_TILE_INTRIN, desc, impl)
+
+
+_make_tile_intrinsic()

@@ -10,8 +10,8 @@ A uint16 code runs as two *byte planes*, ``xq = 256 · hi + lo``: two rows of th
 each plane's sum exact in int32 (255 · 128 · K fits up to ``MAX_K``). :func:`build_byte_planes`
 builds such a kernel around one of the uint8 schemes (:mod:`~lpbq_tvm.kernels.tiled.nibble`,
 :mod:`~lpbq_tvm.kernels.x86.block_dot`, :mod:`~lpbq_tvm.kernels.x86.fold_k`), each a module with
-``accumulate(problem)`` (the int32 ``Acc [rows, NT, lanes]`` of ``Σ xq · q · k``) and
-``schedule(sch, problem)``.
+``accumulate(problem)`` (the int32 ``Acc [rows, NT, lanes]`` of ``Σ xq · q · k``, or, for a scheme with
+``CODE_OFFSET = c``, of ``Σ (xq − c) · q · k``) and ``schedule(sch, problem)``.
 
 The output passes an ``llvm.arithmetic.fence`` (:func:`rounded`) before the bias add: LLVM may not
 contract the scale product with the add that follows into one FMA, so the kernel keeps the
@@ -152,7 +152,7 @@ def _exact_acc(acc, wsum, m, n, planes: int, K: int, zx: int):
     total = tirx.const(0, wide)
     for p in range(planes):
         total = total * tirx.const(256, wide) + acc[planes * m + p, n // LANES, n % LANES].astype(wide)
-    total = total - wsum[n].astype(wide) * tirx.const(zx, wide)
+    total = total - wsum[n].astype(wide) * tirx.const(zx % 2**32 if wide == "uint32" else zx, wide)  # modulo 2^32
     return total.astype("int32") if wide == "uint32" else total
 
 
@@ -168,7 +168,10 @@ def build_byte_planes(
     xq = _byte_plane_codes(x, planes, K, sx_c, zx, qmax)
     problem = Problem(M, N, K, B, planes, dot, target, tune, lanes, xq, qw, kw)
     acc = scheme.accumulate(problem)
-    y = integer_output(M, N, lambda m, n: _exact_acc(acc, wsum, m, n, planes, K, zx).astype("float32"), sx_c, s, bias)
+    # A scheme that accumulates signed bytes (code − CODE_OFFSET) owes each plane CODE_OFFSET · wsum back.
+    zx_acc = zx - getattr(scheme, "CODE_OFFSET", 0) * (256**planes - 1) // 255
+    exact = lambda m, n: _exact_acc(acc, wsum, m, n, planes, K, zx_acc).astype("float32")  # noqa: E731
+    y = integer_output(M, N, exact, sx_c, s, bias)
     sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, bias, y) if t is not None]))
     schedule_codes(sch, "xq", tune.parallel_code_rows)
     scheme.schedule(sch, problem)

@@ -43,15 +43,16 @@ def _case(M, N, K, B, bits, rng, extreme=False):
 
 
 @pytest.mark.parametrize("bits", [8, 16])
-@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("M", [1, 3, 8])  # W4A8 takes the nibble scheme below 4 rows, fold-k from there
 @pytest.mark.parametrize("N, K, B", SHAPES)
 def test_integer_kernel_is_bit_exact_on_the_board(board, M, N, K, B, bits):
     _check(board, M, N, K, B, bits, np.random.default_rng(M * 7 + N + K * 3 + B + bits))
 
 
+@pytest.mark.parametrize("M", [2, 8])
 @pytest.mark.parametrize("bits", [8, 16])
-def test_extreme_accumulators_are_exact_on_the_board(board, bits):
-    _check(board, 2, 100, 512, 128, bits, np.random.default_rng(bits), extreme=True)
+def test_extreme_accumulators_are_exact_on_the_board(board, bits, M):
+    _check(board, M, 100, 512, 128, bits, np.random.default_rng(bits), extreme=True)
 
 
 def _check(board, M, N, K, B, bits, rng, extreme=False):
@@ -63,9 +64,11 @@ def _check(board, M, N, K, B, bits, rng, extreme=False):
     np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
 
 
-def test_the_kernel_runs_on_udot():
-    asm = tvm.compile(integer_dense(1, 64, 256, 64, 0.1, 3, 8, target=DOTPROD), DOTPROD).mod.inspect_source("asm")
-    assert "udot" in asm
+@pytest.mark.parametrize("M, instruction", [(1, "udot"), (8, "sdot")])
+def test_the_schemes_run_on_their_dot_product(M, instruction):
+    """The nibble scheme (few rows) on udot, fold-k (from four rows) on sdot."""
+    asm = tvm.compile(integer_dense(M, 64, 256, 64, 0.1, 3, 8, target=DOTPROD), DOTPROD).mod.inspect_source("asm")
+    assert instruction in asm
 
 
 def test_the_family_serves_weight_only_layers_and_integer_ones_on_cpus_with_the_dot_product():

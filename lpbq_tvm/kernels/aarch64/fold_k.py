@@ -1,0 +1,70 @@
+"""The fold-k scheme of the aarch64 uint8 kernel: ``q·k`` of a tile decoded once, ``sdot`` over K.
+
+For many rows the nibble scheme decodes a tile's weights again for every row. Here the int8 weight
+``q·k`` of a whole 64-channel tile is decoded once into a local buffer (as x86's fold-k does), then
+every row accumulates ``Σ (xq − 128) · q·k`` with ``sdot``: the codes become signed bytes by one
+``eor`` per four, shared by all lanes, and the ``128 · Σ q·k`` this leaves out is the weights'
+``wsum`` again (``CODE_OFFSET``: :func:`lpbq_tvm.kernels.tiled.integer.build_byte_planes` adds it back
+with the zero point). Exact in int32 (|Σ| <= 128 · 128 · K). Register tiles of
+``Tuning.fold_rows`` rows by 16 lanes (4 ``sdot`` accumulators per row); each weight register
+serves the tile's rows.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from lpbq_tvm.kernels.aarch64.intrinsics import SDOT_TILE_INTRIN
+from lpbq_tvm.kernels.tiled.decode import byte, k_value, nibbles
+from lpbq_tvm.kernels.tiled.integer import Problem
+from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
+
+__all__ = ["CODE_OFFSET", "accumulate", "schedule"]
+
+CODE_OFFSET = 128  # the accumulator sums (xq − 128) · q·k
+TILE_LANES = 16  # lanes of a register tile: 4 sdot accumulators per row
+
+
+def accumulate(p: Problem) -> te.Tensor:
+    B, xq, qw, kw = p.B, p.xq, p.qw, p.kw
+
+    # byte j of the word = q·k: u·k <= 240 per byte; + (128 − 8k) per byte gives q·k + 128 in 0..240 (no
+    # carries between bytes); ^ 0x80 per byte = the two's complement byte of q·k.
+    def decode(t, g, hh, lane):
+        kv = k_value(kw, t, (g * 8) // B, "uint32")(lane)
+        offset = (tirx.const(128, "uint32") - kv * tirx.const(8, "uint32")) * tirx.const(0x01010101, "uint32")
+        word = (nibbles(qw[t, g, lane], hh) * kv + offset) ^ tirx.const(0x80808080, "uint32")
+        return word.astype("int32")
+
+    wd = te.compute(
+        (p.tiles, p.K // 8, 2, p.lanes),
+        lambda t, g, hh, lane: tirx.Select(hh == 0, decode(t, g, 0, lane), decode(t, g, 1, lane)),
+        name="Wd",
+    )
+    g, h, jj = te.reduce_axis((0, p.K // 8), "g"), te.reduce_axis((0, 2), "h"), te.reduce_axis((0, 4), "jj")
+    return te.compute(
+        (p.rows, p.tiles, p.lanes),
+        lambda m, t, lane: te.sum(
+            (xq[m, 8 * g + 4 * h + jj].astype("int32") - 128) * byte(wd[t, g, h, lane], jj), axis=[g, h, jj]
+        ),
+        name="Acc",
+    )
+
+
+def schedule(sch: Schedule, p: Problem) -> None:
+    """loops (t ∥, [decode the tile], lane16, mo, g, h, mi, c4, (c4, j4) = sdot): mi x 4 accumulators."""
+    blk_wd, blk_acc = sch.get_sblock("Wd"), sch.get_sblock("Acc")
+    m, t, lane, g, h, j = sch.get_loops(blk_acc)
+    mo, mi = sch.split(m, [None, row_tile(p.rows, p.tune.fold_rows, p.planes)])
+    group, tile, c = sch.split(lane, [None, TILE_LANES // p.dot.lanes, p.dot.lanes])
+    sch.reorder(t, group, mo, g, h, mi, tile, c, j)
+    sch.compute_at(blk_wd, t)
+    sch.set_scope(blk_wd, 0, "local")
+    sch.set_scope(blk_acc, 0, "local")
+    epilogue_at(sch, t)
+    wd_lane = sch.get_loops(blk_wd)[-1]
+    sch.vectorize(wd_lane)
+    sch.unroll(sch.get_loops(blk_wd)[-2])
+    parallel(sch, t, None, p.target)
+    tensorize_or_vectorize(sch, blk_acc, c, j, g, SDOT_TILE_INTRIN, [h, mi, tile])
