@@ -28,10 +28,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from dense_layer import dense_layer
 
 import lpbq_tvm
-from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.compiler import build, lower
 from lpbq_tvm.export import export
 
@@ -97,25 +96,8 @@ class Board:
         return total
 
 
-def layer(n: int, k: int, m: int, rng: np.random.Generator):
-    """A one-MatMul model with an LPBQ simulation calibrated on its input, and that input."""
-    weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
-        "mm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-        [numpy_helper.from_array(weight, "w")],
-    )
-    x = {"x": rng.standard_normal((m, k)).astype(np.float32)}
-    sim = QuantizationSimModel(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
-    sim.compute_encodings(lambda s, data: s.run(data), x)
-    return sim, x
-
-
 def measure(board: Board, n: int, k: int, m: int, calls: int, rng: np.random.Generator) -> dict[str, float]:
-    sim, x = layer(n, k, m, rng)
+    _, _, x, sim = dense_layer(n, k, m, rng)
     np.savez(board.host / "inputs.npz", **x)
     builds = {
         f"lpbq_tvm {mode}": lpbq_tvm.compile(sim, "aarch64", mode) for mode in ("weight-only", "w4a8", "w4a16", "fp32")

@@ -36,30 +36,17 @@ def worker(threads: int, quick: bool) -> None:
     import numpy as np
     import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from dense_layer import dense_layer
 
     import lpbq_tvm
-    from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
     from lpbq_tvm.export import export
     from lpbq_tvm.timing import time_interleaved
 
     repeat = 10 if quick else 40
     rng = np.random.default_rng(0)
     for n, k in SHAPES[:1] if quick else SHAPES:
-        weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
         for m in BATCHES:
-            graph = helper.make_graph(
-                [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
-                "mm",
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-                [numpy_helper.from_array(weight, "w")],
-            )
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            x = {"x": rng.standard_normal((m, k)).astype(np.float32)}
-            sim = QuantizationSimModel(model)
-            set_grouped_blockwise_quantization_for_weights(sim, block_size=64)
-            sim.compute_encodings(lambda s, data: s.run(data), x)
+            model, weight, x, sim = dense_layer(n, k, m, rng)
             candidates = {}
             for mode in ("weight-only", "w4a8", "fp32"):
                 compiled = lpbq_tvm.compile(sim, mode=mode)

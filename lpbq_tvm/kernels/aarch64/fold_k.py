@@ -12,12 +12,12 @@ serves the tile's rows.
 
 from __future__ import annotations
 
-from tvm import te, tirx
+from tvm import te
 from tvm.s_tir import Schedule
 
 from lpbq_tvm.kernels.aarch64.intrinsics import SDOT_TILE_INTRIN
-from lpbq_tvm.kernels.tiled.decode import byte, k_value, nibbles
-from lpbq_tvm.kernels.tiled.integer import Problem
+from lpbq_tvm.kernels.tiled.decode import byte
+from lpbq_tvm.kernels.tiled.integer import Problem, int8_tile
 from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
 
 __all__ = ["CODE_OFFSET", "accumulate", "schedule"]
@@ -27,21 +27,7 @@ TILE_LANES = 16  # lanes of a register tile: 4 sdot accumulators per row
 
 
 def accumulate(p: Problem) -> te.Tensor:
-    B, xq, qw, kw = p.B, p.xq, p.qw, p.kw
-
-    # byte j of the word = q·k: u·k <= 240 per byte; + (128 − 8k) per byte gives q·k + 128 in 0..240 (no
-    # carries between bytes); ^ 0x80 per byte = the two's complement byte of q·k.
-    def decode(t, g, hh, lane):
-        kv = k_value(kw, t, (g * 8) // B, "uint32")(lane)
-        offset = (tirx.const(128, "uint32") - kv * tirx.const(8, "uint32")) * tirx.const(0x01010101, "uint32")
-        word = (nibbles(qw[t, g, lane], hh) * kv + offset) ^ tirx.const(0x80808080, "uint32")
-        return word.astype("int32")
-
-    wd = te.compute(
-        (p.tiles, p.K // 8, 2, p.lanes),
-        lambda t, g, hh, lane: tirx.Select(hh == 0, decode(t, g, 0, lane), decode(t, g, 1, lane)),
-        name="Wd",
-    )
+    xq, wd = p.xq, int8_tile(p)
     g, h, jj = te.reduce_axis((0, p.K // 8), "g"), te.reduce_axis((0, 2), "h"), te.reduce_axis((0, 4), "jj")
     return te.compute(
         (p.rows, p.tiles, p.lanes),

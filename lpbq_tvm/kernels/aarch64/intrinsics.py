@@ -18,7 +18,8 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from lpbq_tvm.kernels.tiled.decode import byte, nibbles
+from lpbq_tvm.kernels.tiled.decode import byte
+from lpbq_tvm.kernels.tiled.descriptions import nibble_dot
 
 __all__ = ["SDOT_TILE_INTRIN", "UDOT_LANES", "UDOT_NIBBLE_INTRIN"]
 
@@ -29,24 +30,6 @@ UDOT = "llvm.aarch64.neon.udot.v4i32.v16i8"
 
 def _make_nibble_intrinsic():
     n = UDOT_LANES
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((8,), "uint8", offset_factor=1),
-        Q: T.Buffer((n,), "uint32", offset_factor=1),
-        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:n], A[0:8], Q[0:n])
-            T.writes(C[0:n])
-            for i in T.serial(0, n):
-                for kk in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, kk])
-                        C[vi] = C[vi] + (
-                            T.cast(A[vk], "int32") * byte(T.cast(nibbles(Q[vi], 0), "int32"), vk)
-                            + T.cast(A[vk + 4], "int32") * byte(T.cast(nibbles(Q[vi], 1), "int32"), vk)
-                        )
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -77,7 +60,7 @@ def _make_nibble_intrinsic():
             )
 
     if TensorIntrin.get(UDOT_NIBBLE_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(UDOT_NIBBLE_INTRIN, desc, impl)
+        TensorIntrin.register(UDOT_NIBBLE_INTRIN, nibble_dot(n), impl)
 
 
 _make_nibble_intrinsic()

@@ -29,6 +29,7 @@ import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
+from lpbq_tvm.kernels.tiled.decode import k_value, nibbles
 from lpbq_tvm.kernels.tiled.repack import LANES, check_shape
 from lpbq_tvm.kernels.tiled.schedule import finish, schedule_codes, tile_lanes
 
@@ -40,6 +41,7 @@ __all__ = [
     "build_byte_planes",
     "check_integer",
     "code",
+    "int8_tile",
     "integer_inputs",
     "integer_output",
 ]
@@ -81,6 +83,26 @@ class Problem:
     @property
     def tiles(self) -> int:
         return -(-self.N // LANES)
+
+
+def int8_tile(p: Problem) -> te.Tensor:
+    """``Wd [NT, K/8, 2, lanes]`` int32: the four int8 ``q·k`` (two's complement bytes) of k-positions
+    ``8g + 4h + j`` of each lane, decoded from the integer layout (the fold-k schemes' decoded tile).
+
+    Per byte ``u·k <= 240``; ``+ (128 − 8k)`` gives ``q·k + 128`` in 0..240 with no carry between bytes;
+    ``^ 0x80`` per byte is the two's complement byte of ``q·k``."""
+
+    def decode(t, g, hh, lane):
+        kv = k_value(p.kw, t, (g * 8) // p.B, "uint32")(lane)
+        offset = (tirx.const(128, "uint32") - kv * tirx.const(8, "uint32")) * tirx.const(0x01010101, "uint32")
+        word = (nibbles(p.qw[t, g, lane], hh) * kv + offset) ^ tirx.const(0x80808080, "uint32")
+        return word.astype("int32")
+
+    return te.compute(
+        (p.tiles, p.K // 8, 2, p.lanes),
+        lambda t, g, hh, lane: tirx.Select(hh == 0, decode(t, g, 0, lane), decode(t, g, 1, lane)),
+        name="Wd",
+    )
 
 
 def check_integer(N: int, K: int, B: int, zx: int, qmax: int) -> None:

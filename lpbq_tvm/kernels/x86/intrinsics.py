@@ -21,6 +21,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from lpbq_tvm.kernels.tiled.decode import byte
+from lpbq_tvm.kernels.tiled.descriptions import nibble_dot
 from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS
 
 __all__ = [
@@ -88,40 +89,9 @@ NIBBLE_LANES = 16  # output channels per VNNI instruction (zmm)
 
 
 def _make_nibble_intrinsic():
-    # C[n] += Σ_j A[j] · u_lo[i, j] + A[4 + j] · u_hi[i, j], where dword Q[i] (read straight from the
-    # weights) holds u_lo[i, j] in the low and u_hi[i, j] in the high nibble of byte j: the decode
-    # (and, shift, and) happens in registers, two vpdpbusd per load of 16 dwords.
+    # The nibble scheme's dot product (tiled.descriptions.nibble_dot): the decode (and, shift, and)
+    # happens in registers, two vpdpbusd per load of 16 dwords.
     mask, n = 0x0F0F0F0F, NIBBLE_LANES
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((8,), "uint8", offset_factor=1),
-        Q: T.Buffer((n,), "uint32", offset_factor=1),
-        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:n], A[0:8], Q[0:n])
-            T.writes(C[0:n])
-            for i in T.serial(0, n):
-                for kk in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, kk])
-                        C[vi] = C[vi] + (
-                            T.cast(A[vk], "int32")
-                            * T.cast(
-                                T.cast(T.cast(T.bitwise_and(Q[vi], T.uint32(mask)), "int32") >> vk * 8, "int8"),
-                                "int32",
-                            )
-                            + T.cast(A[vk + 4], "int32")
-                            * T.cast(
-                                T.cast(
-                                    T.cast(T.bitwise_and(T.shift_right(Q[vi], T.uint32(4)), T.uint32(mask)), "int32")
-                                    >> vk * 8,
-                                    "int8",
-                                ),
-                                "int32",
-                            )
-                        )
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -159,7 +129,7 @@ def _make_nibble_intrinsic():
             )
 
     if TensorIntrin.get(VNNI_NIBBLE_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(VNNI_NIBBLE_INTRIN, desc, impl)
+        TensorIntrin.register(VNNI_NIBBLE_INTRIN, nibble_dot(n), impl)
 
 
 _make_nibble_intrinsic()

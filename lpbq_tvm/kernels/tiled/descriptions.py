@@ -1,0 +1,41 @@
+"""What the shared schemes' tensor intrinsics compute, as TIR descriptions free of any instruction set.
+
+A family registers each description with its own implementation (``TensorIntrin.register(name, desc,
+impl)``): :func:`nibble_dot` is the nibble scheme's (:mod:`.nibble`) — x86 implements it with two
+``vpdpbusd``, aarch64 with two ``udot``. The descriptions use the expressions of :mod:`.decode`, as the
+schemes' computes do, so that tensorize matches them.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from lpbq_tvm.kernels.tiled.decode import byte, nibbles
+
+__all__ = ["nibble_dot"]
+
+
+def nibble_dot(lanes: int):
+    """``C[i] += Σ_j A[j] · u_lo[i, j] + A[4 + j] · u_hi[i, j]`` for ``lanes`` channels, where dword ``Q[i]``
+    of the integer layout holds ``u = q + 8`` of k-positions j (low nibble) and 4 + j (high) in byte j."""
+    n = lanes
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((8,), "uint8", offset_factor=1),
+        Q: T.Buffer((n,), "uint32", offset_factor=1),
+        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:8], Q[0:n])
+            T.writes(C[0:n])
+            for i in T.serial(0, n):
+                for kk in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, kk])
+                        C[vi] = C[vi] + (
+                            T.cast(A[vk], "int32") * byte(T.cast(nibbles(Q[vi], 0), "int32"), vk)
+                            + T.cast(A[vk + 4], "int32") * byte(T.cast(nibbles(Q[vi], 1), "int32"), vk)
+                        )
+
+    return desc
