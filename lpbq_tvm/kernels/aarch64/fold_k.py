@@ -23,7 +23,7 @@ from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, ten
 __all__ = ["CODE_OFFSET", "accumulate", "schedule"]
 
 CODE_OFFSET = 128  # the accumulator sums (xq − 128) · q·k
-TILE_LANES = 16  # lanes of a register tile: 4 sdot accumulators per row
+TILE_LANES = 16  # lanes of a register tile: 4 sdot accumulators per row (fewer where a partial tile has fewer)
 
 
 def accumulate(p: Problem) -> te.Tensor:
@@ -43,7 +43,8 @@ def schedule(sch: Schedule, p: Problem) -> None:
     blk_wd, blk_acc = sch.get_sblock("Wd"), sch.get_sblock("Acc")
     m, t, lane, g, h, j = sch.get_loops(blk_acc)
     mo, mi = sch.split(m, [None, row_tile(p.rows, p.tune.fold_rows, p.planes)])
-    group, tile, c = sch.split(lane, [None, TILE_LANES // p.dot.lanes, p.dot.lanes])
+    width = next(w for w in (TILE_LANES, 2 * p.dot.lanes, p.dot.lanes) if p.lanes % w == 0)  # tensorize: no tails
+    group, tile, c = sch.split(lane, [None, width // p.dot.lanes, p.dot.lanes])
     sch.reorder(t, group, mo, g, h, mi, tile, c, j)
     sch.compute_at(blk_wd, t)
     sch.set_scope(blk_wd, 0, "local")

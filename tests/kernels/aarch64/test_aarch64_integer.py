@@ -49,6 +49,13 @@ def test_integer_kernel_is_bit_exact_on_the_board(board, M, N, K, B, bits):
     _check(board, M, N, K, B, bits, np.random.default_rng(M * 7 + N + K * 3 + B + bits))
 
 
+@pytest.mark.parametrize("N", [20, 40])
+@pytest.mark.parametrize("bits", [8, 16])
+def test_partial_tiles_of_fewer_lanes_than_a_register_tile(board, bits, N):
+    """One channel tile of 20 or 40 lanes: fold-k's register tiles narrow to 4 or 8 lanes."""
+    _check(board, 8, N, 256, 64, bits, np.random.default_rng(N + bits))
+
+
 @pytest.mark.parametrize("M", [2, 8])
 @pytest.mark.parametrize("bits", [8, 16])
 def test_extreme_accumulators_are_exact_on_the_board(board, bits, M):
