@@ -38,8 +38,10 @@ def tvm_calls(bundle: Path, inputs: dict, calls: int) -> dict:
 def ort_calls(model: Path, inputs: dict, calls: int, config: list) -> dict:
     import onnxruntime as ort
 
+    ort.disable_telemetry_events()  # a telemetry thread runs in onnxruntime's library at its own pace
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     for entry in config:
         key, value = entry.split("=", 1)
