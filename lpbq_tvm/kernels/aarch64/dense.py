@@ -81,15 +81,11 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
         qw, kw = repack_weight_only(packed.q, packed.k, channels, depth, block)
         func = weight_only_dense(rows, channels, depth, block, layer.has_bias, target=target)
         return KernelChoice(func, {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_s": packed.scale}, KERNEL_NAME)
-    dotprod = codegen.target_has_features("dotprod", target)
-    if not dotprod or integer.output_encoding is not None or depth > MAX_K:
+    if not codegen.target_has_features("dotprod", target) or integer.output_encoding is not None or depth > MAX_K:
         return None
     qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
     x = integer.input_encoding
-    func = integer_dense(
-        layer.rows, layer.channels, layer.depth, encoding.block_size, x.scale, x.zero_point, x.bitwidth,
-        layer.has_bias, target=target,
-    )  # fmt: skip
+    func = integer_dense(rows, channels, depth, block, x.scale, x.zero_point, x.bitwidth, layer.has_bias, target=target)
     return KernelChoice(func, {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}, KERNEL_NAME)
 
 
@@ -109,10 +105,11 @@ def integer_dense(
     M: int, N: int, K: int, B: int, sx: float, zx: int, bits: int, with_bias: bool = False, *, target
 ) -> tirx.PrimFunc:
     """Scheduled W4A8 (``bits = 8``) or W4A16 (16) kernel ``main(x, qw, kw, wsum, s, [bias], y)``
-    (:mod:`lpbq_tvm.kernels.tiled.integer`) with the ``udot`` nibble intrinsic."""
+    (:mod:`lpbq_tvm.kernels.tiled.integer`): the ``udot`` nibble scheme below ``Tuning.fold_k_min_rows``
+    rows of the uint8 kernel, :mod:`.fold_k` from there."""
     check_integer(N, K, B, zx, (1 << bits) - 1)
     if B % 16 or K > MAX_K:
-        msg = f"the udot nibble kernel needs B % 16 == 0 and K <= {MAX_K}; got K={K}, B={B}"
+        msg = f"the aarch64 integer kernels need B % 16 == 0 and K <= {MAX_K}; got K={K}, B={B}"
         raise ValueError(msg)
     tune = Tuning()
     folded = bits // 8 * M >= tune.fold_k_min_rows

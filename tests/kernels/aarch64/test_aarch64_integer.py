@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from arm64_device import Session
 from kernel_cases import SHAPES, activations, reference_w4a8, weights
 
 from lpbq_tvm.calibration import ActivationEncoding
@@ -20,12 +19,6 @@ from lpbq_tvm.targets import get_target
 DOTPROD = get_target("aarch64").tvm_target()
 PLAIN_NEON = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
 pytestmark = pytest.mark.xdist_group("arm64-device")
-
-
-@pytest.fixture
-def board(arm64_tracker, tmp_path):
-    with Session(arm64_tracker, "arm64", tmp_path) as session:
-        yield session
 
 
 def _case(M, N, K, B, bits, rng, extreme=False):
@@ -45,28 +38,28 @@ def _case(M, N, K, B, bits, rng, extreme=False):
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("M", [1, 3, 8])  # W4A8 takes the nibble scheme below 4 rows, fold-k from there
 @pytest.mark.parametrize("N, K, B", SHAPES)
-def test_integer_kernel_is_bit_exact_on_the_board(board, M, N, K, B, bits):
-    _check(board, M, N, K, B, bits, np.random.default_rng(M * 7 + N + K * 3 + B + bits))
+def test_integer_kernel_is_bit_exact_on_the_board(arm64_session, M, N, K, B, bits):
+    _check(arm64_session, M, N, K, B, bits, np.random.default_rng(M * 7 + N + K * 3 + B + bits))
 
 
 @pytest.mark.parametrize("N", [20, 40])
 @pytest.mark.parametrize("bits", [8, 16])
-def test_partial_tiles_of_fewer_lanes_than_a_register_tile(board, bits, N):
+def test_partial_tiles_of_fewer_lanes_than_a_register_tile(arm64_session, bits, N):
     """One channel tile of 20 or 40 lanes: fold-k's register tiles narrow to 4 or 8 lanes."""
-    _check(board, 8, N, 256, 64, bits, np.random.default_rng(N + bits))
+    _check(arm64_session, 8, N, 256, 64, bits, np.random.default_rng(N + bits))
 
 
 @pytest.mark.parametrize("M", [2, 8])
 @pytest.mark.parametrize("bits", [8, 16])
-def test_extreme_accumulators_are_exact_on_the_board(board, bits, M):
-    _check(board, M, 100, 512, 128, bits, np.random.default_rng(bits), extreme=True)
+def test_extreme_accumulators_are_exact_on_the_board(arm64_session, bits, M):
+    _check(arm64_session, M, 100, 512, 128, bits, np.random.default_rng(bits), extreme=True)
 
 
-def _check(board, M, N, K, B, bits, rng, extreme=False):
+def _check(arm64_session, M, N, K, B, bits, rng, extreme=False):
     q, k, s, x, bias, sx, zx = _case(M, N, K, B, bits, rng, extreme)
     func = integer_dense(M, N, K, B, sx, zx, bits, bias is not None, target=DOTPROD)
     weights_ = repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    got = board.call(func, DOTPROD, [x, *weights_, s, *([bias] if bias is not None else [])], (M, N))
+    got = arm64_session.call(func, DOTPROD, [x, *weights_, s, *([bias] if bias is not None else [])], (M, N))
     expected = reference_w4a8(x, q, k, s, B, sx, zx, bias, bitwidth=bits)
     np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
 
