@@ -3,9 +3,10 @@ and onnxruntime's 4-bit MatMulNBits: a deterministic proxy for speed (wall time 
 
 For each weight shape N x K (block 64) and batch M, a one-MatMul ONNX model is quantized with LPBQ as in
 ``bench_kernels.py`` and built for ``aarch64``: ``lpbq_tvm.compile`` in weight-only, W4A8 and W4A16 and in
-fp32 (the project's CPU pipeline), and the fp32 MatMul through TVM's own default pipeline (what TVM does
-without the project's schedules). onnxruntime's aarch64 wheel (one thread) runs the project's ``ort-onnx``
-export, which it fuses into ``MatMulNBits`` at accuracy level 0 (fp32 compute) and 4 (int8 compute).
+fp32 (the project's CPU pipeline), W4A8 and W4A16 also for ``aarch64-i8mm`` (``usmmla`` from four rows),
+and the fp32 MatMul through TVM's own default pipeline (what TVM does without the project's schedules).
+onnxruntime's aarch64 wheel (one thread) runs the project's ``ort-onnx`` export, which it fuses into
+``MatMulNBits`` at accuracy level 0 (fp32 compute) and 4 (int8 compute).
 
 Each runs on the board of ``tools/arm64_device.sh`` under its instruction-counting qemu plugin
 (``tools/qemu_insn_count.c``) twice, with 1 call and with 1 + CALLS calls; the difference, divided by
@@ -43,6 +44,8 @@ CANDIDATES = (
     "lpbq_tvm weight-only",
     "lpbq_tvm w4a8",
     "lpbq_tvm w4a16",
+    "lpbq_tvm w4a8 i8mm",
+    "lpbq_tvm w4a16 i8mm",
     "lpbq_tvm fp32",
     "TVM default fp32",
     "onnxruntime MatMulNBits acc0",
@@ -51,6 +54,7 @@ CANDIDATES = (
 RATIOS = {
     "wo / acc0": ("lpbq_tvm weight-only", "onnxruntime MatMulNBits acc0"),
     "w4a8 / acc4": ("lpbq_tvm w4a8", "onnxruntime MatMulNBits acc4"),
+    "w4a8 i8mm / acc4": ("lpbq_tvm w4a8 i8mm", "onnxruntime MatMulNBits acc4"),
     "w4a16 / acc0": ("lpbq_tvm w4a16", "onnxruntime MatMulNBits acc0"),
     "wo / TVM default": ("lpbq_tvm weight-only", "TVM default fp32"),
 }
@@ -102,6 +106,8 @@ def measure(board: Board, n: int, k: int, m: int, calls: int, rng: np.random.Gen
     builds = {
         f"lpbq_tvm {mode}": lpbq_tvm.compile(sim, "aarch64", mode) for mode in ("weight-only", "w4a8", "w4a16", "fp32")
     }
+    for mode in ("w4a8", "w4a16"):
+        builds[f"lpbq_tvm {mode} i8mm"] = lpbq_tvm.compile(sim, "aarch64-i8mm", mode)
     builds["TVM default fp32"] = build(
         lower(sim, "aarch64", "fp32"), "aarch64", sim.inputs, sim.outputs, pipeline="default"
     )

@@ -8,14 +8,14 @@ says what a target decides); :data:`TARGETS` holds one instance of each, by name
 from __future__ import annotations
 
 from lpbq_tvm.targets import llvm_math  # noqa: F401  (registers TVM lowering rules)
-from lpbq_tvm.targets.aarch64 import AArch64
+from lpbq_tvm.targets.aarch64 import AArch64, AArch64I8mm
 from lpbq_tvm.targets.base import Target
 from lpbq_tvm.targets.cpu import CPU
 from lpbq_tvm.targets.htp_sim import HTPSim
 
 __all__ = ["TARGETS", "Target", "get_target"]
 
-TARGETS: dict[str, Target] = {target.name: target for target in (CPU(), AArch64(), HTPSim())}
+TARGETS: dict[str, Target] = {target.name: target for target in (CPU(), AArch64(), AArch64I8mm(), HTPSim())}
 
 
 def get_target(name: str) -> Target:

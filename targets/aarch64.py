@@ -1,18 +1,20 @@
 """AArch64 Linux cross build: a deployment bundle for a 64-bit Arm board, checked against the board's CPU.
 
 The target is ``llvm`` with ``mtriple=aarch64-linux-gnu`` and ``+neon,+dotprod`` (Armv8.2 dot
-product, present on every Snapdragon since the 845). With the cross linker (``aarch64-linux-gnu-g++``,
-Debian's ``g++-aarch64-linux-gnu``; ``tools/arm64_device.sh setup`` installs it) the bundle's library is
-a linked shared object the board's TVM runtime loads as is (over RPC: ``lpbq-tvm run --rpc``); without
-it, a ``.tar`` of object files to link on the board. It does not run on the build machine.
+product, present on every Snapdragon since the 845); ``aarch64-i8mm`` adds ``+i8mm`` (Armv8.6 int8
+matrix multiply: Snapdragon 8 Gen 1 and later, Cortex-A510/A710/X2 on). With the cross linker
+(``aarch64-linux-gnu-g++``, Debian's ``g++-aarch64-linux-gnu``; ``tools/arm64_device.sh setup``
+installs it) the bundle's library is a linked shared object the board's TVM runtime loads as is (over
+RPC: ``lpbq-tvm run --rpc``); without it, a ``.tar`` of object files to link on the board. It does
+not run on the build machine.
 
 A library built for ``+dotprod`` dies of SIGILL on a CPU without it. So the bundle also carries
 ``cpu_features.so``, a probe built for plain NEON that returns the board's ``AT_HWCAP`` /
 ``AT_HWCAP2``; :meth:`AArch64.check_device` runs it on the board first and names what is missing.
 
 LPBQ layers take the kernels of :mod:`lpbq_tvm.kernels.aarch64` (NEON weight-only, ``udot`` / ``sdot``
-W4A8 and W4A16) where that family serves them, the generic kernels otherwise; convs stay
-channels-first, and the schedule rules tile for NEON's 32 registers of 4 floats.
+W4A8 and W4A16, ``usmmla`` for many rows with i8mm) where that family serves them, the generic kernels
+otherwise; convs stay channels-first, and the schedule rules tile for NEON's 32 registers of 4 floats.
 """
 
 from __future__ import annotations
@@ -30,12 +32,11 @@ from lpbq_tvm.kernels import aarch64
 from lpbq_tvm.kernels.schedule_rules import RegisterFile
 from lpbq_tvm.targets.base import Target
 
-__all__ = ["AArch64", "HWCAPS", "missing_features"]
+__all__ = ["AArch64", "AArch64I8mm", "HWCAPS", "missing_features"]
 
 log = logging.getLogger(__name__)
 
 TRIPLE = "aarch64-linux-gnu"
-MATTR = ("+neon", "+dotprod")
 NEON = RegisterFile(lanes=4, registers=32, spare=8)
 CROSS_LINKER = "aarch64-linux-gnu-g++"
 PROBE_LIBRARY = "cpu_features.so"
@@ -71,9 +72,10 @@ def missing_features(required: list[str], hwcaps: tuple[int, int]) -> list[str]:
 class AArch64(Target):
     name = "aarch64"
     kernel_families = (aarch64,)
+    mattr: tuple[str, ...] = ("+neon", "+dotprod")
 
     def tvm_target(self) -> tvm.target.Target:
-        return tvm.target.Target({"kind": "llvm", "mtriple": TRIPLE, "mattr": list(MATTR)})
+        return tvm.target.Target({"kind": "llvm", "mtriple": TRIPLE, "mattr": list(self.mattr)})
 
     def register_file(self, tvm_target: tvm.target.Target) -> RegisterFile:
         return NEON
@@ -97,7 +99,7 @@ class AArch64(Target):
         probe_target = tvm.target.Target({"kind": "llvm", "mtriple": TRIPLE, "mattr": ["+neon"]})
         probe = tvm.compile(tvm.IRModule({PROBE_FUNCTION: _hwcaps}), target=probe_target)
         probe.export_library(str(directory / PROBE_LIBRARY), fcompile=linker)
-        required = [feature.lstrip("+") for feature in MATTR]
+        required = [feature.lstrip("+") for feature in self.mattr]
         return {"library": "model.so", "cpu_features": {"probe": PROBE_LIBRARY, "requires": required}}
 
     def check_device(self, session, directory: Path, manifest: dict[str, Any]) -> None:
@@ -115,3 +117,10 @@ class AArch64(Target):
                 f"{manifest['library']} was built for ({', '.join(features['requires'])}): it would die of SIGILL"
             )
             raise ValueError(msg)
+
+
+class AArch64I8mm(AArch64):
+    """:class:`AArch64` for CPUs with the int8 matrix multiply (Armv8.6 i8mm) as well."""
+
+    name = "aarch64-i8mm"
+    mattr = (*AArch64.mattr, "+i8mm")

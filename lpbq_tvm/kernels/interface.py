@@ -3,12 +3,15 @@
 :class:`~lpbq_tvm.passes.lower_lpbq.LowerLPBQ` describes each LPBQ layer it could hand to a
 scheduled kernel as a :class:`DenseLayer` (a conv arrives as the dense layer over its im2col
 columns) and asks the target's :data:`KernelProvider`. A kernel family (``kernels/x86``, one
-day ``kernels/neon``) answers with a :class:`KernelChoice`, or None, and the layer then takes the
+day another) answers with a :class:`KernelChoice`, or None, and the layer then takes the
 generic kernel of :mod:`lpbq_tvm.kernels.generic`.
 
 The call contract of a chosen kernel: ``func(x, *weights.values(), [bias], y)`` with ``x`` float32
 ``[rows, depth]``, ``bias`` float32 ``[channels]`` and ``y`` float32 ``[rows, channels]``; the
 arithmetic is that of docs/design.md §3 for the layer's mode (bit-exact in the integer modes).
+
+A family's choices that change speed only (crossovers, tile sizes) are measured, not derived: each
+table of them carries its :class:`Provenance`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "DenseLayer",
     "IntegerArithmetic",
     "KernelChoice",
+    "Provenance",
     "KernelFamily",
     "KernelProvider",
 ]
@@ -89,3 +93,12 @@ class KernelFamily(Protocol):
 
 
 KernelProvider = Callable[[DenseLayer], "KernelChoice | None"]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a kernel family's tuning was measured: re-run ``command`` on a host like ``host`` to revisit it."""
+
+    command: str  # the benchmark, run from the repository root
+    host: str  # the CPU it ran on (as the benchmark's host line prints it)
+    record: str  # the heading of the docs/performance.md section that holds the numbers

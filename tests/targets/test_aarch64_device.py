@@ -104,6 +104,21 @@ def test_a_dotprod_library_is_refused_by_a_cpu_without_dotprod(arm64_tracker, ex
     assert run_remote(bundle, arm64_tracker, "arm64", inputs, timeout=60).outputs["y"].shape == (1, 64)
 
 
+def test_an_i8mm_bundle_names_every_feature_the_cpu_lacks_and_runs_where_they_are(arm64_tracker, example):
+    """The example's conv (64 im2col rows) takes the usmmla kernel: equal to the x86 build bit for bit."""
+    sim, folder = example
+    compiled = lpbq_tvm.compile(sim, "aarch64-i8mm", "w4a8")
+    assert "usmmla" in compiled.executable.mod.imports[0].inspect_source("asm")
+    bundle = compiled.export_bundle(folder / "i8mm")
+    with np.load(folder / "inputs.npz") as saved:
+        inputs = dict(saved)
+    with pytest.raises(ValueError, match=r"the device's CPU lacks dotprod, i8mm \(HWCAP .*\(neon, dotprod, i8mm\)"):
+        run_remote(bundle, arm64_tracker, "arm64-a53", inputs, timeout=60)
+    board = run_remote(bundle, arm64_tracker, "arm64", inputs, timeout=60).outputs["y"]
+    host = lpbq_tvm.compile(sim, "cpu", "w4a8").run(inputs)["y"]
+    np.testing.assert_array_equal(board.view(np.int32), host.view(np.int32))
+
+
 def _magika():
     _, batch = real_model_inputs.magika_files()
     return str(real_model_inputs.MAGIKA_DIR / "model.onnx"), {"bytes": batch}, {"block_size": 64}

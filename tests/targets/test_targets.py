@@ -33,9 +33,9 @@ def _dense_layer(rows: int = 3, integer: IntegerArithmetic | None = None, bitwid
 
 
 def test_the_registry_holds_one_target_per_name_and_names_the_known_ones():
-    assert sorted(TARGETS) == ["aarch64", "cpu", "htp-sim"]
+    assert sorted(TARGETS) == ["aarch64", "aarch64-i8mm", "cpu", "htp-sim"]
     assert all(target.name == name for name, target in TARGETS.items())
-    with pytest.raises(ValueError, match=r"unknown target 'gpu'; known targets: aarch64, cpu, htp-sim"):
+    with pytest.raises(ValueError, match=r"unknown target 'gpu'; known targets: aarch64, aarch64-i8mm, cpu, htp-sim"):
         get_target("gpu")
 
 
@@ -43,6 +43,9 @@ def test_each_target_tiles_for_its_own_registers():
     cpu, aarch64 = get_target("cpu"), get_target("aarch64")
     assert cpu.register_file(cpu.tvm_target()) == register_file(cpu.tvm_target())
     assert aarch64.register_file(aarch64.tvm_target()) == NEON
+    i8mm = get_target("aarch64-i8mm")
+    assert i8mm.register_file(i8mm.tvm_target()) == NEON and i8mm.kernel_families == aarch64.kernel_families
+    assert list(i8mm.tvm_target().attrs["mattr"]) == ["+neon", "+dotprod", "+i8mm"]
     assert (NEON.lanes, NEON.registers) == (4, 32)  # 32 q-registers of 4 floats
 
 

@@ -23,16 +23,16 @@ import tvm
 from tvm import tirx
 from tvm.target import codegen
 
-from lpbq_tvm.kernels.aarch64 import fold_k
+from lpbq_tvm.kernels.aarch64 import fold_k, mmla
 from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, UDOT_NIBBLE_INTRIN
-from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice
+from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, Provenance
 from lpbq_tvm.kernels.tiled import nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer
 from lpbq_tvm.kernels.tiled.repack import repack_w4a8, repack_weight_only
 from lpbq_tvm.kernels.tiled.weight_only import weight_only_gemm, weight_only_gemv
 from lpbq_tvm.packing import pack
 
-__all__ = ["Tuning", "dense_kernel", "integer_dense", "is_aarch64", "weight_only_dense"]
+__all__ = ["TUNING", "Tuning", "dense_kernel", "integer_dense", "is_aarch64", "weight_only_dense"]
 
 KERNEL_NAME = "lpbq_dense_aarch64"
 UDOT = DotInstructions("udot", UDOT_LANES, UDOT_NIBBLE_INTRIN)
@@ -49,6 +49,10 @@ class Tuning:
     # rows per register tile (x 4 sdot accumulators of 16 lanes).
     fold_k_min_rows: int = 4
     fold_rows: int = 4
+    # With i8mm (usmmla), the matrix-multiply scheme replaces fold-k for an even number of rows; its
+    # register tile in row pairs by lane pairs (x 2 x 2 accumulators each).
+    mmla_row_pairs: int = 2
+    mmla_lane_pairs: int = 8
     # The activation-code stage runs parallel from this many rows.
     parallel_code_rows: int = 64
     # Weight-only GEMM: the decoded float q·k of a whole 64-channel tile stays cache-resident up to
@@ -58,6 +62,15 @@ class Tuning:
     # Weight-only GEMM: k-steps unrolled around a register tile (x then loads as vectors).
     gemm_k_unroll: int = 4
 
+
+TUNING = (
+    Tuning(),
+    Provenance(
+        "python benchmarks/bench_aarch64.py",
+        "qemu-user 7.2 max CPU (instruction counts) on an Intel Xeon",
+        "aarch64 layers, in instructions (emulated board)",
+    ),
+)
 
 NEON_FLOATS = 4  # floats per NEON register
 GEMM_WIDTH = 16  # lanes of a weight-only GEMM register tile: 4 NEON registers per row
@@ -92,7 +105,7 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
 def weight_only_dense(M: int, N: int, K: int, B: int, with_bias: bool = False, *, target) -> tirx.PrimFunc:
     """Scheduled weight-only kernel ``main(x, qw, kw, s, [bias], y)`` (:mod:`lpbq_tvm.kernels.tiled.weight_only`):
     the GEMV at M = 1, else the GEMM."""
-    tune = Tuning()
+    tune = TUNING[0]
     if M == 1:
         return weight_only_gemv(M, N, K, B, with_bias, chunk=GEMM_WIDTH, lut_intrinsic=None, lut_rows=1)
     return weight_only_gemm(
@@ -111,6 +124,12 @@ def integer_dense(
     if B % 16 or K > MAX_K:
         msg = f"the aarch64 integer kernels need B % 16 == 0 and K <= {MAX_K}; got K={K}, B={B}"
         raise ValueError(msg)
-    tune = Tuning()
-    folded = bits // 8 * M >= tune.fold_k_min_rows
-    return build_byte_planes(M, N, K, B, sx, int(zx), bits, with_bias, target, tune, UDOT, fold_k if folded else nibble)
+    tune = TUNING[0]
+    rows = bits // 8 * M
+    if rows < tune.fold_k_min_rows:
+        scheme = nibble
+    elif rows % 2 == 0 and codegen.target_has_features("i8mm", target):
+        scheme = mmla
+    else:
+        scheme = fold_k
+    return build_byte_planes(M, N, K, B, sx, int(zx), bits, with_bias, target, tune, UDOT, scheme)

@@ -8,6 +8,9 @@
   four activation codes of its half broadcast;
 * :data:`SDOT_TILE_INTRIN` — ``C[4] (int32) += Σ_j (A[j] − 128) · B[i] byte j`` over a decoded local
   tile of signed ``q·k`` bytes: one ``sdot``, the codes made signed by one ``eor`` (the fold-k scheme).
+* :data:`USMMLA_PAIR_INTRIN` — ``C[2, 2] (int32) += Σ_k A[i, k] · B[j] byte k`` of the codes of a row
+  pair (2 x 8, unsigned) and two lanes of eight signed ``q·k`` bytes each: one ``usmmla`` (i8mm, the
+  matrix-multiply scheme).
 
 Tensor intrinsics are registered globally by name: a variant that differs in its code must differ in
 its name.
@@ -21,7 +24,7 @@ from tvm.script import tirx as T
 from lpbq_tvm.kernels.tiled.decode import byte
 from lpbq_tvm.kernels.tiled.descriptions import nibble_dot
 
-__all__ = ["SDOT_TILE_INTRIN", "UDOT_LANES", "UDOT_NIBBLE_INTRIN"]
+__all__ = ["SDOT_TILE_INTRIN", "UDOT_LANES", "UDOT_NIBBLE_INTRIN", "USMMLA_PAIR_INTRIN"]
 
 UDOT_NIBBLE_INTRIN = "lpbq_udot_4x8_nibbles_neon"
 UDOT_LANES = 4  # int32 lanes of one udot (a 128-bit register)
@@ -113,3 +116,50 @@ def _make_tile_intrinsic():
 
 
 _make_tile_intrinsic()
+
+
+USMMLA_PAIR_INTRIN = "lpbq_usmmla_2x2x8_code_pairs_local_neon"
+USMMLA = "llvm.aarch64.neon.usmmla.v4i32.v16i8"
+
+
+def _make_pair_intrinsic():
+    # C[i, j] += Σ_k A[i, k] · signed byte k % 4 of B[j, k // 4]: one usmmla (Armv8.6 i8mm) of the 2 x 8
+    # unsigned codes of a row pair (16 adjacent bytes) and two lanes of a decoded local int8 tile whose
+    # eight bytes per lane are adjacent (16 bytes): one load each.
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((2, 8), "uint8", offset_factor=1),
+        B: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:2])
+            T.writes(C[0:2, 0:2])
+            for i, j, kk in T.grid(2, 2, 8):
+                with T.sblock("update"):
+                    vi, vj, vk = T.axis.remap("SSR", [i, j, kk])
+                    C[vi, vj] = C[vi, vj] + T.cast(A[vi, vk], "int32") * byte(B[vj, vk // 4], vk % 4)
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((2, 8), "uint8", offset_factor=1),
+        B: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:2])
+            T.writes(C[0:2, 0:2])
+            C[0, T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(USMMLA),
+                C.vload([0, 0], dtype="int32x4"),
+                A.vload([0, 0], dtype="uint8x16"),
+                T.reinterpret(B.vload([0, 0], "int32x4"), dtype="int8x16"),
+                dtype="int32x4",
+            )
+
+    if TensorIntrin.get(USMMLA_PAIR_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(USMMLA_PAIR_INTRIN, desc, impl)
+
+
+_make_pair_intrinsic()

@@ -85,9 +85,10 @@ class Problem:
         return -(-self.N // LANES)
 
 
-def int8_tile(p: Problem) -> te.Tensor:
+def int8_tile(p: Problem, by_lane: bool = False) -> te.Tensor:
     """``Wd [NT, K/8, 2, lanes]`` int32: the four int8 ``q·k`` (two's complement bytes) of k-positions
-    ``8g + 4h + j`` of each lane, decoded from the integer layout (the fold-k schemes' decoded tile).
+    ``8g + 4h + j`` of each lane, decoded from the integer layout (the fold-k schemes' decoded tile);
+    ``by_lane``: ``[NT, K/8, lanes, 2]``, a lane's eight bytes of ``g`` adjacent (the matrix-multiply scheme's).
 
     Per byte ``u·k <= 240``; ``+ (128 − 8k)`` gives ``q·k + 128`` in 0..240 with no carry between bytes;
     ``^ 0x80`` per byte is the two's complement byte of ``q·k``."""
@@ -98,6 +99,12 @@ def int8_tile(p: Problem) -> te.Tensor:
         word = (nibbles(p.qw[t, g, lane], hh) * kv + offset) ^ tirx.const(0x80808080, "uint32")
         return word.astype("int32")
 
+    if by_lane:
+        return te.compute(
+            (p.tiles, p.K // 8, p.lanes, 2),
+            lambda t, g, lane, hh: tirx.Select(hh == 0, decode(t, g, 0, lane), decode(t, g, 1, lane)),
+            name="Wd",
+        )
     return te.compute(
         (p.tiles, p.K // 8, 2, p.lanes),
         lambda t, g, hh, lane: tirx.Select(hh == 0, decode(t, g, 0, lane), decode(t, g, 1, lane)),

@@ -1,5 +1,5 @@
-"""The aarch64 W4A8 / W4A16 kernels (udot): bit-exact on the emulated board over odd shapes, saturating
-inputs and extreme accumulators; chosen only where the target has the dot product."""
+"""The aarch64 W4A8 / W4A16 kernels (udot, sdot, usmmla): bit-exact on the emulated board over odd shapes,
+saturating inputs and extreme accumulators; chosen only where the target has the instructions."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from lpbq_tvm.packing import pack_nibbles
 from lpbq_tvm.targets import get_target
 
 DOTPROD = get_target("aarch64").tvm_target()
+I8MM = get_target("aarch64-i8mm").tvm_target()
 PLAIN_NEON = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
 pytestmark = pytest.mark.xdist_group("arm64-device")
 
@@ -42,33 +43,49 @@ def test_integer_kernel_is_bit_exact_on_the_board(arm64_session, M, N, K, B, bit
     _check(arm64_session, M, N, K, B, bits, np.random.default_rng(M * 7 + N + K * 3 + B + bits))
 
 
+@pytest.mark.parametrize("M, bits", [(6, 8), (3, 16), (5, 8)])  # usmmla on 6 rows; 5 is odd: fold-k
+@pytest.mark.parametrize("N, K, B", SHAPES)
+def test_i8mm_kernel_is_bit_exact_on_the_board(arm64_session, M, N, K, B, bits):
+    _check(arm64_session, M, N, K, B, bits, np.random.default_rng(M * 5 + N + K + B + bits), target=I8MM)
+
+
+@pytest.mark.parametrize("target", [DOTPROD, I8MM], ids=["dotprod", "i8mm"])
 @pytest.mark.parametrize("N", [20, 40])
 @pytest.mark.parametrize("bits", [8, 16])
-def test_partial_tiles_of_fewer_lanes_than_a_register_tile(arm64_session, bits, N):
-    """One channel tile of 20 or 40 lanes: fold-k's register tiles narrow to 4 or 8 lanes."""
-    _check(arm64_session, 8, N, 256, 64, bits, np.random.default_rng(N + bits))
+def test_partial_tiles_of_fewer_lanes_than_a_register_tile(arm64_session, bits, N, target):
+    """One channel tile of 20 or 40 lanes: the register tiles narrow to 4 or 8 lanes."""
+    _check(arm64_session, 8, N, 256, 64, bits, np.random.default_rng(N + bits), target=target)
 
 
+@pytest.mark.parametrize("target", [DOTPROD, I8MM], ids=["dotprod", "i8mm"])
 @pytest.mark.parametrize("M", [2, 8])
 @pytest.mark.parametrize("bits", [8, 16])
-def test_extreme_accumulators_are_exact_on_the_board(arm64_session, bits, M):
-    _check(arm64_session, M, 100, 512, 128, bits, np.random.default_rng(bits), extreme=True)
+def test_extreme_accumulators_are_exact_on_the_board(arm64_session, bits, M, target):
+    _check(arm64_session, M, 100, 512, 128, bits, np.random.default_rng(bits), extreme=True, target=target)
 
 
-def _check(arm64_session, M, N, K, B, bits, rng, extreme=False):
+def _check(arm64_session, M, N, K, B, bits, rng, extreme=False, target=DOTPROD):
     q, k, s, x, bias, sx, zx = _case(M, N, K, B, bits, rng, extreme)
-    func = integer_dense(M, N, K, B, sx, zx, bits, bias is not None, target=DOTPROD)
+    func = integer_dense(M, N, K, B, sx, zx, bits, bias is not None, target=target)
     weights_ = repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    got = arm64_session.call(func, DOTPROD, [x, *weights_, s, *([bias] if bias is not None else [])], (M, N))
+    got = arm64_session.call(func, target, [x, *weights_, s, *([bias] if bias is not None else [])], (M, N))
     expected = reference_w4a8(x, q, k, s, B, sx, zx, bias, bitwidth=bits)
     np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
 
 
-@pytest.mark.parametrize("M, instruction", [(1, "udot"), (8, "sdot")])
-def test_the_schemes_run_on_their_dot_product(M, instruction):
-    """The nibble scheme (few rows) on udot, fold-k (from four rows) on sdot."""
-    asm = tvm.compile(integer_dense(M, 64, 256, 64, 0.1, 3, 8, target=DOTPROD), DOTPROD).mod.inspect_source("asm")
-    assert instruction in asm
+@pytest.mark.parametrize(
+    "M, target, instruction, absent",
+    [
+        (1, DOTPROD, "udot", "sdot"),
+        (8, DOTPROD, "sdot", "usmmla"),
+        (8, I8MM, "usmmla", "sdot"),
+        (5, I8MM, "sdot", "usmmla"),
+    ],
+)
+def test_the_schemes_run_on_their_instructions(M, target, instruction, absent):
+    """The nibble scheme (few rows) on udot, fold-k (from four rows) on sdot, with i8mm usmmla on row pairs."""
+    asm = tvm.compile(integer_dense(M, 64, 256, 64, 0.1, 3, 8, target=target), target).mod.inspect_source("asm")
+    assert instruction in asm and absent not in asm
 
 
 def test_the_family_serves_weight_only_layers_and_integer_ones_on_cpus_with_the_dot_product():
