@@ -14,16 +14,21 @@ threads; numpy and the bound stay on one thread); everything is timed through Py
 a few warm calls per candidate (``lpbq_tvm.timing.time_interleaved``: a slow phase of a shared host
 hits them all alike), and the table shows the median with the min-max spread.
 
-    python benchmarks/bench_kernels.py [--quick]      # needs the test extra (onnxruntime)
+Every row records the host's CPU (model, flags, LLVM's name for it: ``lpbq_tvm.timing.host_cpu``);
+``--json FILE`` writes the rows so that results of different hosts can be compared.
+
+    python benchmarks/bench_kernels.py [--quick] [--json rows.json]   # needs the test extra (onnxruntime)
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 SHAPES = ((4096, 4096), (768, 3072), (3072, 768), (1536, 384))  # (N, K)
 BATCHES = (1, 32)
@@ -40,7 +45,7 @@ def worker(threads: int, quick: bool) -> None:
 
     import lpbq_tvm
     from lpbq_tvm.export import export
-    from lpbq_tvm.timing import time_interleaved
+    from lpbq_tvm.timing import host_cpu, time_interleaved
 
     repeat = 10 if quick else 40
     rng = np.random.default_rng(0)
@@ -73,7 +78,8 @@ def worker(threads: int, quick: bool) -> None:
                 candidates[f"onnxruntime MatMulNBits acc{level}"] = functools.partial(nbits.run, None, x)
             timings = time_interleaved(candidates, repeat)
             timings = {name: [t.median_ms, t.min_ms, t.max_ms] for name, t in timings.items()}
-            print("ROW " + json.dumps({"shape": f"{n}x{k}", "M": m, "threads": threads, **timings}), flush=True)
+            row = {"shape": f"{n}x{k}", "M": m, "threads": threads, "host": host_cpu(), **timings}
+            print("ROW " + json.dumps(row), flush=True)
 
 
 def weight_read(nbytes: int):
@@ -92,20 +98,27 @@ def weight_read(nbytes: int):
 
 
 def main() -> None:
-    if "--worker" in sys.argv:
-        worker(int(sys.argv[sys.argv.index("--worker") + 1]), "--quick" in sys.argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the 4096 x 4096 layer only, fewer calls")
+    parser.add_argument("--json", type=Path, help="write the rows (timings and host CPU) to this file")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # one thread count, in its own process
+    args = parser.parse_args()
+    if args.worker is not None:
+        worker(args.worker, args.quick)
         return
     from rich.console import Console
     from rich.table import Table
 
     results = []
     for threads in (1, 2):
-        command = [sys.executable, __file__, "--worker", str(threads), *(["--quick"] if "--quick" in sys.argv else [])]
+        command = [sys.executable, __file__, "--worker", str(threads), *(["--quick"] if args.quick else [])]
         env = dict(os.environ, TVM_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         # stderr is not captured: the worker's warnings and errors reach the terminal
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
         results += [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
-    names = [key for key in results[0] if key not in ("shape", "M", "threads")]
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    names = [key for key in results[0] if key not in ("shape", "M", "threads", "host")]
     times = Table(title="Dense N x K, block 64: median ms (min-max)")
     ratios = Table(title="Ratios of medians (below 1: lpbq_tvm faster)")
     ratio_columns = {
@@ -131,6 +144,8 @@ def main() -> None:
             *[f"{single[n][0] / row[n][0]:.2f}x" for n in ("lpbq_tvm weight-only", "lpbq_tvm w4a8")],
         )
     console = Console(width=240)
+    host = results[0]["host"]
+    console.print(f"host: {host['model']} (LLVM {host['llvm_cpu']}, {host['cores']} cores)")
     console.print(times)
     console.print(ratios)
 

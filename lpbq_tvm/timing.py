@@ -1,4 +1,5 @@
-"""How lpbq_tvm times things: warm calls in interleaved bursts, reported as median, min and max.
+"""How lpbq_tvm times things: warm calls in interleaved bursts, reported as median, min and max, and
+on what (:func:`host_cpu`: a ratio measured on one CPU says nothing about another).
 
 Used by the model benchmark (:mod:`lpbq_tvm.bench`), the benchmark scripts and remote runs
 (:mod:`lpbq_tvm.remote`, whose device times its calls with TVM's time evaluator).
@@ -6,12 +7,14 @@ Used by the model benchmark (:mod:`lpbq_tvm.bench`), the benchmark scripts and r
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Timing", "time_interleaved"]
+__all__ = ["Timing", "host_cpu", "time_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,24 @@ def time_interleaved(functions: Mapping[str, Callable[[], object]], repeat: int,
                 functions[name]()
                 samples[name].append(1e3 * (time.perf_counter() - start))
     return {name: Timing(statistics.median(s), min(s), max(s)) for name, s in samples.items()}
+
+
+def host_cpu() -> dict[str, object]:
+    """The CPU this process runs on, to record beside its measurements: the model and feature flags of
+    ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``), LLVM's name for it (TVM's ``mcpu``), cores."""
+    from tvm.target import codegen
+
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return {
+        "model": info.get("model name") or info.get("CPU part") or platform.processor() or "unknown",
+        "flags": (info.get("flags") or info.get("Features") or "").split(),
+        "llvm_cpu": str(codegen.llvm_get_system_cpu()),
+        "cores": os.cpu_count(),
+    }

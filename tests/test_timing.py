@@ -15,3 +15,17 @@ def test_candidates_take_turns_and_rotate_the_order(monkeypatch):
     assert calls == [name for order in ("abc", "bca", "cab", "abc") for name in order for _ in range(3)]
     assert set(timings) == set("abc")
     assert all(0 <= t.min_ms <= t.median_ms <= t.max_ms for t in timings.values())
+
+
+def test_host_cpu_names_the_model_flags_and_llvm_cpu():
+    import json
+
+    from tvm.target import codegen
+
+    from lpbq_tvm.timing import host_cpu
+
+    host = host_cpu()
+    assert host["model"] and host["model"] != "unknown"
+    assert host["flags"] and all(flag == flag.strip() and " " not in flag for flag in host["flags"])
+    assert host["llvm_cpu"] == str(codegen.llvm_get_system_cpu()) and host["cores"] >= 1
+    assert json.loads(json.dumps(host)) == host  # recorded beside benchmark rows as JSON

@@ -1,7 +1,8 @@
 """The tuning of the x86 kernels, per CPU: one table of the choices measured, not derived.
 
 Each field is a crossover or size chosen by timing the kernels on the hosts the project has run
-on (``docs/performance.md`` holds the numbers and the hosts). They change speed only: every
+on; each entry of the table names the benchmark, the host and the section of ``docs/performance.md``
+with the numbers (:class:`~lpbq_tvm.kernels.interface.Provenance`). They change speed only: every
 choice computes the same result, bit for bit in the integer modes. Re-measure a change with
 ``benchmarks/bench_kernels.py`` (single layers) and ``benchmarks/bench_pipeline.py`` (models).
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["Tuning", "tuning"]
+from lpbq_tvm.kernels.interface import Provenance
+
+__all__ = ["TUNINGS", "Tuning", "tuning"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,23 @@ class Tuning:
 
 
 _DEFAULT = Tuning()
-_BY_CPU = {"znver1": dataclasses.replace(_DEFAULT, madd_min_rows=16)}  # LLVM CPU names
+# LLVM CPU name ("" for any other) -> the tuning measured for it.
+TUNINGS: dict[str, tuple[Tuning, Provenance]] = {
+    "": (
+        _DEFAULT,
+        Provenance(
+            "python benchmarks/bench_kernels.py; python benchmarks/bench_pipeline.py",
+            "Intel Xeon, 2 vCPUs, AVX-512 VNNI (LLVM rocketlake)",
+            "LPBQ dense layers",
+        ),
+    ),
+    "znver1": (
+        dataclasses.replace(_DEFAULT, madd_min_rows=16),
+        Provenance("python benchmarks/bench_pipeline.py", "AMD EPYC 7001, 2 vCPUs (LLVM znver1)", "Zen 1 tuning"),
+    ),
+}
 
 
 def tuning(target) -> Tuning:
     """The tuning of ``target``'s CPU (its ``mcpu``), the default where none is recorded."""
-    return _BY_CPU.get(str(target.attrs.get("mcpu", "")), _DEFAULT)
+    return TUNINGS.get(str(target.attrs.get("mcpu", "")), TUNINGS[""])[0]
