@@ -242,5 +242,5 @@ def test_integer_mode_needs_calibration(encoded_sim):
 def test_target_mode_combinations_are_checked(calibrated_sim):
     with pytest.raises(ValueError, match=r"target 'htp-sim' builds modes w4a8, w4a16 \(and fp32\), not 'weight-only'"):
         lpbq_tvm.compile(calibrated_sim, target="htp-sim", mode="weight-only")
-    with pytest.raises(ValueError, match=r"unknown target 'gpu'; known targets: aarch64, cpu, htp-sim"):
+    with pytest.raises(ValueError, match=r"unknown target 'gpu'; known targets: aarch64, aarch64-i8mm, cpu, htp-sim"):
         lpbq_tvm.compile(calibrated_sim, target="gpu")
