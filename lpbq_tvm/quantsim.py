@@ -18,6 +18,7 @@ dequantized weights in onnxruntime, an implementation independent of the TVM ker
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -87,6 +88,7 @@ class QuantizationSimModel:
         ``default_activation_bw`` (8 or 16) is the activation width of the exported encodings."""
         RangeObserver(quant_scheme, percentile)  # validates both
         activation_encoding(0.0, 1.0, default_activation_bw)  # validates the width
+        self._source = model  # what reshaped() imports again at other shapes
         self._imported: ImportedModel = import_onnx(model, input_shapes)
         self._annotated = self._imported.mod
         self._encoded = None
@@ -99,6 +101,22 @@ class QuantizationSimModel:
         self.quant_scheme = quant_scheme
         self.percentile = percentile
         self.default_activation_bw = default_activation_bw
+
+    def reshaped(self, input_shapes: Mapping[str, Sequence[int]]) -> QuantizationSimModel:
+        """This model imported again at other input shapes, with this simulation's LPBQ configuration,
+        encodings and calibrated ranges: what a decoder compiles once per static shape (its prefill and
+        its decode step, :mod:`lpbq_tvm.llm`). They are kept per weight and per tensor name, not per
+        shape, so they carry over; the new import must hold the same weight layers."""
+        other = copy.copy(self)
+        other._imported = import_onnx(self._source, input_shapes)
+        if other._imported.layers.keys() != self._imported.layers.keys():
+            differ = sorted(other._imported.layers.keys() ^ self._imported.layers.keys())
+            raise ValueError(f"at shapes {dict(input_shapes)} the weight layers differ: {', '.join(differ)}")
+        other._annotated = _with_attrs_of(other._imported.mod, self._annotated)
+        if self._encoded is not None:
+            other._encoded = _with_attrs_of(other._imported.mod, self._encoded)
+        other._session, other._observers, other._recorded = None, None, None
+        return other
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -283,11 +301,18 @@ class QuantizationSimModel:
             self._observe(observers, callback, args)
         finally:
             batches, self._recorded = self._recorded, None
-        self._activation_ranges = {name: observer.range() for name, observer in ranges.items()}
-        layer_ranges = {
-            key: {"input": self._activation_ranges[inp], "output": self._activation_ranges[out]}
-            for key, (inp, out) in self._layer_tensors().items()
-        }
+        self._activation_ranges = {name: observer.range() for name, observer in ranges.items() if observer.seen}
+        unseen = sorted(ranges.keys() - self._activation_ranges.keys())
+        layer_ranges = {}
+        for key, (inp, out) in self._layer_tensors().items():
+            missed = [name for name in (inp, out) if name in unseen]
+            if missed:
+                msg = f"no calibration data reached {', '.join(missed)} (layer {key}): empty in every batch?"
+                raise ValueError(msg)
+            layer_ranges[key] = {"input": self._activation_ranges[inp], "output": self._activation_ranges[out]}
+        if unseen:  # empty tensors (a decoder's past of length 0) or branches no batch took: not quantized
+            listed = ", ".join(unseen)
+            logger.warning("no calibration data reached %d tensors, left unquantized: %s", len(unseen), listed)
         for key, observer in pre_bias.items():
             layer_ranges[key]["pre_bias"] = observer.range()
         self._encoded = attach_activation_ranges(self._encoded, layer_ranges)
@@ -509,6 +534,15 @@ class QuantizationSimModel:
             overwrite=overwrite,
         )
         return onnx_path, json_path
+
+
+def _with_attrs_of(mod, source):
+    """``mod`` with the attributes of ``source["main"]`` that the LPBQ passes added (those an import lacks)."""
+    main, added = mod["main"], source["main"].attrs
+    carried = {key: value for key, value in added.items() if key not in main.attrs}
+    mod = mod.clone()
+    mod.update_func(mod.get_global_var("main"), main.with_attrs(carried))
+    return mod
 
 
 def set_grouped_blockwise_quantization_for_weights(
