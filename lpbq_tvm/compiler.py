@@ -109,6 +109,12 @@ class CompiledModel:
             np.copyto(view, value)
         return outputs_by_name(self._main(*self._buffers, *self.params), self.outputs)
 
+    def invoke(self, *arguments: tvm.runtime.Tensor):
+        """``main`` on device tensors (the model inputs, in order) and the weights, returning TVM's outputs:
+        no copies, for callers that keep their inputs on the device (:mod:`lpbq_tvm.llm`'s KV caches)."""
+        self._machine()
+        return self._main(*arguments, *self.params)
+
     def export_library(self, path: str | PathLike, *, overwrite: bool = False) -> Path:
         """Write the executable as a library (``.so`` linked for the target, or ``.tar`` of objects); weights are
         not inside."""

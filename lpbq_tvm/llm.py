@@ -1,0 +1,291 @@
+"""Decoder LLMs: an ONNX causal language model with a KV cache, compiled into a prefill and a decode step.
+
+Where it sits: after the AIMET-style workflow (a :class:`~lpbq_tvm.quantsim.QuantizationSimModel`
+with its encodings and, for W4A8 / W4A16, calibrated ranges), in place of ``lpbq_tvm.compile``::
+
+    sim = QuantizationSimModel("model.onnx", input_shapes=...)       # any shapes: e.g. calibration's
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("MatMul",), block_size=64)
+    sim.compute_encodings(callback, batches)
+    decoder = lpbq_tvm.llm.compile_decoder(sim, "weight-only", context=512, prefill=64)
+    tokens = decoder.generate(prompt_ids, max_new_tokens=32, stop_tokens=[2])
+
+The model is what Hugging Face / torch exporters write (docs/llm.md): inputs ``input_ids``,
+``attention_mask``, optionally ``position_ids``, and ``past_key_values.N.key`` / ``.value``
+``[batch, kv_heads, past, head_dim]``; outputs ``logits`` and ``present.N.key`` / ``.value``.
+
+Two static graphs share one set of weights, as Qualcomm's AR-N / AR-1 graphs do, so that every LPBQ
+layer runs on the target's scheduled kernels at a known number of rows:
+
+* *prefill*: ``prefill`` positions (a right-padded prompt) from an empty cache (past of length 0):
+  logits of every position and the presents, which the generator copies into its caches once;
+* *decode*: one position over a cache of ``context`` slots, its ``concat(past, new)`` rewritten by
+  :class:`~lpbq_tvm.passes.kv_cache_in_place.KVCacheInPlace`: each step writes its key and value into
+  the caches in place and attends over all ``context`` slots, the unwritten ones masked. A step's
+  attention reads the whole cache whatever the context so far: at ``context`` slots per layer,
+  ``2 · kv_heads · head_dim · context`` floats.
+
+A prompt longer than ``prefill`` continues token by token through the decode step. Batch 1.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+
+from lpbq_tvm.compiler import CompiledModel, build, lower
+from lpbq_tvm.compiler import compile as compile_model
+from lpbq_tvm.passes.kv_cache_in_place import SLOT_INPUT, KVCacheInPlace
+
+__all__ = ["Decoder", "DecoderInterface", "GenerationStats", "Sampling", "compile_decoder"]
+
+_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+
+
+@dataclass(frozen=True)
+class DecoderInterface:
+    """The names and cache geometry of an exported decoder (module docstring)."""
+
+    past: tuple[str, ...]  # past_key_values.N.key / .value, by layer
+    presents: tuple[str, ...]  # present.N.key / .value, in the same order
+    kv_heads: int
+    head_dim: int
+    has_position_ids: bool
+
+    @classmethod
+    def of(cls, sim) -> DecoderInterface:
+        """The interface of ``sim``'s model; ``ValueError`` naming what is missing otherwise."""
+        inputs = {info.name: info for info in sim.inputs}
+        outputs = [info.name for info in sim.outputs]
+        past = sorted((name for name in inputs if _PAST.fullmatch(name)), key=_layer_order)
+        missing = [name for name in ("input_ids", "attention_mask") if name not in inputs]
+        if not past or missing or "logits" not in outputs:
+            msg = (
+                "not a decoder with a KV cache: it needs inputs input_ids, attention_mask and "
+                f"past_key_values.N.key / .value, output logits; the model has inputs {', '.join(inputs)} "
+                f"and outputs {', '.join(outputs)}"
+            )
+            raise ValueError(msg)
+        presents = tuple(name.replace("past_key_values.", "present.") for name in past)
+        absent = [name for name in presents if name not in outputs]
+        if absent:
+            raise ValueError(f"the model has no outputs {', '.join(absent)} for its past_key_values inputs")
+        shapes = {tuple(inputs[name].shape[i] for i in (1, 3)) for name in past}
+        if len(shapes) != 1:
+            raise ValueError(f"the past_key_values inputs differ in heads or head size: {sorted(shapes)}")
+        ((kv_heads, head_dim),) = shapes
+        return cls(tuple(past), presents, int(kv_heads), int(head_dim), "position_ids" in inputs)
+
+    def shapes(self, positions: int, past: int) -> dict[str, list[int]]:
+        """Input shapes of a graph of ``positions`` new positions after ``past`` cached ones (batch 1)."""
+        shapes = {"input_ids": [1, positions], "attention_mask": [1, past + positions]}
+        if self.has_position_ids:
+            shapes["position_ids"] = [1, positions]
+        return shapes | {name: [1, self.kv_heads, past, self.head_dim] for name in self.past}
+
+
+def _layer_order(name: str) -> tuple[int, int]:
+    layer, kind = _PAST.fullmatch(name).groups()
+    return int(layer), kind == "value"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn: greedy at ``temperature`` 0, else from the softmax of logits /
+    temperature, restricted to the ``top_k`` most likely and the smallest set whose probability
+    reaches ``top_p``; ``seed`` makes a run repeatable."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or (self.top_k is not None and self.top_k < 1):
+            raise ValueError(f"temperature must be >= 0 and top_k >= 1, got {self.temperature}, {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+    def chooser(self) -> Callable[[np.ndarray], int]:
+        """A function of a logits vector to the next token, with its own random stream."""
+        if self.temperature == 0:
+            return lambda logits: int(np.argmax(logits))
+        rng = np.random.default_rng(self.seed)
+
+        def choose(logits: np.ndarray) -> int:
+            scaled = logits.astype(np.float64) / self.temperature
+            order = np.argsort(-scaled, kind="stable")[: self.top_k]
+            probabilities = np.exp(scaled[order] - scaled[order[0]])
+            probabilities /= probabilities.sum()
+            if self.top_p is not None:
+                keep = int(np.searchsorted(np.cumsum(probabilities), self.top_p)) + 1
+                order, probabilities = order[:keep], probabilities[:keep] / probabilities[:keep].sum()
+            return int(rng.choice(order, p=probabilities))
+
+        return choose
+
+
+@dataclass
+class GenerationStats:
+    """What the last :meth:`Decoder.generate` did: tokens and seconds of its prefill and decode steps."""
+
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    new_tokens: int = 0
+    decode_seconds: float = 0.0
+    stopped_by: str = ""  # "stop token", "max_new_tokens" or "context"
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@dataclass
+class Decoder:
+    """A compiled decoder and its KV caches (module docstring). Not for concurrent use."""
+
+    prefill_model: CompiledModel
+    decode_model: CompiledModel
+    interface: DecoderInterface
+    context: int
+    prefill_positions: int
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def __post_init__(self) -> None:
+        device = tvm.cpu()
+        shape = (1, self.interface.kv_heads, self.context, self.interface.head_dim)
+        # Zeros, not uninitialized memory: a masked slot must hold finite values (NaN · 0 is NaN).
+        zeros = np.zeros(shape, np.float32)
+        self._caches = {name: tvm.runtime.tensor(zeros, device) for name in self.interface.past}
+        self._order = [info.name for info in self.decode_model.inputs]  # the decode step's inputs
+        self.length = 0  # positions in the caches
+
+    @property
+    def vocab(self) -> int:
+        return int(self.decode_model.outputs[0].shape[-1])
+
+    def reset(self) -> None:
+        """Forget the context: the next call starts a new sequence. The caches keep their finite values; the
+        attention mask hides every slot not written since."""
+        self.length = 0
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run a new sequence's prompt; the logits of each of its positions, ``[len(tokens), vocab]``."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if len(tokens) > self.context:
+            raise ValueError(f"the prompt has {len(tokens)} tokens; the context holds {self.context}")
+        self._check_tokens(tokens)
+        self.reset()
+        first = tokens[: self.prefill_positions]
+        logits = [self._prefill_chunk(first)]
+        logits += [self.step(token)[None] for token in tokens[len(first) :]]
+        return np.concatenate(logits)
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token to the sequence; the logits of the next, ``[vocab]``."""
+        if self.length >= self.context:
+            raise ValueError(f"the context of {self.context} tokens is full")
+        self._check_tokens([token])
+        slot = self.length
+        inputs = {
+            "input_ids": np.array([[token]], np.int64),
+            "attention_mask": (np.arange(self.context) <= slot).astype(np.int64)[None],
+            "position_ids": np.array([[slot]], np.int64),
+            SLOT_INPUT: np.array([slot], np.int64),
+        }
+        arguments = {name: tvm.runtime.tensor(value) for name, value in inputs.items()} | self._caches
+        outputs = self.decode_model.invoke(*(arguments[name] for name in self._order))
+        self.length += 1
+        return outputs[0].numpy().reshape(-1)
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        *,
+        stop_tokens: Sequence[int] = (),
+        sampling: Sampling = Sampling(),
+        on_token: Callable[[int], None] | None = None,
+    ) -> list[int]:
+        """The tokens after ``prompt`` (a new sequence), up to ``max_new_tokens``, a stop token (included)
+        or a full context; each passed to ``on_token`` as it is chosen. :attr:`stats` says how it went."""
+        choose, stops = sampling.chooser(), set(stop_tokens)
+        start = time.perf_counter()
+        logits = self.prefill(prompt)[-1]
+        self.stats = GenerationStats(len(prompt), time.perf_counter() - start, stopped_by="max_new_tokens")
+        start, generated = time.perf_counter(), []
+        while len(generated) < max_new_tokens:
+            token = choose(logits)
+            generated.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in stops or self.length >= self.context:
+                self.stats.stopped_by = "stop token" if token in stops else "context"
+                break
+            if len(generated) < max_new_tokens:
+                logits = self.step(token)
+        self.stats.new_tokens, self.stats.decode_seconds = len(generated), time.perf_counter() - start
+        return generated
+
+    def _prefill_chunk(self, tokens: list[int]) -> np.ndarray:
+        n, padded = len(tokens), self.prefill_positions
+        inputs = {
+            "input_ids": np.array([tokens + [0] * (padded - n)], np.int64),
+            "attention_mask": (np.arange(padded) < n).astype(np.int64)[None],
+        }
+        if self.interface.has_position_ids:
+            inputs["position_ids"] = np.arange(padded, dtype=np.int64)[None]
+        for name in self.interface.past:
+            inputs[name] = np.zeros((1, self.interface.kv_heads, 0, self.interface.head_dim), np.float32)
+        outputs = self.prefill_model.run(inputs)
+        for name, present in zip(self.interface.past, self.interface.presents, strict=True):
+            cache = self._caches[name]
+            filled = cache.numpy()
+            filled[:, :, :n] = outputs[present][:, :, :n]
+            cache.copyfrom(filled)
+        self.length = n
+        return outputs["logits"][0, :n]
+
+    def _check_tokens(self, tokens: Sequence[int]) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} outside the model's vocabulary of {self.vocab}")
+
+
+def compile_decoder(sim, mode: str = "weight-only", *, target: str = "cpu", context: int = 256, prefill: int = 32):
+    """Compile ``sim``'s decoder for ``target`` in ``mode`` (as :func:`lpbq_tvm.compile`): a prefill graph of
+    ``prefill`` positions and a decode step over a KV cache of ``context`` slots, sharing their weights."""
+    if not 1 <= prefill <= context:
+        raise ValueError(f"need 1 <= prefill <= context, got prefill={prefill}, context={context}")
+    interface = DecoderInterface.of(sim)
+    prefill_model = compile_model(sim.reshaped(interface.shapes(prefill, 0)), target, mode)
+    decode_sim = sim.reshaped(interface.shapes(1, context - 1))
+    module = KVCacheInPlace(interface.past)(lower(decode_sim, target, mode))
+    decode_model = build(module, target, outputs=decode_sim.outputs, mode=mode)
+    _share_weights(prefill_model, decode_model)
+    return Decoder(prefill_model, decode_model, interface, context, prefill)
+
+
+def _share_weights(first: CompiledModel, second: CompiledModel) -> None:
+    """Let ``second`` use ``first``'s weight tensors (one copy in memory); both graphs lower each weight
+    alike, so their values must be equal, which is checked."""
+    mine = dict(zip(first.param_names, first.params, strict=True))
+    if set(mine) != set(second.param_names):
+        differ = sorted(set(mine) ^ set(second.param_names))
+        raise RuntimeError(f"the prefill and decode graphs hold different weights: {', '.join(differ[:8])}")
+    for index, name in enumerate(second.param_names):
+        theirs = second.params[index]
+        if theirs.shape != mine[name].shape or not np.array_equal(theirs.numpy(), mine[name].numpy()):
+            raise RuntimeError(f"the prefill and decode graphs lower weight {name} differently")
+        second.params[index] = mine[name]
+
