@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from os import PathLike
 
 import numpy as np
+import onnx
 import tvm
 
 from lpbq_tvm.compiler import CompiledModel, build, lower
 from lpbq_tvm.compiler import compile as compile_model
+from lpbq_tvm.onnx_model import value_info_shape
 from lpbq_tvm.passes.kv_cache_in_place import SLOT_INPUT, KVCacheInPlace
 
-__all__ = ["Decoder", "DecoderInterface", "GenerationStats", "Sampling", "compile_decoder"]
+__all__ = ["Decoder", "DecoderInterface", "GenerationStats", "Sampling", "compile_decoder", "decoder_sim"]
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 
@@ -59,8 +62,18 @@ class DecoderInterface:
     @classmethod
     def of(cls, sim) -> DecoderInterface:
         """The interface of ``sim``'s model; ``ValueError`` naming what is missing otherwise."""
-        inputs = {info.name: info for info in sim.inputs}
-        outputs = [info.name for info in sim.outputs]
+        return cls.of_signature({info.name: info.shape for info in sim.inputs}, [info.name for info in sim.outputs])
+
+    @classmethod
+    def of_onnx(cls, path: str | PathLike) -> DecoderInterface:
+        """The interface of the ONNX file at ``path`` (its graph only: external data is not read)."""
+        graph = onnx.load(str(path), load_external_data=False).graph
+        inputs = {vi.name: tuple(value_info_shape(vi)) for vi in graph.input}
+        return cls.of_signature(inputs, [vi.name for vi in graph.output])
+
+    @classmethod
+    def of_signature(cls, inputs: Mapping[str, Sequence], outputs: Sequence[str]) -> DecoderInterface:
+        """The interface of a model with these input shapes (by name) and output names."""
         past = sorted((name for name in inputs if _PAST.fullmatch(name)), key=_layer_order)
         missing = [name for name in ("input_ids", "attention_mask") if name not in inputs]
         if not past or missing or "logits" not in outputs:
@@ -74,11 +87,12 @@ class DecoderInterface:
         absent = [name for name in presents if name not in outputs]
         if absent:
             raise ValueError(f"the model has no outputs {', '.join(absent)} for its past_key_values inputs")
-        shapes = {tuple(inputs[name].shape[i] for i in (1, 3)) for name in past}
-        if len(shapes) != 1:
-            raise ValueError(f"the past_key_values inputs differ in heads or head size: {sorted(shapes)}")
-        ((kv_heads, head_dim),) = shapes
-        return cls(tuple(past), presents, int(kv_heads), int(head_dim), "position_ids" in inputs)
+        geometry = {_heads_and_size(inputs[name]) for name in past}
+        if len(geometry) != 1 or None in geometry:
+            shapes = sorted({str(list(inputs[name])) for name in past})
+            raise ValueError(f"past_key_values inputs need one static [batch, heads, past, head size]: {shapes}")
+        ((kv_heads, head_dim),) = geometry
+        return cls(tuple(past), presents, kv_heads, head_dim, "position_ids" in inputs)
 
     def shapes(self, positions: int, past: int) -> dict[str, list[int]]:
         """Input shapes of a graph of ``positions`` new positions after ``past`` cached ones (batch 1)."""
@@ -86,6 +100,32 @@ class DecoderInterface:
         if self.has_position_ids:
             shapes["position_ids"] = [1, positions]
         return shapes | {name: [1, self.kv_heads, past, self.head_dim] for name in self.past}
+
+
+    def token_inputs(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
+        """Inputs of a graph of ``len(tokens)`` positions after an empty past: a calibration batch."""
+        n = len(tokens)
+        inputs = {"input_ids": np.array([tokens], np.int64), "attention_mask": np.ones((1, n), np.int64)}
+        if self.has_position_ids:
+            inputs["position_ids"] = np.arange(n, dtype=np.int64)[None]
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+        return inputs | dict.fromkeys(self.past, empty)
+
+
+def decoder_sim(model: str | PathLike, positions: int = 16):
+    """A :class:`~lpbq_tvm.quantsim.QuantizationSimModel` of the decoder at ``model`` for ``positions`` tokens
+    after an empty past (batch 1): the shapes to encode and calibrate at. :func:`compile_decoder` imports the
+    graphs it builds at their own shapes."""
+    from lpbq_tvm.quantsim import QuantizationSimModel
+
+    return QuantizationSimModel(model, input_shapes=DecoderInterface.of_onnx(model).shapes(positions, 0))
+
+
+def _heads_and_size(shape: Sequence) -> tuple[int, int] | None:
+    """(heads, head size) of a cache shape [batch, heads, past, head size] where both are static."""
+    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in (shape[1], shape[3])):
+        return None
+    return int(shape[1]), int(shape[3])
 
 
 def _layer_order(name: str) -> tuple[int, int]:
@@ -236,6 +276,25 @@ class Decoder:
                 logits = self.step(token)
         self.stats.new_tokens, self.stats.decode_seconds = len(generated), time.perf_counter() - start
         return generated
+
+    def perplexity(self, tokens: Sequence[int], window: int) -> float:
+        """``exp`` of the mean negative log-likelihood of ``tokens`` in consecutive windows of ``window``
+        tokens, each a new sequence (its first token is context only; a last partial window counts)."""
+        if not 2 <= window <= self.context:
+            raise ValueError(f"the window must hold 2..{self.context} tokens (the context), got {window}")
+        nll, count = 0.0, 0
+        for start in range(0, len(tokens) - 1, window):
+            chunk = list(tokens[start : start + window])
+            if len(chunk) < 2:
+                break
+            logits = self.prefill(chunk)[:-1].astype(np.float64)
+            peak = logits.max(axis=1, keepdims=True)
+            log_z = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
+            nll += float((log_z - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
+            count += len(chunk) - 1
+        if count == 0:
+            raise ValueError(f"perplexity needs at least 2 tokens, got {len(tokens)}")
+        return float(np.exp(nll / count))
 
     def _prefill_chunk(self, tokens: list[int]) -> np.ndarray:
         n, padded = len(tokens), self.prefill_positions

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from lpbq_tvm.cli import commands
+from lpbq_tvm.cli import commands, llm_commands
 from lpbq_tvm.encoder import ENCODERS, LPBQConfig
 from lpbq_tvm.export import EXPORTERS
 from lpbq_tvm.exports.aimet_json import VERSIONS
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--json", action="store_true", help="print a machine-readable JSON result instead of tables")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_demo, _compile, _tune, _export, _analyze, _report, _run, _bench, _check):
+    for add in (_demo, _compile, _tune, _export, _analyze, _report, _run, _bench, _check, _generate, _perplexity):
         add(subparsers)
     return parser
 
@@ -229,6 +229,67 @@ def _check(subparsers) -> None:
     )
     check.add_argument("model", help="the ONNX model file")
     check.add_argument("--for", dest="target_toolchain", default="qnn", choices=["qnn"], help="toolchain to check for")
+
+
+_GENERATE_EPILOG = """\
+examples:
+  lpbq-tvm generate model.onnx --tokenizer tokenizer.json --prompt "What is the capital of France?" --chat
+  lpbq-tvm generate model.onnx --tokenizer tokenizer.json --prompt "Once upon a time" \\
+      --mode w4a8 --calib-text corpus.txt --temperature 0.8 --top-p 0.95 --seed 1 --max-new-tokens 128
+
+The model is a decoder-only causal LM exported to ONNX with a KV cache (inputs input_ids, attention_mask,
+[position_ids], past_key_values.N.key / .value; outputs logits, present.N.key / .value; docs/llm.md).
+Every MatMul (the LM head included) takes LPBQ unless --mode fp32; --chat wraps the prompt in a ChatML
+user turn and stops at <|im_end|>. Text streams as it is generated; prefill and decode tokens/s follow.
+"""
+
+_PERPLEXITY_EPILOG = """\
+example:
+  lpbq-tvm perplexity model.onnx --tokenizer tokenizer.json --text book.txt --window 256 --max-tokens 4096
+
+Consecutive windows of --window tokens, each scored as a new sequence (its first token context only).
+"""
+
+
+def _decoder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the ONNX decoder (docs/llm.md)")
+    parser.add_argument("--tokenizer", required=True, help="its Hugging Face tokenizer.json")
+    parser.add_argument("--mode", default="weight-only", choices=["fp32", *LPBQ_MODES], help="(default %(default)s)")
+    parser.add_argument("--calib-text", metavar="FILE", help="text to calibrate activations on (w4a8 / w4a16)")
+    parser.add_argument("--block-size", type=int, default=64, help="input channels per block (default %(default)s)")
+    parser.add_argument("--op-types", nargs="+", default=["MatMul"], metavar="OP", help="(default: MatMul)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in fp32")
+
+
+def _generate(subparsers) -> None:
+    generate = _command(
+        subparsers, "generate", llm_commands.run_generate, "generate text with a decoder LLM", _GENERATE_EPILOG
+    )
+    _decoder_options(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in a ChatML user turn")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="(default %(default)s)")
+    generate.add_argument("--stop", action="append", default=[], metavar="TOKEN", help="a stop token (repeatable)")
+    generate.add_argument("--context", type=int, default=512, help="KV cache slots (default %(default)s)")
+    generate.add_argument("--prefill", type=int, default=64, help="prefill graph positions (default %(default)s)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default %(default)s)")
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--seed", type=int)
+
+
+def _perplexity(subparsers) -> None:
+    perplexity = _command(
+        subparsers,
+        "perplexity",
+        llm_commands.run_perplexity,
+        "perplexity of a decoder LLM on a text file",
+        _PERPLEXITY_EPILOG,
+    )
+    _decoder_options(perplexity)
+    perplexity.add_argument("--text", required=True, metavar="FILE")
+    perplexity.add_argument("--window", type=int, default=256, help="tokens per window (default %(default)s)")
+    perplexity.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
 
 
 def _add_lpbq_options(parser: argparse.ArgumentParser) -> None:
