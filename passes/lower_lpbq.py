@@ -23,8 +23,9 @@ node itself adds it (``has_bias`` of ``"lpbq.onnx_nodes"``), so requantization s
 ONNX tensor holds, and a Gemm's product is first requantized to its ``"pre_bias"`` range, as in
 the QNN export's ``MatMul -> Q -> DQ -> Add(bias) -> Q -> DQ``.
 
-With a ``kernels`` provider (a target's, :mod:`lpbq_tvm.kernels.interface`), each 2-D dense layer
-with fp32 activations is first offered to it as a :class:`~lpbq_tvm.kernels.interface.DenseLayer`;
+With a ``kernels`` provider (a target's, :mod:`lpbq_tvm.kernels.interface`), each dense layer with
+fp32 activations is first offered to it as a :class:`~lpbq_tvm.kernels.interface.DenseLayer` (a
+matmul's leading activation axes flattened into rows: a transformer's ``[batch, seq, hidden]``);
 so is each ungrouped NCW / NCHW / NHWC convolution, as a dense layer over its tap-major im2col
 columns (a 1x1 stride-1 conv's columns are its pixels: no im2col, at most two transposes). Where
 the provider answers with a kernel, the layer calls it with the weight arrays it asked for, as
@@ -251,10 +252,11 @@ class _Lowering:
         integer = self.integer_arithmetic(key, str(annotation["node"]))
         if candidate.kind == "dense":
             shape = tuple(int(d) for d in candidate.x.ty.shape) if candidate.x.ty.shape is not None else ()
-            if candidate.x.ty.dtype == "float32":
-                scheduled = self.scheduled_dense(bb, key, candidate.x, shape, candidate.weight, bias, integer)
-                if scheduled is not None:
-                    return scheduled
+            if candidate.x.ty.dtype == "float32" and len(shape) >= 2:
+                rows, rows_shape = _as_rows(candidate.x, shape)
+                scheduled = self.scheduled_dense(bb, key, rows, rows_shape, candidate.weight, bias, integer)
+                if scheduled is not None:  # back to the leading axes of x
+                    return relax.op.reshape(scheduled, [*shape[:-1], encoding.num_channels])
         elif (scheduled := self.conv_as_dense(bb, key, candidate, bias, integer)) is not None:
             return scheduled
         packed = pack(encoding)
@@ -291,6 +293,15 @@ class _Lowering:
         call = bb.call_te(kernel, *operands, primfunc_name_hint=name)
         self.generic.append(call.args[0])
         return call
+
+
+def _as_rows(x: relax.Expr, shape: tuple[int, ...]) -> tuple[relax.Expr, tuple[int, int]]:
+    """``x`` of a matmul as the 2-D rows of a dense layer: its leading axes flattened (a transformer's
+    ``[batch, seq, hidden]`` is ``batch · seq`` rows), and that shape."""
+    if len(shape) == 2:
+        return x, shape
+    rows = (int(np.prod(shape[:-1])), shape[-1])
+    return relax.op.reshape(x, list(rows)), rows
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerLPBQ")

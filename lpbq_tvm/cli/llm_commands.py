@@ -4,6 +4,7 @@ compiled by :func:`lpbq_tvm.llm.compile_decoder`, with its Hugging Face ``tokeni
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def run_generate(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"[dim]prefill {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_second:.1f} tokens/s, "
         f"decode {stats.new_tokens} tokens at {stats.decode_tokens_per_second:.1f} tokens/s "
-        f"(stopped by {escape(stats.stopped_by)}; mode {args.mode}, 1 batch, TVM_NUM_THREADS as set)[/]"
+        f"(stopped by {escape(stats.stopped_by)}; mode {args.mode}, batch 1, "
+        f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')})[/]"
     )
     args.result.update(text=shown, tokens=generated, stats=vars(stats))
     return 0

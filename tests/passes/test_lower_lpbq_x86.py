@@ -1,6 +1,6 @@
-"""LowerLPBQ with the cpu target's kernel provider (the x86 family on this host): 2-D dense layers and ungrouped
-convolutions (through im2col), channels first or, after ChannelsLast, NHWC, take the scheduled kernels and compute
-the same results as the generic ones."""
+"""LowerLPBQ with the cpu target's kernel provider (the x86 family on this host): dense layers (a 3-D matmul's
+leading axes as rows) and ungrouped convolutions (through im2col), channels first or, after ChannelsLast, NHWC,
+take the scheduled kernels and compute the same results as the generic ones."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from lpbq_tvm.targets import get_target
 
 CPU_KERNELS = get_target("cpu").kernel_provider()
 
-DENSE_2D = [case for case in LAYER_CASES if case.op_type != "Conv" and len(case.x_shape) == 2]
+DENSE = [case for case in LAYER_CASES if case.op_type != "Conv"]
 CONVS = [
     LayerCase("conv1x1_bias_batch2", "Conv", (2, 64, 5, 7), (48, 64, 1, 1), bias=True),
     LayerCase("conv1x1", "Conv", (1, 32, 6, 6), (40, 32, 1, 1)),
@@ -57,7 +57,7 @@ def _channels_last(mod):
 @pytest.mark.parametrize("mode", ["w4a8", "w4a16"])
 @pytest.mark.parametrize(
     ("case", "layout"),
-    [(case, "NCHW") for case in DENSE_2D + CONVS] + [(case, "NHWC") for case in CONVS_2D],
+    [(case, "NCHW") for case in DENSE + CONVS] + [(case, "NHWC") for case in CONVS_2D],
     ids=lambda v: getattr(v, "name", v),
 )
 def test_integer_scheduled_kernel_equals_the_generic_one_bit_for_bit(case, layout, mode):
@@ -75,7 +75,7 @@ def test_integer_scheduled_kernel_equals_the_generic_one_bit_for_bit(case, layou
 
 @pytest.mark.parametrize(
     ("case", "layout"),
-    [(case, "NCHW") for case in DENSE_2D + CONVS] + [(case, "NHWC") for case in CONVS_2D],
+    [(case, "NCHW") for case in DENSE + CONVS] + [(case, "NHWC") for case in CONVS_2D],
     ids=lambda v: getattr(v, "name", v),
 )
 def test_weight_only_scheduled_kernel_within_the_float_bound(case, layout):
@@ -94,13 +94,11 @@ def test_weight_only_scheduled_kernel_within_the_float_bound(case, layout):
 
 
 def test_other_layers_and_targets_keep_the_generic_kernels():
-    """3-D activations, grouped convs and requantized outputs (htp-sim) are not scheduled here, nor are other
-    targets' layers: the aarch64 provider answers with its own family."""
-    matmul_3d = next(case for case in LAYER_CASES if len(case.x_shape) == 3)
-    assert kernels_called(LowerLPBQ("w4a8", kernels=CPU_KERNELS)(_encoded(matmul_3d))) == ["lpbq_dense"]
+    """Grouped convs and requantized outputs (htp-sim) are not scheduled here, nor are other targets' layers:
+    the aarch64 provider answers with its own family."""
     grouped = next(case for case in LAYER_CASES if "group" in case.attrs)
     assert kernels_called(LowerLPBQ("w4a8", kernels=CPU_KERNELS)(_encoded(grouped))) == ["lpbq_conv"]
-    encoded = _encoded(next(case for case in DENSE_2D if not case.bias))
+    encoded = _encoded(next(case for case in DENSE if not case.bias))
     requantized = attach_activation_ranges(encoded, {"w": {"input": (-1.5, 2.0), "output": (-4.0, 4.0)}})
     assert kernels_called(LowerLPBQ("w4a16", True, CPU_KERNELS)(requantized)) == ["lpbq_dense"]
     aarch64 = get_target("aarch64").kernel_provider()
