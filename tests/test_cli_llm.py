@@ -83,6 +83,8 @@ def test_bad_input_is_one_line_and_exit_code_2(files, capsys, tmp_path):
     )
     assert main([*base, "--tokenizer", str(files / "tokenizer.json"), "--mode", "w4a8"]) == 2
     assert "--mode w4a8 quantizes activations: give text to calibrate on with --calib-text" in capsys.readouterr().err
+    assert main([*base, "--tokenizer", str(files / "tokenizer.json"), "--encoder", "mse-act"]) == 2
+    assert "--encoder mse-act: give text to calibrate on with --calib-text" in capsys.readouterr().err
     import onnx
 
     onnx.save(build_example_model(), tmp_path / "example.onnx")

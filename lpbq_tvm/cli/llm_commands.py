@@ -38,9 +38,10 @@ def _decoder(args: argparse.Namespace, console: Console, tokenizer) -> Decoder:
         msg = f"the tokenizer has {tokenizer.get_vocab_size()} tokens; the model's logits cover {vocab}"
         raise ValueError(msg)
     batches = None
-    if is_integer(args.mode):
+    if is_integer(args.mode) or args.encoder == "mse-act":
         if not args.calib_text:
-            raise ValueError(f"--mode {args.mode} quantizes activations: give text to calibrate on with --calib-text")
+            why = f"--mode {args.mode} quantizes activations" if is_integer(args.mode) else "--encoder mse-act"
+            raise ValueError(f"{why}: give text to calibrate on with --calib-text")
         ids = tokenizer.encode(Path(args.calib_text).read_text()).ids
         windows = [ids[i : i + args.prefill] for i in range(0, len(ids) - args.prefill + 1, args.prefill)]
         if not windows:
@@ -48,7 +49,7 @@ def _decoder(args: argparse.Namespace, console: Console, tokenizer) -> Decoder:
         batches = [interface.token_inputs(window) for window in windows[:CALIBRATION_WINDOWS]]
     if args.mode != FLOAT_MODE:
         set_grouped_blockwise_quantization_for_weights(
-            sim, op_types=args.op_types, block_size=args.block_size, excluded_nodes=args.exclude
+            sim, op_types=args.op_types, block_size=args.block_size, excluded_nodes=args.exclude, encoder=args.encoder
         )
         with console.status("encoding" + (f" and calibrating on {len(batches)} windows" if batches else "")):
             sim.compute_encodings((lambda s, data: [s.run(b) for b in data]) if batches else None, batches)

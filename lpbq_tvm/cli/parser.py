@@ -257,6 +257,9 @@ def _decoder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="weight-only", choices=["fp32", *LPBQ_MODES], help="(default %(default)s)")
     parser.add_argument("--calib-text", metavar="FILE", help="text to calibrate activations on (w4a8 / w4a16)")
     parser.add_argument("--block-size", type=int, default=64, help="input channels per block (default %(default)s)")
+    parser.add_argument(
+        "--encoder", default="aimet", choices=list(ENCODERS), help="how scales are chosen (default %(default)s)"
+    )
     parser.add_argument("--op-types", nargs="+", default=["MatMul"], metavar="OP", help="(default: MatMul)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in fp32")
 
