@@ -11,10 +11,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from benchmarks.models.llama_onnx import LlamaConfig, build_decoder, random_weights
+from benchmarks.models.llama_onnx import LlamaConfig, build_decoder, presents_as_past, random_weights
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.examples import build_example_model
 from lpbq_tvm.llm import DecoderInterface, Sampling, compile_decoder
+from tests.benchmarks.models.llama_reference import Decoder as OnnxDecoder
 from tests.benchmarks.models.llama_reference import float32_bound, reference_logits
 
 CONFIG = LlamaConfig.tiny()
@@ -86,6 +87,17 @@ def test_greedy_generation_follows_the_numpy_llama(decoders, sim):
     for index, token in enumerate(generated):
         row = expected[len(PROMPT) - 1 + index]
         assert row.max() - row[token] <= 2 * bound, (index, token, int(row.argmax()))
+
+
+def test_greedy_generation_equals_onnxruntime_s_for_20_steps(sim, model_path):
+    """onnxruntime's own KV-cache loop on the exported graph, greedy: the same 20 tokens."""
+    session, tokens, past, expected = OnnxDecoder(model_path, CONFIG), PROMPT, None, []
+    for _ in range(20):
+        outputs = session.run([tokens], past=past, positions=None)
+        tokens, past = [int(outputs["logits"][0, -1].argmax())], presents_as_past(outputs)
+        expected.append(tokens[0])
+    decoder = compile_decoder(sim, "fp32", context=32, prefill=PREFILL)  # 9 + 20 tokens
+    assert decoder.generate(PROMPT, max_new_tokens=20) == expected
 
 
 def test_stop_tokens_end_generation_and_a_full_context_stops_it(decoders):
