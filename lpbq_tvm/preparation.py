@@ -13,9 +13,10 @@ checks the model first, :mod:`lpbq_tvm.frontend` imports the result):
    importer can read; whatever feeds a layer's weight or bias folds whatever its size;
 4. ``DequantizeLinear`` of constants (a quantized export, e.g. INT4 weights) is folded into float
    constants; every ``Constant`` node and every initializer that is not the float weight of a
-   Gemm / MatMul / Conv becomes a ``Constant`` with a tensor value; the weights stay initializers, so
-   ``from_onnx(keep_params_in_input=True)`` lifts exactly them to parameters (lifting int64 shape
-   tensors as parameters breaks compilation); nodes onnxscript's rewrites leave invalid for the
+   Gemm / MatMul / Conv or a float tensor of 1 MiB or more (an embedding table) becomes a ``Constant``
+   with a tensor value; those stay initializers, so ``from_onnx(keep_params_in_input=True)`` lifts
+   exactly them to parameters (lifting int64 shape tensors as parameters breaks compilation; inlining
+   a large table compiles it into the library); nodes onnxscript's rewrites leave invalid for the
    model's opset are repaired;
 5. float constants holding mask sentinels (magnitude >= 1e30 or infinite, e.g. the -3.4e38 of an
    attention mask) are clamped to +-1e4: ``exp(-1e4)`` is still 0 in a softmax, while the HTP's
@@ -60,6 +61,10 @@ logger = logging.getLogger(__name__)
 
 
 DEFAULT_BATCH = 1
+# A float constant this large stays a parameter: inlined, it would be compiled into the library, once per
+# graph that reads it (a decoder's prefill and decode graphs).
+LARGE_CONSTANT_BYTES = 1 << 20
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2}
 
 
 @dataclass(frozen=True, eq=False)
@@ -284,7 +289,8 @@ def _fold_constant_dequantize(graph: onnx.GraphProto, tensors: dict[str, onnx.Te
 
 
 def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
-    """Float Gemm/MatMul/Conv weights become initializers; every other constant a Constant node.
+    """Float Gemm/MatMul/Conv weights and other float tensors of ``LARGE_CONSTANT_BYTES`` or more (a
+    decoder's embedding table, rotary tables) become initializers; every other constant a Constant node.
 
     Returns what changed."""
     graph = model.graph
@@ -302,6 +308,8 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
         for name in tensors
         if name in consumers and tensors[name].data_type == onnx.TensorProto.FLOAT and len(tensors[name].dims) >= 2
     ]
+    large = [name for name, tensor in tensors.items() if name not in weights and _is_large_float(tensor)]
+    weights += large
     # A subgraph reads the outer scope by name: what its nodes read is used too.
     used = {name for node in [*nodes, *nested_nodes(graph)] for name in node.input} | {o.name for o in graph.output}
     constants = [
@@ -320,7 +328,11 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
             graph.initializer.add().CopyFrom(tensors[name])
     del graph.node[:]
     graph.node.extend(constants + nodes)
-    changes = [f"{len(weights)} Gemm/MatMul/Conv weights kept as parameters, {len(constants)} other constants inlined"]
+    layer_weights = len(weights) - len(large)
+    changes = [f"{layer_weights} Gemm/MatMul/Conv weights kept as parameters, {len(constants)} other constants inlined"]
+    if large:
+        listed = ", ".join(large[:3]) + (", ..." if len(large) > 3 else "")
+        changes.append(f"{len(large)} other float tensors of 1 MiB or more kept as parameters: {listed}")
     nested = [n.name or n.output[0] for n in nested_nodes(graph) if n.op_type in ("Gemm", "MatMul", "Conv")]
     if nested:
         listed = ", ".join(nested[:5]) + (", ..." if len(nested) > 5 else "")
@@ -328,6 +340,13 @@ def _weights_as_only_initializers(model: onnx.ModelProto) -> list[str]:
     if folded:
         changes.insert(0, f"{folded} DequantizeLinear nodes of constants folded into float weights")
     return changes
+
+
+def _is_large_float(tensor: onnx.TensorProto) -> bool:
+    """A float tensor of ``LARGE_CONSTANT_BYTES`` or more: data (a table), never a shape or an index."""
+    if tensor.data_type not in _FLOAT_TYPES:
+        return False
+    return int(np.prod(tensor.dims)) * _FLOAT_TYPES[tensor.data_type] >= LARGE_CONSTANT_BYTES
 
 
 def _repair_folded_nodes(model: onnx.ModelProto) -> None:

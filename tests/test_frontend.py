@@ -247,6 +247,29 @@ def test_preparation_reports_what_it_changed():
     assert "1 Gemm/MatMul/Conv weights kept as parameters, 0 other constants inlined" in changes
 
 
+def test_a_table_of_1_mib_or_more_stays_a_parameter_and_a_smaller_one_is_inlined():
+    """An embedding table read by Gather is data: kept as a parameter it is not compiled into the library."""
+    rng = np.random.default_rng(0)
+    tables = {"big": rng.standard_normal((1024, 256)), "small": rng.standard_normal((16, 8))}  # 1 MiB, 512 B
+    nodes = [
+        helper.make_node("Gather", ["big", "ids"], ["e"], name="embed"),
+        helper.make_node("Gather", ["small", "ids"], ["f"], name="side"),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+        [
+            helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 3, 256]),
+            helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, 3, 8]),
+        ],
+        [numpy_helper.from_array(t.astype(np.float32), name) for name, t in tables.items()],
+    )
+    imported = import_onnx(model)
+    assert [p.name for p in imported.mod["main"].params] == ["ids", "big"]
+    assert "1 other float tensors of 1 MiB or more kept as parameters: big" in imported.preparation
+    assert "0 Gemm/MatMul/Conv weights kept as parameters, 1 other constants inlined" in imported.preparation
+
+
 @pytest.mark.slow
 def test_model_over_2gb_with_external_data_imports(tmp_path):
     """Protobuf cannot serialize 2 GB: the checker reads the path, the data comes from the side file,
