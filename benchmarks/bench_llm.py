@@ -22,9 +22,9 @@ of 32 tokens from a later part of the text. Two decoders per mode (``compile_dec
 for prefill 16 and decode at 16, context 512 / prefill 256 for prefill 256 and decode at 512. A single
 512 / 256 decoder would pad a 16-token prompt to 256 positions, and its decode step attends over all 512
 slots whatever the context so far (lpbq_tvm.llm), so it would measure the 256 / 512 cost twice. The four graphs
-of a mode share one copy of the weight parameters (the embedding table is not one: each graph's library holds it
-as a constant). They are compiled once, in their own process, and loaded by the workers; ``--decoders DIR``
-keeps them there and reuses them while lpbq_tvm's sources and the model are unchanged.
+of a mode share one copy of the weight parameters (the embedding table among them). They are compiled once, in
+their own process, and loaded by the workers; ``--decoders DIR`` keeps them there and reuses them while
+lpbq_tvm's sources and the model are unchanged.
 
 onnxruntime: ``MatMulNBitsQuantizer`` (symmetric, block 64, every MatMul with a constant weight: the LM head
 too) writes ``acc0.onnx`` and ``acc4.onnx`` once into the model cache; accuracy_level is a node attribute
