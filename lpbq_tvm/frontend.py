@@ -6,7 +6,8 @@ the only initializers; its docstring lists the steps), then ``tvm.relax.frontend
 imports it. An importer failure names the op it failed on. ONNX node names do not survive the
 import; the ``"lpbq.onnx_nodes"`` attribute of ``main`` (:mod:`lpbq_tvm.attrs`) maps each weight
 parameter to its node and op type, weight parameters keep their ONNX names, and each output keeps
-the dtype the model declares (TVM's importer changes some).
+the dtype the model declares (TVM's importer changes some). Gathers by run-time indices clamp them
+(:class:`~lpbq_tvm.passes.bounded_gather.BoundedGather`) rather than read out of bounds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lpbq_tvm.onnx_model import (
     random_inputs,
     tensor_info,
 )
+from lpbq_tvm.passes.bounded_gather import BoundedGather
 from lpbq_tvm.preparation import MASK_VALUE, Preparation, prepare_onnx
 
 __all__ = [
@@ -101,7 +103,8 @@ def import_onnx(
     main, cast = _with_declared_output_dtypes(main, outputs)
     mod.update_func(mod.get_global_var("main"), main.with_attr(ONNX_NODES_ATTR, onnx_nodes))
     changes = (*preparation.changes, *cast)
-    return ImportedModel(prepared, relax.transform.Normalize()(mod), inputs, outputs, layers, changes)
+    mod = relax.transform.Normalize()(BoundedGather()(mod))
+    return ImportedModel(prepared, mod, inputs, outputs, layers, changes)
 
 
 def _with_declared_output_dtypes(func, outputs: Sequence[TensorInfo]):
