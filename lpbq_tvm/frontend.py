@@ -34,7 +34,6 @@ from lpbq_tvm.onnx_model import (
     random_inputs,
     tensor_info,
 )
-from lpbq_tvm.passes.bounded_gather import BoundedGather
 from lpbq_tvm.preparation import MASK_VALUE, Preparation, prepare_onnx
 
 __all__ = [
@@ -72,6 +71,8 @@ def import_onnx(
     """Prepare ``model`` and import it into Relax; see the module docstring."""
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
+
+    from lpbq_tvm.passes.bounded_gather import BoundedGather
 
     preparation = prepare_onnx(model, input_shapes)
     prepared = preparation.model
