@@ -1,17 +1,18 @@
 """The Relax pipeline every CPU target compiles with: TVM's CPU pipeline plus the project's rewrites and rules.
 
-Before legalization (each a pass of :mod:`lpbq_tvm.passes`): a matmul of a one-hot encoding
-becomes a row lookup (``OneHotMatMul``, exact); float16 functions and sums that lose precision in
-float16 arithmetic are computed in float32 (``WidenFloat16Math``); ``tanh`` / ``erf`` / ``exp`` / ``softmax`` take
-TVM's vectorisable polynomial forms (``FastMathTransform``: within 4 ulp of 1.0 for tanh and erf,
-2 ulp relative for exp, a contract the tests check; LLVM would otherwise call libm once per
-element); a batch norm with constant statistics becomes one scale and one shift
-(``AffineBatchNorm``), any other is decomposed (``DecomposeOpsForInference``), and
+Before legalization (each a pass of :mod:`lpbq_tvm.passes`): a matmul of a one-hot encoding becomes
+a row lookup (``OneHotMatMul``, exact); grouped-query attention multiplies by the shared KV heads
+instead of repeated copies (``GroupedAttention``, the same products); float16 functions and sums
+that lose precision in float16 arithmetic are computed in float32 (``WidenFloat16Math``); ``tanh`` /
+``erf`` / ``exp`` / ``softmax`` take TVM's vectorisable polynomial forms (``FastMathTransform``:
+within 4 ulp of 1.0 for tanh and erf, 2 ulp relative for exp, a contract the tests check; LLVM would
+otherwise call libm once per element); a batch norm with constant statistics becomes one scale and
+one shift (``AffineBatchNorm``), any other is decomposed (``DecomposeOpsForInference``), and
 ``CanonicalizeBindings`` drops the tuple either leaves, which would stop ``FuseOps`` from fusing a
-conv, its batch norm and its activation; constants are folded and a division by a constant becomes
-a multiplication by its reciprocal (``ReciprocalDivision``, within 3 · 2^-24 relative); a reshape
-is sunk below the elementwise ops after it (``SinkReshape``), so a dense kernel's epilogue follows
-it directly.
+conv, its batch norm and its activation; constants are folded and a division by a constant becomes a
+multiplication by its reciprocal (``ReciprocalDivision``, within 3 · 2^-24 relative); a reshape is
+sunk below the elementwise ops after it (``SinkReshape``), so a dense kernel's epilogue follows it
+directly.
 
 After ``FuseOps``, the ops fused behind a scheduled kernel get its int32 indices
 (``NarrowFusedEpilogues``) so ``FuseTIR`` can merge them; then, with a MetaSchedule database, its
@@ -27,6 +28,7 @@ from tvm.s_tir import dlight
 
 from lpbq_tvm.kernels.schedule_rules import Elementwise, Fallible, KernelEpilogue, RegisterFile, RegisterTiled
 from lpbq_tvm.passes.affine_batch_norm import AffineBatchNorm
+from lpbq_tvm.passes.grouped_attention import GroupedAttention
 from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
 from lpbq_tvm.passes.one_hot_matmul import OneHotMatMul
 from lpbq_tvm.passes.reciprocal_division import ReciprocalDivision
@@ -47,6 +49,7 @@ def cpu_pipeline(target: tvm.target.Target, registers: RegisterFile, database=No
             passes = [
                 *pipeline.library_dispatch_passes(target),
                 OneHotMatMul(),
+                GroupedAttention(),
                 WidenFloat16Math(),
                 relax.transform.FastMathTransform(),
                 AffineBatchNorm(),
