@@ -16,8 +16,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from lpbq_tvm.kernels.aarch64.intrinsics import SDOT_TILE_INTRIN
-from lpbq_tvm.kernels.tiled.decode import byte
-from lpbq_tvm.kernels.tiled.integer import Problem, int8_tile
+from lpbq_tvm.kernels.tiled.integer import Problem, folded_dot
 from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
 
 __all__ = ["CODE_OFFSET", "accumulate", "schedule"]
@@ -27,15 +26,7 @@ TILE_LANES = 16  # lanes of a register tile: 4 sdot accumulators per row (fewer 
 
 
 def accumulate(p: Problem) -> te.Tensor:
-    xq, wd = p.xq, int8_tile(p)
-    g, h, jj = te.reduce_axis((0, p.K // 8), "g"), te.reduce_axis((0, 2), "h"), te.reduce_axis((0, 4), "jj")
-    return te.compute(
-        (p.rows, p.tiles, p.lanes),
-        lambda m, t, lane: te.sum(
-            (xq[m, 8 * g + 4 * h + jj].astype("int32") - 128) * byte(wd[t, g, h, lane], jj), axis=[g, h, jj]
-        ),
-        name="Acc",
-    )
+    return folded_dot(p, CODE_OFFSET)
 
 
 def schedule(sch: Schedule, p: Problem) -> None:

@@ -29,7 +29,7 @@ import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.kernels.tiled.decode import k_value, nibbles
+from lpbq_tvm.kernels.tiled.decode import byte, k_value, nibbles
 from lpbq_tvm.kernels.tiled.repack import LANES, check_shape
 from lpbq_tvm.kernels.tiled.schedule import finish, schedule_codes, tile_lanes
 
@@ -41,6 +41,7 @@ __all__ = [
     "build_byte_planes",
     "check_integer",
     "code",
+    "folded_dot",
     "int8_tile",
     "integer_inputs",
     "integer_output",
@@ -99,16 +100,28 @@ def int8_tile(p: Problem, by_lane: bool = False) -> te.Tensor:
         word = (nibbles(p.qw[t, g, lane], hh) * kv + offset) ^ tirx.const(0x80808080, "uint32")
         return word.astype("int32")
 
-    if by_lane:
-        return te.compute(
-            (p.tiles, p.K // 8, p.lanes, 2),
-            lambda t, g, lane, hh: tirx.Select(hh == 0, decode(t, g, 0, lane), decode(t, g, 1, lane)),
-            name="Wd",
-        )
+    def value(t, g, a, b):
+        hh, lane = (b, a) if by_lane else (a, b)
+        return tirx.Select(hh == 0, decode(t, g, 0, lane), decode(t, g, 1, lane))
+
+    last_two = (p.lanes, 2) if by_lane else (2, p.lanes)
+    return te.compute((p.tiles, p.K // 8, *last_two), value, name="Wd")
+
+
+def folded_dot(p: Problem, code_offset: int) -> te.Tensor:
+    """The fold-k schemes' ``Acc [rows, NT, lanes]``: ``Σ (xq − code_offset) · q·k`` over the decoded tile
+    :func:`int8_tile`, reduced over (g, h, j) as the dot instructions take it."""
+    xq, wd = p.xq, int8_tile(p)
+    g, h, jj = te.reduce_axis((0, p.K // 8), "g"), te.reduce_axis((0, 2), "h"), te.reduce_axis((0, 4), "jj")
+
+    def code(m):  # no subtraction of 0: the tensor intrinsics' descriptions must match the body as written
+        value = xq[m, 8 * g + 4 * h + jj].astype("int32")
+        return value - code_offset if code_offset else value
+
     return te.compute(
-        (p.tiles, p.K // 8, 2, p.lanes),
-        lambda t, g, hh, lane: tirx.Select(hh == 0, decode(t, g, 0, lane), decode(t, g, 1, lane)),
-        name="Wd",
+        (p.rows, p.tiles, p.lanes),
+        lambda m, t, lane: te.sum(code(m) * byte(wd[t, g, h, lane], jj), axis=[g, h, jj]),
+        name="Acc",
     )
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 from tvm import te
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.kernels.tiled.decode import byte
-from lpbq_tvm.kernels.tiled.integer import Problem, int8_tile
+from lpbq_tvm.kernels.tiled.integer import Problem, folded_dot
 from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
 from lpbq_tvm.kernels.x86.intrinsics import VNNI_INTRIN
 
@@ -20,15 +19,7 @@ __all__ = ["accumulate", "schedule"]
 
 
 def accumulate(p: Problem) -> te.Tensor:
-    xq, wd = p.xq, int8_tile(p)
-    g, h, jj = te.reduce_axis((0, p.K // 8), "g"), te.reduce_axis((0, 2), "h"), te.reduce_axis((0, 4), "jj")
-    return te.compute(
-        (p.rows, p.tiles, p.lanes),
-        lambda m, t, lane: te.sum(
-            xq[m, 8 * g + 4 * h + jj].astype("int32") * byte(wd[t, g, h, lane], jj), axis=[g, h, jj]
-        ),
-        name="Acc",
-    )
+    return folded_dot(p, 0)
 
 
 def schedule(sch: Schedule, p: Problem) -> None:
