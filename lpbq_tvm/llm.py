@@ -44,7 +44,15 @@ from lpbq_tvm.compiler import compile as compile_model
 from lpbq_tvm.onnx_model import value_info_shape
 from lpbq_tvm.passes.kv_cache_in_place import SLOT_INPUT, KVCacheInPlace
 
-__all__ = ["Decoder", "DecoderInterface", "GenerationStats", "Sampling", "compile_decoder", "decoder_sim"]
+__all__ = [
+    "Decoder",
+    "DecoderInterface",
+    "GenerationStats",
+    "Sampling",
+    "compile_decoder",
+    "decoder_sim",
+    "sequence_nll",
+]
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 
@@ -100,7 +108,6 @@ class DecoderInterface:
         if self.has_position_ids:
             shapes["position_ids"] = [1, positions]
         return shapes | {name: [1, self.kv_heads, past, self.head_dim] for name in self.past}
-
 
     def token_inputs(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
         """Inputs of a graph of ``len(tokens)`` positions after an empty past: a calibration batch."""
@@ -287,10 +294,7 @@ class Decoder:
             chunk = list(tokens[start : start + window])
             if len(chunk) < 2:
                 break
-            logits = self.prefill(chunk)[:-1].astype(np.float64)
-            peak = logits.max(axis=1, keepdims=True)
-            log_z = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
-            nll += float((log_z - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
+            nll += sequence_nll(self.prefill(chunk), chunk)
             count += len(chunk) - 1
         if count == 0:
             raise ValueError(f"perplexity needs at least 2 tokens, got {len(tokens)}")
@@ -321,6 +325,15 @@ class Decoder:
             raise ValueError(f"token ids {bad[:5]} outside the model's vocabulary of {self.vocab}")
 
 
+def sequence_nll(logits: np.ndarray, tokens: Sequence[int]) -> float:
+    """Summed negative log-likelihood (nats) of ``tokens[1:]``, each under the logits ``[len(tokens), vocab]``
+    of the position before it (a log-softmax in float64)."""
+    before = np.asarray(logits, np.float64)[:-1]
+    peak = before.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(before - peak).sum(axis=1)) + peak[:, 0]
+    return float((log_z - before[np.arange(len(before)), np.asarray(tokens)[1:]]).sum())
+
+
 def compile_decoder(sim, mode: str = "weight-only", *, target: str = "cpu", context: int = 256, prefill: int = 32):
     """Compile ``sim``'s decoder for ``target`` in ``mode`` (as :func:`lpbq_tvm.compile`): a prefill graph of
     ``prefill`` positions and a decode step over a KV cache of ``context`` slots, sharing their weights."""
@@ -347,4 +360,3 @@ def _share_weights(first: CompiledModel, second: CompiledModel) -> None:
         if theirs.shape != mine[name].shape or not np.array_equal(theirs.numpy(), mine[name].numpy()):
             raise RuntimeError(f"the prefill and decode graphs lower weight {name} differently")
         second.params[index] = mine[name]
-

@@ -1,5 +1,5 @@
 """Perplexity of a decoder export (benchmarks/models/llama_onnx.py's interface) in onnxruntime fp32, over
-non-overlapping windows of a text; a stopgap until ``lpbq_tvm.llm`` owns perplexity.
+non-overlapping windows of a text (the reference ``lpbq-tvm perplexity`` is compared with).
 
 The default text is Newton's *Opticks* (public domain, Project Gutenberg), which the ``apache-tvm-ffi`` wheel ships
 as libbacktrace test data, from its first chapter ("My Design in this Book ...") on.
@@ -19,6 +19,7 @@ from rich.console import Console
 
 from benchmarks.models.llama_onnx import LlamaConfig, empty_past
 from benchmarks.models.smollm2 import SmolLM2Export, build
+from lpbq_tvm.llm import sequence_nll
 
 OPTICKS = Path(str(importlib.resources.files("tvm_ffi") / "3rdparty" / "libbacktrace" / "Isaac.Newton-Opticks.txt"))
 OPTICKS_START = "My Design in this Book"
@@ -38,10 +39,7 @@ def window_nll(session: ort.InferenceSession, config: LlamaConfig, tokens: np.nd
         "position_ids": np.arange(len(tokens), dtype=np.int64)[None],
     }
     (logits,) = session.run(["logits"], feeds | empty_past(config, 1))
-    logits = logits[0, :-1].astype(np.float64)
-    peak = logits.max(axis=-1)
-    log_norm = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1))
-    return float((log_norm - logits[np.arange(len(logits)), tokens[1:]]).sum())
+    return sequence_nll(logits[0], tokens)
 
 
 def perplexity(model: Path, config: LlamaConfig, tokens: np.ndarray, window: int) -> float:
