@@ -70,6 +70,8 @@ class _Evaluator:
     def __init__(self, sim, batches: Batches) -> None:
         import onnxruntime as ort
 
+        from lpbq_tvm.onnx_model import session_with_weights
+
         if not batches:
             raise ValueError("sensitivity analysis needs at least one calibration batch")
         encodings = sim.encodings
@@ -88,22 +90,14 @@ class _Evaluator:
         # Layers the user already set to int8 (``fixed``) are quantized in every mix, fp32 in the reference.
         self.fp32 = {name: sim.layers[name].weight for name in [*self.layers, *self.fixed]}
         self.outputs = [info.name for info in sim.outputs]
-        self.layer_outputs = {name: _output_of(sim.model, name) for name in self.layers}
+        self.layer_outputs = {name: _output_of(sim.graph, name) for name in self.layers}
         model = onnx.ModelProto()
-        model.CopyFrom(sim.model)
-        fed = set(self.layers) | set(self.fixed)
-        kept = [init for init in model.graph.initializer if init.name not in fed]
-        model.graph.input.extend(
-            onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
-            for init in model.graph.initializer
-            if init.name in fed
-        )
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
+        model.CopyFrom(sim.graph)  # the layers' weights are inputs fed per run, the others initializers
         model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in self.layer_outputs.values())
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        constants = {name: value for name, value in sim.weights.items() if name not in self.fp32}
+        self.session = session_with_weights(model, constants, options)
         self.batches = list(batches)
         self.reference = self.run({})
         self.total_weights = sum(layer.weight.size for layer in sim.layers.values())

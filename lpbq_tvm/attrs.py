@@ -32,6 +32,7 @@ __all__ = [
     "IMPORTANCE_ATTR",
     "LOWERED_ATTR",
     "ONNX_NODES_ATTR",
+    "NUM_INPUT_ATTR",
     "PARAMS_ATTR",
     "SKIPPED_ATTR",
     "WEIGHTS_ATTR",
@@ -47,6 +48,7 @@ ENCODINGS_ATTR = "lpbq.encodings"
 ACTIVATION_RANGES_ATTR = "lpbq.activation_ranges"
 LOWERED_ATTR = "lpbq.lowered"
 PARAMS_ATTR = "params"
+NUM_INPUT_ATTR = "num_input"
 
 
 def function_attr(func, name: str) -> dict[str, Any]:
@@ -58,6 +60,6 @@ def function_attr(func, name: str) -> dict[str, Any]:
 
 def num_inputs(func) -> int:
     """How many leading parameters of ``func`` are model inputs: its ``num_input`` attribute, else all."""
-    if func.attrs is not None and "num_input" in func.attrs:
-        return int(func.attrs["num_input"])
+    if func.attrs is not None and NUM_INPUT_ATTR in func.attrs:
+        return int(func.attrs[NUM_INPUT_ATTR])
     return len(func.params)

@@ -176,7 +176,7 @@ def _validate_ort(exported: onnx.ModelProto, sim, options: ExportOptions) -> dic
     encodings = sim.encodings
     lpbq_matmuls = sum(
         1
-        for node in sim.model.graph.node
+        for node in sim.graph.graph.node
         if node.op_type in ("MatMul", "Gemm")
         and len(node.input) > 1
         and node.input[1] in encodings
@@ -217,7 +217,7 @@ def _build_qnn(sim, options: ExportOptions) -> onnx.ModelProto:
 
 def _output_encodings(sim, bitwidth: int) -> dict[str, object]:
     """Model outputs that are an LPBQ layer's output, with their encodings."""
-    producers = {node.output[0]: node.input[1] for node in sim.model.graph.node if len(node.input) > 1}
+    producers = {node.output[0]: node.input[1] for node in sim.graph.graph.node if len(node.input) > 1}
     layers = sim.layer_activation_encodings(bitwidth)
     return {
         info.name: layers[producers[info.name]]["output"] for info in sim.outputs if producers.get(info.name) in layers

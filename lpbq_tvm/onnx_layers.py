@@ -12,6 +12,7 @@ indices, masks).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +45,10 @@ class WeightLayer:
         return self.weight.shape[self.block_axis]
 
 
-def constant_tensors(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and ``Constant`` node outputs of ``graph`` by tensor name."""
-    tensors = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+def constant_tensors(graph: onnx.GraphProto, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Initializers and ``Constant`` node outputs of ``graph`` by tensor name, and ``weights``: the values
+    of tensors the graph takes as inputs (a :func:`~lpbq_tvm.onnx_model.skeleton`'s weights)."""
+    tensors = {init.name: numpy_helper.to_array(init) for init in graph.initializer} | dict(weights or {})
     for node in graph.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             tensors[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
@@ -57,13 +59,14 @@ def _node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
-def find_weight_layers(model: onnx.ModelProto) -> list[WeightLayer]:
-    """Every Gemm / MatMul / Conv of the main graph whose weight is a float constant, in graph order.
+def find_weight_layers(model: onnx.ModelProto, weights: Mapping[str, np.ndarray] | None = None) -> list[WeightLayer]:
+    """Every Gemm / MatMul / Conv of the main graph whose weight is a float constant (``weights`` gives the
+    values of constants held outside the graph, see :func:`constant_tensors`), in graph order.
 
     The weight is input 1 (Gemm B, MatMul B, Conv W). Nodes without a name are named
     ``<OpType>_<index>``. A MatMul whose constant operand is the first input is not a candidate.
     """
-    constants = constant_tensors(model.graph)
+    constants = constant_tensors(model.graph, weights)
     layers = []
     for index, node in enumerate(model.graph.node):
         if node.op_type not in LPBQ_OP_TYPES or len(node.input) < 2:
@@ -88,15 +91,16 @@ def find_weight_layers(model: onnx.ModelProto) -> list[WeightLayer]:
     return layers
 
 
-def activation_tensors(model: onnx.ModelProto) -> list[str]:
-    """The activation tensors of the main graph (see the module docstring), inputs first, then in graph order.
+def activation_tensors(model: onnx.ModelProto, weights: Collection[str] = ()) -> list[str]:
+    """The activation tensors of the main graph (see the module docstring), inputs first, then in graph order;
+    ``weights`` names graph inputs that are weights (a :func:`~lpbq_tvm.onnx_model.skeleton`'s).
 
     Element types come from ONNX shape inference; a tensor it cannot type is an error."""
     graph = model.graph
     inferred = shape_inference.infer_shapes(model).graph
     types = {info.name: info.type.tensor_type.elem_type for info in [*inferred.input, *inferred.value_info]}
     types |= {info.name: info.type.tensor_type.elem_type for info in inferred.output}
-    initializers = {init.name for init in graph.initializer}
+    initializers = {init.name for init in graph.initializer} | set(weights)
     read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
     names = [info.name for info in graph.input if info.name not in initializers]
     for index, node in enumerate(graph.node):

@@ -13,7 +13,7 @@ seeded values for inputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -32,6 +32,7 @@ __all__ = [
     "load_onnx",
     "nested_nodes",
     "random_inputs",
+    "session_with_weights",
     "skeleton",
     "subgraphs",
     "tensor_info",
@@ -151,20 +152,54 @@ def _undefined_input(graph: onnx.GraphProto, outer: set[str]) -> str | None:
 SKELETON_TENSOR_ELEMENTS = 1024
 
 
-def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers over :data:`SKELETON_TENSOR_ELEMENTS` are graph inputs of
-    their type and shape instead. ONNX shape inference and the checker read the data of small
-    shape-like tensors only, and the copy stays below
-    protobuf's 2 GB limit (they serialize what they are given) however large the weights."""
+def skeleton(model: onnx.ModelProto, inline_elements: int = SKELETON_TENSOR_ELEMENTS) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers over ``inline_elements`` are graph inputs of their type
+    and shape instead, after the model's own inputs. ONNX shape inference and the checker read the
+    data of small shape-like tensors only, and the copy stays below protobuf's 2 GB limit (they
+    serialize what they are given) however large the weights; onnxruntime runs it with the weights
+    fed as inputs, and the frontend imports it with ``inline_elements=-1`` (every weight an input)."""
     skeleton = _copy_except(model, "graph")
     skeleton.graph.CopyFrom(_copy_except(model.graph, "initializer"))
     inputs = {vi.name for vi in model.graph.input}
     for tensor in model.graph.initializer:
-        if math.prod(tensor.dims) <= SKELETON_TENSOR_ELEMENTS:
+        if math.prod(tensor.dims) <= inline_elements:
             skeleton.graph.initializer.append(tensor)
         elif tensor.name not in inputs:  # (IR < 4 lists initializers as inputs already)
             skeleton.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     return skeleton
+
+
+def session_with_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], options=None):
+    """An onnxruntime CPU session of ``model`` (a :func:`skeleton`) whose graph inputs named in ``weights``
+    are initializers holding those arrays: onnxruntime's external initializers (no serialized model,
+    so no 2 GB limit; onnxruntime keeps its own copy of each, as for any initializer), constants as in
+    the model with these initializers, so the session computes exactly what that model does.
+    ``options`` (one session's: they take the initializers) default to onnxruntime's."""
+    import onnxruntime as ort
+
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    kept = [vi for vi in bound.graph.input if vi.name not in weights]
+    del bound.graph.input[:]
+    bound.graph.input.extend(kept)
+    values = {}
+    for name, array in weights.items():
+        array = np.ascontiguousarray(array)
+        placeholder = onnx.TensorProto(
+            name=name,
+            data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+            dims=array.shape,
+            data_location=onnx.TensorProto.EXTERNAL,
+        )
+        for key, value in (("location", "in-memory"), ("offset", "0"), ("length", str(array.nbytes))):
+            placeholder.external_data.add(key=key, value=value)
+        bound.graph.initializer.append(placeholder)
+        values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+    options = options or ort.SessionOptions()
+    options.add_external_initializers(list(values), list(values.values()))
+    session = ort.InferenceSession(bound.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.lpbq_weights = values  # (keeps them alive with the session)
+    return session
 
 
 def _copy_except(message, excluded: str):

@@ -14,15 +14,15 @@ checks the model first, :mod:`lpbq_tvm.frontend` imports the result):
 4. ``DequantizeLinear`` of constants (a quantized export, e.g. INT4 weights) is folded into float
    constants; every ``Constant`` node and every initializer that is not the float weight of a
    Gemm / MatMul / Conv or a float tensor of 1 MiB or more (an embedding table) becomes a ``Constant``
-   with a tensor value; those stay initializers, so ``from_onnx(keep_params_in_input=True)`` lifts
-   exactly them to parameters (lifting int64 shape tensors as parameters breaks compilation; inlining
-   a large table compiles it into the library); nodes onnxscript's rewrites leave invalid for the
-   model's opset are repaired;
+   with a tensor value; those stay initializers, and the frontend makes exactly them parameters
+   (lifting int64 shape tensors as parameters breaks compilation; inlining a large table compiles
+   it into the library); nodes onnxscript's rewrites leave invalid for the model's opset are repaired;
 5. float constants holding mask sentinels (magnitude >= 1e30 or infinite, e.g. the -3.4e38 of an
    attention mask) are clamped to +-1e4: ``exp(-1e4)`` is still 0 in a softmax, while the HTP's
    fp16 float ops and calibrated ranges stay finite. The clamp is kept only if onnxruntime computes
    the same outputs, bit for bit, with and without it on two sets of seeded random inputs (it does
-   not where a mask is compared with -inf, or with fully masked rows that the inputs happen to hold);
+   not where a mask is compared with -inf, or with fully masked rows that the inputs happen to hold),
+   both run as skeletons fed one copy of the weights;
 6. the ops are checked against what TVM's importer converts (a layer another tool quantized is
    named; one TVM cannot import is refused with a hint), and a model holding float8 tensors warned
    about (TVM 0.27 converts float8 subnormals wrongly).
@@ -30,6 +30,7 @@ checks the model first, :mod:`lpbq_tvm.frontend` imports the result):
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,6 @@ from os import PathLike
 
 import numpy as np
 import onnx
-from google.protobuf.message import EncodeError
 from onnx import helper, numpy_helper, shape_inference
 
 from lpbq_tvm.onnx_model import (
@@ -227,7 +227,10 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         should_fold=lambda node: True if any(out.name in parameters for out in node.outputs) else None,
     )
     onnxscript.optimizer.remove_unused_nodes(folded)
-    return ir.serde.serialize_model(folded)
+    serialized = ir.serde.serialize_model(folded)
+    del folded
+    gc.collect()  # the IR's reference cycles hold the input's weights until the collector next runs
+    return serialized
 
 
 def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
@@ -407,15 +410,14 @@ def _clamp_mask_constants(model: onnx.ModelProto) -> list[str]:
             )
     if not clamps:
         return []
+    # Both variants run as skeletons sharing one copy of the weights: no serialized model, whatever its size.
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    before = skeleton(model, inline_elements=-1)
     originals = [onnx.TensorProto.FromString(tensor.SerializeToString()) for tensor, _, _ in clamps]
-    try:
-        before = model.SerializeToString()
-        for tensor, clamped, _ in clamps:
-            tensor.CopyFrom(clamped)
-        inputs = [tensor_info(vi) for vi in graph_inputs(model)]
-        difference = _output_difference(before, model.SerializeToString(), inputs, [o.name for o in model.graph.output])
-    except EncodeError:
-        difference = "could not be verified: onnxruntime takes no model over 2 GB from memory"
+    for tensor, clamped, _ in clamps:
+        tensor.CopyFrom(clamped)
+    inputs = [tensor_info(vi) for vi in graph_inputs(model)]
+    difference = _output_difference(before, skeleton(model, inline_elements=-1), weights, inputs)
     if difference is None:
         return [note for _, _, note in clamps]
     for (tensor, _, _), original in zip(clamps, originals, strict=True):
@@ -424,18 +426,26 @@ def _clamp_mask_constants(model: onnx.ModelProto) -> list[str]:
 
 
 def _output_difference(
-    model: bytes, changed: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[str], seeds: Sequence[int] = (0, 1)
+    model: onnx.ModelProto,
+    changed: onnx.ModelProto,
+    weights: Mapping[str, np.ndarray],
+    inputs: Sequence[TensorInfo],
+    seeds: Sequence[int] = (0, 1),
 ) -> str | None:
-    """How the serialized model ``changed`` computes other ``outputs`` than ``model`` in onnxruntime, bit
-    for bit, on seeded random ``inputs`` (:func:`random_inputs`); None if it computes the same."""
+    """How ``changed`` computes other outputs than ``model`` (skeletons taking ``weights``) in onnxruntime,
+    bit for bit, on seeded random ``inputs`` (:func:`random_inputs`); None if it computes the same."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        sessions = [ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]) for m in (model, changed)]
+    outputs = [o.name for o in model.graph.output]
+    try:  # the weights fed as inputs: onnxruntime reads them in place, where initializers would be copied
+        sessions = [
+            ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            for m in (model, changed)
+        ]
         for seed in seeds:
-            feed = random_inputs(inputs, seed)
+            feed = random_inputs(inputs, seed) | weights
             for name, before, after in zip(outputs, *(s.run(outputs, feed) for s in sessions), strict=True):
                 if not np.array_equal(before, after, equal_nan=True):
                     delta = np.abs(before.astype(np.float64) - after.astype(np.float64))

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from lpbq_tvm.attrs import ACTIVATION_RANGES_ATTR, ENCODINGS_ATTR, SKIPPED_ATTR, WEIGHTS_ATTR, function_attr
 from lpbq_tvm.calibration import ActivationEncoding, ChannelEnergyObserver, RangeObserver, activation_encoding
@@ -108,7 +107,7 @@ class QuantizationSimModel:
         its decode step, :mod:`lpbq_tvm.llm`). They are kept per weight and per tensor name, not per
         shape, so they carry over; the new import must hold the same weight layers."""
         other = copy.copy(self)
-        other._imported = import_onnx(self._source, input_shapes)
+        other._imported = import_onnx(self._source, input_shapes, shared=self._imported)
         if other._imported.layers.keys() != self._imported.layers.keys():
             differ = sorted(other._imported.layers.keys() ^ self._imported.layers.keys())
             raise ValueError(f"at shapes {dict(input_shapes)} the weight layers differ: {', '.join(differ)}")
@@ -120,8 +119,19 @@ class QuantizationSimModel:
 
     @property
     def model(self) -> onnx.ModelProto:
-        """The prepared fp32 ONNX model (pinned shapes, folded constants) that is quantized."""
-        return self._imported.onnx_model
+        """The prepared fp32 ONNX model (pinned shapes, folded constants) that is quantized, with its weights:
+        built on each access (the simulation holds its weights once, as :attr:`weights`)."""
+        return self._imported.onnx_model()
+
+    @property
+    def graph(self) -> onnx.ModelProto:
+        """The prepared model with its weights as typed graph inputs, without their values (cheap to copy)."""
+        return self._imported.graph
+
+    @property
+    def weights(self) -> dict[str, np.ndarray]:
+        """The prepared model's weights by name: read-only views of the Relax parameters (no copies)."""
+        return self._imported.weights
 
     def random_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Seeded random inputs of the model's shapes: N(0, 1) floats, integers 0..1."""
@@ -291,7 +301,8 @@ class QuantizationSimModel:
         self._warn_skipped()
         if callback is None:
             return None
-        ranges = {name: RangeObserver(self.quant_scheme, self.percentile) for name in activation_tensors(self.model)}
+        activations = activation_tensors(self.graph, self.weights)
+        ranges = {name: RangeObserver(self.quant_scheme, self.percentile) for name in activations}
         pre_bias = {key: RangeObserver(self.quant_scheme, self.percentile) for key in self._pre_bias_tensors()}
         observers = {name: [observer] for name, observer in ranges.items()}
         for key, (output, bias) in self._pre_bias_tensors().items():
@@ -343,7 +354,7 @@ class QuantizationSimModel:
         return {key: str(a["node"]) for key, a in annotations.items() if str(a.get("encoder")) == "mse-act"}
 
     def _layer_input(self, weight: str) -> str:
-        return next(node.input[0] for node in self.model.graph.node if len(node.input) > 1 and node.input[1] == weight)
+        return next(node.input[0] for node in self.graph.graph.node if len(node.input) > 1 and node.input[1] == weight)
 
     def _input_channel_axes(self, weights) -> list[tuple[str, int]]:
         """The axis of each layer's input that its weight's block axis runs along (Conv: 1, else last)."""
@@ -355,9 +366,9 @@ class QuantizationSimModel:
         from lpbq_tvm.exports._onnx_graph import bias_array
 
         result = {}
-        for node in self.model.graph.node:
+        for node in self.graph.graph.node:
             if node.op_type == "Gemm" and node.input[1] in self.encodings:
-                bias = bias_array(self.model, node)
+                bias = bias_array(self.graph, node, self.weights)
                 if bias is not None:
                     result[node.input[1]] = (node.output[0], bias)
         return result
@@ -384,7 +395,7 @@ class QuantizationSimModel:
         function attribute the passes added: selection, encodings, activation ranges), ready for LowerLPBQ.
         Its weights are the same parameters: the Q/DQ constants are inlined on import."""
         encoded = self.encoded_module["main"]
-        mod = import_onnx(self.qdq_model(bitwidth, quantize_all_activations)).mod
+        mod = import_onnx(self.qdq_model(bitwidth, quantize_all_activations), shared=self._imported).mod
         main = mod["main"]
         for key, value in encoded.attrs.items():
             if key not in main.attrs:
@@ -394,7 +405,7 @@ class QuantizationSimModel:
 
     def _layer_tensors(self) -> dict[str, tuple[str, str]]:
         """Input and output tensor names of every LPBQ layer, by weight name."""
-        nodes = {node.input[1]: node for node in self.model.graph.node if len(node.input) > 1}
+        nodes = {node.input[1]: node for node in self.graph.graph.node if len(node.input) > 1}
         return {name: (nodes[name].input[0], nodes[name].output[0]) for name in self.encodings}
 
     @property
@@ -472,13 +483,13 @@ class QuantizationSimModel:
         also returning the observed tensors while observers are set."""
         import onnxruntime as ort
 
+        from lpbq_tvm.onnx_model import session_with_weights
+
         if self._session is None:
             model = onnx.ModelProto()
-            model.CopyFrom(self.model)
+            model.CopyFrom(self.graph)
             encodings = self.encodings if self._encoded is not None else {}
-            for init in model.graph.initializer:
-                if init.name in encodings:
-                    init.CopyFrom(numpy_helper.from_array(encodings[init.name].qdq_weight, init.name))
+            weights = {name: encodings[name].qdq_weight if name in encodings else w for name, w in self.weights.items()}
             if self._observers is not None:
                 existing = {output.name for output in model.graph.output}
                 model.graph.output.extend(
@@ -487,7 +498,7 @@ class QuantizationSimModel:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.log_severity_level = 3  # errors only
-            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self._session = session_with_weights(model, weights, options)
         return self._session
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

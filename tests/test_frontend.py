@@ -31,6 +31,43 @@ def test_example_model_imports_with_only_weights_as_parameters():
     assert [(o.name, o.shape) for o in imported.outputs] == [("y", (1, 64))]
 
 
+def test_the_import_holds_its_weights_once_as_the_relax_parameters():
+    """``weights`` are read-only views of the parameters themselves; :meth:`onnx_model` rebuilds the model."""
+    imported = import_onnx(build_example_model())
+    main = imported.mod["main"]
+    for name, param in zip(imported.weights, main.attrs["params"], strict=True):
+        view = imported.weights[name]
+        assert np.shares_memory(view, np.from_dlpack(param)) and not view.flags.writeable
+        assert imported.layers[name].weight is view
+    assert not imported.graph.graph.initializer  # the graph takes them as typed inputs
+    rebuilt = imported.onnx_model()
+    originals = {i.name: numpy_helper.to_array(i) for i in build_example_model().graph.initializer}
+    expected = {name: originals[name] for name in ("conv.weight", "fc1.weight", "fc2.weight")}  # (biases inlined)
+    assert {i.name for i in rebuilt.graph.initializer} == set(expected) and len(rebuilt.graph.input) == 1
+    for init in rebuilt.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(init), expected[init.name])
+
+
+def test_an_import_at_other_shapes_shares_equal_weights_and_copies_changed_ones():
+    model = build_example_model()
+    for value_info in (model.graph.input[0], model.graph.output[0]):
+        value_info.type.tensor_type.shape.dim[0].dim_param = "batch"
+    first = import_onnx(model)
+    again = import_onnx(model, {"x": [3, 64, 8, 8]}, shared=first)
+    assert again.inputs[0].shape == (3, 64, 8, 8)
+    assert all(np.shares_memory(again.weights[name], first.weights[name]) for name in first.weights)
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    fc2 = next(init for init in changed.graph.initializer if init.name == "fc2.weight")
+    value = numpy_helper.to_array(fc2).copy()
+    value[0, 0] += 1.0
+    fc2.CopyFrom(numpy_helper.from_array(value, "fc2.weight"))
+    other = import_onnx(changed, shared=first)
+    assert not np.shares_memory(other.weights["fc2.weight"], first.weights["fc2.weight"])
+    np.testing.assert_array_equal(other.weights["fc2.weight"], value)
+    assert np.shares_memory(other.weights["fc1.weight"], first.weights["fc1.weight"])
+
+
 def test_shape_subgraph_and_dynamic_batch_are_prepared():
     """A Reshape whose target comes from Shape -> Gather -> Concat (dynamic batch) imports after pinning."""
     weight = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
@@ -295,7 +332,8 @@ def test_model_over_2gb_with_external_data_imports(tmp_path):
     assert [(i.name, i.shape) for i in imported.inputs] == [("x", (1, rows))]
     assert [(o.name, o.shape) for o in imported.outputs] == [("y", (1, 4096))]
     assert imported.preparation[1] == "1 Gemm/MatMul/Conv weights kept as parameters, 0 other constants inlined"
-    loaded = numpy_helper.to_array(imported.onnx_model.graph.initializer[0])
+    loaded = numpy_helper.to_array(imported.onnx_model().graph.initializer[0])
+    assert np.array_equal(imported.weights["w"], loaded) and not imported.weights["w"].flags.writeable
     assert loaded.shape == (rows, 4096) and loaded[-1, -1] == 3.0 and not loaded[0].any()
     (param,) = imported.mod["main"].params[1:]
     assert param.name == "w" and [int(d) for d in param.ty.shape] == [rows, 4096]

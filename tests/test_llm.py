@@ -134,6 +134,14 @@ def test_integer_modes_generate_with_one_copy_of_the_weights(sim, mode):
     assert len(generated) == 5 and all(0 <= t < CONFIG.vocab for t in generated)
 
 
+def test_the_graphs_at_other_shapes_share_the_simulation_s_weights(sim):
+    """What compile_decoder imports at the decode shapes holds no weight of its own: a 1.1 B decoder fits."""
+    decode = sim.reshaped(DecoderInterface.of(sim).shapes(1, CONTEXT - 1))
+    assert [i.shape for i in decode.inputs] != [i.shape for i in sim.inputs]
+    assert decode.weights.keys() == sim.weights.keys()
+    assert all(np.shares_memory(decode.weights[name], weight) for name, weight in sim.weights.items())
+
+
 def test_bad_input_is_refused_with_the_reason(decoders, sim):
     decoder = decoders["fp32"]
     with pytest.raises(ValueError, match=f"the prompt has {CONTEXT + 1} tokens; the context holds {CONTEXT}"):

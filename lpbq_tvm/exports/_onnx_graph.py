@@ -123,10 +123,15 @@ def session(
     )
 
 
-def bias_array(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray | None:
-    """The constant bias (input 2) of a Gemm / Conv node, if it has one."""
+def bias_array(
+    model: onnx.ModelProto, node: onnx.NodeProto, weights: Mapping[str, np.ndarray] | None = None
+) -> np.ndarray | None:
+    """The constant bias (input 2) of a Gemm / Conv node, if it has one; ``weights``: values of tensors
+    the model takes as inputs (a skeleton's)."""
     if len(node.input) < 3 or not node.input[2]:
         return None
+    if weights is not None and node.input[2] in weights:
+        return weights[node.input[2]]
     for init in model.graph.initializer:
         if init.name == node.input[2]:
             return numpy_helper.to_array(init)
