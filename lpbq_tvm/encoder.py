@@ -174,9 +174,10 @@ class LPBQEncoding:
         group = self.num_blocks // self.float_scale.shape[1]
         return self.per_block_int_scale * np.repeat(self.float_scale, group, axis=1)
 
-    @cached_property
+    @property
     def qdq_weight(self) -> np.ndarray:
-        """The dequantized weight ``float32(float32(scale) * q)`` in the weight's layout."""
+        """The dequantized weight ``float32(float32(scale) * q)`` in the weight's layout, computed on each
+        access (not kept: it is as large as the fp32 weight)."""
         scale = self.lpbq_scale.astype(np.float32)[:, :, None]
         q = self.canonical_int_weight().reshape(self.num_channels, self.num_blocks, -1)
         canonical_shape = _to_canonical(self.int_weight, self.channel_axis, self.block_axis).shape
