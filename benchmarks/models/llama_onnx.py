@@ -82,6 +82,23 @@ class LlamaConfig:
         )
 
     @classmethod
+    def tinyllama_1b(cls) -> LlamaConfig:
+        """TinyLlama-1.1B's shapes (1.10 B parameters, 4.4 GB in fp32; an untied LM head), for the scale benchmark."""
+        return cls(
+            vocab=32000,
+            hidden=2048,
+            layers=22,
+            heads=32,
+            kv_heads=4,
+            head_dim=64,
+            ffn=5632,
+            rope_theta=10000.0,
+            rms_eps=1e-5,
+            tied_embeddings=False,
+            max_positions=2048,
+        )
+
+    @classmethod
     def tiny(cls) -> LlamaConfig:
         """Two layers of width 128 with grouped-query attention (4 heads, 2 KV heads): seconds in tests."""
         return cls(

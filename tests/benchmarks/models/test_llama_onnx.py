@@ -18,6 +18,7 @@ from benchmarks.models.llama_onnx import (
     empty_past,
     presents_as_past,
     random_weights,
+    weight_shapes,
 )
 
 CONFIG = LlamaConfig.tiny()
@@ -145,3 +146,12 @@ def test_misshapen_weights_are_named():
     del weights["model.norm.weight"]
     with pytest.raises(ValueError, match=r"lack 1 tensors, e\.g\. model\.norm\.weight of shape \(128,\)"):
         check_weights(CONFIG, weights)
+
+
+@pytest.mark.parametrize(
+    ("config", "parameters"),
+    [(LlamaConfig.smollm2_135m(), 134_515_008), (LlamaConfig.tinyllama_1b(), 1_100_048_384)],
+)
+def test_named_configs_have_their_model_s_parameter_count(config, parameters):
+    """SmolLM2-135M and TinyLlama-1.1B as their model cards count them (a tied head counted once)."""
+    assert sum(int(np.prod(shape)) for shape in weight_shapes(config).values()) == parameters
