@@ -340,7 +340,9 @@ def compile_decoder(sim, mode: str = "weight-only", *, target: str = "cpu", cont
     if not 1 <= prefill <= context:
         raise ValueError(f"need 1 <= prefill <= context, got prefill={prefill}, context={context}")
     interface = DecoderInterface.of(sim)
-    prefill_model = compile_model(sim.reshaped(interface.shapes(prefill, 0)), target, mode)
+    shapes = interface.shapes(prefill, 0)
+    at_prefill = all(list(info.shape) == shapes[info.name] for info in sim.inputs)
+    prefill_model = compile_model(sim if at_prefill else sim.reshaped(shapes), target, mode)
     decode_sim = sim.reshaped(interface.shapes(1, context - 1))
     module = KVCacheInPlace(interface.past)(lower(decode_sim, target, mode))
     decode_model = build(module, target, outputs=decode_sim.outputs, mode=mode)
