@@ -83,6 +83,13 @@ class CompiledModel:
         packed = sum(size for name, size in sizes.items() if name in packed_names)
         return WeightBytes(lpbq_packed=packed, float=sum(sizes.values()) - packed)
 
+    def load(self) -> CompiledModel:
+        """Load the executable into a virtual machine now, not at the first run: loading compiles the kernels'
+        LLVM code to machine code (seconds for a large model), which a first run would otherwise be timed with.
+        Returns this model."""
+        self._machine()
+        return self
+
     def _machine(self) -> relax.VirtualMachine:
         if self._vm is None:
             device = get_target(self.target).device()

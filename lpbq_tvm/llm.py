@@ -43,6 +43,7 @@ from lpbq_tvm.compiler import CompiledModel, build, lower
 from lpbq_tvm.compiler import compile as compile_model
 from lpbq_tvm.onnx_model import value_info_shape
 from lpbq_tvm.passes.kv_cache_in_place import SLOT_INPUT, KVCacheInPlace
+from lpbq_tvm.targets import get_target
 
 __all__ = [
     "Decoder",
@@ -336,7 +337,8 @@ def sequence_nll(logits: np.ndarray, tokens: Sequence[int]) -> float:
 
 def compile_decoder(sim, mode: str = "weight-only", *, target: str = "cpu", context: int = 256, prefill: int = 32):
     """Compile ``sim``'s decoder for ``target`` in ``mode`` (as :func:`lpbq_tvm.compile`): a prefill graph of
-    ``prefill`` positions and a decode step over a KV cache of ``context`` slots, sharing their weights."""
+    ``prefill`` positions and a decode step over a KV cache of ``context`` slots, sharing their weights, both
+    loaded (:meth:`~lpbq_tvm.compiler.CompiledModel.load`) when the target runs on this machine."""
     if not 1 <= prefill <= context:
         raise ValueError(f"need 1 <= prefill <= context, got prefill={prefill}, context={context}")
     interface = DecoderInterface.of(sim)
@@ -347,6 +349,8 @@ def compile_decoder(sim, mode: str = "weight-only", *, target: str = "cpu", cont
     module = KVCacheInPlace(interface.past)(lower(decode_sim, target, mode))
     decode_model = build(module, target, outputs=decode_sim.outputs, mode=mode)
     _share_weights(prefill_model, decode_model)
+    if get_target(target).device() is not None:  # (the machine code is part of compiling: not in a first token)
+        prefill_model.load(), decode_model.load()
     return Decoder(prefill_model, decode_model, interface, context, prefill)
 
 

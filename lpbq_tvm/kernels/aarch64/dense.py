@@ -27,8 +27,8 @@ from lpbq_tvm.kernels.aarch64 import fold_k, mmla
 from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, UDOT_NIBBLE_INTRIN
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, Provenance
 from lpbq_tvm.kernels.tiled import nibble
-from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer
-from lpbq_tvm.kernels.tiled.repack import repack_w4a8, repack_weight_only
+from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer, encoding_inputs
+from lpbq_tvm.kernels.tiled.repack import check_shape, repack_w4a8, repack_weight_only
 from lpbq_tvm.kernels.tiled.weight_only import weight_only_gemm, weight_only_gemv
 from lpbq_tvm.packing import pack
 
@@ -84,7 +84,8 @@ def is_aarch64(target: tvm.target.Target) -> bool:
 
 def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice | None:
     """The scheduled kernel for ``layer`` on ``target`` and its weights (``lpbq_qw``, ``lpbq_kw``,
-    ``lpbq_wsum``, ``lpbq_s``), or None where this family does not serve it (module docstring)."""
+    ``lpbq_wsum``, ``lpbq_s``, ``lpbq_sx``, ``lpbq_zx``), or None where this family does not serve it (module
+    docstring)."""
     integer, encoding = layer.integer, layer.encoding
     if not is_aarch64(target) or encoding.bitwidth > 4 or encoding.block_size % 16:
         return None
@@ -98,8 +99,10 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
         return None
     qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
     x = integer.input_encoding
-    func = integer_dense(rows, channels, depth, block, x.scale, x.zero_point, x.bitwidth, layer.has_bias, target=target)
-    return KernelChoice(func, {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}, KERNEL_NAME)
+    check_integer(channels, depth, block, x.zero_point, (1 << x.bitwidth) - 1)
+    func = integer_dense(rows, channels, depth, block, x.bitwidth, layer.has_bias, target=target)
+    weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
+    return KernelChoice(func, weights | encoding_inputs(x.scale, x.zero_point), KERNEL_NAME)
 
 
 def weight_only_dense(M: int, N: int, K: int, B: int, with_bias: bool = False, *, target) -> tirx.PrimFunc:
@@ -114,13 +117,11 @@ def weight_only_dense(M: int, N: int, K: int, B: int, with_bias: bool = False, *
     )  # fmt: skip
 
 
-def integer_dense(
-    M: int, N: int, K: int, B: int, sx: float, zx: int, bits: int, with_bias: bool = False, *, target
-) -> tirx.PrimFunc:
-    """Scheduled W4A8 (``bits = 8``) or W4A16 (16) kernel ``main(x, qw, kw, wsum, s, [bias], y)``
-    (:mod:`lpbq_tvm.kernels.tiled.integer`): the ``udot`` nibble scheme below ``Tuning.fold_k_min_rows``
-    rows of the uint8 kernel, :mod:`.fold_k` from there."""
-    check_integer(N, K, B, zx, (1 << bits) - 1)
+def integer_dense(M: int, N: int, K: int, B: int, bits: int, with_bias: bool = False, *, target) -> tirx.PrimFunc:
+    """Scheduled W4A8 (``bits = 8``) or W4A16 (16) kernel ``main(x, qw, kw, wsum, s, sx, zx, [bias], y)``
+    (:mod:`lpbq_tvm.kernels.tiled.integer`; the input's scale and zero point are run-time values): the
+    ``udot`` nibble scheme below ``Tuning.fold_k_min_rows`` rows of the uint8 kernel, :mod:`.fold_k` from there."""
+    check_shape(N, K, B)
     if B % 16 or K > MAX_K:
         msg = f"the aarch64 integer kernels need B % 16 == 0 and K <= {MAX_K}; got K={K}, B={B}"
         raise ValueError(msg)
@@ -132,4 +133,4 @@ def integer_dense(
         scheme = mmla
     else:
         scheme = fold_k
-    return build_byte_planes(M, N, K, B, sx, int(zx), bits, with_bias, target, tune, UDOT, scheme)
+    return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, UDOT, scheme)

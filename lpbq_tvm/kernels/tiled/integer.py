@@ -43,6 +43,7 @@ __all__ = [
     "code",
     "folded_dot",
     "int8_tile",
+    "encoding_inputs",
     "integer_inputs",
     "integer_output",
 ]
@@ -133,7 +134,9 @@ def check_integer(N: int, K: int, B: int, zx: int, qmax: int) -> None:
 
 
 def integer_inputs(M, N, K, B, with_bias):
-    """(x, qw, kw, wsum, s, bias or None): the integer kernels' inputs."""
+    """(x, qw, kw, wsum, s, sx, zx, bias or None): the integer kernels' inputs. The input's encoding, its
+    scale ``sx`` (float32) and zero point ``zx`` (int32), is one-element tensors read at run time, so the
+    kernels of layers of one shape are one function (compiled once) whatever their calibration."""
     nt, nbh = -(-N // LANES), -(-(K // B) // 2)
     return (
         te.placeholder((M, K), "float32", "x"),
@@ -141,14 +144,21 @@ def integer_inputs(M, N, K, B, with_bias):
         te.placeholder((nt, nbh, LANES), "uint8", "kw"),
         te.placeholder((N,), "int32", "wsum"),
         te.placeholder((N,), "float32", "s"),
+        te.placeholder((1,), "float32", "sx"),
+        te.placeholder((1,), "int32", "zx"),
         te.placeholder((N,), "float32", "bias") if with_bias else None,
     )
 
 
-def code(value, sx_c, zx: int, qmax: int):
+def encoding_inputs(sx: float, zx: int) -> dict[str, np.ndarray]:
+    """The run-time values of :func:`integer_inputs`' ``sx`` and ``zx``, by the names kernel choices give them."""
+    return {"lpbq_sx": np.array([sx], np.float32), "lpbq_zx": np.array([zx], np.int32)}
+
+
+def code(value, sx, zx, qmax: int):
     """The activation code ``np.clip(np.rint(value / sx) + zx, 0, qmax)`` in float32 (a division, not a
-    reciprocal: bit-exact with the reference)."""
-    quantized = tirx.nearbyint(value / sx_c) + tirx.const(float(zx), "float32")
+    reciprocal: bit-exact with the reference); ``sx`` a float32 and ``zx`` an int32 expression."""
+    quantized = tirx.nearbyint(value / sx) + zx.astype("float32")
     return tirx.max(tirx.min(quantized, tirx.const(float(qmax), "float32")), tirx.const(0.0, "float32"))
 
 
@@ -158,22 +168,22 @@ def rounded(value):
     return tirx.call_llvm_pure_intrin(value.ty.dtype, "llvm.arithmetic.fence", value)
 
 
-def integer_output(M, N, acc, sx_c, s, bias):
+def integer_output(M, N, acc, sx, s, bias):
     """``y = float32(acc) · sx · s[n] (+ bias[n])`` with the reference's roundings: each product, then
     the bias add (:func:`rounded`); ``acc(m, n)`` is the exact accumulator as float32."""
 
     def value(m, n):
-        scaled = rounded(acc(m, n) * sx_c * s[n])
+        scaled = rounded(acc(m, n) * sx * s[n])
         return scaled + bias[n] if bias is not None else scaled
 
     return te.compute((M, N), value, name="y")
 
 
-def _byte_plane_codes(x, planes: int, K: int, sx_c, zx: int, qmax: int) -> te.Tensor:
+def _byte_plane_codes(x, planes: int, K: int, sx, zx, qmax: int) -> te.Tensor:
     """The uint8 rows of the codes: the code of ``x[r // planes, i]``, byte plane ``r % planes`` (high first)."""
 
     def quantize(r, i):
-        value = code(x[r // planes, i], sx_c, zx, qmax)
+        value = code(x[r // planes, i], sx, zx, qmax)
         if planes == 1:
             return value.astype("uint8")
         shift = (planes - 1 - r % planes) * 8
@@ -182,7 +192,7 @@ def _byte_plane_codes(x, planes: int, K: int, sx_c, zx: int, qmax: int) -> te.Te
     return te.compute((planes * int(x.shape[0]), K), quantize, name="xq")
 
 
-def _exact_acc(acc, wsum, m, n, planes: int, K: int, zx: int):
+def _exact_acc(acc, wsum, m, n, planes: int, K: int, zx):
     """``Σ (xq − zx) · w`` of output (m, n) from the planes' int32 sums. One plane: int32. From two it
     fits int32 up to K = ``W4A16_INT32_MAX_K``, so it is formed modulo 2^32 (in uint32, where wrapping
     is defined): the exact value. Above, in float64, where every term and sum is an integer below
@@ -194,27 +204,26 @@ def _exact_acc(acc, wsum, m, n, planes: int, K: int, zx: int):
     total = tirx.const(0, wide)
     for p in range(planes):
         total = total * tirx.const(256, wide) + acc[planes * m + p, n // LANES, n % LANES].astype(wide)
-    total = total - wsum[n].astype(wide) * tirx.const(zx % 2**32 if wide == "uint32" else zx, wide)  # modulo 2^32
+    total = total - wsum[n].astype(wide) * zx.astype(wide)  # (int32 -> uint32 keeps zx modulo 2^32)
     return total.astype("int32") if wide == "uint32" else total
 
 
 def build_byte_planes(
-    M, N, K, B, sx, zx: int, bits: int, with_bias: bool, target, tune, dot: DotInstructions, scheme: ModuleType
+    M, N, K, B, bits: int, with_bias: bool, target, tune, dot: DotInstructions, scheme: ModuleType
 ) -> tvm.tirx.PrimFunc:
     """The integer kernel of ``bits``-bit codes (8: one plane, 16: two) around a uint8 ``scheme``; each
     channel tile computes the lanes of 16-channel chunks its channels need."""
     planes, qmax = bits // 8, (1 << bits) - 1
     lanes = tile_lanes(N, dot.lanes)
-    x, qw, kw, wsum, s, bias = integer_inputs(M, N, K, B, with_bias)
-    sx_c = tirx.const(float(np.float32(sx)), "float32")
-    xq = _byte_plane_codes(x, planes, K, sx_c, zx, qmax)
+    x, qw, kw, wsum, s, sx, zx, bias = integer_inputs(M, N, K, B, with_bias)
+    xq = _byte_plane_codes(x, planes, K, sx[0], zx[0], qmax)
     problem = Problem(M, N, K, B, planes, dot, target, tune, lanes, xq, qw, kw)
     acc = scheme.accumulate(problem)
     # A scheme that accumulates signed bytes (code − CODE_OFFSET) owes each plane CODE_OFFSET · wsum back.
-    zx_acc = zx - getattr(scheme, "CODE_OFFSET", 0) * (256**planes - 1) // 255
+    zx_acc = zx[0] - getattr(scheme, "CODE_OFFSET", 0) * (256**planes - 1) // 255
     exact = lambda m, n: _exact_acc(acc, wsum, m, n, planes, K, zx_acc).astype("float32")  # noqa: E731
-    y = integer_output(M, N, exact, sx_c, s, bias)
-    sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, bias, y) if t is not None]))
+    y = integer_output(M, N, exact, sx[0], s, bias)
+    sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, sx, zx, bias, y) if t is not None]))
     schedule_codes(sch, "xq", tune.parallel_code_rows)
     scheme.schedule(sch, problem)
     return finish(sch, sch.get_sblock("y"))

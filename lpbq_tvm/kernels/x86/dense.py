@@ -20,8 +20,8 @@ from tvm import tirx
 
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice
 from lpbq_tvm.kernels.tiled import nibble
-from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer
-from lpbq_tvm.kernels.tiled.repack import repack_w4a8, repack_weight_only
+from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer, encoding_inputs
+from lpbq_tvm.kernels.tiled.repack import check_shape, repack_w4a8, repack_weight_only
 from lpbq_tvm.kernels.x86 import block_dot, fold_k
 from lpbq_tvm.kernels.x86.intrinsics import NIBBLE_LANES, VNNI_NIBBLE_INTRIN
 from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS, dot_instructions, is_x86
@@ -52,10 +52,12 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
         func = weight_only_dense(rows, channels, depth, block, layer.has_bias, target=target)
     else:
         qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
-        weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
         x = integer.input_encoding
+        check_integer(channels, depth, block, x.zero_point, (1 << x.bitwidth) - 1)
+        weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
+        weights |= encoding_inputs(x.scale, x.zero_point)
         build = w4a16_dense if x.bitwidth > 8 else w4a8_dense
-        func = build(rows, channels, depth, block, x.scale, x.zero_point, layer.has_bias, target=target)
+        func = build(rows, channels, depth, block, layer.has_bias, target=target)
     return KernelChoice(func, weights, KERNEL_NAME)
 
 
@@ -64,22 +66,21 @@ def w4a8_dense(
     N: int,
     K: int,
     B: int,
-    sx: float,
-    zx: int,
     with_bias: bool = False,
     *,
     target: tvm.target.Target,
     intrinsic: str | None = "auto",
     fold_k: bool | None = None,
 ) -> tirx.PrimFunc:
-    """Scheduled W4A8 kernel ``main(x, qw, kw, wsum, s, [bias], y)`` (:mod:`~lpbq_tvm.kernels.tiled.integer`).
+    """Scheduled W4A8 kernel ``main(x, qw, kw, wsum, s, sx, zx, [bias], y)`` (:mod:`~lpbq_tvm.kernels.tiled.integer`;
+    the input's scale and zero point are run-time values).
 
     ``intrinsic``: ``"auto"`` (from ``target``'s features), ``"vnni"`` (vpdpbusd), ``"avx512bw"``
     (pmaddubsw + pmaddwd on zmm), ``"avx2"`` (the same on ymm) or None (no tensor intrinsic: plain
     vector code LLVM emits itself). ``fold_k``: force or forbid the fold-k scheme (default: the
     module docstring's choice).
     """
-    return _byte_planes(M, N, K, B, sx, zx, 8, with_bias, target, intrinsic, fold_k)
+    return _byte_planes(M, N, K, B, 8, with_bias, target, intrinsic, fold_k)
 
 
 def w4a16_dense(
@@ -87,8 +88,6 @@ def w4a16_dense(
     N: int,
     K: int,
     B: int,
-    sx: float,
-    zx: int,
     with_bias: bool = False,
     *,
     target: tvm.target.Target,
@@ -103,12 +102,12 @@ def w4a16_dense(
     if scheme == "auto":
         scheme = w4a16_scheme(M, target)
     if scheme == "planes":
-        return _byte_planes(M, N, K, B, sx, zx, 16, with_bias, target, intrinsic, fold_k)
+        return _byte_planes(M, N, K, B, 16, with_bias, target, intrinsic, fold_k)
     if scheme != "madd":
         msg = f"scheme must be 'auto', 'planes' or 'madd', got {scheme!r}"
         raise ValueError(msg)
-    check_integer(N, K, B, zx, 65535)
-    return w4a16_madd_dense(M, N, K, B, sx, int(zx), with_bias, target)
+    check_shape(N, K, B)
+    return w4a16_madd_dense(M, N, K, B, with_bias, target)
 
 
 def w4a16_scheme(M: int, target: tvm.target.Target) -> str:
@@ -117,9 +116,9 @@ def w4a16_scheme(M: int, target: tvm.target.Target) -> str:
     return "madd" if threshold is not None and threshold <= M else "planes"
 
 
-def _byte_planes(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold) -> tirx.PrimFunc:
+def _byte_planes(M, N, K, B, bits, with_bias, target, intrinsic, fold) -> tirx.PrimFunc:
     """:func:`w4a8_dense` (``bits = 8``) and :func:`w4a16_dense`'s planes (16: two byte-plane rows per row)."""
-    check_integer(N, K, B, zx, (1 << bits) - 1)
+    check_shape(N, K, B)
     if K > MAX_K:
         msg = f"the uint8 · int8 sums fit int32 up to K = {MAX_K} (255 · 128 · K), got K={K}"
         raise ValueError(msg)
@@ -142,4 +141,4 @@ def _byte_planes(M, N, K, B, sx, zx, bits, with_bias, target, intrinsic, fold) -
     scheme = _SCHEMES["fold-k" if fold else "block-dot" if block else "nibble"]
     nibble_intrinsic = VNNI_NIBBLE_INTRIN if intrinsic == "vnni" and scheme is nibble else None
     dot = DotInstructions(intrinsic, NIBBLE_LANES, nibble_intrinsic)
-    return build_byte_planes(M, N, K, B, sx, int(zx), bits, with_bias, target, tune, dot, scheme)
+    return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, dot, scheme)

@@ -19,7 +19,6 @@ beats two byte planes of pmaddubsw per 32.
 
 from __future__ import annotations
 
-import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
@@ -44,26 +43,25 @@ INT32_SPAN = 256  # k-positions per int32 sum: 256 · 2^15 · 128 = 2^30
 CODE_CENTER = 32768  # subtracted from uint16 codes: xq − 32768 is an int16
 
 
-def w4a16_madd_dense(M, N, K, B, sx, zx: int, with_bias, target) -> tirx.PrimFunc:
-    """Scheduled W4A16 kernel ``main(x, qw, kw, wsum, s, [bias], y)`` of the madd scheme (module docstring)."""
+def w4a16_madd_dense(M, N, K, B, with_bias, target) -> tirx.PrimFunc:
+    """Scheduled W4A16 kernel ``main(x, qw, kw, wsum, s, sx, zx, [bias], y)`` of the madd scheme (module docstring)."""
     instructions = dot_instructions(target)  # the pmaddwd of its instruction set (VNNI implies AVX512BW)
     instructions = "avx512bw" if instructions == "vnni" else instructions
     n = BLOCK_DOT_INSTRUCTIONS[instructions][2] if instructions else 16  # lanes per pmaddwd
-    x, qw, kw, wsum, s, bias = integer_inputs(M, N, K, B, with_bias)
+    x, qw, kw, wsum, s, sx, zx, bias = integer_inputs(M, N, K, B, with_bias)
     width = tile_lanes(N, n)
-    sx_c = tirx.const(float(np.float32(sx)), "float32")
     center = tirx.const(float(CODE_CENTER), "float32")
     xc = te.compute(
-        (M, K), lambda m, i: (code(x[m, i], sx_c, zx, 65535) - center).astype("int32").astype("int16"), name="xc"
+        (M, K), lambda m, i: (code(x[m, i], sx[0], zx[0], 65535) - center).astype("int32").astype("int16"), name="xc"
     )
-    acc, wide = _accumulate(xc, qw, kw, wsum, N, K, B, zx, width)
+    acc, wide = _accumulate(xc, qw, kw, wsum, N, K, B, zx[0], width)
 
     def exact_acc(m, n):
         total = acc[m, n // LANES, n % LANES]
         return (total.astype("int32") if wide == "uint32" else total).astype("float32")
 
-    y = integer_output(M, N, exact_acc, sx_c, s, bias)
-    sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, bias, y) if t is not None]))
+    y = integer_output(M, N, exact_acc, sx[0], s, bias)
+    sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, sx, zx, bias, y) if t is not None]))
     schedule_codes(sch, "xc", tuning(target).parallel_code_rows)
     _schedule(sch, K, width, n, instructions, target)
     return finish(sch, sch.get_sblock("y"))
@@ -98,8 +96,7 @@ def _accumulate(xc, qw, kw, wsum, N, K, B, zx, width) -> tuple[te.Tensor, str]:
         name="Q",
     )
     wide = "uint32" if K <= W4A16_INT32_MAX_K else "float64"  # modulo 2^32 where the exact sum fits int32
-    shift = CODE_CENTER - zx
-    shift_c = tirx.const(shift % 2**32 if wide == "uint32" else float(shift), wide)
+    shift_c = (CODE_CENTER - zx).astype(wide)  # (int32 -> uint32 keeps it modulo 2^32)
     offset = te.compute(  # (CODE_CENTER − zx) · wsum of the tile's channels, once per tile
         (nt, width), lambda t, lane: wsum[tirx.min(t * LANES + lane, N - 1)].astype(wide) * shift_c, name="offset"
     )

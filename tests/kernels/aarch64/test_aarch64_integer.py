@@ -12,6 +12,7 @@ from lpbq_tvm.calibration import ActivationEncoding
 from lpbq_tvm.encoder import encode_lpbq
 from lpbq_tvm.kernels.aarch64 import dense_kernel, integer_dense
 from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic
+from lpbq_tvm.kernels.tiled.integer import encoding_inputs
 from lpbq_tvm.kernels.tiled.repack import repack_w4a8
 from lpbq_tvm.packing import pack_nibbles
 from lpbq_tvm.targets import get_target
@@ -71,9 +72,10 @@ def test_extreme_accumulators_are_exact_on_the_board(arm64_session, bits, M, tar
 
 def _check(arm64_session, M, N, K, B, bits, rng, extreme=False, target=DOTPROD):
     q, k, s, x, bias, sx, zx = _case(M, N, K, B, bits, rng, extreme)
-    func = integer_dense(M, N, K, B, sx, zx, bits, bias is not None, target=target)
+    func = integer_dense(M, N, K, B, bits, bias is not None, target=target)
     weights_ = repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    got = arm64_session.call(func, target, [x, *weights_, s, *([bias] if bias is not None else [])], (M, N))
+    encoding = encoding_inputs(sx, zx).values()
+    got = arm64_session.call(func, target, [x, *weights_, s, *encoding, *([bias] if bias is not None else [])], (M, N))
     expected = reference_w4a8(x, q, k, s, B, sx, zx, bias, bitwidth=bits)
     np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))
 
@@ -89,7 +91,7 @@ def _check(arm64_session, M, N, K, B, bits, rng, extreme=False, target=DOTPROD):
 )
 def test_the_schemes_run_on_their_instructions(M, target, instruction, absent):
     """The nibble scheme (few rows) on udot, fold-k (from four rows) on sdot, with i8mm usmmla on row pairs."""
-    asm = tvm.compile(integer_dense(M, 64, 256, 64, 0.1, 3, 8, target=target), target).mod.inspect_source("asm")
+    asm = tvm.compile(integer_dense(M, 64, 256, 64, 8, target=target), target).mod.inspect_source("asm")
     assert instruction in asm and absent not in asm
 
 
@@ -99,7 +101,14 @@ def test_the_family_serves_weight_only_layers_and_integer_ones_on_cpus_with_the_
     integer = IntegerArithmetic(ActivationEncoding(8, 0.1, -3))
     layer = DenseLayer(rows=1, depth=256, encoding=encoding, has_bias=False, integer=integer)
     choice = dense_kernel(layer, DOTPROD)
-    assert choice is not None and set(choice.weights) == {"lpbq_qw", "lpbq_kw", "lpbq_wsum", "lpbq_s"}
+    assert choice is not None and set(choice.weights) == {
+        "lpbq_qw",
+        "lpbq_kw",
+        "lpbq_wsum",
+        "lpbq_s",
+        "lpbq_sx",
+        "lpbq_zx",
+    }
     assert dense_kernel(layer, PLAIN_NEON) is None  # no udot: the generic kernel
     weight_only = DenseLayer(1, 256, encoding, False, None)  # plain NEON is enough
     for target in (DOTPROD, PLAIN_NEON):

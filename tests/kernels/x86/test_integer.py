@@ -11,10 +11,10 @@ import tvm
 from kernel_cases import SHAPES, activations, reference_w4a8, weights
 from tvm import tirx
 from tvm.s_tir import Schedule
-from x86_cases import HASWELL, TARGET, ZEN1, check_integer_kernel, compiled, run
+from x86_cases import HASWELL, TARGET, ZEN1, check_integer_kernel, compiled, encoding, run
 
 from lpbq_tvm.kernels import x86 as fk
-from lpbq_tvm.kernels.tiled.integer import W4A16_INT32_MAX_K
+from lpbq_tvm.kernels.tiled.integer import W4A16_INT32_MAX_K, check_integer
 from lpbq_tvm.kernels.x86.tuning import tuning
 from lpbq_tvm.packing import pack_nibbles
 
@@ -32,10 +32,8 @@ def test_w4a8_bit_exact(M, N, K, B):
     x = activations(M, K, sx, zx, rng)
     bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
     qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    lib = compiled(
-        ("w4a8", M, N, K, B, sx, zx, with_bias), lambda: fk.w4a8_dense(M, N, K, B, sx, zx, with_bias, target=TARGET)
-    )
-    got = run(lib, [x, qw, kw, wsum, s] + ([bias] if with_bias else []), M, N)
+    lib = compiled(("w4a8", M, N, K, B, with_bias), lambda: fk.w4a8_dense(M, N, K, B, with_bias, target=TARGET))
+    got = run(lib, [x, qw, kw, wsum, s, *encoding(sx, zx)] + ([bias] if with_bias else []), M, N)
     ref = reference_w4a8(x, q, k, s, B, sx, zx, bias)
     assert got.shape == (M, N) and got.dtype == np.float32
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
@@ -50,8 +48,8 @@ def test_w4a8_extreme_accumulator(zx, M):
     x = np.where(np.arange(K) % 2, 1e9, -1e9).astype(np.float32)[None].repeat(M, 0)
     s = np.full(N, 0.5, np.float32)
     qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    lib = compiled(("w4a8", M, N, K, B, 0.5, zx, False), lambda: fk.w4a8_dense(M, N, K, B, 0.5, zx, target=TARGET))
-    got = run(lib, [x, qw, kw, wsum, s], M, N)
+    lib = compiled(("w4a8", M, N, K, B, False), lambda: fk.w4a8_dense(M, N, K, B, target=TARGET))
+    got = run(lib, [x, qw, kw, wsum, s, *encoding(0.5, zx)], M, N)
     ref = reference_w4a8(x, q, k, s, B, 0.5, zx)
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
 
@@ -69,10 +67,10 @@ def test_w4a16_bit_exact(M, N, K, B, scheme):
     bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
     qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
     lib = compiled(
-        ("w4a16", M, N, K, B, sx, zx, with_bias, scheme),
-        lambda: fk.w4a16_dense(M, N, K, B, sx, zx, with_bias, scheme=scheme, target=TARGET),
+        ("w4a16", M, N, K, B, with_bias, scheme),
+        lambda: fk.w4a16_dense(M, N, K, B, with_bias, scheme=scheme, target=TARGET),
     )
-    got = run(lib, [x, qw, kw, wsum, s] + ([bias] if with_bias else []), M, N)
+    got = run(lib, [x, qw, kw, wsum, s, *encoding(sx, zx)] + ([bias] if with_bias else []), M, N)
     ref = reference_w4a8(x, q, k, s, B, sx, zx, bias, bitwidth=16)
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
 
@@ -95,10 +93,9 @@ def test_w4a16_extreme_accumulator(M, scheme, B, zx, K):
     s = np.full(N, 0.5, np.float32)
     qw, kw, wsum = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
     lib = compiled(
-        ("w4a16", M, N, K, B, 0.5, zx, scheme),
-        lambda: fk.w4a16_dense(M, N, K, B, 0.5, zx, scheme=scheme, target=TARGET),
+        ("w4a16", M, N, K, B, False, scheme), lambda: fk.w4a16_dense(M, N, K, B, scheme=scheme, target=TARGET)
     )
-    got = run(lib, [x, qw, kw, wsum, s], M, N)
+    got = run(lib, [x, qw, kw, wsum, s, *encoding(0.5, zx)], M, N)
     ref = reference_w4a8(x, q, k, s, B, 0.5, zx, bitwidth=16)
     assert np.float32(abs(float(got[0, 0]) / 0.25)) == np.float32(65535 * 128 * K)
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
@@ -118,7 +115,7 @@ def test_w4a16_scheme_by_cpu_and_rows(M, K, B, target, scheme):
     """Zen 1 takes the madd scheme from 16 rows, other CPUs the byte planes; the code built is the
     scheme's: pmaddwd alone, or pmaddubsw."""
     assert fk.w4a16_scheme(M, target) == scheme
-    asm = tvm.compile(fk.w4a16_dense(M, 48, K, B, 0.1, 7, target=target), target).mod.inspect_source("asm")
+    asm = tvm.compile(fk.w4a16_dense(M, 48, K, B, target=target), target).mod.inspect_source("asm")
     if scheme == "madd":
         assert "vpmaddwd" in asm and "pmaddubsw" not in asm
     else:
@@ -126,15 +123,15 @@ def test_w4a16_scheme_by_cpu_and_rows(M, K, B, target, scheme):
 
 
 def test_integer_kernels_reject_what_they_cannot_hold():
-    for scheme in ("planes", "madd"):
-        with pytest.raises(ValueError, match="zero point must lie in 0..65535, got 65536"):
-            fk.w4a16_dense(1, 64, 64, 64, 0.1, 65536, scheme=scheme, target=TARGET)
-    with pytest.raises(ValueError, match="scheme must be 'auto', 'planes' or 'madd', got 'float'"):
-        fk.w4a16_dense(1, 64, 64, 64, 0.1, 0, scheme="float", target=TARGET)
+    """The zero point is a run-time value: the kernel choice checks it (``check_integer``) before building."""
+    with pytest.raises(ValueError, match="zero point must lie in 0..65535, got 65536"):
+        check_integer(64, 64, 64, 65536, 65535)
     with pytest.raises(ValueError, match="zero point must lie in 0..255, got 256"):
-        fk.w4a8_dense(1, 64, 64, 64, 0.1, 256, target=TARGET)
+        check_integer(64, 64, 64, 256, 255)
+    with pytest.raises(ValueError, match="scheme must be 'auto', 'planes' or 'madd', got 'float'"):
+        fk.w4a16_dense(1, 64, 64, 64, scheme="float", target=TARGET)
     with pytest.raises(ValueError, match=r"fit int32 up to K = 65536 .* got K=65600"):
-        fk.w4a16_dense(1, 64, 65600, 64, 0.1, 0, target=TARGET)
+        fk.w4a16_dense(1, 64, 65600, 64, target=TARGET)
 
 
 SCHEMES = [
@@ -164,7 +161,7 @@ def test_integer_blocks_of_one_two_and_three_dwords(cpu, options, instruction, B
     nibble scheme needs two dwords per block (B = 8 takes fold-k instead, and refuses to run without)."""
     if B == 8 and options == dict(fold_k=False):
         with pytest.raises(ValueError, match=r"nibble scheme needs .* \(B >= 16\), got B=8: use fold_k"):
-            fk.w4a8_dense(3, 72, 24, 8, 0.1, 0, target=tvm.target.Target({"kind": "llvm", "mcpu": cpu}), **options)
+            fk.w4a8_dense(3, 72, 24, 8, target=tvm.target.Target({"kind": "llvm", "mcpu": cpu}), **options)
         return
     check_integer_kernel(cpu, options, instruction, 3, 16 if B == 16 else 8, N=72, K=3 * B, B=B)
 
@@ -186,7 +183,7 @@ def test_w4a16_madd_register_tile_is_one_row_of_the_whole_tile():
     written right after its own Q (loops: tiles, rows, then the 64 lanes vectorized), for any row count
     (no padding to a multiple of a row tile)."""
     for M in (49, 64):
-        sch = Schedule(fk.w4a16_dense(M, 256, 256, 64, 0.1, 3, target=ZEN1, scheme="madd"))
+        sch = Schedule(fk.w4a16_dense(M, 256, 256, 64, target=ZEN1, scheme="madd"))
         loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("y"))]
         assert [(int(loop.extent), tirx.ForKind(int(loop.kind))) for loop in loops] == [
             (4, tirx.ForKind.PARALLEL),
@@ -202,7 +199,7 @@ def test_block_dot_decodes_the_tile_once_from_16_rows(bits):
     are bit-exact in the tests above (M = 1, 3, 8 below; 32 above)."""
     for M, decoded in ((TUNING.decoded_min_rows * 8 // bits - 1, False), (TUNING.decoded_min_rows * 8 // bits, True)):
         make = fk.w4a8_dense if bits == 8 else functools.partial(fk.w4a16_dense, scheme="planes")
-        script = make(M, 64, 256, 64, 0.1, 3, target=HASWELL).script()
+        script = make(M, 64, 256, 64, target=HASWELL).script()
         assert ('T.sblock("Wq")' in script) == decoded, M
 
 
@@ -219,5 +216,5 @@ def test_block_dot_gemv_prefetches_the_streamed_nibbles(bits):
         (12 // rows_per_m, False),
         (TUNING.decoded_min_rows, False),
     ):
-        script = make(M, 64, 256, 64, 0.1, 3, target=HASWELL).script()
+        script = make(M, 64, 256, 64, target=HASWELL).script()
         assert ("llvm.prefetch" in script) == prefetched, M

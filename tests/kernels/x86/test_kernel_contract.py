@@ -9,7 +9,7 @@ import tvm
 from kernel_cases import activations, reference_w4a8, reference_weight_only, weight_only_tolerance, weights
 from tvm import relax, tirx
 from tvm.s_tir import Schedule
-from x86_cases import DEV, HASWELL, KERNELS, TARGET, run
+from x86_cases import DEV, HASWELL, KERNELS, TARGET, encoding, run
 
 from lpbq_tvm.kernels import x86 as fk
 from lpbq_tvm.kernels.interface import FUSABLE_OUTPUT, IntegerArithmetic
@@ -29,9 +29,9 @@ def test_a_layer_of_one_partial_tile_computes_only_its_channels(kernel):
         if kernel == "weight-only":
             func = fk.weight_only_dense(M, N, K, B, target=avx2)
         elif kernel == "w4a8":
-            func = fk.w4a8_dense(M, N, K, B, 0.05, 3, target=avx2)
+            func = fk.w4a8_dense(M, N, K, B, target=avx2)
         else:
-            func = fk.w4a16_dense(M, N, K, B, 0.05, 3, target=avx2)
+            func = fk.w4a16_dense(M, N, K, B, target=avx2)
         (acc,) = [buffer for buffer in func.body.block.alloc_buffers if buffer.name.startswith("Acc")]
         assert int(acc.shape[-1]) == lanes
 
@@ -111,8 +111,9 @@ def test_relax_call_tir(M):
     assert np.all(np.abs(got - ref) <= weight_only_tolerance(x, q, k, s, B, bias))
 
     qw, kw, wsum = fk.repack_w4a8(qp, kp, N, K, B)
-    inputs = list(zip(["x", "qw", "kw", "wsum", "s", "bias"], [x, qw, kw, wsum, s, bias], strict=True))
-    mod = _relax_call(fk.w4a8_dense(M, N, K, B, sx, zx, True, target=TARGET), inputs, (M, N), "lpbq_w4a8")
+    names = ["x", "qw", "kw", "wsum", "s", "sx", "zx", "bias"]
+    inputs = list(zip(names, [x, qw, kw, wsum, s, *encoding(sx, zx), bias], strict=True))
+    mod = _relax_call(fk.w4a8_dense(M, N, K, B, True, target=TARGET), inputs, (M, N), "lpbq_w4a8")
     vm = relax.VirtualMachine(tvm.compile(mod, TARGET), DEV)
     got = vm["main"](*[tvm.runtime.tensor(a, DEV) for _, a in inputs]).numpy()
     assert np.array_equal(got.view(np.int32), reference_w4a8(x, q, k, s, B, sx, zx, bias).view(np.int32))
@@ -141,8 +142,8 @@ def test_matches_project_unscheduled_kernels(M):
         return run(tvm.compile(te.create_prim_func([xt, qt, kt, st, y]), TARGET), [x, qp, kp, s], M, N)
 
     fast = run(
-        tvm.compile(fk.w4a8_dense(M, N, K, B, sx, zx, target=TARGET), TARGET),
-        [x, *fk.repack_w4a8(qp, kp, N, K, B), s],
+        tvm.compile(fk.w4a8_dense(M, N, K, B, target=TARGET), TARGET),
+        [x, *fk.repack_w4a8(qp, kp, N, K, B), s, *encoding(sx, zx)],
         M,
         N,
     )

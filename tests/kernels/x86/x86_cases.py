@@ -8,6 +8,7 @@ from kernel_cases import activations, reference_w4a8, weights
 from tvm.target import codegen
 
 from lpbq_tvm.kernels import x86 as fk
+from lpbq_tvm.kernels.tiled.integer import encoding_inputs
 from lpbq_tvm.packing import pack_nibbles
 from lpbq_tvm.targets import get_target
 
@@ -23,6 +24,11 @@ def compiled(key, make):
     return _COMPILED[key]
 
 
+def encoding(sx: float, zx: int) -> list[np.ndarray]:
+    """The run-time ``sx`` and ``zx`` arguments of an integer kernel."""
+    return list(encoding_inputs(sx, zx).values())
+
+
 def run(lib, arrays, M, N):
     args = [tvm.runtime.tensor(np.ascontiguousarray(a), DEV) for a in arrays]
     out = tvm.runtime.tensor(np.zeros((M, N), np.float32), DEV)
@@ -32,9 +38,9 @@ def run(lib, arrays, M, N):
 
 KERNELS = {
     "weight-only": lambda M, N, target: fk.weight_only_dense(M, N, 256, 64, target=target),
-    "w4a8": lambda M, N, target: fk.w4a8_dense(M, N, 256, 64, 0.1, 3, target=target),
-    "w4a16 planes": lambda M, N, target: fk.w4a16_dense(M, N, 256, 64, 0.1, 3, target=target, scheme="planes"),
-    "w4a16 madd": lambda M, N, target: fk.w4a16_dense(M, N, 256, 64, 0.1, 3, target=target, scheme="madd"),
+    "w4a8": lambda M, N, target: fk.w4a8_dense(M, N, 256, 64, target=target),
+    "w4a16 planes": lambda M, N, target: fk.w4a16_dense(M, N, 256, 64, target=target, scheme="planes"),
+    "w4a16 madd": lambda M, N, target: fk.w4a16_dense(M, N, 256, 64, target=target, scheme="madd"),
 }
 
 
@@ -55,13 +61,13 @@ def check_integer_kernel(cpu, options, instruction, M, bits, N, K, B):
     s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
     x = activations(M, K, sx, zx, rng, qmax)
     kernel = fk.w4a8_dense if bits == 8 else fk.w4a16_dense
-    lib = tvm.compile(kernel(M, N, K, B, sx, zx, target=target, **options), target)
+    lib = tvm.compile(kernel(M, N, K, B, target=target, **options), target)
     asm = lib.mod.inspect_source("asm").replace("\t", " ")
     if instruction is None:
         assert "vpdpbusd" not in asm and "pmaddubsw" not in asm
     else:
         assert instruction in asm
     if host_runs(target):
-        got = run(lib, [x, *fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B), s], M, N)
+        got = run(lib, [x, *fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B), s, *encoding(sx, zx)], M, N)
         ref = reference_w4a8(x, q, k, s, B, sx, zx, bitwidth=bits)
         assert np.array_equal(got.view(np.int32), ref.view(np.int32))
