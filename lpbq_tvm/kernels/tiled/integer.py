@@ -1,7 +1,8 @@
 """What the integer kernels (W4A8, W4A16) of the CPU families share: inputs, codes, the exact accumulator, output.
 
-Every integer kernel computes ``main(x, qw, kw, wsum, s, [bias], y)``: ``x`` float32 ``[M, K]`` is
-quantized in-kernel, ``xq = clamp(round_half_even(x / sx) + zx, 0, qmax)`` (a true division, as the
+Every integer kernel computes ``main(x, qw, kw, wsum, s, sx, zx, [bias], y)``: ``x`` float32 ``[M, K]`` is
+quantized in-kernel with the input encoding ``sx`` / ``zx`` read at run time (so that layers of one
+shape share one compiled kernel), ``xq = clamp(round_half_even(x / sx) + zx, 0, qmax)`` (a true division, as the
 reference), ``acc = Σ_i (xq − zx) · (q · k)`` exactly, ``y = float32(acc) · sx · s[n]``, then
 ``+ bias[n]``, each rounded on its own: bit-exact with :func:`lpbq_tvm.reference.dense_int`.
 ``qw`` / ``kw`` / ``wsum`` are the integer layout of :mod:`~lpbq_tvm.kernels.tiled.repack`.
