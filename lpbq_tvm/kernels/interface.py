@@ -11,11 +11,13 @@ The call contract of a chosen kernel: ``func(x, *weights.values(), [bias], y)`` 
 arithmetic is that of docs/design.md §3 for the layer's mode (bit-exact in the integer modes).
 
 A family's choices that change speed only (crossovers, tile sizes) are measured, not derived: each
-table of them carries its :class:`Provenance`.
+table of them carries its :class:`Provenance`. A family builds its kernels through :func:`built`, so
+the layers of one shape (a decoder's 30 q projections) share one scheduled function.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,6 +36,7 @@ __all__ = [
     "Provenance",
     "KernelFamily",
     "KernelProvider",
+    "built",
 ]
 
 # Block annotations, set by kernels and read by the schedule rules (kernels/schedule_rules.py):
@@ -102,3 +105,11 @@ class Provenance:
     command: str  # the benchmark, run from the repository root
     host: str  # the CPU it ran on (as the benchmark's host line prints it)
     record: str  # the heading of the docs/performance.md section that holds the numbers
+
+
+@functools.lru_cache(maxsize=256)
+def built(build: Callable, *args, **kwargs):
+    """``build(*args, **kwargs)``, scheduled once per arguments and shared (a PrimFunc is immutable): a kernel
+    depends on its layer's shape and the target, not on its weights. A ``tvm.target.Target`` compares by
+    identity, so the layers of one lowering, which share their target object, share their kernels."""
+    return build(*args, **kwargs)

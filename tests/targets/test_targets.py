@@ -63,6 +63,23 @@ def test_each_provider_asks_its_family():
     assert get_target("aarch64").kernel_families == (aarch64,) and get_target("htp-sim").kernel_provider() is None
 
 
+@pytest.mark.parametrize("name", ["cpu", "aarch64"])
+def test_layers_of_one_shape_share_one_kernel_whatever_their_calibration(name):
+    """The input encoding is a run-time argument: two W4A8 layers of one shape, calibrated differently,
+    get the same scheduled function (compiled once) and their own ``lpbq_sx`` / ``lpbq_zx`` values."""
+    provide = get_target(name).kernel_provider()
+    first, second = (
+        provide(_dense_layer(integer=IntegerArithmetic(activation_encoding(low, 1.0, 8)))) for low in (-1.0, -0.25)
+    )
+    assert first.func is second.func
+    assert first.weights["lpbq_sx"][0] != second.weights["lpbq_sx"][0]
+    assert first.weights["lpbq_zx"][0] != second.weights["lpbq_zx"][0]
+    assert (
+        provide(_dense_layer(rows=5, integer=IntegerArithmetic(activation_encoding(-1.0, 1.0, 8)))).func
+        is not first.func
+    )
+
+
 def test_the_x86_family_declines_what_it_cannot_compute():
     """int8 per-channel layers and requantized outputs take the generic kernels."""
     cpu = get_target("cpu").tvm_target()

@@ -25,7 +25,7 @@ from tvm.target import codegen
 
 from lpbq_tvm.kernels.aarch64 import fold_k, mmla
 from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, UDOT_NIBBLE_INTRIN
-from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, Provenance
+from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, Provenance, built
 from lpbq_tvm.kernels.tiled import nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer, encoding_inputs
 from lpbq_tvm.kernels.tiled.repack import check_shape, repack_w4a8, repack_weight_only
@@ -93,14 +93,14 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
     rows, channels, depth, block = layer.rows, layer.channels, layer.depth, encoding.block_size
     if integer is None:
         qw, kw = repack_weight_only(packed.q, packed.k, channels, depth, block)
-        func = weight_only_dense(rows, channels, depth, block, layer.has_bias, target=target)
+        func = built(weight_only_dense, rows, channels, depth, block, layer.has_bias, target=target)
         return KernelChoice(func, {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_s": packed.scale}, KERNEL_NAME)
     if not codegen.target_has_features("dotprod", target) or integer.output_encoding is not None or depth > MAX_K:
         return None
     qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
     x = integer.input_encoding
     check_integer(channels, depth, block, x.zero_point, (1 << x.bitwidth) - 1)
-    func = integer_dense(rows, channels, depth, block, x.bitwidth, layer.has_bias, target=target)
+    func = built(integer_dense, rows, channels, depth, block, x.bitwidth, layer.has_bias, target=target)
     weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
     return KernelChoice(func, weights | encoding_inputs(x.scale, x.zero_point), KERNEL_NAME)
 

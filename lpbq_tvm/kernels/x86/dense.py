@@ -18,7 +18,7 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
-from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice
+from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, built
 from lpbq_tvm.kernels.tiled import nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer, encoding_inputs
 from lpbq_tvm.kernels.tiled.repack import check_shape, repack_w4a8, repack_weight_only
@@ -49,7 +49,7 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
     if integer is None:
         qw, kw = repack_weight_only(packed.q, packed.k, channels, depth, block)
         weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_s": packed.scale}
-        func = weight_only_dense(rows, channels, depth, block, layer.has_bias, target=target)
+        func = built(weight_only_dense, rows, channels, depth, block, layer.has_bias, target=target)
     else:
         qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
         x = integer.input_encoding
@@ -57,7 +57,7 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
         weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
         weights |= encoding_inputs(x.scale, x.zero_point)
         build = w4a16_dense if x.bitwidth > 8 else w4a8_dense
-        func = build(rows, channels, depth, block, layer.has_bias, target=target)
+        func = built(build, rows, channels, depth, block, layer.has_bias, target=target)
     return KernelChoice(func, weights, KERNEL_NAME)
 
 
