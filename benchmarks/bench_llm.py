@@ -11,9 +11,9 @@ Measured for each thread count (1 and 2), each in its own worker process (``TVM_
   lpbq_tvm step first rewinds ``Decoder.length`` to the same position, every onnxruntime step feeds the same past
   (``OrtValue``s: the presents of one run are the past of the next, as onnxruntime's KV-cache loop does);
 * the memory-bandwidth bound of a decode step: the weight bytes a token reads (lpbq_tvm: the parameters of its
-  decode graph, fp32 or packed LPBQ; onnxruntime 4-bit: MatMulNBits' blocks and scales; fp32: the fp32 MatMul
-  weights) plus the KV cache at that context, at the rate one core reads a 256 MB array (a numpy reduction,
-  out of cache). The same single-core rate bounds the 2-thread rows;
+  decode graph, fp32 or packed LPBQ, the embedding table counting one row; onnxruntime 4-bit: MatMulNBits'
+  blocks and scales; fp32: the fp32 MatMul weights) plus the KV cache at that context, at the rate one core
+  reads a 256 MB array (a numpy reduction, out of cache). The same single-core rate bounds the 2-thread rows;
 * memory: the resident set each candidate adds when loaded and first run (approximate: the allocator reuses
   freed pages), and the worker's peak RSS.
 
@@ -66,6 +66,7 @@ CALIBRATION = (4, 32, 4096)  # windows, tokens per window, first token of the te
 ORT_LEVELS = (0, 4)
 PROMPT, CHECK_TOKENS = "The capital of France is", 8
 READ_BYTES = 256 << 20
+EMBEDDING = "model.embed_tokens.weight"  # the export's token embedding (benchmarks/models/smollm2.py)
 ORT_NAMES = ("onnxruntime fp32", *(f"onnxruntime acc{level}" for level in ORT_LEVELS))
 CANDIDATES = (*ORT_NAMES, *(f"lpbq_tvm {mode}" for mode in MODES))
 
@@ -310,7 +311,15 @@ def lpbq_candidate(decoders: dict) -> Candidate:
 
         return step
 
-    return Candidate(prefill, greedy, decode_at, ordered[0].decode_model.weight_bytes.total)
+    return Candidate(prefill, greedy, decode_at, step_bytes(ordered[0].decode_model))
+
+
+def step_bytes(model) -> int:
+    """The parameter bytes a decode step of ``model`` reads: all of them but the embedding table, of which it
+    reads one row (a Gather by the token id)."""
+    sizes = {name: param.numpy().nbytes for name, param in zip(model.param_names, model.params, strict=True)}
+    table = model.params[model.param_names.index(EMBEDDING)]
+    return sum(sizes.values()) - sizes[EMBEDDING] + sizes[EMBEDDING] // int(table.shape[0])
 
 
 def rss_mb() -> float:
