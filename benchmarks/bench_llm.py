@@ -317,9 +317,11 @@ def lpbq_candidate(decoders: dict) -> Candidate:
 def step_bytes(model) -> int:
     """The parameter bytes a decode step of ``model`` reads: all of them but the embedding table, of which it
     reads one row (a Gather by the token id)."""
-    sizes = {name: param.numpy().nbytes for name, param in zip(model.param_names, model.params, strict=True)}
+    import numpy as np
+
     table = model.params[model.param_names.index(EMBEDDING)]
-    return sum(sizes.values()) - sizes[EMBEDDING] + sizes[EMBEDDING] // int(table.shape[0])
+    row = int(np.prod(table.shape[1:])) * np.dtype(str(table.dtype)).itemsize
+    return model.weight_bytes.total - (int(table.shape[0]) - 1) * row
 
 
 def rss_mb() -> float:

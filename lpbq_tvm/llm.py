@@ -350,7 +350,8 @@ def compile_decoder(sim, mode: str = "weight-only", *, target: str = "cpu", cont
     decode_model = build(module, target, outputs=decode_sim.outputs, mode=mode)
     _share_weights(prefill_model, decode_model)
     if get_target(target).device() is not None:  # (the machine code is part of compiling: not in a first token)
-        prefill_model.load(), decode_model.load()
+        prefill_model.load()
+        decode_model.load()
     return Decoder(prefill_model, decode_model, interface, context, prefill)
 
 

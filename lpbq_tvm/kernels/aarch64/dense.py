@@ -27,7 +27,7 @@ from lpbq_tvm.kernels.aarch64 import fold_k, mmla
 from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, UDOT_NIBBLE_INTRIN
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, Provenance, built
 from lpbq_tvm.kernels.tiled import nibble
-from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer, encoding_inputs
+from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, encoding_inputs
 from lpbq_tvm.kernels.tiled.repack import check_shape, repack_w4a8, repack_weight_only
 from lpbq_tvm.kernels.tiled.weight_only import weight_only_gemm, weight_only_gemv
 from lpbq_tvm.packing import pack
@@ -99,10 +99,9 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
         return None
     qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
     x = integer.input_encoding
-    check_integer(channels, depth, block, x.zero_point, (1 << x.bitwidth) - 1)
     func = built(integer_dense, rows, channels, depth, block, x.bitwidth, layer.has_bias, target=target)
     weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
-    return KernelChoice(func, weights | encoding_inputs(x.scale, x.zero_point), KERNEL_NAME)
+    return KernelChoice(func, weights | encoding_inputs(x), KERNEL_NAME)
 
 
 def weight_only_dense(M: int, N: int, K: int, B: int, with_bias: bool = False, *, target) -> tirx.PrimFunc:

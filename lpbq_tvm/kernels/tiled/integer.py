@@ -30,8 +30,9 @@ import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
+from lpbq_tvm.calibration import ActivationEncoding
 from lpbq_tvm.kernels.tiled.decode import byte, k_value, nibbles
-from lpbq_tvm.kernels.tiled.repack import LANES, check_shape
+from lpbq_tvm.kernels.tiled.repack import LANES
 from lpbq_tvm.kernels.tiled.schedule import finish, schedule_codes, tile_lanes
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "DotInstructions",
     "Problem",
     "build_byte_planes",
-    "check_integer",
     "code",
     "folded_dot",
     "int8_tile",
@@ -127,13 +127,6 @@ def folded_dot(p: Problem, code_offset: int) -> te.Tensor:
     )
 
 
-def check_integer(N: int, K: int, B: int, zx: int, qmax: int) -> None:
-    check_shape(N, K, B)
-    if not 0 <= int(zx) <= qmax:
-        msg = f"zero point must lie in 0..{qmax}, got {zx}"
-        raise ValueError(msg)
-
-
 def integer_inputs(M, N, K, B, with_bias):
     """(x, qw, kw, wsum, s, sx, zx, bias or None): the integer kernels' inputs. The input's encoding, its
     scale ``sx`` (float32) and zero point ``zx`` (int32), is one-element tensors read at run time, so the
@@ -151,9 +144,13 @@ def integer_inputs(M, N, K, B, with_bias):
     )
 
 
-def encoding_inputs(sx: float, zx: int) -> dict[str, np.ndarray]:
-    """The run-time values of :func:`integer_inputs`' ``sx`` and ``zx``, by the names kernel choices give them."""
-    return {"lpbq_sx": np.array([sx], np.float32), "lpbq_zx": np.array([zx], np.int32)}
+def encoding_inputs(encoding: ActivationEncoding) -> dict[str, np.ndarray]:
+    """The run-time values of :func:`integer_inputs`' ``sx`` and ``zx`` for the input ``encoding``, by the names
+    kernel choices give them; ``ValueError`` for a zero point outside the codes' range."""
+    if not 0 <= encoding.zero_point <= encoding.qmax:
+        msg = f"zero point must lie in 0..{encoding.qmax}, got {encoding.zero_point}"
+        raise ValueError(msg)
+    return {"lpbq_sx": np.array([encoding.scale], np.float32), "lpbq_zx": np.array([encoding.zero_point], np.int32)}
 
 
 def code(value, sx, zx, qmax: int):

@@ -20,7 +20,7 @@ from tvm import tirx
 
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, built
 from lpbq_tvm.kernels.tiled import nibble
-from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, check_integer, encoding_inputs
+from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, encoding_inputs
 from lpbq_tvm.kernels.tiled.repack import check_shape, repack_w4a8, repack_weight_only
 from lpbq_tvm.kernels.x86 import block_dot, fold_k
 from lpbq_tvm.kernels.x86.intrinsics import NIBBLE_LANES, VNNI_NIBBLE_INTRIN
@@ -53,9 +53,7 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
     else:
         qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
         x = integer.input_encoding
-        check_integer(channels, depth, block, x.zero_point, (1 << x.bitwidth) - 1)
-        weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
-        weights |= encoding_inputs(x.scale, x.zero_point)
+        weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale} | encoding_inputs(x)
         build = w4a16_dense if x.bitwidth > 8 else w4a8_dense
         func = built(build, rows, channels, depth, block, layer.has_bias, target=target)
     return KernelChoice(func, weights, KERNEL_NAME)

@@ -74,7 +74,7 @@ def _check(arm64_session, M, N, K, B, bits, rng, extreme=False, target=DOTPROD):
     q, k, s, x, bias, sx, zx = _case(M, N, K, B, bits, rng, extreme)
     func = integer_dense(M, N, K, B, bits, bias is not None, target=target)
     weights_ = repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    encoding = encoding_inputs(sx, zx).values()
+    encoding = encoding_inputs(ActivationEncoding(bits, sx, -zx)).values()
     got = arm64_session.call(func, target, [x, *weights_, s, *encoding, *([bias] if bias is not None else [])], (M, N))
     expected = reference_w4a8(x, q, k, s, B, sx, zx, bias, bitwidth=bits)
     np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))

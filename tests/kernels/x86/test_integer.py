@@ -13,8 +13,9 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 from x86_cases import HASWELL, TARGET, ZEN1, check_integer_kernel, compiled, encoding, run
 
+from lpbq_tvm.calibration import ActivationEncoding
 from lpbq_tvm.kernels import x86 as fk
-from lpbq_tvm.kernels.tiled.integer import W4A16_INT32_MAX_K, check_integer
+from lpbq_tvm.kernels.tiled.integer import W4A16_INT32_MAX_K, encoding_inputs
 from lpbq_tvm.kernels.x86.tuning import tuning
 from lpbq_tvm.packing import pack_nibbles
 
@@ -70,7 +71,7 @@ def test_w4a16_bit_exact(M, N, K, B, scheme):
         ("w4a16", M, N, K, B, with_bias, scheme),
         lambda: fk.w4a16_dense(M, N, K, B, with_bias, scheme=scheme, target=TARGET),
     )
-    got = run(lib, [x, qw, kw, wsum, s, *encoding(sx, zx)] + ([bias] if with_bias else []), M, N)
+    got = run(lib, [x, qw, kw, wsum, s, *encoding(sx, zx, 16)] + ([bias] if with_bias else []), M, N)
     ref = reference_w4a8(x, q, k, s, B, sx, zx, bias, bitwidth=16)
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
 
@@ -95,7 +96,7 @@ def test_w4a16_extreme_accumulator(M, scheme, B, zx, K):
     lib = compiled(
         ("w4a16", M, N, K, B, False, scheme), lambda: fk.w4a16_dense(M, N, K, B, scheme=scheme, target=TARGET)
     )
-    got = run(lib, [x, qw, kw, wsum, s, *encoding(0.5, zx)], M, N)
+    got = run(lib, [x, qw, kw, wsum, s, *encoding(0.5, zx, 16)], M, N)
     ref = reference_w4a8(x, q, k, s, B, 0.5, zx, bitwidth=16)
     assert np.float32(abs(float(got[0, 0]) / 0.25)) == np.float32(65535 * 128 * K)
     assert np.array_equal(got.view(np.int32), ref.view(np.int32))
@@ -123,11 +124,11 @@ def test_w4a16_scheme_by_cpu_and_rows(M, K, B, target, scheme):
 
 
 def test_integer_kernels_reject_what_they_cannot_hold():
-    """The zero point is a run-time value: the kernel choice checks it (``check_integer``) before building."""
+    """The zero point is a run-time value: the kernel choice checks it (``encoding_inputs``)."""
     with pytest.raises(ValueError, match="zero point must lie in 0..65535, got 65536"):
-        check_integer(64, 64, 64, 65536, 65535)
+        encoding_inputs(ActivationEncoding(16, 0.1, -65536))
     with pytest.raises(ValueError, match="zero point must lie in 0..255, got 256"):
-        check_integer(64, 64, 64, 256, 255)
+        encoding_inputs(ActivationEncoding(8, 0.1, -256))
     with pytest.raises(ValueError, match="scheme must be 'auto', 'planes' or 'madd', got 'float'"):
         fk.w4a16_dense(1, 64, 64, 64, scheme="float", target=TARGET)
     with pytest.raises(ValueError, match=r"fit int32 up to K = 65536 .* got K=65600"):

@@ -7,6 +7,7 @@ import tvm
 from kernel_cases import activations, reference_w4a8, weights
 from tvm.target import codegen
 
+from lpbq_tvm.calibration import ActivationEncoding
 from lpbq_tvm.kernels import x86 as fk
 from lpbq_tvm.kernels.tiled.integer import encoding_inputs
 from lpbq_tvm.packing import pack_nibbles
@@ -24,9 +25,9 @@ def compiled(key, make):
     return _COMPILED[key]
 
 
-def encoding(sx: float, zx: int) -> list[np.ndarray]:
+def encoding(sx: float, zx: int, bits: int = 8) -> list[np.ndarray]:
     """The run-time ``sx`` and ``zx`` arguments of an integer kernel."""
-    return list(encoding_inputs(sx, zx).values())
+    return list(encoding_inputs(ActivationEncoding(bits, sx, -zx)).values())
 
 
 def run(lib, arrays, M, N):
@@ -68,6 +69,8 @@ def check_integer_kernel(cpu, options, instruction, M, bits, N, K, B):
     else:
         assert instruction in asm
     if host_runs(target):
-        got = run(lib, [x, *fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B), s, *encoding(sx, zx)], M, N)
+        got = run(
+            lib, [x, *fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B), s, *encoding(sx, zx, bits)], M, N
+        )
         ref = reference_w4a8(x, q, k, s, B, sx, zx, bitwidth=bits)
         assert np.array_equal(got.view(np.int32), ref.view(np.int32))
