@@ -480,7 +480,9 @@ class QuantizationSimModel:
 
     def _simulation_session(self):
         """onnxruntime on the prepared model with LPBQ-dequantized weights (fp32 before encoding),
-        also returning the observed tensors while observers are set."""
+        also returning the observed tensors while observers are set: the session, and the layers'
+        weights it is fed on every run (onnxruntime would copy them as initializers; fed, it reads
+        these arrays in place)."""
         import onnxruntime as ort
 
         from lpbq_tvm.onnx_model import session_with_weights
@@ -489,7 +491,12 @@ class QuantizationSimModel:
             model = onnx.ModelProto()
             model.CopyFrom(self.graph)
             encodings = self.encodings if self._encoded is not None else {}
-            weights = {name: encodings[name].qdq_weight if name in encodings else w for name, w in self.weights.items()}
+            fed = {
+                name: encodings[name].qdq_weight if name in encodings else self.weights[name]
+                for name in self.layers
+                if name in self.weights
+            }
+            constants = {name: w for name, w in self.weights.items() if name not in fed}
             if self._observers is not None:
                 existing = {output.name for output in model.graph.output}
                 model.graph.output.extend(
@@ -498,7 +505,7 @@ class QuantizationSimModel:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.log_severity_level = 3  # errors only
-            self._session = session_with_weights(model, weights, options)
+            self._session = session_with_weights(model, constants, options), fed
         return self._session
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -508,9 +515,9 @@ class QuantizationSimModel:
         """
         if self._observers is None:
             self._require_encodings()
-        session = self._simulation_session()
+        session, fed = self._simulation_session()
         names = [output.name for output in session.get_outputs()]
-        results = dict(zip(names, session.run(names, dict(inputs)), strict=True))
+        results = dict(zip(names, session.run(names, {**inputs, **fed}), strict=True))
         if self._recorded is not None:
             self._recorded.append({name: np.array(value) for name, value in inputs.items()})
         for name, observers in (self._observers or {}).items():

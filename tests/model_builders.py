@@ -142,6 +142,18 @@ def with_weight(model: onnx.ModelProto, name: str, value: np.ndarray) -> onnx.Mo
     raise KeyError(name)
 
 
+def computed_in_graph(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializer ``name`` reaches its consumers through an ``Identity`` node,
+    as a weight passes through AIMET's quantizer node: onnxruntime's kernels then see a computed
+    operand, not a constant they may pre-pack (pre-packed and plain MatMul differ in the last bit)."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    stored = f"{name}/stored"
+    next(init for init in result.graph.initializer if init.name == name).name = stored
+    result.graph.node.insert(0, onnx.helper.make_node("Identity", [stored], [name], name=f"{name}/identity"))
+    return result
+
+
 def dot_product_bound(case: LayerCase, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """Per-output bound on the float32 error of a kernel against a reference of the same math.
 

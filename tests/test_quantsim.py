@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from model_builders import (
     assert_float_close,
+    computed_in_graph,
     gated_softmax_model,
     minmax_encodings,
     ort_run,
@@ -40,13 +41,14 @@ def encoded_sim():
 
 
 def test_sim_run_is_the_model_with_dequantized_weights(encoded_sim, example_input):
-    """sim.run equals onnxruntime on the prepared model with each weight replaced by the encoder's qdq."""
+    """sim.run equals onnxruntime on the prepared model with each weight replaced by the encoder's qdq,
+    computed in the graph (as AIMET's quantizer nodes compute it), not a constant."""
     model = encoded_sim.model
     for layer in ("conv.weight", "fc1.weight", "fc2.weight"):
         initializer = next(i for i in model.graph.initializer if i.name == layer)
         weight = numpy_helper.to_array(initializer)
         axes = (1, 0) if layer == "fc2.weight" else (0, 1)
-        model = with_weight(model, layer, encode_lpbq(weight, *axes).qdq_weight)
+        model = computed_in_graph(with_weight(model, layer, encode_lpbq(weight, *axes).qdq_weight), layer)
     np.testing.assert_array_equal(encoded_sim.run(example_input)["y"], ort_run(model, example_input)["y"])
 
 
