@@ -57,7 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # benchmarks.models is imported from the source tree
-MODES = ("fp32", "weight-only", "w4a8", "w4a16")
+MODES = ("fp32", "weight-only", "w4a8", "w4a8-dynamic", "w4a16")
 DECODERS = {"short": (16, 16), "long": (512, 256)}  # (context, prefill)
 PREFILLS = (16, 256)
 CONTEXTS = (16, 512)

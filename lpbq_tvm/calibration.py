@@ -13,6 +13,11 @@ calibration batch: ``"minmax"`` keeps the extremes, ``"percentile"`` takes the
 
 Worked example, uint8, observed range [-1, 3]: scale = 4 / 255 = 0.015686275, offset =
 round(-63.75) = -64, so 0.0 -> 64, 3.0 -> 255, -1.0 -> 0.
+
+:class:`RowwiseEncoding` is the calibration-free alternative of mode ``w4a8-dynamic``: each row
+(token) of a dense layer's input gets its own symmetric 8-bit scale at run time, ``max |x| / 127``,
+codes 1..255 around the zero point 128. A language model's activations have rows and channels
+hundreds of times larger than the rest, which one calibrated per-tensor range cannot serve.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ActivationEncoding", "ChannelEnergyObserver", "RangeObserver", "activation_encoding", "CALIBRATION_METHODS"]
+__all__ = [
+    "ActivationEncoding",
+    "ChannelEnergyObserver",
+    "RangeObserver",
+    "RowwiseEncoding",
+    "activation_encoding",
+    "CALIBRATION_METHODS",
+]
 
 CALIBRATION_METHODS = ("minmax", "percentile")
 # Smallest range an encoding may span, so that a constant-zero tensor still gets a valid scale.
@@ -48,15 +60,44 @@ class ActivationEncoding:
     def dtype(self) -> str:
         return "uint8" if self.bitwidth <= 8 else "uint16"
 
+    def scales(self, x: np.ndarray) -> np.float32:
+        """The scale that encodes ``x``: this encoding's, whatever ``x`` holds."""
+        return np.float32(self.scale)
+
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """``clamp(round_half_even(x / scale) + zero_point, 0, qmax)`` in float32 arithmetic."""
-        codes = np.rint(np.asarray(x, np.float32) / np.float32(self.scale)) + np.float32(self.zero_point)
-        return np.clip(codes, 0, self.qmax).astype(self.dtype)
+        return _codes(x, self.scales(x), self.zero_point, self.qmax, self.dtype)
 
     def dequantize(self, codes: np.ndarray) -> np.ndarray:
         return ((codes.astype(np.int32) - self.zero_point).astype(np.float32) * np.float32(self.scale)).astype(
             np.float32
         )
+
+
+@dataclass(frozen=True)
+class RowwiseEncoding:
+    """Symmetric uint8 codes per row (the last axis is a row's), computed at run time from the row itself:
+    ``scale = max_i |x_i| / 127`` in float32 (1 for a row of zeros), zero point 128, codes 1..255."""
+
+    bitwidth = 8
+    zero_point = 128
+    qmax = 255
+    dtype = "uint8"
+    MAX_CODE = 127  # |code - zero point| at the row's largest magnitude
+
+    def scales(self, x: np.ndarray) -> np.ndarray:
+        """Each row's scale, shaped ``[..., 1]`` to divide ``x`` by."""
+        magnitude = np.max(np.abs(np.asarray(x, np.float32)), axis=-1, keepdims=True)
+        return np.where(magnitude > 0, magnitude / np.float32(self.MAX_CODE), np.float32(1)).astype(np.float32)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """``round_half_even(x / scale[row]) + 128`` (always within 1..255) in float32 arithmetic."""
+        return _codes(x, self.scales(x), self.zero_point, self.qmax, self.dtype)
+
+
+def _codes(x: np.ndarray, scale, zero_point: int, qmax: int, dtype: str) -> np.ndarray:
+    codes = np.rint(np.asarray(x, np.float32) / scale) + np.float32(zero_point)
+    return np.clip(codes, 0, qmax).astype(dtype)
 
 
 def activation_encoding(minimum: float, maximum: float, bitwidth: int) -> ActivationEncoding:

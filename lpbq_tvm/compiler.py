@@ -26,7 +26,7 @@ from lpbq_tvm.attrs import LOWERED_ATTR, num_inputs
 from lpbq_tvm.bundle import check_inputs, numpy_view, outputs_by_name, write_bundle
 from lpbq_tvm.frontend import TensorInfo
 from lpbq_tvm.io import atomic_write
-from lpbq_tvm.modes import FLOAT_MODE, activation_bits, is_integer
+from lpbq_tvm.modes import FLOAT_MODE, activation_bits, needs_calibration
 from lpbq_tvm.passes.channels_last import ChannelsLast
 from lpbq_tvm.passes.lower_lpbq import LowerLPBQ
 from lpbq_tvm.targets import get_target
@@ -221,7 +221,7 @@ def lower(
         msg = f"target {target!r} builds modes {', '.join(target_kind.modes)} (and fp32), not {mode!r}"
         raise ValueError(msg)
     module = sim.encoded_module  # raises, naming the call to make, before compute_encodings
-    if is_integer(mode) and not sim.is_calibrated:
+    if needs_calibration(mode) and not sim.is_calibrated:
         msg = (
             f"mode {mode} quantizes activations and needs their ranges: run "
             "sim.compute_encodings(callback, args) with a callback that feeds calibration data through sim.run"

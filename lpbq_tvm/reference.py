@@ -11,6 +11,8 @@ and, when the layer's output is requantized (HTP semantics), ``y`` goes through 
 encoding: ``yq = clamp(round_half_even(y / sy) + zy, 0, 2**bw - 1)``, ``y = (yq - zy) · sy``.
 ``q · k`` lies in -128..112: the int8 per-channel weight of the layer. Padding of a convolution
 is the real value 0, whose code is exactly ``zx``, so it contributes nothing to ``acc``.
+Mode ``w4a8-dynamic`` (dense layers) computes ``sx`` per row of ``x`` at run time, with ``zx = 128``
+(:class:`~lpbq_tvm.calibration.RowwiseEncoding`); the formulas are the same, row by row.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _check_fits(acc: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def epilogue(
     acc: np.ndarray,
-    input_encoding: ActivationEncoding,
+    input_scale: np.ndarray,
     s: np.ndarray,
     bias: np.ndarray | None,
     channel_axis: int,
@@ -56,10 +58,11 @@ def epilogue(
     pre_bias_encoding: ActivationEncoding | None = None,
 ) -> np.ndarray:
     """``float32(acc) · sx · s[c] (+ bias[c])``, then the optional output requantization
-    (with ``pre_bias_encoding``, the product is requantized before the bias add too)."""
+    (with ``pre_bias_encoding``, the product is requantized before the bias add too); ``input_scale``
+    ``sx`` a float32, or one per row (``[..., 1]``)."""
     shape = [1] * acc.ndim
     shape[channel_axis] = -1
-    y = acc.astype(np.float32) * np.float32(input_encoding.scale)
+    y = acc.astype(np.float32) * input_scale
     y = y * s.astype(np.float32).reshape(shape)
     if output_encoding is not None and pre_bias_encoding is not None:
         y = pre_bias_encoding.dequantize(pre_bias_encoding.quantize(y))
@@ -79,10 +82,11 @@ def dense_int(
     output_encoding: ActivationEncoding | None = None,
     pre_bias_encoding: ActivationEncoding | None = None,
 ) -> np.ndarray:
-    """``x [..., K]`` times the int weight ``[N, K]`` (rows = output channels) in integer arithmetic."""
+    """``x [..., K]`` times the int weight ``[N, K]`` (rows = output channels) in integer arithmetic;
+    ``input_encoding`` per tensor, or a :class:`~lpbq_tvm.calibration.RowwiseEncoding` (a scale per row)."""
     codes = _centered_codes(x, input_encoding)
     acc = _check_fits(codes @ weight.astype(np.int64).T, accumulator_dtype(input_encoding))
-    return epilogue(acc, input_encoding, s, bias, -1, output_encoding, pre_bias_encoding)
+    return epilogue(acc, input_encoding.scales(x), s, bias, -1, output_encoding, pre_bias_encoding)
 
 
 def conv_int(
@@ -102,6 +106,9 @@ def conv_int(
 
     ``padding`` lists the leading pads of every spatial axis, then the trailing ones (Relax order).
     """
+    if not isinstance(input_encoding, ActivationEncoding):
+        msg = f"a convolution's input takes one encoding per tensor, not {type(input_encoding).__name__}"
+        raise TypeError(msg)
     codes = _centered_codes(x, input_encoding)
     spatial = x.ndim - 2
     pads = [(0, 0), (0, 0)] + [(padding[i], padding[i + spatial]) for i in range(spatial)]
@@ -126,4 +133,4 @@ def conv_int(
         result = flat @ group_weight.reshape(group_weight.shape[0], -1).T  # [N, *out, O/g]
         acc[:, group * out_channels // groups : (group + 1) * out_channels // groups] = np.moveaxis(result, -1, 1)
     acc = _check_fits(acc, accumulator_dtype(input_encoding))
-    return epilogue(acc, input_encoding, s, bias, 1, output_encoding)
+    return epilogue(acc, input_encoding.scales(x), s, bias, 1, output_encoding)

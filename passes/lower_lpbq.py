@@ -16,7 +16,9 @@ Layers without an encoding stay fp32.
 
 Modes (docs/design.md §3): ``"weight-only"`` (fp32 activations; ``y = s[c] · Σ x · float(q · k)``),
 ``"w4a8"`` / ``"w4a16"`` (activation quantized per tensor to uint8 / uint16 from its calibrated
-range in ``"lpbq.activation_ranges"``, integer accumulation in int32 / int64, fp32 epilogue).
+range in ``"lpbq.activation_ranges"``, integer accumulation in int32 / int64, fp32 epilogue),
+``"w4a8-dynamic"`` (dense layers only: uint8 with a scale per row computed at run time, no ranges;
+a scheduled kernel gets the scales from a ``lpbq_row_scales`` call before it).
 With ``requantize_outputs=True`` (HTP semantics) each integer layer's output is also quantized
 to its own calibrated encoding and dequantized (QDQ); a bias is then fused only where the ONNX
 node itself adds it (``has_bias`` of ``"lpbq.onnx_nodes"``), so requantization sees what the
@@ -40,7 +42,7 @@ import functools
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te
 from tvm.relax.dpl import rewrite_call
 
 from lpbq_tvm.attrs import (
@@ -52,11 +54,11 @@ from lpbq_tvm.attrs import (
     function_attr,
     num_inputs,
 )
-from lpbq_tvm.calibration import activation_encoding
+from lpbq_tvm.calibration import RowwiseEncoding, activation_encoding
 from lpbq_tvm.encoder import LPBQEncoding
 from lpbq_tvm.kernels.generic import conv_kernel, dense_kernel, im2col, tap_major, transposed_around
 from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic, KernelProvider
-from lpbq_tvm.modes import activation_bits
+from lpbq_tvm.modes import activation_bits, is_dynamic
 from lpbq_tvm.packing import pack
 from lpbq_tvm.passes._layers import Candidate, LayerPatterns, match_candidate, weight_key
 from lpbq_tvm.passes.encode_lpbq import read_encodings
@@ -160,6 +162,11 @@ class _Lowering:
         if choice is None:
             return None
         args = [x, *self.weight_args(key, weight, choice.weights)]
+        if choice.row_scales is not None:
+            rows_in = te.placeholder((rows, depth), "float32", "x")
+            func = te.create_prim_func([rows_in, choice.row_scales(rows_in)]).without_attr("global_symbol")
+            scales = bb.add_func(func, "lpbq_row_scales")  # (one per shape: equal functions are added once)
+            args.insert(1, relax.call_tir(scales, [x], relax.TensorType((rows,), "float32")))
         args += [relax.op.reshape(bias, [channels])] if bias is not None else []
         gvar = bb.add_func(choice.func.without_attr("global_symbol"), choice.name)  # named by its GlobalVar
         return relax.call_tir(gvar, args, relax.TensorType((rows, channels), "float32"))
@@ -216,6 +223,8 @@ class _Lowering:
         bitwidth = activation_bits(self.mode)
         if bitwidth is None:
             return None
+        if is_dynamic(self.mode):
+            return IntegerArithmetic(RowwiseEncoding())
         ranges = self.ranges.get(key)
         if ranges is None or "input" not in ranges or (self.requantize_outputs and "output" not in ranges):
             msg = (
@@ -250,6 +259,13 @@ class _Lowering:
             return fallback  # the ONNX node ends before the bias add: requantize before it
         encoding = self.encodings[key]
         integer = self.integer_arithmetic(key, str(annotation["node"]))
+        if integer is not None and integer.rowwise and candidate.kind != "dense":
+            msg = (
+                f"{annotation['node']}: mode {self.mode} quantizes the rows of dense layers (MatMul, Gemm); "
+                f"a convolution's input (shape {[int(d) for d in candidate.x.ty.shape]}) takes one calibrated "
+                "encoding: compile it in mode w4a8, or exclude it from LPBQ"
+            )
+            raise ValueError(msg)
         if candidate.kind == "dense":
             shape = tuple(int(d) for d in candidate.x.ty.shape) if candidate.x.ty.shape is not None else ()
             if candidate.x.ty.dtype == "float32" and len(shape) >= 2:
@@ -311,8 +327,8 @@ class LowerLPBQ:
     def __init__(
         self, mode: str = "weight-only", requantize_outputs: bool = False, kernels: KernelProvider | None = None
     ) -> None:
-        if activation_bits(mode) is None and requantize_outputs:
-            msg = f"requantize_outputs needs an integer mode (w4a8, w4a16), not {mode!r}"
+        if (activation_bits(mode) is None or is_dynamic(mode)) and requantize_outputs:
+            msg = f"requantize_outputs needs a calibrated integer mode (w4a8, w4a16), not {mode!r}"
             raise ValueError(msg)
         self.mode = mode
         self.requantize_outputs = requantize_outputs

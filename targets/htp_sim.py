@@ -17,7 +17,7 @@ codes, not floats: within one LSB per requantization of onnxruntime's run of the
 
 from __future__ import annotations
 
-from lpbq_tvm.modes import LPBQ_MODES, is_integer
+from lpbq_tvm.modes import LPBQ_MODES, needs_calibration
 from lpbq_tvm.targets.cpu import CPU
 
 __all__ = ["HTPSim"]
@@ -27,7 +27,7 @@ class HTPSim(CPU):
     """The host CPU target, compiling the QNN export's graph with requantized LPBQ outputs."""
 
     name = "htp-sim"
-    modes = tuple(mode for mode in LPBQ_MODES if is_integer(mode))  # the HTP quantizes every activation
+    modes = tuple(mode for mode in LPBQ_MODES if needs_calibration(mode))  # the HTP: every activation, calibrated
     channels_last = False  # the graph of the QNN export, as exported
     requantize_outputs = True
     kernel_families = ()  # requantized layers take the generic kernels

@@ -12,7 +12,7 @@ from model_builders import LayerCase, layer_model
 from onnx import numpy_helper
 
 from lpbq_tvm import reference
-from lpbq_tvm.calibration import activation_encoding
+from lpbq_tvm.calibration import RowwiseEncoding, activation_encoding
 from lpbq_tvm.compiler import build
 from lpbq_tvm.encoder import LPBQConfig
 from lpbq_tvm.frontend import import_onnx
@@ -69,8 +69,8 @@ def compiled_layer(case: LayerCase, mode: str, requantize: bool, codes: str = "l
 
 def reference_output(case, encoding, bias, x, mode, requantize):
     """What :mod:`lpbq_tvm.reference` computes for a layer of :func:`compiled_layer`."""
-    bits = 8 if mode == "w4a8" else 16
-    input_encoding = activation_encoding(*INPUT_RANGE, bits)
+    bits = 16 if mode == "w4a16" else 8
+    input_encoding = RowwiseEncoding() if mode == "w4a8-dynamic" else activation_encoding(*INPUT_RANGE, bits)
     output_encoding = activation_encoding(*OUTPUT_RANGE, bits) if requantize else None
     # A Gemm's bias add is its own ONNX-level step: requantized before it too (QNN MatMul -> Q/DQ -> Add);
     # an int8 per-channel Gemm is exported whole (int32 bias), so it is not.

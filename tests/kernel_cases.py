@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from lpbq_tvm import reference
-from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.calibration import ActivationEncoding, RowwiseEncoding
 
 # (N, K, B): channels below and above one 64-channel tile, one and three blocks of 32, 64 and 128.
 SHAPES = [(N, nb * B, B) for N in (48, 100) for B in (32, 64, 128) for nb in (1, 3)]
@@ -26,6 +26,19 @@ def reference_w4a8(x, q, k, s, B, sx, zx, bias=None, bitwidth=8):
     """The project's integer reference (lpbq_tvm.reference) for a ``bitwidth`` input encoding (sx, zx)."""
     encoding = ActivationEncoding(bitwidth, float(np.float32(sx)), -int(zx))
     return reference.dense_int(x, reference.int_weight(q, k, B), s, encoding, bias)
+
+
+def reference_rowwise(x, q, k, s, B, bias=None):
+    """The project's integer reference for mode w4a8-dynamic: a scale per row of ``x``."""
+    return reference.dense_int(x, reference.int_weight(q, k, B), s, RowwiseEncoding(), bias)
+
+
+def rowwise_activations(M, K, rng):
+    """Rows whose magnitudes span 1e-3..1e3 (one scale could not serve them) and, from two rows, a row of zeros."""
+    x = (rng.standard_normal((M, K)) * 10.0 ** (np.arange(M) % 7 - 3)[:, None]).astype(np.float32)
+    if M > 1:
+        x[1] = 0
+    return x
 
 
 def weights(N, K, B, rng, edge=True):

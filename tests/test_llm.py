@@ -134,6 +134,21 @@ def test_integer_modes_generate_with_one_copy_of_the_weights(sim, mode):
     assert len(generated) == 5 and all(0 <= t < CONFIG.vocab for t in generated)
 
 
+def test_dynamic_rows_need_no_calibration_and_stay_closer_to_weight_only(model_path, sim, decoders):
+    """w4a8-dynamic compiles from the weight encodings alone (no calibration data), every MatMul on the
+    integer kernels, and its logits stay closer to weight-only's than w4a8's one calibrated range per tensor."""
+    uncalibrated = QuantizationSimModel(model_path, input_shapes=_calibration_shapes())
+    set_grouped_blockwise_quantization_for_weights(uncalibrated, op_types=("MatMul",), block_size=32)
+    uncalibrated.compute_encodings()
+    dynamic = compile_decoder(uncalibrated, "w4a8-dynamic", context=CONTEXT, prefill=PREFILL)
+    assert set(dynamic.decode_model.lowered) == set(uncalibrated.encodings)
+    assert {entry["mode"] for entry in dynamic.decode_model.lowered.values()} == {"w4a8-dynamic"}
+    reference = decoders["weight-only"].prefill(PROMPT)
+    static = compile_decoder(sim, "w4a8", context=CONTEXT, prefill=PREFILL).prefill(PROMPT)
+    dynamic_error, static_error = (np.abs(logits - reference).max() for logits in (dynamic.prefill(PROMPT), static))
+    assert dynamic_error < static_error
+
+
 def test_the_graphs_at_other_shapes_share_the_simulation_s_weights(sim):
     """What compile_decoder imports at the decode shapes holds no weight of its own: a 1.1 B decoder fits."""
     decode = sim.reshaped(DecoderInterface.of(sim).shapes(1, CONTEXT - 1))

@@ -18,7 +18,7 @@ from lpbq_tvm.encoder import LPBQConfig
 from lpbq_tvm.examples import build_example_model
 from lpbq_tvm.export import export, get_exporter
 from lpbq_tvm.io import atomic_write, check_writable
-from lpbq_tvm.modes import LPBQ_MODES, is_integer
+from lpbq_tvm.modes import LPBQ_MODES, is_dynamic, needs_calibration
 from lpbq_tvm.quantsim import LayerReport, QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 
 EXIT_PROBLEMS_FOUND = 1  # `check` found problems
@@ -96,11 +96,11 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def _quantized_sim(
-    args: argparse.Namespace, console: Console, needs_calibration: str
+    args: argparse.Namespace, console: Console, calibration_reason: str
 ) -> tuple[QuantizationSimModel, list[dict[str, np.ndarray]] | None]:
     """Import, select layers, encode and (with --calib) calibrate, as compile and export both do.
 
-    ``needs_calibration`` says why calibration data is required (empty: it is not)."""
+    ``calibration_reason`` says why calibration data is required (empty: it is not)."""
     config = LPBQConfig(args.bitwidth, args.decompressed_bw, args.block_size, encoder=args.encoder)
     with console.status(f"importing {args.model}"):
         sim = QuantizationSimModel(args.model, input_shapes(args.input_shape))
@@ -122,12 +122,12 @@ def _quantized_sim(
         sim.set_precision_budget(args.target_cosine, args.ratio, held_out)
     elif getattr(args, "held_out", None):
         raise ValueError("--held-out measures a precision budget: give --target-cosine or --ratio too")
-    if config.encoder == "mse-act" and not needs_calibration:
-        needs_calibration = "--encoder mse-act weighs errors by calibration data"
-    if budget and not needs_calibration:
-        needs_calibration = "--target-cosine / --ratio measure the model on calibration data"
-    if needs_calibration and not args.calib:
-        raise ValueError(f"{args.command} {needs_calibration}: give calibration data with --calib FILE.npz")
+    if config.encoder == "mse-act" and not calibration_reason:
+        calibration_reason = "--encoder mse-act weighs errors by calibration data"
+    if budget and not calibration_reason:
+        calibration_reason = "--target-cosine / --ratio measure the model on calibration data"
+    if calibration_reason and not args.calib:
+        raise ValueError(f"{args.command} {calibration_reason}: give calibration data with --calib FILE.npz")
     batches = calibration_batches(args.calib, sim) if args.calib else None
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("encoding and calibrating", total=len(batches) if batches else None)
@@ -172,7 +172,7 @@ def _print_precision(args: argparse.Namespace, console: Console, choice) -> None
 
 def run_compile(args: argparse.Namespace, console: Console) -> int:
     output = _refuse_existing(args.output, args.force)
-    needs = f"--mode {args.mode} quantizes activations" if is_integer(args.mode) else ""
+    needs = f"--mode {args.mode} quantizes activations" if needs_calibration(args.mode) else ""
     sim, _ = _quantized_sim(args, console, needs)
     tuned = f", schedules from {args.tuning_db}" if args.tuning_db else ""
     with console.status(f"compiling for {args.target} ({args.mode}{tuned})"):
@@ -200,7 +200,7 @@ def run_tune(args: argparse.Namespace, console: Console) -> int:
     output = _refuse_existing(args.output, args.force)
     if args.rpc and not args.key:
         raise ValueError("--rpc needs --key: the tracker key of the devices to measure on")
-    needs = f"--mode {args.mode} quantizes activations" if is_integer(args.mode) else ""
+    needs = f"--mode {args.mode} quantizes activations" if needs_calibration(args.mode) else ""
     sim, _ = _quantized_sim(args, console, needs)
     where = f"{args.key!r} devices of {args.rpc}" if args.rpc else "this machine"
     with console.status(f"tuning {args.trials} trials on {where} (MetaSchedule)"):
@@ -248,12 +248,22 @@ def run_export(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _comparable_modes(sim, batches) -> list[str]:
+    """The LPBQ modes report and bench compare: the calibrated ones given calibration data, w4a8-dynamic
+    where every LPBQ layer is dense (it has no convolution form)."""
+    encoded = sim.encodings
+    convs = any(layer.op_type == "Conv" for name, layer in sim.layers.items() if name in encoded)
+    return [
+        mode for mode in LPBQ_MODES if (batches or not needs_calibration(mode)) and not (convs and is_dynamic(mode))
+    ]
+
+
 def run_report(args: argparse.Namespace, console: Console) -> int:
     from lpbq_tvm.report import build_report, write_report
 
     output = _refuse_existing(args.output, args.force)
     sim, batches = _quantized_sim(args, console, "")
-    modes = [mode for mode in LPBQ_MODES if batches or not is_integer(mode)]
+    modes = _comparable_modes(sim, batches)
     rows = []
     if batches and any(row.status == "lpbq" for row in sim.report()):
         from lpbq_tvm.analysis import sensitivity
@@ -354,7 +364,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> int:
     set_threads(args.threads)
     sim, batches = _quantized_sim(args, console, "")
     inputs = sample_batches(sim, batches, count=1)[0]
-    modes = [mode for mode in LPBQ_MODES if batches or not is_integer(mode)]
+    modes = _comparable_modes(sim, batches)
     where = f"a {args.key!r} device of {args.rpc}" if args.rpc else "here"
     with console.status(f"compiling and timing fp32, {', '.join(modes)} on {where} ({args.repeat} runs each)"):
         if args.rpc:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lpbq_tvm.llm import Decoder, DecoderInterface, Sampling, compile_decoder, decoder_sim
-from lpbq_tvm.modes import FLOAT_MODE, is_integer
+from lpbq_tvm.modes import FLOAT_MODE, needs_calibration
 from lpbq_tvm.quantsim import set_grouped_blockwise_quantization_for_weights
 
 CHAT_TURN = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"  # ChatML
@@ -38,9 +38,9 @@ def _decoder(args: argparse.Namespace, console: Console, tokenizer) -> Decoder:
         msg = f"the tokenizer has {tokenizer.get_vocab_size()} tokens; the model's logits cover {vocab}"
         raise ValueError(msg)
     batches = None
-    if is_integer(args.mode) or args.encoder == "mse-act":
+    if needs_calibration(args.mode) or args.encoder == "mse-act":
         if not args.calib_text:
-            why = f"--mode {args.mode} quantizes activations" if is_integer(args.mode) else "--encoder mse-act"
+            why = f"--mode {args.mode} quantizes activations" if needs_calibration(args.mode) else "--encoder mse-act"
             raise ValueError(f"{why}: give text to calibrate on with --calib-text")
         ids = tokenizer.encode(Path(args.calib_text).read_text()).ids
         windows = [ids[i : i + args.prefill] for i in range(0, len(ids) - args.prefill + 1, args.prefill)]

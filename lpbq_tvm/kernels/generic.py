@@ -19,7 +19,8 @@ kernel invocation). Arithmetic (docs/design.md §3):
 * integer (:class:`IntegerArithmetic`, W4A8 / W4A16): ``xq = clamp(round_half_even(x / sx) + zx)``,
   ``acc = Σ (xq − zx) · (q · k)`` in int32 / int64, ``y = float32(acc) · sx · s[c] (+ bias[c])``,
   optionally requantized to the output encoding (and, for a MatMul + Add bias, first to the
-  pre-bias encoding) — exactly :mod:`lpbq_tvm.reference`.
+  pre-bias encoding) — exactly :mod:`lpbq_tvm.reference`. Mode ``w4a8-dynamic`` (dense layers): ``sx``
+  per row of ``x``, :func:`row_scales`, and ``zx = 128``.
 
 The epilogue stages carry the block annotation :data:`~lpbq_tvm.kernels.interface.SEPARATE_ROUNDING`:
 a rule that inlined them into one expression would let LLVM contract a multiply and an add into
@@ -37,11 +38,11 @@ from collections.abc import Sequence
 import numpy as np
 from tvm import te, tirx, topi
 
-from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.calibration import ActivationEncoding, RowwiseEncoding
 from lpbq_tvm.encoder import LPBQEncoding
 from lpbq_tvm.kernels.interface import SEPARATE_ROUNDING, IntegerArithmetic
 
-__all__ = ["conv_kernel", "dense_kernel", "im2col", "tap_major", "transposed_around"]
+__all__ = ["conv_kernel", "dense_kernel", "im2col", "row_scales", "tap_major", "transposed_around"]
 
 _SEPARATE = {SEPARATE_ROUNDING: 1}
 
@@ -60,9 +61,24 @@ def _int_weight(q: te.Tensor, k: te.Tensor, row, index, block, code_bits: int):
     return code * (_nibble(k, row, block) + 1)
 
 
-def _quantize(value, encoding: ActivationEncoding):
-    """``clamp(round_half_even(value / scale) + zero_point, 0, qmax)`` as float32 (an exact integer)."""
-    code = tirx.nearbyint(value / tirx.const(encoding.scale, "float32")) + tirx.const(encoding.zero_point, "float32")
+def row_scales(x: te.Tensor) -> te.Tensor:
+    """Each row's scale of :class:`~lpbq_tvm.calibration.RowwiseEncoding` (a row: the last axis of ``x``),
+    ``max_i |x[..., i]| / 127`` in float32, 1 for a row of zeros: shaped ``x.shape[:-1]``."""
+    i = te.reduce_axis((0, x.shape[-1]), name="i")
+    magnitude = te.compute(x.shape[:-1], lambda *m: te.max(tirx.abs(x(*m, i)), axis=i), name="row_max")
+    largest = tirx.const(float(RowwiseEncoding.MAX_CODE), "float32")
+    return te.compute(
+        x.shape[:-1],
+        lambda *m: tirx.Select(magnitude(*m) > 0, magnitude(*m) / largest, tirx.const(1.0, "float32")),
+        name="row_scales",
+    )
+
+
+def _quantize(value, encoding: ActivationEncoding | RowwiseEncoding, scale=None):
+    """``clamp(round_half_even(value / scale) + zero_point, 0, qmax)`` as float32 (an exact integer); ``scale``
+    the encoding's unless given (a row's)."""
+    scale = tirx.const(encoding.scale, "float32") if scale is None else scale
+    code = tirx.nearbyint(value / scale) + tirx.const(encoding.zero_point, "float32")
     return tirx.max(tirx.min(code, tirx.const(encoding.qmax, "float32")), tirx.const(0, "float32"))
 
 
@@ -72,22 +88,33 @@ def _fake_quantize(value, encoding: ActivationEncoding):
     return code * tirx.const(encoding.scale, "float32")
 
 
-def _operand(x: te.Tensor, integer: IntegerArithmetic | None) -> tuple[te.Tensor, str]:
-    """The activation as the kernel multiplies it: x itself, or its centred integer codes ``xq − zx``."""
+def _operand(x: te.Tensor, integer: IntegerArithmetic | None) -> tuple[te.Tensor, str, te.Tensor | None]:
+    """The activation as the kernel multiplies it: x itself, or its centred integer codes ``xq − zx``; and
+    the rows' scales where they are computed at run time."""
     if integer is None:
-        return x, "float32"
+        return x, "float32", None
     encoding, dtype = integer.input_encoding, integer.accumulator
+    scales = row_scales(x) if integer.rowwise else None
+    scale = (lambda *i: scales(*i[:-1])) if integer.rowwise else (lambda *i: None)
     zero_point = tirx.const(encoding.zero_point, dtype)
     codes = te.compute(
-        x.shape, lambda *i: _quantize(x(*i), encoding).astype(dtype) - zero_point, name="lpbq_input_codes"
+        x.shape,
+        lambda *i: _quantize(x(*i), encoding, scale(*i)).astype(dtype) - zero_point,
+        name="lpbq_input_codes",
     )
-    return codes, dtype
+    return codes, dtype, scales
 
 
 def _epilogue(
-    acc: te.Tensor, s: te.Tensor, bias: te.Tensor | None, channel_axis: int, integer: IntegerArithmetic | None
+    acc: te.Tensor,
+    s: te.Tensor,
+    bias: te.Tensor | None,
+    channel_axis: int,
+    integer: IntegerArithmetic | None,
+    scales: te.Tensor | None = None,
 ) -> te.Tensor:
     """``acc · [sx ·] s[c]``, then ``+ bias`` and the optional requantization; the bias broadcasts numpy-style.
+    ``scales``: ``sx`` per row (a dense layer's, the channel axis last).
 
     The bias add is a stage of its own: with the product in the same expression LLVM would fuse
     them into one FMA, whose single rounding differs from the reference's two.
@@ -96,7 +123,8 @@ def _epilogue(
     def scaled(*index):
         if integer is None:
             return acc(*index) * s[index[channel_axis]]
-        value = acc(*index).astype("float32") * tirx.const(integer.input_encoding.scale, "float32")
+        sx = tirx.const(integer.input_encoding.scale, "float32") if scales is None else scales(*index[:-1])
+        value = acc(*index).astype("float32") * sx
         return value * s[index[channel_axis]]
 
     result = te.compute(acc.shape, scaled, name="lpbq_scaled", attrs=_SEPARATE)
@@ -136,7 +164,7 @@ def dense_kernel(
     integer: IntegerArithmetic | None = None,
 ) -> te.Tensor:
     """``y[..., n] = s[n] · Σ_i x[..., i] · q[n, i] · k[n, i // B] (+ bias[n])``; x is ``[..., K]``."""
-    operand, dtype = _operand(x, integer)
+    operand, dtype, scales = _operand(x, integer)
     reduce_len = x.shape[-1]
     i = te.reduce_axis((0, reduce_len), name="i")
 
@@ -147,7 +175,7 @@ def dense_kernel(
         )
 
     acc = te.compute((*x.shape[:-1], q.shape[0]), accumulate, name="lpbq_acc")
-    return _epilogue(acc, s, bias, len(x.shape) - 1, integer)
+    return _epilogue(acc, s, bias, len(x.shape) - 1, integer, scales)
 
 
 def conv_kernel(
@@ -170,9 +198,12 @@ def conv_kernel(
     """Conv (1-D / 2-D, NCW / NCHW, grouped) over ``q · k``, then the epilogue.
 
     The weight ``[O, I/groups, *kernel]`` is expanded from the packed codes inside the kernel. In
-    integer mode, zero padding of the centred codes is the padding of the real value 0.
+    integer mode, zero padding of the centred codes is the padding of the real value 0; the input takes
+    one encoding per tensor (not a scale per row).
     """
-    operand, dtype = _operand(x, integer)
+    if integer is not None and integer.rowwise:
+        raise ValueError("a convolution's input takes one encoding per tensor, not a scale per row")
+    operand, dtype, _ = _operand(x, integer)
 
     def weight(o, c, *kernel_index):
         flat = c

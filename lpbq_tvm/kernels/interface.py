@@ -8,7 +8,8 @@ generic kernel of :mod:`lpbq_tvm.kernels.generic`.
 
 The call contract of a chosen kernel: ``func(x, *weights.values(), [bias], y)`` with ``x`` float32
 ``[rows, depth]``, ``bias`` float32 ``[channels]`` and ``y`` float32 ``[rows, channels]``; the
-arithmetic is that of docs/design.md §3 for the layer's mode (bit-exact in the integer modes).
+arithmetic is that of docs/design.md §3 for the layer's mode (bit-exact in the integer modes). A
+choice with ``row_scales`` (mode ``w4a8-dynamic``) takes ``row_scales(x)`` right after ``x``.
 
 A family's choices that change speed only (crossovers, tile sizes) are measured, not derived: each
 table of them carries its :class:`Provenance`. A family builds its kernels through :func:`built`, so
@@ -24,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.calibration import ActivationEncoding, RowwiseEncoding
 from lpbq_tvm.encoder import LPBQEncoding
 
 __all__ = [
@@ -48,11 +49,17 @@ SEPARATE_ROUNDING = "lpbq.separate_rounding"
 
 @dataclass(frozen=True)
 class IntegerArithmetic:
-    """Integer kernel settings: the input encoding and, for requantized outputs, the output encoding."""
+    """Integer kernel settings: the input encoding (calibrated, or one per row at run time) and, for
+    requantized outputs, the output encoding."""
 
-    input_encoding: ActivationEncoding
+    input_encoding: ActivationEncoding | RowwiseEncoding
     output_encoding: ActivationEncoding | None = None
     pre_bias_encoding: ActivationEncoding | None = None  # requantize before the bias add too (QNN MatMul + Add)
+
+    @property
+    def rowwise(self) -> bool:
+        """Whether the kernel computes a scale per input row (mode ``w4a8-dynamic``)."""
+        return isinstance(self.input_encoding, RowwiseEncoding)
 
     @property
     def accumulator(self) -> str:
@@ -87,6 +94,7 @@ class KernelChoice:
     func: object  # tvm.tirx.PrimFunc
     weights: dict[str, np.ndarray]
     name: str  # the kernel's name in the module, e.g. "lpbq_dense_x86"
+    row_scales: Callable | None = None  # TE: x [rows, depth] -> its rows' scales, the kernel's second argument
 
 
 class KernelFamily(Protocol):

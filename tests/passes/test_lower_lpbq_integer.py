@@ -40,6 +40,23 @@ def test_int8_per_channel_kernel_is_bit_exact(case, mode):
     _check_bit_exact(case, mode, True, "int8")
 
 
+DENSE_CASES = [case for case in LAYER_CASES if case.op_type != "Conv"]
+
+
+@pytest.mark.parametrize("codes", ["lpbq", "int8"])
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: c.name)
+def test_dynamic_rows_are_bit_exact(case, codes):
+    """w4a8-dynamic: each row's scale computed at run time (the scheduled kernel's, or the generic one's for
+    int8 per-channel codes), bit-exact with the reference, on activations of any scale."""
+    _check_bit_exact(case, "w4a8-dynamic", False, codes)
+
+
+def test_dynamic_mode_refuses_a_convolution():
+    case = next(case for case in LAYER_CASES if case.op_type == "Conv")
+    with pytest.raises(ValueError, match=r"mode w4a8-dynamic quantizes the rows of dense layers .*shape \["):
+        compiled_layer(case, "w4a8-dynamic", False)
+
+
 def _check_bit_exact(case: LayerCase, mode: str, requantize: bool, codes: str) -> None:
     compiled, encoding, bias = compiled_layer(case, mode, requantize, codes)
     assert encoding.is_per_channel == (codes == "int8")
@@ -78,6 +95,7 @@ def test_integer_mode_without_ranges_names_the_layer():
         LowerLPBQ("w4a8")(encoded)
 
 
-def test_requantize_needs_an_integer_mode():
-    with pytest.raises(ValueError, match=r"requantize_outputs needs an integer mode"):
-        LowerLPBQ("weight-only", requantize_outputs=True)
+@pytest.mark.parametrize("mode", ["weight-only", "w4a8-dynamic"])
+def test_requantize_needs_a_calibrated_integer_mode(mode):
+    with pytest.raises(ValueError, match=r"requantize_outputs needs a calibrated integer mode"):
+        LowerLPBQ(mode, requantize_outputs=True)

@@ -25,6 +25,7 @@ from tvm.target import codegen
 
 from lpbq_tvm.kernels.aarch64 import fold_k, mmla
 from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, UDOT_NIBBLE_INTRIN
+from lpbq_tvm.kernels.generic import row_scales
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, Provenance, built
 from lpbq_tvm.kernels.tiled import nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, encoding_inputs
@@ -99,9 +100,11 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
         return None
     qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
     x = integer.input_encoding
-    func = built(integer_dense, rows, channels, depth, block, x.bitwidth, layer.has_bias, target=target)
+    func = built(
+        integer_dense, rows, channels, depth, block, x.bitwidth, layer.has_bias, target=target, rowwise=integer.rowwise
+    )
     weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
-    return KernelChoice(func, weights | encoding_inputs(x), KERNEL_NAME)
+    return KernelChoice(func, weights | encoding_inputs(x), KERNEL_NAME, row_scales if integer.rowwise else None)
 
 
 def weight_only_dense(M: int, N: int, K: int, B: int, with_bias: bool = False, *, target) -> tirx.PrimFunc:
@@ -116,9 +119,12 @@ def weight_only_dense(M: int, N: int, K: int, B: int, with_bias: bool = False, *
     )  # fmt: skip
 
 
-def integer_dense(M: int, N: int, K: int, B: int, bits: int, with_bias: bool = False, *, target) -> tirx.PrimFunc:
+def integer_dense(
+    M: int, N: int, K: int, B: int, bits: int, with_bias: bool = False, *, target, rowwise: bool = False
+) -> tirx.PrimFunc:
     """Scheduled W4A8 (``bits = 8``) or W4A16 (16) kernel ``main(x, qw, kw, wsum, s, sx, zx, [bias], y)``
-    (:mod:`lpbq_tvm.kernels.tiled.integer`; the input's scale and zero point are run-time values): the
+    (:mod:`lpbq_tvm.kernels.tiled.integer`; the input's scale and zero point are run-time values; ``rowwise``:
+    ``main(x, sx, ...)``, a scale per row, mode ``w4a8-dynamic``): the
     ``udot`` nibble scheme below ``Tuning.fold_k_min_rows`` rows of the uint8 kernel, :mod:`.fold_k` from there."""
     check_shape(N, K, B)
     if B % 16 or K > MAX_K:
@@ -132,4 +138,4 @@ def integer_dense(M: int, N: int, K: int, B: int, bits: int, with_bias: bool = F
         scheme = mmla
     else:
         scheme = fold_k
-    return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, UDOT, scheme)
+    return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, UDOT, scheme, rowwise)

@@ -4,7 +4,10 @@ Every integer kernel computes ``main(x, qw, kw, wsum, s, sx, zx, [bias], y)``: `
 quantized in-kernel with the input encoding ``sx`` / ``zx`` read at run time (so that layers of one
 shape share one compiled kernel), ``xq = clamp(round_half_even(x / sx) + zx, 0, qmax)`` (a true division, as the
 reference), ``acc = Σ_i (xq − zx) · (q · k)`` exactly, ``y = float32(acc) · sx · s[n]``, then
-``+ bias[n]``, each rounded on its own: bit-exact with :func:`lpbq_tvm.reference.dense_int`.
+``+ bias[n]``, each rounded on its own: bit-exact with :func:`lpbq_tvm.reference.dense_int`. A
+*row-wise* kernel (mode ``w4a8-dynamic``, :class:`~lpbq_tvm.calibration.RowwiseEncoding`) takes one scale
+per row instead, ``sx[M]`` right after ``x``: ``main(x, sx, qw, kw, wsum, s, zx, [bias], y)``, the scales
+computed before it by :func:`lpbq_tvm.kernels.generic.row_scales` (``max_i |x[m, i]| / 127``, 1 for a row of zeros).
 ``qw`` / ``kw`` / ``wsum`` are the integer layout of :mod:`~lpbq_tvm.kernels.tiled.repack`.
 
 A uint16 code runs as two *byte planes*, ``xq = 256 · hi + lo``: two rows of the uint8 kernel,
@@ -30,7 +33,7 @@ import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.calibration import ActivationEncoding, RowwiseEncoding
 from lpbq_tvm.kernels.tiled.decode import byte, k_value, nibbles
 from lpbq_tvm.kernels.tiled.repack import LANES
 from lpbq_tvm.kernels.tiled.schedule import finish, schedule_codes, tile_lanes
@@ -144,13 +147,15 @@ def integer_inputs(M, N, K, B, with_bias):
     )
 
 
-def encoding_inputs(encoding: ActivationEncoding) -> dict[str, np.ndarray]:
-    """The run-time values of :func:`integer_inputs`' ``sx`` and ``zx`` for the input ``encoding``, by the names
-    kernel choices give them; ``ValueError`` for a zero point outside the codes' range."""
+def encoding_inputs(encoding: ActivationEncoding | RowwiseEncoding) -> dict[str, np.ndarray]:
+    """The run-time values of :func:`integer_inputs`' ``sx`` (a row-wise kernel computes it) and ``zx`` for the
+    input ``encoding``, by the names kernel choices give them; ``ValueError`` for a zero point outside the
+    codes' range."""
     if not 0 <= encoding.zero_point <= encoding.qmax:
         msg = f"zero point must lie in 0..{encoding.qmax}, got {encoding.zero_point}"
         raise ValueError(msg)
-    return {"lpbq_sx": np.array([encoding.scale], np.float32), "lpbq_zx": np.array([encoding.zero_point], np.int32)}
+    zx = {"lpbq_zx": np.array([encoding.zero_point], np.int32)}
+    return zx if isinstance(encoding, RowwiseEncoding) else {"lpbq_sx": np.array([encoding.scale], np.float32)} | zx
 
 
 def code(value, sx, zx, qmax: int):
@@ -168,20 +173,21 @@ def rounded(value):
 
 def integer_output(M, N, acc, sx, s, bias):
     """``y = float32(acc) · sx · s[n] (+ bias[n])`` with the reference's roundings: each product, then
-    the bias add (:func:`rounded`); ``acc(m, n)`` is the exact accumulator as float32."""
+    the bias add (:func:`rounded`); ``acc(m, n)`` is the exact accumulator as float32, ``sx(m)`` row m's scale."""
 
     def value(m, n):
-        scaled = rounded(acc(m, n) * sx * s[n])
+        scaled = rounded(acc(m, n) * sx(m) * s[n])
         return scaled + bias[n] if bias is not None else scaled
 
     return te.compute((M, N), value, name="y")
 
 
 def _byte_plane_codes(x, planes: int, K: int, sx, zx, qmax: int) -> te.Tensor:
-    """The uint8 rows of the codes: the code of ``x[r // planes, i]``, byte plane ``r % planes`` (high first)."""
+    """The uint8 rows of the codes: the code of ``x[r // planes, i]``, byte plane ``r % planes`` (high first);
+    ``sx(m)`` the scale of row ``m``."""
 
     def quantize(r, i):
-        value = code(x[r // planes, i], sx, zx, qmax)
+        value = code(x[r // planes, i], sx(r // planes), zx, qmax)
         if planes == 1:
             return value.astype("uint8")
         shift = (planes - 1 - r % planes) * 8
@@ -207,21 +213,31 @@ def _exact_acc(acc, wsum, m, n, planes: int, K: int, zx):
 
 
 def build_byte_planes(
-    M, N, K, B, bits: int, with_bias: bool, target, tune, dot: DotInstructions, scheme: ModuleType
+    M, N, K, B, bits: int, with_bias: bool, target, tune, dot: DotInstructions, scheme: ModuleType, rowwise=False
 ) -> tvm.tirx.PrimFunc:
     """The integer kernel of ``bits``-bit codes (8: one plane, 16: two) around a uint8 ``scheme``; each
-    channel tile computes the lanes of 16-channel chunks its channels need."""
+    channel tile computes the lanes of 16-channel chunks its channels need. ``rowwise`` (8 bits): a
+    scale per row (module docstring)."""
+    if rowwise and bits != 8:
+        msg = f"row-wise scales are 8-bit codes, got {bits} bits"
+        raise ValueError(msg)
     planes, qmax = bits // 8, (1 << bits) - 1
     lanes = tile_lanes(N, dot.lanes)
     x, qw, kw, wsum, s, sx, zx, bias = integer_inputs(M, N, K, B, with_bias)
-    xq = _byte_plane_codes(x, planes, K, sx[0], zx[0], qmax)
+    if rowwise:
+        sx = te.placeholder((M,), "float32", "sx")
+        scale = lambda m: sx[m]  # noqa: E731
+    else:
+        scale = lambda m: sx[0]  # noqa: E731
+    xq = _byte_plane_codes(x, planes, K, scale, zx[0], qmax)
     problem = Problem(M, N, K, B, planes, dot, target, tune, lanes, xq, qw, kw)
     acc = scheme.accumulate(problem)
     # A scheme that accumulates signed bytes (code − CODE_OFFSET) owes each plane CODE_OFFSET · wsum back.
     zx_acc = zx[0] - getattr(scheme, "CODE_OFFSET", 0) * (256**planes - 1) // 255
     exact = lambda m, n: _exact_acc(acc, wsum, m, n, planes, K, zx_acc).astype("float32")  # noqa: E731
-    y = integer_output(M, N, exact, sx[0], s, bias)
-    sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, sx, zx, bias, y) if t is not None]))
+    y = integer_output(M, N, exact, scale, s, bias)
+    arguments = (x, sx, qw, kw, wsum, s, zx, bias, y) if rowwise else (x, qw, kw, wsum, s, sx, zx, bias, y)
+    sch = Schedule(te.create_prim_func([t for t in arguments if t is not None]))
     schedule_codes(sch, "xq", tune.parallel_code_rows)
     scheme.schedule(sch, problem)
     return finish(sch, sch.get_sblock("y"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
+from lpbq_tvm.kernels.generic import row_scales
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, built
 from lpbq_tvm.kernels.tiled import nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, encoding_inputs
@@ -54,8 +55,14 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
         qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
         x = integer.input_encoding
         weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale} | encoding_inputs(x)
-        build = w4a16_dense if x.bitwidth > 8 else w4a8_dense
-        func = built(build, rows, channels, depth, block, layer.has_bias, target=target)
+        if x.bitwidth > 8:
+            func = built(w4a16_dense, rows, channels, depth, block, layer.has_bias, target=target)
+        else:
+            func = built(
+                w4a8_dense, rows, channels, depth, block, layer.has_bias, target=target, rowwise=integer.rowwise
+            )
+            if integer.rowwise:
+                return KernelChoice(func, weights, KERNEL_NAME, row_scales)
     return KernelChoice(func, weights, KERNEL_NAME)
 
 
@@ -69,16 +76,18 @@ def w4a8_dense(
     target: tvm.target.Target,
     intrinsic: str | None = "auto",
     fold_k: bool | None = None,
+    rowwise: bool = False,
 ) -> tirx.PrimFunc:
     """Scheduled W4A8 kernel ``main(x, qw, kw, wsum, s, sx, zx, [bias], y)`` (:mod:`~lpbq_tvm.kernels.tiled.integer`;
-    the input's scale and zero point are run-time values).
+    the input's scale and zero point are run-time values); ``rowwise``: ``main(x, sx, qw, kw, wsum, s, zx, [bias], y)``,
+    a scale per row (mode ``w4a8-dynamic``).
 
     ``intrinsic``: ``"auto"`` (from ``target``'s features), ``"vnni"`` (vpdpbusd), ``"avx512bw"``
     (pmaddubsw + pmaddwd on zmm), ``"avx2"`` (the same on ymm) or None (no tensor intrinsic: plain
     vector code LLVM emits itself). ``fold_k``: force or forbid the fold-k scheme (default: the
     module docstring's choice).
     """
-    return _byte_planes(M, N, K, B, 8, with_bias, target, intrinsic, fold_k)
+    return _byte_planes(M, N, K, B, 8, with_bias, target, intrinsic, fold_k, rowwise)
 
 
 def w4a16_dense(
@@ -114,7 +123,7 @@ def w4a16_scheme(M: int, target: tvm.target.Target) -> str:
     return "madd" if threshold is not None and threshold <= M else "planes"
 
 
-def _byte_planes(M, N, K, B, bits, with_bias, target, intrinsic, fold) -> tirx.PrimFunc:
+def _byte_planes(M, N, K, B, bits, with_bias, target, intrinsic, fold, rowwise=False) -> tirx.PrimFunc:
     """:func:`w4a8_dense` (``bits = 8``) and :func:`w4a16_dense`'s planes (16: two byte-plane rows per row)."""
     check_shape(N, K, B)
     if K > MAX_K:
@@ -139,4 +148,4 @@ def _byte_planes(M, N, K, B, bits, with_bias, target, intrinsic, fold) -> tirx.P
     scheme = _SCHEMES["fold-k" if fold else "block-dot" if block else "nibble"]
     nibble_intrinsic = VNNI_NIBBLE_INTRIN if intrinsic == "vnni" and scheme is nibble else None
     dot = DotInstructions(intrinsic, NIBBLE_LANES, nibble_intrinsic)
-    return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, dot, scheme)
+    return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, dot, scheme, rowwise)

@@ -60,7 +60,7 @@ def w4a16_madd_dense(M, N, K, B, with_bias, target) -> tirx.PrimFunc:
         total = acc[m, n // LANES, n % LANES]
         return (total.astype("int32") if wide == "uint32" else total).astype("float32")
 
-    y = integer_output(M, N, exact_acc, sx[0], s, bias)
+    y = integer_output(M, N, exact_acc, lambda m: sx[0], s, bias)
     sch = Schedule(te.create_prim_func([t for t in (x, qw, kw, wsum, s, sx, zx, bias, y) if t is not None]))
     schedule_codes(sch, "xc", tuning(target).parallel_code_rows)
     _schedule(sch, K, width, n, instructions, target)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from kernel_cases import SHAPES, activations, reference_w4a8, weights
+from kernel_cases import SHAPES, activations, reference_rowwise, reference_w4a8, rowwise_activations, weights
 
-from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.calibration import ActivationEncoding, RowwiseEncoding
 from lpbq_tvm.encoder import encode_lpbq
 from lpbq_tvm.kernels.aarch64 import dense_kernel, integer_dense
 from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic
@@ -68,6 +68,23 @@ def test_partial_tiles_of_fewer_lanes_than_a_register_tile(arm64_session, bits, 
 @pytest.mark.parametrize("bits", [8, 16])
 def test_extreme_accumulators_are_exact_on_the_board(arm64_session, bits, M, target):
     _check(arm64_session, M, 100, 512, 128, bits, np.random.default_rng(bits), extreme=True, target=target)
+
+
+@pytest.mark.parametrize(("M", "target"), [(1, DOTPROD), (5, DOTPROD), (6, I8MM)], ids=["udot", "fold-k", "usmmla"])
+def test_rowwise_scales_are_bit_exact_on_the_board(arm64_session, M, target):
+    """w4a8-dynamic: a scale per row (rows of 1e-3..1e3 and of zeros) in each scheme."""
+    N, K, B = 100, 192, 64
+    rng = np.random.default_rng(M)
+    q, k = weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = rowwise_activations(M, K, rng)
+    bias = rng.standard_normal(N).astype(np.float32) if M == 1 else None
+    func = integer_dense(M, N, K, B, 8, bias is not None, target=target, rowwise=True)
+    packed = repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    (zx,) = encoding_inputs(RowwiseEncoding()).values()
+    sx = RowwiseEncoding().scales(x).reshape(M)
+    got = arm64_session.call(func, target, [x, sx, *packed, s, zx, *([bias] if bias is not None else [])], (M, N))
+    np.testing.assert_array_equal(got.view(np.int32), reference_rowwise(x, q, k, s, B, bias).view(np.int32))
 
 
 def _check(arm64_session, M, N, K, B, bits, rng, extreme=False, target=DOTPROD):

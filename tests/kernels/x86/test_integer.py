@@ -8,12 +8,12 @@ import functools
 import numpy as np
 import pytest
 import tvm
-from kernel_cases import SHAPES, activations, reference_w4a8, weights
+from kernel_cases import SHAPES, activations, reference_rowwise, reference_w4a8, rowwise_activations, weights
 from tvm import tirx
 from tvm.s_tir import Schedule
 from x86_cases import HASWELL, TARGET, ZEN1, check_integer_kernel, compiled, encoding, run
 
-from lpbq_tvm.calibration import ActivationEncoding
+from lpbq_tvm.calibration import ActivationEncoding, RowwiseEncoding
 from lpbq_tvm.kernels import x86 as fk
 from lpbq_tvm.kernels.tiled.integer import W4A16_INT32_MAX_K, encoding_inputs
 from lpbq_tvm.kernels.x86.tuning import tuning
@@ -143,6 +143,27 @@ SCHEMES = [
     ("x86-64", {}, None),
     ("x86-64", dict(fold_k=True), None),
 ]
+
+
+@pytest.mark.parametrize(("cpu", "options", "instruction"), SCHEMES, ids=str)
+@pytest.mark.parametrize("M", [1, 32])
+def test_w4a8_rowwise_bit_exact_in_every_scheme(cpu, options, instruction, M):
+    """Mode w4a8-dynamic: a scale per row, rows of any magnitude or zero, bit-exact with the reference."""
+    N, K, B = 100, 192, 64
+    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2})
+    rng = np.random.default_rng(M)
+    q, k = weights(N, K, B, rng)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    x = rowwise_activations(M, K, rng)
+    bias = rng.standard_normal(N).astype(np.float32) if M == 1 else None
+    lib = tvm.compile(fk.w4a8_dense(M, N, K, B, bias is not None, target=target, rowwise=True, **options), target)
+    if instruction is not None:
+        assert instruction in lib.mod.inspect_source("asm").replace("\t", " ")
+    (zx,) = encoding_inputs(RowwiseEncoding()).values()
+    packed = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    sx = RowwiseEncoding().scales(x).reshape(M)
+    got = run(lib, [x, sx, *packed, s, zx] + ([bias] if bias is not None else []), M, N)
+    assert np.array_equal(got.view(np.int32), reference_rowwise(x, q, k, s, B, bias).view(np.int32))
 
 
 @pytest.mark.parametrize(("cpu", "options", "instruction"), SCHEMES, ids=str)
