@@ -15,9 +15,11 @@ Worked example, uint8, observed range [-1, 3]: scale = 4 / 255 = 0.015686275, of
 round(-63.75) = -64, so 0.0 -> 64, 3.0 -> 255, -1.0 -> 0.
 
 :class:`RowwiseEncoding` is the calibration-free alternative of mode ``w4a8-dynamic``: each row
-(token) of a dense layer's input gets its own symmetric 8-bit scale at run time, ``max |x| / 127``,
-codes 1..255 around the zero point 128. A language model's activations have rows and channels
-hundreds of times larger than the rest, which one calibrated per-tensor range cannot serve.
+(token) of a dense layer's input gets its own uint8 encoding at run time, from the row's own range,
+in float32 (the arithmetic a kernel repeats): ``lo = min(min x, 0)``, ``hi = max(max x, 0)``,
+``scale = (hi - lo) / 255`` (1 for a row of zeros), ``zero point = clamp(round_half_even(-lo / scale),
+0, 255)``. A language model's activations have rows and channels hundreds of times larger than
+the rest, which one calibrated per-tensor range cannot serve.
 """
 
 from __future__ import annotations
@@ -64,9 +66,13 @@ class ActivationEncoding:
         """The scale that encodes ``x``: this encoding's, whatever ``x`` holds."""
         return np.float32(self.scale)
 
+    def zero_points(self, x: np.ndarray) -> int:
+        """The zero point that encodes ``x``: this encoding's."""
+        return self.zero_point
+
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """``clamp(round_half_even(x / scale) + zero_point, 0, qmax)`` in float32 arithmetic."""
-        return _codes(x, self.scales(x), self.zero_point, self.qmax, self.dtype)
+        return _codes(x, self.scales(x), self.zero_points(x), self.qmax, self.dtype)
 
     def dequantize(self, codes: np.ndarray) -> np.ndarray:
         return ((codes.astype(np.int32) - self.zero_point).astype(np.float32) * np.float32(self.scale)).astype(
@@ -76,27 +82,35 @@ class ActivationEncoding:
 
 @dataclass(frozen=True)
 class RowwiseEncoding:
-    """Symmetric uint8 codes per row (the last axis is a row's), computed at run time from the row itself:
-    ``scale = max_i |x_i| / 127`` in float32 (1 for a row of zeros), zero point 128, codes 1..255."""
+    """uint8 codes per row (the last axis is a row's), encoded at run time from the row's own range, in
+    float32 (module docstring): ``scale`` and ``zero point`` per row, shaped ``[..., 1]``."""
 
     bitwidth = 8
-    zero_point = 128
     qmax = 255
     dtype = "uint8"
-    MAX_CODE = 127  # |code - zero point| at the row's largest magnitude
+
+    def _range(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(x, np.float32)
+        low = np.minimum(np.min(x, axis=-1, keepdims=True), np.float32(0))
+        high = np.maximum(np.max(x, axis=-1, keepdims=True), np.float32(0))
+        return low, high
 
     def scales(self, x: np.ndarray) -> np.ndarray:
-        """Each row's scale, shaped ``[..., 1]`` to divide ``x`` by."""
-        magnitude = np.max(np.abs(np.asarray(x, np.float32)), axis=-1, keepdims=True)
-        return np.where(magnitude > 0, magnitude / np.float32(self.MAX_CODE), np.float32(1)).astype(np.float32)
+        low, high = self._range(x)
+        span = (high - low).astype(np.float32)
+        return np.where(span > 0, span / np.float32(self.qmax), np.float32(1)).astype(np.float32)
+
+    def zero_points(self, x: np.ndarray) -> np.ndarray:
+        low, _ = self._range(x)
+        return np.clip(np.rint(-low / self.scales(x)), 0, self.qmax).astype(np.int32)
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
-        """``round_half_even(x / scale[row]) + 128`` (always within 1..255) in float32 arithmetic."""
-        return _codes(x, self.scales(x), self.zero_point, self.qmax, self.dtype)
+        """``clamp(round_half_even(x / scale[row]) + zero_point[row], 0, 255)`` in float32 arithmetic."""
+        return _codes(x, self.scales(x), self.zero_points(x), self.qmax, self.dtype)
 
 
-def _codes(x: np.ndarray, scale, zero_point: int, qmax: int, dtype: str) -> np.ndarray:
-    codes = np.rint(np.asarray(x, np.float32) / scale) + np.float32(zero_point)
+def _codes(x: np.ndarray, scale, zero_point, qmax: int, dtype: str) -> np.ndarray:
+    codes = np.rint(np.asarray(x, np.float32) / scale) + np.asarray(zero_point, np.float32)
     return np.clip(codes, 0, qmax).astype(dtype)
 
 

@@ -5,8 +5,8 @@ mode              activations               arithmetic (docs/design.md §3)
 ================  ========================  ====================================================
 ``weight-only``   fp32                      ``Σ x · float(q·k)`` in fp32
 ``w4a8``          uint8 per tensor          ``Σ (xq − zx) · (q·k)`` in int32, bit-exact
-``w4a8-dynamic``  uint8 per row (token),    the same, each row's scale ``max |x| / 127`` and
-                  encoded at run time       zero point 128 (no calibration), bit-exact
+``w4a8-dynamic``  uint8 per row (token),    the same, each row's scale and zero point from its
+                  encoded at run time       own range (no calibration), bit-exact
 ``w4a16``         uint16 per tensor         the same in int64, bit-exact
 ``fp32``          fp32                      the unquantized model, for comparisons
 ================  ========================  ====================================================

@@ -11,8 +11,8 @@ and, when the layer's output is requantized (HTP semantics), ``y`` goes through 
 encoding: ``yq = clamp(round_half_even(y / sy) + zy, 0, 2**bw - 1)``, ``y = (yq - zy) · sy``.
 ``q · k`` lies in -128..112: the int8 per-channel weight of the layer. Padding of a convolution
 is the real value 0, whose code is exactly ``zx``, so it contributes nothing to ``acc``.
-Mode ``w4a8-dynamic`` (dense layers) computes ``sx`` per row of ``x`` at run time, with ``zx = 128``
-(:class:`~lpbq_tvm.calibration.RowwiseEncoding`); the formulas are the same, row by row.
+Mode ``w4a8-dynamic`` (dense layers) computes ``sx`` and ``zx`` per row of ``x`` at run time, from the
+row's range (:class:`~lpbq_tvm.calibration.RowwiseEncoding`); the formulas are the same, row by row.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def int_weight(q: np.ndarray, k: np.ndarray, block_elements: int) -> np.ndarray:
 
 
 def _centered_codes(x: np.ndarray, encoding: ActivationEncoding) -> np.ndarray:
-    return encoding.quantize(x).astype(np.int64) - encoding.zero_point
+    return encoding.quantize(x).astype(np.int64) - encoding.zero_points(x)
 
 
 def _check_fits(acc: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -83,7 +83,7 @@ def dense_int(
     pre_bias_encoding: ActivationEncoding | None = None,
 ) -> np.ndarray:
     """``x [..., K]`` times the int weight ``[N, K]`` (rows = output channels) in integer arithmetic;
-    ``input_encoding`` per tensor, or a :class:`~lpbq_tvm.calibration.RowwiseEncoding` (a scale per row)."""
+    ``input_encoding`` per tensor, or a :class:`~lpbq_tvm.calibration.RowwiseEncoding` (an encoding per row)."""
     codes = _centered_codes(x, input_encoding)
     acc = _check_fits(codes @ weight.astype(np.int64).T, accumulator_dtype(input_encoding))
     return epilogue(acc, input_encoding.scales(x), s, bias, -1, output_encoding, pre_bias_encoding)

@@ -17,8 +17,8 @@ Layers without an encoding stay fp32.
 Modes (docs/design.md §3): ``"weight-only"`` (fp32 activations; ``y = s[c] · Σ x · float(q · k)``),
 ``"w4a8"`` / ``"w4a16"`` (activation quantized per tensor to uint8 / uint16 from its calibrated
 range in ``"lpbq.activation_ranges"``, integer accumulation in int32 / int64, fp32 epilogue),
-``"w4a8-dynamic"`` (dense layers only: uint8 with a scale per row computed at run time, no ranges;
-a scheduled kernel gets the scales from a ``lpbq_row_scales`` call before it).
+``"w4a8-dynamic"`` (dense layers only: uint8 with an encoding per row computed at run time from the
+row's range, no calibration; a scheduled kernel gets them from a ``lpbq_row_encodings`` call before it).
 With ``requantize_outputs=True`` (HTP semantics) each integer layer's output is also quantized
 to its own calibrated encoding and dequantized (QDQ); a bias is then fused only where the ONNX
 node itself adds it (``has_bias`` of ``"lpbq.onnx_nodes"``), so requantization sees what the
@@ -162,11 +162,13 @@ class _Lowering:
         if choice is None:
             return None
         args = [x, *self.weight_args(key, weight, choice.weights)]
-        if choice.row_scales is not None:
+        if choice.row_encodings is not None:
             rows_in = te.placeholder((rows, depth), "float32", "x")
-            func = te.create_prim_func([rows_in, choice.row_scales(rows_in)]).without_attr("global_symbol")
-            scales = bb.add_func(func, "lpbq_row_scales")  # (one per shape: equal functions are added once)
-            args.insert(1, relax.call_tir(scales, [x], relax.TensorType((rows,), "float32")))
+            func = te.create_prim_func([rows_in, *choice.row_encodings(rows_in)]).without_attr("global_symbol")
+            gvar = bb.add_func(func, "lpbq_row_encodings")  # (one per shape: equal functions are added once)
+            encodings = [relax.TensorType((rows,), "float32"), relax.TensorType((rows,), "int32")]
+            row_encodings = relax.call_tir(gvar, [x], encodings)
+            args[1:1] = [relax.TupleGetItem(row_encodings, 0), relax.TupleGetItem(row_encodings, 1)]
         args += [relax.op.reshape(bias, [channels])] if bias is not None else []
         gvar = bb.add_func(choice.func.without_attr("global_symbol"), choice.name)  # named by its GlobalVar
         return relax.call_tir(gvar, args, relax.TensorType((rows, channels), "float32"))

@@ -29,15 +29,16 @@ def reference_w4a8(x, q, k, s, B, sx, zx, bias=None, bitwidth=8):
 
 
 def reference_rowwise(x, q, k, s, B, bias=None):
-    """The project's integer reference for mode w4a8-dynamic: a scale per row of ``x``."""
+    """The project's integer reference for mode w4a8-dynamic: an encoding per row of ``x``."""
     return reference.dense_int(x, reference.int_weight(q, k, B), s, RowwiseEncoding(), bias)
 
 
 def rowwise_activations(M, K, rng):
-    """Rows whose magnitudes span 1e-3..1e3 (one scale could not serve them) and, from two rows, a row of zeros."""
+    """Rows whose magnitudes span 1e-3..1e3 (one encoding could not serve them) and, as far as M reaches, a
+    row of zeros, one of positive values only (zero point 0) and one of negative values only (255)."""
     x = (rng.standard_normal((M, K)) * 10.0 ** (np.arange(M) % 7 - 3)[:, None]).astype(np.float32)
-    if M > 1:
-        x[1] = 0
+    for row, sign in zip(range(1, M), (0, 1, -1), strict=False):  # (as far as M reaches)
+        x[row] = sign * np.abs(x[row])
     return x
 
 

@@ -19,8 +19,8 @@ kernel invocation). Arithmetic (docs/design.md §3):
 * integer (:class:`IntegerArithmetic`, W4A8 / W4A16): ``xq = clamp(round_half_even(x / sx) + zx)``,
   ``acc = Σ (xq − zx) · (q · k)`` in int32 / int64, ``y = float32(acc) · sx · s[c] (+ bias[c])``,
   optionally requantized to the output encoding (and, for a MatMul + Add bias, first to the
-  pre-bias encoding) — exactly :mod:`lpbq_tvm.reference`. Mode ``w4a8-dynamic`` (dense layers): ``sx``
-  per row of ``x``, :func:`row_scales`, and ``zx = 128``.
+  pre-bias encoding) — exactly :mod:`lpbq_tvm.reference`. Mode ``w4a8-dynamic`` (dense layers): ``sx`` and
+  ``zx`` per row of ``x``, :func:`row_encodings`.
 
 The epilogue stages carry the block annotation :data:`~lpbq_tvm.kernels.interface.SEPARATE_ROUNDING`:
 a rule that inlined them into one expression would let LLVM contract a multiply and an add into
@@ -42,7 +42,7 @@ from lpbq_tvm.calibration import ActivationEncoding, RowwiseEncoding
 from lpbq_tvm.encoder import LPBQEncoding
 from lpbq_tvm.kernels.interface import SEPARATE_ROUNDING, IntegerArithmetic
 
-__all__ = ["conv_kernel", "dense_kernel", "im2col", "row_scales", "tap_major", "transposed_around"]
+__all__ = ["conv_kernel", "dense_kernel", "im2col", "row_encodings", "tap_major", "transposed_around"]
 
 _SEPARATE = {SEPARATE_ROUNDING: 1}
 
@@ -61,24 +61,35 @@ def _int_weight(q: te.Tensor, k: te.Tensor, row, index, block, code_bits: int):
     return code * (_nibble(k, row, block) + 1)
 
 
-def row_scales(x: te.Tensor) -> te.Tensor:
-    """Each row's scale of :class:`~lpbq_tvm.calibration.RowwiseEncoding` (a row: the last axis of ``x``),
-    ``max_i |x[..., i]| / 127`` in float32, 1 for a row of zeros: shaped ``x.shape[:-1]``."""
+def row_encodings(x: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
+    """Each row's :class:`~lpbq_tvm.calibration.RowwiseEncoding` (a row: the last axis of ``x``), in the
+    same float32 steps: the scales (float32) and zero points (int32), shaped ``x.shape[:-1]``."""
     i = te.reduce_axis((0, x.shape[-1]), name="i")
-    magnitude = te.compute(x.shape[:-1], lambda *m: te.max(tirx.abs(x(*m, i)), axis=i), name="row_max")
-    largest = tirx.const(float(RowwiseEncoding.MAX_CODE), "float32")
-    return te.compute(
+    j = te.reduce_axis((0, x.shape[-1]), name="j")
+    zero, qmax = tirx.const(0.0, "float32"), tirx.const(float(RowwiseEncoding.qmax), "float32")
+    smallest = te.compute(x.shape[:-1], lambda *m: te.min(x(*m, i), axis=i), name="row_min")
+    largest = te.compute(x.shape[:-1], lambda *m: te.max(x(*m, j), axis=j), name="row_max")
+    low = lambda *m: tirx.min(smallest(*m), zero)  # noqa: E731
+
+    def scale(*m):
+        span = tirx.max(largest(*m), zero) - low(*m)
+        return tirx.Select(span > zero, span / qmax, tirx.const(1.0, "float32"))
+
+    scales = te.compute(x.shape[:-1], scale, name="row_scales")
+    zero_points = te.compute(
         x.shape[:-1],
-        lambda *m: tirx.Select(magnitude(*m) > 0, magnitude(*m) / largest, tirx.const(1.0, "float32")),
-        name="row_scales",
+        lambda *m: tirx.max(tirx.min(tirx.nearbyint(-low(*m) / scales(*m)), qmax), zero).astype("int32"),
+        name="row_zero_points",
     )
+    return scales, zero_points
 
 
-def _quantize(value, encoding: ActivationEncoding | RowwiseEncoding, scale=None):
+def _quantize(value, encoding: ActivationEncoding | RowwiseEncoding, scale=None, zero_point=None):
     """``clamp(round_half_even(value / scale) + zero_point, 0, qmax)`` as float32 (an exact integer); ``scale``
-    the encoding's unless given (a row's)."""
+    and ``zero_point`` (int32) the encoding's unless given (a row's)."""
     scale = tirx.const(encoding.scale, "float32") if scale is None else scale
-    code = tirx.nearbyint(value / scale) + tirx.const(encoding.zero_point, "float32")
+    zero_point = tirx.const(encoding.zero_point, "int32") if zero_point is None else zero_point
+    code = tirx.nearbyint(value / scale) + zero_point.astype("float32")
     return tirx.max(tirx.min(code, tirx.const(encoding.qmax, "float32")), tirx.const(0, "float32"))
 
 
@@ -94,12 +105,14 @@ def _operand(x: te.Tensor, integer: IntegerArithmetic | None) -> tuple[te.Tensor
     if integer is None:
         return x, "float32", None
     encoding, dtype = integer.input_encoding, integer.accumulator
-    scales = row_scales(x) if integer.rowwise else None
-    scale = (lambda *i: scales(*i[:-1])) if integer.rowwise else (lambda *i: None)
-    zero_point = tirx.const(encoding.zero_point, dtype)
+    if integer.rowwise:
+        scales, zero_points = row_encodings(x)
+        row = lambda *i: (scales(*i[:-1]), zero_points(*i[:-1]))  # noqa: E731
+    else:
+        scales, row = None, lambda *i: (None, tirx.const(encoding.zero_point, "int32"))
     codes = te.compute(
         x.shape,
-        lambda *i: _quantize(x(*i), encoding, scale(*i)).astype(dtype) - zero_point,
+        lambda *i: _quantize(x(*i), encoding, *row(*i)).astype(dtype) - row(*i)[1].astype(dtype),
         name="lpbq_input_codes",
     )
     return codes, dtype, scales
@@ -199,10 +212,10 @@ def conv_kernel(
 
     The weight ``[O, I/groups, *kernel]`` is expanded from the packed codes inside the kernel. In
     integer mode, zero padding of the centred codes is the padding of the real value 0; the input takes
-    one encoding per tensor (not a scale per row).
+    one encoding per tensor (not one per row).
     """
     if integer is not None and integer.rowwise:
-        raise ValueError("a convolution's input takes one encoding per tensor, not a scale per row")
+        raise ValueError("a convolution's input takes one encoding per tensor, not one per row")
     operand, dtype, _ = _operand(x, integer)
 
     def weight(o, c, *kernel_index):

@@ -9,7 +9,8 @@ generic kernel of :mod:`lpbq_tvm.kernels.generic`.
 The call contract of a chosen kernel: ``func(x, *weights.values(), [bias], y)`` with ``x`` float32
 ``[rows, depth]``, ``bias`` float32 ``[channels]`` and ``y`` float32 ``[rows, channels]``; the
 arithmetic is that of docs/design.md §3 for the layer's mode (bit-exact in the integer modes). A
-choice with ``row_scales`` (mode ``w4a8-dynamic``) takes ``row_scales(x)`` right after ``x``.
+choice with ``row_encodings`` (mode ``w4a8-dynamic``) takes the two tensors ``row_encodings(x)`` (each row's
+scale and zero point) right after ``x``.
 
 A family's choices that change speed only (crossovers, tile sizes) are measured, not derived: each
 table of them carries its :class:`Provenance`. A family builds its kernels through :func:`built`, so
@@ -58,7 +59,7 @@ class IntegerArithmetic:
 
     @property
     def rowwise(self) -> bool:
-        """Whether the kernel computes a scale per input row (mode ``w4a8-dynamic``)."""
+        """Whether the input has an encoding per row, computed at run time (mode ``w4a8-dynamic``)."""
         return isinstance(self.input_encoding, RowwiseEncoding)
 
     @property
@@ -94,7 +95,7 @@ class KernelChoice:
     func: object  # tvm.tirx.PrimFunc
     weights: dict[str, np.ndarray]
     name: str  # the kernel's name in the module, e.g. "lpbq_dense_x86"
-    row_scales: Callable | None = None  # TE: x [rows, depth] -> its rows' scales, the kernel's second argument
+    row_encodings: Callable | None = None  # TE: x [rows, depth] -> its rows' (scales, zero points), the next arguments
 
 
 class KernelFamily(Protocol):

@@ -25,7 +25,7 @@ from tvm.target import codegen
 
 from lpbq_tvm.kernels.aarch64 import fold_k, mmla
 from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, UDOT_NIBBLE_INTRIN
-from lpbq_tvm.kernels.generic import row_scales
+from lpbq_tvm.kernels.generic import row_encodings
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, Provenance, built
 from lpbq_tvm.kernels.tiled import nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, encoding_inputs
@@ -104,7 +104,7 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
         integer_dense, rows, channels, depth, block, x.bitwidth, layer.has_bias, target=target, rowwise=integer.rowwise
     )
     weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale}
-    return KernelChoice(func, weights | encoding_inputs(x), KERNEL_NAME, row_scales if integer.rowwise else None)
+    return KernelChoice(func, weights | encoding_inputs(x), KERNEL_NAME, row_encodings if integer.rowwise else None)
 
 
 def weight_only_dense(M: int, N: int, K: int, B: int, with_bias: bool = False, *, target) -> tirx.PrimFunc:
@@ -124,7 +124,7 @@ def integer_dense(
 ) -> tirx.PrimFunc:
     """Scheduled W4A8 (``bits = 8``) or W4A16 (16) kernel ``main(x, qw, kw, wsum, s, sx, zx, [bias], y)``
     (:mod:`lpbq_tvm.kernels.tiled.integer`; the input's scale and zero point are run-time values; ``rowwise``:
-    ``main(x, sx, ...)``, a scale per row, mode ``w4a8-dynamic``): the
+    ``main(x, sx, zx, ...)``, an encoding per row, mode ``w4a8-dynamic``): the
     ``udot`` nibble scheme below ``Tuning.fold_k_min_rows`` rows of the uint8 kernel, :mod:`.fold_k` from there."""
     check_shape(N, K, B)
     if B % 16 or K > MAX_K:

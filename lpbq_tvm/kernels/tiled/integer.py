@@ -5,9 +5,9 @@ quantized in-kernel with the input encoding ``sx`` / ``zx`` read at run time (so
 shape share one compiled kernel), ``xq = clamp(round_half_even(x / sx) + zx, 0, qmax)`` (a true division, as the
 reference), ``acc = Σ_i (xq − zx) · (q · k)`` exactly, ``y = float32(acc) · sx · s[n]``, then
 ``+ bias[n]``, each rounded on its own: bit-exact with :func:`lpbq_tvm.reference.dense_int`. A
-*row-wise* kernel (mode ``w4a8-dynamic``, :class:`~lpbq_tvm.calibration.RowwiseEncoding`) takes one scale
-per row instead, ``sx[M]`` right after ``x``: ``main(x, sx, qw, kw, wsum, s, zx, [bias], y)``, the scales
-computed before it by :func:`lpbq_tvm.kernels.generic.row_scales` (``max_i |x[m, i]| / 127``, 1 for a row of zeros).
+*row-wise* kernel (mode ``w4a8-dynamic``, :class:`~lpbq_tvm.calibration.RowwiseEncoding`) takes an encoding
+per row instead, ``sx[M]`` and ``zx[M]`` right after ``x``: ``main(x, sx, zx, qw, kw, wsum, s, [bias], y)``,
+computed before it from each row's range by :func:`lpbq_tvm.kernels.generic.row_encodings`.
 ``qw`` / ``kw`` / ``wsum`` are the integer layout of :mod:`~lpbq_tvm.kernels.tiled.repack`.
 
 A uint16 code runs as two *byte planes*, ``xq = 256 · hi + lo``: two rows of the uint8 kernel,
@@ -148,14 +148,15 @@ def integer_inputs(M, N, K, B, with_bias):
 
 
 def encoding_inputs(encoding: ActivationEncoding | RowwiseEncoding) -> dict[str, np.ndarray]:
-    """The run-time values of :func:`integer_inputs`' ``sx`` (a row-wise kernel computes it) and ``zx`` for the
-    input ``encoding``, by the names kernel choices give them; ``ValueError`` for a zero point outside the
-    codes' range."""
+    """The run-time values of :func:`integer_inputs`' ``sx`` and ``zx`` for the input ``encoding``, by the names
+    kernel choices give them (none for a :class:`RowwiseEncoding`: computed from each row); ``ValueError`` for a
+    zero point outside the codes' range."""
+    if isinstance(encoding, RowwiseEncoding):
+        return {}
     if not 0 <= encoding.zero_point <= encoding.qmax:
         msg = f"zero point must lie in 0..{encoding.qmax}, got {encoding.zero_point}"
         raise ValueError(msg)
-    zx = {"lpbq_zx": np.array([encoding.zero_point], np.int32)}
-    return zx if isinstance(encoding, RowwiseEncoding) else {"lpbq_sx": np.array([encoding.scale], np.float32)} | zx
+    return {"lpbq_sx": np.array([encoding.scale], np.float32), "lpbq_zx": np.array([encoding.zero_point], np.int32)}
 
 
 def code(value, sx, zx, qmax: int):
@@ -184,10 +185,10 @@ def integer_output(M, N, acc, sx, s, bias):
 
 def _byte_plane_codes(x, planes: int, K: int, sx, zx, qmax: int) -> te.Tensor:
     """The uint8 rows of the codes: the code of ``x[r // planes, i]``, byte plane ``r % planes`` (high first);
-    ``sx(m)`` the scale of row ``m``."""
+    ``sx(m)`` / ``zx(m)`` the encoding of row ``m``."""
 
     def quantize(r, i):
-        value = code(x[r // planes, i], sx(r // planes), zx, qmax)
+        value = code(x[r // planes, i], sx(r // planes), zx(r // planes), qmax)
         if planes == 1:
             return value.astype("uint8")
         shift = (planes - 1 - r % planes) * 8
@@ -217,26 +218,26 @@ def build_byte_planes(
 ) -> tvm.tirx.PrimFunc:
     """The integer kernel of ``bits``-bit codes (8: one plane, 16: two) around a uint8 ``scheme``; each
     channel tile computes the lanes of 16-channel chunks its channels need. ``rowwise`` (8 bits): a
-    scale per row (module docstring)."""
+    encoding per row (module docstring)."""
     if rowwise and bits != 8:
         msg = f"row-wise scales are 8-bit codes, got {bits} bits"
         raise ValueError(msg)
     planes, qmax = bits // 8, (1 << bits) - 1
     lanes = tile_lanes(N, dot.lanes)
     x, qw, kw, wsum, s, sx, zx, bias = integer_inputs(M, N, K, B, with_bias)
-    if rowwise:
-        sx = te.placeholder((M,), "float32", "sx")
-        scale = lambda m: sx[m]  # noqa: E731
+    if rowwise:  # an encoding per row
+        sx, zx = te.placeholder((M,), "float32", "sx"), te.placeholder((M,), "int32", "zx")
+        scale, zero = (lambda m: sx[m]), (lambda m: zx[m])
     else:
-        scale = lambda m: sx[0]  # noqa: E731
-    xq = _byte_plane_codes(x, planes, K, scale, zx[0], qmax)
+        scale, zero = (lambda m: sx[0]), (lambda m: zx[0])
+    xq = _byte_plane_codes(x, planes, K, scale, zero, qmax)
     problem = Problem(M, N, K, B, planes, dot, target, tune, lanes, xq, qw, kw)
     acc = scheme.accumulate(problem)
     # A scheme that accumulates signed bytes (code − CODE_OFFSET) owes each plane CODE_OFFSET · wsum back.
-    zx_acc = zx[0] - getattr(scheme, "CODE_OFFSET", 0) * (256**planes - 1) // 255
-    exact = lambda m, n: _exact_acc(acc, wsum, m, n, planes, K, zx_acc).astype("float32")  # noqa: E731
+    owed = getattr(scheme, "CODE_OFFSET", 0) * (256**planes - 1) // 255
+    exact = lambda m, n: _exact_acc(acc, wsum, m, n, planes, K, zero(m) - owed).astype("float32")  # noqa: E731
     y = integer_output(M, N, exact, scale, s, bias)
-    arguments = (x, sx, qw, kw, wsum, s, zx, bias, y) if rowwise else (x, qw, kw, wsum, s, sx, zx, bias, y)
+    arguments = (x, sx, zx, qw, kw, wsum, s, bias, y) if rowwise else (x, qw, kw, wsum, s, sx, zx, bias, y)
     sch = Schedule(te.create_prim_func([t for t in arguments if t is not None]))
     schedule_codes(sch, "xq", tune.parallel_code_rows)
     scheme.schedule(sch, problem)

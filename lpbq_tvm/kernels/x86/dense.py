@@ -18,7 +18,7 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
-from lpbq_tvm.kernels.generic import row_scales
+from lpbq_tvm.kernels.generic import row_encodings
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, built
 from lpbq_tvm.kernels.tiled import nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, encoding_inputs
@@ -55,14 +55,12 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
         qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
         x = integer.input_encoding
         weights = {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_wsum": wsum, "lpbq_s": packed.scale} | encoding_inputs(x)
+        shape = (rows, channels, depth, block, layer.has_bias)
         if x.bitwidth > 8:
-            func = built(w4a16_dense, rows, channels, depth, block, layer.has_bias, target=target)
+            func = built(w4a16_dense, *shape, target=target)
         else:
-            func = built(
-                w4a8_dense, rows, channels, depth, block, layer.has_bias, target=target, rowwise=integer.rowwise
-            )
-            if integer.rowwise:
-                return KernelChoice(func, weights, KERNEL_NAME, row_scales)
+            func = built(w4a8_dense, *shape, target=target, rowwise=integer.rowwise)
+        return KernelChoice(func, weights, KERNEL_NAME, row_encodings if integer.rowwise else None)
     return KernelChoice(func, weights, KERNEL_NAME)
 
 
@@ -79,8 +77,8 @@ def w4a8_dense(
     rowwise: bool = False,
 ) -> tirx.PrimFunc:
     """Scheduled W4A8 kernel ``main(x, qw, kw, wsum, s, sx, zx, [bias], y)`` (:mod:`~lpbq_tvm.kernels.tiled.integer`;
-    the input's scale and zero point are run-time values); ``rowwise``: ``main(x, sx, qw, kw, wsum, s, zx, [bias], y)``,
-    a scale per row (mode ``w4a8-dynamic``).
+    the input's scale and zero point are run-time values); ``rowwise``: ``main(x, sx, zx, qw, kw, wsum, s, [bias], y)``,
+    an encoding per row (mode ``w4a8-dynamic``).
 
     ``intrinsic``: ``"auto"`` (from ``target``'s features), ``"vnni"`` (vpdpbusd), ``"avx512bw"``
     (pmaddubsw + pmaddwd on zmm), ``"avx2"`` (the same on ymm) or None (no tensor intrinsic: plain

@@ -72,7 +72,7 @@ def test_extreme_accumulators_are_exact_on_the_board(arm64_session, bits, M, tar
 
 @pytest.mark.parametrize(("M", "target"), [(1, DOTPROD), (5, DOTPROD), (6, I8MM)], ids=["udot", "fold-k", "usmmla"])
 def test_rowwise_scales_are_bit_exact_on_the_board(arm64_session, M, target):
-    """w4a8-dynamic: a scale per row (rows of 1e-3..1e3 and of zeros) in each scheme."""
+    """w4a8-dynamic: an encoding per row (rows of 1e-3..1e3, of zeros, of one sign) in each scheme."""
     N, K, B = 100, 192, 64
     rng = np.random.default_rng(M)
     q, k = weights(N, K, B, rng)
@@ -81,9 +81,8 @@ def test_rowwise_scales_are_bit_exact_on_the_board(arm64_session, M, target):
     bias = rng.standard_normal(N).astype(np.float32) if M == 1 else None
     func = integer_dense(M, N, K, B, 8, bias is not None, target=target, rowwise=True)
     packed = repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    (zx,) = encoding_inputs(RowwiseEncoding()).values()
-    sx = RowwiseEncoding().scales(x).reshape(M)
-    got = arm64_session.call(func, target, [x, sx, *packed, s, zx, *([bias] if bias is not None else [])], (M, N))
+    sx, zx = RowwiseEncoding().scales(x).reshape(M), RowwiseEncoding().zero_points(x).reshape(M)
+    got = arm64_session.call(func, target, [x, sx, zx, *packed, s, *([bias] if bias is not None else [])], (M, N))
     np.testing.assert_array_equal(got.view(np.int32), reference_rowwise(x, q, k, s, B, bias).view(np.int32))
 
 

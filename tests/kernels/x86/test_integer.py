@@ -148,7 +148,7 @@ SCHEMES = [
 @pytest.mark.parametrize(("cpu", "options", "instruction"), SCHEMES, ids=str)
 @pytest.mark.parametrize("M", [1, 32])
 def test_w4a8_rowwise_bit_exact_in_every_scheme(cpu, options, instruction, M):
-    """Mode w4a8-dynamic: a scale per row, rows of any magnitude or zero, bit-exact with the reference."""
+    """Mode w4a8-dynamic: an encoding per row (rows of any magnitude, of zeros, of one sign), bit-exact."""
     N, K, B = 100, 192, 64
     target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2})
     rng = np.random.default_rng(M)
@@ -159,10 +159,9 @@ def test_w4a8_rowwise_bit_exact_in_every_scheme(cpu, options, instruction, M):
     lib = tvm.compile(fk.w4a8_dense(M, N, K, B, bias is not None, target=target, rowwise=True, **options), target)
     if instruction is not None:
         assert instruction in lib.mod.inspect_source("asm").replace("\t", " ")
-    (zx,) = encoding_inputs(RowwiseEncoding()).values()
     packed = fk.repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
-    sx = RowwiseEncoding().scales(x).reshape(M)
-    got = run(lib, [x, sx, *packed, s, zx] + ([bias] if bias is not None else []), M, N)
+    sx, zx = RowwiseEncoding().scales(x).reshape(M), RowwiseEncoding().zero_points(x).reshape(M)
+    got = run(lib, [x, sx, zx, *packed, s] + ([bias] if bias is not None else []), M, N)
     assert np.array_equal(got.view(np.int32), reference_rowwise(x, q, k, s, B, bias).view(np.int32))
 
 
