@@ -217,7 +217,7 @@ def build_byte_planes(
     M, N, K, B, bits: int, with_bias: bool, target, tune, dot: DotInstructions, scheme: ModuleType, rowwise=False
 ) -> tvm.tirx.PrimFunc:
     """The integer kernel of ``bits``-bit codes (8: one plane, 16: two) around a uint8 ``scheme``; each
-    channel tile computes the lanes of 16-channel chunks its channels need. ``rowwise`` (8 bits): a
+    channel tile computes the lanes of 16-channel chunks its channels need. ``rowwise`` (8 bits): an
     encoding per row (module docstring)."""
     if rowwise and bits != 8:
         msg = f"row-wise scales are 8-bit codes, got {bits} bits"
