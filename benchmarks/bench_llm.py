@@ -1,5 +1,5 @@
-"""End-to-end decoder latency: SmolLM2-135M-Instruct compiled by lpbq_tvm (fp32, weight-only, W4A8, W4A16) beside
-onnxruntime (the fp32 export, and its 4-bit ``MatMulNBits`` at accuracy_level 0 and 4), batch 1, on the host CPU.
+"""End-to-end decoder latency: SmolLM2-135M-Instruct compiled by lpbq_tvm (fp32, weight-only, W4A8, W4A8-dynamic, W4A16)
+beside onnxruntime (the fp32 export, and its 4-bit ``MatMulNBits`` at accuracy_level 0 and 4), batch 1, on the host CPU.
 
 Measured for each thread count (1 and 2), each in its own worker process (``TVM_NUM_THREADS`` and onnxruntime's
 ``intra_op_num_threads`` set before anything runs), on tokens of real text (Newton's *Opticks*):

@@ -4,7 +4,7 @@ resident memory of each stage:
 
 1. import: ``lpbq_tvm.llm.decoder_sim`` (graph preparation and the Relax import at the prefill shapes);
 2. encode: ``set_grouped_blockwise_quantization_for_weights`` (every MatMul, the LM head included; block 64)
-   and ``compute_encodings`` (integer modes calibrate on two batches of random tokens, as the weights are random);
+   and ``compute_encodings`` (w4a8 / w4a16 calibrate on two batches of random tokens, as the weights are random);
 3. compile: ``compile_decoder`` (the prefill graph, then the decode graph imported again at its shapes, both
    lowered to the target's LPBQ kernels and built, one copy of the weights);
 4. prefill 16 tokens, then 10 decode steps, with the simulation released first (what a deployed generator
@@ -86,6 +86,7 @@ def worker(layers: int, mode: str) -> None:
 
     from benchmarks.models.llama_onnx import LlamaConfig
     from lpbq_tvm.llm import DecoderInterface, compile_decoder, decoder_sim
+    from lpbq_tvm.modes import needs_calibration
     from lpbq_tvm.quantsim import set_grouped_blockwise_quantization_for_weights
     from lpbq_tvm.timing import host_cpu
 
@@ -105,7 +106,7 @@ def worker(layers: int, mode: str) -> None:
         return sim
 
     def encode(sim) -> None:
-        if mode == "weight-only":
+        if not needs_calibration(mode):
             sim.compute_encodings()
         else:  # random tokens: the weights are random too
             interface = DecoderInterface.of(sim)
@@ -152,8 +153,10 @@ def run_rows(command: list[str]) -> list[dict]:
 
 
 def main() -> None:
+    from lpbq_tvm.modes import LPBQ_MODES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", default="weight-only", choices=("weight-only", "w4a8", "w4a16"))
+    parser.add_argument("--mode", default="weight-only", choices=tuple(LPBQ_MODES))
     parser.add_argument("--layers", type=int, default=22, help="decoder layers (TinyLlama-1.1B: 22)")
     parser.add_argument("--json", type=Path, help="write the rows (stages, what the generator holds, host) here")
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)  # the build process
