@@ -16,6 +16,7 @@ from lpbq_tvm.kernels import aarch64
 from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic
 from lpbq_tvm.kernels.x86 import dense_kernel
 from lpbq_tvm.kernels.x86.isa import register_file
+from lpbq_tvm.modes import LPBQ_MODES
 from lpbq_tvm.passes.annotate_lpbq import AnnotateLPBQ
 from lpbq_tvm.passes.encode_lpbq import EncodeLPBQ, read_encodings
 from lpbq_tvm.targets import TARGETS, get_target
@@ -94,4 +95,6 @@ def test_every_target_has_a_pipeline_and_a_tvm_target(name):
     target = get_target(name)
     assert isinstance(target.tvm_target(), tvm.target.Target)
     assert isinstance(target.pipeline(), tvm.transform.Pass)
-    assert set(target.modes) <= {"weight-only", "w4a8", "w4a16"}
+    assert set(target.modes) <= set(LPBQ_MODES)
+    # The HTP runs calibrated encodings only: no weight-only layers, no encodings computed at run time.
+    assert ("w4a8-dynamic" in target.modes) == (name != "htp-sim")
