@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from benchmarks.models.llama_onnx import LlamaConfig, build_decoder, random_weights
+from lpbq_tvm import set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.cli import main
 from lpbq_tvm.examples import build_example_model
 from lpbq_tvm.llm import compile_decoder, decoder_sim
@@ -51,6 +52,19 @@ def test_generate_streams_the_api_s_greedy_tokens(files, capsys):
     assert result["tokens"] == expected
     assert result["text"] == tokenizer.decode(expected, skip_special_tokens=True)
     assert result["stats"]["prompt_tokens"] == len(prompt) and result["stats"]["new_tokens"] == len(expected)
+
+
+def test_w4a8_dynamic_generates_without_calibration_text(files, capsys):
+    """--mode w4a8-dynamic encodes activations as the layers run: no --calib-text, the API's tokens."""
+    common = ["--tokenizer", str(files / "tokenizer.json"), "--context", "48", "--prefill", "16"]
+    args = ["generate", str(files / "tiny.onnx"), *common, "--mode", "w4a8-dynamic", "--prompt", "the owl"]
+    result = _json(capsys, [*args, "--max-new-tokens", "6"])
+    sim = decoder_sim(files / "tiny.onnx", 16)
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("MatMul",), block_size=64)
+    sim.compute_encodings()
+    decoder = compile_decoder(sim, "w4a8-dynamic", context=48, prefill=16)
+    prompt = Tokenizer.from_file(str(files / "tokenizer.json")).encode("the owl").ids
+    assert result["tokens"] == decoder.generate(prompt, 6)
 
 
 def test_perplexity_is_onnxruntime_s_within_the_float32_bound(files, capsys):
