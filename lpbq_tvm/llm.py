@@ -20,7 +20,9 @@ layer runs on the target's scheduled kernels at a known number of rows:
   logits of every position and the presents, which the generator copies into its caches once;
 * *decode*: one position over a cache of ``context`` slots, its ``concat(past, new)`` rewritten by
   :class:`~lpbq_tvm.passes.kv_cache_in_place.KVCacheInPlace`: each step writes its key and value into
-  the caches in place and attends over all ``context`` slots, the unwritten ones masked. A step's
+  the caches in place and attends over all ``context`` slots, the unwritten ones masked. The key
+  caches are held transposed, ``[1, kv_heads, head_dim, context]``, as attention reads them (no
+  transposed copy of every key per step); the step returns its logits only. A step's
   attention reads the whole cache whatever the context so far: at ``context`` slots per layer,
   ``2 · kv_heads · head_dim · context`` floats.
 
@@ -38,6 +40,7 @@ from os import PathLike
 import numpy as np
 import onnx
 import tvm
+from tvm import relax
 
 from lpbq_tvm.compiler import CompiledModel, build, lower
 from lpbq_tvm.compiler import compile as compile_model
@@ -102,6 +105,11 @@ class DecoderInterface:
             raise ValueError(f"past_key_values inputs need one static [batch, heads, past, head size]: {shapes}")
         ((kv_heads, head_dim),) = geometry
         return cls(tuple(past), presents, kv_heads, head_dim, "position_ids" in inputs)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The key caches (``past_key_values.N.key``): a decode step holds them transposed."""
+        return tuple(name for name in self.past if name.endswith(".key"))
 
     def shapes(self, positions: int, past: int) -> dict[str, list[int]]:
         """Input shapes of a graph of ``positions`` new positions after ``past`` cached ones (batch 1)."""
@@ -210,9 +218,12 @@ class Decoder:
     def __post_init__(self) -> None:
         device = tvm.cpu()
         shape = (1, self.interface.kv_heads, self.context, self.interface.head_dim)
+        keys = set(self.interface.keys)
         # Zeros, not uninitialized memory: a masked slot must hold finite values (NaN · 0 is NaN).
-        zeros = np.zeros(shape, np.float32)
-        self._caches = {name: tvm.runtime.tensor(zeros, device) for name in self.interface.past}
+        self._caches = {
+            name: tvm.runtime.tensor(np.zeros(_transposed(shape) if name in keys else shape, np.float32), device)
+            for name in self.interface.past
+        }
         self._order = [info.name for info in self.decode_model.inputs]  # the decode step's inputs
         self.length = 0  # positions in the caches
 
@@ -312,10 +323,14 @@ class Decoder:
         for name in self.interface.past:
             inputs[name] = np.zeros((1, self.interface.kv_heads, 0, self.interface.head_dim), np.float32)
         outputs = self.prefill_model.run(inputs)
+        keys = set(self.interface.keys)
         for name, present in zip(self.interface.past, self.interface.presents, strict=True):
             cache = self._caches[name]
             filled = cache.numpy()
-            filled[:, :, :n] = outputs[present][:, :, :n]
+            if name in keys:  # held transposed: [1, heads, head size, slots]
+                filled[:, :, :, :n] = _transposed(outputs[present][:, :, :n])
+            else:
+                filled[:, :, :n] = outputs[present][:, :, :n]
             cache.copyfrom(filled)
         self.length = n
         return outputs["logits"][0, :n]
@@ -324,6 +339,13 @@ class Decoder:
         bad = [t for t in tokens if not 0 <= t < self.vocab]
         if bad:
             raise ValueError(f"token ids {bad[:5]} outside the model's vocabulary of {self.vocab}")
+
+
+def _transposed(value):
+    """A shape or array with its last two axes swapped (how a decode step holds its key caches)."""
+    if isinstance(value, tuple):
+        return (*value[:-2], value[-1], value[-2])
+    return np.swapaxes(value, -1, -2)
 
 
 def sequence_nll(logits: np.ndarray, tokens: Sequence[int]) -> float:
@@ -346,13 +368,30 @@ def compile_decoder(sim, mode: str = "weight-only", *, target: str = "cpu", cont
     at_prefill = all(list(info.shape) == shapes[info.name] for info in sim.inputs)
     prefill_model = compile_model(sim if at_prefill else sim.reshaped(shapes), target, mode)
     decode_sim = sim.reshaped(interface.shapes(1, context - 1))
-    module = KVCacheInPlace(interface.past)(lower(decode_sim, target, mode))
-    decode_model = build(module, target, outputs=decode_sim.outputs, mode=mode)
+    module = KVCacheInPlace(interface.past, transposed=interface.keys)(lower(decode_sim, target, mode))
+    names = [info.name for info in decode_sim.outputs]
+    logits = decode_sim.outputs[names.index("logits")]
+    decode_model = build(_returning(module, names.index("logits")), target, outputs=[logits], mode=mode)
     _share_weights(prefill_model, decode_model)
     if get_target(target).device() is not None:  # (the machine code is part of compiling: not in a first token)
         prefill_model.load()
         decode_model.load()
     return Decoder(prefill_model, decode_model, interface, context, prefill)
+
+
+def _returning(mod: tvm.IRModule, index: int) -> tvm.IRModule:
+    """``mod`` whose ``main`` returns only its output ``index`` (a decode step's logits: the caller owns the
+    caches, which the step updates in place), the computations of the other outputs removed."""
+    main = mod["main"]
+    body = main.body
+    result = relax.BlockBuilder().normalize(
+        relax.SeqExpr(body.blocks, relax.Tuple([relax.TupleGetItem(body.body, index)]))
+    )
+    out = mod.clone()
+    out.update_func(out.get_global_var("main"), relax.Function(main.params, result, None, main.is_pure, main.attrs))
+    # The output tuple's field read directly, then what only the other outputs used is gone.
+    prune = [relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(["main"])]
+    return tvm.transform.Sequential(prune)(out)
 
 
 def _share_weights(first: CompiledModel, second: CompiledModel) -> None:

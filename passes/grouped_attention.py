@@ -7,7 +7,9 @@ head ``h`` reading KV head ``h // r``), and ``a`` ``[b, g · r, s, x]`` static. 
 ``reshape(matmul(reshape(a, [b, g, r · s, x]), kv or its transpose), [b, g · r, s, y])``.
 
 The same products and sums: query head ``g_i · r + j`` row ``i`` becomes row ``j · s + i`` of group
-``g_i``, multiplied by the same KV head. It stops materializing the repeated keys and values, a copy
+``g_i``, multiplied by the same KV head. A transpose of keys that are themselves a transpose (the key
+cache :class:`~lpbq_tvm.passes.kv_cache_in_place.KVCacheInPlace` holds transposed) cancels, repeated
+heads or not: the matmul reads the cache as it lies. It stops materializing the repeated keys and values, a copy
 of ``r`` times the whole cache per layer per decode step, which grows with the context. Run it before
 legalization.
 """
@@ -73,16 +75,27 @@ class _Rewriter(relax.PyExprMutator):
             return None
         return kv, r
 
+    def _swapped(self, expr: relax.Expr) -> relax.Call | None:
+        """``expr`` as ``permute_dims(x, [0, 1, 3, 2])`` (its last two axes swapped), or None."""
+        call = self._call(expr, "permute_dims")
+        return call if call is not None and [int(x) for x in call.attrs.axes] == [0, 1, 3, 2] else None
+
+    def _transpose(self, kv: relax.Expr) -> relax.Expr:
+        """``kv`` with its last two axes swapped: the input of a swap it already is, else a new one."""
+        inner = self._swapped(kv)
+        return inner.args[0] if inner is not None else relax.op.permute_dims(kv, [0, 1, 3, 2])
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if not call.op.same_as(_OPS["matmul"]):
             return call
         a, rhs = call.args
-        transposed = self._call(rhs, "permute_dims")
-        if transposed is not None and [int(x) for x in transposed.attrs.axes] == [0, 1, 3, 2]:
-            found = self._shared_heads(transposed.args[0])
-        else:
-            transposed, found = None, self._shared_heads(rhs)
+        transposed = self._swapped(rhs)
+        twice = None if transposed is None else self._swapped(transposed.args[0])
+        if twice is not None:  # keys that were transposed (a transposed key cache), not repeated
+            self.replaced = True
+            return relax.op.matmul(a, twice.args[0], out_dtype=call.attrs.out_dtype)
+        found = self._shared_heads(rhs if transposed is None else transposed.args[0])
         a_shape, out_shape = _static(a), _static(call)
         if found is None or a_shape is None or out_shape is None or len(a_shape) != 4:
             return call
@@ -90,7 +103,7 @@ class _Rewriter(relax.PyExprMutator):
         b, heads, s, x = a_shape
         g = heads // r
         grouped_a = relax.op.reshape(a, [b, g, r * s, x])
-        grouped_kv = relax.op.permute_dims(kv, [0, 1, 3, 2]) if transposed is not None else kv
+        grouped_kv = self._transpose(kv) if transposed is not None else kv
         product = relax.op.matmul(grouped_a, grouped_kv, out_dtype=call.attrs.out_dtype)
         self.replaced = True
         return relax.op.reshape(product, out_shape)

@@ -15,6 +15,13 @@ mask marks the live slots; with one new position the causal mask lets it see eve
 caller passes ``attention_mask`` over the cache's slots (1 for the slots written so far, this step's
 included) and ``position_ids`` of the token's position, not of its slot. Run it on a graph of one
 new position, before legalization; the output ``present`` of the exported graph is then the cache.
+
+A cache named in ``transposed`` is held as ``[b, h, d, P + 1]``: each step writes its key as a column,
+and the concat stands for ``permute_dims(cache, [0, 1, 3, 2])``. Attention multiplies by the keys'
+transpose, so with :class:`~lpbq_tvm.passes.grouped_attention.GroupedAttention` cancelling the two
+transposes the step reads the key cache as it lies instead of copying all of it, transposed, every
+step (at 512 slots, 2 ms of SmolLM2's 12 ms decode step). Its ``present`` output is then that
+transpose: a caller that owns the caches drops the outputs (the step's logits are what it needs).
 """
 
 from __future__ import annotations
@@ -37,14 +44,17 @@ _CONCAT = tvm.ir.Op.get("relax.concat")
 class KVCacheInPlace:
     """``concat((past, new), axis=2)`` of each cache input in ``names`` -> an in-place write (module docstring)."""
 
-    def __init__(self, names: Collection[str]) -> None:
+    def __init__(self, names: Collection[str], transposed: Collection[str] = ()) -> None:
         self.names = frozenset(names)
+        self.transposed = frozenset(transposed)
+        if not self.transposed <= self.names:
+            raise ValueError(f"transposed caches {', '.join(sorted(self.transposed - self.names))} are not in names")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         main = mod["main"]
-        caches = _cache_inputs(main, self.names)
+        caches = _cache_inputs(main, self.names, self.transposed)
         slot = relax.Var(SLOT_INPUT, relax.TensorType((1,), "int64"))
-        rewriter = _Rewriter(mod, caches, slot)
+        rewriter = _Rewriter(mod, caches, slot, self.transposed)
         body = rewriter.visit_expr(main.body)
         free = relax.analysis.free_vars(body)
         left = sorted(
@@ -64,9 +74,11 @@ class KVCacheInPlace:
         return out
 
 
-def _cache_inputs(main: relax.Function, names: frozenset[str]) -> dict[relax.Var, relax.Var]:
-    """Each input named in ``names`` -> its cache variable, one slot longer on axis 2; a name that is
-    not a 4-D model input of ``main`` is an error naming the inputs."""
+def _cache_inputs(
+    main: relax.Function, names: frozenset[str], transposed: frozenset[str]
+) -> dict[relax.Var, relax.Var]:
+    """Each input named in ``names`` -> its cache variable, one slot longer on axis 2 (its last two axes
+    swapped if ``transposed``); a name that is not a 4-D model input of ``main`` is an error naming the inputs."""
     inputs = {p.name: p for p in main.params[: num_inputs(main)] if getattr(p.ty, "ndim", None) == 4}
     unknown = sorted(names - inputs.keys())
     if unknown:
@@ -75,7 +87,8 @@ def _cache_inputs(main: relax.Function, names: frozenset[str]) -> dict[relax.Var
     for name in sorted(names):
         past = inputs[name]
         b, h, p, d = past.ty.shape
-        caches[past] = relax.Var(name, relax.TensorType((b, h, p + 1, d), past.ty.dtype))
+        shape = (b, h, d, p + 1) if name in transposed else (b, h, p + 1, d)
+        caches[past] = relax.Var(name, relax.TensorType(shape, past.ty.dtype))
     return caches
 
 
@@ -96,12 +109,32 @@ def _slot_write(shape, dtype: str) -> tvm.tirx.PrimFunc:
     return write
 
 
+def _column_write(shape, dtype: str) -> tvm.tirx.PrimFunc:
+    """``cache[:, :, :, slot[0]] = new[:, :, 0, :]`` in place for a transposed cache of static ``shape``."""
+    b, h, d, c = (int(dim) for dim in shape)
+
+    @T.prim_func(private=True, s_tir=True)
+    def write(cache: T.Buffer((b, h, d, c), dtype), new: T.Buffer((b, h, 1, d), dtype), slot: T.Buffer((1,), "int64")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})  # opaque: FuseTIR cannot fuse in-place calls
+        for i, j, k in T.grid(b, h, d):
+            with T.sblock("write"):
+                vi, vj, vk = T.axis.remap("SSS", [i, j, k])
+                T.reads(new[vi, vj, 0, vk], slot[0])
+                T.writes(cache[vi, vj, vk, 0:c])
+                cache[vi, vj, vk, slot[0]] = new[vi, vj, 0, vk]
+
+    return write
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, caches: dict[relax.Var, relax.Var], slot: relax.Var) -> None:
+    def __init__(
+        self, mod: tvm.IRModule, caches: dict[relax.Var, relax.Var], slot: relax.Var, transposed: frozenset[str]
+    ) -> None:
         super().__init__(mod)
         self.replacement = caches
         self.slot = slot
+        self.transposed = transposed
         self.rewritten: set[str] = set()
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -118,6 +151,9 @@ class _Rewriter(relax.PyExprMutator):
             raise ValueError(msg)
         cache = self.replacement[past]
         symbol = "kv_cache_write_" + "".join(c if c.isalnum() else "_" for c in past.name)
-        write = self.builder_.add_func(_slot_write(cache.ty.shape, str(cache.ty.dtype)), symbol)
+        transposed = past.name in self.transposed
+        writer = _column_write if transposed else _slot_write
+        write = self.builder_.add_func(writer(cache.ty.shape, str(cache.ty.dtype)), symbol)
         self.rewritten.add(past.name)
-        return relax.call_tir_inplace(write, (cache, new, self.slot), [0], cache.ty)
+        written = relax.call_tir_inplace(write, (cache, new, self.slot), [0], cache.ty)
+        return relax.op.permute_dims(written, [0, 1, 3, 2]) if transposed else written

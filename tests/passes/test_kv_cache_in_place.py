@@ -14,6 +14,8 @@ from benchmarks.models.llama_onnx import LlamaConfig, build_decoder, random_weig
 from lpbq_tvm import QuantizationSimModel
 from lpbq_tvm.attrs import num_inputs
 from lpbq_tvm.compiler import build, lower
+from lpbq_tvm.llm import _returning
+from lpbq_tvm.passes.grouped_attention import GroupedAttention
 from lpbq_tvm.passes.kv_cache_in_place import SLOT_INPUT, KVCacheInPlace
 
 CONFIG = LlamaConfig.tiny()
@@ -70,6 +72,37 @@ def test_with_the_new_position_in_the_last_slot_the_step_equals_the_concat_graph
         present = expected[name.replace("past_key_values.", "present.")]
         np.testing.assert_array_equal(caches[name].numpy(), present)
         np.testing.assert_array_equal(outputs[1 + index].numpy(), present)
+
+
+def test_transposed_key_caches_are_read_as_they_lie_and_give_the_same_bits(decode_step):
+    """Key caches held [b, h, d, slots]: each step writes a column, GroupedAttention cancels the transpose
+    of the transpose (one copy of every key cache fewer per step), and the logits stay bit for bit."""
+    keys = [name for name in PAST if name.endswith(".key")]
+    lowered = lower(decode_step, "cpu", "fp32")
+    logits = [info.name for info in decode_step.outputs].index("logits")
+    # as compile_decoder builds the step: the caller owns the caches, the step returns its logits
+    plain = GroupedAttention()(_returning(KVCacheInPlace(PAST)(lowered), logits))
+    transposed = GroupedAttention()(_returning(KVCacheInPlace(PAST, transposed=keys)(lowered), logits))
+    shapes = {p.name: [int(d) for d in p.ty.shape] for p in transposed["main"].params if p.name in PAST}
+    assert all(shapes[name] == [1, CONFIG.kv_heads, CONFIG.head_dim, CONTEXT] for name in keys)
+    permutes = len(relax_calls(plain, "relax.permute_dims")) - len(relax_calls(transposed, "relax.permute_dims"))
+    assert permutes == CONFIG.layers
+    rng = np.random.default_rng(4)
+    caches = {
+        name: rng.standard_normal((1, CONFIG.kv_heads, CONTEXT, CONFIG.head_dim)).astype(np.float32) for name in PAST
+    }
+    inputs = {
+        "input_ids": np.array([[5]]),
+        "attention_mask": np.ones((1, CONTEXT), np.int64),
+        "position_ids": np.array([[CONTEXT - 1]]),
+        SLOT_INPUT: np.array([CONTEXT - 1], np.int64),
+    }
+    results = []
+    for mod, held in ((plain, {}), (transposed, {name: np.swapaxes(caches[name], 2, 3) for name in keys})):
+        compiled = build(mod, "cpu")
+        arguments = {name: tvm.runtime.tensor(np.ascontiguousarray(v)) for name, v in (inputs | caches | held).items()}
+        results.append(compiled.invoke(*(arguments[info.name] for info in compiled.inputs))[0].numpy())
+    np.testing.assert_array_equal(results[1].view(np.int32), results[0].view(np.int32))
 
 
 def _appended(positions: int, uses: int) -> tvm.IRModule:
