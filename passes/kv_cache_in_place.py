@@ -20,7 +20,7 @@ A cache named in ``transposed`` is held as ``[b, h, d, P + 1]``: each step write
 and the concat stands for ``permute_dims(cache, [0, 1, 3, 2])``. Attention multiplies by the keys'
 transpose, so with :class:`~lpbq_tvm.passes.grouped_attention.GroupedAttention` cancelling the two
 transposes the step reads the key cache as it lies instead of copying all of it, transposed, every
-step (at 512 slots, 2 ms of SmolLM2's 12 ms decode step). Its ``present`` output is then that
+step (docs/llm.md says what that cost). Its ``present`` output is then that
 transpose: a caller that owns the caches drops the outputs (the step's logits are what it needs).
 """
 
