@@ -294,7 +294,9 @@ class QuantizationSimModel:
                 nodes = ", ".join(sorted(activation_aware.values()))
                 raise ValueError(f"encoder mse-act weighs errors by calibration data: pass a callback ({nodes})")
             energies = {key: ChannelEnergyObserver(axis) for key, axis in self._input_channel_axes(activation_aware)}
-            observers = {self._layer_input(key): [observer] for key, observer in energies.items()}
+            observers: dict[str, list] = {}
+            for key, observer in energies.items():  # (layers may share an input: a decoder's q, k and v)
+                observers.setdefault(self._layer_input(key), []).append(observer)
             self._observe(observers, callback, args)
             annotated = attach_input_importance(annotated, {k: o.mean_square() for k, o in energies.items()})
         self._encoded = EncodeLPBQ()(annotated)

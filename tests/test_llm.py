@@ -149,6 +149,17 @@ def test_dynamic_rows_need_no_calibration_and_stay_closer_to_weight_only(model_p
     assert dynamic_error < static_error
 
 
+def test_mse_act_weighs_each_of_the_layers_that_share_an_input(model_path):
+    """q, k and v (and gate, up) read one tensor: each layer's encoder gets that tensor's energy."""
+    sim = QuantizationSimModel(model_path, input_shapes=_calibration_shapes())
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("MatMul",), block_size=32, encoder="mse-act")
+    inputs = sim.random_inputs(0) | {"input_ids": np.arange(8)[None], "attention_mask": np.ones((1, 8), np.int64)}
+    sim.compute_encodings(
+        lambda s, data: [s.run(batch) for batch in data], [inputs | {"position_ids": np.arange(8)[None]}]
+    )
+    assert set(sim.encodings) == set(sim.layers)
+
+
 def test_the_graphs_at_other_shapes_share_the_simulation_s_weights(sim):
     """What compile_decoder imports at the decode shapes holds no weight of its own: a 1.1 B decoder fits."""
     decode = sim.reshaped(DecoderInterface.of(sim).shapes(1, CONTEXT - 1))
