@@ -92,36 +92,26 @@ def _cache_inputs(
     return caches
 
 
-def _slot_write(shape, dtype: str) -> tvm.tirx.PrimFunc:
-    """``cache[:, :, slot[0], :] = new[:, :, 0, :]`` in place for a cache of static ``shape``."""
-    b, h, c, d = (int(dim) for dim in shape)
+def _slot_write(shape, dtype: str, transposed: bool) -> tvm.tirx.PrimFunc:
+    """``cache[:, :, slot[0], :] = new[:, :, 0, :]`` in place for a cache of static ``shape``; a transposed cache
+    (``[b, h, d, slots]``) takes ``new`` as column ``slot[0]``."""
+    shape = tuple(int(dim) for dim in shape)
+    b, h = shape[:2]
+    d, c = (shape[2], shape[3]) if transposed else (shape[3], shape[2])
 
     @T.prim_func(private=True, s_tir=True)
-    def write(cache: T.Buffer((b, h, c, d), dtype), new: T.Buffer((b, h, 1, d), dtype), slot: T.Buffer((1,), "int64")):
+    def write(cache: T.Buffer(shape, dtype), new: T.Buffer((b, h, 1, d), dtype), slot: T.Buffer((1,), "int64")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})  # opaque: FuseTIR cannot fuse in-place calls
         for i, j, k in T.grid(b, h, d):
             with T.sblock("write"):
                 vi, vj, vk = T.axis.remap("SSS", [i, j, k])
                 T.reads(new[vi, vj, 0, vk], slot[0])
-                T.writes(cache[vi, vj, 0:c, vk])
-                cache[vi, vj, slot[0], vk] = new[vi, vj, 0, vk]
-
-    return write
-
-
-def _column_write(shape, dtype: str) -> tvm.tirx.PrimFunc:
-    """``cache[:, :, :, slot[0]] = new[:, :, 0, :]`` in place for a transposed cache of static ``shape``."""
-    b, h, d, c = (int(dim) for dim in shape)
-
-    @T.prim_func(private=True, s_tir=True)
-    def write(cache: T.Buffer((b, h, d, c), dtype), new: T.Buffer((b, h, 1, d), dtype), slot: T.Buffer((1,), "int64")):
-        T.func_attr({"tirx.noalias": True, "op_pattern": 8})  # opaque: FuseTIR cannot fuse in-place calls
-        for i, j, k in T.grid(b, h, d):
-            with T.sblock("write"):
-                vi, vj, vk = T.axis.remap("SSS", [i, j, k])
-                T.reads(new[vi, vj, 0, vk], slot[0])
-                T.writes(cache[vi, vj, vk, 0:c])
-                cache[vi, vj, vk, slot[0]] = new[vi, vj, 0, vk]
+                if transposed:  # (a Python bool: the parser keeps one branch)
+                    T.writes(cache[vi, vj, vk, 0:c])
+                    cache[vi, vj, vk, slot[0]] = new[vi, vj, 0, vk]
+                else:
+                    T.writes(cache[vi, vj, 0:c, vk])
+                    cache[vi, vj, slot[0], vk] = new[vi, vj, 0, vk]
 
     return write
 
@@ -152,8 +142,7 @@ class _Rewriter(relax.PyExprMutator):
         cache = self.replacement[past]
         symbol = "kv_cache_write_" + "".join(c if c.isalnum() else "_" for c in past.name)
         transposed = past.name in self.transposed
-        writer = _column_write if transposed else _slot_write
-        write = self.builder_.add_func(writer(cache.ty.shape, str(cache.ty.dtype)), symbol)
+        write = self.builder_.add_func(_slot_write(cache.ty.shape, str(cache.ty.dtype), transposed), symbol)
         self.rewritten.add(past.name)
         written = relax.call_tir_inplace(write, (cache, new, self.slot), [0], cache.ty)
         return relax.op.permute_dims(written, [0, 1, 3, 2]) if transposed else written
