@@ -89,24 +89,23 @@ class RowwiseEncoding:
     qmax = 255
     dtype = "uint8"
 
-    def _range(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encodings(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's (scale float32, zero point int32)."""
         x = np.asarray(x, np.float32)
         low = np.minimum(np.min(x, axis=-1, keepdims=True), np.float32(0))
-        high = np.maximum(np.max(x, axis=-1, keepdims=True), np.float32(0))
-        return low, high
+        span = (np.maximum(np.max(x, axis=-1, keepdims=True), np.float32(0)) - low).astype(np.float32)
+        scale = np.where(span > 0, span / np.float32(self.qmax), np.float32(1)).astype(np.float32)
+        return scale, np.clip(np.rint(-low / scale), 0, self.qmax).astype(np.int32)
 
     def scales(self, x: np.ndarray) -> np.ndarray:
-        low, high = self._range(x)
-        span = (high - low).astype(np.float32)
-        return np.where(span > 0, span / np.float32(self.qmax), np.float32(1)).astype(np.float32)
+        return self.encodings(x)[0]
 
     def zero_points(self, x: np.ndarray) -> np.ndarray:
-        low, _ = self._range(x)
-        return np.clip(np.rint(-low / self.scales(x)), 0, self.qmax).astype(np.int32)
+        return self.encodings(x)[1]
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """``clamp(round_half_even(x / scale[row]) + zero_point[row], 0, 255)`` in float32 arithmetic."""
-        return _codes(x, self.scales(x), self.zero_points(x), self.qmax, self.dtype)
+        return _codes(x, *self.encodings(x), self.qmax, self.dtype)
 
 
 def _codes(x: np.ndarray, scale, zero_point, qmax: int, dtype: str) -> np.ndarray:

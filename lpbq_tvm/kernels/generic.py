@@ -105,17 +105,14 @@ def _operand(x: te.Tensor, integer: IntegerArithmetic | None) -> tuple[te.Tensor
     if integer is None:
         return x, "float32", None
     encoding, dtype = integer.input_encoding, integer.accumulator
-    if integer.rowwise:
-        scales, zero_points = row_encodings(x)
-        row = lambda *i: (scales(*i[:-1]), zero_points(*i[:-1]))  # noqa: E731
-    else:
-        scales, row = None, lambda *i: (None, tirx.const(encoding.zero_point, "int32"))
-    codes = te.compute(
-        x.shape,
-        lambda *i: _quantize(x(*i), encoding, *row(*i)).astype(dtype) - row(*i)[1].astype(dtype),
-        name="lpbq_input_codes",
-    )
-    return codes, dtype, scales
+    scales, zero_points = row_encodings(x) if integer.rowwise else (None, None)
+
+    def centred(*i):
+        zero_point = tirx.const(encoding.zero_point, "int32") if zero_points is None else zero_points(*i[:-1])
+        scale = None if scales is None else scales(*i[:-1])
+        return _quantize(x(*i), encoding, scale, zero_point).astype(dtype) - zero_point.astype(dtype)
+
+    return te.compute(x.shape, centred, name="lpbq_input_codes"), dtype, scales
 
 
 def _epilogue(
