@@ -58,7 +58,7 @@ from lpbq_tvm.calibration import RowwiseEncoding, activation_encoding
 from lpbq_tvm.encoder import LPBQEncoding
 from lpbq_tvm.kernels.generic import conv_kernel, dense_kernel, im2col, tap_major, transposed_around
 from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic, KernelProvider
-from lpbq_tvm.modes import activation_bits, is_dynamic
+from lpbq_tvm.modes import activation_bits, is_dynamic, needs_calibration
 from lpbq_tvm.packing import pack
 from lpbq_tvm.passes._layers import Candidate, LayerPatterns, match_candidate, weight_key
 from lpbq_tvm.passes.encode_lpbq import read_encodings
@@ -329,7 +329,8 @@ class LowerLPBQ:
     def __init__(
         self, mode: str = "weight-only", requantize_outputs: bool = False, kernels: KernelProvider | None = None
     ) -> None:
-        if (activation_bits(mode) is None or is_dynamic(mode)) and requantize_outputs:
+        activation_bits(mode)  # (an unknown mode is an error naming the modes)
+        if requantize_outputs and not needs_calibration(mode):
             msg = f"requantize_outputs needs a calibrated integer mode (w4a8, w4a16), not {mode!r}"
             raise ValueError(msg)
         self.mode = mode
