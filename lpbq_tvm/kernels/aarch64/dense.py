@@ -24,7 +24,7 @@ from tvm import tirx
 from tvm.target import codegen
 
 from lpbq_tvm.kernels.aarch64 import fold_k, mmla
-from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, UDOT_NIBBLE_INTRIN
+from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, udot_nibble_intrinsic
 from lpbq_tvm.kernels.generic import row_encodings
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, Provenance, built
 from lpbq_tvm.kernels.tiled import nibble
@@ -36,7 +36,6 @@ from lpbq_tvm.packing import pack
 __all__ = ["TUNING", "Tuning", "dense_kernel", "integer_dense", "is_aarch64", "weight_only_dense"]
 
 KERNEL_NAME = "lpbq_dense_aarch64"
-UDOT = DotInstructions("udot", UDOT_LANES, UDOT_NIBBLE_INTRIN)
 
 
 @dataclass(frozen=True)
@@ -138,4 +137,5 @@ def integer_dense(
         scheme = mmla
     else:
         scheme = fold_k
-    return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, UDOT, scheme, rowwise)
+    udot = DotInstructions("udot", UDOT_LANES, udot_nibble_intrinsic())
+    return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, udot, scheme, rowwise)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from tvm import te
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.kernels.aarch64.intrinsics import SDOT_TILE_INTRIN
+from lpbq_tvm.kernels.aarch64.intrinsics import sdot_tile_intrinsic
 from lpbq_tvm.kernels.tiled.integer import Problem, folded_dot
 from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
 
@@ -45,4 +45,4 @@ def schedule(sch: Schedule, p: Problem) -> None:
     sch.vectorize(wd_lane)
     sch.unroll(sch.get_loops(blk_wd)[-2])
     parallel(sch, t, None, p.target)
-    tensorize_or_vectorize(sch, blk_acc, c, j, g, SDOT_TILE_INTRIN, [h, mi, tile])
+    tensorize_or_vectorize(sch, blk_acc, c, j, g, sdot_tile_intrinsic(), [h, mi, tile])

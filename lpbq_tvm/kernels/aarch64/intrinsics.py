@@ -1,19 +1,20 @@
 """The aarch64 tensor intrinsics of the LPBQ kernels: one NEON instruction sequence per call, registered by name.
 
-* :data:`UDOT_NIBBLE_INTRIN` — ``C[4] (int32) += Σ_j A[j] · lo_j(Q[i]) + A[4 + j] · hi_j(Q[i])``, where
+* :func:`udot_nibble_intrinsic` — ``C[4] (int32) += Σ_j A[j] · lo_j(Q[i]) + A[4 + j] · hi_j(Q[i])``, where
   dword ``Q[i]`` (the W4A8 layout of :mod:`lpbq_tvm.kernels.tiled.repack`, read as stored) holds the
   offset-binary nibbles ``u = q + 8`` of channel i: k-position j in the low, 4 + j in the high nibble
   of byte j. One 16-byte load is decoded in registers (``and``, ``ushr`` on bytes) into the two
   operands of two ``udot`` (Armv8.2 dot product, unsigned: codes 0..255 times u 0..15), each with the
   four activation codes of its half broadcast;
-* :data:`SDOT_TILE_INTRIN` — ``C[4] (int32) += Σ_j (A[j] − 128) · B[i] byte j`` over a decoded local
+* :func:`sdot_tile_intrinsic` — ``C[4] (int32) += Σ_j (A[j] − 128) · B[i] byte j`` over a decoded local
   tile of signed ``q·k`` bytes: one ``sdot``, the codes made signed by one ``eor`` (the fold-k scheme).
-* :data:`USMMLA_PAIR_INTRIN` — ``C[2, 2] (int32) += Σ_k A[i, k] · B[j] byte k`` of the codes of a row
+* :func:`usmmla_pair_intrinsic` — ``C[2, 2] (int32) += Σ_k A[i, k] · B[j] byte k`` of the codes of a row
   pair (2 x 8, unsigned) and two lanes of eight signed ``q·k`` bytes each: one ``usmmla`` (i8mm, the
   matrix-multiply scheme).
 
 Tensor intrinsics are registered globally by name: a variant that differs in its code must differ in
-its name.
+its name. Each is registered on first use (the function that names it), not on import: parsing their
+TVMScript takes most of a second, which every ``lpbq-tvm`` command would pay.
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ from tvm.script import tirx as T
 from lpbq_tvm.kernels.tiled.decode import byte
 from lpbq_tvm.kernels.tiled.descriptions import nibble_dot
 
-__all__ = ["SDOT_TILE_INTRIN", "UDOT_LANES", "UDOT_NIBBLE_INTRIN", "USMMLA_PAIR_INTRIN"]
+__all__ = ["UDOT_LANES", "sdot_tile_intrinsic", "udot_nibble_intrinsic", "usmmla_pair_intrinsic"]
 
-UDOT_NIBBLE_INTRIN = "lpbq_udot_4x8_nibbles_neon"
+_UDOT_NIBBLE = "lpbq_udot_4x8_nibbles_neon"
 UDOT_LANES = 4  # int32 lanes of one udot (a 128-bit register)
 UDOT = "llvm.aarch64.neon.udot.v4i32.v16i8"
 
 
-def _make_nibble_intrinsic():
+def udot_nibble_intrinsic() -> str:
+    """The nibble scheme's dot product with two ``udot``; registered on first use."""
+    if TensorIntrin.get(_UDOT_NIBBLE, allow_missing=True) is not None:
+        return _UDOT_NIBBLE
     n = UDOT_LANES
 
     @T.prim_func(s_tir=True)
@@ -62,20 +66,20 @@ def _make_nibble_intrinsic():
                 dtype=f"int32x{n}",
             )
 
-    if TensorIntrin.get(UDOT_NIBBLE_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(UDOT_NIBBLE_INTRIN, nibble_dot(n), impl)
+    TensorIntrin.register(_UDOT_NIBBLE, nibble_dot(n), impl)
+    return _UDOT_NIBBLE
 
 
-_make_nibble_intrinsic()
-
-
-SDOT_TILE_INTRIN = "lpbq_sdot_4x4_offset_codes_local_neon"
+_SDOT_TILE = "lpbq_sdot_4x4_offset_codes_local_neon"
 SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 
 
-def _make_tile_intrinsic():
-    # C[i] += Σ_j (A[j] − 128) · signed byte j of B[i]: one sdot of four activation codes made signed
-    # (xor 0x80 per byte, shared by every lane) and four lanes of a decoded local int8 tile.
+def sdot_tile_intrinsic() -> str:
+    """``C[i] += Σ_j (A[j] − 128) · signed byte j of B[i]``: one ``sdot`` of four activation codes made
+    signed (xor 0x80 per byte, shared by every lane) and four lanes of a decoded local int8 tile;
+    registered on first use."""
+    if TensorIntrin.get(_SDOT_TILE, allow_missing=True) is not None:
+        return _SDOT_TILE
     n = UDOT_LANES
 
     @T.prim_func(s_tir=True)
@@ -111,21 +115,20 @@ def _make_tile_intrinsic():
                 dtype=f"int32x{n}",
             )
 
-    if TensorIntrin.get(SDOT_TILE_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(SDOT_TILE_INTRIN, desc, impl)
+    TensorIntrin.register(_SDOT_TILE, desc, impl)
+    return _SDOT_TILE
 
 
-_make_tile_intrinsic()
-
-
-USMMLA_PAIR_INTRIN = "lpbq_usmmla_2x2x8_code_pairs_local_neon"
+_USMMLA_PAIR = "lpbq_usmmla_2x2x8_code_pairs_local_neon"
 USMMLA = "llvm.aarch64.neon.usmmla.v4i32.v16i8"
 
 
-def _make_pair_intrinsic():
-    # C[i, j] += Σ_k A[i, k] · signed byte k % 4 of B[j, k // 4]: one usmmla (Armv8.6 i8mm) of the 2 x 8
-    # unsigned codes of a row pair (16 adjacent bytes) and two lanes of a decoded local int8 tile whose
-    # eight bytes per lane are adjacent (16 bytes): one load each.
+def usmmla_pair_intrinsic() -> str:
+    """``C[i, j] += Σ_k A[i, k] · signed byte k % 4 of B[j, k // 4]``: one ``usmmla`` (Armv8.6 i8mm) of the
+    2 x 8 unsigned codes of a row pair (16 adjacent bytes) and two lanes of a decoded local int8 tile
+    whose eight bytes per lane are adjacent (16 bytes): one load each. Registered on first use."""
+    if TensorIntrin.get(_USMMLA_PAIR, allow_missing=True) is not None:
+        return _USMMLA_PAIR
 
     @T.prim_func(s_tir=True)
     def desc(
@@ -158,8 +161,5 @@ def _make_pair_intrinsic():
                 dtype="int32x4",
             )
 
-    if TensorIntrin.get(USMMLA_PAIR_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(USMMLA_PAIR_INTRIN, desc, impl)
-
-
-_make_pair_intrinsic()
+    TensorIntrin.register(_USMMLA_PAIR, desc, impl)
+    return _USMMLA_PAIR

@@ -21,7 +21,7 @@ from __future__ import annotations
 from tvm import te
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.kernels.aarch64.intrinsics import USMMLA_PAIR_INTRIN
+from lpbq_tvm.kernels.aarch64.intrinsics import usmmla_pair_intrinsic
 from lpbq_tvm.kernels.tiled.decode import byte
 from lpbq_tvm.kernels.tiled.integer import Problem, int8_tile
 from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile
@@ -69,6 +69,6 @@ def schedule(sch: Schedule, p: Problem) -> None:
     sch.unroll(sch.get_loops(blk_wd)[-1])  # the lane's two words; LLVM vectorizes along the lanes
     parallel(sch, t, None, p.target)
     sch.decompose_reduction(blk_acc, g)
-    sch.tensorize(i, USMMLA_PAIR_INTRIN)
+    sch.tensorize(i, usmmla_pair_intrinsic())
     for loop in (g2, ri, ci):
         sch.unroll(loop)

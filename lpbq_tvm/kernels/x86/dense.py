@@ -24,7 +24,7 @@ from lpbq_tvm.kernels.tiled import nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, encoding_inputs
 from lpbq_tvm.kernels.tiled.repack import check_shape, repack_w4a8, repack_weight_only
 from lpbq_tvm.kernels.x86 import block_dot, fold_k
-from lpbq_tvm.kernels.x86.intrinsics import NIBBLE_LANES, VNNI_NIBBLE_INTRIN
+from lpbq_tvm.kernels.x86.intrinsics import NIBBLE_LANES, vnni_nibble_intrinsic
 from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS, dot_instructions, is_x86
 from lpbq_tvm.kernels.x86.madd import w4a16_madd_dense
 from lpbq_tvm.kernels.x86.tuning import tuning
@@ -144,6 +144,6 @@ def _byte_planes(M, N, K, B, bits, with_bias, target, intrinsic, fold, rowwise=F
         msg = "the nibble scheme needs blocks of two dwords or more (B >= 16), got B=8: use fold_k"
         raise ValueError(msg)
     scheme = _SCHEMES["fold-k" if fold else "block-dot" if block else "nibble"]
-    nibble_intrinsic = VNNI_NIBBLE_INTRIN if intrinsic == "vnni" and scheme is nibble else None
+    nibble_intrinsic = vnni_nibble_intrinsic() if intrinsic == "vnni" and scheme is nibble else None
     dot = DotInstructions(intrinsic, NIBBLE_LANES, nibble_intrinsic)
     return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, dot, scheme, rowwise)

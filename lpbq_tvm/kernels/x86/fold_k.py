@@ -13,7 +13,7 @@ from tvm.s_tir import Schedule
 
 from lpbq_tvm.kernels.tiled.integer import Problem, folded_dot
 from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
-from lpbq_tvm.kernels.x86.intrinsics import VNNI_INTRIN
+from lpbq_tvm.kernels.x86.intrinsics import vnni_intrinsic
 
 __all__ = ["accumulate", "schedule"]
 
@@ -37,5 +37,5 @@ def schedule(sch: Schedule, p: Problem) -> None:
     sch.vectorize(wd_lane)
     sch.unroll(wd_h)
     parallel(sch, t, mo, p.target)
-    intrinsic = VNNI_INTRIN if p.dot.name else None
+    intrinsic = vnni_intrinsic() if p.dot.name else None
     tensorize_or_vectorize(sch, blk_acc, c, j, g, intrinsic, [h, mi, tile])

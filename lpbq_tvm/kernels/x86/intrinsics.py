@@ -1,10 +1,10 @@
 """The x86 tensor intrinsics of the LPBQ kernels: one vector instruction sequence per call, registered by name.
 
-* :data:`VNNI_INTRIN` — ``C[16] (int32) += A[4] (uint8, broadcast) · B[16]`` (4 int8 per dword):
+* :func:`vnni_intrinsic` — ``C[16] (int32) += A[4] (uint8, broadcast) · B[16]`` (4 int8 per dword):
   one ``vpdpbusd`` on local buffers (the fold-k scheme);
-* :data:`VNNI_NIBBLE_INTRIN` — the same over the nibble dwords of the W4A8 layout, decoded in
+* :func:`vnni_nibble_intrinsic` — the same over the nibble dwords of the W4A8 layout, decoded in
   registers (and, shift, and): two ``vpdpbusd`` per load of 16 dwords (the nibble scheme);
-* :data:`LUT_INTRIN` — ``C[16] (f32) += Σ_h X[h] · float(signed nibble h of Q[i])``: ``vpermps``
+* :func:`lut_intrinsic` — ``C[16] (f32) += Σ_h X[h] · float(signed nibble h of Q[i])``: ``vpermps``
   with the 16 nibble values as its table decodes a nibble to float in one shuffle (weight-only GEMV);
 * :func:`block_dot_intrinsic` — pmaddubsw sums of up to 32 k-positions of one block in int16,
   scaled by the block's ``k`` in the pmaddwd that widens them (the block-dot scheme);
@@ -12,7 +12,9 @@
 
 LLVM 17 and later declare ``vpdpbusd.512`` with byte vectors, ``(<16 x i32>, <64 x i8>, <64 x i8>)``:
 TVM's own ``dot_16x4_vnni`` tensorizes but fails in codegen, hence these. Tensor intrinsics are
-registered globally by name: a variant that differs in its code must differ in its name.
+registered globally by name: a variant that differs in its code must differ in its name. Each is
+registered on first use (the function that names it), not on import: parsing their TVMScript takes
+most of a second per family, which every ``lpbq-tvm`` command would pay.
 """
 
 from __future__ import annotations
@@ -26,19 +28,23 @@ from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS
 
 __all__ = [
     "BLOCK_DOT_GROUPS",
-    "LUT_INTRIN",
     "NIBBLE_LANES",
-    "VNNI_INTRIN",
-    "VNNI_NIBBLE_INTRIN",
     "block_dot_groups",
     "block_dot_intrinsic",
+    "lut_intrinsic",
     "madd_intrinsic",
+    "vnni_intrinsic",
+    "vnni_nibble_intrinsic",
 ]
 
-VNNI_INTRIN = "lpbq_dot_16x4_vnni_local"
+_VNNI = "lpbq_dot_16x4_vnni_local"
 
 
-def _make_intrinsics():
+def vnni_intrinsic() -> str:
+    """``C[16] (int32) += A[4] (uint8, broadcast) · B[16]`` as one ``vpdpbusd``; registered on first use."""
+    if TensorIntrin.get(_VNNI, allow_missing=True) is not None:
+        return _VNNI
+
     # B is 16 int32 dwords, each packing the 4 int8 operands of one output lane (byte j = k-position j):
     # exactly the second source of vpdpbusd. The description extracts byte j by shift + truncation.
     @T.prim_func(s_tir=True)
@@ -77,20 +83,19 @@ def _make_intrinsics():
                 dtype="int32x16",
             )
 
-    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(VNNI_INTRIN, desc, vnni)
+    TensorIntrin.register(_VNNI, desc, vnni)
+    return _VNNI
 
 
-_make_intrinsics()
-
-
-VNNI_NIBBLE_INTRIN = "lpbq_dot_16x8_nibbles_vnni"
+_VNNI_NIBBLE = "lpbq_dot_16x8_nibbles_vnni"
 NIBBLE_LANES = 16  # output channels per VNNI instruction (zmm)
 
 
-def _make_nibble_intrinsic():
-    # The nibble scheme's dot product (tiled.descriptions.nibble_dot): the decode (and, shift, and)
-    # happens in registers, two vpdpbusd per load of 16 dwords.
+def vnni_nibble_intrinsic() -> str:
+    """The nibble scheme's dot product (``tiled.descriptions.nibble_dot``): the decode (and, shift, and)
+    in registers, two ``vpdpbusd`` per load of 16 dwords; registered on first use."""
+    if TensorIntrin.get(_VNNI_NIBBLE, allow_missing=True) is not None:
+        return _VNNI_NIBBLE
     mask, n = 0x0F0F0F0F, NIBBLE_LANES
 
     @T.prim_func(s_tir=True)
@@ -128,20 +133,20 @@ def _make_nibble_intrinsic():
                 dtype=f"int32x{n}",
             )
 
-    if TensorIntrin.get(VNNI_NIBBLE_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(VNNI_NIBBLE_INTRIN, nibble_dot(n), impl)
+    TensorIntrin.register(_VNNI_NIBBLE, nibble_dot(n), impl)
+    return _VNNI_NIBBLE
 
 
-_make_nibble_intrinsic()
+_LUT = "lpbq_fma_16x8_nibble_lut"
 
 
-LUT_INTRIN = "lpbq_fma_16x8_nibble_lut"
+def lut_intrinsic() -> str:
+    """``C[16] (f32) += Σ_h X[h] · float(signed nibble h of Q[i])``: ``vpermps`` with the 16 nibble values
+    as the table decodes a nibble to float in one shuffle (it reads only the low 4 index bits, so no
+    mask is needed), then one FMA per 16 weights. Registered on first use."""
+    if TensorIntrin.get(_LUT, allow_missing=True) is not None:
+        return _LUT
 
-
-def _make_lut_intrinsic():
-    # C[16] (f32) += Σ_h X[h] · float(signed nibble h of Q[i]): vpermps with the 16 nibble values as
-    # the table decodes a nibble to float in one shuffle (vpermps reads only the low 4 index bits, so
-    # no mask is needed), then one FMA per 16 weights.
     @T.prim_func(s_tir=True)
     def desc(
         X: T.Buffer((8,), "float32", offset_factor=1),
@@ -181,11 +186,8 @@ def _make_lut_intrinsic():
                     dtype="float32x16",
                 )
 
-    if TensorIntrin.get(LUT_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(LUT_INTRIN, desc, impl)
-
-
-_make_lut_intrinsic()
+    TensorIntrin.register(_LUT, desc, impl)
+    return _LUT
 
 
 BLOCK_DOT_GROUPS = 4  # dwords of 8 k-positions per int16 sum: 2 · 4 pmaddubsw · (2 · 255 · 8) = 32640 < 2^15

@@ -12,7 +12,7 @@ from tvm.target import codegen
 
 from lpbq_tvm.kernels.tiled.repack import LANES, check_shape
 from lpbq_tvm.kernels.tiled.weight_only import weight_only_gemm, weight_only_gemv
-from lpbq_tvm.kernels.x86.intrinsics import LUT_INTRIN
+from lpbq_tvm.kernels.x86.intrinsics import lut_intrinsic
 from lpbq_tvm.kernels.x86.isa import register_dwords
 from lpbq_tvm.kernels.x86.tuning import tuning
 
@@ -43,7 +43,7 @@ def weight_only_dense(
         use_lut = avx512
     tune = tuning(target)
     if (tune.gemv_max_m if use_lut else 1) >= M and B > 8:  # the GEMV's loop over a block's dwords needs two
-        lut = LUT_INTRIN if use_lut else None
+        lut = lut_intrinsic() if use_lut else None
         return weight_only_gemv(M, N, K, B, with_bias, chunk=GEMV_LANES, lut_intrinsic=lut, lut_rows=tune.lut_rows)
     return weight_only_gemm(
         M, N, K, B, with_bias, width=LANES if avx512 else 16, register_lanes=register_dwords(target),
