@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from lpbq_tvm.scale_search import search_scales
+from lpbq_tvm.scale_search import magnitude_importance, search_scales
 
 __all__ = [
     "LPBQConfig",
@@ -322,10 +322,11 @@ def encode_lpbq(
     """Encode ``weight`` with LPBQ; see the module docstring for the arithmetic.
 
     ``encoder``: ``"aimet"`` (default; bit-exact with aimet_onnx), ``"mse"`` (scales searched to
-    minimise the squared weight error, :mod:`lpbq_tvm.scale_search`; never worse than ``"aimet"``
-    on any group) or ``"mse-act"`` (the same error weighted per input channel by ``importance``,
-    e.g. the mean square of the layer's input, length = the block axis). The output format is
-    the same for all three. ``name`` (the ONNX node or tensor) only serves error messages.
+    minimise the squared weight error weighted by each weight's magnitude,
+    :mod:`lpbq_tvm.scale_search`; never worse than ``"aimet"`` on that error in any group) or
+    ``"mse-act"`` (the squared error weighted per input channel by ``importance``, e.g. the mean
+    square of the layer's input, length = the block axis). The output format is the same for all
+    three. ``name`` (the ONNX node or tensor) only serves error messages.
     Raises ``ValueError`` naming the weight shape, the axes and the block size when the weight
     cannot take LPBQ.
     """
@@ -356,8 +357,11 @@ def encode_lpbq(
     int_scale = int_scale.reshape(num_channels, num_blocks)
 
     if encoder != "aimet":
-        weights = None if importance is None else _element_weights(importance, blocks.shape, block_size, where)
         blocks = np.ascontiguousarray(blocks)  # the search streams over it many times
+        if importance is None:
+            weights = magnitude_importance(blocks)
+        else:
+            weights = _element_weights(importance, blocks.shape, block_size, where)
         float_scale, int_scale = _better_of_search(blocks, delta, float_scale, int_scale, config, group, weights)
 
     scale32 = (int_scale * np.repeat(float_scale, group, axis=1)).astype(np.float32)[..., None]

@@ -581,7 +581,7 @@ def set_grouped_blockwise_quantization_for_weights(
     """Quantize the weights of ``op_types`` with LPBQ (AIMET's name and arguments).
 
     ``encoder`` (an extension): ``"aimet"`` (AIMET's rule, bit-exact), ``"mse"`` (scales that
-    minimise the weight error) or ``"mse-act"`` (the error weighted by calibration data); every
+    minimise the magnitude-weighted weight error) or ``"mse-act"`` (the error weighted by calibration data); every
     choice writes the same format.
 
     May be called several times: a later call wins for the op types it selects. ``strict=True``

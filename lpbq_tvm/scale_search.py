@@ -1,8 +1,8 @@
 """Error-minimising LPBQ scales in the same format: per group a float scale ``s``, per block ``k`` in 1..2**(dbw-bw).
 
 AIMET's rule takes each block's min/max delta and snaps it to the group's grid. This search
-minimises the (optionally importance-weighted) squared weight error instead, all in numpy over
-every group at once (``blocks`` is ``[C, nb, L]``, groups are runs of ``g`` blocks):
+minimises an importance-weighted squared weight error instead, all in numpy over every group at
+once (``blocks`` is ``[C, nb, L]``, groups are runs of ``g`` blocks):
 
 1. per block, the best float scale ``d*`` on a grid of fractions of the min/max delta (clipping
    the extremes of a block usually pays);
@@ -12,19 +12,29 @@ every group at once (``blocks`` is ``[C, nb, L]``, groups are runs of ``g`` bloc
 4. per group the better of this result and AIMET's own, measured with the encoder's exact
    quantisation, so the result is never worse than AIMET's on any group.
 
-Importance (``mse-act``) weights each input channel's error by the mean square of the layer's
-input along that channel, as activation-aware methods do.
+The importance is what the encoders differ in. ``mse`` (no data) weights each weight's error by its
+own magnitude plus its block's root mean square (:func:`magnitude_importance`, llama.cpp's rule
+for quantizing without an importance matrix): a plain squared error clips a block's largest
+weights whenever that lowers the sum, and large language models depend on exactly those weights
+(SmolLM2's perplexity in docs/performance.md). ``mse-act`` weights each input channel's error by
+the mean square of the layer's input along that channel, as activation-aware methods do.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["weighted_block_error", "search_scales"]
+__all__ = ["magnitude_importance", "weighted_block_error", "search_scales"]
 
 _BLOCK_FRACTIONS = np.linspace(0.5, 1.0, 11)
 _GROUP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8)
 _REFINEMENTS = 2
+
+
+def magnitude_importance(blocks: np.ndarray) -> np.ndarray:
+    """``|w| + rms(block)`` for every weight of ``blocks`` ``[C, nb, L]``: the error weight of ``mse``."""
+    rms = np.sqrt(np.mean(np.square(blocks, dtype=np.float64), axis=-1, keepdims=True)).astype(np.float32)
+    return np.abs(blocks) + rms
 
 
 def _codes(blocks: np.ndarray, scale: np.ndarray, low: int, high: int) -> np.ndarray:

@@ -14,6 +14,12 @@ from lpbq_tvm.exports.aimet_json import param_entry
 from lpbq_tvm.packing import pack, unpack
 
 
+def _canonical_blocks(array, encoding):
+    """``array`` (the weight's layout) as ``[C, nb, elements of a block]``."""
+    canonical = np.moveaxis(array, (encoding.channel_axis, encoding.block_axis), (0, 1))
+    return canonical.reshape(encoding.num_channels, encoding.num_blocks, -1)
+
+
 def _group_errors(weight, encoding, importance=None):
     """Squared error per (channel, group) of an encoding, optionally weighted per input channel."""
     diff = np.square(weight.astype(np.float64) - encoding.qdq_weight)
@@ -21,8 +27,17 @@ def _group_errors(weight, encoding, importance=None):
         shape = [1] * weight.ndim
         shape[encoding.block_axis] = -1
         diff = diff * importance.reshape(shape)
-    canonical = np.moveaxis(diff, (encoding.channel_axis, encoding.block_axis), (0, 1))
-    per_block = canonical.reshape(encoding.num_channels, encoding.num_blocks, -1).sum(axis=2)
+    per_block = _canonical_blocks(diff, encoding).sum(axis=2)
+    groups = encoding.float_scale.shape[1]
+    return per_block.reshape(encoding.num_channels, groups, -1).sum(axis=2)
+
+
+def _magnitude_weighted_group_errors(weight, encoding):
+    """``Σ (|w| + rms of w's block) · (w - qdq)²`` per (channel, group): the error ``mse`` minimises."""
+    blocks = _canonical_blocks(weight.astype(np.float64), encoding)
+    diff = np.square(blocks - _canonical_blocks(encoding.qdq_weight, encoding))
+    rms = np.sqrt(np.mean(np.square(blocks), axis=2, keepdims=True))
+    per_block = ((np.abs(blocks) + rms) * diff).sum(axis=2)
     groups = encoding.float_scale.shape[1]
     return per_block.reshape(encoding.num_channels, groups, -1).sum(axis=2)
 
@@ -34,7 +49,9 @@ def test_mse_is_never_worse_than_aimet_on_any_group(problem):
     settings_ = {k: v for k, v in config.as_dict().items() if k != "encoder"}
     aimet = encode_lpbq(weight, channel_axis, block_axis, **settings_)
     mse = encode_lpbq(weight, channel_axis, block_axis, **settings_, encoder="mse")
-    assert (_group_errors(weight, mse) <= _group_errors(weight, aimet)).all()
+    # the search works in float32; its choice never loses by more than float32 rounding of the sums
+    mse_error, aimet_error = (_magnitude_weighted_group_errors(weight, e) for e in (mse, aimet))
+    assert (mse_error <= aimet_error * (1 + 1e-5)).all()
     k = mse.per_block_int_scale
     assert k.min() >= 1 and k.max() <= config.max_int_scale
     half = 1 << (config.bitwidth - 1)
