@@ -3,16 +3,18 @@
 Before legalization (each a pass of :mod:`lpbq_tvm.passes`): a matmul of a one-hot encoding becomes
 a row lookup (``OneHotMatMul``, exact); grouped-query attention multiplies by the shared KV heads
 instead of repeated copies (``GroupedAttention``, the same products); float16 functions and sums
-that lose precision in float16 arithmetic are computed in float32 (``WidenFloat16Math``); ``tanh`` /
-``erf`` / ``exp`` / ``softmax`` take TVM's vectorisable polynomial forms (``FastMathTransform``:
-within 4 ulp of 1.0 for tanh and erf, 2 ulp relative for exp, a contract the tests check; LLVM would
-otherwise call libm once per element); a batch norm with constant statistics becomes one scale and
-one shift (``AffineBatchNorm``), any other is decomposed (``DecomposeOpsForInference``), and
-``CanonicalizeBindings`` drops the tuple either leaves, which would stop ``FuseOps`` from fusing a
-conv, its batch norm and its activation; constants are folded and a division by a constant becomes a
-multiplication by its reciprocal (``ReciprocalDivision``, within 3 · 2^-24 relative); a reshape is
-sunk below the elementwise ops after it (``SinkReshape``), so a dense kernel's epilogue follows it
-directly.
+that lose precision in float16 arithmetic are computed in float32 (``WidenFloat16Math``); a sigmoid
+becomes ``1 / (1 + exp(-x))`` (``SigmoidByExp``); a batch norm with constant statistics becomes one
+scale and one shift (``AffineBatchNorm``), any other is decomposed (``DecomposeOpsForInference``),
+and ``CanonicalizeBindings`` drops the tuple either leaves, which would stop ``FuseOps`` from fusing
+a conv, its batch norm and its activation; constants are folded and a division by a constant
+becomes a multiplication by its reciprocal (``ReciprocalDivision``, within 3 · 2^-24 relative); a
+reshape is sunk below the elementwise ops after it (``SinkReshape``), so a dense kernel's epilogue
+follows it directly; last, ``tanh`` / ``erf`` / ``exp`` / ``softmax`` take TVM's vectorisable
+polynomial forms (``FastMathTransform``: within 4 ulp of 1.0 for tanh and erf, 2 ulp relative for
+exp, a contract the tests check; LLVM would otherwise call libm once per element). It comes after
+``SinkReshape`` because its forms are PrimFunc calls, which a reshape cannot sink below: before it,
+a decoder's SwiGLU (or a BERT's GELU) stayed a pass of its own after its matmul.
 
 After ``FuseOps``, the ops fused behind a scheduled kernel get its int32 indices
 (``NarrowFusedEpilogues``) so ``FuseTIR`` can merge them; then, with a MetaSchedule database, its
@@ -32,6 +34,7 @@ from lpbq_tvm.passes.grouped_attention import GroupedAttention
 from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
 from lpbq_tvm.passes.one_hot_matmul import OneHotMatMul
 from lpbq_tvm.passes.reciprocal_division import ReciprocalDivision
+from lpbq_tvm.passes.sigmoid_by_exp import SigmoidByExp
 from lpbq_tvm.passes.sink_reshape import SinkReshape
 from lpbq_tvm.passes.widen_float16_math import WidenFloat16Math
 
@@ -51,13 +54,14 @@ def cpu_pipeline(target: tvm.target.Target, registers: RegisterFile, database=No
                 OneHotMatMul(),
                 GroupedAttention(),
                 WidenFloat16Math(),
-                relax.transform.FastMathTransform(),
+                SigmoidByExp(),
                 AffineBatchNorm(),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
                 _unless_ill_formed(relax.transform.FoldConstant()),
                 ReciprocalDivision(),
                 SinkReshape(),
+                relax.transform.FastMathTransform(),
                 relax.transform.LegalizeOps(),
                 relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(),

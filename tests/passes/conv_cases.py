@@ -47,6 +47,7 @@ _SLICE_C = [_ints("c0", [0]), _ints("c1", [C]), _ints("c_axis", [1])]
 OPS_BETWEEN_CONVS = {
     "relu": [helper.make_node("Relu", ["a"], ["m"])],
     "hardswish": [helper.make_node("HardSwish", ["a"], ["m"])],
+    "swish": [helper.make_node("Sigmoid", ["a"], ["s"]), helper.make_node("Mul", ["a", "s"], ["m"])],
     "prelu": ([helper.make_node("PRelu", ["a", "slope"], ["m"])], [_floats("slope", _RNG.uniform(0, 0.3, (C, 1, 1)))]),
     "batch_norm": (
         [helper.make_node("BatchNormalization", ["a", "g", "b", "mu", "v"], ["m"])],

@@ -20,12 +20,14 @@ from lpbq_tvm.compiler import build
 from lpbq_tvm.frontend import import_onnx
 from lpbq_tvm.passes.affine_batch_norm import AffineBatchNorm
 from lpbq_tvm.passes.reciprocal_division import ReciprocalDivision
+from lpbq_tvm.passes.sigmoid_by_exp import SigmoidByExp
 from lpbq_tvm.passes.sink_reshape import SinkReshape
 from lpbq_tvm.passes.widen_float16_math import WidenFloat16Math
 
 REWRITES = {
     "AffineBatchNorm": AffineBatchNorm,
     "ReciprocalDivision": ReciprocalDivision,
+    "SigmoidByExp": SigmoidByExp,
     "SinkReshape": SinkReshape,
     "WidenFloat16Math": WidenFloat16Math,
 }
