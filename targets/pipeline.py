@@ -28,7 +28,14 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight
 
-from lpbq_tvm.kernels.schedule_rules import Elementwise, Fallible, KernelEpilogue, RegisterFile, RegisterTiled
+from lpbq_tvm.kernels.schedule_rules import (
+    Elementwise,
+    Fallible,
+    KernelEpilogue,
+    LaneReduction,
+    RegisterFile,
+    RegisterTiled,
+)
 from lpbq_tvm.passes.affine_batch_norm import AffineBatchNorm
 from lpbq_tvm.passes.grouped_attention import GroupedAttention
 from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
@@ -70,7 +77,11 @@ def cpu_pipeline(target: tvm.target.Target, registers: RegisterFile, database=No
                 relax.transform.FuseTIR(),
                 *([relax.transform.MetaScheduleApplyDatabase()] if database is not None else []),
                 dlight.ApplyDefaultSchedule(
-                    KernelEpilogue(), RegisterTiled(registers), Elementwise(), Fallible(dlight.cpu.Reduction())
+                    KernelEpilogue(),
+                    RegisterTiled(registers),
+                    Elementwise(),
+                    Fallible(LaneReduction()),
+                    Fallible(dlight.cpu.Reduction()),
                 ),
                 *pipeline.dataflow_lower_passes(target),
                 *pipeline.finalize_passes(target),

@@ -3,7 +3,7 @@
 TVM 0.27 lowers ``nn.conv2d`` / ``nn.conv1d`` / ``matmul`` (fp32, and the generic LPBQ kernels) to
 plain loop nests: the reduction innermost, nothing vectorised or parallel; dlight's CPU rules cover
 GEMV and reductions only. The CPU pipeline (:mod:`lpbq_tvm.targets.pipeline`) applies these rules
-after ``FuseTIR``, in this order, and dlight's CPU ``Reduction`` rule to the reductions left:
+after ``FuseTIR``, in this order, then dlight's CPU ``Reduction`` rule to the reductions left:
 
 * :class:`KernelEpilogue`, for a scheduled kernel (block :data:`FUSABLE_OUTPUT`) fused with the
   elementwise ops after it: the ops are computed in the kernel's output block as each tile is
@@ -22,6 +22,10 @@ after ``FuseTIR``, in this order, and dlight's CPU ``Reduction`` rule to the red
   (pooling after an activation): producers inlined into consumers (the reduction's own inputs
   stay stages), each spatial block parallel over its outer loops and vectorised over its
   innermost, the reduction parallel over the axes it keeps.
+* :class:`LaneReduction`, for row reductions (softmax, norms: reductions along the innermost axis
+  and elementwise blocks over the same rows): dlight's schedule (rows parallel, every block per
+  row, elementwise blocks vectorised), with each reduction first split into one partial result per
+  vector lane (``rfactor``) where the row is a multiple of the lanes.
 
 Other blocks of a :class:`RegisterTiled` function (padding at stride 1, weight expansion from packed
 codes, activation codes) keep their own stage, parallel and vectorised; a strided conv reads its
@@ -46,10 +50,20 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
+from tvm.s_tir.dlight.base import get_extent
+from tvm.target.codegen import llvm_get_vector_width
 
 from lpbq_tvm.kernels.interface import FUSABLE_OUTPUT, SEPARATE_ROUNDING
 
-__all__ = ["Elementwise", "Fallible", "KernelEpilogue", "RegisterFile", "RegisterTiled", "register_tile"]
+__all__ = [
+    "Elementwise",
+    "Fallible",
+    "KernelEpilogue",
+    "LaneReduction",
+    "RegisterFile",
+    "RegisterTiled",
+    "register_tile",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +350,65 @@ class Elementwise(dlight.ScheduleRule):
                 _parallel_reduction(sch, block)
             else:
                 _parallel_elementwise(sch, block)
+        return sch
+
+
+class LaneReduction(dlight.ScheduleRule):
+    """Row reductions (softmax, RMS / layer norm): reductions along the innermost axis and elementwise
+    blocks over the same rows, each row's reductions split over the vector's lanes.
+
+    dlight's CPU rule reduces a row serially, one dependent max or add per element: latency-bound,
+    four cycles an element, which made a softmax over 256 keys 85% of its own time. Here each
+    reduction (its one reduction axis innermost, a multiple of the lanes and at least two vectors
+    long) is ``rfactor``-ed while it is still alone in its loop nest, as rfactor requires: an
+    ``_rf`` block of one partial result per lane, vectorised, then a reduction of the lanes. Then,
+    as dlight does, the rows are fused and parallel in the last block and every block is computed
+    per row, the elementwise ones vectorised. A max is exact in any order; a sum adds in another
+    order (lanes, then across them), within the same ``n · u · Σ|x|`` bound as the serial order.
+    Functions of another shape are left to the next rule.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
+        if (opened := _open(func, target)) is None:
+            return None
+        sch, blocks = opened
+        lanes = max(llvm_get_vector_width(target), 128) // 32
+        kinds = ["".join("R" if int(v.iter_type) == _REDUCE else "S" for v in sch.get(b).iter_vars) for b in blocks]
+        rank = len(kinds[-1])
+        shapes_agree = all(len(sch.get_loops(b)) == rank == len(k) for b, k in zip(blocks, kinds, strict=True))
+        if len(blocks) < 2 or rank < 2 or not shapes_agree or "R" in kinds[-1]:
+            return None
+        if any(k != "S" * rank and k != "S" * (rank - 1) + "R" for k in kinds) or all("R" not in k for k in kinds):
+            return None
+        factored = []
+        for block, kind in zip(blocks, kinds, strict=True):
+            row = sch.get_loops(block)[-1]
+            extent = get_extent(sch, row)
+            if kind.endswith("R") and isinstance(extent, int) and extent % lanes == 0 and extent >= 2 * lanes:
+                _, lane = sch.split(row, [None, lanes])
+                last_axis = len(sch.get(block).writes[0].source.shape)  # each lane's partial result last
+                factored.append(sch.get(sch.rfactor(lane, factor_axis=last_axis)).name_hint)
+        if not factored:
+            return None
+        root = sch.get_sblock("root")
+        for block in sch.get_child_blocks(root)[:-1]:  # an elementwise block read by one elementwise block
+            consumers = sch.get_consumers(block)
+            if not _reduces(sch, block) and len(consumers) == 1 and not _reduces(sch, consumers[0]):
+                sch.compute_inline(block)
+        last = sch.get_child_blocks(root)[-1]
+        rows = sch.fuse(*sch.get_loops(last)[:-1])
+        sch.parallel(rows)
+        for block in reversed(sch.get_child_blocks(root)[:-1]):
+            sch.compute_at(block, rows, preserve_unit_loops=True)
+        for block in sch.get_child_blocks(root):
+            loops = sch.get_loops(block)[1:]
+            if sch.get(block).name_hint in factored:  # (lane, k) and unit loops: k outside, the lanes a vector
+                lane, k = (loop for loop in loops if get_extent(sch, loop) != 1)
+                sch.reorder(k, lane)
+                sch.vectorize(lane)
+            elif not _reduces(sch, block) and isinstance(get_extent(sch, loops[-1]), int):
+                _, vector = sch.split(loops[-1], [None, lanes])
+                sch.vectorize(vector)
         return sch
 
 

@@ -275,3 +275,33 @@ def test_scalar_functions_are_left_as_they_are(op):
     for value in (-2.5, 3.0, 7.25):
         expected = value > 3.0 if op == "Greater" else max(value, 3.0)
         assert compiled.run({"x": np.float32(value)})["y"] == expected
+
+
+@pytest.mark.parametrize(("keys", "split"), [(256, True), (100, False)])
+def test_row_reductions_are_split_over_the_vector_lanes(keys, split):
+    """Softmax over the last axis: with a row a multiple of the lanes (and two vectors long) its max and
+    its sum each run as one vectorised partial result per lane, then a reduction of the lanes
+    (LaneReduction); a row of 100 is left to dlight's serial rule. Either way within the bound of
+    float64 softmax: the fast exp's 2^-22 relative on each term and on their sum, the subtraction of
+    the max (``|x - max| · u`` relative through exp), the sum's ``(n - 1) · u`` in any order, and
+    the division's ``u``."""
+    shape = (2, 9, keys)
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (softmax,) = (f.script() for name, f in cpu_scheduled(model).items() if "softmax" in name)
+    assert ("T_softmax_maxelem_rf" in softmax and "T_softmax_expsum_rf" in softmax) == split
+    x = (np.random.default_rng(7).standard_normal(shape) * 4).astype(np.float32)
+    imported = import_onnx(model)
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+    wide = x.astype(np.float64)
+    shifted = wide - wide.max(axis=-1, keepdims=True)
+    expected = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+    u = UNIT_ROUNDOFF
+    relative = 2 * 2.0**-22 + np.abs(shifted).max() * u + keys * u
+    np.testing.assert_allclose(actual, expected, rtol=relative, atol=0)
