@@ -70,7 +70,8 @@ class ChannelsLast:
         try:
             with _without_layout_rules(_WRONG_LAYOUT_RULES):
                 converted = relax.transform.ConvertLayout(_DESIRED_LAYOUTS)(mod)
-            unlowered = _unlowered_ops(converted) - _unlowered_ops(mod)
+            unlowered = _unlowered_ops(converted)
+            unlowered = unlowered and unlowered - _unlowered_ops(mod)  # (legalizing twice only when needed)
         except tvm.error.InternalError as error:  # e.g. 0.27's squeeze rule on a conv output of rank 3
             reason = str(error).strip().splitlines()[-1]
             _log.info("ChannelsLast: TVM's ConvertLayout failed (%s); the convs stay channels-first", reason[:200])
@@ -111,8 +112,9 @@ def _convs_of_other_dtypes(mod: tvm.IRModule) -> bool:
 
 
 def _unlowered_ops(mod: tvm.IRModule) -> set[str]:
-    """The operators ``LegalizeOps`` leaves in ``mod``: those it cannot lower (in the layout they are in)."""
-    return _calls(relax.transform.LegalizeOps()(mod))
+    """The operators ``LegalizeOps`` leaves in ``mod``: those it cannot lower (in the layout they are in).
+    (Not ``call_tir``, which is what it lowers to.)"""
+    return _calls(relax.transform.LegalizeOps()(mod)) - {"relax.call_tir"}
 
 
 @contextlib.contextmanager
