@@ -143,12 +143,11 @@ def source_stamp(export) -> dict:
     return {"sources": digest.hexdigest(), "model": model, "settings": json.dumps(settings)}
 
 
-def compile_decoders(directory: Path, names: list[str]) -> None:
-    """Quantize and calibrate SmolLM2 once, compile the ``names`` decoders of every mode into ``directory``."""
-    import resource
-
+def calibrated_sim():
+    """SmolLM2 as every lpbq_tvm candidate compiles it: every MatMul LPBQ (block ``BLOCK``), calibrated on the
+    ``CALIBRATION`` windows of the text (every mode compiles from it; fp32 ignores the encodings)."""
     from benchmarks.models import smollm2
-    from lpbq_tvm.llm import DecoderInterface, compile_decoder, decoder_sim
+    from lpbq_tvm.llm import DecoderInterface, decoder_sim
     from lpbq_tvm.quantsim import set_grouped_blockwise_quantization_for_weights
 
     export = smollm2.build()
@@ -158,6 +157,16 @@ def compile_decoders(directory: Path, names: list[str]) -> None:
     interface, ids = DecoderInterface.of(sim), text_tokens(export)[start:]
     batches = [interface.token_inputs(ids[i * length : (i + 1) * length]) for i in range(windows)]
     sim.compute_encodings(lambda s, data: [s.run(batch) for batch in data], batches)
+    return sim
+
+
+def compile_decoders(directory: Path, names: list[str]) -> None:
+    """Quantize and calibrate SmolLM2 once, compile the ``names`` decoders of every mode into ``directory``."""
+    import resource
+
+    from lpbq_tvm.llm import compile_decoder
+
+    sim = calibrated_sim()
     for mode in MODES:
         first = None  # the weights of the mode, once its first decoder is written
         if (directory / mode / "params.bin").exists():

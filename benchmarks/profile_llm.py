@@ -9,8 +9,9 @@ optimise, then measure the change with ``bench_llm.py``.
     python benchmarks/profile_llm.py MODE [--phase decode|prefill] [--context 64] [--prefill 16] [--top 25]
     TVM_NUM_THREADS=1 python benchmarks/profile_llm.py weight-only --phase prefill --context 512 --prefill 256
 
-W4A8 and W4A16 calibrate on 4 windows of 16 tokens of *Opticks* (as ``bench_llm.py``'s W4A8 does on 32).
-Needs the bench and llm extras; the model is converted once into the cache by ``benchmarks/models/smollm2.py``.
+The model is the one ``bench_llm.py`` measures (``bench_llm.calibrated_sim``: every MatMul LPBQ, calibrated on
+the same windows of *Opticks*). Needs the bench and llm extras; the model is converted once into the cache by
+``benchmarks/models/smollm2.py``.
 """
 
 from __future__ import annotations
@@ -26,29 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.model
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from benchmarks.models import smollm2  # noqa: E402
-from benchmarks.models.perplexity import opticks_text  # noqa: E402
-from lpbq_tvm.llm import DecoderInterface, compile_decoder, decoder_sim  # noqa: E402
-from lpbq_tvm.modes import LPBQ_MODES, needs_calibration  # noqa: E402
-from lpbq_tvm.quantsim import set_grouped_blockwise_quantization_for_weights  # noqa: E402
+from benchmarks.bench_llm import calibrated_sim  # noqa: E402
+from lpbq_tvm.llm import compile_decoder  # noqa: E402
+from lpbq_tvm.modes import LPBQ_MODES  # noqa: E402
 
 RUNS = {"decode": 20, "prefill": 3}
-
-
-def compiled_decoder(mode: str, context: int, prefill: int):
-    """SmolLM2 in ``mode`` (every MatMul LPBQ, block 64), compiled for ``context`` slots and ``prefill`` positions."""
-    export = smollm2.build()
-    sim = decoder_sim(export.model, 16)
-    if mode != "fp32":
-        set_grouped_blockwise_quantization_for_weights(sim, op_types=("MatMul",), block_size=64)
-    if needs_calibration(mode):
-        ids = export.tokenizer.encode(opticks_text()[20000:]).ids
-        interface = DecoderInterface.of(sim)
-        batches = [interface.token_inputs(ids[i * 16 : (i + 1) * 16]) for i in range(4)]
-        sim.compute_encodings(lambda s, data: [s.run(b) for b in data], batches)
-    else:
-        sim.compute_encodings()
-    return compile_decoder(sim, mode, context=context, prefill=prefill)
 
 
 def profile(decoder, phase: str, prefill: int) -> tuple[float, dict[str, tuple[float, int]]]:
@@ -99,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     console = Console()
     with console.status(f"compiling SmolLM2 in {args.mode} (context {args.context}, prefill {args.prefill})"):
-        decoder = compiled_decoder(args.mode, args.context, args.prefill)
+        decoder = compile_decoder(calibrated_sim(), args.mode, context=args.context, prefill=args.prefill)
     with console.status(f"profiling {args.phase}"):
         plain, functions = profile(decoder, args.phase, args.prefill)
     instrumented = sum(ms for ms, _ in functions.values())
