@@ -406,8 +406,8 @@ class LaneReduction(dlight.ScheduleRule):
                 lane, k = (loop for loop in loops if get_extent(sch, loop) != 1)
                 sch.reorder(k, lane)
                 sch.vectorize(lane)
-            elif not _reduces(sch, block) and isinstance(get_extent(sch, loops[-1]), int):
-                _, vector = sch.split(loops[-1], [None, lanes])
+            elif not _reduces(sch, block) and isinstance(extent := get_extent(sch, loops[-1]), int):
+                _, vector = sch.split(loops[-1], [None, _vector_lanes(extent)])
                 sch.vectorize(vector)
         return sch
 
