@@ -209,9 +209,13 @@ def save_decoder(decoder, folder: Path, name: str, first: dict | None) -> dict:
 
 
 def load_params(folder: Path) -> dict:
+    """The weights :func:`save_decoder` wrote, in huge pages as :func:`lpbq_tvm.compile` places them."""
     import tvm
 
-    return tvm.runtime.load_param_dict((folder / "params.bin").read_bytes())
+    from lpbq_tvm.huge_pages import huge_page_copies
+
+    params = tvm.runtime.load_param_dict((folder / "params.bin").read_bytes())
+    return dict(zip(params, huge_page_copies(list(params.values())), strict=True))
 
 
 def load_decoders(folder: Path, mode: str, names: list[str]) -> dict:

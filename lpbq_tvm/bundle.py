@@ -31,6 +31,7 @@ import tvm
 from tvm import relax
 
 from lpbq_tvm.frontend import TensorInfo
+from lpbq_tvm.huge_pages import huge_page_copies
 from lpbq_tvm.io import atomic_directory, sha256
 from lpbq_tvm.targets import get_target
 
@@ -175,7 +176,7 @@ class LoadedBundle:
             msg = f"{directory}: the bundle was built for {content['target']!r}, which does not run on this machine"
             raise ValueError(msg)
         params = tvm.runtime.load_param_dict((directory / PARAMS_FILE).read_bytes())
-        self.params = [params[p["name"]] for p in content["params"]]
+        self.params = huge_page_copies([params[p["name"]] for p in content["params"]])
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(directory / content["library"])), device)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

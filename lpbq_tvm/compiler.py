@@ -25,6 +25,7 @@ from tvm.relax.frontend import detach_params
 from lpbq_tvm.attrs import LOWERED_ATTR, num_inputs
 from lpbq_tvm.bundle import check_inputs, numpy_view, outputs_by_name, write_bundle
 from lpbq_tvm.frontend import TensorInfo
+from lpbq_tvm.huge_pages import huge_page_copies
 from lpbq_tvm.io import atomic_write
 from lpbq_tvm.modes import FLOAT_MODE, activation_bits, needs_calibration
 from lpbq_tvm.passes.channels_last import ChannelsLast
@@ -191,7 +192,8 @@ def build(
             executable = tvm.compile(
                 detached, target=tvm_target, relax_pipeline=pipeline or target_kind.pipeline(tvm_target, database)
             )
-    return CompiledModel(executable, list(params.get("main", [])), param_names, inputs, outputs, target, mode, lowered)
+    weights = huge_page_copies(params.get("main", []))  # read once per run: keep them off 4 KiB pages
+    return CompiledModel(executable, weights, param_names, inputs, outputs, target, mode, lowered)
 
 
 def tuning_database(directory: str | PathLike):

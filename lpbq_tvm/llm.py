@@ -44,6 +44,7 @@ from tvm import relax
 
 from lpbq_tvm.compiler import CompiledModel, build, lower
 from lpbq_tvm.compiler import compile as compile_model
+from lpbq_tvm.huge_pages import huge_page_zeros
 from lpbq_tvm.onnx_model import value_info_shape
 from lpbq_tvm.passes.kv_cache_in_place import SLOT_INPUT, KVCacheInPlace
 from lpbq_tvm.targets import get_target
@@ -216,14 +217,12 @@ class Decoder:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __post_init__(self) -> None:
-        device = tvm.cpu()
         shape = (1, self.interface.kv_heads, self.context, self.interface.head_dim)
         keys = set(self.interface.keys)
-        # Zeros, not uninitialized memory: a masked slot must hold finite values (NaN · 0 is NaN).
-        self._caches = {
-            name: tvm.runtime.tensor(np.zeros(_transposed(shape) if name in keys else shape, np.float32), device)
-            for name in self.interface.past
-        }
+        # Zeros, not uninitialized memory: a masked slot must hold finite values (NaN · 0 is NaN). In huge
+        # pages, as the weights: a decode step reads the caches' filled part whole.
+        shapes = [(_transposed(shape) if name in keys else shape, "float32") for name in self.interface.past]
+        self._caches = dict(zip(self.interface.past, huge_page_zeros(shapes), strict=True))
         self._order = [info.name for info in self.decode_model.inputs]  # the decode step's inputs
         self.length = 0  # positions in the caches
 
