@@ -22,7 +22,7 @@ from lpbq_tvm.kernels.generic import row_encodings
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, built
 from lpbq_tvm.kernels.tiled import nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, encoding_inputs
-from lpbq_tvm.kernels.tiled.repack import check_shape, repack_w4a8, repack_weight_only
+from lpbq_tvm.kernels.tiled.repack import LANES, check_shape, repack_w4a8, repack_weight_only
 from lpbq_tvm.kernels.x86 import block_dot, fold_k
 from lpbq_tvm.kernels.x86.intrinsics import NIBBLE_LANES, vnni_nibble_intrinsic
 from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS, dot_instructions, is_x86
@@ -144,6 +144,8 @@ def _byte_planes(M, N, K, B, bits, with_bias, target, intrinsic, fold, rowwise=F
         msg = "the nibble scheme needs blocks of two dwords or more (B >= 16), got B=8: use fold_k"
         raise ValueError(msg)
     scheme = _SCHEMES["fold-k" if fold else "block-dot" if block else "nibble"]
-    nibble_intrinsic = vnni_nibble_intrinsic() if intrinsic == "vnni" and scheme is nibble else None
+    streamed = tune.nibble_rows >= rows  # one row group reads each nibble once, in order: prefetch them
+    prefetch = tune.prefetch_rows * LANES * streamed
+    nibble_intrinsic = vnni_nibble_intrinsic(prefetch) if intrinsic == "vnni" and scheme is nibble else None
     dot = DotInstructions(intrinsic, NIBBLE_LANES, nibble_intrinsic)
     return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, dot, scheme, rowwise)

@@ -40,6 +40,14 @@ __all__ = [
 _VNNI = "lpbq_dot_16x4_vnni_local"
 
 
+def prefetch(address):
+    """``llvm.prefetch`` (read, keep in all cache levels, data) of the line at ``address``: a streaming
+    intrinsic's call asks for the weights it will read a few calls later. Its implementation must then
+    be written as one expression per statement: a TVMScript binding (``q = ...``) after the prefetch
+    statement is stored to memory and read back, once per call."""
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)
+
+
 def vnni_intrinsic() -> str:
     """``C[16] (int32) += A[4] (uint8, broadcast) · B[16]`` as one ``vpdpbusd``; registered on first use."""
     if TensorIntrin.get(_VNNI, allow_missing=True) is not None:
@@ -91,12 +99,29 @@ _VNNI_NIBBLE = "lpbq_dot_16x8_nibbles_vnni"
 NIBBLE_LANES = 16  # output channels per VNNI instruction (zmm)
 
 
-def vnni_nibble_intrinsic() -> str:
+def vnni_nibble_intrinsic(ahead: int = 0) -> str:
     """The nibble scheme's dot product (``tiled.descriptions.nibble_dot``): the decode (and, shift, and)
-    in registers, two ``vpdpbusd`` per load of 16 dwords; registered on first use."""
-    if TensorIntrin.get(_VNNI_NIBBLE, allow_missing=True) is not None:
-        return _VNNI_NIBBLE
-    mask, n = 0x0F0F0F0F, NIBBLE_LANES
+    in registers, two ``vpdpbusd`` per load of 16 dwords; registered on first use. With ``ahead`` (the
+    nibbles streamed once, by a single row group), a call also prefetches the line that many dwords
+    past its own."""
+    name = _VNNI_NIBBLE + (f"_prefetch{ahead}" if ahead else "")
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    n = NIBBLE_LANES
+
+    def nibbles(Q, high: bool):  # the offset-binary bytes of the low (or high) nibbles, int8 x 4n
+        word = Q.vload([0], f"uint32x{n}")
+        word = T.shift_right(word, T.broadcast(T.uint32(4), n)) if high else word
+        return T.reinterpret(T.bitwise_and(word, T.broadcast(T.uint32(_MASK), n)), dtype=f"int8x{4 * n}")
+
+    def codes(A, first: int):  # A[first : first + 4] in every dword, uint8 x 4n
+        dword = T.reinterpret(A.vload([first], "uint8x4"), dtype="int32")
+        return T.reinterpret(T.broadcast(dword, n), dtype=f"uint8x{4 * n}")
+
+    def vpdpbusd(acc, a, b):
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), acc, a, b, dtype=f"int32x{n}"
+        )
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -107,45 +132,29 @@ def vnni_nibble_intrinsic() -> str:
         with T.sblock("root"):
             T.reads(C[0:n], A[0:8], Q[0:n])
             T.writes(C[0:n])
-            q = Q.vload([0], f"uint32x{n}")
-            lo = T.reinterpret(T.bitwise_and(q, T.broadcast(T.uint32(mask), n)), dtype=f"int8x{4 * n}")
-            hi = T.reinterpret(
-                T.bitwise_and(T.shift_right(q, T.broadcast(T.uint32(4), n)), T.broadcast(T.uint32(mask), n)),
-                dtype=f"int8x{4 * n}",
-            )
-            a_lo = T.reinterpret(
-                T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
-            )
-            a_hi = T.reinterpret(
-                T.broadcast(T.reinterpret(A.vload([4], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
-            )
-            C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                    C.vload([0], dtype=f"int32x{n}"),
-                    a_lo,
-                    lo,
-                    dtype=f"int32x{n}",
-                ),
-                a_hi,
-                hi,
-                dtype=f"int32x{n}",
+            if ahead > 0:
+                T.evaluate(prefetch(Q.access_ptr("r", offset=ahead)))
+            C[T.ramp(T.int32(0), 1, n)] = vpdpbusd(
+                vpdpbusd(C.vload([0], dtype=f"int32x{n}"), codes(A, 0), nibbles(Q, False)),
+                codes(A, 4),
+                nibbles(Q, True),
             )
 
-    TensorIntrin.register(_VNNI_NIBBLE, nibble_dot(n), impl)
-    return _VNNI_NIBBLE
+    TensorIntrin.register(name, nibble_dot(n), impl)
+    return name
 
 
 _LUT = "lpbq_fma_16x8_nibble_lut"
 
 
-def lut_intrinsic() -> str:
+def lut_intrinsic(ahead: int = 0) -> str:
     """``C[16] (f32) += Σ_h X[h] · float(signed nibble h of Q[i])``: ``vpermps`` with the 16 nibble values
     as the table decodes a nibble to float in one shuffle (it reads only the low 4 index bits, so no
-    mask is needed), then one FMA per 16 weights. Registered on first use."""
-    if TensorIntrin.get(_LUT, allow_missing=True) is not None:
-        return _LUT
+    mask is needed), then one FMA per 16 weights. Registered on first use. With ``ahead`` (the nibbles
+    streamed once, by a single row group), a call also prefetches the line that many dwords past its own."""
+    name = _LUT + (f"_prefetch{ahead}" if ahead else "")
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
 
     @T.prim_func(s_tir=True)
     def desc(
@@ -163,6 +172,14 @@ def lut_intrinsic() -> str:
                         T.shift_right(T.shift_left(T.cast(Q[vi], "int32"), 28 - vh * 4), 28), "float32"
                     )
 
+    def table():  # table[u] = float(signed 4-bit u) = 0..7, -8..-1 (constant-folded by LLVM)
+        return T.Cast(
+            "float32x16", T.shift_right(T.shift_left(T.ramp(0, 1, 16), T.broadcast(28, 16)), T.broadcast(28, 16))
+        )
+
+    def nibble(Q, h):  # each dword shifted so that nibble h is in its low 4 bits, the only ones vpermps reads
+        return T.shift_right(T.reinterpret(Q.vload([0], "uint32x16"), dtype="int32x16"), T.broadcast(h * 4, 16))
+
     @T.prim_func(s_tir=True)
     def impl(
         X: T.Buffer((8,), "float32", offset_factor=1),
@@ -172,22 +189,18 @@ def lut_intrinsic() -> str:
         with T.sblock("root"):
             T.reads(C[0:16], X[0:8], Q[0:16])
             T.writes(C[0:16])
-            q = T.reinterpret(Q.vload([0], "uint32x16"), dtype="int32x16")
-            # table[u] = float(signed 4-bit u) = 0..7, -8..-1 (constant-folded by LLVM)
-            table = T.Cast(
-                "float32x16",
-                T.shift_right(T.shift_left(T.ramp(0, 1, 16), T.broadcast(28, 16)), T.broadcast(28, 16)),
-            )
+            if ahead > 0:
+                T.evaluate(prefetch(Q.access_ptr("r", offset=ahead)))
             for h in T.unroll(8):
                 C[T.ramp(0, 1, 16)] = C.vload([0], "float32x16") + T.broadcast(X[h], 16) * T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.sf.512"),
-                    table,
-                    T.shift_right(q, T.broadcast(h * 4, 16)),
+                    table(),
+                    nibble(Q, h),
                     dtype="float32x16",
                 )
 
-    TensorIntrin.register(_LUT, desc, impl)
-    return _LUT
+    TensorIntrin.register(name, desc, impl)
+    return name
 
 
 BLOCK_DOT_GROUPS = 4  # dwords of 8 k-positions per int16 sum: 2 · 4 pmaddubsw · (2 · 255 · 8) = 32640 < 2^15
@@ -310,10 +323,8 @@ def _block_dot_implementation(instructions: str, groups: int, decoded: bool, pre
             T.reads(C[0:n], A[0 : 8 * groups], q_region(Q), Kb[0:n])
             T.writes(C[0:n])
             if prefetch_rows > 0:
-                for g in T.unroll(groups):  # llvm.prefetch(address, read, keep in all levels, data)
-                    T.evaluate(
-                        T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(Q[prefetch_rows + g, 0]), 0, 3, 1)
-                    )
+                for g in T.unroll(groups):
+                    T.evaluate(prefetch(T.address_of(Q[prefetch_rows + g, 0])))
             C[T.ramp(T.int32(0), 1, n)] = C.vload([0], dtype=f"int32x{n}") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(maddwd), products(A, Q), k_pairs(Kb), dtype=f"int32x{n}"
             )

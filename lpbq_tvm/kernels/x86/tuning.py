@@ -36,8 +36,9 @@ class Tuning:
     # Block-dot schemes: from this many rows, a tile's signed bytes are decoded once into a local
     # buffer instead of in registers per row group.
     decoded_min_rows: int = 16
-    # A streaming block-dot GEMV prefetches its nibbles this many dword rows ahead (at 64 lanes,
-    # 256 bytes a row); the hardware prefetcher alone left it waiting on memory.
+    # A streaming GEMV (one row group: the block-dot, nibble and LUT intrinsics) prefetches its nibbles
+    # this many dword rows ahead (at 64 lanes, 256 bytes a row); the hardware prefetcher alone left it
+    # waiting on memory.
     prefetch_rows: int = 32
     # The activation-code stage runs parallel from this many rows.
     parallel_code_rows: int = 64

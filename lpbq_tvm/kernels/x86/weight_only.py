@@ -43,7 +43,8 @@ def weight_only_dense(
         use_lut = avx512
     tune = tuning(target)
     if (tune.gemv_max_m if use_lut else 1) >= M and B > 8:  # the GEMV's loop over a block's dwords needs two
-        lut = lut_intrinsic() if use_lut else None
+        streamed = tune.lut_rows >= M  # one row group reads each nibble once, in order: prefetch them
+        lut = lut_intrinsic(tune.prefetch_rows * LANES * streamed) if use_lut else None
         return weight_only_gemv(M, N, K, B, with_bias, chunk=GEMV_LANES, lut_intrinsic=lut, lut_rows=tune.lut_rows)
     return weight_only_gemm(
         M, N, K, B, with_bias, width=LANES if avx512 else 16, register_lanes=register_dwords(target),

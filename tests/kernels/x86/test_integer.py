@@ -224,18 +224,25 @@ def test_block_dot_decodes_the_tile_once_from_16_rows(bits):
         assert ('T.sblock("Wq")' in script) == decoded, M
 
 
+ICELAKE = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})  # VNNI: the nibble scheme
+
+
+@pytest.mark.parametrize("target", [HASWELL, ICELAKE], ids=["block-dot", "nibble"])
 @pytest.mark.parametrize("bits", [8, 16])
-def test_block_dot_gemv_prefetches_the_streamed_nibbles(bits):
-    """A block-dot kernel of one row group (its rows read the nibbles once, streamed) prefetches them
-    PREFETCH_ROWS dword rows ahead; with several row groups (the tile re-read from cache) or a
+def test_gemv_prefetches_the_streamed_nibbles(bits, target):
+    """An integer kernel of one row group (its rows read the nibbles once, streamed) prefetches them
+    ``prefetch_rows`` dword rows ahead; with several row groups (the tile re-read from cache) or a
     decoded tile it does not. Bit-exactness of both is checked above."""
     make = fk.w4a8_dense if bits == 8 else functools.partial(fk.w4a16_dense, scheme="planes")
     rows_per_m = bits // 8
+    tune = tuning(target)
+    ahead = f"{tune.prefetch_rows}" if target is HASWELL else f"{tune.prefetch_rows * 64}"
     for M, prefetched in (
         (1, True),
-        (TUNING.nibble_rows // rows_per_m, True),
+        (tune.nibble_rows // rows_per_m, True),
         (12 // rows_per_m, False),
-        (TUNING.decoded_min_rows, False),
+        (tune.decoded_min_rows, False),
     ):
-        script = make(M, 64, 256, 64, target=HASWELL).script()
+        script = make(M, 64, 256, 64, target=target).script()
         assert ("llvm.prefetch" in script) == prefetched, M
+        assert not prefetched or ahead in script
