@@ -41,6 +41,7 @@ from lpbq_tvm.packing import bits_per_weight
 __all__ = ["QuantizationSimModel", "LayerReport", "set_grouped_blockwise_quantization_for_weights"]
 
 logger = logging.getLogger(__name__)
+UNSEEN_LISTED = 6  # tensors the warning about uncalibrated tensors names (a decoder has 2 per layer)
 
 
 class _Shifted:
@@ -324,7 +325,7 @@ class QuantizationSimModel:
                 raise ValueError(msg)
             layer_ranges[key] = {"input": self._activation_ranges[inp], "output": self._activation_ranges[out]}
         if unseen:  # empty tensors (a decoder's past of length 0) or branches no batch took: not quantized
-            listed = ", ".join(unseen)
+            listed = ", ".join(unseen[:UNSEEN_LISTED]) + (", ..." if len(unseen) > UNSEEN_LISTED else "")
             logger.warning("no calibration data reached %d tensors, left unquantized: %s", len(unseen), listed)
         for key, observer in pre_bias.items():
             layer_ranges[key]["pre_bias"] = observer.range()

@@ -246,3 +246,27 @@ def test_target_mode_combinations_are_checked(calibrated_sim):
         lpbq_tvm.compile(calibrated_sim, target="htp-sim", mode="weight-only")
     with pytest.raises(ValueError, match=r"unknown target 'gpu'; known targets: aarch64, aarch64-i8mm, cpu, htp-sim"):
         lpbq_tvm.compile(calibrated_sim, target="gpu")
+
+
+def test_tensors_no_calibration_data_reached_are_named_in_a_readable_warning(caplog):
+    """A decoder calibrated with an empty past leaves its cache inputs unquantized; the warning counts them
+    all and names the first few, not a wall of dozens."""
+    from onnx import TensorProto, helper
+
+    empties = [f"past.{i}" for i in range(8)]
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["x", *empties], ["c"], axis=1), helper.make_node("MatMul", ["c", "w"], ["y"])],
+        "empties",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4 if n == "x" else 0]) for n in ["x", *empties]],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sim = QuantizationSimModel(model, input_shapes={n: [1, 0] for n in empties})
+    set_grouped_blockwise_quantization_for_weights(sim, block_size=4)
+    inputs = {"x": np.ones((1, 4), np.float32)} | {n: np.zeros((1, 0), np.float32) for n in empties}
+    with caplog.at_level("WARNING", logger="lpbq_tvm.quantsim"):
+        sim.compute_encodings(lambda s, data: s.run(data), inputs)
+    (message,) = [r.getMessage() for r in caplog.records if "calibration data" in r.getMessage()]
+    assert message.startswith("no calibration data reached 8 tensors, left unquantized: past.0, past.1,")
+    assert message.endswith("past.5, ...") and "past.6" not in message
