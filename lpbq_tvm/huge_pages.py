@@ -1,8 +1,8 @@
 """Host tensors in one arena of transparent huge pages: a model's weights and a decoder's KV caches.
 
 A decode step streams every weight once, from memory. In 4 KiB pages every 4 KiB it reads costs a
-page walk, and a core's memory read rate drops by about a third (``docs/performance.md``, "Huge
-pages"); the 2 MiB pages of Linux's transparent huge pages remove those walks. TVM allocates each
+page walk, and a core's memory read rate drops by about a third (``docs/performance.md``, "Weights
+out of cache"); the 2 MiB pages of Linux's transparent huge pages remove those walks. TVM allocates each
 tensor on its own (``posix_memalign``), too small and unaligned for a huge page, so the weights of a
 compiled model (:func:`lpbq_tvm.compiler.compile`, :class:`lpbq_tvm.bundle.LoadedBundle`) and the
 caches of :class:`lpbq_tvm.llm.Decoder` are placed in one anonymous mapping, 2 MiB aligned and
