@@ -354,8 +354,9 @@ class Elementwise(dlight.ScheduleRule):
 
 
 class LaneReduction(dlight.ScheduleRule):
-    """Row reductions (softmax, RMS / layer norm): reductions along the innermost axis and elementwise
-    blocks over the same rows, each row's reductions split over the vector's lanes.
+    """Row reductions (softmax, RMS / layer norm, a row's range): reductions along the innermost axis,
+    elementwise blocks over the same rows and blocks of one value per row (a norm's scale, a row's
+    encoding), each row's reductions split over the vector's lanes.
 
     dlight's CPU rule reduces a row serially, one dependent max or add per element: latency-bound,
     four cycles an element, which made a softmax over 256 keys 85% of its own time. Here each
@@ -374,11 +375,12 @@ class LaneReduction(dlight.ScheduleRule):
         sch, blocks = opened
         lanes = max(llvm_get_vector_width(target), 128) // 32
         kinds = ["".join("R" if int(v.iter_type) == _REDUCE else "S" for v in sch.get(b).iter_vars) for b in blocks]
-        rank = len(kinds[-1])
-        shapes_agree = all(len(sch.get_loops(b)) == rank == len(k) for b, k in zip(blocks, kinds, strict=True))
+        rank = max(len(k) for k in kinds)
+        shapes_agree = all(len(sch.get_loops(b)) == len(k) for b, k in zip(blocks, kinds, strict=True))
         if len(blocks) < 2 or rank < 2 or not shapes_agree or "R" in kinds[-1]:
             return None
-        if any(k != "S" * rank and k != "S" * (rank - 1) + "R" for k in kinds) or all("R" not in k for k in kinds):
+        shapes = ("S" * rank, "S" * (rank - 1) + "R", "S" * (rank - 1))  # elementwise, row reduction, per row
+        if any(k not in shapes for k in kinds) or all("R" not in k for k in kinds):
             return None
         factored = []
         for block, kind in zip(blocks, kinds, strict=True):
@@ -391,12 +393,21 @@ class LaneReduction(dlight.ScheduleRule):
         if not factored:
             return None
         root = sch.get_sblock("root")
+        outputs = {buffer.name for buffer in func.params}
         for block in sch.get_child_blocks(root)[:-1]:  # an elementwise block read by one elementwise block
             consumers = sch.get_consumers(block)
-            if not _reduces(sch, block) and len(consumers) == 1 and not _reduces(sch, consumers[0]):
+            output = {region.source.name for region in sch.get(block).writes} & outputs  # (stays a block)
+            if not (_reduces(sch, block) or output) and len(consumers) == 1 and not _reduces(sch, consumers[0]):
                 sch.compute_inline(block)
-        last = sch.get_child_blocks(root)[-1]
-        rows = sch.fuse(*sch.get_loops(last)[:-1])
+        *others, last = sch.get_child_blocks(root)
+        if any({region.source.name for region in sch.get(b).writes} & outputs for b in others):
+            # Several outputs (a row's scale and zero point): an output block cannot move into another's
+            # loops, so each stays a loop nest of its own; the per-lane partial results are still vectors.
+            for name in factored:
+                sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
+            return sch
+        loops = sch.get_loops(last)
+        rows = sch.fuse(*(loops[:-1] if len(loops) == rank else loops))  # a per-row block: all its loops
         sch.parallel(rows)
         for block in reversed(sch.get_child_blocks(root)[:-1]):
             sch.compute_at(block, rows, preserve_unit_loops=True)
@@ -406,7 +417,7 @@ class LaneReduction(dlight.ScheduleRule):
                 lane, k = (loop for loop in loops if get_extent(sch, loop) != 1)
                 sch.reorder(k, lane)
                 sch.vectorize(lane)
-            elif not _reduces(sch, block) and isinstance(extent := get_extent(sch, loops[-1]), int):
+            elif loops and not _reduces(sch, block) and isinstance(extent := get_extent(sch, loops[-1]), int):
                 _, vector = sch.split(loops[-1], [None, _vector_lanes(extent)])
                 sch.vectorize(vector)
         return sch

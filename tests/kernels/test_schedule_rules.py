@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 import tvm
 from ir import block_names, prim_funcs
+from kernel_cases import rowwise_activations
 from model_builders import UNIT_ROUNDOFF, cpu_scheduled, epilogue_model, nhwc_conv, ort_run
 from onnx import TensorProto, helper, numpy_helper
-from tvm import relax, s_tir, tirx
+from tvm import relax, s_tir, te, tirx
 from tvm.relax.backend.cpu_generic import pipeline
 from tvm.s_tir import dlight
 
+from lpbq_tvm.calibration import RowwiseEncoding
 from lpbq_tvm.compiler import build
 from lpbq_tvm.frontend import import_onnx
+from lpbq_tvm.kernels.generic import row_encodings
 from lpbq_tvm.kernels.interface import SEPARATE_ROUNDING
-from lpbq_tvm.kernels.schedule_rules import Elementwise, RegisterTiled, _vector_lanes, register_tile
+from lpbq_tvm.kernels.schedule_rules import Elementwise, LaneReduction, RegisterTiled, _vector_lanes, register_tile
 from lpbq_tvm.kernels.x86.isa import register_file as x86_register_file
 from lpbq_tvm.passes.channels_last import ChannelsLast
 from lpbq_tvm.targets import get_target
@@ -305,3 +308,52 @@ def test_row_reductions_are_split_over_the_vector_lanes(keys, split):
     u = UNIT_ROUNDOFF
     relative = 2 * 2.0**-22 + np.abs(shifted).max() * u + keys * u
     np.testing.assert_allclose(actual, expected, rtol=relative, atol=0)
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_row_encodings_reduce_over_the_lanes_bit_exactly(M):
+    """Mode w4a8-dynamic's row-encoding function has two outputs of one value per row (scale, zero
+    point): LaneReduction still takes each row's minimum and maximum as per-lane vectors, then across
+    the lanes, and the encodings equal RowwiseEncoding's bit for bit (a minimum or maximum is exact in
+    any order)."""
+    K = 192
+    x = te.placeholder((M, K), "float32", "x")
+    func = te.create_prim_func([x, *row_encodings(x)])
+    target = get_target("cpu").tvm_target()
+    with target:
+        sch = LaneReduction().apply(func, target, False)
+    script = sch.mod["main"].script()
+    assert "row_min_rf" in script and "row_max_rf" in script and "T.vectorized(" in script
+    lib = tvm.compile(sch.mod["main"], target)
+    data = rowwise_activations(M, K, np.random.default_rng(M))
+    scales, zero_points = tvm.runtime.empty((M,), "float32"), tvm.runtime.empty((M,), "int32")
+    lib["main"](tvm.runtime.tensor(data), scales, zero_points)
+    encoding = RowwiseEncoding()
+    np.testing.assert_array_equal(scales.numpy().view(np.int32), encoding.scales(data).reshape(M).view(np.int32))
+    np.testing.assert_array_equal(zero_points.numpy(), encoding.zero_points(data).reshape(M))
+
+
+def test_a_row_reduction_feeding_one_value_per_row_is_split_and_parallel():
+    """An RMS norm's scale, ``1 / sqrt(mean(x²) + eps)`` per row (a reduction, then blocks of one value
+    per row): the sum of squares split over the lanes, the rows parallel; within float64's value by
+    the sum's ``(K - 1) u`` (positive terms, any order) and ``4 u`` for the mean, add, sqrt and division."""
+    rows, K, eps = 6, 256, 1e-5
+    x = te.placeholder((rows, K), "float32", "x")
+    k = te.reduce_axis((0, K), "k")
+    squares = te.compute((rows,), lambda r: te.sum(x[r, k] * x[r, k], axis=k), name="squares")
+    scale = te.compute(
+        (rows,),
+        lambda r: tirx.const(1.0, "float32") / tirx.sqrt(squares[r] / K + tirx.const(eps, "float32")),
+        name="rms",
+    )
+    target = get_target("cpu").tvm_target()
+    with target:
+        sch = LaneReduction().apply(te.create_prim_func([x, scale]), target, False)
+    script = sch.mod["main"].script()
+    assert "squares_rf" in script and "T.parallel(" in script and "T.vectorized(" in script
+    data = np.random.default_rng(3).standard_normal((rows, K)).astype(np.float32)
+    out = tvm.runtime.empty((rows,), "float32")
+    tvm.compile(sch.mod["main"], target)["main"](tvm.runtime.tensor(data), out)
+    wide = data.astype(np.float64)
+    expected = 1 / np.sqrt((wide * wide).mean(axis=1) + eps)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=(K + 3) * UNIT_ROUNDOFF, atol=0)
