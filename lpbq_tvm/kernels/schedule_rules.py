@@ -382,6 +382,9 @@ class LaneReduction(dlight.ScheduleRule):
         shapes = ("S" * rank, "S" * (rank - 1) + "R", "S" * (rank - 1))  # elementwise, row reduction, per row
         if any(k not in shapes for k in kinds) or all("R" not in k for k in kinds):
             return None
+        row_shapes = {_written_shape(sch, b) for b, k in zip(blocks, kinds, strict=True) if k.endswith("R")}
+        if any(len(k) < rank and _written_shape(sch, b) not in row_shapes for b, k in zip(blocks, kinds, strict=True)):
+            return None  # a block of lower rank that is not one value per row (e.g. a keepdims reduction's consumer)
         factored = []
         for block, kind in zip(blocks, kinds, strict=True):
             row = sch.get_loops(block)[-1]
@@ -454,6 +457,10 @@ def _parallel_reduction(sch: s_tir.Schedule, block) -> None:
 def _touches_float8(sch: s_tir.Schedule, block) -> bool:
     stmt = sch.get(block)
     return any(str(region.source.dtype).startswith("float8") for region in [*stmt.reads, *stmt.writes])
+
+
+def _written_shape(sch: s_tir.Schedule, block) -> tuple:
+    return tuple(str(d) for d in sch.get(block).writes[0].source.shape)
 
 
 def _reduces(sch: s_tir.Schedule, block) -> bool:

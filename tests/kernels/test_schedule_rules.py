@@ -357,3 +357,35 @@ def test_a_row_reduction_feeding_one_value_per_row_is_split_and_parallel():
     wide = data.astype(np.float64)
     expected = 1 / np.sqrt((wide * wide).mean(axis=1) + eps)
     np.testing.assert_allclose(out.numpy(), expected, rtol=(K + 3) * UNIT_ROUNDOFF, atol=0)
+
+
+def test_a_kept_dims_norm_is_scheduled_per_row_not_per_element():
+    """An RMS norm from ONNX (ReduceMean with keepdims, then elementwise over the full rows): its last
+    block has the reduction's rank minus one loops but is not one value per row, so it must not be
+    taken for one (that recomputed the row's sum for every element, 4 ms a call at 256 x 576). Its
+    function runs parallel over the 8 rows, within the derived bound."""
+    rows, K = 8, 64
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["squares"]),
+        helper.make_node("ReduceMean", ["squares"], ["mean"], axes=[-1], keepdims=1),
+        helper.make_node("Add", ["mean", "eps"], ["shifted"]),
+        helper.make_node("Sqrt", ["shifted"], ["rms"]),
+        helper.make_node("Div", ["x", "rms"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rms",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, K])],
+        [numpy_helper.from_array(np.array(1e-5, np.float32), "eps")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (norm,) = (f.script() for name, f in cpu_scheduled(model).items() if "mean" in name)
+    assert re.search(rf"T\.parallel\(T\.int64\({rows}\)\)", norm), norm
+    x = np.random.default_rng(4).standard_normal((1, rows, K)).astype(np.float32)
+    imported = import_onnx(model)
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
+    wide = x.astype(np.float64)
+    expected = wide / np.sqrt((wide * wide).mean(axis=-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(actual, expected, rtol=(K + 4) * UNIT_ROUNDOFF, atol=0)
