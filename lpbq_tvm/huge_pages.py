@@ -33,10 +33,13 @@ def huge_page_zeros(specs: Sequence[tuple[Sequence[int], str]]) -> list[tvm.runt
     offsets = np.cumsum([0] + [-(-size // ALIGNMENT) * ALIGNMENT for size in sizes])
     total = int(offsets[-1])
     length = -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to start on a huge-page boundary
-    region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: THP-eligible
-    arena = np.frombuffer(region, np.uint8)
+    if hasattr(mmap, "MAP_ANONYMOUS"):
+        region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: THP-eligible
+        arena = np.frombuffer(region, np.uint8)
+    else:  # (no anonymous mappings, e.g. Windows: numpy's own zeroed memory)
+        region, arena = None, np.zeros(length, np.uint8)
     start = -arena.ctypes.data % HUGE_PAGE
-    if hasattr(mmap, "MADV_HUGEPAGE") and total:
+    if region is not None and hasattr(mmap, "MADV_HUGEPAGE") and total:
         region.madvise(mmap.MADV_HUGEPAGE, start, length - HUGE_PAGE)
     tensors = []
     for (shape, dtype), offset, size in zip(specs, offsets[:-1], sizes, strict=True):
