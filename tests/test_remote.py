@@ -17,6 +17,9 @@ from lpbq_tvm.examples import build_example_model
 from lpbq_tvm.remote import run_remote
 
 KEY = "x86-host"
+# One worker runs this module: each worker would start its own tracker on the same ports, and two
+# trackers binding one port race (TVM's tracker retries a taken port at bind, not at listen).
+pytestmark = pytest.mark.xdist_group("rpc-tracker")
 
 
 @pytest.fixture(scope="module")
