@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import tvm
 
+from lpbq_tvm import huge_pages
 from lpbq_tvm.huge_pages import ALIGNMENT, HUGE_PAGE, huge_page_copies, huge_page_zeros
+
+
+@pytest.fixture(autouse=True)
+def huge_pages_for_any_size(monkeypatch):
+    """The tests' tensors are small: move them all the same (the threshold has its own test)."""
+    monkeypatch.setattr(huge_pages, "HUGE_PAGES_FROM", 0)
 
 
 def _address(tensor: tvm.runtime.Tensor) -> int:
@@ -67,3 +74,13 @@ def test_a_tensor_keeps_the_arena_alive():
 def test_sub_byte_and_vector_dtypes_stay_where_they_are(dtype):
     original = tvm.runtime.empty((8,), dtype)
     assert huge_page_copies([original])[0].same_as(original)
+
+
+def test_tensors_smaller_than_the_threshold_stay_where_they_are(monkeypatch):
+    """Below ``HUGE_PAGES_FROM`` bytes in all, copies are the tensors themselves (a small model's compile
+    pays no copy and no huge-page fault); from it on, copies."""
+    tensors = [tvm.runtime.tensor(np.zeros(256, np.float32)), tvm.runtime.tensor(np.zeros(256, np.int32))]
+    monkeypatch.setattr(huge_pages, "HUGE_PAGES_FROM", 2048 + 1)
+    assert all(c.same_as(t) for c, t in zip(huge_page_copies(tensors), tensors, strict=True))
+    monkeypatch.setattr(huge_pages, "HUGE_PAGES_FROM", 2048)
+    assert not any(c.same_as(t) for c, t in zip(huge_page_copies(tensors), tensors, strict=True))
