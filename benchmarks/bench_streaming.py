@@ -59,7 +59,8 @@ def layer_rows(rng, repeat: int):
             weights = [p.numpy() for p in compiled.params]
             count = max(2, int(COLD_BYTES // compiled.weight_bytes.total))
             small = [[tvm.runtime.tensor(w) for w in weights] for _ in range(count)]
-            huge = [huge_page_copies(copy) for copy in small]
+            moved = iter(huge_page_copies([w for copy in small for w in copy]))  # one arena, as a model's weights
+            huge = [[next(moved) for _ in copy] for copy in small]
             candidates = {
                 "warm": one_pass(compiled, tensor, huge[:1] * count),
                 "huge pages": one_pass(compiled, tensor, huge),
