@@ -399,11 +399,11 @@ class LaneReduction(dlight.ScheduleRule):
         outputs = {buffer.name for buffer in func.params}
         for block in sch.get_child_blocks(root)[:-1]:  # an elementwise block read by one elementwise block
             consumers = sch.get_consumers(block)
-            output = {region.source.name for region in sch.get(block).writes} & outputs  # (stays a block)
+            output = _written(sch, block) & outputs  # (a function's output stays a block of its own)
             if not (_reduces(sch, block) or output) and len(consumers) == 1 and not _reduces(sch, consumers[0]):
                 sch.compute_inline(block)
         *others, last = sch.get_child_blocks(root)
-        if any({region.source.name for region in sch.get(b).writes} & outputs for b in others):
+        if any(_written(sch, b) & outputs for b in others):
             # Several outputs (a row's scale and zero point): an output block cannot move into another's
             # loops, so each stays a loop nest of its own; the per-lane partial results are still vectors.
             for name in factored:
@@ -457,6 +457,11 @@ def _parallel_reduction(sch: s_tir.Schedule, block) -> None:
 def _touches_float8(sch: s_tir.Schedule, block) -> bool:
     stmt = sch.get(block)
     return any(str(region.source.dtype).startswith("float8") for region in [*stmt.reads, *stmt.writes])
+
+
+def _written(sch: s_tir.Schedule, block) -> set[str]:
+    """The names of the buffers ``block`` writes."""
+    return {region.source.name for region in sch.get(block).writes}
 
 
 def _written_shape(sch: s_tir.Schedule, block) -> tuple:
