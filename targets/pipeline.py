@@ -7,14 +7,16 @@ that lose precision in float16 arithmetic are computed in float32 (``WidenFloat1
 becomes ``1 / (1 + exp(-x))`` (``SigmoidByExp``); a batch norm with constant statistics becomes one
 scale and one shift (``AffineBatchNorm``), any other is decomposed (``DecomposeOpsForInference``),
 and ``CanonicalizeBindings`` drops the tuple either leaves, which would stop ``FuseOps`` from fusing
-a conv, its batch norm and its activation; constants are folded and a division by a constant
-becomes a multiplication by its reciprocal (``ReciprocalDivision``, within 3 · 2^-24 relative); a
-reshape is sunk below the elementwise ops after it (``SinkReshape``), so a dense kernel's epilogue
-follows it directly; last, ``tanh`` / ``erf`` / ``exp`` / ``softmax`` take TVM's vectorisable
-polynomial forms (``FastMathTransform``: within 4 ulp of 1.0 for tanh and erf, 2 ulp relative for
-exp, a contract the tests check; LLVM would otherwise call libm once per element). It comes after
-``SinkReshape`` because its forms are PrimFunc calls, which a reshape cannot sink below: before it,
-a decoder's SwiGLU (or a BERT's GELU) stayed a pass of its own after its matmul.
+a conv, its batch norm and its activation; tests, selections and copies of constants are folded in
+numpy (``FoldConstantsInNumpy``: TVM's ``FoldConstant`` compiles each call it folds with LLVM), the
+rest by ``FoldConstant``, and a division by a constant becomes a multiplication by its reciprocal
+(``ReciprocalDivision``, within 3 · 2^-24 relative); a reshape is sunk below the elementwise ops
+after it (``SinkReshape``), so a dense kernel's epilogue follows it directly; last, ``tanh`` /
+``erf`` / ``exp`` / ``softmax`` take TVM's vectorisable polynomial forms (``FastMathTransform``:
+within 4 ulp of 1.0 for tanh and erf, 2 ulp relative for exp, a contract the tests check; LLVM
+would otherwise call libm once per element). It comes after ``SinkReshape`` because its forms are
+PrimFunc calls, which a reshape cannot sink below: before it, a decoder's SwiGLU (or a BERT's GELU)
+stayed a pass of its own after its matmul.
 
 After ``FuseOps``, the ops fused behind a scheduled kernel get its int32 indices
 (``NarrowFusedEpilogues``) so ``FuseTIR`` can merge them; then, with a MetaSchedule database, its
@@ -37,6 +39,7 @@ from lpbq_tvm.kernels.schedule_rules import (
     RegisterTiled,
 )
 from lpbq_tvm.passes.affine_batch_norm import AffineBatchNorm
+from lpbq_tvm.passes.fold_constants_in_numpy import FoldConstantsInNumpy
 from lpbq_tvm.passes.grouped_attention import GroupedAttention
 from lpbq_tvm.passes.narrow_fused_epilogues import NarrowFusedEpilogues
 from lpbq_tvm.passes.one_hot_matmul import OneHotMatMul
@@ -65,6 +68,7 @@ def cpu_pipeline(target: tvm.target.Target, registers: RegisterFile, database=No
                 AffineBatchNorm(),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
+                FoldConstantsInNumpy(),
                 _unless_ill_formed(relax.transform.FoldConstant()),
                 ReciprocalDivision(),
                 SinkReshape(),
