@@ -7,9 +7,11 @@ aarch64 target, for layers of 4-bit codes in blocks of whole dword pairs (``B % 
   nibbles decoded in registers as plain NEON code) or its GEMM (``float(q·k)`` of a tile decoded
   once, register tiles of 16 lanes);
 * W4A8 / W4A16 without output requantization, on a CPU with the dot product (``+dotprod``): below
-  ``Tuning.fold_k_min_rows`` rows of the uint8 kernel the nibble scheme of :mod:`lpbq_tvm.kernels.tiled`
-  with the ``udot`` intrinsic (:mod:`.intrinsics`), from there :mod:`.fold_k` (``sdot`` over a tile
-  decoded once); W4A16 as two byte planes, ``K`` up to ``MAX_K``.
+  ``Tuning.fold_k_min_rows`` rows of the uint8 kernel the lane-pair scheme of
+  :mod:`lpbq_tvm.kernels.tiled` (the nibble scheme for a layer of one partial tile) with its ``udot``
+  intrinsic (:mod:`.intrinsics`), from there :mod:`.fold_k` (``sdot`` over a tile decoded once) or
+  :mod:`.mmla` (``usmmla``, with i8mm); W4A16 as two byte planes, ``K`` up to ``MAX_K``. The integer
+  weights come in the layout of the chosen scheme (:func:`integer_weights`).
 
 None otherwise (int8 per-channel layers, requantized outputs, integer layers on a CPU without
 dotprod), and the generic kernel runs.
@@ -24,16 +26,23 @@ from tvm import tirx
 from tvm.target import codegen
 
 from lpbq_tvm.kernels.aarch64 import fold_k, mmla
-from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, udot_nibble_intrinsic
+from lpbq_tvm.kernels.aarch64.intrinsics import UDOT_LANES, udot_lane_pair_intrinsic, udot_nibble_intrinsic
 from lpbq_tvm.kernels.generic import row_encodings
 from lpbq_tvm.kernels.interface import DenseLayer, KernelChoice, Provenance, built
-from lpbq_tvm.kernels.tiled import nibble
+from lpbq_tvm.kernels.tiled import lane_pairs, nibble
 from lpbq_tvm.kernels.tiled.integer import MAX_K, DotInstructions, build_byte_planes, encoding_inputs
-from lpbq_tvm.kernels.tiled.repack import check_shape, repack_w4a8, repack_weight_only
+from lpbq_tvm.kernels.tiled.repack import (
+    LANES,
+    check_shape,
+    repack_w4a8,
+    repack_w4a8_lane_pairs,
+    repack_weight_only,
+)
+from lpbq_tvm.kernels.tiled.schedule import tile_lanes
 from lpbq_tvm.kernels.tiled.weight_only import weight_only_gemm, weight_only_gemv
 from lpbq_tvm.packing import pack
 
-__all__ = ["TUNING", "Tuning", "dense_kernel", "integer_dense", "is_aarch64", "weight_only_dense"]
+__all__ = ["TUNING", "Tuning", "dense_kernel", "integer_dense", "integer_weights", "is_aarch64", "weight_only_dense"]
 
 KERNEL_NAME = "lpbq_dense_aarch64"
 
@@ -42,8 +51,8 @@ KERNEL_NAME = "lpbq_dense_aarch64"
 class Tuning:
     """The aarch64 kernels' choices that change speed only (re-measure with ``benchmarks/bench_aarch64.py``)."""
 
-    # Rows per register tile of the nibble scheme: x 16 udot accumulators of a 64-channel tile, within
-    # NEON's 32 registers.
+    # Rows per register tile of the lane-pair and nibble schemes: x 16 udot accumulators of a 64-channel
+    # tile, within NEON's 32 registers.
     nibble_rows: int = 1
     # The fold-k scheme (a tile's q·k decoded once) from this many rows of the uint8 kernel, and its
     # rows per register tile (x 4 sdot accumulators of 16 lanes).
@@ -97,8 +106,8 @@ def dense_kernel(layer: DenseLayer, target: tvm.target.Target) -> KernelChoice |
         return KernelChoice(func, {"lpbq_qw": qw, "lpbq_kw": kw, "lpbq_s": packed.scale}, KERNEL_NAME)
     if not codegen.target_has_features("dotprod", target) or integer.output_encoding is not None or depth > MAX_K:
         return None
-    qw, kw, wsum = repack_w4a8(packed.q, packed.k, channels, depth, block)
     x = integer.input_encoding
+    qw, kw, wsum = integer_weights(rows, channels, depth, block, x.bitwidth, packed.q, packed.k, target)
     func = built(
         integer_dense, rows, channels, depth, block, x.bitwidth, layer.has_bias, target=target, rowwise=integer.rowwise
     )
@@ -124,18 +133,28 @@ def integer_dense(
     """Scheduled W4A8 (``bits = 8``) or W4A16 (16) kernel ``main(x, qw, kw, wsum, s, sx, zx, [bias], y)``
     (:mod:`lpbq_tvm.kernels.tiled.integer`; the input's scale and zero point are run-time values; ``rowwise``:
     ``main(x, sx, zx, ...)``, an encoding per row, mode ``w4a8-dynamic``): the
-    ``udot`` nibble scheme below ``Tuning.fold_k_min_rows`` rows of the uint8 kernel, :mod:`.fold_k` from there."""
+    scheme of :func:`_integer_scheme` (its weights from :func:`integer_weights`)."""
     check_shape(N, K, B)
     if B % 16 or K > MAX_K:
         msg = f"the aarch64 integer kernels need B % 16 == 0 and K <= {MAX_K}; got K={K}, B={B}"
         raise ValueError(msg)
-    tune = TUNING[0]
+    udot = DotInstructions("udot", UDOT_LANES, udot_nibble_intrinsic(), udot_lane_pair_intrinsic())
+    scheme = _integer_scheme(M, N, bits, target)
+    return build_byte_planes(M, N, K, B, bits, with_bias, target, TUNING[0], udot, scheme, rowwise)
+
+
+def integer_weights(M: int, N: int, K: int, B: int, bits: int, q_packed, k_packed, target):
+    """``(qw, kw, wsum)`` of the canonical storage in the layout :func:`integer_dense`'s scheme reads."""
+    lane_pair_layout = _integer_scheme(M, N, bits, target) is lane_pairs
+    return (repack_w4a8_lane_pairs if lane_pair_layout else repack_w4a8)(q_packed, k_packed, N, K, B)
+
+
+def _integer_scheme(M: int, N: int, bits: int, target):
+    """Few rows: lane pairs over whole 64-channel tiles, else nibbles; from ``Tuning.fold_k_min_rows``
+    rows (of the uint8 kernel) ``usmmla`` on row pairs with i8mm, else fold-k."""
     rows = bits // 8 * M
-    if rows < tune.fold_k_min_rows:
-        scheme = nibble
-    elif rows % 2 == 0 and codegen.target_has_features("i8mm", target):
-        scheme = mmla
-    else:
-        scheme = fold_k
-    udot = DotInstructions("udot", UDOT_LANES, udot_nibble_intrinsic())
-    return build_byte_planes(M, N, K, B, bits, with_bias, target, tune, udot, scheme, rowwise)
+    if rows < TUNING[0].fold_k_min_rows:
+        return lane_pairs if tile_lanes(N, UDOT_LANES) == LANES else nibble
+    if rows % 2 == 0 and codegen.target_has_features("i8mm", target):
+        return mmla
+    return fold_k

@@ -23,9 +23,15 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from lpbq_tvm.kernels.tiled.decode import byte
-from lpbq_tvm.kernels.tiled.descriptions import nibble_dot
+from lpbq_tvm.kernels.tiled.descriptions import lane_pair_dot, nibble_dot
 
-__all__ = ["UDOT_LANES", "sdot_tile_intrinsic", "udot_nibble_intrinsic", "usmmla_pair_intrinsic"]
+__all__ = [
+    "UDOT_LANES",
+    "sdot_tile_intrinsic",
+    "udot_lane_pair_intrinsic",
+    "udot_nibble_intrinsic",
+    "usmmla_pair_intrinsic",
+]
 
 _UDOT_NIBBLE = "lpbq_udot_4x8_nibbles_neon"
 UDOT_LANES = 4  # int32 lanes of one udot (a 128-bit register)
@@ -68,6 +74,54 @@ def udot_nibble_intrinsic() -> str:
 
     TensorIntrin.register(_UDOT_NIBBLE, nibble_dot(n), impl)
     return _UDOT_NIBBLE
+
+
+_UDOT_LANE_PAIRS = "lpbq_udot_2x4x4_lane_pairs_neon"
+_HIGH_NIBBLES = 0xF0
+
+
+def _udot(acc, weights, codes):
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(UDOT), acc, weights, codes, dtype="int32x4")
+
+
+def _broadcast_codes(A):
+    """The four codes ``A[0:4]`` in every int32 lane, as 16 bytes."""
+    return T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 4), dtype="uint8x16")
+
+
+def udot_lane_pair_intrinsic() -> str:
+    """The lane-pair scheme's two dot products of one 16-byte load: ``udot`` of the raw bytes and of the
+    bytes masked to their high nibbles (one ``and``), with the same broadcast codes; registered on first use."""
+    if TensorIntrin.get(_UDOT_LANE_PAIRS, allow_missing=True) is not None:
+        return _UDOT_LANE_PAIRS
+    n = UDOT_LANES
+    stride = T.int32()
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        Q: T.Buffer((n,), "uint32", offset_factor=1),
+        C: T.Buffer((2, n), "int32", strides=(stride, 1), offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:n], A[0:4], Q[0:n])
+            T.writes(C[0:2, 0:n])
+            C[0, T.ramp(T.int32(0), 1, n)] = _udot(
+                C.vload([0, 0], dtype=f"int32x{n}"),
+                T.reinterpret(Q.vload([0], f"uint32x{n}"), dtype=f"uint8x{4 * n}"),
+                _broadcast_codes(A),
+            )
+            C[1, T.ramp(T.int32(0), 1, n)] = _udot(
+                C.vload([1, 0], dtype=f"int32x{n}"),
+                T.bitwise_and(
+                    T.reinterpret(Q.vload([0], f"uint32x{n}"), dtype=f"uint8x{4 * n}"),
+                    T.broadcast(T.uint8(_HIGH_NIBBLES), 4 * n),
+                ),
+                _broadcast_codes(A),
+            )
+
+    TensorIntrin.register(_UDOT_LANE_PAIRS, lane_pair_dot(n), impl)
+    return _UDOT_LANE_PAIRS
 
 
 _SDOT_TILE = "lpbq_sdot_4x4_offset_codes_local_neon"

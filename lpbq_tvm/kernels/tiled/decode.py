@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from tvm import tirx
 
-__all__ = ["byte", "k_value", "nibbles", "signed_bytes", "signed_nibble", "top_nibble"]
+__all__ = [
+    "byte",
+    "k_value",
+    "lane_pair_bytes",
+    "nibbles",
+    "signed_bytes",
+    "signed_nibble",
+    "top_nibble",
+    "unsigned_byte",
+]
 
 _LOW_NIBBLES = 0x0F0F0F0F
 
@@ -45,3 +54,17 @@ def signed_bytes(offset_nibbles):
     (0x80 + u − 8 >= 0x78), and clearing bit 7 again (xor) leaves u − 8 modulo 256."""
     high = tirx.const(0x80808080, "uint32")
     return ((offset_nibbles | high) - tirx.const(0x08080808, "uint32")) ^ high
+
+
+_HIGH_NIBBLES = 0xF0F0F0F0
+
+
+def lane_pair_bytes(word, s):
+    """A lane-pair dword (:mod:`.repack`) as the two dot-product operands: ``s = 0`` the raw bytes
+    (``u_lo + 16 u_hi``), ``s = 1`` the bytes masked to their high nibbles (``16 u_hi``)."""
+    return tirx.Select(s == 0, word, word & tirx.const(_HIGH_NIBBLES, "uint32"))
+
+
+def unsigned_byte(dword, j):
+    """Unsigned byte ``j`` of a uint32 dword, as int32 (an unsigned dot product's element)."""
+    return ((dword >> (j * 8).astype("uint32")) & tirx.const(255, "uint32")).astype("int32")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from lpbq_tvm.kernels.tiled.decode import byte, nibbles
+from lpbq_tvm.kernels.tiled.decode import byte, lane_pair_bytes, nibbles, unsigned_byte
 
-__all__ = ["nibble_dot"]
+__all__ = ["lane_pair_dot", "nibble_dot"]
 
 
 def nibble_dot(lanes: int):
@@ -37,5 +37,29 @@ def nibble_dot(lanes: int):
                             T.cast(A[vk], "int32") * byte(T.cast(nibbles(Q[vi], 0), "int32"), vk)
                             + T.cast(A[vk + 4], "int32") * byte(T.cast(nibbles(Q[vi], 1), "int32"), vk)
                         )
+
+    return desc
+
+
+def lane_pair_dot(lanes: int):
+    """``C[s, i] += Σ_j A[j] · byte j of lane_pair_bytes(Q[i], s)`` for ``lanes`` dwords of the lane-pair
+    layout: ``s = 0`` sums the raw bytes, ``s = 1`` the high nibbles (times 16); ``C``'s two rows may lie
+    apart (a stride)."""
+    n = lanes
+    stride = T.int32()
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        Q: T.Buffer((n,), "uint32", offset_factor=1),
+        C: T.Buffer((2, n), "int32", strides=(stride, 1), offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:n], A[0:4], Q[0:n])
+            T.writes(C[0:2, 0:n])
+            for s, i, kk in T.grid(2, n, 4):
+                with T.sblock("update"):
+                    vs, vi, vk = T.axis.remap("SSR", [s, i, kk])
+                    C[vs, vi] = C[vs, vi] + T.cast(A[vk], "int32") * unsigned_byte(lane_pair_bytes(Q[vi], vs), vk)
 
     return desc

@@ -63,6 +63,7 @@ class DotInstructions:
     name: str | None  # the family's name for them ("vnni", "avx2", "udot", ...) or None: plain vector code
     lanes: int  # int32 lanes of one instruction: the channels the nibble scheme's intrinsic computes
     nibble_intrinsic: str | None = None  # the nibble scheme's tensor intrinsic (None: vectorized loops)
+    lane_pair_intrinsic: str | None = None  # the lane-pair scheme's (a family without one does not use it)
 
 
 @dataclass(frozen=True)

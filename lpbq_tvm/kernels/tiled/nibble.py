@@ -15,13 +15,20 @@ from lpbq_tvm.kernels.tiled.decode import byte, k_value, nibbles
 from lpbq_tvm.kernels.tiled.integer import Problem
 from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
 
-__all__ = ["accumulate", "schedule"]
+__all__ = ["accumulate", "block_sums", "per_block_loops", "schedule"]
+
+
+def block_sums(p: Problem) -> te.Tensor:
+    """``xqs [rows, nb]``: each row's sum of codes per block (the correction of the offset ``u = q + 8``)."""
+    r = te.reduce_axis((0, p.B), "r")
+    return te.compute(
+        (p.rows, p.K // p.B), lambda m, b: te.sum(p.xq[m, b * p.B + r].astype("int32"), axis=r), name="xqs"
+    )
 
 
 def accumulate(p: Problem) -> te.Tensor:
     B, nb, xq, qw, kw = p.B, p.K // p.B, p.xq, p.qw, p.kw
-    r = te.reduce_axis((0, B), "r")
-    xqs = te.compute((p.rows, nb), lambda m, b: te.sum(xq[m, b * B + r].astype("int32"), axis=r), name="xqs")
+    xqs = block_sums(p)
     gg, jj = te.reduce_axis((0, B // 8), "gg"), te.reduce_axis((0, 4), "jj")
 
     def term(m, t, b, lane, hh):
@@ -51,27 +58,35 @@ def schedule(sch: Schedule, p: Problem) -> None:
     re-reads the tile's weights (32·K bytes) from cache; ``mi`` is a multiple of the byte ``planes``
     of a row, so the epilogue finds both planes in its group.
     """
-    M = p.rows
-    blk_pi, blk_acc = sch.get_sblock("Pi"), sch.get_sblock("Acc")
-    m, t, lane, b = sch.get_loops(blk_acc)
-    mi = row_tile(M, p.tune.nibble_rows, p.planes)
-    if mi < M:
-        mo, m_in = sch.split(m, [None, mi])
-        sch.reorder(t, mo, b, m_in, lane)
-        outer = mo
-    else:
-        sch.reorder(t, b, m, lane)
-        outer = t
-    sch.compute_at(blk_pi, b)
-    depth = 3 if mi < M else 2
-    for blk in (blk_pi, blk_acc):
-        sch.set_scope(blk, 0, "local")
-    epilogue_at(sch, outer)
-    inner = sch.get_loops(blk_pi)[depth:]  # (m,) lane, gg, jj — compute_at drops a unit m loop
+    blk_pi = sch.get_sblock("Pi")
+    inner = per_block_loops(sch, p, blk_pi)  # (m,) lane, gg, jj
     rows, (p_lane, p_g, p_j) = inner[:-3], inner[-3:]
     p_tile, p_c = sch.split(p_lane, [None, p.dot.lanes])
     sch.reorder(p_g, *rows, p_tile, p_c, p_j)
-    sch.vectorize(lane)
-    parallel(sch, t, mo if mi < M else None, p.target)
     tensorize_or_vectorize(sch, blk_pi, p_c, p_j, p_g, p.dot.nibble_intrinsic, [*rows, p_tile])
+
+
+def per_block_loops(sch: Schedule, p: Problem, blk_block):
+    """The loop nest the per-block schemes share: ``Acc``'s loops as (t ∥, (mo,) b, (mi,) lane) with
+    ``mi = row_tile(rows, Tuning.nibble_rows)`` rows per register tile, the block-level sums
+    ``blk_block`` computed at ``b``, both local, the epilogue per row group; ``Acc`` vectorized over
+    lanes, its reduction decomposed. Returns ``blk_block``'s loops under ``b`` (a unit row loop
+    dropped by ``compute_at``)."""
+    M = p.rows
+    blk_acc = sch.get_sblock("Acc")
+    m, t, lane, b = sch.get_loops(blk_acc)
+    mi = row_tile(M, p.tune.nibble_rows, p.planes)
+    mo = None
+    if mi < M:
+        mo, m_in = sch.split(m, [None, mi])
+        sch.reorder(t, mo, b, m_in, lane)
+    else:
+        sch.reorder(t, b, m, lane)
+    sch.compute_at(blk_block, b)
+    for blk in (blk_block, blk_acc):
+        sch.set_scope(blk, 0, "local")
+    epilogue_at(sch, t if mo is None else mo)
+    sch.vectorize(lane)
+    parallel(sch, t, mo, p.target)
     sch.decompose_reduction(blk_acc, b)
+    return sch.get_loops(blk_block)[2 if mo is None else 3 :]

@@ -10,7 +10,11 @@ Output channels are tiled by ``LANES = 64`` and padded with zero codes (k = 1). 
   ``q[n, 8g + j] + 8`` in its low nibble and ``q[n, 8g + 4 + j] + 8`` in its high nibble (offset
   binary, 0..15): masking with 0x0F0F0F0F (or shifting by 4 first) gives the 4-byte ``vpdpbusd``
   operand of channel n directly, 16 channels per 64-byte load; padded channels are 0x88888888 (q = 0);
-* both: ``kw`` uint8 ``[NT, nbh, 64]``: ``kw[t, bh, lane] = k_packed[n, bh]``;
+* W4A8 / W4A16 in *lane pairs* ``qw`` uint32 ``[NT, K/8, 64]``: byte ``j`` of ``qw[t, g, 32h + i]``
+  holds ``q[n, 8g + 4h + j] + 8`` of channel ``n = 64t + i`` in its low nibble and that of channel
+  ``n + 32`` in its high nibble: the raw byte and the byte masked with 0xF0 are the operands of two
+  dot products with the same four activation codes (the lane-pair scheme, :mod:`.lane_pairs`);
+* all: ``kw`` uint8 ``[NT, nbh, 64]``: ``kw[t, bh, lane] = k_packed[n, bh]``;
 * W4A8 / W4A16 ``wsum`` int32 ``[N]``: ``Σ_i q[n, i] · k[n, i // B]``.
 
 The canonical storage (:mod:`lpbq_tvm.packing`): ``q_packed`` uint8 ``[N, K/2]``, ``q[n, 2j]`` in
@@ -24,7 +28,7 @@ import numpy as np
 
 from lpbq_tvm.packing import unpack_nibbles
 
-__all__ = ["LANES", "check_shape", "repack_w4a8", "repack_weight_only"]
+__all__ = ["LANES", "check_shape", "repack_w4a8", "repack_w4a8_lane_pairs", "repack_weight_only"]
 
 LANES = 64  # output channels per tile (innermost in the repacked weights)
 
@@ -80,3 +84,14 @@ def repack_w4a8(q_packed, k_packed, N: int, K: int, B: int) -> tuple[np.ndarray,
     wsum = (q.astype(np.int64) * np.repeat(k, B, axis=1)).sum(axis=1).astype(np.int32)
     qw = np.ascontiguousarray(qw).view("<u4").reshape(qw.shape[:3])  # byte j of each dword = k-position j
     return qw, _repack_k(k_packed, N), wsum
+
+
+def repack_w4a8_lane_pairs(q_packed, k_packed, N: int, K: int, B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Canonical storage -> ``(qw uint32 [NT, K/8, 64], kw, wsum)``: :func:`repack_w4a8` with the lane-pair ``qw``."""
+    _, kw, wsum = repack_w4a8(q_packed, k_packed, N, K, B)
+    q, _ = _codes(q_packed, k_packed, N, K, B)
+    u = _tile_channels((q + 8).astype(np.uint8), N, 8)  # [NT, 64, K], padded channels: q = 0
+    byte = u[:, : LANES // 2] | (u[:, LANES // 2 :] << 4)  # [NT, 32, K]: channel i low, i + 32 high
+    byte = byte.reshape(byte.shape[0], LANES // 2, K // 8, 2, 4).transpose(0, 2, 3, 1, 4)  # [NT, g, h, i, j]
+    qw = np.ascontiguousarray(byte).view("<u4").reshape(byte.shape[0], K // 8, LANES)
+    return qw, kw, wsum

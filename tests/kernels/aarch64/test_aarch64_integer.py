@@ -3,6 +3,8 @@ saturating inputs and extreme accumulators; chosen only where the target has the
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -10,10 +12,9 @@ from kernel_cases import SHAPES, activations, reference_rowwise, reference_w4a8,
 
 from lpbq_tvm.calibration import ActivationEncoding, RowwiseEncoding
 from lpbq_tvm.encoder import encode_lpbq
-from lpbq_tvm.kernels.aarch64 import dense_kernel, integer_dense
+from lpbq_tvm.kernels.aarch64 import dense_kernel, integer_dense, integer_weights
 from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic
 from lpbq_tvm.kernels.tiled.integer import encoding_inputs
-from lpbq_tvm.kernels.tiled.repack import repack_w4a8
 from lpbq_tvm.packing import pack_nibbles
 from lpbq_tvm.targets import get_target
 
@@ -80,7 +81,7 @@ def test_rowwise_scales_are_bit_exact_on_the_board(arm64_session, M, target):
     x = rowwise_activations(M, K, rng)
     bias = rng.standard_normal(N).astype(np.float32) if M == 1 else None
     func = integer_dense(M, N, K, B, 8, bias is not None, target=target, rowwise=True)
-    packed = repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    packed = integer_weights(M, N, K, B, 8, pack_nibbles(q), pack_nibbles(k - 1), target)
     sx, zx = RowwiseEncoding().scales(x).reshape(M), RowwiseEncoding().zero_points(x).reshape(M)
     got = arm64_session.call(func, target, [x, sx, zx, *packed, s, *([bias] if bias is not None else [])], (M, N))
     np.testing.assert_array_equal(got.view(np.int32), reference_rowwise(x, q, k, s, B, bias).view(np.int32))
@@ -89,7 +90,7 @@ def test_rowwise_scales_are_bit_exact_on_the_board(arm64_session, M, target):
 def _check(arm64_session, M, N, K, B, bits, rng, extreme=False, target=DOTPROD):
     q, k, s, x, bias, sx, zx = _case(M, N, K, B, bits, rng, extreme)
     func = integer_dense(M, N, K, B, bits, bias is not None, target=target)
-    weights_ = repack_w4a8(pack_nibbles(q), pack_nibbles(k - 1), N, K, B)
+    weights_ = integer_weights(M, N, K, B, bits, pack_nibbles(q), pack_nibbles(k - 1), target)
     encoding = encoding_inputs(ActivationEncoding(bits, sx, -zx)).values()
     got = arm64_session.call(func, target, [x, *weights_, s, *encoding, *([bias] if bias is not None else [])], (M, N))
     expected = reference_w4a8(x, q, k, s, B, sx, zx, bias, bitwidth=bits)
@@ -109,6 +110,14 @@ def test_the_schemes_run_on_their_instructions(M, target, instruction, absent):
     """The nibble scheme (few rows) on udot, fold-k (from four rows) on sdot, with i8mm usmmla on row pairs."""
     asm = tvm.compile(integer_dense(M, 64, 256, 64, 8, target=target), target).mod.inspect_source("asm")
     assert instruction in asm and absent not in asm
+
+
+@pytest.mark.parametrize(("N", "byte_shifts"), [(64, False), (48, True)], ids=["whole-tile", "partial-tile"])
+def test_whole_tiles_take_lane_pairs_which_shift_no_bytes(N, byte_shifts):
+    """Lane pairs need one ``and`` per load where the nibble scheme (a layer of one partial tile) also
+    shifts each loaded byte right by four."""
+    asm = tvm.compile(integer_dense(1, N, 256, 64, 8, target=DOTPROD), DOTPROD).mod.inspect_source("asm")
+    assert "udot" in asm and bool(re.search(r"ushr\tv\d+\.16b, v\d+\.16b, #4", asm)) == byte_shifts
 
 
 def test_the_family_serves_weight_only_layers_and_integer_ones_on_cpus_with_the_dot_product():

@@ -1,0 +1,69 @@
+"""The lane-pair scheme of the uint8 kernel: two channels per byte, two dot products per load, one mask.
+
+In the lane-pair layout (:func:`~lpbq_tvm.kernels.tiled.repack.repack_w4a8_lane_pairs`) byte j of a
+dword holds ``u = q + 8`` of one k-position for channel i (low nibble) and channel i + 32 (high).
+Per block b, 64-channel tile and dword lane i, with the same four activation codes ``a`` broadcast:
+``R = Σ a · byte`` (raw bytes, ``u_lo + 16 u_hi``) and ``H = Σ a · (byte & 0xF0)`` (``16 u_hi``), then
+``Pi = R − H`` for channel i and ``H / 16`` for channel i + 32, and ``Acc += k_b · (Pi − 8 Σ_b xq)``
+as in the nibble scheme (:mod:`.nibble`). Per 16 bytes loaded: one ``and`` and two dot products for
+32 multiply-accumulates, where the nibble scheme spends a shift more (the family's
+``DotInstructions.lane_pair_intrinsic``). Exact: ``R <= B · 255 · 255`` fits int32. It needs whole
+64-channel tiles (``Problem.lanes == 64``) and blocks of two dwords or more (B >= 16).
+"""
+
+from __future__ import annotations
+
+from tvm import te
+from tvm.s_tir import Schedule
+
+from lpbq_tvm.kernels.tiled.decode import k_value, lane_pair_bytes, unsigned_byte
+from lpbq_tvm.kernels.tiled.integer import Problem
+from lpbq_tvm.kernels.tiled.nibble import block_sums, per_block_loops
+from lpbq_tvm.kernels.tiled.repack import LANES
+
+__all__ = ["accumulate", "schedule"]
+
+PAIRS = LANES // 2  # dword lanes of a tile: channel i and i + 32 in each
+
+
+def accumulate(p: Problem) -> te.Tensor:
+    if p.lanes != LANES:
+        raise ValueError(f"the lane-pair scheme computes whole 64-channel tiles; this layer's tiles have {p.lanes}")
+    B, nb, xq, qw, kw = p.B, p.K // p.B, p.xq, p.qw, p.kw
+    xqs = block_sums(p)
+    g, h, jj = te.reduce_axis((0, B // 8), "g"), te.reduce_axis((0, 2), "h"), te.reduce_axis((0, 4), "jj")
+
+    def term(m, t, b, s, i):
+        word = lane_pair_bytes(qw[t, b * (B // 8) + g, h * PAIRS + i], s)
+        return xq[m, b * B + 8 * g + 4 * h + jj].astype("int32") * unsigned_byte(word, jj)
+
+    rh = te.compute(
+        (p.rows, p.tiles, nb, 2, PAIRS),
+        lambda m, t, b, s, i: te.sum(term(m, t, b, s, i), axis=[g, h, jj]),
+        name="RH",
+    )
+
+    def pi(m, t, b, lane):
+        i = lane % PAIRS
+        return te.if_then_else(lane < PAIRS, rh[m, t, b, 0, i] - rh[m, t, b, 1, i], rh[m, t, b, 1, i] >> 4)
+
+    bb = te.reduce_axis((0, nb), "bb")
+    return te.compute(
+        (p.rows, p.tiles, p.lanes),
+        lambda m, t, lane: te.sum((pi(m, t, bb, lane) - xqs[m, bb] * 8) * k_value(kw, t, bb, "int32")(lane), axis=bb),
+        name="Acc",
+    )
+
+
+def schedule(sch: Schedule, p: Problem) -> None:
+    """loops (t ∥, (mo,) b, [RH: g, h, (mi,) tile4, (s2, c4, j4) = one lane-pair intrinsic], Acc += k·(Pi − 8Σxq)),
+    then the epilogue of the ``mi`` rows: ``mi x 16`` accumulators (R and H of 32 dword lanes)."""
+    blk_rh = sch.get_sblock("RH")
+    inner = per_block_loops(sch, p, blk_rh)  # (m,) s, i, g, h, jj
+    rows, (p_s, p_i, p_g, p_h, p_j) = inner[:-5], inner[-5:]
+    p_tile, p_c = sch.split(p_i, [None, p.dot.lanes])
+    sch.reorder(p_g, p_h, *rows, p_tile, p_s, p_c, p_j)
+    sch.decompose_reduction(blk_rh, p_g)
+    sch.tensorize(p_s, p.dot.lane_pair_intrinsic)
+    for loop in (p_h, *rows, p_tile):
+        sch.unroll(loop)
