@@ -59,11 +59,13 @@ def schedule(sch: Schedule, p: Problem) -> None:
     """loops (t ∥, (mo,) b, [RH: g, h, (mi,) tile4, (s2, c4, j4) = one lane-pair intrinsic], Acc += k·(Pi − 8Σxq)),
     then the epilogue of the ``mi`` rows: ``mi x 16`` accumulators (R and H of 32 dword lanes)."""
     blk_rh = sch.get_sblock("RH")
-    inner = per_block_loops(sch, p, blk_rh)  # (m,) s, i, g, h, jj
+    inner = per_block_loops(sch, p, blk_rh, lane_halves=True)  # (m,) s, i, g, h, jj
     rows, (p_s, p_i, p_g, p_h, p_j) = inner[:-5], inner[-5:]
     p_tile, p_c = sch.split(p_i, [None, p.dot.lanes])
     sch.reorder(p_g, p_h, *rows, p_tile, p_s, p_c, p_j)
     sch.decompose_reduction(blk_rh, p_g)
     sch.tensorize(p_s, p.dot.lane_pair_intrinsic)
+    if (p.B // 8) % 2 == 0:
+        sch.unroll(sch.split(p_g, [None, 2])[1])
     for loop in (p_h, *rows, p_tile):
         sch.unroll(loop)

@@ -66,12 +66,13 @@ def schedule(sch: Schedule, p: Problem) -> None:
     tensorize_or_vectorize(sch, blk_pi, p_c, p_j, p_g, p.dot.nibble_intrinsic, [*rows, p_tile])
 
 
-def per_block_loops(sch: Schedule, p: Problem, blk_block):
+def per_block_loops(sch: Schedule, p: Problem, blk_block, lane_halves: bool = False):
     """The loop nest the per-block schemes share: ``Acc``'s loops as (t ∥, (mo,) b, (mi,) lane) with
     ``mi = row_tile(rows, Tuning.nibble_rows)`` rows per register tile, the block-level sums
     ``blk_block`` computed at ``b``, both local, the epilogue per row group; ``Acc`` vectorized over
-    lanes, its reduction decomposed. Returns ``blk_block``'s loops under ``b`` (a unit row loop
-    dropped by ``compute_at``)."""
+    lanes (``lane_halves``: as two unrolled halves, for a scheme whose lanes < 32 and >= 32 differ),
+    its reduction decomposed. Returns ``blk_block``'s loops under ``b`` (a unit row loop dropped by
+    ``compute_at``)."""
     M = p.rows
     blk_acc = sch.get_sblock("Acc")
     m, t, lane, b = sch.get_loops(blk_acc)
@@ -86,6 +87,9 @@ def per_block_loops(sch: Schedule, p: Problem, blk_block):
     for blk in (blk_block, blk_acc):
         sch.set_scope(blk, 0, "local")
     epilogue_at(sch, t if mo is None else mo)
+    if lane_halves:
+        half, lane = sch.split(lane, [2, None])
+        sch.unroll(half)
     sch.vectorize(lane)
     parallel(sch, t, mo, p.target)
     sch.decompose_reduction(blk_acc, b)
