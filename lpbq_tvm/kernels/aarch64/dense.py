@@ -139,22 +139,23 @@ def integer_dense(
         msg = f"the aarch64 integer kernels need B % 16 == 0 and K <= {MAX_K}; got K={K}, B={B}"
         raise ValueError(msg)
     udot = DotInstructions("udot", UDOT_LANES, udot_nibble_intrinsic(), udot_lane_pair_intrinsic())
-    scheme = _integer_scheme(M, N, bits, target)
+    scheme = _integer_scheme(M, N, B, bits, target)
     return build_byte_planes(M, N, K, B, bits, with_bias, target, TUNING[0], udot, scheme, rowwise)
 
 
 def integer_weights(M: int, N: int, K: int, B: int, bits: int, q_packed, k_packed, target):
     """``(qw, kw, wsum)`` of the canonical storage in the layout :func:`integer_dense`'s scheme reads."""
-    lane_pair_layout = _integer_scheme(M, N, bits, target) is lane_pairs
+    lane_pair_layout = _integer_scheme(M, N, B, bits, target) is lane_pairs
     return (repack_w4a8_lane_pairs if lane_pair_layout else repack_w4a8)(q_packed, k_packed, N, K, B)
 
 
-def _integer_scheme(M: int, N: int, bits: int, target):
-    """Few rows: lane pairs over whole 64-channel tiles, else nibbles; from ``Tuning.fold_k_min_rows``
-    rows (of the uint8 kernel) ``usmmla`` on row pairs with i8mm, else fold-k."""
+def _integer_scheme(M: int, N: int, B: int, bits: int, target):
+    """Few rows: lane pairs over whole 64-channel tiles (blocks up to ``lane_pairs.MAX_B``), else
+    nibbles; from ``Tuning.fold_k_min_rows`` rows (of the uint8 kernel) ``usmmla`` on row pairs with
+    i8mm, else fold-k."""
     rows = bits // 8 * M
     if rows < TUNING[0].fold_k_min_rows:
-        return lane_pairs if tile_lanes(N, UDOT_LANES) == LANES else nibble
+        return lane_pairs if tile_lanes(N, UDOT_LANES) == LANES and B <= lane_pairs.MAX_B else nibble
     if rows % 2 == 0 and codegen.target_has_features("i8mm", target):
         return mmla
     return fold_k
