@@ -87,10 +87,11 @@ def per_block_loops(sch: Schedule, p: Problem, blk_block, lane_halves: bool = Fa
     for blk in (blk_block, blk_acc):
         sch.set_scope(blk, 0, "local")
     epilogue_at(sch, t if mo is None else mo)
+    inner = sch.get_loops(blk_block)[2 if mo is None else 3 :]  # (before parallel fuses t and mo)
     if lane_halves:
         half, lane = sch.split(lane, [2, None])
         sch.unroll(half)
     sch.vectorize(lane)
     parallel(sch, t, mo, p.target)
     sch.decompose_reduction(blk_acc, b)
-    return sch.get_loops(blk_block)[2 if mo is None else 3 :]
+    return inner
