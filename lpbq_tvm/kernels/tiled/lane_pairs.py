@@ -65,7 +65,9 @@ def accumulate(p: Problem) -> te.Tensor:
 
 def _start_sums(sch: Schedule) -> None:
     """The ``RH`` block's sums start at ``RH_start`` instead of 0. (A ``te.sum`` can name its start,
-    ``init=``, but TVM 0.27's ``te.create_prim_func`` keeps only the tensor and starts at 0.)"""
+    ``init=``, but TVM 0.27's ``te.create_prim_func`` keeps only the tensor and starts at 0.) The
+    block's reads stay as they are: tensorize matches the update's reads, which the start's region
+    would join; ``RH_start`` is computed at the root, before any tile."""
     block_rv = sch.get_sblock("RH")
     block = sch.get(block_rv)
     start = next(buffer for buffer in sch.mod["main"].body.block.alloc_buffers if buffer.name == "RH_start")
