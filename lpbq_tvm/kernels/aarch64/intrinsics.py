@@ -38,6 +38,23 @@ UDOT_LANES = 4  # int32 lanes of one udot (a 128-bit register)
 UDOT = "llvm.aarch64.neon.udot.v4i32.v16i8"
 
 
+def _udot(acc, weights, codes):
+    """``acc + udot(weights, codes)``: int32 lanes of four unsigned byte products each."""
+    lanes = f"int32x{UDOT_LANES}"
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(UDOT), acc, weights, codes, dtype=lanes)
+
+
+def _weight_bytes(Q):
+    """The ``UDOT_LANES`` dwords ``Q[0:4]`` as 16 bytes."""
+    return T.reinterpret(Q.vload([0], f"uint32x{UDOT_LANES}"), dtype=f"uint8x{4 * UDOT_LANES}")
+
+
+def _broadcast_codes(A, first: int):
+    """The four codes ``A[first : first + 4]`` in every int32 lane, as 16 bytes."""
+    word = T.reinterpret(A.vload([first], "uint8x4"), dtype="int32")
+    return T.reinterpret(T.broadcast(word, UDOT_LANES), dtype=f"uint8x{4 * UDOT_LANES}")
+
+
 def udot_nibble_intrinsic() -> str:
     """The nibble scheme's dot product with two ``udot``; registered on first use."""
     if TensorIntrin.get(_UDOT_NIBBLE, allow_missing=True) is not None:
@@ -53,23 +70,11 @@ def udot_nibble_intrinsic() -> str:
         with T.sblock("root"):
             T.reads(C[0:n], A[0:8], Q[0:n])
             T.writes(C[0:n])
-            q = T.reinterpret(Q.vload([0], f"uint32x{n}"), dtype=f"uint8x{4 * n}")
+            q = _weight_bytes(Q)
             lo = T.bitwise_and(q, T.broadcast(T.uint8(15), 4 * n))
             hi = T.shift_right(q, T.broadcast(T.uint8(4), 4 * n))
-            a_lo = T.reinterpret(
-                T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
-            )
-            a_hi = T.reinterpret(
-                T.broadcast(T.reinterpret(A.vload([4], "uint8x4"), dtype="int32"), n), dtype=f"uint8x{4 * n}"
-            )
-            C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(UDOT),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(UDOT), C.vload([0], dtype=f"int32x{n}"), lo, a_lo, dtype=f"int32x{n}"
-                ),
-                hi,
-                a_hi,
-                dtype=f"int32x{n}",
+            C[T.ramp(T.int32(0), 1, n)] = _udot(
+                _udot(C.vload([0], dtype=f"int32x{n}"), lo, _broadcast_codes(A, 0)), hi, _broadcast_codes(A, 4)
             )
 
     TensorIntrin.register(_UDOT_NIBBLE, nibble_dot(n), impl)
@@ -78,15 +83,6 @@ def udot_nibble_intrinsic() -> str:
 
 _UDOT_LANE_PAIRS = "lpbq_udot_2x4x4_lane_pairs_neon"
 _HIGH_NIBBLES = 0xF0
-
-
-def _udot(acc, weights, codes):
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(UDOT), acc, weights, codes, dtype="int32x4")
-
-
-def _broadcast_codes(A):
-    """The four codes ``A[0:4]`` in every int32 lane, as 16 bytes."""
-    return T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 4), dtype="uint8x16")
 
 
 def udot_lane_pair_intrinsic() -> str:
@@ -107,17 +103,12 @@ def udot_lane_pair_intrinsic() -> str:
             T.reads(C[0:2, 0:n], A[0:4], Q[0:n])
             T.writes(C[0:2, 0:n])
             C[0, T.ramp(T.int32(0), 1, n)] = _udot(
-                C.vload([0, 0], dtype=f"int32x{n}"),
-                T.reinterpret(Q.vload([0], f"uint32x{n}"), dtype=f"uint8x{4 * n}"),
-                _broadcast_codes(A),
+                C.vload([0, 0], dtype=f"int32x{n}"), _weight_bytes(Q), _broadcast_codes(A, 0)
             )
             C[1, T.ramp(T.int32(0), 1, n)] = _udot(
                 C.vload([1, 0], dtype=f"int32x{n}"),
-                T.bitwise_and(
-                    T.reinterpret(Q.vload([0], f"uint32x{n}"), dtype=f"uint8x{4 * n}"),
-                    T.broadcast(T.uint8(_HIGH_NIBBLES), 4 * n),
-                ),
-                _broadcast_codes(A),
+                T.bitwise_and(_weight_bytes(Q), T.broadcast(T.uint8(_HIGH_NIBBLES), 4 * n)),
+                _broadcast_codes(A, 0),
             )
 
     TensorIntrin.register(_UDOT_LANE_PAIRS, lane_pair_dot(n), impl)

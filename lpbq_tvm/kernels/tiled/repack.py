@@ -81,17 +81,21 @@ def repack_w4a8(q_packed, k_packed, N: int, K: int, B: int) -> tuple[np.ndarray,
     u = (q + 8).astype(np.uint8).reshape(N, K // 8, 2, 4)  # [n, g, half, j]
     byte = u[:, :, 0, :] | (u[:, :, 1, :] << 4)  # [n, g, j]
     qw = _tile_channels(byte, N, 0x88).transpose(0, 2, 1, 3)  # [NT, g, lane, j]
-    wsum = (q.astype(np.int64) * np.repeat(k, B, axis=1)).sum(axis=1).astype(np.int32)
     qw = np.ascontiguousarray(qw).view("<u4").reshape(qw.shape[:3])  # byte j of each dword = k-position j
-    return qw, _repack_k(k_packed, N), wsum
+    return qw, _repack_k(k_packed, N), _wsum(q, k, B)
 
 
 def repack_w4a8_lane_pairs(q_packed, k_packed, N: int, K: int, B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Canonical storage -> ``(qw uint32 [NT, K/8, 64], kw, wsum)``: :func:`repack_w4a8` with the lane-pair ``qw``."""
-    _, kw, wsum = repack_w4a8(q_packed, k_packed, N, K, B)
-    q, _ = _codes(q_packed, k_packed, N, K, B)
+    check_shape(N, K, B)
+    q, k = _codes(q_packed, k_packed, N, K, B)
     u = _tile_channels((q + 8).astype(np.uint8), N, 8)  # [NT, 64, K], padded channels: q = 0
     byte = u[:, : LANES // 2] | (u[:, LANES // 2 :] << 4)  # [NT, 32, K]: channel i low, i + 32 high
     byte = byte.reshape(byte.shape[0], LANES // 2, K // 8, 2, 4).transpose(0, 2, 3, 1, 4)  # [NT, g, h, i, j]
     qw = np.ascontiguousarray(byte).view("<u4").reshape(byte.shape[0], K // 8, LANES)
-    return qw, kw, wsum
+    return qw, _repack_k(k_packed, N), _wsum(q, k, B)
+
+
+def _wsum(q: np.ndarray, k: np.ndarray, B: int) -> np.ndarray:
+    """``Σ_i q[n, i] · k[n, i // B]`` as int32 ``[N]``."""
+    return (q.astype(np.int64) * np.repeat(k, B, axis=1)).sum(axis=1).astype(np.int32)
