@@ -38,8 +38,6 @@ def schedule(sch: Schedule, p: Problem) -> None:
     group, tile, c = sch.split(lane, [None, width // p.dot.lanes, p.dot.lanes])
     sch.reorder(t, group, mo, g, h, mi, tile, c, j)
     sch.compute_at(blk_wd, t)
-    sch.set_scope(blk_wd, 0, "local")
-    sch.set_scope(blk_acc, 0, "local")
     epilogue_at(sch, t)
     wd_lane = sch.get_loops(blk_wd)[-1]
     sch.vectorize(wd_lane)

@@ -65,7 +65,7 @@ def udot_nibble_intrinsic() -> str:
     def impl(
         A: T.Buffer((8,), "uint8", offset_factor=1),
         Q: T.Buffer((n,), "uint32", offset_factor=1),
-        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((n,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:n], A[0:8], Q[0:n])
@@ -97,7 +97,7 @@ def udot_lane_pair_intrinsic() -> str:
     def impl(
         A: T.Buffer((4,), "uint8", offset_factor=1),
         Q: T.Buffer((n,), "uint32", offset_factor=1),
-        C: T.Buffer((2, n), "int32", strides=(stride, 1), offset_factor=1, scope="local"),
+        C: T.Buffer((2, n), "int32", strides=(stride, 1), offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:2, 0:n], A[0:4], Q[0:n])
@@ -130,8 +130,8 @@ def sdot_tile_intrinsic() -> str:
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
-        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+        B: T.Buffer((n,), "int32", offset_factor=1),
+        C: T.Buffer((n,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:n], A[0:4], B[0:n])
@@ -145,8 +145,8 @@ def sdot_tile_intrinsic() -> str:
     @T.prim_func(s_tir=True)
     def impl(
         A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
-        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+        B: T.Buffer((n,), "int32", offset_factor=1),
+        C: T.Buffer((n,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:n], A[0:4], B[0:n])
@@ -178,8 +178,8 @@ def usmmla_pair_intrinsic() -> str:
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((2, 8), "uint8", offset_factor=1),
-        B: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
-        C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+        B: T.Buffer((2, 2), "int32", offset_factor=1),
+        C: T.Buffer((2, 2), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:2])
@@ -192,8 +192,8 @@ def usmmla_pair_intrinsic() -> str:
     @T.prim_func(s_tir=True)
     def impl(
         A: T.Buffer((2, 8), "uint8", offset_factor=1),
-        B: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
-        C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+        B: T.Buffer((2, 2), "int32", offset_factor=1),
+        C: T.Buffer((2, 2), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:2])

@@ -60,11 +60,8 @@ def schedule(sch: Schedule, p: Problem) -> None:
     g, g2 = sch.split(g, [None, 2])  # K / 8 is even: B >= 16 divides K
     sch.reorder(t, group, ro, g, g2, ri, ci, i, j, kk)
     sch.compute_at(blk_wd, t)
-    sch.set_scope(blk_wd, 0, "local")
-    sch.set_scope(blk_acc, 0, "local")
     blk_copy = sch.get_sblock("Acc")
     sch.reverse_compute_at(blk_copy, t)
-    sch.set_scope(blk_copy, 0, "local")
     epilogue_at(sch, t)
     sch.unroll(sch.get_loops(blk_wd)[-1])  # the lane's two words; LLVM vectorizes along the lanes
     parallel(sch, t, None, p.target)

@@ -24,7 +24,7 @@ def nibble_dot(lanes: int):
     def desc(
         A: T.Buffer((8,), "uint8", offset_factor=1),
         Q: T.Buffer((n,), "uint32", offset_factor=1),
-        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((n,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:n], A[0:8], Q[0:n])
@@ -52,7 +52,7 @@ def lane_pair_dot(lanes: int):
     def desc(
         A: T.Buffer((4,), "uint8", offset_factor=1),
         Q: T.Buffer((n,), "uint32", offset_factor=1),
-        C: T.Buffer((2, n), "int32", strides=(stride, 1), offset_factor=1, scope="local"),
+        C: T.Buffer((2, n), "int32", strides=(stride, 1), offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:2, 0:n], A[0:4], Q[0:n])

@@ -84,8 +84,6 @@ def per_block_loops(sch: Schedule, p: Problem, blk_block, lane_halves: bool = Fa
     else:
         sch.reorder(t, b, m, lane)
     sch.compute_at(blk_block, b)
-    for blk in (blk_block, blk_acc):
-        sch.set_scope(blk, 0, "local")
     epilogue_at(sch, t if mo is None else mo)
     inner = sch.get_loops(blk_block)[2 if mo is None else 3 :]  # (before parallel fuses t and mo)
     if lane_halves:

@@ -80,8 +80,6 @@ def weight_only_gemv(M, N, K, B, with_bias, *, chunk: int, lut_intrinsic: str | 
         sch.reorder(t, b, m, lane)
         sch.compute_at(blk_p, b)
         depth = 2
-    sch.set_scope(blk_p, 0, "local")
-    sch.set_scope(blk_acc, 0, "local")
     sch.reverse_compute_at(blk_y, t)
     inner = sch.get_loops(blk_p)[depth:]  # (m,) lane, gg, hh — compute_at drops a unit m loop
     rows, (p_lane, p_g, p_h) = inner[:-3], inner[-3:]
@@ -150,8 +148,6 @@ def weight_only_gemm(
         sch.reorder(t, b, chunk, mo, r, mi, lane)
         sch.compute_at(blk_w, b)
         sch.reverse_compute_at(blk_y, t)
-    sch.set_scope(blk_w, 0, "local")
-    sch.set_scope(blk_acc, 0, "local")
     decode_by_register(sch, blk_w, 8, register_lanes)  # 8 nibbles of floats per dword
     if k_unroll > 1:  # k-steps unrolled around the register tile (LLVM then loads x as vectors)
         r_outer, r_inner = sch.split(r, [None, k_unroll])

@@ -84,9 +84,7 @@ def schedule(sch: Schedule, p: Problem) -> None:
     for name in ("kb", "Wq") if decoded else ("kb",):
         blk = sch.get_sblock(name)
         sch.compute_at(blk, t)
-        sch.set_scope(blk, 0, "local")
         sch.vectorize(sch.get_loops(blk)[-1])
-    sch.set_scope(blk_acc, 0, "local")
     epilogue_at(sch, mo)
     parallel(sch, t, mo, p.target)
     sch.decompose_reduction(blk_acc, go)

@@ -30,8 +30,6 @@ def schedule(sch: Schedule, p: Problem) -> None:
     tile, c = sch.split(lane, [None, 16])
     sch.reorder(t, mo, g, h, mi, tile, c, j)
     sch.compute_at(blk_wd, t)
-    sch.set_scope(blk_wd, 0, "local")
-    sch.set_scope(blk_acc, 0, "local")
     epilogue_at(sch, t)
     wd_g, wd_h, wd_lane = sch.get_loops(blk_wd)[-3:]
     sch.vectorize(wd_lane)

@@ -58,8 +58,8 @@ def vnni_intrinsic() -> str:
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+        B: T.Buffer((16,), "int32", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16])
@@ -73,8 +73,8 @@ def vnni_intrinsic() -> str:
     @T.prim_func(s_tir=True)
     def vnni(
         A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+        B: T.Buffer((16,), "int32", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
     ) -> None:
         # LLVM >= 17 declares vpdpbusd.512 as (<16 x i32>, <64 x i8>, <64 x i8>): pass bytes.
         with T.sblock("root"):
@@ -127,7 +127,7 @@ def vnni_nibble_intrinsic(ahead: int = 0) -> str:
     def impl(
         A: T.Buffer((8,), "uint8", offset_factor=1),
         Q: T.Buffer((n,), "uint32", offset_factor=1),
-        C: T.Buffer((n,), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((n,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:n], A[0:8], Q[0:n])
@@ -160,7 +160,7 @@ def lut_intrinsic(ahead: int = 0) -> str:
     def desc(
         X: T.Buffer((8,), "float32", offset_factor=1),
         Q: T.Buffer((16,), "uint32", offset_factor=1),
-        C: T.Buffer((16,), "float32", offset_factor=1, scope="local"),
+        C: T.Buffer((16,), "float32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], X[0:8], Q[0:16])
@@ -184,7 +184,7 @@ def lut_intrinsic(ahead: int = 0) -> str:
     def impl(
         X: T.Buffer((8,), "float32", offset_factor=1),
         Q: T.Buffer((16,), "uint32", offset_factor=1),
-        C: T.Buffer((16,), "float32", offset_factor=1, scope="local"),
+        C: T.Buffer((16,), "float32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], X[0:8], Q[0:16])
@@ -239,14 +239,14 @@ def block_dot_intrinsic(instructions: str, groups: int, decoded: bool = False, p
 
 
 def _block_dot_q(n: int, groups: int, decoded: bool):
-    """The shape, dtype and scope of the block-dot intrinsic's q operand, and its read region."""
+    """The shape and dtype of the block-dot intrinsic's q operand, and its read region."""
     if decoded:
-        return (groups, 2, n), "int32", "local", lambda Q: Q[0:groups, 0:2, 0:n]
-    return (groups, n), "uint32", "global", lambda Q: Q[0:groups, 0:n]
+        return (groups, 2, n), "int32", lambda Q: Q[0:groups, 0:2, 0:n]
+    return (groups, n), "uint32", lambda Q: Q[0:groups, 0:n]
 
 
 def _block_dot_description(n: int, groups: int, decoded: bool):
-    q_shape, q_dtype, q_scope, q_region = _block_dot_q(n, groups, decoded)
+    q_shape, q_dtype, q_region = _block_dot_q(n, groups, decoded)
 
     def code(Q, i, g, hh, j):  # signed q at k-position 8g + 4hh + j of channel i
         if decoded:
@@ -261,9 +261,9 @@ def _block_dot_description(n: int, groups: int, decoded: bool):
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, q: T.handle, kb: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (8 * groups,), "uint8", offset_factor=1)
-        Q = T.match_buffer(q, q_shape, q_dtype, offset_factor=1, scope=q_scope)
-        Kb = T.match_buffer(kb, (n,), "uint8", offset_factor=1, scope="local")
-        C = T.match_buffer(c, (n,), "int32", offset_factor=1, scope="local")
+        Q = T.match_buffer(q, q_shape, q_dtype, offset_factor=1)
+        Kb = T.match_buffer(kb, (n,), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (n,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:n], A[0 : 8 * groups], q_region(Q), Kb[0:n])
             T.writes(C[0:n])
@@ -283,7 +283,7 @@ def _block_dot_description(n: int, groups: int, decoded: bool):
 
 def _block_dot_implementation(instructions: str, groups: int, decoded: bool, prefetch_rows: int):
     maddubs, maddwd, n = BLOCK_DOT_INSTRUCTIONS[instructions]
-    q_shape, q_dtype, q_scope, q_region = _block_dot_q(n, groups, decoded)
+    q_shape, q_dtype, q_region = _block_dot_q(n, groups, decoded)
     q_strides = [T.int32(), T.int32(), 1] if decoded else [T.int32(), 1]
 
     def signed(Q, g, hh):  # the signed bytes of one load, int8 x 4n
@@ -316,9 +316,9 @@ def _block_dot_implementation(instructions: str, groups: int, decoded: bool, pre
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, q: T.handle, kb: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (8 * groups,), "uint8", offset_factor=1)
-        Q = T.match_buffer(q, q_shape, q_dtype, offset_factor=1, strides=q_strides, scope=q_scope)
-        Kb = T.match_buffer(kb, (n,), "uint8", offset_factor=1, scope="local")
-        C = T.match_buffer(c, (n,), "int32", offset_factor=1, scope="local")
+        Q = T.match_buffer(q, q_shape, q_dtype, offset_factor=1, strides=q_strides)
+        Kb = T.match_buffer(kb, (n,), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (n,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:n], A[0 : 8 * groups], q_region(Q), Kb[0:n])
             T.writes(C[0:n])
@@ -345,8 +345,8 @@ def madd_intrinsic(instructions: str) -> str:
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, w: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (2,), "int16", offset_factor=1)
-        W = T.match_buffer(w, (n,), "int32", offset_factor=1, scope="local")
-        C = T.match_buffer(c, (n,), "int32", offset_factor=1, scope="local")
+        W = T.match_buffer(w, (n,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (n,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:n], A[0:2], W[0:n])
             T.writes(C[0:n])
@@ -358,8 +358,8 @@ def madd_intrinsic(instructions: str) -> str:
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, w: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (2,), "int16", offset_factor=1)
-        W = T.match_buffer(w, (n,), "int32", offset_factor=1, scope="local")
-        C = T.match_buffer(c, (n,), "int32", offset_factor=1, scope="local")
+        W = T.match_buffer(w, (n,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (n,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:n], A[0:2], W[0:n])
             T.writes(C[0:n])

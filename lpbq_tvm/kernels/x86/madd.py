@@ -126,8 +126,6 @@ def _schedule(sch: Schedule, K: int, width: int, n: int, instructions: str | Non
     sch.compute_at(blk_w, t if whole else span_loop)
     sch.compute_at(blk_offset, t)
     sch.reverse_compute_at(blk_y, m if whole else t)
-    for blk in (blk_w, blk_q, blk_offset, blk_acc):
-        sch.set_scope(blk, 0, "local")
     decode_by_register(sch, blk_w, 4, register_dwords(target))  # 4 int16 pairs per dword
     for loop in (sch.get_loops(blk_offset)[-1], lane, sch.get_loops(blk_y)[-1]):
         sch.vectorize(loop)
