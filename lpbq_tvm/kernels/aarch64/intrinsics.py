@@ -55,6 +55,11 @@ def _broadcast_codes(A, first: int):
     return T.reinterpret(T.broadcast(word, UDOT_LANES), dtype=f"uint8x{4 * UDOT_LANES}")
 
 
+def _signed_codes(A):
+    """The four codes ``A[0:4]`` less 128 each (their top bit flipped), as the signed bytes of one int32."""
+    return T.bitwise_xor(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), T.int32(-2139062144))
+
+
 def udot_nibble_intrinsic() -> str:
     """The nibble scheme's dot product with two ``udot``; registered on first use."""
     if TensorIntrin.get(_UDOT_NIBBLE, allow_missing=True) is not None:
@@ -70,11 +75,14 @@ def udot_nibble_intrinsic() -> str:
         with T.sblock("root"):
             T.reads(C[0:n], A[0:8], Q[0:n])
             T.writes(C[0:n])
-            q = _weight_bytes(Q)
-            lo = T.bitwise_and(q, T.broadcast(T.uint8(15), 4 * n))
-            hi = T.shift_right(q, T.broadcast(T.uint8(4), 4 * n))
             C[T.ramp(T.int32(0), 1, n)] = _udot(
-                _udot(C.vload([0], dtype=f"int32x{n}"), lo, _broadcast_codes(A, 0)), hi, _broadcast_codes(A, 4)
+                _udot(
+                    C.vload([0], dtype=f"int32x{n}"),
+                    T.bitwise_and(_weight_bytes(Q), T.broadcast(T.uint8(15), 4 * n)),  # the low nibbles
+                    _broadcast_codes(A, 0),
+                ),
+                T.shift_right(_weight_bytes(Q), T.broadcast(T.uint8(4), 4 * n)),  # the high ones
+                _broadcast_codes(A, 4),
             )
 
     TensorIntrin.register(_UDOT_NIBBLE, nibble_dot(n), impl)
@@ -151,12 +159,11 @@ def sdot_tile_intrinsic() -> str:
         with T.sblock("root"):
             T.reads(C[0:n], A[0:4], B[0:n])
             T.writes(C[0:n])
-            codes = T.bitwise_xor(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), T.int32(-2139062144))
             C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(SDOT),
                 C.vload([0], dtype=f"int32x{n}"),
                 T.reinterpret(B.vload([0], f"int32x{n}"), dtype=f"int8x{4 * n}"),
-                T.reinterpret(T.broadcast(codes, n), dtype=f"int8x{4 * n}"),
+                T.reinterpret(T.broadcast(_signed_codes(A), n), dtype=f"int8x{4 * n}"),
                 dtype=f"int32x{n}",
             )
 

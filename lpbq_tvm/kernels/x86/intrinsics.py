@@ -48,6 +48,12 @@ def prefetch(address):
     return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)
 
 
+def _broadcast_codes(A, first: int, n: int):
+    """The four codes ``A[first : first + 4]`` in each of ``n`` dwords, as ``4n`` unsigned bytes."""
+    dword = T.reinterpret(A.vload([first], "uint8x4"), dtype="int32")
+    return T.reinterpret(T.broadcast(dword, n), dtype=f"uint8x{4 * n}")
+
+
 def vnni_intrinsic() -> str:
     """``C[16] (int32) += A[4] (uint8, broadcast) · B[16]`` as one ``vpdpbusd``; registered on first use."""
     if TensorIntrin.get(_VNNI, allow_missing=True) is not None:
@@ -80,14 +86,11 @@ def vnni_intrinsic() -> str:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16])
             T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
-            b_i8x64 = T.reinterpret(B.vload([0], "int32x16"), dtype="int8x64")
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                 C.vload([0], dtype="int32x16"),
-                a_u8x64,
-                b_i8x64,
+                _broadcast_codes(A, 0, 16),
+                T.reinterpret(B.vload([0], "int32x16"), dtype="int8x64"),
                 dtype="int32x16",
             )
 
@@ -114,10 +117,6 @@ def vnni_nibble_intrinsic(ahead: int = 0) -> str:
         word = T.shift_right(word, T.broadcast(T.uint32(4), n)) if high else word
         return T.reinterpret(T.bitwise_and(word, T.broadcast(T.uint32(_MASK), n)), dtype=f"int8x{4 * n}")
 
-    def codes(A, first: int):  # A[first : first + 4] in every dword, uint8 x 4n
-        dword = T.reinterpret(A.vload([first], "uint8x4"), dtype="int32")
-        return T.reinterpret(T.broadcast(dword, n), dtype=f"uint8x{4 * n}")
-
     def vpdpbusd(acc, a, b):
         return T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), acc, a, b, dtype=f"int32x{n}"
@@ -135,8 +134,8 @@ def vnni_nibble_intrinsic(ahead: int = 0) -> str:
             if ahead > 0:
                 T.evaluate(prefetch(Q.access_ptr("r", offset=ahead)))
             C[T.ramp(T.int32(0), 1, n)] = vpdpbusd(
-                vpdpbusd(C.vload([0], dtype=f"int32x{n}"), codes(A, 0), nibbles(Q, False)),
-                codes(A, 4),
+                vpdpbusd(C.vload([0], dtype=f"int32x{n}"), _broadcast_codes(A, 0, n), nibbles(Q, False)),
+                _broadcast_codes(A, 4, n),
                 nibbles(Q, True),
             )
 
@@ -299,12 +298,11 @@ def _block_dot_implementation(instructions: str, groups: int, decoded: bool, pre
         total = None
         for g in range(groups):
             for hh in range(2):
-                a = T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([8 * g + 4 * hh], "uint8x4"), dtype="int32"), n),
-                    dtype=f"uint8x{4 * n}",
-                )
                 term = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(maddubs), a, signed(Q, g, hh), dtype=f"int16x{2 * n}"
+                    T.llvm_lookup_intrinsic_id(maddubs),
+                    _broadcast_codes(A, 8 * g + 4 * hh, n),
+                    signed(Q, g, hh),
+                    dtype=f"int16x{2 * n}",
                 )
                 total = term if total is None else total + term
         return total
@@ -363,12 +361,13 @@ def madd_intrinsic(instructions: str) -> str:
         with T.sblock("root"):
             T.reads(C[0:n], A[0:2], W[0:n])
             T.writes(C[0:n])
-            codes = T.reinterpret(
-                T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), n), dtype=f"int16x{2 * n}"
-            )
-            weights = T.reinterpret(W.vload([0], f"int32x{n}"), dtype=f"int16x{2 * n}")
             C[T.ramp(T.int32(0), 1, n)] = C.vload([0], dtype=f"int32x{n}") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(maddwd), codes, weights, dtype=f"int32x{n}"
+                T.llvm_lookup_intrinsic_id(maddwd),
+                T.reinterpret(  # the two codes in every dword
+                    T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), n), dtype=f"int16x{2 * n}"
+                ),
+                T.reinterpret(W.vload([0], f"int32x{n}"), dtype=f"int16x{2 * n}"),
+                dtype=f"int32x{n}",
             )
 
     TensorIntrin.register(name, desc, impl)
