@@ -15,9 +15,9 @@ from __future__ import annotations
 from tvm import te
 from tvm.s_tir import Schedule
 
-from lpbq_tvm.kernels.aarch64.intrinsics import sdot_tile_intrinsic
+from lpbq_tvm.kernels.aarch64.intrinsics import sdot_halves_intrinsic
 from lpbq_tvm.kernels.tiled.integer import Problem, folded_dot
-from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
+from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile
 
 __all__ = ["CODE_OFFSET", "accumulate", "schedule"]
 
@@ -30,17 +30,20 @@ def accumulate(p: Problem) -> te.Tensor:
 
 
 def schedule(sch: Schedule, p: Problem) -> None:
-    """loops (t ∥, [decode the tile], lane16, mo, g, h, mi, c4, (c4, j4) = sdot): mi x 4 accumulators."""
+    """loops (t ∥, [decode the tile], lane16, mo, g, mi, c4, (h2, c4, j4) = two sdot): mi x 4 accumulators."""
     blk_wd, blk_acc = sch.get_sblock("Wd"), sch.get_sblock("Acc")
     m, t, lane, g, h, j = sch.get_loops(blk_acc)
     mo, mi = sch.split(m, [None, row_tile(p.rows, p.tune.fold_rows, p.planes)])
     width = next(w for w in (TILE_LANES, 2 * p.dot.lanes, p.dot.lanes) if p.lanes % w == 0)  # tensorize: no tails
     group, tile, c = sch.split(lane, [None, width // p.dot.lanes, p.dot.lanes])
-    sch.reorder(t, group, mo, g, h, mi, tile, c, j)
+    sch.reorder(t, group, mo, g, mi, tile, h, c, j)
     sch.compute_at(blk_wd, t)
     epilogue_at(sch, t)
     wd_lane = sch.get_loops(blk_wd)[-1]
     sch.vectorize(wd_lane)
     sch.unroll(sch.get_loops(blk_wd)[-2])
     parallel(sch, t, None, p.target)
-    tensorize_or_vectorize(sch, blk_acc, c, j, g, sdot_tile_intrinsic(), [h, mi, tile])
+    sch.decompose_reduction(blk_acc, g)
+    sch.tensorize(h, sdot_halves_intrinsic())
+    for loop in (mi, tile):
+        sch.unroll(loop)

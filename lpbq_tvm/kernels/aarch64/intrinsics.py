@@ -6,8 +6,9 @@
   of byte j. One 16-byte load is decoded in registers (``and``, ``ushr`` on bytes) into the two
   operands of two ``udot`` (Armv8.2 dot product, unsigned: codes 0..255 times u 0..15), each with the
   four activation codes of its half broadcast;
-* :func:`sdot_tile_intrinsic` — ``C[4] (int32) += Σ_j (A[j] − 128) · B[i] byte j`` over a decoded local
-  tile of signed ``q·k`` bytes: one ``sdot``, the codes made signed by one ``eor`` (the fold-k scheme).
+* :func:`sdot_halves_intrinsic` — ``C[4] (int32) += Σ_h Σ_j (A[4h + j] − 128) · B[h, i] byte j`` over a
+  decoded tile of signed ``q·k`` bytes: the two halves of a k-step as two ``sdot`` by element, the eight
+  codes loaded once and made signed by one ``eor`` (the fold-k scheme).
 * :func:`usmmla_pair_intrinsic` — ``C[2, 2] (int32) += Σ_k A[i, k] · B[j] byte k`` of the codes of a row
   pair (2 x 8, unsigned) and two lanes of eight signed ``q·k`` bytes each: one ``usmmla`` (i8mm, the
   matrix-multiply scheme).
@@ -27,7 +28,7 @@ from lpbq_tvm.kernels.tiled.descriptions import lane_pair_dot, nibble_dot
 
 __all__ = [
     "UDOT_LANES",
-    "sdot_tile_intrinsic",
+    "sdot_halves_intrinsic",
     "udot_lane_pair_intrinsic",
     "udot_nibble_intrinsic",
     "usmmla_pair_intrinsic",
@@ -55,9 +56,11 @@ def _broadcast_codes(A, first: int):
     return T.reinterpret(T.broadcast(word, UDOT_LANES), dtype=f"uint8x{4 * UDOT_LANES}")
 
 
-def _signed_codes(A):
-    """The four codes ``A[0:4]`` less 128 each (their top bit flipped), as the signed bytes of one int32."""
-    return T.bitwise_xor(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), T.int32(-2139062144))
+def _signed_codes(A, half: int):
+    """The four codes ``A[4 half : 4 half + 4]`` less 128 each (top bits flipped) in every int32 lane: lane
+    ``half`` of the eight codes loaded once, which LLVM folds into an ``sdot`` by element."""
+    codes = T.bitwise_xor(T.reinterpret(A.vload([0], "uint8x8"), dtype="int32x2"), T.broadcast(T.int32(-2139062144), 2))
+    return T.Shuffle([codes, codes], [half] * UDOT_LANES)  # (a shuffle has at most its inputs' lanes)
 
 
 def udot_nibble_intrinsic() -> str:
@@ -123,52 +126,64 @@ def udot_lane_pair_intrinsic() -> str:
     return _UDOT_LANE_PAIRS
 
 
-_SDOT_TILE = "lpbq_sdot_4x4_offset_codes_local_neon"
+_SDOT_HALVES = "lpbq_sdot_2x4x4_offset_codes_by_lane_neon"
 SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 
 
-def sdot_tile_intrinsic() -> str:
-    """``C[i] += Σ_j (A[j] − 128) · signed byte j of B[i]``: one ``sdot`` of four activation codes made
-    signed (xor 0x80 per byte, shared by every lane) and four lanes of a decoded local int8 tile;
-    registered on first use."""
-    if TensorIntrin.get(_SDOT_TILE, allow_missing=True) is not None:
-        return _SDOT_TILE
+def sdot_halves_intrinsic() -> str:
+    """``C[i] += Σ_h Σ_j (A[4h + j] − 128) · signed byte j of B[h, i]``: the two halves of a k-step of the
+    fold-k scheme (four lanes of a decoded int8 tile each) as two ``sdot`` by element: the eight codes
+    are loaded once and made signed by one ``eor``, and each ``sdot`` takes its half's four from a lane
+    of that register (``sdot v.4s, v.16b, v.4b[h]``) — no code broadcast to a register per call.
+    Registered on first use."""
+    if TensorIntrin.get(_SDOT_HALVES, allow_missing=True) is not None:
+        return _SDOT_HALVES
     n = UDOT_LANES
+    stride = T.int32()
 
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((n,), "int32", offset_factor=1),
+        A: T.Buffer((8,), "uint8", offset_factor=1),
+        B: T.Buffer((2, n), "int32", strides=(stride, 1), offset_factor=1),
         C: T.Buffer((n,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:n], A[0:4], B[0:n])
+            T.reads(C[0:n], A[0:8], B[0:2, 0:n])
             T.writes(C[0:n])
-            for i in T.serial(0, n):
-                for kk in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, kk])
-                        C[vi] = C[vi] + (T.cast(A[vk], "int32") - 128) * byte(B[vi], vk)
+            for h, i, kk in T.grid(2, n, 4):
+                with T.sblock("update"):
+                    vi, vh, vk = T.axis.remap("SRR", [i, h, kk])
+                    C[vi] = C[vi] + (T.cast(A[4 * vh + vk], "int32") - 128) * byte(B[vh, vi], vk)
 
     @T.prim_func(s_tir=True)
     def impl(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((n,), "int32", offset_factor=1),
+        A: T.Buffer((8,), "uint8", offset_factor=1),
+        B: T.Buffer((2, n), "int32", strides=(stride, 1), offset_factor=1),
         C: T.Buffer((n,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:n], A[0:4], B[0:n])
+            T.reads(C[0:n], A[0:8], B[0:2, 0:n])
             T.writes(C[0:n])
-            C[T.ramp(T.int32(0), 1, n)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(SDOT),
-                C.vload([0], dtype=f"int32x{n}"),
-                T.reinterpret(B.vload([0], f"int32x{n}"), dtype=f"int8x{4 * n}"),
-                T.reinterpret(T.broadcast(_signed_codes(A), n), dtype=f"int8x{4 * n}"),
-                dtype=f"int32x{n}",
+            C[T.ramp(T.int32(0), 1, n)] = _sdot(
+                _sdot(C.vload([0], dtype=f"int32x{n}"), B.vload([0, 0], f"int32x{n}"), _signed_codes(A, 0)),
+                B.vload([1, 0], f"int32x{n}"),
+                _signed_codes(A, 1),
             )
 
-    TensorIntrin.register(_SDOT_TILE, desc, impl)
-    return _SDOT_TILE
+    TensorIntrin.register(_SDOT_HALVES, desc, impl)
+    return _SDOT_HALVES
+
+
+def _sdot(acc, weights, codes):
+    """``acc + sdot(weights, codes)`` over int32 lanes of four signed bytes each."""
+    lanes, byte_lanes = f"int32x{UDOT_LANES}", f"int8x{4 * UDOT_LANES}"
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id(SDOT),
+        acc,
+        T.reinterpret(weights, dtype=byte_lanes),
+        T.reinterpret(codes, dtype=byte_lanes),
+        dtype=lanes,
+    )
 
 
 _USMMLA_PAIR = "lpbq_usmmla_2x2x8_code_pairs_local_neon"
