@@ -120,6 +120,14 @@ def test_whole_tiles_take_lane_pairs_which_shift_no_bytes(N, byte_shifts):
     assert "udot" in asm and bool(re.search(r"ushr\tv\d+\.16b, v\d+\.16b, #4", asm)) == byte_shifts
 
 
+def test_fold_k_takes_each_half_of_its_codes_from_a_lane():
+    """Fold-k loads a row's eight codes of a k-step once: each ``sdot`` reads its four by element
+    (``v.4b[0]``, ``v.4b[1]``), none from a whole register of codes broadcast for it."""
+    asm = tvm.compile(integer_dense(8, 64, 256, 64, 8, target=DOTPROD), DOTPROD).mod.inspect_source("asm")
+    by_lane = set(re.findall(r"sdot\tv\d+\.4s, v\d+\.16b, v\d+\.4b\[(\d)\]", asm))
+    assert by_lane == {"0", "1"} and not re.search(r"sdot\tv\d+\.4s, v\d+\.16b, v\d+\.16b", asm)
+
+
 def test_the_family_serves_weight_only_layers_and_integer_ones_on_cpus_with_the_dot_product():
     rng = np.random.default_rng(0)
     encoding = encode_lpbq(rng.standard_normal((64, 256)).astype(np.float32), channel_axis=0, block_axis=1)
