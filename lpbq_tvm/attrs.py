@@ -9,7 +9,8 @@ a Relax constant (the entry then holds the constant).
 attribute                    written by                       value per weight key
 ===========================  ===============================  ===============================================
 ``lpbq.onnx_nodes``          :mod:`lpbq_tvm.frontend`         ``node``, ``op_type``, ``has_bias`` of its ONNX node
-``lpbq.weights``             ``AnnotateLPBQ``                 node, op type, channel / block axis, the LPBQ config
+``lpbq.weights``             ``AnnotateLPBQ``                 node, op type, channel / block axis, the LPBQ config;
+                             ``set_activation_bitwidth``      ``activation_bitwidth``: the layer's own input width
 ``lpbq.skipped``             ``AnnotateLPBQ``                 node, op type and the reason it stays fp32
 ``lpbq.input_importance``    ``attach_input_importance``      float32 ``[input channels]`` (encoder ``mse-act``)
 ``lpbq.encodings``           ``EncodeLPBQ``                   ``s``, ``k``, ``q`` arrays and ``sqnr_db``
@@ -27,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ACTIVATION_BITWIDTH",
     "ACTIVATION_RANGES_ATTR",
     "ENCODINGS_ATTR",
     "IMPORTANCE_ATTR",
@@ -49,6 +51,8 @@ ACTIVATION_RANGES_ATTR = "lpbq.activation_ranges"
 LOWERED_ATTR = "lpbq.lowered"
 PARAMS_ATTR = "params"
 NUM_INPUT_ATTR = "num_input"
+# The key of a ``lpbq.weights`` entry holding the layer's own activation width (8 or 16), if any.
+ACTIVATION_BITWIDTH = "activation_bitwidth"
 
 
 def function_attr(func, name: str) -> dict[str, Any]:

@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lpbq_tvm.attrs import ACTIVATION_RANGES_ATTR, ENCODINGS_ATTR, SKIPPED_ATTR, WEIGHTS_ATTR, function_attr
+from lpbq_tvm.attrs import (
+    ACTIVATION_BITWIDTH,
+    ACTIVATION_RANGES_ATTR,
+    ENCODINGS_ATTR,
+    SKIPPED_ATTR,
+    WEIGHTS_ATTR,
+    function_attr,
+)
 from lpbq_tvm.calibration import ActivationEncoding, ChannelEnergyObserver, RangeObserver, activation_encoding
 from lpbq_tvm.encoder import LPBQConfig, LPBQEncoding
 from lpbq_tvm.frontend import ImportedModel, import_onnx, random_inputs
@@ -234,9 +241,42 @@ class QuantizationSimModel:
             key = by_node[node]
             channels = self._imported.layers[key].input_channels
             weights[key] = {**weights[key], **LPBQConfig.int8_per_channel(channels).as_dict()}
-        self._annotated = self._annotated.clone()
-        self._annotated.update_func(self._annotated.get_global_var("main"), main.with_attr(WEIGHTS_ATTR, weights))
+        self._annotated = _with_weights(self._annotated, weights)
         self._encoded, self._session, self._activation_ranges = None, None, {}
+
+    def set_activation_bitwidth(self, nodes: Iterable[str], bitwidth: int) -> None:
+        """Have these LPBQ layers (ONNX node names) quantize their input to ``bitwidth`` bits (8 or 16)
+        in the static integer modes ``w4a8`` and ``w4a16``, whatever the mode's own width: mixed 8- and
+        16-bit activations, as Qualcomm's LLM recipes run a decoder's MLP down projections, whose inputs
+        carry values hundreds of times the rest (docs/llm.md). Their kernels follow (W4A16 kernels in
+        ``w4a8``). Encodings and calibration stay valid. Modes that encode per tensor or per row
+        (``htp-sim``, ``w4a8-dynamic``) and the exports refuse a sim with such layers."""
+        activation_encoding(0.0, 1.0, bitwidth)  # validates the width
+        main = self._annotated["main"]
+        weights = function_attr(main, WEIGHTS_ATTR)
+        by_node = {str(entry["node"]): key for key, entry in weights.items()}
+        nodes = list(nodes)
+        unknown = sorted(set(nodes) - by_node.keys())
+        if unknown:
+            listed, known = ", ".join(map(repr, unknown)), ", ".join(sorted(by_node))
+            raise ValueError(f"set_activation_bitwidth: {listed} are not LPBQ layers; those are: {known}")
+        for node in nodes:
+            key = by_node[node]
+            weights[key] = {**weights[key], ACTIVATION_BITWIDTH: bitwidth}
+        self._annotated = _with_weights(self._annotated, weights)
+        if self._encoded is not None:
+            self._encoded = _with_weights(self._encoded, weights)
+
+    @property
+    def lpbq_nodes(self) -> list[str]:
+        """The ONNX node names of the layers annotated for LPBQ, in the graph's order."""
+        return [str(entry["node"]) for entry in function_attr(self._annotated["main"], WEIGHTS_ATTR).values()]
+
+    @property
+    def activation_bitwidths(self) -> dict[str, int]:
+        """The layers given their own activation width by :meth:`set_activation_bitwidth`, by ONNX node."""
+        weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
+        return {str(e["node"]): int(e[ACTIVATION_BITWIDTH]) for e in weights.values() if ACTIVATION_BITWIDTH in e}
 
     def _check_fits_some_layer(self, annotated, config: LPBQConfig, op_types, excluded_nodes) -> None:
         """A configuration that no selected layer can take is a mistake, not a silent no-op."""
@@ -378,6 +418,13 @@ class QuantizationSimModel:
 
     def layer_activation_encodings(self, bitwidth: int) -> dict[str, dict[str, ActivationEncoding]]:
         """Per LPBQ layer (weight name): its ``input``, ``output`` and (Gemm with bias) ``pre_bias`` encodings."""
+        if self.activation_bitwidths:
+            layers = ", ".join(f"{node} ({bits} bits)" for node, bits in sorted(self.activation_bitwidths.items()))
+            msg = (
+                f"layers with their own activation width ({layers}; set_activation_bitwidth) compile in modes "
+                f"w4a8 / w4a16 only: exports and htp-sim encode tensors at {bitwidth} bits"
+            )
+            raise ValueError(msg)
         ranges = function_attr(self.encoded_module["main"], ACTIVATION_RANGES_ATTR)
         return {
             str(key): {str(where): activation_encoding(*bounds, bitwidth) for where, bounds in entry.items()}
@@ -555,6 +602,13 @@ class QuantizationSimModel:
             overwrite=overwrite,
         )
         return onnx_path, json_path
+
+
+def _with_weights(mod, weights: dict[str, Any]):
+    """A copy of ``mod`` whose main function's ``lpbq.weights`` is ``weights``."""
+    mod = mod.clone()
+    mod.update_func(mod.get_global_var("main"), mod["main"].with_attr(WEIGHTS_ATTR, weights))
+    return mod
 
 
 def _with_attrs_of(mod, source):

@@ -46,6 +46,7 @@ from tvm import relax, te
 from tvm.relax.dpl import rewrite_call
 
 from lpbq_tvm.attrs import (
+    ACTIVATION_BITWIDTH,
     ACTIVATION_RANGES_ATTR,
     ENCODINGS_ATTR,
     LOWERED_ATTR,
@@ -221,12 +222,21 @@ class _Lowering:
         return outputs if channels_last else relax.op.permute_dims(outputs, [0, rank + 1, *range(1, rank + 1)])
 
     def integer_arithmetic(self, key: str, node: str) -> IntegerArithmetic | None:
-        """The integer settings of layer ``key`` in this mode (None in weight-only mode)."""
+        """The integer settings of layer ``key`` in this mode (None in weight-only mode): activations of
+        the mode's width, or of the layer's own (``activation_bitwidth``, static modes without requantization)."""
         bitwidth = activation_bits(self.mode)
         if bitwidth is None:
             return None
+        own = self.annotations[key].get(ACTIVATION_BITWIDTH)
+        if own is not None and (is_dynamic(self.mode) or self.requantize_outputs):
+            msg = (
+                f"{node}: its own activation width ({int(own)} bits, set_activation_bitwidth) is for modes "
+                f"w4a8 / w4a16; mode {self.mode} encodes {'rows' if is_dynamic(self.mode) else 'tensors'}"
+            )
+            raise ValueError(msg)
         if is_dynamic(self.mode):
             return IntegerArithmetic(RowwiseEncoding())
+        bitwidth = bitwidth if own is None else int(own)
         ranges = self.ranges.get(key)
         if ranges is None or "input" not in ranges or (self.requantize_outputs and "output" not in ranges):
             msg = (

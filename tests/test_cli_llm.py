@@ -14,7 +14,7 @@ from benchmarks.models.llama_onnx import LlamaConfig, build_decoder, random_weig
 from lpbq_tvm import set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.cli import main
 from lpbq_tvm.examples import build_example_model
-from lpbq_tvm.llm import compile_decoder, decoder_sim
+from lpbq_tvm.llm import DecoderInterface, compile_decoder, decoder_sim
 from tests.benchmarks.models.llama_reference import Decoder as OnnxDecoder
 from tests.benchmarks.models.llama_reference import float32_bound
 
@@ -67,6 +67,33 @@ def test_w4a8_dynamic_generates_without_calibration_text(files, capsys):
     assert result["tokens"] == decoder.generate(prompt, 6)
 
 
+def test_a16_gives_the_matching_layers_16_bit_activations_in_w4a8(files, capsys):
+    """--a16 down_proj: the MLP down projections quantize their inputs to 16 bits, the rest to 8 — the API's
+    set_activation_bitwidth on those nodes, calibrated on the same windows, generates the same tokens."""
+    common = ["--tokenizer", str(files / "tokenizer.json"), "--context", "48", "--prefill", "16", "--mode", "w4a8"]
+    args = [
+        "generate",
+        str(files / "tiny.onnx"),
+        *common,
+        "--calib-text",
+        str(files / "text.txt"),
+        "--a16",
+        "down_proj",
+    ]
+    result = _json(capsys, [*args, "--prompt", "the owl", "--max-new-tokens", "6"])
+    tokenizer = Tokenizer.from_file(str(files / "tokenizer.json"))
+    sim = decoder_sim(files / "tiny.onnx", 16)
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("MatMul",), block_size=64)
+    down = [node for node in sim.lpbq_nodes if "down_proj" in node]
+    assert len(down) == CONFIG.layers
+    sim.set_activation_bitwidth(down, 16)
+    ids, interface = tokenizer.encode((files / "text.txt").read_text()).ids, DecoderInterface.of(sim)
+    windows = [interface.token_inputs(ids[i : i + 16]) for i in range(0, 4 * 16, 16)]
+    sim.compute_encodings(lambda s, data: [s.run(window) for window in data], windows)
+    decoder = compile_decoder(sim, "w4a8", context=48, prefill=16)
+    assert result["tokens"] == decoder.generate(tokenizer.encode("the owl").ids, 6)
+
+
 def test_perplexity_is_onnxruntime_s_within_the_float32_bound(files, capsys):
     args = ["perplexity", str(files / "tiny.onnx"), "--tokenizer", str(files / "tokenizer.json"), "--mode", "fp32"]
     result = _json(capsys, [*args, "--text", str(files / "text.txt"), "--window", "20", "--max-tokens", "70"])
@@ -99,6 +126,16 @@ def test_bad_input_is_one_line_and_exit_code_2(files, capsys, tmp_path):
     assert "--mode w4a8 quantizes activations: give text to calibrate on with --calib-text" in capsys.readouterr().err
     assert main([*base, "--tokenizer", str(files / "tokenizer.json"), "--encoder", "mse-act"]) == 2
     assert "--encoder mse-act: give text to calibrate on with --calib-text" in capsys.readouterr().err
+    calibrated = [
+        "--tokenizer",
+        str(files / "tokenizer.json"),
+        "--mode",
+        "w4a8",
+        "--calib-text",
+        str(files / "text.txt"),
+    ]
+    assert main([*base, *calibrated, "--a16", "up_prj"]) == 2
+    assert "--a16 'up_prj' matches no LPBQ layer's ONNX node name" in capsys.readouterr().err
     import onnx
 
     onnx.save(build_example_model(), tmp_path / "example.onnx")

@@ -21,6 +21,7 @@ import lpbq_tvm
 from lpbq_tvm import QuantizationSimModel, set_grouped_blockwise_quantization_for_weights
 from lpbq_tvm.encoder import encode_lpbq
 from lpbq_tvm.examples import build_example_model
+from lpbq_tvm.export import export
 from lpbq_tvm.exports.aimet_json import param_entry
 from lpbq_tvm.packing import packed_nbytes
 
@@ -270,3 +271,68 @@ def test_tensors_no_calibration_data_reached_are_named_in_a_readable_warning(cap
     (message,) = [r.getMessage() for r in caplog.records if "calibration data" in r.getMessage()]
     assert message.startswith("no calibration data reached 8 tensors, left unquantized: past.0, past.1,")
     assert message.endswith("past.5, ...") and "past.6" not in message
+
+
+def _two_matmuls():
+    """x [4, 64] -> MatMul "first" -> Relu -> MatMul "second" [64, 32] -> y, with Gaussian weights."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(11)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (64, 64)), ("w2", (64, 32)))]  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="first"),
+        helper.make_node("Relu", ["h0"], ["h"], name="relu"),
+        helper.make_node("MatMul", ["h", "w2"], ["y"], name="second"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "two_matmuls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _calibrated_two_matmuls(sixteen_bit=()):
+    sim = QuantizationSimModel(_two_matmuls())
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("MatMul",), block_size=32)
+    sim.set_activation_bitwidth(sixteen_bit, 16)
+    batches = [{"x": np.random.default_rng(seed).standard_normal((4, 64)).astype(np.float32)} for seed in range(3)]
+    sim.compute_encodings(lambda s, data: [s.run(batch) for batch in data], batches)
+    return sim
+
+
+def test_a_layer_with_its_own_activation_width_runs_it_bit_exactly():
+    """In w4a8, the second MatMul set to 16 bits quantizes its input to uint16 and the first to uint8:
+    the compiled model equals the numpy reference of that mix bit for bit, and differs from all-8-bit."""
+    from lpbq_tvm import reference
+    from lpbq_tvm.packing import pack, unpack
+
+    mixed = _calibrated_two_matmuls(sixteen_bit=["second"])
+    assert mixed.activation_bitwidths == {"second": 16}
+    x = {"x": np.random.default_rng(99).standard_normal((4, 64)).astype(np.float32) * 1.5}
+    (actual,) = lpbq_tvm.compile(mixed, mode="w4a8").run(x).values()
+
+    def layer(name, inputs, bits):
+        q, k, s = unpack(pack(mixed.encodings[name]))
+        encoding = mixed.tensor_activation_encodings(bits)[{"w1": "x", "w2": "h"}[name]]
+        return reference.dense_int(inputs, reference.int_weight(q, k, 32), s, encoding)
+
+    expected = layer("w2", np.maximum(layer("w1", x["x"], 8), 0), 16)
+    np.testing.assert_array_equal(actual.view(np.int32), expected.view(np.int32))
+    (all_8_bit,) = lpbq_tvm.compile(_calibrated_two_matmuls(), mode="w4a8").run(x).values()
+    assert not np.array_equal(all_8_bit, actual)
+
+
+def test_own_activation_widths_are_refused_where_tensors_or_rows_are_encoded(tmp_path):
+    mixed = _calibrated_two_matmuls(sixteen_bit=["second"])
+    with pytest.raises(ValueError, match=r"second: its own activation width \(16 bits.*mode w4a8-dynamic encodes rows"):
+        lpbq_tvm.compile(mixed, mode="w4a8-dynamic")
+    with pytest.raises(ValueError, match=r"own activation width \(second \(16 bits\).*exports and htp-sim"):
+        export(mixed, tmp_path / "m.onnx", "qnn-onnx")
+    with pytest.raises(ValueError, match=r"'third' are not LPBQ layers; those are: first, second"):
+        mixed.set_activation_bitwidth(["third"], 16)
+    with pytest.raises(ValueError, match="12"):
+        mixed.set_activation_bitwidth(["first"], 12)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def _decoder(args: argparse.Namespace, console: Console, tokenizer) -> Decoder:
         set_grouped_blockwise_quantization_for_weights(
             sim, op_types=args.op_types, block_size=args.block_size, excluded_nodes=args.exclude, encoder=args.encoder
         )
+        if args.a16:
+            sixteen_bit = [name for name in sim.lpbq_nodes if re.search(args.a16, name)]
+            if not sixteen_bit:
+                raise ValueError(f"--a16 {args.a16!r} matches no LPBQ layer's ONNX node name")
+            sim.set_activation_bitwidth(sixteen_bit, 16)
         with console.status("encoding" + (f" and calibrating on {len(batches)} windows" if batches else "")):
             sim.compute_encodings((lambda s, data: [s.run(b) for b in data]) if batches else None, batches)
     with console.status(f"compiling the prefill ({args.prefill}) and decode (context {args.context}) graphs"):

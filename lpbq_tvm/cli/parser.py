@@ -262,6 +262,11 @@ def _decoder_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--op-types", nargs="+", default=["MatMul"], metavar="OP", help="(default: MatMul)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in fp32")
+    parser.add_argument(
+        "--a16",
+        metavar="REGEX",
+        help="in w4a8, 16-bit activations for the layers whose ONNX node name matches (e.g. down_proj)",
+    )
 
 
 def _generate(subparsers) -> None:
