@@ -229,16 +229,8 @@ class QuantizationSimModel:
         per output channel (``k`` = 1, one block per channel). They run on the same kernels and
         export as AIMET per-channel entries and int8 ``DequantizeLinear``; the rest stay LPBQ.
         Encodings (and calibration) must be computed again afterwards."""
-        main = self._annotated["main"]
-        weights = function_attr(main, WEIGHTS_ATTR)
-        by_node = {str(entry["node"]): key for key, entry in weights.items()}
-        nodes = list(nodes)
-        unknown = sorted(set(nodes) - by_node.keys())
-        if unknown:
-            listed, known = ", ".join(map(repr, unknown)), ", ".join(sorted(by_node))
-            raise ValueError(f"set_int8_per_channel: {listed} are not LPBQ layers; those are: {known}")
-        for node in nodes:
-            key = by_node[node]
+        weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
+        for key in self._weight_keys(nodes, "set_int8_per_channel"):
             channels = self._imported.layers[key].input_channels
             weights[key] = {**weights[key], **LPBQConfig.int8_per_channel(channels).as_dict()}
         self._annotated = _with_weights(self._annotated, weights)
@@ -252,20 +244,23 @@ class QuantizationSimModel:
         ``w4a8``). Encodings and calibration stay valid. Modes that encode per tensor or per row
         (``htp-sim``, ``w4a8-dynamic``) and the exports refuse a sim with such layers."""
         activation_encoding(0.0, 1.0, bitwidth)  # validates the width
-        main = self._annotated["main"]
-        weights = function_attr(main, WEIGHTS_ATTR)
+        weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
+        for key in self._weight_keys(nodes, "set_activation_bitwidth"):
+            weights[key] = {**weights[key], ACTIVATION_BITWIDTH: bitwidth}
+        self._annotated = _with_weights(self._annotated, weights)
+        if self._encoded is not None:
+            self._encoded = _with_weights(self._encoded, weights)
+
+    def _weight_keys(self, nodes: Iterable[str], caller: str) -> list[str]:
+        """The weight keys of these LPBQ layers (ONNX node names); an error listing them for any other name."""
+        weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
         by_node = {str(entry["node"]): key for key, entry in weights.items()}
         nodes = list(nodes)
         unknown = sorted(set(nodes) - by_node.keys())
         if unknown:
             listed, known = ", ".join(map(repr, unknown)), ", ".join(sorted(by_node))
-            raise ValueError(f"set_activation_bitwidth: {listed} are not LPBQ layers; those are: {known}")
-        for node in nodes:
-            key = by_node[node]
-            weights[key] = {**weights[key], ACTIVATION_BITWIDTH: bitwidth}
-        self._annotated = _with_weights(self._annotated, weights)
-        if self._encoded is not None:
-            self._encoded = _with_weights(self._encoded, weights)
+            raise ValueError(f"{caller}: {listed} are not LPBQ layers; those are: {known}")
+        return [by_node[node] for node in nodes]
 
     @property
     def lpbq_nodes(self) -> list[str]:
