@@ -241,11 +241,25 @@ class QuantizationSimModel:
         in the static integer modes ``w4a8`` and ``w4a16``, whatever the mode's own width: mixed 8- and
         16-bit activations, as Qualcomm's LLM recipes run a decoder's MLP down projections, whose inputs
         carry values hundreds of times the rest (docs/llm.md). Their kernels follow (W4A16 kernels in
-        ``w4a8``). Encodings and calibration stay valid. Modes that encode per tensor or per row
-        (``htp-sim``, ``w4a8-dynamic``) and the exports refuse a sim with such layers."""
+        ``w4a8``). Encodings and calibration stay valid. The width belongs to the input tensor: layers that
+        read one tensor (a decoder's q, k and v projections) take it together, and the AIMET encodings
+        (:meth:`aimet_encodings`) write that tensor at it. ``htp-sim``, ``w4a8-dynamic`` and the QNN
+        export, which encode each layer's output or each row, refuse a sim with such layers."""
         activation_encoding(0.0, 1.0, bitwidth)  # validates the width
         weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
-        for key in self._weight_keys(nodes, "set_activation_bitwidth"):
+        keys = self._weight_keys(nodes, "set_activation_bitwidth")
+        inputs = self._layer_inputs()
+        for key in keys:
+            sharing = [k for k, tensor in inputs.items() if tensor == inputs[key] and k not in keys]
+            mismatched = [k for k in sharing if int(weights[k].get(ACTIVATION_BITWIDTH, 0)) != bitwidth]
+            if mismatched:
+                others = ", ".join(sorted(str(weights[k]["node"]) for k in mismatched))
+                msg = (
+                    f"set_activation_bitwidth: {weights[key]['node']} reads {inputs[key]!r} with {others}; "
+                    "layers that read one tensor share its width: give them together"
+                )
+                raise ValueError(msg)
+        for key in keys:
             weights[key] = {**weights[key], ACTIVATION_BITWIDTH: bitwidth}
         self._annotated = _with_weights(self._annotated, weights)
         if self._encoded is not None:
@@ -261,6 +275,12 @@ class QuantizationSimModel:
             listed, known = ", ".join(map(repr, unknown)), ", ".join(sorted(by_node))
             raise ValueError(f"{caller}: {listed} are not LPBQ layers; those are: {known}")
         return [by_node[node] for node in nodes]
+
+    def _layer_inputs(self) -> dict[str, str]:
+        """The input tensor (ONNX name) of every LPBQ layer, by weight key."""
+        weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
+        nodes = {node.name: node for node in self.graph.graph.node}
+        return {key: nodes[str(entry["node"])].input[0] for key, entry in weights.items()}
 
     @property
     def lpbq_nodes(self) -> list[str]:
@@ -417,7 +437,8 @@ class QuantizationSimModel:
             layers = ", ".join(f"{node} ({bits} bits)" for node, bits in sorted(self.activation_bitwidths.items()))
             msg = (
                 f"layers with their own activation width ({layers}; set_activation_bitwidth) compile in modes "
-                f"w4a8 / w4a16 only: exports and htp-sim encode tensors at {bitwidth} bits"
+                f"w4a8 / w4a16 and export as AIMET encodings; qnn-onnx and htp-sim encode every layer at {bitwidth} "
+                "bits"
             )
             raise ValueError(msg)
         ranges = function_attr(self.encoded_module["main"], ACTIVATION_RANGES_ATTR)
@@ -463,9 +484,16 @@ class QuantizationSimModel:
         return self.tensor_activation_encodings(self.default_activation_bw)
 
     def tensor_activation_encodings(self, bitwidth: int) -> dict[str, ActivationEncoding]:
-        """Calibrated ``bitwidth`` encodings of every activation tensor, by ONNX tensor name."""
+        """Calibrated ``bitwidth`` encodings of every activation tensor, by ONNX tensor name (the input of
+        a layer given its own width, :meth:`set_activation_bitwidth`, at that width)."""
         self._require_encodings()
-        return {name: activation_encoding(*bounds, bitwidth) for name, bounds in self._activation_ranges.items()}
+        weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
+        own = {tensor: int(weights[key][ACTIVATION_BITWIDTH]) for key, tensor in self._layer_inputs().items()
+               if ACTIVATION_BITWIDTH in weights[key]}  # fmt: skip
+        return {
+            name: activation_encoding(*bounds, own.get(name, bitwidth))
+            for name, bounds in self._activation_ranges.items()
+        }
 
     def _require_encodings(self) -> None:
         if self._encoded is None:

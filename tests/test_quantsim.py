@@ -330,9 +330,37 @@ def test_own_activation_widths_are_refused_where_tensors_or_rows_are_encoded(tmp
     mixed = _calibrated_two_matmuls(sixteen_bit=["second"])
     with pytest.raises(ValueError, match=r"second: its own activation width \(16 bits.*mode w4a8-dynamic encodes rows"):
         lpbq_tvm.compile(mixed, mode="w4a8-dynamic")
-    with pytest.raises(ValueError, match=r"own activation width \(second \(16 bits\).*exports and htp-sim"):
+    with pytest.raises(ValueError, match=r"own activation width \(second \(16 bits\).*qnn-onnx and htp-sim"):
         export(mixed, tmp_path / "m.onnx", "qnn-onnx")
     with pytest.raises(ValueError, match=r"'third' are not LPBQ layers; those are: first, second"):
         mixed.set_activation_bitwidth(["third"], 16)
     with pytest.raises(ValueError, match="12"):
         mixed.set_activation_bitwidth(["first"], 12)
+
+
+def test_the_aimet_encodings_write_a_layer_s_input_at_its_own_width():
+    """The second MatMul's input ``h`` at 16 bits, every other activation at 8, from the same ranges."""
+    mixed, plain = _calibrated_two_matmuls(sixteen_bit=["second"]), _calibrated_two_matmuls()
+    entries = {entry["name"]: entry["bw"] for entry in mixed.aimet_encodings()["activation_encodings"]}
+    assert entries == {"x": 8, "h0": 8, "h": 16, "y": 8}
+    assert mixed.tensor_activation_encodings(8)["h"] == plain.tensor_activation_encodings(16)["h"]
+    assert mixed.aimet_encodings()["quantizer_args"]["activation_bitwidth"] == [8, 16]
+
+
+def test_layers_that_read_one_tensor_take_their_width_together():
+    """q, k and v read one tensor, which has one encoding: one of them alone is refused, all three not."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    names = ("q", "k", "v")
+    weights = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), f"w{n}") for n in names]
+    nodes = [helper.make_node("MatMul", ["x", f"w{n}"], [n], name=f"{n}_proj") for n in names]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 32]) for n in names]
+    graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                              outputs, weights)  # fmt: skip
+    sim = QuantizationSimModel(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("MatMul",), block_size=32)
+    with pytest.raises(ValueError, match=r"q_proj reads 'x' with k_proj, v_proj; layers that read one tensor"):
+        sim.set_activation_bitwidth(["q_proj"], 16)
+    sim.set_activation_bitwidth(["q_proj", "k_proj", "v_proj"], 16)
+    assert sim.activation_bitwidths == {"q_proj": 16, "k_proj": 16, "v_proj": 16}
