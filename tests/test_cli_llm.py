@@ -136,6 +136,10 @@ def test_bad_input_is_one_line_and_exit_code_2(files, capsys, tmp_path):
     ]
     assert main([*base, *calibrated, "--a16", "up_prj"]) == 2
     assert "--a16 'up_prj' matches no LPBQ layer's ONNX node name" in capsys.readouterr().err
+    assert main([*base, "--tokenizer", str(files / "tokenizer.json"), "--a16", "mlp"]) == 2
+    assert "--a16 sets activation widths of static integer modes (w4a8, w4a16), not weight-only" in (
+        capsys.readouterr().err
+    )
     import onnx
 
     onnx.save(build_example_model(), tmp_path / "example.onnx")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -38,6 +37,8 @@ def _decoder(args: argparse.Namespace, console: Console, tokenizer) -> Decoder:
     if tokenizer.get_vocab_size() > vocab:
         msg = f"the tokenizer has {tokenizer.get_vocab_size()} tokens; the model's logits cover {vocab}"
         raise ValueError(msg)
+    if args.a16 and not needs_calibration(args.mode):
+        raise ValueError(f"--a16 sets activation widths of static integer modes (w4a8, w4a16), not {args.mode}")
     batches = None
     if needs_calibration(args.mode) or args.encoder == "mse-act":
         if not args.calib_text:
@@ -53,9 +54,9 @@ def _decoder(args: argparse.Namespace, console: Console, tokenizer) -> Decoder:
             sim, op_types=args.op_types, block_size=args.block_size, excluded_nodes=args.exclude, encoder=args.encoder
         )
         if args.a16:
-            sixteen_bit = [name for name in sim.lpbq_nodes if re.search(args.a16, name)]
+            sixteen_bit = [name for name in sim.lpbq_nodes if args.a16.search(name)]
             if not sixteen_bit:
-                raise ValueError(f"--a16 {args.a16!r} matches no LPBQ layer's ONNX node name")
+                raise ValueError(f"--a16 {args.a16.pattern!r} matches no LPBQ layer's ONNX node name")
             sim.set_activation_bitwidth(sixteen_bit, 16)
         with console.status("encoding" + (f" and calibrating on {len(batches)} windows" if batches else "")):
             sim.compute_encodings((lambda s, data: [s.run(b) for b in data]) if batches else None, batches)

@@ -8,6 +8,7 @@ from the encoder's list.
 from __future__ import annotations
 
 import argparse
+import re
 
 from lpbq_tvm.cli import commands, llm_commands
 from lpbq_tvm.encoder import ENCODERS, LPBQConfig
@@ -264,8 +265,9 @@ def _decoder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="ONNX node names to keep in fp32")
     parser.add_argument(
         "--a16",
+        type=re.compile,
         metavar="REGEX",
-        help="in w4a8, 16-bit activations for the layers whose ONNX node name matches (e.g. down_proj)",
+        help="in w4a8, 16-bit activations for the layers whose ONNX node name matches (e.g. mlp)",
     )
 
 
