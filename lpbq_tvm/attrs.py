@@ -10,7 +10,8 @@ attribute                    written by                       value per weight k
 ===========================  ===============================  ===============================================
 ``lpbq.onnx_nodes``          :mod:`lpbq_tvm.frontend`         ``node``, ``op_type``, ``has_bias`` of its ONNX node
 ``lpbq.weights``             ``AnnotateLPBQ``                 node, op type, channel / block axis, the LPBQ config;
-                             ``set_activation_bitwidth``      ``activation_bitwidth``: the layer's own input width
+                             ``set_activation_bitwidth``      ``activation_bitwidth`` / ``output_activation_bitwidth``:
+                                                              the widths of its input / output tensor, if not the mode's
 ``lpbq.skipped``             ``AnnotateLPBQ``                 node, op type and the reason it stays fp32
 ``lpbq.input_importance``    ``attach_input_importance``      float32 ``[input channels]`` (encoder ``mse-act``)
 ``lpbq.encodings``           ``EncodeLPBQ``                   ``s``, ``k``, ``q`` arrays and ``sqnr_db``
@@ -29,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "ACTIVATION_BITWIDTH",
+    "OUTPUT_ACTIVATION_BITWIDTH",
     "ACTIVATION_RANGES_ATTR",
     "ENCODINGS_ATTR",
     "IMPORTANCE_ATTR",
@@ -51,8 +53,10 @@ ACTIVATION_RANGES_ATTR = "lpbq.activation_ranges"
 LOWERED_ATTR = "lpbq.lowered"
 PARAMS_ATTR = "params"
 NUM_INPUT_ATTR = "num_input"
-# The key of a ``lpbq.weights`` entry holding the layer's own activation width (8 or 16), if any.
+# Keys of a ``lpbq.weights`` entry: the width (8 or 16) of the layer's input tensor, and of its output
+# tensor (the input of such a layer), where they are not the mode's.
 ACTIVATION_BITWIDTH = "activation_bitwidth"
+OUTPUT_ACTIVATION_BITWIDTH = "output_activation_bitwidth"
 
 
 def function_attr(func, name: str) -> dict[str, Any]:

@@ -237,7 +237,7 @@ def _validate_qnn(exported: onnx.ModelProto, sim, options: ExportOptions) -> dic
         if name in quantized:
             encoding = quantized[name]
             codes = np.abs(encoding.quantize(actual[name]).astype(np.int64) - encoding.quantize(value))
-            if codes.max() > LSB_TOLERANCE[bits]:
+            if codes.max() > LSB_TOLERANCE[encoding.bitwidth]:
                 raise ValueError(f"output {name!r}: onnxruntime and htp-sim differ by {codes.max()} LSB")
             checks[name] = f"max {codes.max()} LSB vs htp-sim"
         else:

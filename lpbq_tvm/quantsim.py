@@ -34,6 +34,7 @@ from lpbq_tvm.attrs import (
     ACTIVATION_BITWIDTH,
     ACTIVATION_RANGES_ATTR,
     ENCODINGS_ATTR,
+    OUTPUT_ACTIVATION_BITWIDTH,
     SKIPPED_ATTR,
     WEIGHTS_ATTR,
     function_attr,
@@ -242,9 +243,9 @@ class QuantizationSimModel:
         16-bit activations, as Qualcomm's LLM recipes run a decoder's MLP down projections, whose inputs
         carry values hundreds of times the rest (docs/llm.md). Their kernels follow (W4A16 kernels in
         ``w4a8``). Encodings and calibration stay valid. The width belongs to the input tensor: layers that
-        read one tensor (a decoder's q, k and v projections) take it together, and the AIMET encodings
-        (:meth:`aimet_encodings`) write that tensor at it. ``htp-sim``, ``w4a8-dynamic`` and the QNN
-        export, which encode each layer's output or each row, refuse a sim with such layers."""
+        read one tensor (a decoder's q, k and v projections) take it together; every encoding of that
+        tensor has it (the AIMET file, the QNN export's Q/DQ, ``htp-sim``, where a layer that writes it
+        requantizes its output to it). ``w4a8-dynamic``, an encoding per row, refuses such layers."""
         activation_encoding(0.0, 1.0, bitwidth)  # validates the width
         weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
         keys = self._weight_keys(nodes, "set_activation_bitwidth")
@@ -261,6 +262,11 @@ class QuantizationSimModel:
                 raise ValueError(msg)
         for key in keys:
             weights[key] = {**weights[key], ACTIVATION_BITWIDTH: bitwidth}
+        widths = self._tensor_widths(weights)
+        for key, entry in weights.items():  # the layers that write such a tensor requantize to its width
+            entry = {name: value for name, value in entry.items() if name != OUTPUT_ACTIVATION_BITWIDTH}
+            output = self._layer_nodes()[str(entry["node"])].output[0]
+            weights[key] = entry | ({OUTPUT_ACTIVATION_BITWIDTH: widths[output]} if output in widths else {})
         self._annotated = _with_weights(self._annotated, weights)
         if self._encoded is not None:
             self._encoded = _with_weights(self._encoded, weights)
@@ -276,11 +282,20 @@ class QuantizationSimModel:
             raise ValueError(f"{caller}: {listed} are not LPBQ layers; those are: {known}")
         return [by_node[node] for node in nodes]
 
+    def _layer_nodes(self) -> dict[str, onnx.NodeProto]:
+        """The prepared graph's nodes by name."""
+        return {node.name: node for node in self.graph.graph.node}
+
     def _layer_inputs(self) -> dict[str, str]:
         """The input tensor (ONNX name) of every LPBQ layer, by weight key."""
-        weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
-        nodes = {node.name: node for node in self.graph.graph.node}
+        weights, nodes = function_attr(self._annotated["main"], WEIGHTS_ATTR), self._layer_nodes()
         return {key: nodes[str(entry["node"])].input[0] for key, entry in weights.items()}
+
+    def _tensor_widths(self, weights: Mapping[str, Any] | None = None) -> dict[str, int]:
+        """The activation tensors of their own width (:meth:`set_activation_bitwidth`) and that width."""
+        weights = function_attr(self._annotated["main"], WEIGHTS_ATTR) if weights is None else weights
+        return {tensor: int(weights[key][ACTIVATION_BITWIDTH]) for key, tensor in self._layer_inputs().items()
+                if ACTIVATION_BITWIDTH in weights[key]}  # fmt: skip
 
     @property
     def lpbq_nodes(self) -> list[str]:
@@ -432,18 +447,19 @@ class QuantizationSimModel:
         return result
 
     def layer_activation_encodings(self, bitwidth: int) -> dict[str, dict[str, ActivationEncoding]]:
-        """Per LPBQ layer (weight name): its ``input``, ``output`` and (Gemm with bias) ``pre_bias`` encodings."""
-        if self.activation_bitwidths:
-            layers = ", ".join(f"{node} ({bits} bits)" for node, bits in sorted(self.activation_bitwidths.items()))
-            msg = (
-                f"layers with their own activation width ({layers}; set_activation_bitwidth) compile in modes "
-                f"w4a8 / w4a16 and export as AIMET encodings; qnn-onnx and htp-sim encode every layer at {bitwidth} "
-                "bits"
-            )
-            raise ValueError(msg)
+        """Per LPBQ layer (weight name): its ``input``, ``output`` and (Gemm with bias) ``pre_bias`` encodings,
+        ``bitwidth`` wide unless their tensor has its own width (the product before the bias: the output's)."""
         ranges = function_attr(self.encoded_module["main"], ACTIVATION_RANGES_ATTR)
+        widths, tensors = self._tensor_widths(), self._layer_tensors()
+
+        def width(key: str, where: str) -> int:
+            source, result = tensors[key]
+            return widths.get(source if where == "input" else result, bitwidth)
+
         return {
-            str(key): {str(where): activation_encoding(*bounds, bitwidth) for where, bounds in entry.items()}
+            str(key): {
+                str(where): activation_encoding(*bounds, width(str(key), str(where))) for where, bounds in entry.items()
+            }
             for key, entry in ranges.items()
         }
 
@@ -487,9 +503,7 @@ class QuantizationSimModel:
         """Calibrated ``bitwidth`` encodings of every activation tensor, by ONNX tensor name (the input of
         a layer given its own width, :meth:`set_activation_bitwidth`, at that width)."""
         self._require_encodings()
-        weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
-        own = {tensor: int(weights[key][ACTIVATION_BITWIDTH]) for key, tensor in self._layer_inputs().items()
-               if ACTIVATION_BITWIDTH in weights[key]}  # fmt: skip
+        own = self._tensor_widths()
         return {
             name: activation_encoding(*bounds, own.get(name, bitwidth))
             for name, bounds in self._activation_ranges.items()

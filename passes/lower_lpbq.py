@@ -50,6 +50,7 @@ from lpbq_tvm.attrs import (
     ACTIVATION_RANGES_ATTR,
     ENCODINGS_ATTR,
     LOWERED_ATTR,
+    OUTPUT_ACTIVATION_BITWIDTH,
     PARAMS_ATTR,
     WEIGHTS_ATTR,
     function_attr,
@@ -222,21 +223,24 @@ class _Lowering:
         return outputs if channels_last else relax.op.permute_dims(outputs, [0, rank + 1, *range(1, rank + 1)])
 
     def integer_arithmetic(self, key: str, node: str) -> IntegerArithmetic | None:
-        """The integer settings of layer ``key`` in this mode (None in weight-only mode): activations of
-        the mode's width, or of the layer's own (``activation_bitwidth``, static modes without requantization)."""
+        """The integer settings of layer ``key`` in this mode (None in weight-only mode): encodings of the
+        mode's width, or of the width of the layer's input / output tensor (``activation_bitwidth`` /
+        ``output_activation_bitwidth``, :meth:`~lpbq_tvm.QuantizationSimModel.set_activation_bitwidth`)."""
         bitwidth = activation_bits(self.mode)
         if bitwidth is None:
             return None
-        own = self.annotations[key].get(ACTIVATION_BITWIDTH)
-        if own is not None and (is_dynamic(self.mode) or self.requantize_outputs):
-            msg = (
-                f"{node}: its own activation width ({int(own)} bits, set_activation_bitwidth) is for modes "
-                f"w4a8 / w4a16; mode {self.mode} encodes {'rows' if is_dynamic(self.mode) else 'tensors'}"
-            )
-            raise ValueError(msg)
+        annotation = self.annotations[key]
+        own_input, own_output = annotation.get(ACTIVATION_BITWIDTH), annotation.get(OUTPUT_ACTIVATION_BITWIDTH)
         if is_dynamic(self.mode):
+            if own_input is not None or own_output is not None:
+                msg = (
+                    f"{node}: its activations have their own width (set_activation_bitwidth), which mode "
+                    f"{self.mode} cannot keep: it encodes each row at run time"
+                )
+                raise ValueError(msg)
             return IntegerArithmetic(RowwiseEncoding())
-        bitwidth = bitwidth if own is None else int(own)
+        input_bits = bitwidth if own_input is None else int(own_input)
+        output_bits = bitwidth if own_output is None else int(own_output)
         ranges = self.ranges.get(key)
         if ranges is None or "input" not in ranges or (self.requantize_outputs and "output" not in ranges):
             msg = (
@@ -245,19 +249,17 @@ class _Lowering:
                 "(sim.compute_encodings with a callback) or attach_activation_ranges first"
             )
             raise ValueError(msg)
+        input_encoding = activation_encoding(*ranges["input"], input_bits)
         if not self.requantize_outputs:
-            return IntegerArithmetic(activation_encoding(*ranges["input"], bitwidth))
-        annotation = self.annotations[key]
+            return IntegerArithmetic(input_encoding)
         pre_bias = None
         matmul_plus_add = not self.encodings[key].is_per_channel  # exports keep int8 Gemms whole
         if str(annotation.get("op_type")) == "Gemm" and bool(annotation.get("has_bias", True)) and matmul_plus_add:
             if "pre_bias" not in ranges:
                 msg = f"{node}: requantizing a Gemm with bias needs the calibrated range before the bias add"
                 raise ValueError(msg)
-            pre_bias = activation_encoding(*ranges["pre_bias"], bitwidth)
-        return IntegerArithmetic(
-            activation_encoding(*ranges["input"], bitwidth), activation_encoding(*ranges["output"], bitwidth), pre_bias
-        )
+            pre_bias = activation_encoding(*ranges["pre_bias"], output_bits)
+        return IntegerArithmetic(input_encoding, activation_encoding(*ranges["output"], output_bits), pre_bias)
 
     def lower(
         self, bb: relax.BlockBuilder, candidate: Candidate, bias: relax.Expr | None, fallback: relax.Expr

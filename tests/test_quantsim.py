@@ -273,16 +273,17 @@ def test_tensors_no_calibration_data_reached_are_named_in_a_readable_warning(cap
     assert message.endswith("past.5, ...") and "past.6" not in message
 
 
-def _two_matmuls():
-    """x [4, 64] -> MatMul "first" -> Relu -> MatMul "second" [64, 32] -> y, with Gaussian weights."""
+def _two_matmuls(relu: bool = True):
+    """x [4, 64] -> MatMul "first" -> (Relu) -> MatMul "second" [64, 32] -> y, with Gaussian weights; the
+    second reads ``h``, the Relu's output (or the first's, without it)."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(11)
     weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
                for name, shape in (("w1", (64, 64)), ("w2", (64, 32)))]  # fmt: skip
     nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="first"),
-        helper.make_node("Relu", ["h0"], ["h"], name="relu"),
+        helper.make_node("MatMul", ["x", "w1"], ["h0" if relu else "h"], name="first"),
+        *([helper.make_node("Relu", ["h0"], ["h"], name="relu")] if relu else []),
         helper.make_node("MatMul", ["h", "w2"], ["y"], name="second"),
     ]
     graph = helper.make_graph(
@@ -295,8 +296,8 @@ def _two_matmuls():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _calibrated_two_matmuls(sixteen_bit=()):
-    sim = QuantizationSimModel(_two_matmuls())
+def _calibrated_two_matmuls(sixteen_bit=(), relu: bool = True):
+    sim = QuantizationSimModel(_two_matmuls(relu))
     set_grouped_blockwise_quantization_for_weights(sim, op_types=("MatMul",), block_size=32)
     sim.set_activation_bitwidth(sixteen_bit, 16)
     batches = [{"x": np.random.default_rng(seed).standard_normal((4, 64)).astype(np.float32)} for seed in range(3)]
@@ -326,41 +327,58 @@ def test_a_layer_with_its_own_activation_width_runs_it_bit_exactly():
     assert not np.array_equal(all_8_bit, actual)
 
 
-def test_own_activation_widths_are_refused_where_tensors_or_rows_are_encoded(tmp_path):
+def test_own_activation_widths_are_refused_where_rows_are_encoded_and_for_unknown_layers():
     mixed = _calibrated_two_matmuls(sixteen_bit=["second"])
-    with pytest.raises(ValueError, match=r"second: its own activation width \(16 bits.*mode w4a8-dynamic encodes rows"):
+    with pytest.raises(ValueError, match=r"second: its activations have their own width.*mode w4a8-dynamic cannot"):
         lpbq_tvm.compile(mixed, mode="w4a8-dynamic")
-    with pytest.raises(ValueError, match=r"own activation width \(second \(16 bits\).*qnn-onnx and htp-sim"):
-        export(mixed, tmp_path / "m.onnx", "qnn-onnx")
     with pytest.raises(ValueError, match=r"'third' are not LPBQ layers; those are: first, second"):
         mixed.set_activation_bitwidth(["third"], 16)
     with pytest.raises(ValueError, match="12"):
         mixed.set_activation_bitwidth(["first"], 12)
 
 
-def test_the_aimet_encodings_write_a_layer_s_input_at_its_own_width():
-    """The second MatMul's input ``h`` at 16 bits, every other activation at 8, from the same ranges."""
-    mixed, plain = _calibrated_two_matmuls(sixteen_bit=["second"]), _calibrated_two_matmuls()
-    entries = {entry["name"]: entry["bw"] for entry in mixed.aimet_encodings()["activation_encodings"]}
-    assert entries == {"x": 8, "h0": 8, "h": 16, "y": 8}
-    assert mixed.tensor_activation_encodings(8)["h"] == plain.tensor_activation_encodings(16)["h"]
-    assert mixed.aimet_encodings()["quantizer_args"]["activation_bitwidth"] == [8, 16]
+def test_the_qnn_export_and_htp_sim_carry_a_tensor_s_own_width(tmp_path):
+    """The QNN export quantizes ``h`` (the second MatMul's input) to uint16 and the rest to uint8, and
+    onnxruntime running it agrees with htp-sim, which requantizes the same way (the export's own check);
+    the layer encodings agree with the tensor ones."""
+    import onnx
+
+    mixed = _calibrated_two_matmuls(sixteen_bit=["second"])
+    layers, tensors = mixed.layer_activation_encodings(8), mixed.tensor_activation_encodings(8)
+    assert (layers["w1"]["input"], layers["w1"]["output"]) == (tensors["x"], tensors["h0"])
+    assert layers["w2"]["input"] == tensors["h"] and tensors["h"].bitwidth == 16 and tensors["h0"].bitwidth == 8
+    report = export(mixed, tmp_path / "m.onnx", "qnn-onnx")
+    assert "LSB vs htp-sim" in report.checks["y"]
+    model = onnx.load(tmp_path / "m.onnx")
+    initializers = {init.name: init for init in model.graph.initializer}
+    zero_points = {node.output[0].removesuffix("/q"): initializers[node.input[2]].data_type
+                   for node in model.graph.node if node.op_type == "QuantizeLinear"}  # fmt: skip
+    assert zero_points["h"] == onnx.TensorProto.UINT16
+    assert {zero_points[name] for name in ("x", "h0", "y")} == {onnx.TensorProto.UINT8}
 
 
-def test_layers_that_read_one_tensor_take_their_width_together():
-    """q, k and v read one tensor, which has one encoding: one of them alone is refused, all three not."""
-    from onnx import TensorProto, helper
+@pytest.mark.parametrize("relu", [True, False], ids=["relu-between", "first-writes-h"])
+def test_htp_sim_requantizes_a_layer_s_input_at_its_own_width(relu):
+    """htp-sim of the mix equals the numpy reference of its Q/DQ chain bit for bit: the second MatMul reads
+    ``h`` as uint16 codes; ``h`` is a Relu of the first's uint8-requantized output, or, without the Relu,
+    the first's output itself, which it then requantizes to uint16."""
+    from lpbq_tvm import reference
+    from lpbq_tvm.packing import pack, unpack
 
-    rng = np.random.default_rng(3)
-    names = ("q", "k", "v")
-    weights = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), f"w{n}") for n in names]
-    nodes = [helper.make_node("MatMul", ["x", f"w{n}"], [n], name=f"{n}_proj") for n in names]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 32]) for n in names]
-    graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
-                              outputs, weights)  # fmt: skip
-    sim = QuantizationSimModel(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    set_grouped_blockwise_quantization_for_weights(sim, op_types=("MatMul",), block_size=32)
-    with pytest.raises(ValueError, match=r"q_proj reads 'x' with k_proj, v_proj; layers that read one tensor"):
-        sim.set_activation_bitwidth(["q_proj"], 16)
-    sim.set_activation_bitwidth(["q_proj", "k_proj", "v_proj"], 16)
-    assert sim.activation_bitwidths == {"q_proj": 16, "k_proj": 16, "v_proj": 16}
+    mixed = _calibrated_two_matmuls(sixteen_bit=["second"], relu=relu)
+    x = np.random.default_rng(99).standard_normal((4, 64)).astype(np.float32) * 1.5
+    (actual,) = lpbq_tvm.compile(mixed, "htp-sim", "w4a8").run({"x": x}).values()
+    tensors = mixed.tensor_activation_encodings(8)
+    assert tensors["h"].bitwidth == 16
+
+    def layer(name, inputs, source, result):
+        q, k, s = unpack(pack(mixed.encodings[name]))
+        weight = reference.int_weight(q, k, 32)
+        return reference.dense_int(inputs, weight, s, tensors[source], None, tensors[result])
+
+    if relu:
+        h = tensors["h"].dequantize(tensors["h"].quantize(np.maximum(layer("w1", x, "x", "h0"), 0)))
+    else:
+        h = layer("w1", x, "x", "h")
+    expected = layer("w2", h, "h", "y")
+    np.testing.assert_array_equal(actual.view(np.int32), expected.view(np.int32))
