@@ -249,7 +249,8 @@ class QuantizationSimModel:
         activation_encoding(0.0, 1.0, bitwidth)  # validates the width
         weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
         keys = self._weight_keys(nodes, "set_activation_bitwidth")
-        inputs = self._layer_inputs()
+        tensors = self._layer_tensors()
+        inputs = {key: source for key, (source, _) in tensors.items()}
         for key in keys:
             sharing = [k for k, tensor in inputs.items() if tensor == inputs[key] and k not in keys]
             mismatched = [k for k in sharing if int(weights[k].get(ACTIVATION_BITWIDTH, 0)) != bitwidth]
@@ -265,7 +266,7 @@ class QuantizationSimModel:
         widths = self._tensor_widths(weights)
         for key, entry in weights.items():  # the layers that write such a tensor requantize to its width
             entry = {name: value for name, value in entry.items() if name != OUTPUT_ACTIVATION_BITWIDTH}
-            output = self._layer_nodes()[str(entry["node"])].output[0]
+            output = tensors[key][1]
             weights[key] = entry | ({OUTPUT_ACTIVATION_BITWIDTH: widths[output]} if output in widths else {})
         self._annotated = _with_weights(self._annotated, weights)
         if self._encoded is not None:
@@ -282,19 +283,10 @@ class QuantizationSimModel:
             raise ValueError(f"{caller}: {listed} are not LPBQ layers; those are: {known}")
         return [by_node[node] for node in nodes]
 
-    def _layer_nodes(self) -> dict[str, onnx.NodeProto]:
-        """The prepared graph's nodes by name."""
-        return {node.name: node for node in self.graph.graph.node}
-
-    def _layer_inputs(self) -> dict[str, str]:
-        """The input tensor (ONNX name) of every LPBQ layer, by weight key."""
-        weights, nodes = function_attr(self._annotated["main"], WEIGHTS_ATTR), self._layer_nodes()
-        return {key: nodes[str(entry["node"])].input[0] for key, entry in weights.items()}
-
     def _tensor_widths(self, weights: Mapping[str, Any] | None = None) -> dict[str, int]:
         """The activation tensors of their own width (:meth:`set_activation_bitwidth`) and that width."""
         weights = function_attr(self._annotated["main"], WEIGHTS_ATTR) if weights is None else weights
-        return {tensor: int(weights[key][ACTIVATION_BITWIDTH]) for key, tensor in self._layer_inputs().items()
+        return {source: int(weights[key][ACTIVATION_BITWIDTH]) for key, (source, _) in self._layer_tensors().items()
                 if ACTIVATION_BITWIDTH in weights[key]}  # fmt: skip
 
     @property
@@ -366,8 +358,9 @@ class QuantizationSimModel:
                 raise ValueError(f"encoder mse-act weighs errors by calibration data: pass a callback ({nodes})")
             energies = {key: ChannelEnergyObserver(axis) for key, axis in self._input_channel_axes(activation_aware)}
             observers: dict[str, list] = {}
+            tensors = self._layer_tensors()
             for key, observer in energies.items():  # (layers may share an input: a decoder's q, k and v)
-                observers.setdefault(self._layer_input(key), []).append(observer)
+                observers.setdefault(tensors[key][0], []).append(observer)
             self._observe(observers, callback, args)
             annotated = attach_input_importance(annotated, {k: o.mean_square() for k, o in energies.items()})
         self._encoded = EncodeLPBQ()(annotated)
@@ -426,9 +419,6 @@ class QuantizationSimModel:
         annotations = function_attr(self._annotated["main"], WEIGHTS_ATTR)
         return {key: str(a["node"]) for key, a in annotations.items() if str(a.get("encoder")) == "mse-act"}
 
-    def _layer_input(self, weight: str) -> str:
-        return next(node.input[0] for node in self.graph.graph.node if len(node.input) > 1 and node.input[1] == weight)
-
     def _input_channel_axes(self, weights) -> list[tuple[str, int]]:
         """The axis of each layer's input that its weight's block axis runs along (Conv: 1, else last)."""
         return [(key, 1 if self._imported.layers[key].op_type == "Conv" else -1) for key in weights]
@@ -486,9 +476,10 @@ class QuantizationSimModel:
         return mod
 
     def _layer_tensors(self) -> dict[str, tuple[str, str]]:
-        """Input and output tensor names of every LPBQ layer, by weight name."""
-        nodes = {node.input[1]: node for node in self.graph.graph.node if len(node.input) > 1}
-        return {name: (nodes[name].input[0], nodes[name].output[0]) for name in self.encodings}
+        """Input and output tensor names of every LPBQ layer (its annotated ONNX node), by weight key."""
+        nodes = {node.name: node for node in self.graph.graph.node}
+        weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
+        return {key: (nodes[str(e["node"])].input[0], nodes[str(e["node"])].output[0]) for key, e in weights.items()}
 
     @property
     def is_calibrated(self) -> bool:
