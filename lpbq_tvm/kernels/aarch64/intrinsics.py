@@ -24,7 +24,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from lpbq_tvm.kernels.tiled.decode import byte
-from lpbq_tvm.kernels.tiled.descriptions import lane_pair_dot, nibble_dot
+from lpbq_tvm.kernels.tiled.descriptions import broadcast_codes, lane_pair_dot, nibble_dot
 
 __all__ = [
     "UDOT_LANES",
@@ -48,12 +48,6 @@ def _udot(acc, weights, codes):
 def _weight_bytes(Q):
     """The ``UDOT_LANES`` dwords ``Q[0:4]`` as 16 bytes."""
     return T.reinterpret(Q.vload([0], f"uint32x{UDOT_LANES}"), dtype=f"uint8x{4 * UDOT_LANES}")
-
-
-def _broadcast_codes(A, first: int):
-    """The four codes ``A[first : first + 4]`` in every int32 lane, as 16 bytes."""
-    word = T.reinterpret(A.vload([first], "uint8x4"), dtype="int32")
-    return T.reinterpret(T.broadcast(word, UDOT_LANES), dtype=f"uint8x{4 * UDOT_LANES}")
 
 
 def _signed_codes(A, half: int):
@@ -82,10 +76,10 @@ def udot_nibble_intrinsic() -> str:
                 _udot(
                     C.vload([0], dtype=f"int32x{n}"),
                     T.bitwise_and(_weight_bytes(Q), T.broadcast(T.uint8(15), 4 * n)),  # the low nibbles
-                    _broadcast_codes(A, 0),
+                    broadcast_codes(A, 0, n),
                 ),
                 T.shift_right(_weight_bytes(Q), T.broadcast(T.uint8(4), 4 * n)),  # the high ones
-                _broadcast_codes(A, 4),
+                broadcast_codes(A, 4, n),
             )
 
     TensorIntrin.register(_UDOT_NIBBLE, nibble_dot(n), impl)
@@ -114,12 +108,12 @@ def udot_lane_pair_intrinsic() -> str:
             T.reads(C[0:2, 0:n], A[0:4], Q[0:n])
             T.writes(C[0:2, 0:n])
             C[0, T.ramp(T.int32(0), 1, n)] = _udot(
-                C.vload([0, 0], dtype=f"int32x{n}"), _weight_bytes(Q), _broadcast_codes(A, 0)
+                C.vload([0, 0], dtype=f"int32x{n}"), _weight_bytes(Q), broadcast_codes(A, 0, n)
             )
             C[1, T.ramp(T.int32(0), 1, n)] = _udot(
                 C.vload([1, 0], dtype=f"int32x{n}"),
                 T.bitwise_and(_weight_bytes(Q), T.broadcast(T.uint8(_HIGH_NIBBLES), 4 * n)),
-                _broadcast_codes(A, 0),
+                broadcast_codes(A, 0, n),
             )
 
     TensorIntrin.register(_UDOT_LANE_PAIRS, lane_pair_dot(n), impl)

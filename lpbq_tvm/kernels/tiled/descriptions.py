@@ -3,7 +3,8 @@
 A family registers each description with its own implementation (``TensorIntrin.register(name, desc,
 impl)``): :func:`nibble_dot` is the nibble scheme's (:mod:`.nibble`) — x86 implements it with two
 ``vpdpbusd``, aarch64 with two ``udot``. The descriptions use the expressions of :mod:`.decode`, as the
-schemes' computes do, so that tensorize matches them.
+schemes' computes do, so that tensorize matches them. :func:`broadcast_codes` is an operand both
+families' implementations build.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ from tvm.script import tirx as T
 
 from lpbq_tvm.kernels.tiled.decode import byte, lane_pair_bytes, nibbles, unsigned_byte
 
-__all__ = ["lane_pair_dot", "nibble_dot"]
+__all__ = ["broadcast_codes", "lane_pair_dot", "nibble_dot"]
+
+
+def broadcast_codes(A, first: int, lanes: int):
+    """The four codes ``A[first : first + 4]`` in each of ``lanes`` dwords, as ``4 lanes`` unsigned bytes:
+    the operand a dot-product instruction multiplies every lane's four weight bytes by."""
+    dword = T.reinterpret(A.vload([first], "uint8x4"), dtype="int32")
+    return T.reinterpret(T.broadcast(dword, lanes), dtype=f"uint8x{4 * lanes}")
 
 
 def nibble_dot(lanes: int):

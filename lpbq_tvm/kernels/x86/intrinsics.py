@@ -23,7 +23,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from lpbq_tvm.kernels.tiled.decode import byte
-from lpbq_tvm.kernels.tiled.descriptions import nibble_dot
+from lpbq_tvm.kernels.tiled.descriptions import broadcast_codes, nibble_dot
 from lpbq_tvm.kernels.x86.isa import BLOCK_DOT_INSTRUCTIONS
 
 __all__ = [
@@ -46,12 +46,6 @@ def prefetch(address):
     be written as one expression per statement: a TVMScript binding (``q = ...``) after the prefetch
     statement is stored to memory and read back, once per call."""
     return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)
-
-
-def _broadcast_codes(A, first: int, n: int):
-    """The four codes ``A[first : first + 4]`` in each of ``n`` dwords, as ``4n`` unsigned bytes."""
-    dword = T.reinterpret(A.vload([first], "uint8x4"), dtype="int32")
-    return T.reinterpret(T.broadcast(dword, n), dtype=f"uint8x{4 * n}")
 
 
 def vnni_intrinsic() -> str:
@@ -89,7 +83,7 @@ def vnni_intrinsic() -> str:
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                 C.vload([0], dtype="int32x16"),
-                _broadcast_codes(A, 0, 16),
+                broadcast_codes(A, 0, 16),
                 T.reinterpret(B.vload([0], "int32x16"), dtype="int8x64"),
                 dtype="int32x16",
             )
@@ -134,8 +128,8 @@ def vnni_nibble_intrinsic(ahead: int = 0) -> str:
             if ahead > 0:
                 T.evaluate(prefetch(Q.access_ptr("r", offset=ahead)))
             C[T.ramp(T.int32(0), 1, n)] = vpdpbusd(
-                vpdpbusd(C.vload([0], dtype=f"int32x{n}"), _broadcast_codes(A, 0, n), nibbles(Q, False)),
-                _broadcast_codes(A, 4, n),
+                vpdpbusd(C.vload([0], dtype=f"int32x{n}"), broadcast_codes(A, 0, n), nibbles(Q, False)),
+                broadcast_codes(A, 4, n),
                 nibbles(Q, True),
             )
 
@@ -300,7 +294,7 @@ def _block_dot_implementation(instructions: str, groups: int, decoded: bool, pre
             for hh in range(2):
                 term = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(maddubs),
-                    _broadcast_codes(A, 8 * g + 4 * hh, n),
+                    broadcast_codes(A, 8 * g + 4 * hh, n),
                     signed(Q, g, hh),
                     dtype=f"int16x{2 * n}",
                 )
