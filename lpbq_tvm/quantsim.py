@@ -476,10 +476,11 @@ class QuantizationSimModel:
         return mod
 
     def _layer_tensors(self) -> dict[str, tuple[str, str]]:
-        """Input and output tensor names of every LPBQ layer (its annotated ONNX node), by weight key."""
-        nodes = {node.name: node for node in self.graph.graph.node}
+        """Input and output tensor names of every LPBQ layer, by weight name (the node's second input:
+        an importer names unnamed nodes, so the annotation's node name need not be the graph's)."""
+        nodes = {node.input[1]: node for node in self.graph.graph.node if len(node.input) > 1}
         weights = function_attr(self._annotated["main"], WEIGHTS_ATTR)
-        return {key: (nodes[str(e["node"])].input[0], nodes[str(e["node"])].output[0]) for key, e in weights.items()}
+        return {key: (nodes[key].input[0], nodes[key].output[0]) for key in weights}
 
     @property
     def is_calibrated(self) -> bool:

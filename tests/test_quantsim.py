@@ -273,7 +273,7 @@ def test_tensors_no_calibration_data_reached_are_named_in_a_readable_warning(cap
     assert message.endswith("past.5, ...") and "past.6" not in message
 
 
-def _two_matmuls(relu: bool = True):
+def _two_matmuls(relu: bool = True, names=("first", "second")):
     """x [4, 64] -> MatMul "first" -> (Relu) -> MatMul "second" [64, 32] -> y, with Gaussian weights; the
     second reads ``h``, the Relu's output (or the first's, without it)."""
     from onnx import TensorProto, helper
@@ -282,9 +282,9 @@ def _two_matmuls(relu: bool = True):
     weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
                for name, shape in (("w1", (64, 64)), ("w2", (64, 32)))]  # fmt: skip
     nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h0" if relu else "h"], name="first"),
+        helper.make_node("MatMul", ["x", "w1"], ["h0" if relu else "h"], name=names[0]),
         *([helper.make_node("Relu", ["h0"], ["h"], name="relu")] if relu else []),
-        helper.make_node("MatMul", ["h", "w2"], ["y"], name="second"),
+        helper.make_node("MatMul", ["h", "w2"], ["y"], name=names[1]),
     ]
     graph = helper.make_graph(
         nodes,
@@ -382,3 +382,18 @@ def test_htp_sim_requantizes_a_layer_s_input_at_its_own_width(relu):
         h = layer("w1", x, "x", "h")
     expected = layer("w2", h, "h", "y")
     np.testing.assert_array_equal(actual.view(np.int32), expected.view(np.int32))
+
+
+def test_own_widths_on_a_graph_of_unnamed_nodes():
+    """ONNX nodes may have no name (the importer names them): the layers are found by their weights."""
+    sim = QuantizationSimModel(_two_matmuls(names=("", "")))
+    set_grouped_blockwise_quantization_for_weights(sim, op_types=("MatMul",), block_size=32)
+    sim.set_activation_bitwidth(sim.lpbq_nodes[1:], 16)
+    batches = [{"x": np.random.default_rng(seed).standard_normal((4, 64)).astype(np.float32)} for seed in range(3)]
+    sim.compute_encodings(lambda s, data: [s.run(batch) for batch in data], batches)
+    assert {name: e.bitwidth for name, e in sim.tensor_activation_encodings(8).items()} == {
+        "x": 8,
+        "h0": 8,
+        "h": 16,
+        "y": 8,
+    }
