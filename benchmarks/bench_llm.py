@@ -1,5 +1,6 @@
-"""End-to-end decoder latency: SmolLM2-135M-Instruct compiled by lpbq_tvm (fp32, weight-only, W4A8, W4A8-dynamic, W4A16)
-beside onnxruntime (the fp32 export, and its 4-bit ``MatMulNBits`` at accuracy_level 0 and 4), batch 1, on the host CPU.
+"""End-to-end decoder latency: SmolLM2-135M-Instruct compiled by lpbq_tvm (fp32, weight-only, W4A8, W4A8-dynamic,
+W4A16, and W4A8 with the MLP's inputs at 16 bits) beside onnxruntime (the fp32 export, and its 4-bit
+``MatMulNBits`` at accuracy_level 0 and 4), batch 1, on the host CPU.
 
 Measured for each thread count (1 and 2), each in its own worker process (``TVM_NUM_THREADS`` and onnxruntime's
 ``intra_op_num_threads`` set before anything runs), on tokens of real text (Newton's *Opticks*):
@@ -12,19 +13,20 @@ Measured for each thread count (1 and 2), each in its own worker process (``TVM_
   (``OrtValue``s: the presents of one run are the past of the next, as onnxruntime's KV-cache loop does);
 * the memory-bandwidth bound of a decode step: the weight bytes a token reads (lpbq_tvm: the parameters of its
   decode graph, fp32 or packed LPBQ, the embedding table counting one row; onnxruntime 4-bit: MatMulNBits'
-  blocks and scales; fp32: the fp32 MatMul weights) plus the KV cache at that context, at the rate one core
-  reads a 256 MB array (a numpy reduction, out of cache). The same single-core rate bounds the 2-thread rows;
+  blocks and scales; fp32: the fp32 MatMul weights) plus the KV cache at that context, at the rate the worker's
+  threads read a 256 MB array (numpy reductions, out of cache; with 2 threads each reduces half of it);
 * memory: the resident set each candidate adds when loaded and first run (approximate: the allocator reuses
   freed pages), and the worker's peak RSS.
 
 lpbq_tvm: every MatMul (the LM head included) LPBQ with blocks of 64, calibrated for W4A8 / W4A16 on 4 windows
-of 32 tokens from a later part of the text. Two decoders per mode (``compile_decoder``): context 16 / prefill 16
-for prefill 16 and decode at 16, context 512 / prefill 256 for prefill 256 and decode at 512. A single
-512 / 256 decoder would pad a 16-token prompt to 256 positions, and its decode step attends over all 512
-slots whatever the context so far (lpbq_tvm.llm), so it would measure the 256 / 512 cost twice. The four graphs
-of a mode share one copy of the weight parameters (the embedding table among them). They are compiled once, in
-their own process, and loaded by the workers; ``--decoders DIR`` keeps them there and reuses them while
-lpbq_tvm's sources and the model are unchanged.
+of 32 tokens from a later part of the text; ``w4a8 --a16 mlp``: the W4A8 simulation with the inputs of the
+MLP's layers at 16 bits (``set_activation_bitwidth``, as ``lpbq-tvm generate --a16 mlp``). Two decoders per
+variant (``compile_decoder``): context 16 / prefill 16 for prefill 16 and decode at 16, context 512 / prefill
+256 for prefill 256 and decode at 512. A single 512 / 256 decoder would pad a 16-token prompt to 256
+positions, and its decode step attends over all 512 slots whatever the context so far (lpbq_tvm.llm), so it
+would measure the 256 / 512 cost twice. The four graphs of a variant share one copy of the weight parameters
+(the embedding table among them). They are compiled once, in their own process, and loaded by the workers;
+``--decoders DIR`` keeps them there and reuses them while lpbq_tvm's sources and the model are unchanged.
 
 onnxruntime: ``MatMulNBitsQuantizer`` (symmetric, block 64, every MatMul with a constant weight: the LM head
 too) writes ``acc0.onnx`` and ``acc4.onnx`` once into the model cache; accuracy_level is a node attribute
@@ -33,7 +35,7 @@ too) writes ``acc0.onnx`` and ``acc4.onnx`` once into the model cache; accuracy_
 Each worker checks the candidates: the greedy continuation of "The capital of France is" (8 tokens); lpbq_tvm
 fp32 and weight-only must choose onnxruntime fp32's next token, the others are reported.
 
-Timing: ``lpbq_tvm.timing.time_interleaved`` across all seven candidates for each measurement, through Python;
+Timing: ``lpbq_tvm.timing.time_interleaved`` across all candidates for each measurement, through Python;
 the tables show median (min-max). Every row records the host's CPU (``lpbq_tvm.timing.host_cpu``).
 
     python benchmarks/bench_llm.py [--quick] [--json rows.json] [--decoders DIR]   # needs the bench, llm extras
@@ -58,6 +60,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # benchmarks.models is imported from the source tree
 MODES = ("fp32", "weight-only", "w4a8", "w4a8-dynamic", "w4a16")
+# Mixed activation widths (``--a16 REGEX``): static W4A8 with these layers' inputs at 16 bits, the accurate
+# static W4A8 of docs/llm.md; name -> (mode, regex of the 16-bit layers' ONNX node names)
+MIXED = {"w4a8 --a16 mlp": ("w4a8", "mlp")}
+VARIANTS = (*MODES, *MIXED)
 DECODERS = {"short": (16, 16), "long": (512, 256)}  # (context, prefill)
 PREFILLS = (16, 256)
 CONTEXTS = (16, 512)
@@ -68,7 +74,7 @@ PROMPT, CHECK_TOKENS = "The capital of France is", 8
 READ_BYTES = 256 << 20
 EMBEDDING = "model.embed_tokens.weight"  # the export's token embedding (benchmarks/models/smollm2.py)
 ORT_NAMES = ("onnxruntime fp32", *(f"onnxruntime acc{level}" for level in ORT_LEVELS))
-CANDIDATES = (*ORT_NAMES, *(f"lpbq_tvm {mode}" for mode in MODES))
+CANDIDATES = (*ORT_NAMES, *(f"lpbq_tvm {variant}" for variant in VARIANTS))
 
 
 def text_tokens(export) -> list[int]:
@@ -138,7 +144,7 @@ def source_stamp(export) -> dict:
     for folder in ("lpbq_tvm", "passes", "targets"):  # passes/ and targets/ belong to the package
         for path in sorted((tree / folder).rglob("*.py")):
             digest.update(str(path.relative_to(tree)).encode() + path.read_bytes())
-    settings = [MODES, DECODERS, BLOCK, CALIBRATION]
+    settings = [MODES, MIXED, DECODERS, BLOCK, CALIBRATION]
     model = (export.directory / "stamp.json").read_text()
     return {"sources": digest.hexdigest(), "model": model, "settings": json.dumps(settings)}
 
@@ -160,25 +166,35 @@ def calibrated_sim():
     return sim
 
 
+def folder_of(variant: str) -> str:
+    """The decoders' folder of a variant (``w4a8 --a16 mlp`` -> ``w4a8-a16-mlp``)."""
+    return variant.replace(" --", "-").replace(" ", "-")
+
+
 def compile_decoders(directory: Path, names: list[str]) -> None:
-    """Quantize and calibrate SmolLM2 once, compile the ``names`` decoders of every mode into ``directory``."""
+    """Quantize and calibrate SmolLM2 once, compile the ``names`` decoders of every variant into ``directory``
+    (the mixed-width ones last: their 16-bit layers stay so in the simulation)."""
+    import re
     import resource
 
     from lpbq_tvm.llm import compile_decoder
 
     sim = calibrated_sim()
-    for mode in MODES:
-        first = None  # the weights of the mode, once its first decoder is written
-        if (directory / mode / "params.bin").exists():
-            first = {key: value.numpy() for key, value in load_params(directory / mode).items()}
+    for variant in VARIANTS:
+        mode, sixteen_bit = MIXED.get(variant, (variant, None))
+        if sixteen_bit:
+            sim.set_activation_bitwidth([n for n in sim.lpbq_nodes if re.search(sixteen_bit, n)], 16)
+        folder, first = directory / folder_of(variant), None  # the weights of the variant, once first written
+        if (folder / "params.bin").exists():
+            first = {key: value.numpy() for key, value in load_params(folder).items()}
         for name in names:
             context, prefill = DECODERS[name]
             begin = time.perf_counter()
             decoder = compile_decoder(sim, mode, context=context, prefill=prefill)
             seconds = time.perf_counter() - begin
-            first = save_decoder(decoder, directory / mode, name, first)
+            first = save_decoder(decoder, folder, name, first)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            row = {"kind": "compile", "mode": mode, "decoder": name, "seconds": seconds, "peak_rss_mb": peak}
+            row = {"kind": "compile", "mode": variant, "decoder": name, "seconds": seconds, "peak_rss_mb": peak}
             print("ROW " + json.dumps(row), flush=True)
             del decoder
 
@@ -219,7 +235,8 @@ def load_params(folder: Path) -> dict:
 
 
 def load_decoders(folder: Path, mode: str, names: list[str]) -> dict:
-    """The decoders ``names`` of one mode written by :func:`compile_decoders`, sharing one copy of the weights."""
+    """The decoders ``names`` of one variant (compiled in ``mode``) written by :func:`compile_decoders`, sharing
+    one copy of the weights."""
     import tvm
 
     from lpbq_tvm.bundle import tensor_infos
@@ -342,18 +359,22 @@ def rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def read_rate() -> float:
-    """Bytes per second one core reads out of cache: the faster median of two numpy reductions of 256 MB."""
+def read_rate(threads: int) -> float:
+    """Bytes per second ``threads`` cores read out of cache: the faster median of two numpy reductions of 256 MB,
+    each thread reducing its own part (numpy releases the GIL in them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     from lpbq_tvm.timing import time_interleaved
 
-    array = np.ones(READ_BYTES // 8, dtype=np.uint64)
-    reads = {
-        "bitwise_or": functools.partial(np.bitwise_or.reduce, array),
-        "max": functools.partial(np.max, array.view(np.float32)),
-    }
-    timings = time_interleaved(reads, repeat=10)
+    parts = np.array_split(np.ones(READ_BYTES // 8, dtype=np.uint64), threads)
+    with ThreadPoolExecutor(threads) as pool:
+        reads = {
+            "bitwise_or": lambda: list(pool.map(np.bitwise_or.reduce, parts)),
+            "max": lambda: list(pool.map(lambda part: np.max(part.view(np.float32)), parts)),
+        }
+        timings = time_interleaved(reads, repeat=10)
     return READ_BYTES / (min(timing.median_ms for timing in timings.values()) / 1e3)
 
 
@@ -370,9 +391,10 @@ def load_candidates(threads: int, directory: Path, names: list[str], emit: Calla
         loaders[f"onnxruntime acc{level}"] = functools.partial(
             lambda m: ort_candidate(OrtDecoder(Path(m["file"]), threads), m["weight_bytes"]), meta
         )
-    for mode in MODES:
-        loaders[f"lpbq_tvm {mode}"] = functools.partial(
-            lambda m: lpbq_candidate(load_decoders(directory / m, m, names)), mode
+    for variant in VARIANTS:
+        mode = MIXED.get(variant, (variant,))[0]
+        loaders[f"lpbq_tvm {variant}"] = functools.partial(
+            lambda folder, m: lpbq_candidate(load_decoders(folder, m, names)), directory / folder_of(variant), mode
         )
     candidates, added, reference = {}, {}, None
     for name, load in loaders.items():
@@ -403,7 +425,7 @@ def worker(threads: int, quick: bool, directory: Path) -> None:
     def emit(row: dict) -> None:
         print("ROW " + json.dumps({"threads": threads, **row, "host": host}), flush=True)
 
-    rate = read_rate()
+    rate = read_rate(threads)
     names = ["short"] if quick else list(DECODERS)
     candidates = load_candidates(threads, directory, names, emit)
     export = smollm2.build()
@@ -447,14 +469,14 @@ def prepared_decoders(directory: Path, names: list[str], console) -> list[dict]:
     old = json.loads(stamp_file.read_text()) if stamp_file.exists() else {}
     done = old.get("decoders", []) if old.get("stamp") == stamp else []
     if not done:
-        for mode in MODES:
-            shutil.rmtree(directory / mode, ignore_errors=True)
+        for variant in VARIANTS:
+            shutil.rmtree(directory / folder_of(variant), ignore_errors=True)
     missing = [name for name in names if name not in done]
     if not missing:
         console.print(f"reusing the compiled decoders in {directory}")
         return []
     stamp_file.unlink(missing_ok=True)
-    console.print(f"compiling the {', '.join(missing)} decoders of {len(MODES)} modes into {directory} (minutes)")
+    console.print(f"compiling the {', '.join(missing)} decoders of {len(VARIANTS)} variants into {directory} (minutes)")
     rows = run_rows(["--compile", str(directory), *missing], threads=2)
     stamp_file.write_text(json.dumps({"stamp": stamp, "decoders": done + missing}))
     return rows
@@ -470,7 +492,7 @@ def print_tables(results: list[dict], console) -> None:
     timings = [row for row in results if row["kind"] == "timing"]
     bounds = {(row["threads"], row["measurement"]): row for row in results if row["kind"] == "bound"}
     times = Table(
-        title="SmolLM2-135M, batch 1: ms per call, median (min-max); bound: weights + KV cache at 1 core's read rate"
+        title="SmolLM2-135M, batch 1: ms per call, median (min-max); bound: weights + KV cache at the threads' reads"
     )
     speed = Table(title="tokens/s (prefill: prompt tokens per second; decode: 1000 / ms per token)")
     bound_columns = {
@@ -502,15 +524,15 @@ def print_ratios(timings: list[dict], bounds: dict, console) -> None:
         ratios.add_column(column, justify="right")
     single = {row["measurement"]: row for row in timings if row["threads"] == 1}
     for row in timings:
-        for mode in MODES:
-            mine = row["ms"][f"lpbq_tvm {mode}"][0]
+        for variant in VARIANTS:
+            mine = row["ms"][f"lpbq_tvm {variant}"][0]
             bound = bounds.get((row["threads"], row["measurement"]))
-            own = f"{mine / bound['ms'][f'lpbq_tvm {mode}']:.2f}" if bound else ""
-            speedup = single[row["measurement"]]["ms"][f"lpbq_tvm {mode}"][0] / mine
+            own = f"{mine / bound['ms'][f'lpbq_tvm {variant}']:.2f}" if bound else ""
+            speedup = single[row["measurement"]]["ms"][f"lpbq_tvm {variant}"][0] / mine
             cells = [f"{mine / row['ms'][name][0]:.2f}" for name in ORT_NAMES]
-            ratios.add_row(str(row["threads"]), row["measurement"], mode, *cells, own, f"{speedup:.2f}x")
+            ratios.add_row(str(row["threads"]), row["measurement"], variant, *cells, own, f"{speedup:.2f}x")
     console.print(ratios)
-    against = Table(title="Decode ms / bound (each candidate's own weight bytes + KV cache at 1 core's read rate)")
+    against = Table(title="Decode ms / bound (each candidate's own weight bytes + KV cache at the threads' read rate)")
     for column in ("threads", "measurement", *CANDIDATES):
         against.add_column(column, justify="right")
     for row in timings:
@@ -585,11 +607,12 @@ def main() -> None:
         flag for flag in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in host["flags"]
     ]
     console.print(f"host: {host['model']} (LLVM {host['llvm_cpu']}, {host['cores']} cores; {' '.join(flags)})")
-    rate = next(row["read_gb_s"] for row in results if row["kind"] == "bound")
+    rates = {row["threads"]: row["read_gb_s"] for row in results if row["kind"] == "bound"}
     levels = [
         f"acc{key} {m['nodes']} (accuracy_level {m['accuracy_level_attribute']})" for key, m in nbits["levels"].items()
     ]
-    console.print(f"single-core read rate {rate:.1f} GB/s (numpy, 256 MB); MatMulNBits nodes: {', '.join(levels)}")
+    read = ", ".join(f"{threads} thread(s) {rate:.1f} GB/s" for threads, rate in rates.items())
+    console.print(f"read rate (numpy, 256 MB): {read}; MatMulNBits nodes: {', '.join(levels)}")
     print_tables(results, console)
     print_checks(results, console)
     console.print(f"total {time.perf_counter() - start:.0f} s")
