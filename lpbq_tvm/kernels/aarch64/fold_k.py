@@ -17,7 +17,7 @@ from tvm.s_tir import Schedule
 
 from lpbq_tvm.kernels.aarch64.intrinsics import sdot_halves_intrinsic
 from lpbq_tvm.kernels.tiled.integer import Problem, folded_dot
-from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile
+from lpbq_tvm.kernels.tiled.schedule import decode_by_block, epilogue_at, parallel, row_tile
 
 __all__ = ["CODE_OFFSET", "accumulate", "schedule"]
 
@@ -39,9 +39,9 @@ def schedule(sch: Schedule, p: Problem) -> None:
     sch.reorder(t, group, mo, g, mi, tile, h, c, j)
     sch.compute_at(blk_wd, t)
     epilogue_at(sch, t)
-    wd_lane = sch.get_loops(blk_wd)[-1]
+    wd_h, wd_lane = decode_by_block(sch, blk_wd, p, by_lane=False)
     sch.vectorize(wd_lane)
-    sch.unroll(sch.get_loops(blk_wd)[-2])
+    sch.unroll(wd_h)
     parallel(sch, t, None, p.target)
     sch.decompose_reduction(blk_acc, g)
     sch.tensorize(h, sdot_halves_intrinsic())

@@ -24,7 +24,7 @@ from tvm.s_tir import Schedule
 from lpbq_tvm.kernels.aarch64.intrinsics import usmmla_pair_intrinsic
 from lpbq_tvm.kernels.tiled.decode import byte
 from lpbq_tvm.kernels.tiled.integer import Problem, int8_tile
-from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile
+from lpbq_tvm.kernels.tiled.schedule import decode_by_block, epilogue_at, parallel, row_tile
 
 __all__ = ["accumulate", "schedule"]
 
@@ -63,7 +63,8 @@ def schedule(sch: Schedule, p: Problem) -> None:
     blk_copy = sch.get_sblock("Acc")
     sch.reverse_compute_at(blk_copy, t)
     epilogue_at(sch, t)
-    sch.unroll(sch.get_loops(blk_wd)[-1])  # the lane's two words; LLVM vectorizes along the lanes
+    _, words = decode_by_block(sch, blk_wd, p, by_lane=True)
+    sch.unroll(words)  # the lane's two words; LLVM vectorizes along the lanes
     parallel(sch, t, None, p.target)
     sch.decompose_reduction(blk_acc, g)
     sch.tensorize(i, usmmla_pair_intrinsic())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from tvm import tirx
 from tvm.s_tir import Schedule
 
@@ -9,6 +11,7 @@ from lpbq_tvm.kernels.interface import FUSABLE_OUTPUT
 from lpbq_tvm.kernels.tiled.repack import LANES
 
 __all__ = [
+    "decode_by_block",
     "decode_by_register",
     "epilogue_at",
     "finish",
@@ -103,6 +106,24 @@ def decode_by_register(sch: Schedule, block, per_dword: int, register_lanes: int
     sch.reorder(dwords, chunk, value, lane)
     sch.unroll(value)
     sch.vectorize(lane)
+
+
+def decode_by_block(sch: Schedule, block, p, by_lane: bool, chunk_lanes: int = 16) -> tuple:
+    """The decoded int8 tile (:func:`~lpbq_tvm.kernels.tiled.integer.int8_tile`, computed at a channel
+    tile) decoded block by block, up to ``chunk_lanes`` lanes at a time, with the block's ``k`` nibbles
+    read once into a buffer of their own: its loops (g, then lanes and half, or half and lanes with
+    ``by_lane``) become (block, lane chunk, k-step, the other two in their order). The buffer is small
+    enough for the stack, which no store to the tile can alias, so LLVM computes each lane's ``k`` and
+    offset once per block and chunk instead of at every k-step (where it reloaded them: the tile's stores
+    might have changed the weights). Returns the two innermost loops in their order."""
+    g, first, second = sch.get_loops(block)[-3:]
+    step_block, step = sch.split(g, [None, p.B // 8])
+    chunk, lane = sch.split(first if by_lane else second, [None, math.gcd(p.lanes, chunk_lanes)])
+    inner = (lane, second) if by_lane else (first, lane)
+    sch.reorder(step_block, chunk, step, *inner)
+    reads = [str(region.source.name) for region in sch.get(block).reads]
+    sch.compute_at(sch.cache_read(block, reads.index("kw"), "global"), chunk)
+    return inner
 
 
 def schedule_codes(sch: Schedule, name: str, parallel_rows: int) -> None:

@@ -12,7 +12,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from lpbq_tvm.kernels.tiled.integer import Problem, folded_dot
-from lpbq_tvm.kernels.tiled.schedule import epilogue_at, parallel, row_tile, tensorize_or_vectorize
+from lpbq_tvm.kernels.tiled.schedule import decode_by_block, epilogue_at, parallel, row_tile, tensorize_or_vectorize
 from lpbq_tvm.kernels.x86.intrinsics import vnni_intrinsic
 
 __all__ = ["accumulate", "schedule"]
@@ -31,7 +31,7 @@ def schedule(sch: Schedule, p: Problem) -> None:
     sch.reorder(t, mo, g, h, mi, tile, c, j)
     sch.compute_at(blk_wd, t)
     epilogue_at(sch, t)
-    wd_g, wd_h, wd_lane = sch.get_loops(blk_wd)[-3:]
+    wd_h, wd_lane = decode_by_block(sch, blk_wd, p, by_lane=False)
     sch.vectorize(wd_lane)
     sch.unroll(wd_h)
     parallel(sch, t, mo, p.target)
