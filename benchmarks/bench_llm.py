@@ -38,9 +38,11 @@ fp32 and weight-only must choose onnxruntime fp32's next token, the others are r
 Timing: ``lpbq_tvm.timing.time_interleaved`` across all candidates for each measurement, through Python;
 the tables show median (min-max). Every row records the host's CPU (``lpbq_tvm.timing.host_cpu``).
 
-    python benchmarks/bench_llm.py [--quick] [--json rows.json] [--decoders DIR]   # needs the bench, llm extras
+    python benchmarks/bench_llm.py [--quick] [--only REGEX] [--json rows.json] [--decoders DIR]   # bench, llm extras
 
-``--quick``: one thread, prefill 16 and decode at 16 only (the context 16 decoders), fewer calls.
+``--quick``: one thread, prefill 16 and decode at 16 only (the context 16 decoders), fewer calls. ``--only``:
+the candidates whose name matches (``re.search``; ``lpbq_tvm w4a8``, ``onnxruntime acc4``, ...), the others
+neither compiled nor loaded: fewer processes share the host's cores and caches with the timed ones.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -171,16 +174,20 @@ def folder_of(variant: str) -> str:
     return variant.replace(" --", "-").replace(" ", "-")
 
 
-def compile_decoders(directory: Path, names: list[str]) -> None:
-    """Quantize and calibrate SmolLM2 once, compile the ``names`` decoders of every variant into ``directory``
+def chosen_variants(candidates: list[str]) -> list[str]:
+    """The lpbq_tvm variants among ``candidates``, in ``VARIANTS`` order (the mixed-width ones last)."""
+    return [variant for variant in VARIANTS if f"lpbq_tvm {variant}" in candidates]
+
+
+def compile_decoders(directory: Path, names: list[str], variants: list[str]) -> None:
+    """Quantize and calibrate SmolLM2 once, compile the ``names`` decoders of ``variants`` into ``directory``
     (the mixed-width ones last: their 16-bit layers stay so in the simulation)."""
-    import re
     import resource
 
     from lpbq_tvm.llm import compile_decoder
 
     sim = calibrated_sim()
-    for variant in VARIANTS:
+    for variant in variants:
         mode, sixteen_bit = MIXED.get(variant, (variant, None))
         if sixteen_bit:
             sim.set_activation_bitwidth([n for n in sim.lpbq_nodes if re.search(sixteen_bit, n)], 16)
@@ -378,8 +385,11 @@ def read_rate(threads: int) -> float:
     return READ_BYTES / (min(timing.median_ms for timing in timings.values()) / 1e3)
 
 
-def load_candidates(threads: int, directory: Path, names: list[str], emit: Callable) -> dict[str, Candidate]:
-    """Every candidate, loaded and checked in turn (its greedy continuation of the prompt, the RSS it added)."""
+def load_candidates(
+    threads: int, directory: Path, names: list[str], chosen: list[str], emit: Callable
+) -> dict[str, Candidate]:
+    """The ``chosen`` candidates, loaded and checked in turn (the greedy continuation of the prompt, against
+    onnxruntime fp32's when it is among them; the RSS each added)."""
     from benchmarks.models import smollm2
 
     export = smollm2.build()
@@ -397,23 +407,27 @@ def load_candidates(threads: int, directory: Path, names: list[str], emit: Calla
             lambda folder, m: lpbq_candidate(load_decoders(folder, m, names)), directory / folder_of(variant), mode
         )
     candidates, added, reference = {}, {}, None
-    for name, load in loaders.items():
+    for name in chosen:
         before = rss_mb()
-        candidates[name] = load()
+        candidates[name] = loaders[name]()
         tokens = candidates[name].greedy(prompt, CHECK_TOKENS)
         added[name] = rss_mb() - before
-        reference = reference or tokens
-        same = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b), len(tokens))
+        if name == "onnxruntime fp32":
+            reference = tokens
+        pairs = enumerate(zip(tokens, reference or tokens, strict=True))
+        same = None if reference is None else next((i for i, (a, b) in pairs if a != b), len(tokens))
         text, first = export.tokenizer.decode(tokens), export.tokenizer.decode(tokens[:1])
         emit({"kind": "check", "candidate": name, "tokens": tokens, "text": text, "next": first, "same_tokens": same})
         if same == 0 and name in ("lpbq_tvm fp32", "lpbq_tvm weight-only"):
             raise RuntimeError(f"{name} chooses {tokens[0]}, onnxruntime fp32 {reference[0]} after {PROMPT!r}")
-    candidates["onnxruntime fp32"].weight_bytes = candidates["lpbq_tvm fp32"].weight_bytes  # the fp32 MatMuls
+    if "onnxruntime fp32" in candidates:  # the fp32 MatMuls' bytes: those of lpbq_tvm fp32's decode graph
+        fp32 = candidates.get("lpbq_tvm fp32")
+        candidates["onnxruntime fp32"].weight_bytes = fp32.weight_bytes if fp32 else None
     emit({"kind": "memory", "added_mb": added})
     return candidates
 
 
-def worker(threads: int, quick: bool, directory: Path) -> None:
+def worker(threads: int, quick: bool, directory: Path, chosen: list[str]) -> None:
     os.environ["TVM_NUM_THREADS"] = str(threads)
     import resource
 
@@ -427,7 +441,7 @@ def worker(threads: int, quick: bool, directory: Path) -> None:
 
     rate = read_rate(threads)
     names = ["short"] if quick else list(DECODERS)
-    candidates = load_candidates(threads, directory, names, emit)
+    candidates = load_candidates(threads, directory, names, chosen, emit)
     export = smollm2.build()
     tokens, config = text_tokens(export), export.config
     prefills, contexts = (PREFILLS[:1], CONTEXTS[:1]) if quick else (PREFILLS, CONTEXTS)
@@ -439,8 +453,8 @@ def worker(threads: int, quick: bool, directory: Path) -> None:
         calls = {name: c.decode_at(tokens[:context]) for name, c in candidates.items()}
         emit(timing_row(f"decode @{context}", 1, time_interleaved(calls, 10 if quick else 30)))
         kv_bytes = 2 * config.layers * config.kv_heads * config.head_dim * context * 4
-        bound = {name: 1e3 * (c.weight_bytes + kv_bytes) / rate for name, c in candidates.items()}
-        weights = {name: c.weight_bytes for name, c in candidates.items()}
+        weights = {name: c.weight_bytes for name, c in candidates.items() if c.weight_bytes is not None}
+        bound = {name: 1e3 * (nbytes + kv_bytes) / rate for name, nbytes in weights.items()}
         row = {"kind": "bound", "measurement": f"decode @{context}", "read_gb_s": rate / 1e9, "kv_bytes": kv_bytes}
         emit(row | {"weight_bytes": weights, "ms": bound})
     emit({"kind": "peak", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
@@ -458,9 +472,10 @@ def run_rows(command: list[str], threads: int) -> list[dict]:
     return [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
 
 
-def prepared_decoders(directory: Path, names: list[str], console) -> list[dict]:
-    """Compile into ``directory`` the decoders its stamp does not list as compiled from the current sources (all
-    of them when the sources changed); the compile rows."""
+def prepared_decoders(directory: Path, names: list[str], variants: list[str], option: list[str], console) -> list[dict]:
+    """Compile into ``directory`` the decoders (``names`` of each of ``variants``) its stamp does not list as
+    compiled from the current sources (all of them when the sources changed); the compile rows. ``option``:
+    the ``--only`` arguments that choose ``variants``, for the compile process."""
     import shutil
 
     from benchmarks.models import smollm2
@@ -471,14 +486,15 @@ def prepared_decoders(directory: Path, names: list[str], console) -> list[dict]:
     if not done:
         for variant in VARIANTS:
             shutil.rmtree(directory / folder_of(variant), ignore_errors=True)
-    missing = [name for name in names if name not in done]
+    missing = [name for name in names if any(f"{variant}/{name}" not in done for variant in variants)]
     if not missing:
         console.print(f"reusing the compiled decoders in {directory}")
         return []
     stamp_file.unlink(missing_ok=True)
-    console.print(f"compiling the {', '.join(missing)} decoders of {len(VARIANTS)} variants into {directory} (minutes)")
-    rows = run_rows(["--compile", str(directory), *missing], threads=2)
-    stamp_file.write_text(json.dumps({"stamp": stamp, "decoders": done + missing}))
+    console.print(f"compiling the {', '.join(missing)} decoders of {', '.join(variants)} into {directory} (minutes)")
+    rows = run_rows(["--compile", str(directory), *option, *missing], threads=2)
+    compiled = sorted({*done, *(f"{variant}/{name}" for variant in variants for name in missing)})
+    stamp_file.write_text(json.dumps({"stamp": stamp, "decoders": compiled}))
     return rows
 
 
@@ -491,53 +507,59 @@ def print_tables(results: list[dict], console) -> None:
 
     timings = [row for row in results if row["kind"] == "timing"]
     bounds = {(row["threads"], row["measurement"]): row for row in results if row["kind"] == "bound"}
+    present = [name for name in CANDIDATES if name in timings[0]["ms"]]
     times = Table(
         title="SmolLM2-135M, batch 1: ms per call, median (min-max); bound: weights + KV cache at the threads' reads"
     )
     speed = Table(title="tokens/s (prefill: prompt tokens per second; decode: 1000 / ms per token)")
     bound_columns = {
         "bound fp32": "lpbq_tvm fp32",
-        "bound LPBQ": "lpbq_tvm weight-only",
+        "bound LPBQ": next((name for name in present if name.startswith("lpbq_tvm w")), ""),
         "bound NBits": "onnxruntime acc4",
     }
-    for column in ("threads", "measurement", *CANDIDATES, *bound_columns):
+    bounded = {name for row in bounds.values() for name in row["ms"]}
+    bound_columns = {column: name for column, name in bound_columns.items() if name in bounded}
+    for column in ("threads", "measurement", *present, *bound_columns):
         times.add_column(column, justify="right")
-    for column in ("threads", "measurement", *CANDIDATES):
+    for column in ("threads", "measurement", *present):
         speed.add_column(column, justify="right")
     for row in timings:
         key = (str(row["threads"]), row["measurement"])
         bound = bounds.get((row["threads"], row["measurement"]))
         extra = [f"{bound['ms'][name]:.2f}" if bound else "" for name in bound_columns.values()]
-        times.add_row(*key, *[cell(row["ms"][name]) for name in CANDIDATES], *extra)
-        speed.add_row(*key, *[f"{1e3 * row['tokens'] / row['ms'][name][0]:.1f}" for name in CANDIDATES])
+        times.add_row(*key, *[cell(row["ms"][name]) for name in present], *extra)
+        speed.add_row(*key, *[f"{1e3 * row['tokens'] / row['ms'][name][0]:.1f}" for name in present])
     console.print(times)
     console.print(speed)
-    print_ratios(timings, bounds, console)
+    print_ratios(timings, bounds, present, console)
 
 
-def print_ratios(timings: list[dict], bounds: dict, console) -> None:
+def print_ratios(timings: list[dict], bounds: dict, present: list[str], console) -> None:
     from rich.table import Table
 
     ratios = Table(title="Ratios of medians: lpbq_tvm mode / onnxruntime (below 1: lpbq_tvm faster), and / its bound")
-    columns = ("threads", "measurement", "lpbq_tvm", *(f"/ {name}" for name in ORT_NAMES), "/ bound", "vs 1 thread")
+    onnxruntime = [name for name in ORT_NAMES if name in present]
+    columns = ("threads", "measurement", "lpbq_tvm", *(f"/ {name}" for name in onnxruntime), "/ bound", "vs 1 thread")
     for column in columns:
         ratios.add_column(column, justify="right")
     single = {row["measurement"]: row for row in timings if row["threads"] == 1}
     for row in timings:
-        for variant in VARIANTS:
-            mine = row["ms"][f"lpbq_tvm {variant}"][0]
+        for name in (name for name in present if name.startswith("lpbq_tvm ")):
+            mine = row["ms"][name][0]
             bound = bounds.get((row["threads"], row["measurement"]))
-            own = f"{mine / bound['ms'][f'lpbq_tvm {variant}']:.2f}" if bound else ""
-            speedup = single[row["measurement"]]["ms"][f"lpbq_tvm {variant}"][0] / mine
-            cells = [f"{mine / row['ms'][name][0]:.2f}" for name in ORT_NAMES]
+            own = f"{mine / bound['ms'][name]:.2f}" if bound else ""
+            speedup = single[row["measurement"]]["ms"][name][0] / mine
+            cells = [f"{mine / row['ms'][other][0]:.2f}" for other in onnxruntime]
+            variant = name.removeprefix("lpbq_tvm ")
             ratios.add_row(str(row["threads"]), row["measurement"], variant, *cells, own, f"{speedup:.2f}x")
     console.print(ratios)
     against = Table(title="Decode ms / bound (each candidate's own weight bytes + KV cache at the threads' read rate)")
-    for column in ("threads", "measurement", *CANDIDATES):
+    bounded = [name for name in present if all(name in row["ms"] for row in bounds.values())]
+    for column in ("threads", "measurement", *bounded):
         against.add_column(column, justify="right")
     for row in timings:
         if bound := bounds.get((row["threads"], row["measurement"])):
-            cells = [f"{row['ms'][name][0] / bound['ms'][name]:.2f}" for name in CANDIDATES]
+            cells = [f"{row['ms'][name][0] / bound['ms'][name]:.2f}" for name in bounded]
             against.add_row(str(row["threads"]), row["measurement"], *cells)
     console.print(against)
 
@@ -549,21 +571,23 @@ def print_checks(results: list[dict], console) -> None:
     for column in ("threads", "candidate", "next token", "same tokens as onnxruntime fp32", "text"):
         checks.add_column(column)
     for row in (row for row in results if row["kind"] == "check"):
-        same = f"{row['same_tokens']}/{len(row['tokens'])}"
+        same = "" if row["same_tokens"] is None else f"{row['same_tokens']}/{len(row['tokens'])}"
         checks.add_row(
             str(row["threads"]), row["candidate"], f"{row['tokens'][0]} {row['next']!r}", same, repr(row["text"])
         )
     console.print(checks)
     memory = Table(title="Memory: RSS each candidate added when loaded and first run (MB), and the peak RSS")
-    for column in ("process", *CANDIDATES, "peak RSS MB"):
+    loaded = [row for row in results if row["kind"] == "memory"]
+    present = [name for name in CANDIDATES if name in loaded[0]["added_mb"]]
+    for column in ("process", *present, "peak RSS MB"):
         memory.add_column(column, justify="right")
     peaks = {row["threads"]: row["peak_rss_mb"] for row in results if row["kind"] == "peak"}
-    for row in (row for row in results if row["kind"] == "memory"):
-        added = [f"{row['added_mb'][name]:.0f}" for name in CANDIDATES]
+    for row in loaded:
+        added = [f"{row['added_mb'][name]:.0f}" for name in present]
         memory.add_row(f"worker, {row['threads']} thread(s)", *added, f"{peaks.get(row['threads'], 0):.0f}")
     compiles = [row for row in results if row["kind"] == "compile"]
     if compiles:
-        memory.add_row("compile", *[""] * len(CANDIDATES), f"{max(row['peak_rss_mb'] for row in compiles):.0f}")
+        memory.add_row("compile", *[""] * len(present), f"{max(row['peak_rss_mb'] for row in compiles):.0f}")
         console.print(", ".join(f"{r['mode']} {r['decoder']}: {r['seconds']:.0f} s" for r in compiles), style="dim")
     console.print(memory)
 
@@ -573,16 +597,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 thread, prefill 16 and decode @16 only, fewer calls")
     parser.add_argument("--json", type=Path, help="write the rows (timings, checks, bounds, host CPU) to this file")
     parser.add_argument("--decoders", type=Path, help="keep the compiled decoders here and reuse them when current")
+    parser.add_argument(
+        "--only",
+        type=re.compile,
+        metavar="REGEX",
+        help="run only the candidates whose name matches, e.g. 'acc4|weight-only|w4a8$' (default: all)",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # one thread count, in its own process
     parser.add_argument("--compile", type=Path, help=argparse.SUPPRESS)  # the decoders' compile process
     parser.add_argument("names", nargs="*", help=argparse.SUPPRESS)  # the decoders to compile
     args = parser.parse_args()
+    chosen = [name for name in CANDIDATES if args.only is None or args.only.search(name)]
+    if not chosen:
+        parser.error(f"--only {args.only.pattern!r} matches none of: {', '.join(CANDIDATES)}")
+    option = ["--only", args.only.pattern] if args.only else []  # for the subprocesses
     sys.path.insert(0, str(ROOT))
     if args.compile is not None:
-        compile_decoders(args.compile, args.names)
+        compile_decoders(args.compile, args.names, chosen_variants(chosen))
         return
     if args.worker is not None:
-        worker(args.worker, args.quick, args.decoders)
+        worker(args.worker, args.quick, args.decoders, chosen)
         return
     from rich.console import Console
 
@@ -595,11 +629,11 @@ def main() -> None:
         nbits = nbits_models(export)
     with tempfile.TemporaryDirectory(prefix="bench_llm-") as scratch:
         directory = args.decoders or Path(scratch)
-        results = prepared_decoders(directory, names, console)
+        results = prepared_decoders(directory, names, chosen_variants(chosen), option, console)
         for threads in (1,) if args.quick else (1, 2):
             console.print(f"worker: {threads} thread(s)")
-            command = ["--worker", str(threads), "--decoders", str(directory), *(["--quick"] if args.quick else [])]
-            results += run_rows(command, threads)
+            command = ["--worker", str(threads), "--decoders", str(directory), *option]
+            results += run_rows(command + (["--quick"] if args.quick else []), threads)
     if args.json:
         args.json.write_text(json.dumps({"nbits": nbits, "rows": results}, indent=1))
     host = next(row["host"] for row in results if "host" in row)
