@@ -385,6 +385,7 @@ class LaneReduction(dlight.ScheduleRule):
         row_shapes = {_written_shape(sch, b) for b, k in zip(blocks, kinds, strict=True) if k.endswith("R")}
         if any(len(k) < rank and _written_shape(sch, b) not in row_shapes for b, k in zip(blocks, kinds, strict=True)):
             return None  # a block of lower rank that is not one value per row (e.g. a keepdims reduction's consumer)
+        work = max(_iterations(sch, block) for block in blocks)
         factored = []
         for block, kind in zip(blocks, kinds, strict=True):
             row = sch.get_loops(block)[-1]
@@ -411,7 +412,7 @@ class LaneReduction(dlight.ScheduleRule):
             return sch
         loops = sch.get_loops(last)
         rows = sch.fuse(*(loops[:-1] if len(loops) == rank else loops))  # a per-row block: all its loops
-        sch.parallel(rows)
+        _parallel(sch, rows, work)
         for block in reversed(sch.get_child_blocks(root)[:-1]):
             sch.compute_at(block, rows, preserve_unit_loops=True)
         for block in sch.get_child_blocks(root):
@@ -451,7 +452,7 @@ def _parallel_reduction(sch: s_tir.Schedule, block) -> None:
         return
     first = kinds.index(_REDUCE)
     if first and all(kind == _REDUCE for kind in kinds[first:]):
-        sch.parallel(sch.fuse(*loops[:first]))
+        _parallel(sch, sch.fuse(*loops[:first]), _iterations(sch, block))
 
 
 def _touches_float8(sch: s_tir.Schedule, block) -> bool:
@@ -507,6 +508,26 @@ def _transposing_read(sch: s_tir.Schedule, block) -> tuple[int, int] | None:
 
 
 MIN_INNER = 8  # a shorter innermost loop is fused with the one outside it
+# Iterations below which a block runs serially: at two threads, starting the thread pool's tasks costs
+# what 16 K vectorised elementwise iterations take (docs/performance.md, "Small blocks run serially"),
+# and a decoder's step is hundreds of smaller blocks (a token's residual add, norm, rotary embedding,
+# cache write).
+MIN_PARALLEL = 1 << 14
+
+
+def _iterations(sch: s_tir.Schedule, block) -> int:
+    """The block's iterations (the product of its loops' extents; a size known only at run time counts as large)."""
+    total = 1
+    for loop in sch.get_loops(block):
+        extent = get_extent(sch, loop)
+        total *= extent if isinstance(extent, int) else MIN_PARALLEL
+    return total
+
+
+def _parallel(sch: s_tir.Schedule, loop, iterations: int) -> None:
+    """``loop`` parallel, unless the work it splits is under ``MIN_PARALLEL`` iterations."""
+    if iterations >= MIN_PARALLEL:
+        sch.parallel(loop)
 
 
 def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
@@ -522,20 +543,21 @@ def _parallel_elementwise(sch: s_tir.Schedule, block) -> None:
     if _reduces(sch, block) or not loops or not all(isinstance(sch.get(loop).extent, tirx.IntImm) for loop in loops):
         return  # (a size known only at run time, as after NonZero or Compress, stays TVM's plain loop)
     vectorize = sch.vectorize if not _touches_float8(sch, block) else lambda _loop: None
+    work = _iterations(sch, block)
     if (transposing := _transposing_read(sch, block)) is not None:
         j, w = transposing
         jo, ji = sch.split(loops[j], [None, _largest_divisor(int(sch.get(loops[j]).extent), (16, 8, 4, 2))])
         wo, wi = sch.split(loops[w], [None, _vector_lanes(int(sch.get(loops[w]).extent))])
         others = [loop for i, loop in enumerate(loops) if i not in (j, w)]
         sch.reorder(*others, jo, wo, ji, wi)
-        sch.parallel(sch.fuse(*others, jo))
+        _parallel(sch, sch.fuse(*others, jo), work)
         sch.unroll(ji)
         vectorize(wi)
         return
     while len(loops) >= 3 and int(sch.get(loops[-1]).extent) < MIN_INNER:
         loops = [*loops[:-2], sch.fuse(*loops[-2:])]
     if len(loops) >= 2:
-        sch.parallel(sch.fuse(*loops[:-1]))
+        _parallel(sch, sch.fuse(*loops[:-1]), work)
     inner = loops[-1]
     lanes = _vector_lanes(int(sch.get(inner).extent))
     if lanes > 1:

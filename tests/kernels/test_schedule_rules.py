@@ -166,14 +166,35 @@ def test_nhwc_convs_tile_pixels_and_match_numpy(x_shape, w_shape, groups, paddin
 
 def test_a_short_innermost_loop_is_fused_with_the_one_outside_it():
     """Padding a 3-channel NHWC image: the channel loop (3) is fused with the pixels of the row, so the
-    parallel loop runs over the 22 padded rows instead of 22 x 22 pixels, and each vector is longer
-    than 3 lanes (11, the largest divisor of 22 x 3 up to 16)."""
-    scheduled = CPU.pipeline()(nhwc_conv((1, 20, 20, 3), (3, 3, 3, 8), 1, 1))
+    parallel loop runs over the 96 padded rows instead of 96 x 96 pixels, and each vector is longer
+    than 3 lanes (16, the largest divisor of 96 x 3 up to 16)."""
+    scheduled = CPU.pipeline()(nhwc_conv((1, 94, 94, 3), (3, 3, 3, 8), 1, 1))
     conv = next(f for name, f in prim_funcs(scheduled).items() if "conv2d" in name)
     sch = s_tir.Schedule(conv)
     loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("pad_temp"))]
     kinds = [(int(loop.extent), tirx.ForKind(int(loop.kind))) for loop in loops]
-    assert kinds == [(22, tirx.ForKind.PARALLEL), (6, tirx.ForKind.SERIAL), (11, tirx.ForKind.VECTORIZED)], kinds
+    assert kinds == [(96, tirx.ForKind.PARALLEL), (18, tirx.ForKind.SERIAL), (16, tirx.ForKind.VECTORIZED)], kinds
+
+
+@pytest.mark.parametrize(("shape", "parallel"), [((1, 1, 576), False), ((1, 9, 1024), False), ((1, 16, 1024), True)])
+def test_blocks_run_parallel_from_min_parallel_iterations(shape, parallel):
+    """A residual add (``x + x · y``): parallel from ``MIN_PARALLEL`` (16 K) elements; below, where starting
+    the thread pool costs more than the work (a decoder step's add of one token, 576 values), one serial
+    vectorised loop. Either way the same values, up to the rounding of the product."""
+    nodes = [helper.make_node("Mul", ["x", "y"], ["p"]), helper.make_node("Add", ["x", "p"], ["z"])]
+    info = [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)) for name in "xyz"]
+    graph = helper.make_graph(nodes, "add", info[:2], info[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (script,) = (f.script() for f in cpu_scheduled(model).values())
+    assert ("T.parallel" in script) == parallel and "T.vectorized" in script, script
+    rng = np.random.default_rng(5)
+    x, y = (rng.standard_normal(shape).astype(np.float32) for _ in "xy")
+    imported = import_onnx(model)
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x, "y": y})["z"]
+    # a multiply and an add: numpy rounds the product, LLVM may fuse the two (one rounding of the product)
+    bound = UNIT_ROUNDOFF * (np.abs(x * y) + 2 * np.abs(x + x * y))
+    assert np.all(np.abs(actual - (x + x * y)) <= bound)
 
 
 def test_register_tiles_are_not_heap_allocated_per_tile():
@@ -337,7 +358,7 @@ def test_a_row_reduction_feeding_one_value_per_row_is_split_and_parallel():
     """An RMS norm's scale, ``1 / sqrt(mean(x²) + eps)`` per row (a reduction, then blocks of one value
     per row): the sum of squares split over the lanes, the rows parallel; within float64's value by
     the sum's ``(K - 1) u`` (positive terms, any order) and ``4 u`` for the mean, add, sqrt and division."""
-    rows, K, eps = 6, 256, 1e-5
+    rows, K, eps = 96, 256, 1e-5  # 24 K iterations: parallel (MIN_PARALLEL)
     x = te.placeholder((rows, K), "float32", "x")
     k = te.reduce_axis((0, K), "k")
     squares = te.compute((rows,), lambda r: te.sum(x[r, k] * x[r, k], axis=k), name="squares")
@@ -363,8 +384,8 @@ def test_a_kept_dims_norm_is_scheduled_per_row_not_per_element():
     """An RMS norm from ONNX (ReduceMean with keepdims, then elementwise over the full rows): its last
     block has the reduction's rank minus one loops but is not one value per row, so it must not be
     taken for one (that recomputed the row's sum for every element, 4 ms a call at 256 x 576). Its
-    function runs parallel over the 8 rows, within the derived bound."""
-    rows, K = 8, 64
+    function runs parallel over the 256 rows, within the derived bound."""
+    rows, K = 256, 64
     nodes = [
         helper.make_node("Mul", ["x", "x"], ["squares"]),
         helper.make_node("ReduceMean", ["squares"], ["mean"], axes=[-1], keepdims=1),
