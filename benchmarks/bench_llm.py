@@ -538,21 +538,22 @@ def print_ratios(timings: list[dict], bounds: dict, present: list[str], console)
     from rich.table import Table
 
     ratios = Table(title="Ratios of medians: lpbq_tvm mode / onnxruntime (below 1: lpbq_tvm faster), and / its bound")
-    onnxruntime = [name for name in ORT_NAMES if name in present]
+    onnxruntime, mine = [n for n in ORT_NAMES if n in present], [n for n in present if n.startswith("lpbq_tvm ")]
     columns = ("threads", "measurement", "lpbq_tvm", *(f"/ {name}" for name in onnxruntime), "/ bound", "vs 1 thread")
     for column in columns:
         ratios.add_column(column, justify="right")
     single = {row["measurement"]: row for row in timings if row["threads"] == 1}
     for row in timings:
-        for name in (name for name in present if name.startswith("lpbq_tvm ")):
-            mine = row["ms"][name][0]
+        for name in mine:
+            ms = row["ms"][name][0]
             bound = bounds.get((row["threads"], row["measurement"]))
-            own = f"{mine / bound['ms'][name]:.2f}" if bound else ""
-            speedup = single[row["measurement"]]["ms"][name][0] / mine
-            cells = [f"{mine / row['ms'][other][0]:.2f}" for other in onnxruntime]
+            own = f"{ms / bound['ms'][name]:.2f}" if bound else ""
+            speedup = single[row["measurement"]]["ms"][name][0] / ms
+            cells = [f"{ms / row['ms'][other][0]:.2f}" for other in onnxruntime]
             variant = name.removeprefix("lpbq_tvm ")
             ratios.add_row(str(row["threads"]), row["measurement"], variant, *cells, own, f"{speedup:.2f}x")
-    console.print(ratios)
+    if mine:
+        console.print(ratios)
     against = Table(title="Decode ms / bound (each candidate's own weight bytes + KV cache at the threads' read rate)")
     bounded = [name for name in present if all(name in row["ms"] for row in bounds.values())]
     for column in ("threads", "measurement", *bounded):
