@@ -169,6 +169,11 @@ def calibrated_sim():
     return sim
 
 
+def mode_of(variant: str) -> tuple[str, str | None]:
+    """The compile mode of a variant, and the regex of its 16-bit layers (None: the mode's widths)."""
+    return MIXED.get(variant, (variant, None))
+
+
 def folder_of(variant: str) -> str:
     """The decoders' folder of a variant (``w4a8 --a16 mlp`` -> ``w4a8-a16-mlp``)."""
     return variant.replace(" --", "-").replace(" ", "-")
@@ -188,7 +193,7 @@ def compile_decoders(directory: Path, names: list[str], variants: list[str]) -> 
 
     sim = calibrated_sim()
     for variant in variants:
-        mode, sixteen_bit = MIXED.get(variant, (variant, None))
+        mode, sixteen_bit = mode_of(variant)
         if sixteen_bit:
             sim.set_activation_bitwidth([n for n in sim.lpbq_nodes if re.search(sixteen_bit, n)], 16)
         folder, first = directory / folder_of(variant), None  # the weights of the variant, once first written
@@ -402,7 +407,7 @@ def load_candidates(
             lambda m: ort_candidate(OrtDecoder(Path(m["file"]), threads), m["weight_bytes"]), meta
         )
     for variant in VARIANTS:
-        mode = MIXED.get(variant, (variant,))[0]
+        mode, _ = mode_of(variant)
         loaders[f"lpbq_tvm {variant}"] = functools.partial(
             lambda folder, m: lpbq_candidate(load_decoders(folder, m, names)), directory / folder_of(variant), mode
         )
@@ -414,8 +419,9 @@ def load_candidates(
         added[name] = rss_mb() - before
         if name == "onnxruntime fp32":
             reference = tokens
-        pairs = enumerate(zip(tokens, reference or tokens, strict=True))
-        same = None if reference is None else next((i for i, (a, b) in pairs if a != b), len(tokens))
+        same = None  # tokens agreeing with onnxruntime fp32's, from the first; None without it
+        if reference is not None:
+            same = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b), len(tokens))
         text, first = export.tokenizer.decode(tokens), export.tokenizer.decode(tokens[:1])
         emit({"kind": "check", "candidate": name, "tokens": tokens, "text": text, "next": first, "same_tokens": same})
         if same == 0 and name in ("lpbq_tvm fp32", "lpbq_tvm weight-only"):

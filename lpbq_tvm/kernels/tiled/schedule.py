@@ -122,7 +122,7 @@ def decode_by_block(sch: Schedule, block, p, by_lane: bool, chunk_lanes: int = 1
     inner = (lane, second) if by_lane else (first, lane)
     sch.reorder(step_block, chunk, step, *inner)
     reads = [str(region.source.name) for region in sch.get(block).reads]
-    sch.compute_at(sch.cache_read(block, reads.index("kw"), "global"), chunk)
+    sch.compute_at(sch.cache_read(block, reads.index(p.kw.name), "global"), chunk)
     return inner
 
 
