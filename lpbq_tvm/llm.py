@@ -42,6 +42,7 @@ import onnx
 import tvm
 from tvm import relax
 
+from lpbq_tvm.bundle import numpy_view
 from lpbq_tvm.compiler import CompiledModel, build, lower
 from lpbq_tvm.compiler import compile as compile_model
 from lpbq_tvm.huge_pages import huge_page_zeros
@@ -224,6 +225,13 @@ class Decoder:
         shapes = [(_transposed(shape) if name in keys else shape, "float32") for name in self.interface.past]
         self._caches = dict(zip(self.interface.past, huge_page_zeros(shapes), strict=True))
         self._order = [info.name for info in self.decode_model.inputs]  # the decode step's inputs
+        # Its token inputs live across steps, written through numpy views: a fresh tensor per input and
+        # step (allocated, copied, freed) cost more than a layer's kernels (docs/performance.md).
+        tokens = [info for info in self.decode_model.inputs if info.name not in self._caches]
+        buffers = {info.name: tvm.runtime.empty(info.shape, info.dtype) for info in tokens}
+        self._step_inputs = {name: numpy_view(buffer) for name, buffer in buffers.items()}
+        self._arguments = [(buffers | self._caches)[name] for name in self._order]
+        self._slots = np.arange(self.context)
         self.length = 0  # positions in the caches
 
     @property
@@ -250,21 +258,18 @@ class Decoder:
         return np.concatenate(logits)
 
     def step(self, token: int) -> np.ndarray:
-        """Append one token to the sequence; the logits of the next, ``[vocab]``."""
+        """Append one token to the sequence; the logits of the next, ``[vocab]``: a view of the step's own
+        output tensor (no copy; a later step writes elsewhere while the array is alive)."""
         if self.length >= self.context:
             raise ValueError(f"the context of {self.context} tokens is full")
         self._check_tokens([token])
         slot = self.length
-        inputs = {
-            "input_ids": np.array([[token]], np.int64),
-            "attention_mask": (np.arange(self.context) <= slot).astype(np.int64)[None],
-            "position_ids": np.array([[slot]], np.int64),
-            SLOT_INPUT: np.array([slot], np.int64),
-        }
-        arguments = {name: tvm.runtime.tensor(value) for name, value in inputs.items()} | self._caches
-        outputs = self.decode_model.invoke(*(arguments[name] for name in self._order))
+        values = {"input_ids": token, "attention_mask": self._slots <= slot, "position_ids": slot, SLOT_INPUT: slot}
+        for name, view in self._step_inputs.items():
+            view[...] = values[name]
+        (logits,) = self.decode_model.invoke(*self._arguments)
         self.length += 1
-        return outputs[0].numpy().reshape(-1)
+        return numpy_view(logits).reshape(-1)
 
     def generate(
         self,

@@ -100,6 +100,21 @@ def test_greedy_generation_equals_onnxruntime_s_for_20_steps(sim, model_path):
     assert decoder.generate(PROMPT, max_new_tokens=20) == expected
 
 
+def test_a_step_s_logits_outlive_the_steps_after_it(decoders):
+    """step() returns a view of its output tensor, not a copy: the steps after it must write elsewhere, and
+    rewinding to the same position must give the same logits."""
+    decoder = decoders["fp32"]
+    decoder.prefill(PROMPT[:PREFILL])
+    held = [decoder.step(token) for token in PROMPT[PREFILL:]]
+    copies = [logits.copy() for logits in held]
+    decoder.step(PROMPT[0])
+    for logits, copy in zip(held, copies, strict=True):
+        np.testing.assert_array_equal(logits, copy)
+    assert not np.array_equal(held[0], held[1])
+    decoder.length = PREFILL
+    np.testing.assert_array_equal(decoder.step(PROMPT[PREFILL]), copies[0])
+
+
 def test_stop_tokens_end_generation_and_a_full_context_stops_it(decoders):
     decoder = decoders["fp32"]
     first = decoder.generate(PROMPT, max_new_tokens=4)
