@@ -26,8 +26,9 @@ class Timing:
 
 # Before each burst: longer than the thread pools the previous candidate left spinning take to go idle.
 SETTLE_SECONDS = 0.15
-# Untimed calls before each burst, at least one: the core is back at speed after the pause.
-WARM_SECONDS = 0.01
+# Untimed calls before each burst, at least one: long enough after the pause for a decoder's step to run
+# as fast as in a generation loop again (docs/performance.md, "Timing").
+WARM_SECONDS = 0.1
 
 
 def time_interleaved(functions: Mapping[str, Callable[[], object]], repeat: int, burst: int = 5) -> dict[str, Timing]:
