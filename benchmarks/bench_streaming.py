@@ -8,10 +8,11 @@ layer after another; a *pass* calls each copy once, and the table shows a call's
 placed as ``lpbq_tvm.compile`` places them (one arena of transparent huge pages,
 ``lpbq_tvm.huge_pages``) and as TVM allocates them on its own (4 KiB pages); beside them, the same
 layer warm (one copy), and one core's read rate over a 256 MB numpy array in huge and in 4 KiB
-pages. Shapes: SmolLM2-135M's projections and LM head, and a 4096 x 4096 layer; block 64, one
-thread, every timing interleaved (``lpbq_tvm.timing.time_interleaved``).
+pages. Shapes: SmolLM2-135M's projections (k / v, q / o, up / gate, down) and LM head, and a 4096 x
+4096 layer; block 64, every timing interleaved (``lpbq_tvm.timing.time_interleaved``). ``--threads``
+sets ``TVM_NUM_THREADS`` (default 1; the read rates stay one core's).
 
-    python benchmarks/bench_streaming.py [--json rows.json]   # needs the test extra
+    python benchmarks/bench_streaming.py [--threads 2] [--json rows.json]   # needs the test extra
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["TVM_NUM_THREADS"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dense_layer
 
-SHAPES = ((576, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 4096))  # (N, K)
+SHAPES = ((192, 576), (576, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 4096))  # (N, K)
 COLD_BYTES = 160e6  # weight copies cycled through per layer: beyond any cache of the hosts seen
 READ_BYTES = 256 * 2**20
 TIMED = ("warm", "huge pages", "4 KiB pages")
@@ -94,7 +94,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the rows (timings, read rates, host CPU) to this file")
     parser.add_argument("--repeat", type=int, default=15, help="timed passes per candidate (default 15)")
+    parser.add_argument("--threads", type=int, default=1, help="TVM_NUM_THREADS of the layers (default 1)")
     args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts: before any call
     import warnings
 
     import numpy as np
@@ -106,7 +108,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # np.core, for the read rates
     console = Console(width=160)
     host = host_cpu()
-    console.print(f"host: {host['model']} (LLVM {host['llvm_cpu']}), TVM_NUM_THREADS=1")
+    console.print(f"host: {host['model']} (LLVM {host['llvm_cpu']}), TVM_NUM_THREADS={args.threads}")
     rates = read_rows(args.repeat)
     console.print("one core reads 256 MB (numpy): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in rates.items()))
     table = Table(title="M = 1, block 64: µs per call (pass / copies), median (min-max); GB/s of weights read")
@@ -121,7 +123,8 @@ def main() -> None:
             table.add_row(row["shape"], row["mode"], f"{row['weight_bytes'] / 1e6:.2f}", *cells, *rate)
     console.print(table)
     if args.json:
-        args.json.write_text(json.dumps({"host": host, "read_gb_s": rates, "rows": rows}, indent=1))
+        record = {"host": host, "threads": args.threads, "read_gb_s": rates, "rows": rows}
+        args.json.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
