@@ -224,6 +224,7 @@ class Decoder:
         # pages, as the weights: a decode step reads the caches' filled part whole.
         shapes = [(_transposed(shape) if name in keys else shape, "float32") for name in self.interface.past]
         self._caches = dict(zip(self.interface.past, huge_page_zeros(shapes), strict=True))
+        self._cache_views = {name: numpy_view(cache) for name, cache in self._caches.items()}  # prefill writes
         self._order = [info.name for info in self.decode_model.inputs]  # the decode step's inputs
         # Its token inputs live across steps, written through numpy views: a fresh tensor per input and
         # step (allocated, copied, freed) cost more than a layer's kernels (docs/performance.md).
@@ -329,13 +330,11 @@ class Decoder:
         outputs = self.prefill_model.run(inputs)
         keys = set(self.interface.keys)
         for name, present in zip(self.interface.past, self.interface.presents, strict=True):
-            cache = self._caches[name]
-            filled = cache.numpy()
+            cache = self._cache_views[name]  # the prompt's n slots written in place, the rest left as they are
             if name in keys:  # held transposed: [1, heads, head size, slots]
-                filled[:, :, :, :n] = _transposed(outputs[present][:, :, :n])
+                cache[:, :, :, :n] = _transposed(outputs[present][:, :, :n])
             else:
-                filled[:, :, :n] = outputs[present][:, :, :n]
-            cache.copyfrom(filled)
+                cache[:, :, :n] = outputs[present][:, :, :n]
         self.length = n
         return outputs["logits"][0, :n]
 
