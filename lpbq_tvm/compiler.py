@@ -30,6 +30,7 @@ from lpbq_tvm.io import atomic_write
 from lpbq_tvm.modes import FLOAT_MODE, activation_bits, needs_calibration
 from lpbq_tvm.passes.channels_last import ChannelsLast
 from lpbq_tvm.passes.lower_lpbq import LowerLPBQ
+from lpbq_tvm.passes.merge_sibling_layers import MergeSiblingLayers
 from lpbq_tvm.targets import get_target
 
 __all__ = ["CompiledModel", "WeightBytes", "build", "compile", "lower", "tuning_database"]
@@ -211,7 +212,8 @@ def lower(
     sim, target: str = "cpu", mode: str = "weight-only", *, quantize_all_activations: bool = True
 ) -> tvm.IRModule:
     """The Relax module :func:`compile` builds: the float model (``"fp32"``) or the LPBQ-lowered one,
-    its 2-D convs in NHWC where the target wants channels last, its LPBQ layers on the target's kernels."""
+    its 2-D convs in NHWC where the target wants channels last, its LPBQ layers on the target's kernels
+    (dense layers reading the same input as one, where the target does not requantize each layer)."""
     target_kind = get_target(target)
     if not quantize_all_activations and not target_kind.requantize_outputs:
         msg = f"quantize_all_activations=False selects an htp-sim graph; target {target!r} has no such choice"
@@ -229,8 +231,10 @@ def lower(
             "sim.compute_encodings(callback, args) with a callback that feeds calibration data through sim.run"
         )
         raise ValueError(msg)
-    if target_kind.requantize_outputs:  # HTP semantics: the graph of the QNN export
+    if target_kind.requantize_outputs:  # HTP semantics: the graph of the QNN export, one layer per node
         module = sim.qdq_module(activation_bits(mode), quantize_all_activations)
+    else:
+        module = MergeSiblingLayers()(module)
     tvm_target = target_kind.tvm_target()
     lowering = LowerLPBQ(mode, target_kind.requantize_outputs, target_kind.kernel_provider(tvm_target))
     return lowering(layout(module))

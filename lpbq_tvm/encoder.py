@@ -25,7 +25,7 @@ This module must not import TVM: it is the reference the compiler passes are che
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "ENCODERS",
     "check_lpbq_weight",
     "encode_lpbq",
+    "side_by_side",
     "weight_axes",
     "sqnr_db",
 ]
@@ -192,6 +193,33 @@ class LPBQEncoding:
     def canonical_int_weight(self) -> np.ndarray:
         """``q`` as ``[C, I * R]``: channel axis first, then the block axis, then the rest."""
         return _to_canonical(self.int_weight, self.channel_axis, self.block_axis).reshape(self.num_channels, -1)
+
+
+def side_by_side(encodings: Sequence[LPBQEncoding]) -> LPBQEncoding:
+    """The encoding of the weights of ``encodings`` concatenated along their channel axis: each channel
+    keeps its codes and scales, so it equals each layer's encoding on its own channels. They must share
+    config, axes and every other dimension."""
+    first = encodings[0]
+
+    def layout(encoding: LPBQEncoding) -> tuple:
+        others = np.delete(encoding.shape, first.channel_axis).tolist()
+        return encoding.config, encoding.channel_axis, encoding.block_axis, others
+
+    for other in encodings[1:]:
+        if layout(other) != layout(first):
+            msg = (
+                f"encodings of shape {first.shape} ({first.config.as_dict()}) and {other.shape} "
+                f"({other.config.as_dict()}) do not stand side by side along axis {first.channel_axis}"
+            )
+            raise ValueError(msg)
+    return LPBQEncoding(
+        config=first.config,
+        channel_axis=first.channel_axis,
+        block_axis=first.block_axis,
+        float_scale=np.concatenate([e.float_scale for e in encodings]),
+        per_block_int_scale=np.concatenate([e.per_block_int_scale for e in encodings]),
+        int_weight=np.concatenate([e.int_weight for e in encodings], axis=first.channel_axis),
+    )
 
 
 def _normalize_axis(axis: int, ndim: int, what: str, shape: tuple[int, ...]) -> int:

@@ -21,11 +21,14 @@ from lpbq_tvm.attrs import PARAMS_ATTR, num_inputs
 
 
 class LayerPatterns:
-    """Sub-patterns are attributes so that a rewriter can read ``matchings[self.weight]``."""
+    """Sub-patterns are attributes so that a rewriter can read ``matchings[self.weight]``.
 
-    def __init__(self) -> None:
+    With ``merged=True`` a dense layer's weight may also be a concatenation of weights along its
+    channel axis (MergeSiblingLayers' layers); ``matchings[self.weight]`` is then the ``concat``."""
+
+    def __init__(self, merged: bool = False) -> None:
         self.x = wildcard()
-        self.weight = wildcard()
+        self.weight = (is_op("relax.concat")(wildcard()) | wildcard()) if merged else wildcard()
         self.bias = wildcard()
         self.transpose = is_op("relax.permute_dims")(self.weight)
         self.dense_transposed = is_op("relax.matmul")(self.x, self.transpose)
@@ -60,10 +63,20 @@ class Candidate:
 
 
 def is_weight(expr: relax.Expr, func: relax.Function) -> bool:
-    """A function parameter or a constant."""
+    """A function parameter or a constant; or a concatenation of them (:func:`weight_parts`)."""
     if isinstance(expr, tvm.ir.GenericConst):
         return True
+    if (parts := weight_parts(expr)) is not None:
+        return all(is_weight(part, func) for part in parts)
     return isinstance(expr, relax.Var) and any(expr.same_as(param) for param in func.params)
+
+
+def weight_parts(weight: relax.Expr) -> list[relax.Expr] | None:
+    """The weights a ``concat`` joins (MergeSiblingLayers' weight of merged layers), or None."""
+    if isinstance(weight, relax.Call) and weight.op.same_as(tvm.ir.Op.get("relax.concat")):
+        tuple_ = weight.args[0]
+        return list(tuple_.fields) if isinstance(tuple_, relax.Tuple) else None
+    return None
 
 
 def match_candidate(patterns: LayerPatterns, matchings: dict, func: relax.Function) -> Candidate | None:
@@ -78,8 +91,14 @@ def match_candidate(patterns: LayerPatterns, matchings: dict, func: relax.Functi
             axes = matchings[patterns.transpose].attrs.axes
             if ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
                 return None
-            return Candidate("dense", "Gemm", call, matchings[patterns.x], weight, 0, 1)
-        return Candidate("dense", "MatMul", call, matchings[patterns.x], weight, ndim - 1, ndim - 2)
+            candidate = Candidate("dense", "Gemm", call, matchings[patterns.x], weight, 0, 1)
+        else:
+            candidate = Candidate("dense", "MatMul", call, matchings[patterns.x], weight, ndim - 1, ndim - 2)
+        if weight_parts(weight) is not None and int(weight.attrs.axis) % ndim != candidate.channel_axis:
+            return None  # weights joined along their depth: not layers side by side
+        return candidate
+    if weight_parts(weight) is not None:
+        return None
     if patterns.conv_channels_last in matchings:
         axes = matchings[patterns.kernel_transpose].attrs.axes
         if str(call.attrs.kernel_layout) != "HWIO" or [int(a) for a in axes or ()] != [2, 3, 1, 0]:
@@ -88,13 +107,23 @@ def match_candidate(patterns: LayerPatterns, matchings: dict, func: relax.Functi
 
 
 def weight_key(weight: relax.Expr, annotations: dict[str, Any]) -> str | None:
-    """The key of ``weight`` in an annotation map: its parameter name, or the constant's entry."""
+    """The key of ``weight`` in an annotation map: its parameter name, or the constant's entry; for a
+    concatenation, its parts' keys joined by ``+`` (:func:`weight_keys` lists them)."""
+    if weight_parts(weight) is not None:
+        keys = weight_keys(weight, annotations)
+        return None if keys is None else "+".join(keys)
     if isinstance(weight, relax.Var):
         return weight.name
     for key, entry in annotations.items():
         if "constant" in entry and entry["constant"].same_as(weight):
             return key
     return None
+
+
+def weight_keys(weight: relax.Expr, annotations: dict[str, Any]) -> list[str] | None:
+    """The keys of the weights ``weight`` joins (one for a parameter or constant), or None if one has none."""
+    keys = [weight_key(part, annotations) for part in weight_parts(weight) or [weight]]
+    return None if None in keys else keys
 
 
 def weight_value(key: str, annotation: dict[str, Any], func: relax.Function) -> np.ndarray:

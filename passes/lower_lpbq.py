@@ -57,12 +57,12 @@ from lpbq_tvm.attrs import (
     num_inputs,
 )
 from lpbq_tvm.calibration import RowwiseEncoding, activation_encoding
-from lpbq_tvm.encoder import LPBQEncoding
+from lpbq_tvm.encoder import LPBQEncoding, side_by_side
 from lpbq_tvm.kernels.generic import conv_kernel, dense_kernel, im2col, tap_major, transposed_around
 from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic, KernelProvider
 from lpbq_tvm.modes import activation_bits, is_dynamic, needs_calibration
 from lpbq_tvm.packing import pack
-from lpbq_tvm.passes._layers import Candidate, LayerPatterns, match_candidate, weight_key
+from lpbq_tvm.passes._layers import Candidate, LayerPatterns, match_candidate, weight_keys, weight_parts
 from lpbq_tvm.passes.encode_lpbq import read_encodings
 
 __all__ = ["LowerLPBQ", "attach_activation_ranges"]
@@ -125,12 +125,32 @@ class _Lowering:
         self.encodings: dict[str, LPBQEncoding] = read_encodings(func)
         self.kernels = kernels
         self.packed: dict[str, tuple[list[np.ndarray], list[relax.Expr]]] = {}
+        self.parts: dict[str, list[str]] = {}  # a merged layer's key -> its layers' keys
         self.generic: list[relax.GlobalVar] = []
+
+    def key_of(self, weight: relax.Expr) -> str | None:
+        """The key of an encoded ``weight``, None if it has no encoding. Weights side by side
+        (MergeSiblingLayers) get one key, ``<w1>+<w2>+…``, with their encodings side by side, the
+        first layer's annotation (the pass merges only layers whose annotations agree) and input range."""
+        keys = weight_keys(weight, self.annotations)
+        if keys is None or any(key not in self.encodings for key in keys):
+            return None
+        if len(keys) == 1:
+            return keys[0]
+        key = "+".join(keys)
+        if key not in self.parts:
+            self.parts[key] = keys
+            self.encodings[key] = side_by_side([self.encodings[part] for part in keys])
+            nodes = ", ".join(str(self.annotations[part]["node"]) for part in keys)
+            self.annotations[key] = {**self.annotations[keys[0]], "node": nodes}
+            if keys[0] in self.ranges:
+                self.ranges[key] = self.ranges[keys[0]]
+        return key
 
     def weight_args(self, key: str, weight: relax.Expr, arrays: dict[str, np.ndarray]) -> list[relax.Expr]:
         """Operands for ``arrays`` (suffix -> value): new parameters ``<key>.<suffix>``, or constants."""
         if key not in self.packed:
-            if isinstance(weight, relax.Var):
+            if all(isinstance(part, relax.Var) for part in weight_parts(weight) or [weight]):
                 args = [
                     relax.Var(f"{key}.{suffix}", relax.TensorType(array.shape, str(array.dtype)))
                     for suffix, array in arrays.items()
@@ -265,8 +285,8 @@ class _Lowering:
         self, bb: relax.BlockBuilder, candidate: Candidate, bias: relax.Expr | None, fallback: relax.Expr
     ) -> relax.Expr:
         """The kernel call replacing ``candidate`` (+ ``bias``); ``fallback`` when it has no encoding."""
-        key = weight_key(candidate.weight, self.annotations)
-        if key not in self.encodings:
+        key = self.key_of(candidate.weight)
+        if key is None:
             return fallback
         annotation = self.annotations[key]
         if bias is not None and self.requantize_outputs and not bool(annotation.get("has_bias", True)):
@@ -348,7 +368,7 @@ class LowerLPBQ:
         self.mode = mode
         self.requantize_outputs = requantize_outputs
         self.kernels = kernels
-        self.patterns = LayerPatterns()
+        self.patterns = LayerPatterns(merged=True)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         encoded = [
@@ -403,25 +423,28 @@ class LowerLPBQ:
         num_input = num_inputs(func)
         values = list(func.attrs[PARAMS_ATTR]) if PARAMS_ATTR in func.attrs else None
         params, kept_values = list(func.params[:num_input]), []
+        replaced = {part for key in lowering.packed for part in lowering.parts.get(key, [key])}
         for index, param in enumerate(func.params[num_input:]):
-            if param.name in lowering.packed and param.name not in used:
+            if param.name in replaced and param.name not in used:
                 continue
             params.append(param)
             if values is not None:
                 kept_values.append(values[index])
         lowered = {}
         for key, (arrays, args) in lowering.packed.items():
-            annotation = lowering.annotations[key]
-            lowered[key] = {
-                "node": annotation["node"],
-                "op_type": annotation["op_type"],
-                "mode": lowering.mode,
-                "requantized": lowering.requantize_outputs,
-            }
+            for part in lowering.parts.get(key, [key]):
+                annotation = lowering.annotations[part]
+                lowered[part] = {
+                    "node": annotation["node"],
+                    "op_type": annotation["op_type"],
+                    "mode": lowering.mode,
+                    "requantized": lowering.requantize_outputs,
+                }
+                if isinstance(args[0], relax.Var):
+                    lowered[part]["params"] = [arg.name for arg in args]
             if isinstance(args[0], relax.Var):
                 params += args
                 kept_values += [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
-                lowered[key]["params"] = [arg.name for arg in args]
         attrs = {k: v for k, v in func.attrs.items() if k not in (ENCODINGS_ATTR, PARAMS_ATTR)}
         attrs[LOWERED_ATTR] = lowered
         if values is not None:
