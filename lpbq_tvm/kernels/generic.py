@@ -22,9 +22,11 @@ kernel invocation). Arithmetic (docs/design.md §3):
   pre-bias encoding) — exactly :mod:`lpbq_tvm.reference`. Mode ``w4a8-dynamic`` (dense layers): ``sx`` and
   ``zx`` per row of ``x``, :func:`row_encodings`.
 
-The epilogue stages carry the block annotation :data:`~lpbq_tvm.kernels.interface.SEPARATE_ROUNDING`:
-a rule that inlined them into one expression would let LLVM contract a multiply and an add into
-one FMA, whose single rounding differs from the reference's two.
+The epilogue keeps the reference's roundings: a product that an add follows (the scaled accumulator
+before the bias, the pre-bias dequantization) passes an ``llvm.arithmetic.fence`` (:func:`rounded`), as
+LLVM would otherwise contract the two into one FMA, whose single rounding differs from the reference's
+two, wherever the stages end up in one loop. The stages also carry the block annotation
+:data:`~lpbq_tvm.kernels.interface.SEPARATE_ROUNDING`, which keeps the schedule rules from inlining them.
 
 Also here, for convs that run as a dense kernel: their tap-major im2col columns (:func:`im2col`)
 and the weight encoding in the same order (:func:`tap_major`).
@@ -42,9 +44,15 @@ from lpbq_tvm.calibration import ActivationEncoding, RowwiseEncoding
 from lpbq_tvm.encoder import LPBQEncoding
 from lpbq_tvm.kernels.interface import SEPARATE_ROUNDING, IntegerArithmetic
 
-__all__ = ["conv_kernel", "dense_kernel", "im2col", "row_encodings", "tap_major", "transposed_around"]
+__all__ = ["conv_kernel", "dense_kernel", "im2col", "rounded", "row_encodings", "tap_major", "transposed_around"]
 
 _SEPARATE = {SEPARATE_ROUNDING: 1}
+
+
+def rounded(value):
+    """``value``, rounded on its own: behind an ``llvm.arithmetic.fence``, which LLVM does not contract
+    into an FMA with the add after it (a bias, a fused batch norm)."""
+    return tirx.call_llvm_pure_intrin(value.ty.dtype, "llvm.arithmetic.fence", value)
 
 
 def _nibble(packed: te.Tensor, row, index):
@@ -135,18 +143,20 @@ def _epilogue(
             return acc(*index) * s[index[channel_axis]]
         sx = tirx.const(integer.input_encoding.scale, "float32") if scales is None else scales(*index[:-1])
         value = acc(*index).astype("float32") * sx
-        return value * s[index[channel_axis]]
+        return rounded(value * s[index[channel_axis]])
 
     result = te.compute(acc.shape, scaled, name="lpbq_scaled", attrs=_SEPARATE)
     requantize = integer is not None and integer.output_encoding is not None
     if bias is None and not requantize:
         return result
     if requantize and integer.pre_bias_encoding is not None:
-        # A stage of its own too: its dequantize ``(code - z) * s`` followed by the bias add in one
-        # expression becomes an FMA once the loop is vectorised.
+        # Its dequantize ``(code - z) * s`` and the bias add after it are two roundings, not one FMA.
         pre_bias = integer.pre_bias_encoding
         result = te.compute(
-            acc.shape, lambda *i: _fake_quantize(result(*i), pre_bias), name="lpbq_pre_bias", attrs=_SEPARATE
+            acc.shape,
+            lambda *i: rounded(_fake_quantize(result(*i), pre_bias)),
+            name="lpbq_pre_bias",
+            attrs=_SEPARATE,
         )
 
     def output(*index):

@@ -17,8 +17,8 @@ builds such a kernel around one of the uint8 schemes (:mod:`~lpbq_tvm.kernels.ti
 ``accumulate(problem)`` (the int32 ``Acc [rows, NT, lanes]`` of ``Σ xq · q · k``, or, for a scheme with
 ``CODE_OFFSET = c``, of ``Σ (xq − c) · q · k``) and ``schedule(sch, problem)``.
 
-The output passes an ``llvm.arithmetic.fence`` (:func:`rounded`) before the bias add: LLVM may not
-contract the scale product with the add that follows into one FMA, so the kernel keeps the
+The output passes an ``llvm.arithmetic.fence`` (:func:`~lpbq_tvm.kernels.generic.rounded`) before the
+bias add: LLVM may not contract the scale product with the add that follows into one FMA, so the kernel keeps the
 reference's two roundings even when a fused batch norm or activation joins its output block.
 """
 
@@ -34,6 +34,7 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from lpbq_tvm.calibration import ActivationEncoding, RowwiseEncoding
+from lpbq_tvm.kernels.generic import rounded
 from lpbq_tvm.kernels.tiled.decode import byte, k_value, nibbles
 from lpbq_tvm.kernels.tiled.repack import LANES
 from lpbq_tvm.kernels.tiled.schedule import finish, schedule_codes, tile_lanes
@@ -165,12 +166,6 @@ def code(value, sx, zx, qmax: int):
     reciprocal: bit-exact with the reference); ``sx`` a float32 and ``zx`` an int32 expression."""
     quantized = tirx.nearbyint(value / sx) + zx.astype("float32")
     return tirx.max(tirx.min(quantized, tirx.const(float(qmax), "float32")), tirx.const(0.0, "float32"))
-
-
-def rounded(value):
-    """``value``, rounded on its own: behind an ``llvm.arithmetic.fence``, which LLVM does not contract
-    into an FMA with the add after it (the bias, a fused batch norm)."""
-    return tirx.call_llvm_pure_intrin(value.ty.dtype, "llvm.arithmetic.fence", value)
 
 
 def integer_output(M, N, acc, sx, s, bias):

@@ -11,7 +11,7 @@ conversion time, into 64-channel tiles (:mod:`.repack`), decode it with the expr
 Every kernel is out-elementwise-fusable (``op_pattern = 4``, its output block marked
 :data:`~lpbq_tvm.kernels.interface.FUSABLE_OUTPUT`): the batch norm and activation after a layer
 fuse into its function and are computed as each output tile is written. The integer kernels keep
-the reference's separate roundings behind an arithmetic fence (:func:`.integer.rounded`).
+the reference's separate roundings behind an arithmetic fence (:func:`lpbq_tvm.kernels.generic.rounded`).
 
 :func:`dense_kernel` is the family's entry for a target's kernel provider; :mod:`.dense` holds it
 and the choice among the schemes.
