@@ -72,6 +72,7 @@ class CompiledModel:
         self.lowered = dict(lowered)
         self._vm: relax.VirtualMachine | None = None
         self._main = None  # the VM's main function, looked up once
+        self._device = None
         self._buffers: list[tvm.runtime.Tensor] = []  # aligned device inputs, refilled by each run
         self._views: list[np.ndarray] = []
 
@@ -103,8 +104,7 @@ class CompiledModel:
                 raise RuntimeError(msg)
             self._vm = relax.VirtualMachine(self.executable, device)
             self._main = self._vm["main"]
-            self._buffers = [tvm.runtime.empty(info.shape, info.dtype, device) for info in self.inputs]
-            self._views = [numpy_view(buffer) for buffer in self._buffers]
+            self._device = device
         return self._vm
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | list[np.ndarray]]:
@@ -114,6 +114,10 @@ class CompiledModel:
         self._machine()
         # Copied into aligned buffers kept across runs, through numpy views of their memory: raw numpy
         # memory may be misaligned, and a fresh tensor per run costs more than a small layer's kernels.
+        # Made at the first run, not at load: a caller of invoke() (a decode step) keeps its own inputs.
+        if not self._buffers:
+            self._buffers = [tvm.runtime.empty(info.shape, info.dtype, self._device) for info in self.inputs]
+            self._views = [numpy_view(buffer) for buffer in self._buffers]
         for value, view in zip(values, self._views, strict=True):
             np.copyto(view, value)
         return outputs_by_name(self._main(*self._buffers, *self.params), self.outputs)

@@ -115,6 +115,15 @@ def test_a_step_s_logits_outlive_the_steps_after_it(decoders):
     np.testing.assert_array_equal(decoder.step(PROMPT[PREFILL]), copies[0])
 
 
+def test_a_decode_step_holds_no_input_copies(decoders):
+    """The decode graph is invoked on the decoder's own tensors (its caches among them): the model keeps no
+    run buffers of its inputs' shapes, which for the caches would be their size again."""
+    decoder = decoders["fp32"]
+    decoder.prefill(PROMPT[:PREFILL])
+    decoder.step(PROMPT[PREFILL])
+    assert decoder.decode_model._buffers == []
+
+
 def test_stop_tokens_end_generation_and_a_full_context_stops_it(decoders):
     decoder = decoders["fp32"]
     first = decoder.generate(PROMPT, max_new_tokens=4)
