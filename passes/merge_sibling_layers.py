@@ -24,6 +24,7 @@ Run it after EncodeLPBQ and before LowerLPBQ; not for graphs that requantize eac
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import tvm
 from tvm import relax
@@ -43,14 +44,15 @@ __all__ = ["MergeSiblingLayers"]
 _CONFIG_FIELDS = ("bitwidth", "decompressed_bw", "block_size", "block_grouping", "encoder", ACTIVATION_BITWIDTH)
 
 
+@dataclass(frozen=True)
 class _Sibling:
-    """One encoded dense layer: its binding, weight and what a group of siblings must share."""
+    """One encoded dense layer: the index of its block, its binding, its weight (``[K, N]``, or ``[N, K]``
+    when the layer multiplies by its transpose)."""
 
-    def __init__(self, block: int, binding: relax.VarBinding, weight: relax.Expr, transposed: bool) -> None:
-        self.block = block
-        self.binding = binding
-        self.weight = weight
-        self.transposed = transposed
+    block: int
+    binding: relax.VarBinding
+    weight: relax.Expr
+    transposed: bool
 
     @property
     def axis(self) -> int:
@@ -60,15 +62,6 @@ class _Sibling:
     @property
     def channels(self) -> int:
         return int(self.weight.ty.shape[self.axis])
-
-
-def _plain(value):
-    """An attribute value as something hashable: a range's bounds as a tuple of floats."""
-    if value is None or isinstance(value, str | int | float):
-        return value
-    if hasattr(value, "items"):
-        return tuple(sorted((str(k), _plain(v)) for k, v in value.items()))
-    return tuple(_plain(v) for v in value)
 
 
 def _siblings(blocks: list[relax.BindingBlock], func: relax.Function) -> list[list[_Sibling]]:
@@ -99,8 +92,9 @@ def _siblings(blocks: list[relax.BindingBlock], func: relax.Function) -> list[li
                 continue
             annotation = annotations[key]
             depth = int(weight.ty.shape[1 if transposed else 0])
-            shared = tuple(_plain(annotation.get(field)) for field in _CONFIG_FIELDS)
-            input_range = _plain(ranges[key].get("input")) if key in ranges else None
+            shared = tuple(str(annotation.get(field)) for field in _CONFIG_FIELDS)
+            bounds = ranges.get(key, {}).get("input")
+            input_range = None if bounds is None else tuple(float(bound) for bound in bounds)
             kind = (transposed, isinstance(weight, relax.Var), str(weight.ty.dtype), depth)
             signature = (index, x, kind, shared, input_range)
             groups[signature].append(_Sibling(index, binding, weight, transposed))
@@ -128,7 +122,7 @@ def _merge_block(block: relax.BindingBlock, groups: list[list[_Sibling]]) -> rel
             weight = emit(f"{name}_weight", relax.op.concat([sibling.weight for sibling in group], group[0].axis))
             if group[0].transposed:
                 weight = emit(f"{name}_weight_t", relax.op.permute_dims(weight, [1, 0]))
-            merged = emit(name, relax.op.matmul(binding.value.args[0], weight))
+            merged = emit(name, relax.op.matmul(binding.value.args[0], weight, binding.value.attrs.out_dtype))
             begin = 0
             for sibling in group:
                 end = begin + sibling.channels
