@@ -126,25 +126,37 @@ class _Lowering:
         self.kernels = kernels
         self.packed: dict[str, tuple[list[np.ndarray], list[relax.Expr]]] = {}
         self.parts: dict[str, list[str]] = {}  # a merged layer's key -> its layers' keys
+        self.merged_into: dict[str, str] = {}  # a merged layer's part -> the layer's key
         self.generic: list[relax.GlobalVar] = []
 
     def key_of(self, weight: relax.Expr) -> str | None:
         """The key of an encoded ``weight``, None if it has no encoding. Weights side by side
         (MergeSiblingLayers) get one key, ``<w1>+<w2>+…``, with their encodings side by side, the
-        first layer's annotation (the pass merges only layers whose annotations agree) and input range."""
+        first layer's annotation (the pass merges only layers whose annotations agree) and input range;
+        the parts' own encodings are dropped (a large model's codes are not held twice), so a weight
+        merged into one layer cannot also be lowered alone (the pass merges only weights read once)."""
         keys = weight_keys(weight, self.annotations)
-        if keys is None or any(key not in self.encodings for key in keys):
+        if keys is None:
             return None
-        if len(keys) == 1:
-            return keys[0]
         key = "+".join(keys)
-        if key not in self.parts:
-            self.parts[key] = keys
-            self.encodings[key] = side_by_side([self.encodings[part] for part in keys])
-            nodes = ", ".join(str(self.annotations[part]["node"]) for part in keys)
-            self.annotations[key] = {**self.annotations[keys[0]], "node": nodes}
-            if keys[0] in self.ranges:
-                self.ranges[key] = self.ranges[keys[0]]
+        if key in self.encodings:
+            return key
+        for part in keys:
+            if part in self.merged_into:
+                msg = (
+                    f"weight {part} is lowered within the merged layer {self.merged_into[part]}; another layer "
+                    "reading it needs an encoding of its own (MergeSiblingLayers merges only weights read once)"
+                )
+                raise ValueError(msg)
+        if len(keys) == 1 or any(part not in self.encodings for part in keys):
+            return None
+        self.encodings[key] = side_by_side([self.encodings.pop(part) for part in keys])
+        self.parts[key] = keys
+        self.merged_into.update(dict.fromkeys(keys, key))
+        nodes = ", ".join(str(self.annotations[part]["node"]) for part in keys)
+        self.annotations[key] = {**self.annotations[keys[0]], "node": nodes}
+        if keys[0] in self.ranges:
+            self.ranges[key] = self.ranges[keys[0]]
         return key
 
     def weight_args(self, key: str, weight: relax.Expr, arrays: dict[str, np.ndarray]) -> list[relax.Expr]:

@@ -9,7 +9,8 @@ Match: in functions with ``"lpbq.encodings"``, ``matmul(x, w)`` and ``matmul(x, 
 (Gemm's ``transB``) with a 2-D encoded weight, grouped by their input ``x`` and weight form. Layers
 join a group only when one kernel can compute them all: the same LPBQ config and depth, the same
 activation width annotations and the same calibrated input range (they read the same tensor, so
-calibration records the same one). A layer whose input is read by a single encoded layer stays.
+calibration records the same one). A layer whose input is read by a single encoded layer stays, and
+so does one whose weight another layer reads too (LowerLPBQ keeps a merged weight's codes only once).
 
 Rewrite: ``y = matmul(x, concat([w1, w2, ...], channel axis))`` (transposed as the layers were) where
 the first layer was, and each layer's own binding becomes ``strided_slice(y)`` of its channels: the
@@ -23,7 +24,7 @@ Run it after EncodeLPBQ and before LowerLPBQ; not for graphs that requantize eac
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import tvm
@@ -71,6 +72,8 @@ def _siblings(blocks: list[relax.BindingBlock], func: relax.Function) -> list[li
     encoded = set(function_attr(func, ENCODINGS_ATTR))
     ranges = function_attr(func, ACTIVATION_RANGES_ATTR)
     values = relax.analysis.get_var2val(func)
+    reads: Counter = Counter()
+    relax.analysis.post_order_visit(func.body, lambda expr: reads.update([expr] if isinstance(expr, relax.Var) else []))
     groups: dict[tuple, list[_Sibling]] = defaultdict(list)
     for index, block in enumerate(blocks):
         for binding in block.bindings:
@@ -87,6 +90,8 @@ def _siblings(blocks: list[relax.BindingBlock], func: relax.Function) -> list[li
                 weight, transposed = bound.args[0], True
             if not is_weight(weight, func) or len(weight.ty.shape) != 2 or call.ty.shape is None:
                 continue
+            if isinstance(weight, relax.Var) and reads[weight] > 1:
+                continue  # a weight other layers read too keeps a layer (and an encoding) of its own
             key = weight_key(weight, annotations)
             if key not in encoded:
                 continue

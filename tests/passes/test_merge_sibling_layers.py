@@ -23,9 +23,10 @@ CPU_KERNELS = get_target("cpu").kernel_provider()
 DEPTH = 128
 
 
-def _siblings_model(rows: int = 5, seed: int = 0):
+def _siblings_model(rows: int = 5, seed: int = 0, k_shared: bool = False):
     """``x`` into q (64 channels, a bias), k and v (32 each) as MatMuls, and into two Gemms with ``transB``
-    (gate, up: 96 each) whose product is the output; ``x`` also feeds a lone MatMul of another input."""
+    (gate, up: 96 each) whose product feeds a lone MatMul; with ``k_shared`` k's weight also multiplies a
+    second input ``x2``."""
     rng = np.random.default_rng(seed)
 
     def weight(name, shape):
@@ -54,25 +55,27 @@ def _siblings_model(rows: int = 5, seed: int = 0):
         helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows, n])
         for name, n in (("q", 64), ("k", 32), ("v", 32), ("lone", 64))
     ]
-    graph = helper.make_graph(
-        nodes, "siblings", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, DEPTH])], outputs, inits
-    )
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, DEPTH])]
+    if k_shared:
+        nodes.append(helper.make_node("MatMul", ["x2", "wk"], ["k2"], name="k2_proj"))
+        inputs.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, [rows, DEPTH]))
+        outputs.append(helper.make_tensor_value_info("k2", TensorProto.FLOAT, [rows, 32]))
+    graph = helper.make_graph(nodes, "siblings", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _encoded(ranges=None):
-    mod = EncodeLPBQ()(AnnotateLPBQ(LPBQConfig(block_size=32))(import_onnx(_siblings_model()).mod))
+def _encoded(ranges=None, k_shared: bool = False):
+    model = _siblings_model(k_shared=k_shared)
+    mod = EncodeLPBQ()(AnnotateLPBQ(LPBQConfig(block_size=32))(import_onnx(model).mod))
     names = ["wq", "wk", "wv", "wgate", "wup", "wlone"]
     ranges = ranges or {name: (-2.5, 3.0) for name in names}
     return attach_activation_ranges(mod, {name: {"input": ranges[name]} for name in names})
 
 
-def _inputs():
-    return {"x": np.random.default_rng(1).uniform(-2.5, 3.0, (5, DEPTH)).astype(np.float32)}
-
-
 def _run(mod):
-    return list(build(mod).run(_inputs()).values())
+    compiled, rng = build(mod), np.random.default_rng(1)
+    inputs = {info.name: rng.uniform(-2.5, 3.0, (5, DEPTH)).astype(np.float32) for info in compiled.inputs}
+    return list(compiled.run(inputs).values())
 
 
 def test_siblings_become_one_layer_and_slices():
@@ -140,6 +143,16 @@ def test_layers_with_different_block_sizes_stay_apart():
     annotated.update_func(annotated.get_global_var("main"), main)
     merged = MergeSiblingLayers()(EncodeLPBQ()(annotated))
     assert called(merged).count("relax.strided_slice") == 4  # q+k, gate+up
+
+
+def test_a_weight_another_layer_reads_too_stays_apart():
+    """k's weight also multiplies ``x2``: k keeps its own layer (and LowerLPBQ its own encoding), q and v
+    merge; lowered, the module computes what the layers apart do."""
+    encoded = _encoded(k_shared=True)
+    merged = MergeSiblingLayers()(encoded)
+    assert called(merged).count("relax.strided_slice") == 4  # q+v, gate+up
+    for before, after in zip(_run(LowerLPBQ("w4a8")(encoded)), _run(LowerLPBQ("w4a8")(merged)), strict=True):
+        np.testing.assert_array_equal(before, after)
 
 
 def test_without_encodings_nothing_changes():
