@@ -9,6 +9,7 @@ carry LPBQ state between passes are named in :mod:`lpbq_tvm.attrs`.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,11 +108,8 @@ def match_candidate(patterns: LayerPatterns, matchings: dict, func: relax.Functi
 
 
 def weight_key(weight: relax.Expr, annotations: dict[str, Any]) -> str | None:
-    """The key of ``weight`` in an annotation map: its parameter name, or the constant's entry; for a
-    concatenation, its parts' keys joined by ``+`` (:func:`weight_keys` lists them)."""
-    if weight_parts(weight) is not None:
-        keys = weight_keys(weight, annotations)
-        return None if keys is None else "+".join(keys)
+    """The key of ``weight`` in an annotation map: its parameter name, or the constant's entry (for a
+    concatenation of weights, :func:`weight_keys`)."""
     if isinstance(weight, relax.Var):
         return weight.name
     for key, entry in annotations.items():
@@ -140,6 +138,13 @@ def weight_value(key: str, annotation: dict[str, Any], func: relax.Function) -> 
         )
         raise ValueError(msg)
     return values[names.index(key) - num_input].numpy()
+
+
+def read_counts(func: relax.Function) -> Counter:
+    """How many times ``func``'s body reads each variable."""
+    reads: Counter = Counter()
+    relax.analysis.post_order_visit(func.body, lambda expr: reads.update([expr] if isinstance(expr, relax.Var) else []))
+    return reads
 
 
 def map_relax_functions(mod: tvm.IRModule, transform) -> tvm.IRModule:

@@ -62,7 +62,14 @@ from lpbq_tvm.kernels.generic import conv_kernel, dense_kernel, im2col, tap_majo
 from lpbq_tvm.kernels.interface import DenseLayer, IntegerArithmetic, KernelProvider
 from lpbq_tvm.modes import activation_bits, is_dynamic, needs_calibration
 from lpbq_tvm.packing import pack
-from lpbq_tvm.passes._layers import Candidate, LayerPatterns, match_candidate, weight_keys, weight_parts
+from lpbq_tvm.passes._layers import (
+    Candidate,
+    LayerPatterns,
+    match_candidate,
+    read_counts,
+    weight_keys,
+    weight_parts,
+)
 from lpbq_tvm.passes.encode_lpbq import read_encodings
 
 __all__ = ["LowerLPBQ", "attach_activation_ranges"]
@@ -88,14 +95,8 @@ def _is_channel_bias(bias: relax.Expr, output: relax.Expr, channel_axis: int) ->
 
 def _shared_values(func: relax.Function) -> list[relax.Expr]:
     """Values of bindings whose variable is read more than once."""
-    reads: dict[relax.Var, int] = {}
-
-    def count(expr: relax.Expr) -> None:
-        if isinstance(expr, relax.Var):
-            reads[expr] = reads.get(expr, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, count)
-    return [binding.value for block in func.body.blocks for binding in block.bindings if reads.get(binding.var, 0) > 1]
+    reads = read_counts(func)
+    return [binding.value for block in func.body.blocks for binding in block.bindings if reads[binding.var] > 1]
 
 
 def attach_activation_ranges(
@@ -444,6 +445,7 @@ class LowerLPBQ:
                 kept_values.append(values[index])
         lowered = {}
         for key, (arrays, args) in lowering.packed.items():
+            as_params = isinstance(args[0], relax.Var)
             for part in lowering.parts.get(key, [key]):
                 annotation = lowering.annotations[part]
                 lowered[part] = {
@@ -452,9 +454,9 @@ class LowerLPBQ:
                     "mode": lowering.mode,
                     "requantized": lowering.requantize_outputs,
                 }
-                if isinstance(args[0], relax.Var):
+                if as_params:
                     lowered[part]["params"] = [arg.name for arg in args]
-            if isinstance(args[0], relax.Var):
+            if as_params:
                 params += args
                 kept_values += [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
         attrs = {k: v for k, v in func.attrs.items() if k not in (ENCODINGS_ATTR, PARAMS_ATTR)}

@@ -24,7 +24,7 @@ Run it after EncodeLPBQ and before LowerLPBQ; not for graphs that requantize eac
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 
 import tvm
@@ -37,7 +37,7 @@ from lpbq_tvm.attrs import (
     WEIGHTS_ATTR,
     function_attr,
 )
-from lpbq_tvm.passes._layers import is_weight, map_relax_functions, weight_key
+from lpbq_tvm.passes._layers import is_weight, map_relax_functions, read_counts, weight_key
 
 __all__ = ["MergeSiblingLayers"]
 
@@ -72,8 +72,7 @@ def _siblings(blocks: list[relax.BindingBlock], func: relax.Function) -> list[li
     encoded = set(function_attr(func, ENCODINGS_ATTR))
     ranges = function_attr(func, ACTIVATION_RANGES_ATTR)
     values = relax.analysis.get_var2val(func)
-    reads: Counter = Counter()
-    relax.analysis.post_order_visit(func.body, lambda expr: reads.update([expr] if isinstance(expr, relax.Var) else []))
+    reads = read_counts(func)
     groups: dict[tuple, list[_Sibling]] = defaultdict(list)
     for index, block in enumerate(blocks):
         for binding in block.bindings:

@@ -18,8 +18,9 @@ builds such a kernel around one of the uint8 schemes (:mod:`~lpbq_tvm.kernels.ti
 ``CODE_OFFSET = c``, of ``Σ (xq − c) · q · k``) and ``schedule(sch, problem)``.
 
 The output passes an ``llvm.arithmetic.fence`` (:func:`~lpbq_tvm.kernels.generic.rounded`) before the
-bias add: LLVM may not contract the scale product with the add that follows into one FMA, so the kernel keeps the
-reference's two roundings even when a fused batch norm or activation joins its output block.
+bias add: LLVM may not contract the scale product with the add that follows into one FMA, so the
+kernel keeps the reference's two roundings even when a fused batch norm or activation joins its
+output block.
 """
 
 from __future__ import annotations
