@@ -35,6 +35,7 @@ from lpbq_tvm.kernels.schedule_rules import (
     Fallible,
     KernelEpilogue,
     LaneReduction,
+    OneRowReduction,
     RegisterFile,
     RegisterTiled,
 )
@@ -82,6 +83,7 @@ def cpu_pipeline(target: tvm.target.Target, registers: RegisterFile, database=No
                 *([relax.transform.MetaScheduleApplyDatabase()] if database is not None else []),
                 dlight.ApplyDefaultSchedule(
                     KernelEpilogue(),
+                    OneRowReduction(),
                     RegisterTiled(registers),
                     Elementwise(),
                     Fallible(LaneReduction()),

@@ -8,16 +8,18 @@ after ``FuseTIR``, in this order, then dlight's CPU ``Reduction`` rule to the re
 * :class:`KernelEpilogue`, for a scheduled kernel (block :data:`FUSABLE_OUTPUT`) fused with the
   elementwise ops after it: the ops are computed in the kernel's output block as each tile is
   written, so they make no pass of their own over the output. The kernel's schedule is kept.
+* :class:`OneRowReduction`, for reductions of one row (a decoder step's norm of one token): each
+  block its own loop nest, the reductions split over the lanes, the elementwise blocks vectorised.
 * :class:`RegisterTiled`, for a PrimFunc with one reduction block that is a convolution (NCHW /
   NCW: ``n, f, [y,] x`` spatial, ``rc, [ry,] rx`` reduction; NHWC: ``n, y, x, f`` and
   ``ry, rx, rc``) or a matmul (spatial iterators, then one reduction): the block accumulates a
   register tile of ``ft`` output channels (NCHW), pixels of a row (NHWC) or rows (matmul) x ``v``
   elements of the innermost spatial axis longer than 1. ``ft`` and ``v`` divide their axes (so the
   tile never straddles a row: the write-back covers exactly the tile) and are sized to the
-  target's :class:`RegisterFile` (:func:`register_tile`). Outer loops are fused and parallel, then
-  ``reduction..., ft, v`` with ``ft`` unrolled and ``v`` vectorised, then one write-back. A matmul
-  runs strips of ``v`` output columns outside its row tiles, each strip of a large weight copied to
-  a contiguous buffer first (:func:`_strips_outer`).
+  target's :class:`RegisterFile` (:func:`register_tile`). Outer loops are fused and parallel (from
+  ``MIN_PARALLEL`` iterations), then ``reduction..., ft, v`` with ``ft`` unrolled and ``v``
+  vectorised, then one write-back. A matmul runs strips of ``v`` output columns outside its row
+  tiles, each strip of a large weight copied to a contiguous buffer first (:func:`_strips_outer`).
 * :class:`Elementwise`, for a PrimFunc without reductions, or whose one reduction is its output
   (pooling after an activation): producers inlined into consumers (the reduction's own inputs
   stay stages), each spatial block parallel over its outer loops and vectorised over its
@@ -60,6 +62,7 @@ __all__ = [
     "Fallible",
     "KernelEpilogue",
     "LaneReduction",
+    "OneRowReduction",
     "RegisterFile",
     "RegisterTiled",
     "register_tile",
@@ -126,19 +129,20 @@ class RegisterTiled(dlight.ScheduleRule):
         if kind == "conv" and len(spatial) == 4 and _channel_axis(sch, main) == 3:  # NHWC: rows are pixels of x
             tile = 2
         vector = max((i for i, e in enumerate(extents) if e > 1), default=len(extents) - 1)
-        if vector <= tile:
+        if vector <= tile or extents[vector] == 1:  # (one value per row: a row reduction, LaneReduction's)
             return None
+        work = _iterations(sch, main)
         ft, v = register_tile(extents[tile], extents[vector], self.registers)
         fo, fi = sch.split(spatial[tile], [None, ft])
         xo, xi = sch.split(spatial[vector], [None, v])
         outer = [loop for i, loop in enumerate(spatial) if i not in (tile, vector)]
         before, after = outer[:tile], outer[tile:]
         if kind == "matmul":
-            _strips_outer(sch, main, local, before, fo, xo, reduction, fi, xi, extents[tile] > ft)
+            _strips_outer(sch, main, local, before, fo, xo, reduction, fi, xi, extents[tile] > ft, work)
         else:
             sch.reorder(*before, fo, *after, xo, *reduction, fi, xi)
             sch.reverse_compute_at(local, xo)
-            sch.parallel(sch.fuse(*before, fo, *after))
+            _parallel(sch, sch.fuse(*before, fo, *after), work)
         sch.unroll(fi)
         if v > 1:
             sch.vectorize(xi)
@@ -220,7 +224,7 @@ def _inline_epilogue(sch: s_tir.Schedule, epilogue) -> None:
 PACK_BYTES = 1 << 20  # a matmul's weight above this (more than L2 keeps) is packed strip by strip
 
 
-def _strips_outer(sch, main, local, before, fo, xo, reduction, fi, xi, reused: bool) -> None:
+def _strips_outer(sch, main, local, before, fo, xo, reduction, fi, xi, reused: bool, work: int) -> None:
     """A matmul's loops: strips of ``v`` output columns outside the row tiles, so each strip of the
     weight ``[K, v]`` serves every row tile from cache instead of the whole weight streaming once per
     row tile. A weight above ``PACK_BYTES`` read by more than one row tile is first copied strip by
@@ -239,9 +243,9 @@ def _strips_outer(sch, main, local, before, fo, xo, reduction, fi, xi, reused: b
         packed = sch.cache_read(main, weights[0], "global")
         sch.compute_at(packed, xo)
         sch.vectorize(sch.get_loops(packed)[-1])
-        sch.parallel(sch.fuse(*before, xo))
+        _parallel(sch, sch.fuse(*before, xo), work)
     else:
-        sch.parallel(sch.fuse(*before, xo, fo))
+        _parallel(sch, sch.fuse(*before, xo, fo), work)
 
 
 def _bytes(buffer) -> int:
@@ -363,10 +367,12 @@ class LaneReduction(dlight.ScheduleRule):
     reduction (its one reduction axis innermost, a multiple of the lanes and at least two vectors
     long) is ``rfactor``-ed while it is still alone in its loop nest, as rfactor requires: an
     ``_rf`` block of one partial result per lane, vectorised, then a reduction of the lanes. Then,
-    as dlight does, the rows are fused and parallel in the last block and every block is computed
-    per row, the elementwise ones vectorised. A max is exact in any order; a sum adds in another
-    order (lanes, then across them), within the same ``n · u · Σ|x|`` bound as the serial order.
-    Functions of another shape are left to the next rule.
+    as dlight does, the rows are fused in the last block, parallel from ``MIN_PARALLEL`` iterations
+    (dlight's rule makes them parallel whatever their number: a decoder step's 9 softmax rows of 16
+    keys paid for starting the thread pool), and every block is computed per row, the elementwise
+    ones vectorised. A max is exact in any order; a sum adds in another order (lanes, then across
+    them), within the same ``n · u · Σ|x|`` bound as the serial order. Functions of another shape
+    are left to the next rule.
     """
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
@@ -386,23 +392,10 @@ class LaneReduction(dlight.ScheduleRule):
         if any(len(k) < rank and _written_shape(sch, b) not in row_shapes for b, k in zip(blocks, kinds, strict=True)):
             return None  # a block of lower rank that is not one value per row (e.g. a keepdims reduction's consumer)
         work = max(_iterations(sch, block) for block in blocks)
-        factored = []
-        for block, kind in zip(blocks, kinds, strict=True):
-            row = sch.get_loops(block)[-1]
-            extent = get_extent(sch, row)
-            if kind.endswith("R") and isinstance(extent, int) and extent % lanes == 0 and extent >= 2 * lanes:
-                _, lane = sch.split(row, [None, lanes])
-                last_axis = len(sch.get(block).writes[0].source.shape)  # each lane's partial result last
-                factored.append(sch.get(sch.rfactor(lane, factor_axis=last_axis)).name_hint)
-        if not factored:
-            return None
+        factored = [name for block in blocks if _reduces(sch, block) and (name := _split_over_lanes(sch, block, lanes))]
         root = sch.get_sblock("root")
         outputs = {buffer.name for buffer in func.params}
-        for block in sch.get_child_blocks(root)[:-1]:  # an elementwise block read by one elementwise block
-            consumers = sch.get_consumers(block)
-            output = _written(sch, block) & outputs  # (a function's output stays a block of its own)
-            if not (_reduces(sch, block) or output) and len(consumers) == 1 and not _reduces(sch, consumers[0]):
-                sch.compute_inline(block)
+        _inline_elementwise_chains(sch, outputs)
         *others, last = sch.get_child_blocks(root)
         if any(_written(sch, b) & outputs for b in others):
             # Several outputs (a row's scale and zero point): an output block cannot move into another's
@@ -425,6 +418,66 @@ class LaneReduction(dlight.ScheduleRule):
                 _, vector = sch.split(loops[-1], [None, _vector_lanes(extent)])
                 sch.vectorize(vector)
         return sch
+
+
+class OneRowReduction(dlight.ScheduleRule):
+    """Reductions of one row along their innermost axis (a decoder step's norm or softmax of one token:
+    every spatial extent of every reduction 1) and elementwise blocks: each block a loop nest of its own,
+    a reduction split over the vector's lanes (as in :class:`LaneReduction`), an elementwise block
+    vectorised (parallel from ``MIN_PARALLEL`` iterations). dlight's rule, and :class:`RegisterTiled`,
+    which takes a reduction to one value for a matmul, find no row loop to work on: dlight's computed
+    the row's sum once for each element of the norm's output (576 sums of 576 values for a 576-wide
+    token), RegisterTiled reduced serially, one dependent add per element."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
+        if (opened := _open(func, target)) is None:
+            return None
+        sch, blocks = opened
+        reductions = [block for block in blocks if _reduces(sch, block)]
+        if not reductions or not all(_reduces_one_row(sch, block) for block in reductions):
+            return None
+        lanes = max(llvm_get_vector_width(target), 128) // 32
+        for block in reductions:
+            if (name := _split_over_lanes(sch, block, lanes)) is not None:  # (its lanes innermost: a vector)
+                sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
+        _inline_elementwise_chains(sch, {buffer.name for buffer in func.params})
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            _parallel_elementwise(sch, block)
+        return sch
+
+
+def _reduces_one_row(sch: s_tir.Schedule, block) -> bool:
+    """Whether ``block`` reduces along its innermost iterator only, and every spatial iterator is 1."""
+    iters = sch.get(block).iter_vars
+    *spatial, reduction = iters
+    return int(reduction.iter_type) == _REDUCE and all(
+        int(iv.iter_type) != _REDUCE and isinstance(iv.dom.extent, tirx.IntImm) and int(iv.dom.extent) == 1
+        for iv in spatial
+    )
+
+
+def _split_over_lanes(sch: s_tir.Schedule, block, lanes: int) -> str | None:
+    """``block``'s reduction along its innermost loop ``rfactor``-ed into one partial result per vector lane
+    (the ``_rf`` block's name, its lane loop innermost), when that loop is a multiple of the lanes and at
+    least two vectors long; else None (the block unchanged). The block must still be alone in its loop
+    nest, as rfactor requires."""
+    row = sch.get_loops(block)[-1]
+    extent = get_extent(sch, row)
+    if not (isinstance(extent, int) and extent % lanes == 0 and extent >= 2 * lanes):
+        return None
+    _, lane = sch.split(row, [None, lanes])
+    last_axis = len(sch.get(block).writes[0].source.shape)  # each lane's partial result last
+    return sch.get(sch.rfactor(lane, factor_axis=last_axis)).name_hint
+
+
+def _inline_elementwise_chains(sch: s_tir.Schedule, outputs: set[str]) -> None:
+    """Each elementwise block read by exactly one elementwise block computed inline into it (a function's
+    output stays a block of its own)."""
+    for block in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
+        consumers = sch.get_consumers(block)
+        output = _written(sch, block) & outputs
+        if not (_reduces(sch, block) or output) and len(consumers) == 1 and not _reduces(sch, consumers[0]):
+            sch.compute_inline(block)
 
 
 class Fallible(dlight.ScheduleRule):

@@ -21,7 +21,14 @@ from lpbq_tvm.compiler import build
 from lpbq_tvm.frontend import import_onnx
 from lpbq_tvm.kernels.generic import row_encodings
 from lpbq_tvm.kernels.interface import SEPARATE_ROUNDING
-from lpbq_tvm.kernels.schedule_rules import Elementwise, LaneReduction, RegisterTiled, _vector_lanes, register_tile
+from lpbq_tvm.kernels.schedule_rules import (
+    MIN_PARALLEL,
+    Elementwise,
+    LaneReduction,
+    RegisterTiled,
+    _vector_lanes,
+    register_tile,
+)
 from lpbq_tvm.kernels.x86.isa import register_file as x86_register_file
 from lpbq_tvm.passes.channels_last import ChannelsLast
 from lpbq_tvm.targets import get_target
@@ -197,6 +204,31 @@ def test_blocks_run_parallel_from_min_parallel_iterations(shape, parallel):
     assert np.all(np.abs(actual - (x + x * y)) <= bound)
 
 
+@pytest.mark.parametrize(("keys", "parallel"), [(16, False), (512, True)])
+def test_register_tiles_run_parallel_from_min_parallel_iterations(keys, parallel):
+    """A decoder step's attention scores, ``q · kᵀ`` of [1, 3 heads, 3 queries, 64] by [1, 3, 64, keys]:
+    at 16 keys, 9 K multiply-adds, one serial register-tiled loop nest (starting the thread pool's
+    tasks would cost more than the work); at 512 keys, 295 K, parallel. Within ``(K + 2) u`` of the
+    float64 product's magnitude either way."""
+    q_shape, k_shape = (1, 3, 3, 64), (1, 3, 64, keys)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["q", "k"], ["s"])],
+        "scores",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in (("q", q_shape), ("k", k_shape))],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 3, 3, keys])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (matmul,) = (f.script() for name, f in cpu_scheduled(model).items() if "matmul" in name)
+    assert "T.vectorized" in matmul and ("T.parallel" in matmul) == parallel, matmul
+    rng = np.random.default_rng(keys)
+    q, k = rng.standard_normal(q_shape).astype(np.float32), rng.standard_normal(k_shape).astype(np.float32)
+    imported = import_onnx(model)
+    actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"q": q, "k": k})["s"]
+    wide = q.astype(np.float64) @ k.astype(np.float64)
+    assert np.all(np.abs(actual - wide) <= (64 + 2) * UNIT_ROUNDOFF * (np.abs(q) @ np.abs(k)))
+
+
 def test_register_tiles_are_not_heap_allocated_per_tile():
     """TVM 0.27 allocates a local-scope buffer with TVMBackendAllocWorkspace: a local accumulator tile
     cost one allocation per tile inside the parallel loop (and lived in memory, not registers). No
@@ -301,15 +333,18 @@ def test_scalar_functions_are_left_as_they_are(op):
         assert compiled.run({"x": np.float32(value)})["y"] == expected
 
 
-@pytest.mark.parametrize(("keys", "split"), [(256, True), (100, False)])
-def test_row_reductions_are_split_over_the_vector_lanes(keys, split):
+@pytest.mark.parametrize(
+    ("batch", "keys", "split"), [(2, 256, True), (2, 100, False), (1, 16, False), (16, 256, True), (32, 100, False)]
+)
+def test_row_reductions_are_split_over_the_vector_lanes(batch, keys, split):
     """Softmax over the last axis: with a row a multiple of the lanes (and two vectors long) its max and
     its sum each run as one vectorised partial result per lane, then a reduction of the lanes
-    (LaneReduction); a row of 100 is left to dlight's serial rule. Either way within the bound of
+    (LaneReduction); a row of 100 or 16 is reduced serially. Rows run parallel from ``MIN_PARALLEL``
+    iterations (a decoder step's 9 rows of 16 keys do not). Either way within the bound of
     float64 softmax: the fast exp's 2^-22 relative on each term and on their sum, the subtraction of
     the max (``|x - max| · u`` relative through exp), the sum's ``(n - 1) · u`` in any order, and
     the division's ``u``."""
-    shape = (2, 9, keys)
+    shape = (batch, 9, keys)
     graph = helper.make_graph(
         [helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
         "g",
@@ -320,6 +355,7 @@ def test_row_reductions_are_split_over_the_vector_lanes(keys, split):
     model.ir_version = 8
     (softmax,) = (f.script() for name, f in cpu_scheduled(model).items() if "softmax" in name)
     assert ("T_softmax_maxelem_rf" in softmax and "T_softmax_expsum_rf" in softmax) == split
+    assert ("T.parallel" in softmax) == (np.prod(shape) >= MIN_PARALLEL), softmax
     x = (np.random.default_rng(7).standard_normal(shape) * 4).astype(np.float32)
     imported = import_onnx(model)
     actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
@@ -380,12 +416,14 @@ def test_a_row_reduction_feeding_one_value_per_row_is_split_and_parallel():
     np.testing.assert_allclose(out.numpy(), expected, rtol=(K + 3) * UNIT_ROUNDOFF, atol=0)
 
 
-def test_a_kept_dims_norm_is_scheduled_per_row_not_per_element():
+@pytest.mark.parametrize(("rows", "K"), [(256, 64), (1, 576)])
+def test_a_kept_dims_norm_is_scheduled_per_row_not_per_element(rows, K):
     """An RMS norm from ONNX (ReduceMean with keepdims, then elementwise over the full rows): its last
     block has the reduction's rank minus one loops but is not one value per row, so it must not be
     taken for one (that recomputed the row's sum for every element, 4 ms a call at 256 x 576). Its
-    function runs parallel over the 256 rows, within the derived bound."""
-    rows, K = 256, 64
+    function runs parallel over 256 rows; a decoder step's one row of 576 (under ``MIN_PARALLEL``)
+    serially, its sum still split over the lanes (RegisterTiled took it for a matmul of one output
+    value: a serial, latency-bound sum, parallel over one task). Within the derived bound."""
     nodes = [
         helper.make_node("Mul", ["x", "x"], ["squares"]),
         helper.make_node("ReduceMean", ["squares"], ["mean"], axes=[-1], keepdims=1),
@@ -403,7 +441,10 @@ def test_a_kept_dims_norm_is_scheduled_per_row_not_per_element():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     (norm,) = (f.script() for name, f in cpu_scheduled(model).items() if "mean" in name)
-    assert re.search(rf"T\.parallel\(T\.int64\({rows}\)\)", norm), norm
+    if rows * K >= MIN_PARALLEL:
+        assert re.search(rf"T\.parallel\(T\.int64\({rows}\)\)", norm), norm
+    else:  # (one row: OneRowReduction)
+        assert "T.parallel" not in norm and "lv_red_rf" in norm and "T.vectorized" in norm, norm
     x = np.random.default_rng(4).standard_normal((1, rows, K)).astype(np.float32)
     imported = import_onnx(model)
     actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
