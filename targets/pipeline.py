@@ -35,7 +35,6 @@ from lpbq_tvm.kernels.schedule_rules import (
     Fallible,
     KernelEpilogue,
     LaneReduction,
-    OneRowReduction,
     RegisterFile,
     RegisterTiled,
 )
@@ -83,7 +82,6 @@ def cpu_pipeline(target: tvm.target.Target, registers: RegisterFile, database=No
                 *([relax.transform.MetaScheduleApplyDatabase()] if database is not None else []),
                 dlight.ApplyDefaultSchedule(
                     KernelEpilogue(),
-                    OneRowReduction(),
                     RegisterTiled(registers),
                     Elementwise(),
                     Fallible(LaneReduction()),

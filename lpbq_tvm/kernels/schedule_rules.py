@@ -8,8 +8,6 @@ after ``FuseTIR``, in this order, then dlight's CPU ``Reduction`` rule to the re
 * :class:`KernelEpilogue`, for a scheduled kernel (block :data:`FUSABLE_OUTPUT`) fused with the
   elementwise ops after it: the ops are computed in the kernel's output block as each tile is
   written, so they make no pass of their own over the output. The kernel's schedule is kept.
-* :class:`OneRowReduction`, for reductions of one row (a decoder step's norm of one token): each
-  block its own loop nest, the reductions split over the lanes, the elementwise blocks vectorised.
 * :class:`RegisterTiled`, for a PrimFunc with one reduction block that is a convolution (NCHW /
   NCW: ``n, f, [y,] x`` spatial, ``rc, [ry,] rx`` reduction; NHWC: ``n, y, x, f`` and
   ``ry, rx, rc``) or a matmul (spatial iterators, then one reduction): the block accumulates a
@@ -25,9 +23,9 @@ after ``FuseTIR``, in this order, then dlight's CPU ``Reduction`` rule to the re
   stay stages), each spatial block parallel over its outer loops and vectorised over its
   innermost, the reduction parallel over the axes it keeps.
 * :class:`LaneReduction`, for row reductions (softmax, norms: reductions along the innermost axis
-  and elementwise blocks over the same rows): dlight's schedule (rows parallel, every block per
-  row, elementwise blocks vectorised), with each reduction first split into one partial result per
-  vector lane (``rfactor``) where the row is a multiple of the lanes.
+  and elementwise blocks over the same rows, kept-dims norms included): dlight's schedule (rows
+  parallel, every block per row, elementwise blocks vectorised), with each reduction first split
+  into one partial result per vector lane (``rfactor``) where the row is a multiple of the lanes.
 
 Other blocks of a :class:`RegisterTiled` function (padding at stride 1, weight expansion from packed
 codes, activation codes) keep their own stage, parallel and vectorised; a strided conv reads its
@@ -62,7 +60,6 @@ __all__ = [
     "Fallible",
     "KernelEpilogue",
     "LaneReduction",
-    "OneRowReduction",
     "RegisterFile",
     "RegisterTiled",
     "register_tile",
@@ -129,7 +126,8 @@ class RegisterTiled(dlight.ScheduleRule):
         if kind == "conv" and len(spatial) == 4 and _channel_axis(sch, main) == 3:  # NHWC: rows are pixels of x
             tile = 2
         vector = max((i for i, e in enumerate(extents) if e > 1), default=len(extents) - 1)
-        if vector <= tile or extents[vector] == 1:  # (one value per row: a row reduction, LaneReduction's)
+        if vector <= tile or extents[vector] == 1:  # one value per row: a row reduction (LaneReduction's), not
+            # a matmul of one output, whose sum would be one serial, latency-bound add chain
             return None
         work = _iterations(sch, main)
         ft, v = register_tile(extents[tile], extents[vector], self.registers)
@@ -360,7 +358,10 @@ class Elementwise(dlight.ScheduleRule):
 class LaneReduction(dlight.ScheduleRule):
     """Row reductions (softmax, RMS / layer norm, a row's range): reductions along the innermost axis,
     elementwise blocks over the same rows and blocks of one value per row (a norm's scale, a row's
-    encoding), each row's reductions split over the vector's lanes.
+    encoding), each row's reductions split over the vector's lanes. A kept-dims reduction's rows
+    (``ReduceMean`` with ``keepdims``, then the norm over ``[.., rows, K]``: PyTorch's RMSNorm) are
+    rows too; dlight's rule took that norm's elements for its rows and summed the whole row again
+    for each element (576 times for a decoder step's norm of one 576-wide token).
 
     dlight's CPU rule reduces a row serially, one dependent max or add per element: latency-bound,
     four cycles an element, which made a softmax over 256 keys 85% of its own time. Here each
@@ -370,9 +371,9 @@ class LaneReduction(dlight.ScheduleRule):
     as dlight does, the rows are fused in the last block, parallel from ``MIN_PARALLEL`` iterations
     (dlight's rule makes them parallel whatever their number: a decoder step's 9 softmax rows of 16
     keys paid for starting the thread pool), and every block is computed per row, the elementwise
-    ones vectorised. A max is exact in any order; a sum adds in another order (lanes, then across
-    them), within the same ``n · u · Σ|x|`` bound as the serial order. Functions of another shape
-    are left to the next rule.
+    ones vectorised; a row too short to split is reduced serially in the same schedule. A max is
+    exact in any order; a sum adds in another order (lanes, then across them), within the same
+    ``n · u · Σ|x|`` bound as the serial order. Functions of another shape are left to the next rule.
     """
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
@@ -388,9 +389,15 @@ class LaneReduction(dlight.ScheduleRule):
         shapes = ("S" * rank, "S" * (rank - 1) + "R", "S" * (rank - 1))  # elementwise, row reduction, per row
         if any(k not in shapes for k in kinds) or all("R" not in k for k in kinds):
             return None
-        row_shapes = {_written_shape(sch, b) for b, k in zip(blocks, kinds, strict=True) if k.endswith("R")}
-        if any(len(k) < rank and _written_shape(sch, b) not in row_shapes for b, k in zip(blocks, kinds, strict=True)):
-            return None  # a block of lower rank that is not one value per row (e.g. a keepdims reduction's consumer)
+        reductions = [b for b, k in zip(blocks, kinds, strict=True) if k.endswith("R")]
+        row_shapes = {_written_shape(sch, b) for b in reductions}
+        # A kept-dims reduction ([.., rows, 1] from [.., rows, K]) writes rank - 1 dims, and so does an
+        # elementwise block over its full rows ([.., rows, K]: the norm itself, as ONNX's ReduceMean with
+        # keepdims and a Div after it give): that block runs per row too, over its last axis.
+        full_rows = {_full_row_shape(sch, b) for b in reductions} - {None}
+        lower = [_written_shape(sch, b) for b, k in zip(blocks, kinds, strict=True) if len(k) < rank]
+        if any(shape not in row_shapes | full_rows for shape in lower):
+            return None  # a block of lower rank that is neither one value per row nor a full row
         work = max(_iterations(sch, block) for block in blocks)
         factored = [name for block in blocks if _reduces(sch, block) and (name := _split_over_lanes(sch, block, lanes))]
         root = sch.get_sblock("root")
@@ -404,7 +411,8 @@ class LaneReduction(dlight.ScheduleRule):
                 sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
             return sch
         loops = sch.get_loops(last)
-        rows = sch.fuse(*(loops[:-1] if len(loops) == rank else loops))  # a per-row block: all its loops
+        whole = len(loops) == rank or _written_shape(sch, last) in full_rows
+        rows = sch.fuse(*(loops[:-1] if whole else loops))  # a per-row block: all its loops
         _parallel(sch, rows, work)
         for block in reversed(sch.get_child_blocks(root)[:-1]):
             sch.compute_at(block, rows, preserve_unit_loops=True)
@@ -420,40 +428,12 @@ class LaneReduction(dlight.ScheduleRule):
         return sch
 
 
-class OneRowReduction(dlight.ScheduleRule):
-    """Reductions of one row along their innermost axis (a decoder step's norm or softmax of one token:
-    every spatial extent of every reduction 1) and elementwise blocks: each block a loop nest of its own,
-    a reduction split over the vector's lanes (as in :class:`LaneReduction`), an elementwise block
-    vectorised (parallel from ``MIN_PARALLEL`` iterations). dlight's rule, and :class:`RegisterTiled`,
-    which takes a reduction to one value for a matmul, find no row loop to work on: dlight's computed
-    the row's sum once for each element of the norm's output (576 sums of 576 values for a 576-wide
-    token), RegisterTiled reduced serially, one dependent add per element."""
-
-    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool):
-        if (opened := _open(func, target)) is None:
-            return None
-        sch, blocks = opened
-        reductions = [block for block in blocks if _reduces(sch, block)]
-        if not reductions or not all(_reduces_one_row(sch, block) for block in reductions):
-            return None
-        lanes = max(llvm_get_vector_width(target), 128) // 32
-        for block in reductions:
-            if (name := _split_over_lanes(sch, block, lanes)) is not None:  # (its lanes innermost: a vector)
-                sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
-        _inline_elementwise_chains(sch, {buffer.name for buffer in func.params})
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            _parallel_elementwise(sch, block)
-        return sch
-
-
-def _reduces_one_row(sch: s_tir.Schedule, block) -> bool:
-    """Whether ``block`` reduces along its innermost iterator only, and every spatial iterator is 1."""
-    iters = sch.get(block).iter_vars
-    *spatial, reduction = iters
-    return int(reduction.iter_type) == _REDUCE and all(
-        int(iv.iter_type) != _REDUCE and isinstance(iv.dom.extent, tirx.IntImm) and int(iv.dom.extent) == 1
-        for iv in spatial
-    )
+def _full_row_shape(sch: s_tir.Schedule, block) -> tuple | None:
+    """The shape of the rows a kept-dims reduction reduces (``[.., rows, K]`` for its ``[.., rows, 1]``), or None."""
+    shape, reduction = sch.get(block).writes[0].source.shape, sch.get(block).iter_vars[-1].dom.extent
+    if not shape or not isinstance(shape[-1], tirx.IntImm) or int(shape[-1]) != 1:
+        return None
+    return (*_written_shape(sch, block)[:-1], str(reduction))
 
 
 def _split_over_lanes(sch: s_tir.Schedule, block, lanes: int) -> str | None:

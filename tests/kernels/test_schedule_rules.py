@@ -347,7 +347,7 @@ def test_scalar_functions_are_left_as_they_are(op):
 def test_row_reductions_are_split_over_the_vector_lanes(batch, heads, keys, split):
     """Softmax over the last axis: with a row a multiple of the lanes (and two vectors long) its max and
     its sum each run as one vectorised partial result per lane, then a reduction of the lanes
-    (LaneReduction; OneRowReduction for one row); a row of 100 or 16 is reduced serially. Rows run
+    (LaneReduction, one row too); a row of 100 or 16 is reduced serially. Rows run
     parallel from ``MIN_PARALLEL`` iterations (a decoder step's 9 rows of 16 keys do not). Either way
     within the bound of float64 softmax: the fast exp's 2^-22 relative on each term and on their sum,
     the subtraction of the max (``|x - max| · u`` relative through exp), the sum's ``(n - 1) · u`` in
@@ -430,8 +430,9 @@ def test_a_kept_dims_norm_is_scheduled_per_row_not_per_element(rows, K):
     block has the reduction's rank minus one loops but is not one value per row, so it must not be
     taken for one (that recomputed the row's sum for every element, 4 ms a call at 256 x 576). Its
     function runs parallel over 256 rows; a decoder step's one row of 576 (under ``MIN_PARALLEL``)
-    serially, its sum still split over the lanes (RegisterTiled took it for a matmul of one output
-    value: a serial, latency-bound sum, parallel over one task). Within the derived bound."""
+    serially. Either way each row's sum is split over the lanes (dlight's rule, which scheduled kept-dims
+    norms before, took a one-row norm's 576 elements for rows and summed the row again for each).
+    Within the derived bound."""
     nodes = [
         helper.make_node("Mul", ["x", "x"], ["squares"]),
         helper.make_node("ReduceMean", ["squares"], ["mean"], axes=[-1], keepdims=1),
@@ -449,10 +450,11 @@ def test_a_kept_dims_norm_is_scheduled_per_row_not_per_element(rows, K):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     (norm,) = (f.script() for name, f in cpu_scheduled(model).items() if "mean" in name)
+    assert "lv_red_rf" in norm, norm
     if rows * K >= MIN_PARALLEL:
         assert re.search(rf"T\.parallel\(T\.int64\({rows}\)\)", norm), norm
-    else:  # (one row: OneRowReduction)
-        assert "T.parallel" not in norm and "lv_red_rf" in norm and "T.vectorized" in norm, norm
+    else:
+        assert "T.parallel" not in norm and "T.vectorized" in norm, norm
     x = np.random.default_rng(4).standard_normal((1, rows, K)).astype(np.float32)
     imported = import_onnx(model)
     actual = build(imported.mod, inputs=imported.inputs, outputs=imported.outputs).run({"x": x})["y"]
