@@ -399,7 +399,7 @@ class LaneReduction(dlight.ScheduleRule):
         if any(shape not in row_shapes | full_rows for shape in lower):
             return None  # a block of lower rank that is neither one value per row nor a full row
         work = max(_iterations(sch, block) for block in blocks)
-        factored = [name for block in blocks if _reduces(sch, block) and (name := _split_over_lanes(sch, block, lanes))]
+        factored = [name for block in reductions if (name := _split_over_lanes(sch, block, lanes))]
         root = sch.get_sblock("root")
         outputs = {buffer.name for buffer in func.params}
         _inline_elementwise_chains(sch, outputs)

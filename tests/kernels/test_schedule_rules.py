@@ -347,11 +347,11 @@ def test_scalar_functions_are_left_as_they_are(op):
 def test_row_reductions_are_split_over_the_vector_lanes(batch, heads, keys, split):
     """Softmax over the last axis: with a row a multiple of the lanes (and two vectors long) its max and
     its sum each run as one vectorised partial result per lane, then a reduction of the lanes
-    (LaneReduction, one row too); a row of 100 or 16 is reduced serially. Rows run
-    parallel from ``MIN_PARALLEL`` iterations (a decoder step's 9 rows of 16 keys do not). Either way
-    within the bound of float64 softmax: the fast exp's 2^-22 relative on each term and on their sum,
-    the subtraction of the max (``|x - max| · u`` relative through exp), the sum's ``(n - 1) · u`` in
-    any order, and the division's ``u``."""
+    (LaneReduction, one row too); a row of 100 or 16 is reduced serially. Rows run parallel from
+    ``MIN_PARALLEL`` iterations (a decoder step's 9 rows of 16 keys do not). Either way within the
+    bound of float64 softmax: the fast exp's 2^-22 relative on each term and on their sum, the
+    subtraction of the max (``|x - max| · u`` relative through exp), the sum's ``(n - 1) · u`` in any
+    order, and the division's ``u``."""
     shape = (batch, heads, keys)
     graph = helper.make_graph(
         [helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
